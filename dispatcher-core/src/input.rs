@@ -1,0 +1,252 @@
+//! Lazy, offset-addressed reading of the input JSONL file.
+//!
+//! Lines are read sequentially as work is handed out, so memory does not grow with
+//! the file's size. An item that must be read again (a reissue, a tombstone) is read
+//! back by its byte range with a positioned read, without disturbing the sequential
+//! reader.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::IoContext;
+
+/// Where one input line sits in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineSpan {
+    /// Byte offset of the line's first byte.
+    pub offset: u64,
+    /// Length of the line's content, without its line terminator.
+    pub len: u32,
+    /// Byte offset just past the line's terminator: where the next line starts.
+    pub end: u64,
+}
+
+/// One line read from the input.
+#[derive(Debug)]
+pub struct Line {
+    /// Where it sits.
+    pub span: LineSpan,
+    /// Its content without terminator, or the raw bytes when not valid UTF-8.
+    pub content: Result<String, Vec<u8>>,
+}
+
+/// The sequential reader over the input plus positioned reads for reissues.
+#[derive(Debug)]
+pub struct InputReader {
+    /// The input's path, for error messages.
+    path: PathBuf,
+    /// Sequential reader; its position is always `next_offset`.
+    reader: BufReader<File>,
+    /// A second handle for positioned reads of earlier lines.
+    random: File,
+    /// Byte offset of the next line the sequential reader returns.
+    next_offset: u64,
+    /// Reused line buffer.
+    buf: Vec<u8>,
+}
+
+/// Longest input line accepted: a work item's span stores its length as `u32`.
+pub const MAX_LINE_BYTES: u64 = u32::MAX as u64;
+
+impl InputReader {
+    /// Opens `path` and positions the sequential reader at `offset`.
+    pub fn open(path: &Path, offset: u64) -> io::Result<Self> {
+        let file = File::open(path).with_path("open the input file", path)?;
+        let random = file.try_clone().with_path("open the input file", path)?;
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        reader
+            .seek(SeekFrom::Start(offset))
+            .with_path("seek in the input file", path)?;
+        Ok(InputReader {
+            path: path.to_owned(),
+            reader,
+            random,
+            next_offset: offset,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The input's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Byte offset of the next line [`next_line`](Self::next_line) returns.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The input file's current size.
+    pub fn len(&self) -> io::Result<u64> {
+        Ok(self
+            .random
+            .metadata()
+            .with_path("stat the input file", &self.path)?
+            .len())
+    }
+
+    /// Whether the input file is empty.
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads the next line, or `None` at the end of the file. The last line may
+    /// lack its newline; a `\r\n` terminator counts as one.
+    pub fn next_line(&mut self) -> io::Result<Option<Line>> {
+        self.buf.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.buf)
+            .with_path("read the input file", &self.path)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let offset = self.next_offset;
+        self.next_offset += n as u64;
+        let content_len = content_len(&self.buf);
+        if content_len as u64 > MAX_LINE_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the line at byte offset {offset} is longer than {MAX_LINE_BYTES} bytes",
+                    self.path.display()
+                ),
+            ));
+        }
+        let bytes = &self.buf[..content_len];
+        let content = match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => Err(bytes.to_vec()),
+        };
+        Ok(Some(Line {
+            span: LineSpan {
+                offset,
+                len: content_len as u32,
+                end: self.next_offset,
+            },
+            content,
+        }))
+    }
+
+    /// Whether the sequential reader is at the end of the file.
+    pub fn at_eof(&mut self) -> io::Result<bool> {
+        Ok(self
+            .reader
+            .fill_buf()
+            .with_path("read the input file", &self.path)?
+            .is_empty())
+    }
+
+    /// Skips `n` lines; returns how many were there to skip.
+    pub fn skip_lines(&mut self, n: u64) -> io::Result<u64> {
+        for done in 0..n {
+            self.buf.clear();
+            let read = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .with_path("read the input file", &self.path)?;
+            if read == 0 {
+                return Ok(done);
+            }
+            self.next_offset += read as u64;
+        }
+        Ok(n)
+    }
+
+    /// Reads back the content of an earlier line by its span.
+    pub fn read_span(&self, span: LineSpan) -> io::Result<String> {
+        let bytes = self.read_at(span.offset, span.len as usize)?;
+        String::from_utf8(bytes).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the line at byte offset {} changed since it was first read (the input file must not be modified while the server runs)",
+                    self.path.display(),
+                    span.offset
+                ),
+            )
+        })
+    }
+
+    /// Reads `len` bytes at `offset` (fewer at the end of the file).
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        read_exact_at(&self.random, offset, len).with_path("read the input file", &self.path)
+    }
+}
+
+/// Reads up to `len` bytes at `offset`, fewer only at the end of the file.
+pub(crate) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut out[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.truncate(filled);
+    Ok(out)
+}
+
+/// Length of a line read with `read_until(b'\n')` without its `\n` or `\r\n`.
+fn content_len(line: &[u8]) -> usize {
+    match line {
+        [rest @ .., b'\r', b'\n'] => rest.len(),
+        [rest @ .., b'\n'] => rest.len(),
+        _ => line.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn input(bytes: &[u8]) -> (tempfile::NamedTempFile, InputReader) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        let r = InputReader::open(f.path(), 0).unwrap();
+        (f, r)
+    }
+
+    #[test]
+    fn reads_lines_with_offsets_and_a_last_line_without_newline() {
+        let (_f, mut r) = input(b"a\r\n\nbc\n\xff\xfe\nlast");
+        let mut got = Vec::new();
+        while let Some(l) = r.next_line().unwrap() {
+            got.push((l.span, l.content));
+        }
+        let span = |offset, len, end| LineSpan { offset, len, end };
+        assert_eq!(
+            got,
+            vec![
+                (span(0, 1, 3), Ok("a".to_string())),
+                (span(3, 0, 4), Ok(String::new())),
+                (span(4, 2, 7), Ok("bc".to_string())),
+                (span(7, 2, 10), Err(vec![0xff, 0xfe])),
+                (span(10, 4, 14), Ok("last".to_string())),
+            ]
+        );
+        assert_eq!(r.read_span(span(4, 2, 7)).unwrap(), "bc");
+        assert_eq!(r.next_offset(), 14);
+    }
+
+    #[test]
+    fn skip_lines_reports_how_many_existed() {
+        let (_f, mut r) = input(b"1\n2\n3\n");
+        assert_eq!(r.skip_lines(2).unwrap(), 2);
+        assert_eq!(r.next_offset(), 4);
+        assert_eq!(r.skip_lines(5).unwrap(), 1);
+        assert_eq!(r.next_offset(), 6);
+    }
+
+    #[test]
+    fn open_names_the_missing_path() {
+        let err = InputReader::open(Path::new("/nonexistent/in.jsonl"), 0).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/in.jsonl"), "{err}");
+    }
+}

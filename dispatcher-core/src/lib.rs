@@ -1,0 +1,17 @@
+//! The engine room of `dispatcher`: protocol, dispatcher server, client, task
+//! runtime and inference backends.
+//!
+//! # Layout
+//! - [`protocol`]: the JSON of the work protocol (shared/PROTOCOL.md).
+//! - [`input`]: lazy, offset-addressed reading of the input JSONL.
+//! - [`output`]: the in-order output JSONL, and its repair on resume.
+//! - [`checkpoint`]: the atomic resume state and its checks against the files.
+//! - [`ledger`]: where every line is; issue, complete, release, expire, tombstone.
+//! - [`server`]: `dispatcher serve`: the HTTP layer, ticker, checkpoints, shutdown.
+
+pub mod checkpoint;
+mod error;
+pub mod input;
+pub mod ledger;
+pub mod output;
+pub mod protocol;

@@ -1,0 +1,177 @@
+//! The output JSONL file: appended in input order, scanned and repaired on resume.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::IoContext;
+
+/// Appends output lines and tracks the file's logical length.
+#[derive(Debug)]
+pub struct OutputWriter {
+    /// The output's path, for error messages.
+    path: PathBuf,
+    /// Buffered writer positioned at `len`; flushed at the end of every request.
+    writer: BufWriter<File>,
+    /// Bytes written so far, buffered ones included.
+    len: u64,
+}
+
+/// What [`OutputWriter::recover`] found past the checkpointed length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Complete lines (ending in `\n`) found past the checkpointed length.
+    pub extra_lines: u64,
+    /// Bytes of a torn last line that were cut off.
+    pub torn_bytes: u64,
+}
+
+impl OutputWriter {
+    /// Opens (creating it if needed) the output for appending after a recovery that
+    /// established that its first `len` bytes are whole lines.
+    pub fn open(path: &Path, len: u64) -> io::Result<Self> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_path("open the output file", path)?;
+        file.set_len(len)
+            .with_path("truncate the output file", path)?;
+        file.seek(SeekFrom::Start(len))
+            .with_path("seek in the output file", path)?;
+        Ok(OutputWriter {
+            path: path.to_owned(),
+            writer: BufWriter::with_capacity(256 * 1024, file),
+            len,
+        })
+    }
+
+    /// Counts the whole lines in `path` past byte `from`, and cuts off a torn last
+    /// line (one without its newline). Returns what it found and the new length.
+    pub fn recover(path: &Path, from: u64) -> io::Result<(Recovered, u64)> {
+        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && from == 0 => {
+                return Ok((
+                    Recovered {
+                        extra_lines: 0,
+                        torn_bytes: 0,
+                    },
+                    0,
+                ))
+            }
+            Err(e) => return Err(e).with_path("open the output file", path),
+        };
+        file.seek(SeekFrom::Start(from))
+            .with_path("seek in the output file", path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = from;
+        let mut last_newline_end = from;
+        let mut extra_lines = 0;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).with_path("read the output file", path),
+            };
+            for (i, b) in buf[..n].iter().enumerate() {
+                if *b == b'\n' {
+                    extra_lines += 1;
+                    last_newline_end = pos + i as u64 + 1;
+                }
+            }
+            pos += n as u64;
+        }
+        let torn_bytes = pos - last_newline_end;
+        if torn_bytes > 0 {
+            file.set_len(last_newline_end)
+                .with_path("cut the torn last line off the output file", path)?;
+            file.sync_all().with_path("sync the output file", path)?;
+        }
+        Ok((
+            Recovered {
+                extra_lines,
+                torn_bytes,
+            },
+            last_newline_end,
+        ))
+    }
+
+    /// The output's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends one line; `line` must not contain a newline.
+    pub fn write_line(&mut self, line: &str) -> io::Result<()> {
+        debug_assert!(!line.contains('\n'));
+        self.writer
+            .write_all(line.as_bytes())
+            .and_then(|()| self.writer.write_all(b"\n"))
+            .with_path("write the output file", &self.path)?;
+        self.len += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    /// Hands buffered lines to the operating system.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.writer
+            .flush()
+            .with_path("write the output file", &self.path)
+    }
+
+    /// Flushes and makes everything written durable (before a checkpoint names it).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.writer
+            .get_ref()
+            .sync_data()
+            .with_path("sync the output file", &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recover_counts_lines_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.jsonl");
+        std::fs::write(&p, b"1\n2\n3\n{\"tor").unwrap();
+        let (rec, len) = OutputWriter::recover(&p, 2).unwrap();
+        assert_eq!(
+            rec,
+            Recovered {
+                extra_lines: 2,
+                torn_bytes: 5
+            }
+        );
+        assert_eq!(len, 6);
+        assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n");
+        let mut w = OutputWriter::open(&p, len).unwrap();
+        w.write_line("4").unwrap();
+        w.sync().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n4\n");
+        assert_eq!(w.len(), 8);
+    }
+
+    #[test]
+    fn recover_of_a_missing_fresh_output_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rec, len) = OutputWriter::recover(&dir.path().join("none"), 0).unwrap();
+        assert_eq!((rec.extra_lines, rec.torn_bytes, len), (0, 0, 0));
+    }
+}
