@@ -167,7 +167,12 @@ impl Checkpoint {
 
     /// Checks that `infile` and `outfile` are still the files this checkpoint
     /// describes.
-    pub fn verify(&self, checkpoint: &Path, infile: &Path, outfile: &Path) -> Result<(), ResumeError> {
+    pub fn verify(
+        &self,
+        checkpoint: &Path,
+        infile: &Path,
+        outfile: &Path,
+    ) -> Result<(), ResumeError> {
         let input_mismatch = |reason: String| ResumeError::InputMismatch {
             input: infile.to_owned(),
             checkpoint: checkpoint.to_owned(),
@@ -179,7 +184,10 @@ impl Checkpoint {
             reason,
         };
         let input = File::open(infile).with_path("open the input file", infile)?;
-        let input_len = input.metadata().with_path("stat the input file", infile)?.len();
+        let input_len = input
+            .metadata()
+            .with_path("stat the input file", infile)?
+            .len();
         if input_len < self.input_offset.max(self.input_head_len) {
             return Err(input_mismatch(format!(
                 "it has {input_len} bytes, the checkpoint expects at least {}",
@@ -296,6 +304,8 @@ mod tests {
         std::fs::write(&cp, b"{not json").unwrap();
         let e = Checkpoint::load(&cp).unwrap_err();
         assert!(e.to_string().contains(&cp.display().to_string()), "{e}");
-        assert!(Checkpoint::load(&dir.path().join("none")).unwrap().is_none());
+        assert!(Checkpoint::load(&dir.path().join("none"))
+            .unwrap()
+            .is_none());
     }
 }

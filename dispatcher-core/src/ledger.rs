@@ -361,6 +361,7 @@ impl Ledger {
             }
         }
         self.ignored_results += reply.ignored;
+        self.compact_heap();
         self.write_ready()?;
         Ok(reply)
     }
@@ -369,14 +370,17 @@ impl Ledger {
     /// Returns how many were in flight.
     pub fn release(&mut self, ids: &[u64]) -> io::Result<u64> {
         let mut released = 0;
-        for &id in ids.iter().rev() {
-            if matches!(
-                self.items.get(&id).map(|i| &i.state),
-                Some(ItemState::InFlight { .. })
-            ) {
-                self.requeue(id, Cause::Release)?;
+        let mut front = Vec::new();
+        for &id in ids {
+            if self.is_in_flight(id) {
                 released += 1;
+                if self.requeue(id, Cause::Release)? {
+                    front.push(id);
+                }
             }
+        }
+        for &id in front.iter().rev() {
+            self.queue.push_front(id);
         }
         self.write_ready()?;
         Ok(released)
@@ -464,7 +468,21 @@ impl Ledger {
             .heap
             .peek()
             .map(|Reverse((deadline, _, _))| deadline.saturating_duration_since(now).as_secs() + 1);
-        until_expiry.map_or(self.config.retry_secs, |s| s.min(self.config.retry_secs)).max(1)
+        until_expiry
+            .map_or(self.config.retry_secs, |s| s.min(self.config.retry_secs))
+            .max(1)
+    }
+
+    /// Drops heap entries of items that are no longer in flight once they
+    /// outnumber the live ones, so the heap stays proportional to what is in
+    /// flight rather than to the issue rate times the timeout. Amortized O(1).
+    fn compact_heap(&mut self) {
+        let live = self.items.len() - self.queued as usize;
+        if self.heap.len() > 2 * live + 1024 {
+            let items = &self.items;
+            self.heap
+                .retain(|Reverse((_, id, seq))| issue_seq(items, *id) == Some(*seq));
+        }
     }
 
     fn expire(&mut self, now: Instant) -> io::Result<()> {
@@ -473,20 +491,26 @@ impl Ledger {
                 break;
             }
             self.heap.pop();
-            let current = matches!(
-                self.items.get(&id).map(|i| &i.state),
-                Some(ItemState::InFlight { seq: s, .. }) if *s == seq
-            );
-            if current {
-                self.requeue(id, Cause::Timeout)?;
+            if self.is_current(id, seq) && self.requeue(id, Cause::Timeout)? {
+                self.queue.push_back(id);
             }
         }
         Ok(())
     }
 
-    /// Moves an in-flight item back to the queue, or tombstones it when its
-    /// reissues are used up.
-    fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<()> {
+    fn is_in_flight(&self, id: u64) -> bool {
+        issue_seq(&self.items, id).is_some()
+    }
+
+    /// Whether heap entry `(id, seq)` is the live issue of an in-flight item.
+    fn is_current(&self, id: u64, seq: u64) -> bool {
+        issue_seq(&self.items, id) == Some(seq)
+    }
+
+    /// Marks an in-flight item as queued for reissue (the caller puts it in the
+    /// queue, at the front or the back) and returns true, or tombstones it when
+    /// its reissues are used up and returns false.
+    fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<bool> {
         let item = self.items.get_mut(&id).expect("requeue of an issued item");
         match cause {
             Cause::Timeout => item.reissues.timeout += 1,
@@ -500,24 +524,26 @@ impl Ledger {
             let item = self.items.remove(&id).expect("present");
             let content = self.input.read_span(item.span)?;
             self.tombstones += 1;
-            tracing::warn!(work_id = id, retries = item.retry_count, "tombstoned after too many reissues");
-            self.finish(id, tombstone(id, &content, item.reissues).into(), item.span.end);
-            return Ok(());
+            tracing::warn!(
+                work_id = id,
+                retries = item.retry_count,
+                "tombstoned after too many reissues"
+            );
+            self.finish(
+                id,
+                tombstone(id, &content, item.reissues).into(),
+                item.span.end,
+            );
+            return Ok(false);
         }
         item.retry_count += 1;
         item.state = ItemState::Queued;
         self.queued += 1;
         match cause {
-            Cause::Timeout => {
-                self.reissues.timeout += 1;
-                self.queue.push_back(id);
-            }
-            Cause::Release => {
-                self.reissues.release += 1;
-                self.queue.push_front(id);
-            }
+            Cause::Timeout => self.reissues.timeout += 1,
+            Cause::Release => self.reissues.release += 1,
         }
-        Ok(())
+        Ok(true)
     }
 
     fn finish(&mut self, id: u64, line: Box<str>, input_end: u64) {
@@ -555,6 +581,14 @@ impl Ledger {
     }
 }
 
+/// The issue sequence number of `id` when it is in flight.
+fn issue_seq(items: &HashMap<u64, Item>, id: u64) -> Option<u64> {
+    match items.get(&id)?.state {
+        ItemState::InFlight { seq, .. } => Some(seq),
+        ItemState::Queued => None,
+    }
+}
+
 /// Checks that a result is one JSON value that fits on one output line.
 pub fn check_result_line(s: &str) -> Result<(), String> {
     if s.contains(['\n', '\r']) {
@@ -582,4 +616,522 @@ fn invalid_utf8_record(id: u64, span: LineSpan, infile: &str, bytes: &[u8]) -> S
         String::from_utf8_lossy(bytes).into_owned().into(),
     );
     error_record(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Job {
+        dir: tempfile::TempDir,
+        config: LedgerConfig,
+    }
+
+    impl Job {
+        fn new(input: &[u8], max_retries: Option<u32>) -> Job {
+            let dir = tempfile::tempdir().unwrap();
+            let infile = dir.path().join("in.jsonl");
+            std::fs::write(&infile, input).unwrap();
+            let config = LedgerConfig {
+                outfile: dir.path().join("out.jsonl"),
+                checkpoint: dir.path().join("out.jsonl.checkpoint"),
+                infile,
+                work_timeout: TIMEOUT,
+                max_retries,
+                retry_secs: 300,
+            };
+            Job { dir, config }
+        }
+
+        fn open(&self, now: Instant) -> Result<Ledger, ResumeError> {
+            Ledger::open(self.config.clone(), now)
+        }
+
+        fn output(&self) -> String {
+            std::fs::read_to_string(&self.config.outfile).unwrap_or_default()
+        }
+
+        fn path(&self, name: &str) -> std::path::PathBuf {
+            self.dir.path().join(name)
+        }
+    }
+
+    fn lines(n: u64) -> Vec<u8> {
+        (0..n)
+            .map(|i| format!("{{\"i\":{i}}}\n"))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    fn ids(reply: &WorkReply) -> Vec<u64> {
+        reply.items.iter().map(|i| i.work_id).collect()
+    }
+
+    fn result(id: u64, value: &str) -> WorkItem {
+        WorkItem {
+            work_id: id,
+            content: String::new(),
+            result: Some(value.to_string()),
+            retry_count: 0,
+            max_retries: None,
+        }
+    }
+
+    #[test]
+    fn issues_in_order_and_writes_results_in_input_order() {
+        let job = Job::new(&lines(3), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(2, t).unwrap();
+        assert_eq!((r.status, ids(&r)), (WorkStatus::Ok, vec![0, 1]));
+        assert_eq!(r.items[1].content, r#"{"i":1}"#);
+        assert_eq!(r.items[0].max_retries, Some(3));
+        let r = l.take_work(5, t).unwrap();
+        assert_eq!(ids(&r), vec![2]);
+        let done = l.complete(vec![result(2, "2"), result(1, "1")]).unwrap();
+        assert_eq!(done.accepted, 2);
+        assert_eq!(
+            job.output(),
+            "",
+            "line 0 is not done: nothing may be written"
+        );
+        assert_eq!(l.status(t).pending, 2);
+        let r = l.take_work(1, t).unwrap();
+        assert_eq!((r.status, r.retry_in.is_some()), (WorkStatus::Retry, true));
+        l.complete(vec![result(0, "0")]).unwrap();
+        assert_eq!(job.output(), "0\n1\n2\n");
+        assert!(l.is_complete());
+        assert_eq!(
+            l.take_work(1, t).unwrap().status,
+            WorkStatus::AllWorkComplete
+        );
+    }
+
+    #[test]
+    fn first_result_wins_and_unknown_ids_are_ignored() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(1, t).unwrap();
+        let r = l
+            .complete(vec![
+                result(0, "\"first\""),
+                result(0, "\"second\""),
+                result(1, "1"),
+                result(99, "9"),
+            ])
+            .unwrap();
+        assert_eq!((r.accepted, r.ignored, r.already_done), (1, 3, vec![0]));
+        l.take_work(1, t).unwrap();
+        l.complete(vec![result(1, "\"one\"")]).unwrap();
+        assert_eq!(job.output(), "\"first\"\n\"one\"\n");
+        assert_eq!(l.status(t).ignored_results, 3);
+    }
+
+    #[test]
+    fn timeout_reissues_with_the_same_id_and_then_tombstones() {
+        let job = Job::new(b"{\"i\":0}\n", Some(1));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        assert_eq!(l.take_work(1, t).unwrap().items[0].retry_count, 0);
+        let t = t + TIMEOUT;
+        let r = l.take_work(1, t).unwrap();
+        assert_eq!((ids(&r), r.items[0].retry_count), (vec![0], 1));
+        assert_eq!(l.status(t).expired_reissues, 1);
+        l.tick(t + TIMEOUT).unwrap();
+        let out: serde_json::Value = serde_json::from_str(job.output().trim_end()).unwrap();
+        assert_eq!(out["__ERROR__"]["error"], "max_retries_exceeded");
+        assert_eq!(out["__ERROR__"]["work_id"], 0);
+        assert_eq!(out["__ERROR__"]["original_content"], "{\"i\":0}");
+        assert_eq!(l.status(t).tombstones, 1);
+        assert!(l.is_complete());
+    }
+
+    #[test]
+    fn unlimited_retries_never_tombstone() {
+        let job = Job::new(&lines(1), None);
+        let mut t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        for round in 0..50 {
+            let r = l.take_work(1, t).unwrap();
+            assert_eq!(r.items[0].retry_count, round);
+            t += TIMEOUT;
+        }
+        assert_eq!(l.status(t).tombstones, 0);
+    }
+
+    #[test]
+    fn released_items_go_first_in_the_order_given() {
+        let job = Job::new(&lines(6), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(4, t).unwrap();
+        assert_eq!(
+            l.release(&[2, 0, 7, 2]).unwrap(),
+            2,
+            "only items in flight count"
+        );
+        let r = l.take_work(3, t).unwrap();
+        assert_eq!(ids(&r), vec![2, 0, 4]);
+        assert_eq!(r.items[0].retry_count, 1);
+        assert_eq!(
+            l.status(t).reissues,
+            ReissueCounts {
+                timeout: 0,
+                release: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_result_for_a_queued_item_is_accepted_and_not_reissued() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(1, t).unwrap();
+        l.release(&[0]).unwrap();
+        assert_eq!(l.complete(vec![result(0, "0")]).unwrap().accepted, 1);
+        assert_eq!(ids(&l.take_work(5, t).unwrap()), vec![1]);
+    }
+
+    #[test]
+    fn finished_items_in_the_reorder_buffer_are_never_reissued() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(2, t).unwrap();
+        l.complete(vec![result(1, "1")]).unwrap();
+        let r = l.take_work(5, t + TIMEOUT).unwrap();
+        assert_eq!(ids(&r), vec![0], "only the unfinished item comes back");
+    }
+
+    #[test]
+    fn results_that_break_the_line_or_are_not_json_are_refused_and_stay_in_flight() {
+        let job = Job::new(&lines(1), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(1, t).unwrap();
+        for bad in ["{\"a\":\n1}", "not json", "1 2", ""] {
+            let r = l.complete(vec![result(0, bad)]).unwrap();
+            assert_eq!((r.accepted, r.refused.len()), (0, 1), "{bad:?}");
+        }
+        let mut null = result(0, "");
+        null.result = None;
+        assert_eq!(l.complete(vec![null]).unwrap().refused.len(), 1);
+        assert_eq!(l.status(t).in_flight, 1);
+        assert_eq!(
+            l.complete(vec![result(0, " {\"ok\": true} ")])
+                .unwrap()
+                .accepted,
+            1
+        );
+        assert_eq!(job.output(), " {\"ok\": true} \n");
+    }
+
+    #[test]
+    fn blank_lines_invalid_utf8_and_a_missing_last_newline_keep_alignment() {
+        let job = Job::new(b"a\n\n\xc3\x28\nlast", Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(10, t).unwrap();
+        assert_eq!(ids(&r), vec![0, 1, 3]);
+        assert_eq!(r.items[1].content, "");
+        assert_eq!(r.items[2].content, "last");
+        l.complete(vec![result(0, "0"), result(1, "1"), result(3, "3")])
+            .unwrap();
+        let out: Vec<String> = job.output().lines().map(String::from).collect();
+        assert_eq!(out.len(), 4);
+        assert!(
+            out[2].contains("\"invalid_utf8\"") && out[2].contains("\"work_id\":2"),
+            "{}",
+            out[2]
+        );
+        assert_eq!(l.status(t).invalid_lines, 1);
+        assert!(l.is_complete());
+    }
+
+    #[test]
+    fn an_empty_input_is_complete_at_once() {
+        let job = Job::new(b"", Some(3));
+        let t = Instant::now();
+        let l = job.open(t).unwrap();
+        assert!(l.is_complete());
+    }
+
+    #[test]
+    fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
+        let job = Job::new(&lines(5), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(5, t).unwrap();
+        l.complete(vec![result(0, "0")]).unwrap();
+        l.checkpoint().unwrap();
+        l.complete(vec![result(1, "1"), result(2, "2")]).unwrap();
+        drop(l);
+        // A crash in the middle of writing line 3.
+        let mut out = job.output();
+        out.push_str("{\"tor");
+        std::fs::write(&job.config.outfile, out).unwrap();
+
+        let mut l = job.open(t).unwrap();
+        assert_eq!(l.lines_written(), 3);
+        let r = l.take_work(5, t).unwrap();
+        assert_eq!(ids(&r), vec![3, 4]);
+        assert_eq!(r.items[0].content, "{\"i\":3}");
+        l.complete(vec![result(4, "4"), result(3, "3")]).unwrap();
+        assert_eq!(job.output(), "0\n1\n2\n3\n4\n");
+    }
+
+    #[test]
+    fn resume_refuses_a_truncated_output_a_foreign_output_and_a_different_input() {
+        let job = Job::new(&lines(3), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(2, t).unwrap();
+        l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+        l.checkpoint().unwrap();
+        drop(l);
+
+        std::fs::write(&job.config.outfile, "0\n").unwrap();
+        let e = job.open(t).unwrap_err();
+        assert!(matches!(e, ResumeError::OutputMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("out.jsonl"), "{e}");
+
+        std::fs::write(&job.config.outfile, "0\n1\n").unwrap();
+        std::fs::write(
+            &job.config.infile,
+            lines(3).into_iter().rev().collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let e = job.open(t).unwrap_err();
+        assert!(matches!(e, ResumeError::InputMismatch { .. }), "{e}");
+
+        let mut other = job.config.clone();
+        other.checkpoint = job.path("other.checkpoint");
+        let e = Ledger::open(other, t).unwrap_err();
+        assert!(
+            matches!(e, ResumeError::OutputWithoutCheckpoint { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn resume_refuses_an_output_with_more_lines_than_the_input() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        drop(job.open(t).unwrap());
+        std::fs::write(&job.config.outfile, "0\n1\n2\n").unwrap();
+        let e = job.open(t).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ResumeError::OutputLongerThanInput {
+                    output_lines: 3,
+                    input_lines: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn changing_the_work_timeout_applies_to_items_in_flight() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(1, t).unwrap();
+        l.set_work_timeout(Duration::from_secs(1));
+        let r = l.take_work(2, t + Duration::from_secs(1)).unwrap();
+        assert_eq!(ids(&r), vec![0, 1]);
+        assert_eq!(r.items[0].retry_count, 1);
+    }
+
+    #[test]
+    fn the_timeout_heap_stays_proportional_to_what_is_in_flight() {
+        let job = Job::new(&lines(20_000), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        for _ in 0..2_000 {
+            let r = l.take_work(10, t).unwrap();
+            let done = r.items.iter().map(|i| result(i.work_id, "0")).collect();
+            l.complete(done).unwrap();
+        }
+        let s = l.status(t);
+        assert_eq!(s.lines_done, 20_000);
+        assert!(
+            s.heap_size <= 2 * s.in_flight + 1024 + 10,
+            "heap_size {}",
+            s.heap_size
+        );
+    }
+
+    #[test]
+    fn status_names_the_oldest_item_in_flight() {
+        let job = Job::new(&lines(3), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(1, t).unwrap();
+        l.take_work(1, t + Duration::from_secs(2)).unwrap();
+        let s = l.status(t + Duration::from_secs(5));
+        let oldest = s.oldest_in_flight.unwrap();
+        assert_eq!((oldest.work_id, oldest.age_secs), (0, 5.0));
+        assert_eq!(
+            (
+                s.in_flight,
+                s.issued,
+                s.next_work_id,
+                s.last_processed_work_id
+            ),
+            (2, 2, 2, -1)
+        );
+        assert_eq!(s.input_bytes_total, lines(3).len() as u64);
+        assert_eq!(s.lines_total, None);
+    }
+
+    mod interleavings {
+        //! Random interleavings of issue, complete, duplicate, release, timeout,
+        //! crash and restart always end in an output whose line i is the result
+        //! for line i or its tombstone.
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Take(usize),
+            Complete(usize),
+            Duplicate(usize),
+            Release(usize),
+            Expire,
+            Checkpoint,
+            Crash { torn: bool },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (1usize..5).prop_map(Op::Take),
+                4 => any::<usize>().prop_map(Op::Complete),
+                1 => any::<usize>().prop_map(Op::Duplicate),
+                1 => any::<usize>().prop_map(Op::Release),
+                1 => Just(Op::Expire),
+                1 => Just(Op::Checkpoint),
+                1 => any::<bool>().prop_map(|torn| Op::Crash { torn }),
+            ]
+        }
+
+        /// The result a worker computes for a line: its content as a JSON string.
+        fn answer(item: &WorkItem) -> WorkItem {
+            let mut done = item.clone();
+            done.result = Some(serde_json::to_string(&item.content).unwrap());
+            done
+        }
+
+        fn check_output(job: &Job, n: u64) {
+            let out = job.output();
+            let got: Vec<&str> = out.lines().collect();
+            assert_eq!(got.len() as u64, n, "one output line per input line");
+            for (i, line) in got.iter().enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let expected = format!("{{\"i\":{i}}}");
+                match v {
+                    serde_json::Value::String(s) => assert_eq!(s, expected, "line {i}"),
+                    other => {
+                        assert_eq!(other["__ERROR__"]["work_id"], i as u64, "line {i}");
+                        assert_eq!(other["__ERROR__"]["original_content"], expected);
+                    }
+                }
+            }
+        }
+
+        fn run(n: u64, max_retries: Option<u32>, ops: Vec<Op>) {
+            let job = Job::new(&lines(n), max_retries);
+            let mut t = Instant::now();
+            let mut l = job.open(t).unwrap();
+            // Items held by workers, which outlive server restarts.
+            let mut held: Vec<WorkItem> = Vec::new();
+            let mut sent: Vec<WorkItem> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Take(b) => held.extend(l.take_work(b, t).unwrap().items),
+                    Op::Complete(k) if !held.is_empty() => {
+                        let item = held.swap_remove(k % held.len());
+                        l.complete(vec![answer(&item)]).unwrap();
+                        sent.push(item);
+                    }
+                    Op::Duplicate(k) if !sent.is_empty() => {
+                        let r = l.complete(vec![answer(&sent[k % sent.len()])]).unwrap();
+                        assert_eq!(r.accepted + r.ignored, 1);
+                    }
+                    Op::Release(k) if !held.is_empty() => {
+                        let item = held.swap_remove(k % held.len());
+                        l.release(&[item.work_id]).unwrap();
+                    }
+                    Op::Expire => {
+                        t += TIMEOUT;
+                        l.tick(t).unwrap();
+                    }
+                    Op::Checkpoint => l.checkpoint().unwrap(),
+                    Op::Crash { torn } => {
+                        drop(l);
+                        if torn {
+                            let mut f = std::fs::OpenOptions::new()
+                                .append(true)
+                                .open(&job.config.outfile)
+                                .unwrap();
+                            std::io::Write::write_all(&mut f, b"\"{\\\"i\\\":").unwrap();
+                        }
+                        l = job.open(t).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            // Drain: stale holders finish first, then fresh workers take the rest.
+            let stale: Vec<WorkItem> = held.iter().map(answer).collect();
+            l.complete(stale).unwrap();
+            for _ in 0..(n * 10 + 10) {
+                if l.is_complete() {
+                    break;
+                }
+                let r = l.take_work(7, t).unwrap();
+                match r.status {
+                    WorkStatus::Ok => {
+                        l.complete(r.items.iter().map(answer).collect()).unwrap();
+                    }
+                    _ => {
+                        t += TIMEOUT;
+                        l.tick(t).unwrap();
+                    }
+                }
+            }
+            assert!(l.is_complete(), "the job must finish");
+            check_output(&job, n);
+            // And a restart of a finished job changes nothing.
+            drop(l);
+            let l = job.open(t).unwrap();
+            assert!(l.is_complete());
+            check_output(&job, n);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn output_line_i_is_always_the_result_or_tombstone_of_line_i(
+                n in 0u64..25,
+                max_retries in prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+                ops in proptest::collection::vec(op(), 0..80),
+            ) {
+                run(n, max_retries, ops);
+            }
+        }
+
+        #[test]
+        fn job_path_helper_is_inside_the_temp_dir() {
+            let job = Job::new(b"", None);
+            assert!(job.path("x").starts_with(job.dir.path()));
+            assert!(Path::new(&job.config.infile).exists());
+        }
+    }
 }

@@ -15,3 +15,4 @@ pub mod input;
 pub mod ledger;
 pub mod output;
 pub mod protocol;
+pub mod server;

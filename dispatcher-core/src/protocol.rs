@@ -201,6 +201,9 @@ pub struct ErrorResponse {
     /// The work ids the error is about, if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub work_ids: Vec<u64>,
+    /// With a partly refused `POST /results`: how many results were accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// Builds the output line of a failure record: `{"__ERROR__": {...}}`.
@@ -258,7 +261,10 @@ mod tests {
         let t: serde_json::Value = serde_json::from_str(&tombstone(
             4,
             "line \"four\"",
-            ReissueCounts { timeout: 3, release: 1 },
+            ReissueCounts {
+                timeout: 3,
+                release: 1,
+            },
         ))
         .unwrap();
         let e = &t["__ERROR__"];

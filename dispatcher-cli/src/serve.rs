@@ -1,0 +1,126 @@
+//! `dispatcher serve`: flags of the Python server, same names and defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dispatcher_core::ledger::LedgerConfig;
+use dispatcher_core::server::{self, ServeOptions, StopReason};
+
+/// Flags of `dispatcher serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Input JSONL: line i is work item i (0-based).
+    #[arg(long, value_name = "PATH")]
+    pub infile: PathBuf,
+    /// Output JSONL: line i is the result for input line i.
+    #[arg(long, value_name = "PATH")]
+    pub outfile: PathBuf,
+    /// Resume state [default: <outfile>.checkpoint].
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: Option<PathBuf>,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to bind (0 picks a free one; the log says which).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Seconds before an issued item without a result is reissued.
+    #[arg(long, value_name = "SECS", default_value_t = 1200.0)]
+    pub work_timeout: f64,
+    /// Reissues before an item is tombstoned; -1 never tombstones.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        allow_negative_numbers = true
+    )]
+    pub max_retries: i64,
+    /// Seconds told to workers to wait when nothing is issuable yet (an upper
+    /// bound: less when an in-flight item expires sooner).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub retry: u64,
+    /// Seconds between checkpoints (one is also written at start, on completion
+    /// and on SIGTERM/SIGINT).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub checkpoint_interval: f64,
+    /// Seconds to keep answering `all_work_complete` before exiting.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub exit_grace: f64,
+    /// Largest batch_size a work request may ask for.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_batch_size: usize,
+    /// Largest request body accepted, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub max_request_mib: usize,
+}
+
+fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        bail!("--{flag} must be a positive number of seconds, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl ServeArgs {
+    /// Validates the flags into the ledger's and server's configuration.
+    pub fn config(&self) -> anyhow::Result<(LedgerConfig, ServeOptions)> {
+        let max_retries = match self.max_retries {
+            -1 => None,
+            n if n >= 0 => Some(u32::try_from(n).context("--max-retries is too large")?),
+            n => {
+                bail!("--max-retries must be -1 (never tombstone) or a count of 0 or more, not {n}")
+            }
+        };
+        if self.max_batch_size == 0 {
+            bail!("--max-batch-size must be at least 1");
+        }
+        if self.max_request_mib == 0 {
+            bail!("--max-request-mib must be at least 1");
+        }
+        if !self.infile.is_file() {
+            bail!(
+                "--infile {}: no such file; pass the input JSONL to serve",
+                self.infile.display()
+            );
+        }
+        let checkpoint = self.checkpoint.clone().unwrap_or_else(|| {
+            let mut p = self.outfile.clone().into_os_string();
+            p.push(".checkpoint");
+            p.into()
+        });
+        let ledger = LedgerConfig {
+            infile: self.infile.clone(),
+            outfile: self.outfile.clone(),
+            checkpoint,
+            work_timeout: secs("work-timeout", self.work_timeout)?,
+            max_retries,
+            retry_secs: self.retry.max(1),
+        };
+        let options = ServeOptions {
+            checkpoint_interval: secs("checkpoint-interval", self.checkpoint_interval)?,
+            exit_grace: Duration::from_secs_f64(self.exit_grace.clamp(0.0, 3600.0)),
+            max_batch_size: self.max_batch_size,
+            max_body_bytes: self.max_request_mib.saturating_mul(1 << 20),
+        };
+        Ok((ledger, options))
+    }
+}
+
+/// Runs the server until the job is complete or a signal stops it.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (ledger, options) = args.config()?;
+    let listener = server::bind(&args.host, args.port).await?;
+    if let Some(addr) = server::local_addr(&listener) {
+        // A machine-readable line for scripts that started us with --port 0.
+        println!("listening on {addr}");
+    }
+    match server::serve(listener, ledger, options, crate::termination_signal()).await? {
+        StopReason::Complete => tracing::info!("all work complete"),
+        StopReason::Shutdown => {
+            tracing::info!("stopped by signal; restart with the same flags to resume")
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! `dispatcher serve`: the HTTP layer over the [`Ledger`], its ticker and
+//! checkpointer, and how the server stops (all work complete, a signal, or an
+//! I/O failure).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::checkpoint::ResumeError;
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::protocol::{
+    ErrorResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest,
+    ResultsResponse, WorkResponse, WorkTimeoutRequest,
+};
+
+/// How the server runs, beyond the job itself.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Seconds between checkpoints.
+    pub checkpoint_interval: Duration,
+    /// How long to keep answering `all_work_complete` before exiting.
+    pub exit_grace: Duration,
+    /// Largest `batch_size` a work request may ask for.
+    pub max_batch_size: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            checkpoint_interval: Duration::from_secs(30),
+            exit_grace: Duration::from_secs(5),
+            max_batch_size: 10_000,
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why the server stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// Every line has its output line, and the grace period is over.
+    Complete,
+    /// The caller's shutdown future resolved (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+/// Why the server could not run or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The job's files could not be resumed from.
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
+    /// A file could not be read or written while serving (the message names it);
+    /// the output is intact up to the last line written.
+    #[error("stopped after an I/O failure: {0}")]
+    Io(String),
+    /// The listening socket failed.
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the handlers and background tasks.
+#[derive(Debug)]
+pub struct AppState {
+    /// The job. Locked briefly by each request; never held across an `.await`.
+    ledger: Mutex<Ledger>,
+    /// Limits from [`ServeOptions`].
+    max_batch_size: usize,
+    /// The first fatal I/O error. Once set, every request gets 503 and the server
+    /// stops; it is never cleared.
+    failure: watch::Sender<Option<String>>,
+    /// Becomes true once every line has its output line.
+    complete: watch::Sender<bool>,
+}
+
+impl AppState {
+    /// Wraps an opened ledger.
+    pub fn new(ledger: Ledger, options: &ServeOptions) -> Arc<AppState> {
+        let complete = ledger.is_complete();
+        Arc::new(AppState {
+            ledger: Mutex::new(ledger),
+            max_batch_size: options.max_batch_size,
+            failure: watch::channel(None).0,
+            complete: watch::channel(complete).0,
+        })
+    }
+
+    /// Runs `f` on the ledger; an I/O error stops the server.
+    fn with_ledger<T>(
+        &self,
+        f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
+    ) -> Result<T, ApiError> {
+        if self.failure.borrow().is_some() {
+            return Err(ApiError::Stopped);
+        }
+        let mut ledger = self.lock()?;
+        match f(&mut ledger) {
+            Ok(v) => {
+                if ledger.is_complete() {
+                    self.complete
+                        .send_if_modified(|c| !std::mem::replace(c, true));
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                drop(ledger);
+                self.fail(e.to_string());
+                Err(ApiError::Stopped)
+            }
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Ledger>, ApiError> {
+        // A panic while the ledger was locked leaves it in an unknown state:
+        // refuse further work rather than risk a misaligned output.
+        self.ledger.lock().map_err(|_| {
+            self.fail("a request handler panicked while holding the ledger".into());
+            ApiError::Stopped
+        })
+    }
+
+    fn fail(&self, message: String) {
+        tracing::error!("{message}");
+        self.failure.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(message);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// The router of all endpoints over `state`.
+pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/work", get(get_work))
+        .route("/results", post(post_results))
+        .route("/release", post(post_release))
+        .route("/status", get(get_status))
+        .route("/work_timeout", post(post_work_timeout))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"status": "OK"})) }),
+        )
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Opens the job and serves it on `listener` until it is complete, `shutdown`
+/// resolves, or an I/O failure stops it. Writes a final checkpoint either way
+/// it ends well.
+pub async fn serve(
+    listener: TcpListener,
+    config: LedgerConfig,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<StopReason, ServerError> {
+    let ledger = Ledger::open(config, Instant::now())?;
+    let state = AppState::new(ledger, &options);
+    serve_state(listener, state, options, shutdown).await
+}
+
+/// [`serve`] over an already opened state.
+pub async fn serve_state(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<StopReason, ServerError> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    {
+        let ledger = state
+            .lock()
+            .map_err(|_| ServerError::Io("ledger poisoned".into()))?;
+        let s = ledger.status(Instant::now());
+        tracing::info!(
+            %addr,
+            input = %ledger.config().infile.display(),
+            output = %ledger.config().outfile.display(),
+            resumed_at_line = s.lines_done,
+            "serving"
+        );
+    }
+    let (stop_tx, mut stop_rx) = watch::channel(None::<StopReason>);
+    let stop_tx = Arc::new(stop_tx);
+    let stop = {
+        let stop_tx = stop_tx.clone();
+        move |reason| {
+            stop_tx.send_if_modified(|r| r.is_none() && r.replace(reason).is_none());
+        }
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(ticker(state.clone()));
+    tasks.spawn(checkpointer(state.clone(), options.checkpoint_interval));
+    {
+        let (state, stop) = (state.clone(), stop.clone());
+        let grace = options.exit_grace;
+        tasks.spawn(async move {
+            let mut complete = state.complete.subscribe();
+            if complete.wait_for(|c| *c).await.is_ok() {
+                if let Err(e) = state.with_ledger(|l| l.checkpoint()) {
+                    tracing::debug!(?e, "final checkpoint failed");
+                }
+                tracing::info!(
+                    grace_secs = grace.as_secs_f64(),
+                    "all work complete; exiting after the grace period"
+                );
+                tokio::time::sleep(grace).await;
+                stop(StopReason::Complete);
+            }
+        });
+    }
+    {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            shutdown.await;
+            stop(StopReason::Shutdown);
+        });
+    }
+    let mut failure = state.failure.subscribe();
+    let router = app(state.clone(), options.max_body_bytes);
+    let graceful = async move {
+        tokio::select! {
+            _ = stop_rx.wait_for(|r| r.is_some()) => {}
+            _ = failure.wait_for(|f| f.is_some()) => {}
+        }
+    };
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(graceful)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: addr.clone(),
+            source,
+        });
+    tasks.shutdown().await;
+    served?;
+
+    if let Some(message) = state.failure.borrow().clone() {
+        return Err(ServerError::Io(message));
+    }
+    state
+        .with_ledger(|l| l.checkpoint())
+        .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
+    let reason = stop_tx.borrow().clone().unwrap_or(StopReason::Shutdown);
+    tracing::info!(?reason, "stopped; checkpoint written");
+    Ok(reason)
+}
+
+/// Expires items once a second, so tombstones and completion do not wait for a
+/// work request.
+async fn ticker(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if state.with_ledger(|l| l.tick(Instant::now())).is_err() {
+            return;
+        }
+    }
+}
+
+async fn checkpointer(state: Arc<AppState>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if state.with_ledger(|l| l.checkpoint()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The one error type of the HTTP layer.
+#[derive(Debug)]
+enum ApiError {
+    /// The request is malformed or asks for something absurd.
+    BadRequest(String),
+    /// Some results were refused (others may have been accepted).
+    Refused {
+        error: String,
+        work_ids: Vec<u64>,
+        count: u64,
+    },
+    /// The server stopped after a failure; nothing was changed.
+    Stopped,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, body) = match self {
+            ApiError::BadRequest(error) => (
+                StatusCode::BAD_REQUEST,
+                ErrorResponse {
+                    status: "error".into(),
+                    error,
+                    work_ids: Vec::new(),
+                    count: None,
+                },
+            ),
+            ApiError::Refused {
+                error,
+                work_ids,
+                count,
+            } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorResponse {
+                    status: "error".into(),
+                    error,
+                    work_ids,
+                    count: Some(count),
+                },
+            ),
+            // The cause is in the server's log; it names paths a client has no
+            // business seeing.
+            ApiError::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorResponse {
+                    status: "error".into(),
+                    error: "the server is stopping after an internal failure; see its log".into(),
+                    work_ids: Vec::new(),
+                    count: None,
+                },
+            ),
+        };
+        (code, Json(body)).into_response()
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
+    // The content type is not checked: scripts that post JSON without it worked
+    // with the Python server.
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+struct WorkQuery {
+    batch_size: Option<String>,
+}
+
+async fn get_work(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<WorkQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<WorkResponse>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let batch = match query.batch_size.as_deref() {
+        None => 1,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=state.max_batch_size).contains(&n) => n,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "batch_size must be a whole number from 1 to {} (the server's --max-batch-size), not {s:?}",
+                    state.max_batch_size
+                )))
+            }
+        },
+    };
+    let reply = state.with_ledger(|l| l.take_work(batch, Instant::now()))?;
+    Ok(Json(WorkResponse {
+        status: reply.status,
+        retry_in: reply.retry_in,
+        items: reply.items,
+    }))
+}
+
+async fn post_results(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<ResultsResponse>, ApiError> {
+    let req: ResultsRequest = parse_body(&body, r#"{"items": [work items with "result" set]}"#)?;
+    let reply = state.with_ledger(|l| l.complete(req.items))?;
+    if !reply.refused.is_empty() {
+        let (work_ids, reasons): (Vec<u64>, Vec<String>) = reply.refused.into_iter().unzip();
+        let first = format!("work_id {}: {}", work_ids[0], reasons[0]);
+        return Err(ApiError::Refused {
+            error: format!(
+                "{} result(s) refused and left in flight (first: {first}); {} accepted",
+                work_ids.len(),
+                reply.accepted
+            ),
+            work_ids,
+            count: reply.accepted,
+        });
+    }
+    Ok(Json(ResultsResponse {
+        status: "OK".into(),
+        count: reply.accepted,
+        ignored: reply.ignored,
+        already_done: reply.already_done,
+    }))
+}
+
+async fn post_release(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<ReleaseResponse>, ApiError> {
+    let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
+    let released = state.with_ledger(|l| l.release(&req.work_ids))?;
+    Ok(Json(ReleaseResponse {
+        status: "OK".into(),
+        released_count: released,
+    }))
+}
+
+async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let status = state.with_ledger(|l| Ok(l.status(Instant::now())))?;
+    Ok(Json(status).into_response())
+}
+
+async fn post_work_timeout(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<MessageResponse>, ApiError> {
+    let req: WorkTimeoutRequest = parse_body(&body, r#"{"timeout": seconds}"#)?;
+    if !(req.timeout.is_finite() && req.timeout > 0.0 && req.timeout < 1e9) {
+        return Err(ApiError::BadRequest(format!(
+            "timeout must be a positive number of seconds, not {}",
+            req.timeout
+        )));
+    }
+    let timeout = Duration::from_secs_f64(req.timeout);
+    state.with_ledger(|l| {
+        l.set_work_timeout(timeout);
+        Ok(())
+    })?;
+    tracing::info!(secs = req.timeout, "work timeout changed");
+    Ok(Json(MessageResponse {
+        status: "OK".into(),
+        message: format!(
+            "work timeout set to {} s; it applies to items already in flight too",
+            req.timeout
+        ),
+    }))
+}
+
+/// Binds `host:port`, naming the address when it fails.
+pub async fn bind(host: &str, port: u16) -> Result<TcpListener, ServerError> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })
+}
+
+/// The address a listener is bound to, for logs and tests.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
