@@ -8,8 +8,10 @@
 //! - [`checkpoint`]: the atomic resume state and its checks against the files.
 //! - [`ledger`]: where every line is; issue, complete, release, expire, tombstone.
 //! - [`server`]: `dispatcher serve`: the HTTP layer, ticker, checkpoints, shutdown.
+//! - [`client`]: the work protocol as workers call it.
 
 pub mod checkpoint;
+pub mod client;
 mod error;
 pub mod input;
 pub mod ledger;

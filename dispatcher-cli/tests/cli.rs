@@ -1,0 +1,329 @@
+//! Process-level tests of the `dispatcher` binary: what only a process shows
+//! (SIGKILL and restart, signals, exit codes, messages on stderr).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::protocol::{WorkItem, WorkStatus};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
+
+struct Job {
+    dir: tempfile::TempDir,
+    input: Vec<String>,
+}
+
+impl Job {
+    fn new(lines: usize) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        let input: Vec<String> = (0..lines).map(|i| format!("{{\"n\": {i}}}")).collect();
+        std::fs::write(dir.path().join("in.jsonl"), input.join("\n") + "\n").unwrap();
+        Job { dir, input }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--infile")
+            .arg(self.path("in.jsonl"))
+            .arg("--outfile")
+            .arg(self.path("out.jsonl"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("no address line, got {line:?}: {}", stderr_of(&mut child)))
+            .to_string();
+        Server { child, addr }
+    }
+
+    fn expected_line(&self, i: usize) -> String {
+        serde_json::json!({"n": i, "seen": self.input[i]}).to_string()
+    }
+
+    /// Checks the output is exactly one right line per input line.
+    fn check_output(&self) {
+        let out = std::fs::read_to_string(self.path("out.jsonl")).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.len(),
+            self.input.len(),
+            "one output line per input line"
+        );
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(*line, self.expected_line(i), "line {i}");
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn wait(mut self, limit: Duration) -> (i32, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), stderr_of(&mut self.child));
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        assert_eq!(send_signal(self.child.id() as i32, sig), 0);
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, sig) }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+    }
+    s
+}
+
+fn answer(item: &WorkItem) -> WorkItem {
+    let mut done = item.clone();
+    let n: usize = serde_json::from_str::<serde_json::Value>(&item.content).unwrap()["n"]
+        .as_u64()
+        .unwrap() as usize;
+    done.result = Some(serde_json::json!({"n": n, "seen": item.content}).to_string());
+    done
+}
+
+/// Workers that follow the server wherever the test restarts it (`addr`), and
+/// stop once `done` is set.
+fn spawn_workers(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    addr: Arc<Mutex<String>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let addr = addr.clone();
+            rt.spawn(async move {
+                loop {
+                    let current = addr.lock().unwrap().clone();
+                    if current.is_empty() {
+                        return;
+                    }
+                    let client = DispatcherClient::new(&current);
+                    let work = match client.get_work(16).await {
+                        Ok(w) => w,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    match work.status {
+                        WorkStatus::Ok => {
+                            let results = work.items.iter().map(answer).collect();
+                            // A server killed meanwhile loses these; they come back.
+                            let _ = client.submit(results).await;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_during_a_run_and_restarts_lose_and_duplicate_nothing() {
+    let job = Job::new(20_000);
+    let flags = [
+        "--checkpoint-interval",
+        "0.05",
+        "--work-timeout",
+        "1",
+        "--exit-grace",
+        "0.3",
+        "--retry",
+        "1",
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut server = job.serve(&flags);
+    let addr = Arc::new(Mutex::new(server.addr.clone()));
+    let workers = spawn_workers(&rt, 4, addr.clone());
+    let mut lines_at_kill = Vec::new();
+    for round in 0..6u64 {
+        std::thread::sleep(Duration::from_millis(120 + 37 * round));
+        server.signal(libc::SIGKILL);
+        let _ = server.wait(Duration::from_secs(10));
+        lines_at_kill.push(
+            std::fs::read_to_string(job.path("out.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .count(),
+        );
+        server = job.serve(&flags);
+        *addr.lock().unwrap() = server.addr.clone();
+    }
+    let (code, stderr) = server.wait(Duration::from_secs(120));
+    *addr.lock().unwrap() = String::new();
+    for w in workers {
+        rt.block_on(w).unwrap();
+    }
+    assert_eq!(code, 0, "exit status after completion; stderr: {stderr}");
+    assert!(
+        lines_at_kill.windows(2).all(|w| w[0] <= w[1]) && lines_at_kill[0] < job.input.len(),
+        "the kills happened mid-run: {lines_at_kill:?}"
+    );
+    job.check_output();
+}
+
+#[test]
+fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
+    let job = Job::new(50);
+    let server = job.serve(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = DispatcherClient::new(&server.addr);
+    rt.block_on(async {
+        let work = client.get_work(20).await.unwrap();
+        let results = work.items.iter().map(answer).collect();
+        client.submit(results).await.unwrap();
+    });
+    server.signal(libc::SIGTERM);
+    let (code, stderr) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+    let cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap()).unwrap();
+    assert_eq!(cp["lines_written"], 20);
+
+    let server = job.serve(&["--exit-grace", "0.2"]);
+    let client = DispatcherClient::new(&server.addr);
+    rt.block_on(async {
+        let work = client.get_work(100).await.unwrap();
+        assert_eq!(
+            work.items.first().map(|i| i.work_id),
+            Some(20),
+            "resumes after line 19"
+        );
+        let results = work.items.iter().map(answer).collect();
+        client.submit(results).await.unwrap();
+    });
+    let (code, stderr) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+    job.check_output();
+}
+
+#[test]
+fn a_checkpoint_that_does_not_match_the_output_is_refused() {
+    let job = Job::new(10);
+    let server = job.serve(&["--exit-grace", "0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = DispatcherClient::new(&server.addr);
+    rt.block_on(async {
+        let work = client.get_work(10).await.unwrap();
+        client
+            .submit(work.items.iter().map(answer).collect())
+            .await
+            .unwrap();
+    });
+    assert_eq!(server.wait(Duration::from_secs(10)).0, 0);
+    // Someone truncates the output by hand.
+    let out = std::fs::read_to_string(job.path("out.jsonl")).unwrap();
+    let half: String = out.lines().take(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(job.path("out.jsonl"), half).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--infile")
+        .arg(job.path("in.jsonl"))
+        .arg("--outfile")
+        .arg(job.path("out.jsonl"))
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let stderr = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("out.jsonl") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_io_failure_stops_the_server_with_a_message_naming_the_path() {
+    let job = Job::new(10);
+    let cpdir = job.path("cp");
+    std::fs::create_dir(&cpdir).unwrap();
+    let cp = cpdir.join("job.checkpoint");
+    let server = job.serve(&[
+        "--checkpoint",
+        cp.to_str().unwrap(),
+        "--checkpoint-interval",
+        "0.05",
+    ]);
+    std::fs::remove_dir_all(&cpdir).unwrap();
+    let (code, stderr) = server.wait(Duration::from_secs(10));
+    assert_ne!(code, 0);
+    assert!(stderr.contains(&cpdir.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn bad_flags_fail_before_any_work_with_the_flag_named() {
+    let job = Job::new(1);
+    for (args, needle) in [
+        (vec!["--max-retries", "-2"], "--max-retries"),
+        (vec!["--work-timeout", "0"], "--work-timeout"),
+    ] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .arg("--infile")
+            .arg(job.path("in.jsonl"))
+            .arg("--outfile")
+            .arg(job.path("out.jsonl"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--infile", "/nonexistent/in.jsonl", "--outfile"])
+        .arg(job.path("o"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/in.jsonl"));
+    assert!(
+        !Path::new(&job.path("o")).exists(),
+        "nothing written for a bad start"
+    );
+}

@@ -1,0 +1,154 @@
+//! A client of the dispatcher server's work protocol, as workers use it.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::{
+    MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest, ResultsResponse,
+    StatusResponse, WorkItem, WorkResponse, WorkStatus, WorkTimeoutRequest,
+};
+
+/// Why a call to the server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server could not be reached (refused, reset, timed out).
+    #[error("the dispatcher server at {url} is unavailable: {source}")]
+    Unavailable {
+        /// The URL called.
+        url: String,
+        /// The transport error.
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    #[error("the dispatcher server answered {status} to {url}: {body}")]
+    Status {
+        /// The URL called.
+        url: String,
+        /// The HTTP status.
+        status: reqwest::StatusCode,
+        /// The answer's body.
+        body: String,
+    },
+    /// The answer was not the JSON the protocol promises.
+    #[error("the dispatcher server's answer to {url} is not valid: {source}")]
+    Decode {
+        /// The URL called.
+        url: String,
+        /// The decoding error.
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether the server could not be reached at all.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::Unavailable { .. })
+    }
+}
+
+/// Talks to one dispatcher server.
+#[derive(Debug, Clone)]
+pub struct DispatcherClient {
+    /// `http://host:port`, without a trailing slash.
+    base: String,
+    http: reqwest::Client,
+}
+
+impl DispatcherClient {
+    /// A client of the server at `addr`: `HOST:PORT` or an `http://` URL.
+    pub fn new(addr: &str) -> DispatcherClient {
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("a plain HTTP client builds");
+        DispatcherClient { base, http }
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /work?batch_size=N`; an unreachable server is
+    /// [`WorkStatus::ServerUnavailable`], as the Python client reports it.
+    pub async fn get_work(&self, batch_size: usize) -> Result<WorkResponse, ClientError> {
+        let url = format!("{}/work?batch_size={batch_size}", self.base);
+        match self.send(self.http.get(&url), &url).await {
+            Err(ClientError::Unavailable { .. }) => Ok(WorkResponse {
+                status: WorkStatus::ServerUnavailable,
+                retry_in: None,
+                items: Vec::new(),
+            }),
+            other => other,
+        }
+    }
+
+    /// `POST /results`.
+    pub async fn submit(&self, items: Vec<WorkItem>) -> Result<ResultsResponse, ClientError> {
+        self.post("results", &ResultsRequest { items }).await
+    }
+
+    /// `POST /release`: returns how many items went back to the queue.
+    pub async fn release(&self, work_ids: Vec<u64>) -> Result<u64, ClientError> {
+        let r: ReleaseResponse = self.post("release", &ReleaseRequest { work_ids }).await?;
+        Ok(r.released_count)
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        let url = format!("{}/status", self.base);
+        self.send(self.http.get(&url), &url).await
+    }
+
+    /// `POST /work_timeout`.
+    pub async fn set_work_timeout(&self, secs: f64) -> Result<MessageResponse, ClientError> {
+        self.post("work_timeout", &WorkTimeoutRequest { timeout: secs })
+            .await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}/{path}", self.base);
+        self.send(self.http.post(&url).json(body), &url).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unavailable {
+                url: url.to_string(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Status {
+                url: url.to_string(),
+                status,
+                body,
+            });
+        }
+        resp.json().await.map_err(|source| ClientError::Decode {
+            url: url.to_string(),
+            source,
+        })
+    }
+}
