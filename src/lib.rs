@@ -1,14 +1,113 @@
 //! `dispatcher`: large-scale batch LLM inference on HPC clusters.
 //!
-//! A head-node **dispatcher server** turns an input JSONL file into an output JSONL
-//! file, one line each and in order, through any number of preemptible workers,
-//! crashes and restarts. See the README for the commands.
+//! A head-node **dispatcher server** (`dispatcher serve`) turns an input JSONL
+//! file into an output JSONL file, one line each and in input order, through any
+//! number of preemptible workers, crashes and restarts. **Workers** run a local
+//! inference engine and a **task manager** that keeps it saturated with many
+//! concurrent **tasks**, written as async functions:
+//!
+//! ```no_run
+//! use dispatcher::{task, Request, TaskError};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Deserialize)]
+//! struct In { prompt: String }
+//!
+//! #[derive(Serialize)]
+//! struct Out { prompt: String, answer: String }
+//!
+//! /// Answers each prompt once.
+//! #[task]
+//! async fn answer(input: In) -> Result<Out, TaskError> {
+//!     let response = yield_request!(Request::chat().user(&input.prompt).max_tokens(256))?;
+//!     Ok(Out { answer: response.text().to_string(), prompt: input.prompt })
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     dispatcher::run_tasks(&[&answer])
+//! }
+//! ```
+//!
+//! # Writing a task
+//! `#[task]` goes on `async fn name(input: In) -> Result<Out, TaskError>`, where
+//! `In: Deserialize` is one input line and `Out: Serialize` one output line. A
+//! second parameter `ctx: TaskContext` gives the work id, retry count, max
+//! retries and [`TaskContext::is_last_attempt`].
+//!
+//! - `yield_request!(req)` sends one [`Request`] and evaluates to
+//!   `Result<Response, RequestError>`; `yield_request!([a, b])` sends an array in
+//!   parallel and evaluates to `Result<[Response; 2], _>` (a `Vec` gives a `Vec`),
+//!   responses in request order. It may be used only directly in the task's
+//!   body: not in closures, `async` blocks, nested functions or other macros'
+//!   arguments.
+//! - `?` on a request error writes a failure record (`request_rejected` for a
+//!   4xx such as a prompt over the context length); a dead engine instead stops
+//!   the worker, which hands its items back.
+//! - [`TaskError::failed`]`(error_type, message)` writes
+//!   `{"__ERROR__": {"error": error_type, "message", "task_data": <input>}}`;
+//!   [`TaskError::retry`]`(message)` hands the line back to the dispatcher for
+//!   another attempt (on the last attempt it writes `retries_exhausted`).
+//! - Input that does not deserialize gives `invalid_input`; a panic gives
+//!   `task_panicked`; the worker keeps going either way.
+//! - [`TaskContext::with_metadata`] adds the conventional `task_metadata`.
+//!
+//! # What `#[task]` expands to
+//! The function becomes a unit struct of the same name implementing [`Task`]:
+//!
+//! ```
+//! # use dispatcher::{Request, Task, TaskContext, TaskError};
+//! # #[derive(serde::Deserialize)] struct In { prompt: String }
+//! # #[derive(serde::Serialize)] struct Out { answer: String }
+//! #[allow(non_camel_case_types)]
+//! #[derive(Debug, Clone, Copy, Default)]
+//! struct answer;
+//!
+//! impl Task for answer {
+//!     type Input = In;
+//!     type Output = Out;
+//!     const NAME: &'static str = "answer";
+//!     fn run(&self, input: In, ctx: TaskContext)
+//!         -> impl std::future::Future<Output = Result<Out, TaskError>> + Send + 'static
+//!     {
+//!         async fn body(input: In, ctx: TaskContext) -> Result<Out, TaskError> {
+//!             // yield_request!(req) is `ctx.send(req).await`:
+//!             let response = ctx.send(Request::chat().user(&input.prompt)).await?;
+//!             Ok(Out { answer: response.text().to_string() })
+//!         }
+//!         body(input, ctx)
+//!     }
+//! }
+//! ```
+//!
+//! # Testing a task
+//! [`testing::TaskTest`] runs a task on one input with scripted replies, no
+//! server or engine, and returns its output line and the requests it made.
 //!
 //! # Layout
-//! - [`protocol`]: the JSON of the work protocol.
-//! - [`server`], [`ledger`], [`checkpoint`]: `dispatcher serve`.
-//! - [`client`]: the work protocol as workers call it.
-//! - [`cli`]: the command line, reusable by task binaries.
+//! - [`Task`], [`TaskContext`], [`TaskError`], [`task`], [`yield_request!`]: writing tasks.
+//! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
+//! - [`testing`]: running a task with scripted replies.
+//! - [`manager`], [`source`]: the task manager and where its items come from.
+//! - [`server`], [`ledger`], [`checkpoint`], [`input`], [`output`]: `dispatcher serve`.
+//! - [`protocol`], [`client`]: the work protocol and its client.
+//! - [`cli`], [`run_tasks`]: the command line, whole, for task binaries.
 
 pub use dispatcher_cli as cli;
-pub use dispatcher_core::{checkpoint, client, input, ledger, output, protocol, server};
+pub use dispatcher_cli::run_tasks;
+pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
+pub use dispatcher_core::task::{manager, source, testing, DynTask, Task, TaskContext, TaskError};
+pub use dispatcher_core::{checkpoint, client, engine, input, ledger, output, protocol, server};
+pub use dispatcher_macros::task;
+
+/// Sends requests to the model from inside a `#[task]` fn; see the [crate docs](crate).
+///
+/// `#[task]` rewrites every `yield_request!` in its body, so this definition is
+/// reached only from somewhere it cannot work.
+#[macro_export]
+macro_rules! yield_request {
+    ($($tokens:tt)*) => {
+        ::core::compile_error!(
+            "`yield_request!` can only be used directly in the body of a `#[task]` async fn (not in a nested fn or in another macro's arguments)"
+        )
+    };
+}

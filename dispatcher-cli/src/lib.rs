@@ -2,12 +2,18 @@
 //!
 //! # Layout
 //! - [`serve`]: `dispatcher serve`, the head-node server.
+//! - [`worker`]: engine, work and manager flags; running a task with them.
+//! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
+//! - [`run_tasks`]: the whole CLI of a task binary in one call.
 
 pub mod logging;
+pub mod progress;
 pub mod serve;
+pub mod worker;
 
 use clap::{Parser, Subcommand};
+use dispatcher_core::task::DynTask;
 
 /// Batch LLM inference on HPC clusters.
 #[derive(Debug, Parser)]
@@ -49,6 +55,94 @@ pub fn main() -> std::process::ExitCode {
         }
     });
     match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line of a task binary.
+#[derive(Debug, Parser)]
+#[command(about = "A dispatcher task binary: runs its task on every line of the input, through a dispatcher server or on local files.", long_about = None)]
+pub struct TaskCli {
+    /// Logging verbosity.
+    #[command(flatten)]
+    pub log: logging::LogArgs,
+    /// The task to run (required when the binary holds several).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Where items come from.
+    #[command(flatten)]
+    pub work: worker::WorkArgs,
+    /// The engine.
+    #[command(flatten)]
+    pub engine: worker::EngineArgs,
+}
+
+/// The whole CLI of a task binary: call it from `main` with the binary's tasks.
+///
+/// ```no_run
+/// # use dispatcher_core::task::DynTask;
+/// # fn tasks() -> Vec<&'static dyn DynTask> { Vec::new() }
+/// fn main() -> std::process::ExitCode {
+///     dispatcher_cli::run_tasks(&tasks())
+/// }
+/// ```
+pub fn run_tasks(tasks: &[&'static dyn DynTask]) -> std::process::ExitCode {
+    let cli = TaskCli::parse();
+    logging::init(&cli.log);
+    let task = match select_task(tasks, cli.task.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    run_async(async move { worker::run_task(task, &cli.engine, &cli.work).await })
+}
+
+fn select_task(
+    tasks: &[&'static dyn DynTask],
+    name: Option<&str>,
+) -> anyhow::Result<&'static dyn DynTask> {
+    let names: Vec<&str> = tasks.iter().map(|t| t.name()).collect();
+    match (name, tasks) {
+        (None, [only]) => Ok(*only),
+        (None, []) => anyhow::bail!("this binary registers no task"),
+        (None, _) => anyhow::bail!(
+            "this binary holds several tasks; pick one with --task ({})",
+            names.join(", ")
+        ),
+        (Some(n), _) => tasks
+            .iter()
+            .find(|t| t.name() == n)
+            .copied()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no task named {n:?}; --task takes one of: {}",
+                    names.join(", ")
+                )
+            }),
+    }
+}
+
+/// Runs `f` on a multi-threaded runtime and turns its result into an exit code.
+pub fn run_async(
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -9,12 +9,16 @@
 //! - [`ledger`]: where every line is; issue, complete, release, expire, tombstone.
 //! - [`server`]: `dispatcher serve`: the HTTP layer, ticker, checkpoints, shutdown.
 //! - [`client`]: the work protocol as workers call it.
+//! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
+//! - [`task`]: the `Task` trait, task context and errors, the task manager, work sources.
 
 pub mod checkpoint;
 pub mod client;
+pub mod engine;
 mod error;
 pub mod input;
 pub mod ledger;
 pub mod output;
 pub mod protocol;
 pub mod server;
+pub mod task;

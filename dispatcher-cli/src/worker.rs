@@ -1,0 +1,305 @@
+//! The worker side of the command line: engine flags, source flags, task
+//! manager flags, and running a task with them. Task binaries and
+//! `dispatcher infer` share all of it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::engine::echo::EchoOptions;
+use dispatcher_core::engine::launch::{self, EngineKind, EngineLog, LaunchConfig, RunningEngine};
+use dispatcher_core::engine::{OpenAiEngine, RetryPolicy};
+use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
+use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
+use dispatcher_core::task::DynTask;
+
+/// The engine to run (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// vLLM (`vllm serve`); needs a GPU.
+    Vllm,
+    /// SGLang (`python3 -m sglang.launch_server`); needs a GPU.
+    Sglang,
+    /// llama.cpp's `llama-server`; runs on CPU with a GGUF model.
+    Llamacpp,
+    /// The built-in echo engine: answers with the prompt. For dry runs and tests.
+    Echo,
+}
+
+impl From<EngineChoice> for EngineKind {
+    fn from(c: EngineChoice) -> EngineKind {
+        match c {
+            EngineChoice::Vllm => EngineKind::Vllm,
+            EngineChoice::Sglang => EngineKind::Sglang,
+            EngineChoice::Llamacpp => EngineKind::Llamacpp,
+            EngineChoice::Echo => EngineKind::Echo,
+        }
+    }
+}
+
+/// Which inference engine to use and how to start it.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Engine")]
+pub struct EngineArgs {
+    /// The engine to launch (ignored with --no-launch).
+    #[arg(long, value_enum, default_value = "vllm", env = "DISPATCHER_ENGINE")]
+    pub engine: EngineChoice,
+    /// Connect to an engine already running at --host/--port instead of launching one.
+    #[arg(long)]
+    pub no_launch: bool,
+    /// Engine address (the launched engine binds it; with --no-launch, where it runs).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Engine port; 0 picks a free one (required with --no-launch).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Model path or name (vLLM/SGLang: HF id or directory; llama.cpp: a .gguf file).
+    #[arg(long, env = "DISPATCHER_MODEL")]
+    pub model: Option<String>,
+    /// GPUs per engine (tensor parallelism).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel: u32,
+    /// Context length per request.
+    #[arg(long)]
+    pub max_model_len: Option<u32>,
+    /// Share of GPU memory the engine may use (0-1).
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Disable CUDA graphs (faster start, slower decode).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// A chat template file for the engine.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Extra engine arguments, shell-quoted: --vllm-extra-args "--seed 1 --dtype half".
+    #[arg(long, visible_alias = "engine-extra-args", allow_hyphen_values = true)]
+    pub vllm_extra_args: Option<String>,
+    /// A prefix to run the engine inside, shell-quoted: --engine-cmd "apptainer exec --nv img.sif".
+    #[arg(long, allow_hyphen_values = true)]
+    pub engine_cmd: Option<String>,
+    /// The engine executable, when not the default on PATH (vllm, python3, llama-server).
+    #[arg(long)]
+    pub engine_bin: Option<String>,
+    /// llama.cpp: requests processed at once (slots).
+    #[arg(long, default_value_t = 4)]
+    pub parallel_slots: u32,
+    /// llama.cpp: CPU threads.
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Seconds to wait for the engine's /health after launch.
+    #[arg(long, default_value_t = 1800)]
+    pub startup_timeout: u64,
+    /// Where the engine's output goes: a file path, `-` for stderr, `none` to discard.
+    #[arg(long, default_value = "none")]
+    pub engine_log: String,
+    /// Seconds one engine request may take before it counts as failed.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// Retries of a request after a connection error or 5xx, with backoff.
+    #[arg(long, default_value_t = 5)]
+    pub engine_retries: u32,
+    /// Echo engine: latency of each request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub echo_latency_ms: u64,
+    /// Echo engine: requests processed at once (more wait).
+    #[arg(long)]
+    pub echo_max_concurrency: Option<usize>,
+    /// Echo engine: share of requests answered with a 500 (0-1).
+    #[arg(long, default_value_t = 0.0)]
+    pub echo_error_rate: f64,
+}
+
+impl EngineArgs {
+    /// Validates the flags into a launch configuration.
+    pub fn launch_config(&self) -> anyhow::Result<LaunchConfig> {
+        let split = |flag: &str, v: &Option<String>| -> anyhow::Result<Vec<String>> {
+            v.as_deref()
+                .map(shell_words::split)
+                .transpose()
+                .with_context(|| format!("--{flag}: unbalanced quotes"))
+                .map(Option::unwrap_or_default)
+        };
+        if !(0.0..=1.0).contains(&self.echo_error_rate) {
+            bail!(
+                "--echo-error-rate must be between 0 and 1, not {}",
+                self.echo_error_rate
+            );
+        }
+        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
+            bail!("--request-timeout must be a positive number of seconds");
+        }
+        if self.no_launch && self.port == 0 {
+            bail!("--no-launch needs the --port of the running engine");
+        }
+        let log = match self.engine_log.as_str() {
+            "none" => EngineLog::Silent,
+            "-" => EngineLog::Inherit,
+            path => EngineLog::File(PathBuf::from(path)),
+        };
+        Ok(LaunchConfig {
+            kind: self.engine.into(),
+            model: self.model.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            tensor_parallel: self.tensor_parallel.max(1),
+            max_model_len: self.max_model_len,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            enforce_eager: self.enforce_eager,
+            chat_template: self.chat_template.clone(),
+            extra_args: split("vllm-extra-args", &self.vllm_extra_args)?,
+            engine_cmd: split("engine-cmd", &self.engine_cmd)?,
+            engine_bin: self.engine_bin.clone(),
+            parallel_slots: self.parallel_slots.max(1),
+            threads: self.threads,
+            startup_timeout: Duration::from_secs(self.startup_timeout),
+            log,
+            echo: EchoOptions {
+                model: self.model.clone().unwrap_or_else(|| "echo".into()),
+                latency: Duration::from_millis(self.echo_latency_ms),
+                max_concurrency: self.echo_max_concurrency,
+                error_rate: self.echo_error_rate,
+            },
+        })
+    }
+
+    /// Launches (or connects to) the engine and builds its HTTP backend.
+    pub async fn start(&self) -> anyhow::Result<(RunningEngine, OpenAiEngine)> {
+        let config = self.launch_config()?;
+        let engine = if self.no_launch {
+            launch::connect(&self.host, self.port)
+        } else {
+            launch::launch(&config).await?
+        };
+        let retry = RetryPolicy {
+            retries: self.engine_retries,
+            ..RetryPolicy::default()
+        };
+        let backend = OpenAiEngine::new(
+            engine.base_url(),
+            Duration::from_secs_f64(self.request_timeout),
+            retry,
+        );
+        let model = match &self.model {
+            // llama.cpp serves its model under the alias; vLLM under the path or id.
+            Some(m) if engine.kind() != EngineKind::Llamacpp => Some(m.clone()),
+            _ => backend.discover_model().await,
+        };
+        tracing::info!(url = engine.base_url(), model = ?model, "engine ready");
+        Ok((engine, backend.with_model(model)))
+    }
+}
+
+/// Where items come from, and how many at once.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Work")]
+pub struct WorkArgs {
+    /// The dispatcher server to pull items from, HOST:PORT.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "DISPATCHER_SERVER",
+        conflicts_with = "input"
+    )]
+    pub dispatcher: Option<String>,
+    /// Local mode: read this input JSONL (no server).
+    #[arg(long, value_name = "PATH", requires = "output")]
+    pub input: Option<PathBuf>,
+    /// Local mode: write this output JSONL, in input order; rerun to resume.
+    #[arg(long, value_name = "PATH", requires = "input")]
+    pub output: Option<PathBuf>,
+    /// Local mode: attempts after the first before a retried line is given up.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: u32,
+    /// Items asked for per work request.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Requests in flight to the engine at most (size it to the engine's batch).
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// Seconds to keep trying an unreachable dispatcher before exiting.
+    #[arg(long, default_value_t = 120)]
+    pub server_wait: u64,
+    /// Seconds to wait for the engine to stop before killing it.
+    #[arg(long, default_value_t = 10)]
+    pub engine_stop_grace: u64,
+}
+
+impl WorkArgs {
+    fn source(&self) -> anyhow::Result<Arc<dyn WorkSource>> {
+        match (&self.dispatcher, &self.input, &self.output) {
+            (Some(addr), None, None) => {
+                Ok(Arc::new(ServerSource::new(DispatcherClient::new(addr))))
+            }
+            (None, Some(input), Some(output)) => {
+                if !input.is_file() {
+                    bail!("--input {}: no such file", input.display());
+                }
+                Ok(Arc::new(FileSource::open(
+                    input,
+                    output,
+                    Some(self.max_retries),
+                )?))
+            }
+            _ => bail!(
+                "pass --dispatcher HOST:PORT, or --input PATH and --output PATH for local mode"
+            ),
+        }
+    }
+
+    fn manager_config(&self) -> anyhow::Result<ManagerConfig> {
+        if self.batch_size == 0 || self.workers == 0 {
+            bail!("--batch-size and --workers must be at least 1");
+        }
+        Ok(ManagerConfig {
+            batch_size: self.batch_size,
+            workers: self.workers,
+            server_wait: Duration::from_secs(self.server_wait),
+            ..ManagerConfig::default()
+        })
+    }
+}
+
+/// Runs `task` with these flags until the work is done or a signal stops it.
+pub async fn run_task(
+    task: &'static dyn DynTask,
+    engine_args: &EngineArgs,
+    work: &WorkArgs,
+) -> anyhow::Result<()> {
+    let config = work.manager_config()?;
+    let source = work.source()?;
+    let (mut engine, backend) = engine_args.start().await?;
+    let progress = Arc::new(Progress::default());
+    let reporter = tokio::spawn(crate::progress::report(progress.clone()));
+    let (exit, summary) = manager::run(
+        task,
+        source,
+        Arc::new(backend),
+        config,
+        progress,
+        crate::termination_signal(),
+        engine.exited(),
+    )
+    .await;
+    reporter.abort();
+    engine
+        .stop(Duration::from_secs(work.engine_stop_grace))
+        .await;
+    tracing::info!(
+        task = task.name(),
+        lines = summary.lines(),
+        outcomes = ?summary.outcomes,
+        retries = summary.retries,
+        released = summary.released,
+        "worker finished: {exit:?}"
+    );
+    match exit {
+        Exit::Complete | Exit::ServerGone | Exit::Interrupted => Ok(()),
+        Exit::EngineFailed(why) => bail!(
+            "the engine failed ({why}); {} in-flight items were handed back",
+            summary.released
+        ),
+    }
+}

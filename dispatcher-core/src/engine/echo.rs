@@ -1,0 +1,201 @@
+//! The built-in echo engine: an OpenAI-compatible server that answers every
+//! request with its own prompt, for dry runs, tests and benchmarks.
+//!
+//! Deterministic: the answer is the last chat message (or the completion
+//! prompt), cut to `max_tokens` words (finish reason `length`) or at the first
+//! stop sequence (finish reason `stop`); choice `i > 0` gets ` #i` appended so
+//! that `n` choices differ. Usage counts words. With an error rate `r`, exactly
+//! every `1/r`-th request gets a 500.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// How the echo engine behaves.
+#[derive(Debug, Clone)]
+pub struct EchoOptions {
+    /// Model name it reports.
+    pub model: String,
+    /// Time each request takes.
+    pub latency: Duration,
+    /// Requests processed at once; more wait (as on a real engine's batch).
+    pub max_concurrency: Option<usize>,
+    /// Share of requests answered with a 500, from 0 to 1.
+    pub error_rate: f64,
+}
+
+impl Default for EchoOptions {
+    fn default() -> Self {
+        EchoOptions {
+            model: "echo".into(),
+            latency: Duration::ZERO,
+            max_concurrency: None,
+            error_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct EchoState {
+    options: EchoOptions,
+    limit: Option<Semaphore>,
+    /// Requests seen, for the deterministic error pattern.
+    count: AtomicU64,
+}
+
+/// The echo engine's router.
+pub fn app(options: EchoOptions) -> Router {
+    let state = Arc::new(EchoState {
+        limit: options.max_concurrency.map(Semaphore::new),
+        options,
+        count: AtomicU64::new(0),
+    });
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completion))
+        .with_state(state)
+}
+
+/// Serves the echo engine on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    options: EchoOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(options))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn models(State(state): State<Arc<EchoState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": state.options.model, "object": "model"}]}))
+}
+
+async fn chat(State(state): State<Arc<EchoState>>, Json(body): Json<Value>) -> Response {
+    let Some(text) = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .map(String::from)
+    else {
+        return bad_request("\"messages\" must be a non-empty array of {role, content}");
+    };
+    answer(&state, &body, text, true).await
+}
+
+async fn completion(State(state): State<Arc<EchoState>>, Json(body): Json<Value>) -> Response {
+    let Some(text) = body["prompt"].as_str().map(String::from) else {
+        return bad_request("\"prompt\" must be a string");
+    };
+    answer(&state, &body, text, false).await
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"code": 400, "message": message, "type": "invalid_request_error"}})),
+    )
+        .into_response()
+}
+
+async fn answer(state: &EchoState, body: &Value, prompt: String, chat: bool) -> Response {
+    let _permit = match &state.limit {
+        Some(s) => Some(s.acquire().await.expect("never closed")),
+        None => None,
+    };
+    if !state.options.latency.is_zero() {
+        tokio::time::sleep(state.options.latency).await;
+    }
+    let k = state.count.fetch_add(1, Ordering::Relaxed);
+    let rate = state.options.error_rate;
+    if rate > 0.0 && ((k + 1) as f64 * rate).floor() > (k as f64 * rate).floor() {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": {"code": 500, "message": "echo engine: injected error", "type": "server_error"}})),
+        )
+            .into_response();
+    }
+    let n = body["n"].as_u64().unwrap_or(1).clamp(1, 128);
+    let max_tokens = body["max_tokens"].as_u64();
+    let stops: Vec<&str> = match &body["stop"] {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let prompt_words = prompt.split_whitespace().count() as u64;
+    let mut completion_words = 0;
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let full = if i == 0 {
+                prompt.clone()
+            } else {
+                format!("{prompt} #{i}")
+            };
+            let (text, reason) = cut(&full, max_tokens, &stops);
+            completion_words += text.split_whitespace().count() as u64;
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
+            } else {
+                json!({"index": i, "text": text, "finish_reason": reason})
+            }
+        })
+        .collect();
+    Json(json!({
+        "id": format!("echo-{k}"),
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "model": body["model"].as_str().unwrap_or(&state.options.model),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_words,
+            "completion_tokens": completion_words,
+            "total_tokens": prompt_words + completion_words,
+        },
+    }))
+    .into_response()
+}
+
+/// Cuts `text` at the first stop sequence, then to `max_tokens` words.
+fn cut(text: &str, max_tokens: Option<u64>, stops: &[&str]) -> (String, &'static str) {
+    let mut reason = "stop";
+    let mut out = text;
+    if let Some(pos) = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s))
+        .min()
+    {
+        out = &text[..pos];
+    }
+    if let Some(max) = max_tokens {
+        let words: Vec<&str> = out.split_whitespace().collect();
+        if words.len() as u64 > max {
+            reason = "length";
+            return (words[..max as usize].join(" "), reason);
+        }
+    }
+    (out.to_string(), reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_stops_at_stop_sequences_then_at_max_tokens() {
+        assert_eq!(cut("a b c", None, &[]), ("a b c".into(), "stop"));
+        assert_eq!(cut("a b c", Some(2), &[]), ("a b".into(), "length"));
+        assert_eq!(cut("a b. c", None, &["."]), ("a b".into(), "stop"));
+    }
+}

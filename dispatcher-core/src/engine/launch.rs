@@ -1,0 +1,493 @@
+//! Starting, watching and stopping the local inference engine.
+//!
+//! Each engine kind knows its launch command, its health endpoint and how to
+//! stop it. The engine runs in its own process group so that stopping it also
+//! stops the workers it forked (vLLM's tensor-parallel ranks).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::echo::{self, EchoOptions};
+
+/// Which inference engine a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// vLLM's OpenAI-compatible server (`vllm serve`).
+    #[default]
+    Vllm,
+    /// SGLang (`python3 -m sglang.launch_server`).
+    Sglang,
+    /// llama.cpp's `llama-server`.
+    Llamacpp,
+    /// The built-in echo engine, in the worker's own process.
+    Echo,
+}
+
+impl EngineKind {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Vllm => "vllm",
+            EngineKind::Sglang => "sglang",
+            EngineKind::Llamacpp => "llamacpp",
+            EngineKind::Echo => "echo",
+        }
+    }
+}
+
+/// Where the engine's own output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineLog {
+    /// Appended to this file.
+    File(PathBuf),
+    /// Discarded.
+    Silent,
+    /// Mixed into the worker's stderr.
+    Inherit,
+}
+
+/// How to launch an engine.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Which engine.
+    pub kind: EngineKind,
+    /// Model path or name (required for all but echo).
+    pub model: Option<String>,
+    /// Address the engine binds; workers talk to it on loopback.
+    pub host: String,
+    /// Port the engine binds; 0 picks a free one.
+    pub port: u16,
+    /// GPUs per engine (tensor parallelism).
+    pub tensor_parallel: u32,
+    /// Context length per request.
+    pub max_model_len: Option<u32>,
+    /// Share of GPU memory the engine may take.
+    pub gpu_memory_utilization: Option<f64>,
+    /// Disable CUDA graphs (vLLM `--enforce-eager`, SGLang `--disable-cuda-graph`).
+    pub enforce_eager: bool,
+    /// A chat template file.
+    pub chat_template: Option<String>,
+    /// Extra arguments for the engine, already split.
+    pub extra_args: Vec<String>,
+    /// A command prefix (a container, an environment), already split.
+    pub engine_cmd: Vec<String>,
+    /// The engine executable, when not the default one on PATH.
+    pub engine_bin: Option<String>,
+    /// llama.cpp: parallel slots (requests processed at once).
+    pub parallel_slots: u32,
+    /// llama.cpp: CPU threads.
+    pub threads: Option<u32>,
+    /// How long to wait for `/health`.
+    pub startup_timeout: Duration,
+    /// Where the engine's output goes.
+    pub log: EngineLog,
+    /// The echo engine's behaviour.
+    pub echo: EchoOptions,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        LaunchConfig {
+            kind: EngineKind::Vllm,
+            model: None,
+            host: "127.0.0.1".into(),
+            port: 0,
+            tensor_parallel: 1,
+            max_model_len: None,
+            gpu_memory_utilization: None,
+            enforce_eager: false,
+            chat_template: None,
+            extra_args: Vec::new(),
+            engine_cmd: Vec::new(),
+            engine_bin: None,
+            parallel_slots: 4,
+            threads: None,
+            startup_timeout: Duration::from_secs(1800),
+            log: EngineLog::Silent,
+            echo: EchoOptions::default(),
+        }
+    }
+}
+
+/// Why an engine could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// A required option is missing.
+    #[error("{0}")]
+    Config(String),
+    /// The engine process could not be spawned.
+    #[error("could not start the {kind} engine `{program}`: {source}; is it installed and on PATH (or pass --engine-bin)?")]
+    Spawn {
+        /// The engine.
+        kind: &'static str,
+        /// The program.
+        program: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The engine exited before it became healthy.
+    #[error("the {kind} engine exited with {status} before it became healthy; {log_hint}")]
+    Exited {
+        /// The engine.
+        kind: &'static str,
+        /// Its exit status.
+        status: String,
+        /// Where to look.
+        log_hint: String,
+    },
+    /// `/health` did not answer 200 within the startup timeout.
+    #[error("the {kind} engine at {url} was not healthy within {secs} s (--startup-timeout); {log_hint}")]
+    Timeout {
+        /// The engine.
+        kind: &'static str,
+        /// Its health URL.
+        url: String,
+        /// The timeout.
+        secs: u64,
+        /// Where to look.
+        log_hint: String,
+    },
+    /// A socket or log file problem.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl LaunchConfig {
+    /// The full command line that launches the engine on `port` (not for echo).
+    pub fn command_line(&self, port: u16) -> Result<Vec<String>, LaunchError> {
+        let model = || {
+            self.model.clone().ok_or_else(|| {
+                LaunchError::Config(format!(
+                    "--model is required to launch {} (or pass --no-launch with --host/--port of a running engine)",
+                    self.kind.name()
+                ))
+            })
+        };
+        let bin = |default: &str| {
+            self.engine_bin
+                .clone()
+                .unwrap_or_else(|| default.to_string())
+        };
+        let mut cmd: Vec<String> = self.engine_cmd.clone();
+        let host = self.host.clone();
+        match self.kind {
+            EngineKind::Vllm => {
+                cmd.extend([bin("vllm"), "serve".into(), model()?]);
+                cmd.extend(["--host".into(), host, "--port".into(), port.to_string()]);
+                cmd.extend([
+                    "--tensor-parallel-size".into(),
+                    self.tensor_parallel.to_string(),
+                ]);
+                if let Some(l) = self.max_model_len {
+                    cmd.extend(["--max-model-len".into(), l.to_string()]);
+                }
+                if let Some(g) = self.gpu_memory_utilization {
+                    cmd.extend(["--gpu-memory-utilization".into(), g.to_string()]);
+                }
+                if self.enforce_eager {
+                    cmd.push("--enforce-eager".into());
+                }
+                if let Some(t) = &self.chat_template {
+                    cmd.extend(["--chat-template".into(), t.clone()]);
+                }
+            }
+            EngineKind::Sglang => {
+                let python = bin("python3");
+                cmd.extend([python, "-m".into(), "sglang.launch_server".into()]);
+                cmd.extend(["--model-path".into(), model()?]);
+                cmd.extend(["--host".into(), host, "--port".into(), port.to_string()]);
+                cmd.extend(["--tp-size".into(), self.tensor_parallel.to_string()]);
+                if let Some(l) = self.max_model_len {
+                    cmd.extend(["--context-length".into(), l.to_string()]);
+                }
+                if let Some(g) = self.gpu_memory_utilization {
+                    cmd.extend(["--mem-fraction-static".into(), g.to_string()]);
+                }
+                if self.enforce_eager {
+                    cmd.push("--disable-cuda-graph".into());
+                }
+                if let Some(t) = &self.chat_template {
+                    cmd.extend(["--chat-template".into(), t.clone()]);
+                }
+            }
+            EngineKind::Llamacpp => {
+                let model = model()?;
+                let alias = std::path::Path::new(&model)
+                    .file_stem()
+                    .map_or_else(|| model.clone(), |s| s.to_string_lossy().into_owned());
+                cmd.extend([bin("llama-server"), "-m".into(), model]);
+                cmd.extend(["--host".into(), host, "--port".into(), port.to_string()]);
+                // llama.cpp splits its context among the slots: give each slot
+                // the per-request length asked for.
+                let per_slot = self.max_model_len.unwrap_or(2048);
+                cmd.extend([
+                    "-c".into(),
+                    (per_slot * self.parallel_slots.max(1)).to_string(),
+                ]);
+                cmd.extend(["--parallel".into(), self.parallel_slots.max(1).to_string()]);
+                if let Some(t) = self.threads {
+                    cmd.extend(["-t".into(), t.to_string()]);
+                }
+                cmd.extend(["--alias".into(), alias]);
+                if let Some(t) = &self.chat_template {
+                    cmd.extend(["--chat-template-file".into(), t.clone()]);
+                }
+            }
+            EngineKind::Echo => {
+                return Err(LaunchError::Config(
+                    "the echo engine runs in-process and has no command line".into(),
+                ))
+            }
+        }
+        cmd.extend(self.extra_args.iter().cloned());
+        Ok(cmd)
+    }
+
+    fn log_hint(&self) -> String {
+        match &self.log {
+            EngineLog::File(p) => format!("see its log {}", p.display()),
+            EngineLog::Silent => "rerun with --engine-log PATH to see its output".into(),
+            EngineLog::Inherit => "see its output above".into(),
+        }
+    }
+}
+
+/// A running engine: stop it with [`RunningEngine::stop`].
+#[derive(Debug)]
+pub struct RunningEngine {
+    kind: EngineKind,
+    base_url: String,
+    /// The engine process, for external engines; `None` once it was reaped.
+    child: Option<Child>,
+    /// The in-process echo server and the sender that stops it.
+    echo: Option<(JoinHandle<std::io::Result<()>>, oneshot::Sender<()>)>,
+}
+
+impl RunningEngine {
+    /// `http://host:port` of the engine's OpenAI-compatible API.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Which engine runs.
+    pub fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// Resolves when the engine process exits by itself (never for echo).
+    pub async fn exited(&mut self) -> String {
+        match &mut self.child {
+            Some(child) => match child.wait().await {
+                Ok(status) => {
+                    self.child = None;
+                    status.to_string()
+                }
+                Err(e) => e.to_string(),
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the engine: SIGTERM to its process group, SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some((task, tx)) = self.echo.take() {
+            let _ = tx.send(());
+            let _ = task.await;
+        }
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                signal_group(pid, libc::SIGTERM);
+                if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+                    return;
+                }
+                tracing::warn!(pid, "the engine ignored SIGTERM; killing it");
+                signal_group(pid, libc::SIGKILL);
+            }
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Sends `sig` to the process group led by `pid`.
+#[allow(unsafe_code)]
+fn signal_group(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The
+    // group was created by us (process_group(0)), so it holds only the engine
+    // and what it forked.
+    unsafe {
+        libc::kill(-(pid as i32), sig);
+    }
+}
+
+/// A free port on `host`, for an engine launched with port 0.
+fn free_port(host: &str) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
+}
+
+/// Starts the engine and waits until `/health` answers 200.
+pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError> {
+    if config.kind == EngineKind::Echo {
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let options = config.echo.clone();
+        let task = tokio::spawn(echo::serve(listener, options, async {
+            let _ = rx.await;
+        }));
+        return Ok(RunningEngine {
+            kind: EngineKind::Echo,
+            base_url: format!("http://{addr}"),
+            child: None,
+            echo: Some((task, tx)),
+        });
+    }
+    let port = if config.port == 0 {
+        free_port(&config.host)?
+    } else {
+        config.port
+    };
+    let argv = config.command_line(port)?;
+    let (stdout, stderr) = match &config.log {
+        EngineLog::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("could not open the engine log {}: {e}", path.display()),
+                    )
+                })?;
+            (Stdio::from(file.try_clone()?), Stdio::from(file))
+        }
+        EngineLog::Silent => (Stdio::null(), Stdio::null()),
+        EngineLog::Inherit => (Stdio::inherit(), Stdio::inherit()),
+    };
+    tracing::info!(engine = config.kind.name(), command = ?argv, "starting the engine");
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| LaunchError::Spawn {
+            kind: config.kind.name(),
+            program: argv[0].clone(),
+            source,
+        })?;
+    let mut engine = RunningEngine {
+        kind: config.kind,
+        base_url: format!("http://{}:{port}", connect_host(&config.host)),
+        child: Some(child),
+        echo: None,
+    };
+    let health = format!("{}/health", engine.base_url);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("a plain HTTP client builds");
+    let deadline = tokio::time::Instant::now() + config.startup_timeout;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if let Ok(r) = http.get(&health).send().await {
+            if r.status().is_success() {
+                tracing::info!(url = %engine.base_url, "engine healthy");
+                return Ok(engine);
+            }
+        }
+        if let Some(Ok(Some(status))) = engine.child.as_mut().map(Child::try_wait) {
+            return Err(LaunchError::Exited {
+                kind: config.kind.name(),
+                status: status.to_string(),
+                log_hint: config.log_hint(),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            engine.stop(Duration::from_secs(5)).await;
+            return Err(LaunchError::Timeout {
+                kind: config.kind.name(),
+                url: health,
+                secs: config.startup_timeout.as_secs(),
+                log_hint: config.log_hint(),
+            });
+        }
+        // Model loading takes seconds to minutes: back off to 1 s between probes.
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Connects to a wildcard bind address on loopback.
+fn connect_host(host: &str) -> &str {
+    match host {
+        "0.0.0.0" | "::" | "" => "127.0.0.1",
+        h => h,
+    }
+}
+
+/// Connects to an engine that is already running (`--no-launch`).
+pub fn connect(host: &str, port: u16) -> RunningEngine {
+    RunningEngine {
+        kind: EngineKind::Vllm,
+        base_url: format!("http://{}:{port}", connect_host(host)),
+        child: None,
+        echo: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_command_line_has_every_flag_asked_for() {
+        let c = LaunchConfig {
+            model: Some("/models/llama".into()),
+            tensor_parallel: 2,
+            max_model_len: Some(8192),
+            gpu_memory_utilization: Some(0.9),
+            enforce_eager: true,
+            chat_template: Some("t.jinja".into()),
+            extra_args: vec!["--seed".into(), "1".into()],
+            engine_cmd: vec!["apptainer".into(), "exec".into(), "img.sif".into()],
+            ..LaunchConfig::default()
+        };
+        assert_eq!(
+            c.command_line(9000).unwrap().join(" "),
+            "apptainer exec img.sif vllm serve /models/llama --host 127.0.0.1 --port 9000 \
+             --tensor-parallel-size 2 --max-model-len 8192 --gpu-memory-utilization 0.9 \
+             --enforce-eager --chat-template t.jinja --seed 1"
+        );
+    }
+
+    #[test]
+    fn llamacpp_gives_each_slot_the_requested_context() {
+        let c = LaunchConfig {
+            kind: EngineKind::Llamacpp,
+            model: Some("/m/tiny.gguf".into()),
+            max_model_len: Some(512),
+            parallel_slots: 4,
+            threads: Some(1),
+            ..LaunchConfig::default()
+        };
+        assert_eq!(
+            c.command_line(1).unwrap().join(" "),
+            "llama-server -m /m/tiny.gguf --host 127.0.0.1 --port 1 -c 2048 --parallel 4 -t 1 --alias tiny"
+        );
+    }
+
+    #[test]
+    fn a_missing_model_is_a_clear_error() {
+        let e = LaunchConfig::default().command_line(1).unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
+    }
+}

@@ -1,0 +1,149 @@
+//! What a running task can see and do: its work item's identity and the engine.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::limiter::PriorityLimiter;
+use crate::engine::{BoxFuture, Engine, Request, RequestError, Response};
+
+/// The context of one task run; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    work_id: u64,
+    retry_count: u32,
+    max_retries: Option<u32>,
+    engine: Arc<dyn Engine>,
+    /// Caps requests in flight; `None` when unlimited (tests).
+    limiter: Option<Arc<PriorityLimiter>>,
+    /// When this task started relative to others: lower goes first.
+    priority: u64,
+}
+
+impl TaskContext {
+    /// A context for work item `work_id` on its `retry_count`-th reissue.
+    pub fn new(
+        work_id: u64,
+        retry_count: u32,
+        max_retries: Option<u32>,
+        engine: Arc<dyn Engine>,
+        limiter: Option<Arc<PriorityLimiter>>,
+        priority: u64,
+    ) -> TaskContext {
+        TaskContext {
+            inner: Arc::new(Inner {
+                work_id,
+                retry_count,
+                max_retries,
+                engine,
+                limiter,
+                priority,
+            }),
+        }
+    }
+
+    /// The work item's id: its input line's 0-based index.
+    pub fn work_id(&self) -> u64 {
+        self.inner.work_id
+    }
+
+    /// How many times this item was reissued before this attempt.
+    pub fn retry_count(&self) -> u32 {
+        self.inner.retry_count
+    }
+
+    /// The server's `--max-retries`; `None` when unlimited.
+    pub fn max_retries(&self) -> Option<u32> {
+        self.inner.max_retries
+    }
+
+    /// Whether this is the last attempt: a retry now ends the line with a
+    /// `retries_exhausted` record.
+    pub fn is_last_attempt(&self) -> bool {
+        self.inner
+            .max_retries
+            .is_some_and(|max| self.inner.retry_count >= max)
+    }
+
+    /// Sends one request, or several in parallel: what `yield_request!` expands to.
+    pub fn send<R: Requests>(&self, requests: R) -> BoxFuture<'_, R::Output> {
+        requests.send_all(self)
+    }
+
+    /// Sends one request, waiting for a slot among the worker's `--workers`.
+    pub async fn request(&self, request: Request) -> Result<Response, RequestError> {
+        let _permit = match &self.inner.limiter {
+            Some(l) => Some(l.acquire(self.inner.priority).await),
+            None => None,
+        };
+        self.inner.engine.send(request).await
+    }
+
+    /// The conventional result: the output's JSON object with
+    /// `task_metadata: {success, retry_count, max_retries}` added.
+    pub fn with_metadata<T: Serialize>(&self, output: &T) -> Value {
+        let mut v = serde_json::to_value(output).unwrap_or(Value::Null);
+        let meta = serde_json::json!({
+            "success": true,
+            "retry_count": self.inner.retry_count,
+            "max_retries": self.inner.max_retries,
+        });
+        match &mut v {
+            Value::Object(map) => {
+                map.insert("task_metadata".into(), meta);
+            }
+            other => {
+                let output = std::mem::take(other);
+                *other = serde_json::json!({"output": output, "task_metadata": meta});
+            }
+        }
+        v
+    }
+}
+
+/// What `yield_request!` accepts: one request, an array, or a `Vec` of them.
+pub trait Requests: Send {
+    /// `Result<Response, _>` for one request; the responses in request order for
+    /// several (the first error fails them all).
+    type Output: Send;
+    /// Sends them, in parallel where there are several.
+    fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output>;
+}
+
+impl Requests for Request {
+    type Output = Result<Response, RequestError>;
+    fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output> {
+        Box::pin(ctx.request(self))
+    }
+}
+
+impl Requests for Vec<Request> {
+    type Output = Result<Vec<Response>, RequestError>;
+    fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output> {
+        Box::pin(async move {
+            join_all(self.into_iter().map(|r| ctx.request(r)))
+                .await
+                .into_iter()
+                .collect()
+        })
+    }
+}
+
+impl<const N: usize> Requests for [Request; N] {
+    type Output = Result<[Response; N], RequestError>;
+    fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output> {
+        Box::pin(async move {
+            let all = Vec::from(self).send_all(ctx).await?;
+            Ok(all
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("N requests give N responses")))
+        })
+    }
+}

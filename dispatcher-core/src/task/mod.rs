@@ -1,0 +1,227 @@
+//! Typed tasks: the [`Task`] trait that `#[task]` implements, the context a task
+//! runs in, how its outcome becomes an output line, and the task manager that
+//! runs many tasks at once against one engine.
+
+mod context;
+mod error;
+pub mod limiter;
+pub mod manager;
+pub mod source;
+pub mod testing;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use context::{Requests, TaskContext};
+pub use error::{TaskError, TaskErrorKind};
+
+use crate::engine::BoxFuture;
+use crate::protocol::error_record;
+
+/// A task: turns one input line into one output line, sending requests to the
+/// model on the way. `#[task]` writes this impl for an `async fn`; writing it by
+/// hand is the same thing without the macro:
+///
+/// ```
+/// use dispatcher_core::engine::Request;
+/// use dispatcher_core::task::{Task, TaskContext, TaskError};
+///
+/// #[derive(serde::Deserialize)]
+/// struct In { prompt: String }
+/// #[derive(serde::Serialize)]
+/// struct Out { answer: String }
+///
+/// #[allow(non_camel_case_types)]
+/// struct answer;
+///
+/// impl Task for answer {
+///     type Input = In;
+///     type Output = Out;
+///     const NAME: &'static str = "answer";
+///     fn run(&self, input: In, ctx: TaskContext)
+///         -> impl std::future::Future<Output = Result<Out, TaskError>> + Send + 'static
+///     {
+///         async move {
+///             // `yield_request!(req)` expands to exactly this.
+///             let r = ctx.send(Request::chat().user(input.prompt)).await?;
+///             Ok(Out { answer: r.text().to_string() })
+///         }
+///     }
+/// }
+/// ```
+pub trait Task: Send + Sync + 'static {
+    /// One input line, as JSON.
+    type Input: DeserializeOwned + Send + 'static;
+    /// One output line, as JSON.
+    type Output: Serialize + Send + 'static;
+    /// The name `--task` selects it by.
+    const NAME: &'static str;
+    /// Runs the task on one input.
+    fn run(
+        &self,
+        input: Self::Input,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send + 'static;
+}
+
+/// What became of one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineOutcome {
+    /// The output line: the task's output, or a failure record.
+    Line {
+        /// One JSON value on one line.
+        line: String,
+        /// How it ended, for counts and logs.
+        kind: OutcomeKind,
+    },
+    /// The task asked for another attempt.
+    Retry(String),
+    /// The engine is down: the item must go back to the dispatcher.
+    EngineUnavailable(String),
+}
+
+/// How a task ended, for counts and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutcomeKind {
+    /// It returned its output.
+    Ok,
+    /// It failed with [`TaskError::failed`] (or a refused request).
+    Failed,
+    /// Its input did not deserialize.
+    InvalidInput,
+    /// It panicked.
+    Panicked,
+    /// It asked for a retry on its last attempt.
+    RetriesExhausted,
+}
+
+impl OutcomeKind {
+    /// A short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            OutcomeKind::Ok => "ok",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::InvalidInput => "invalid_input",
+            OutcomeKind::Panicked => "panicked",
+            OutcomeKind::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// A task with its types erased, so one binary can hold several.
+pub trait DynTask: Send + Sync + 'static {
+    /// The task's name.
+    fn name(&self) -> &'static str;
+    /// Runs the task on one raw input line; never panics.
+    fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome>;
+}
+
+impl<T: Task> DynTask for T {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {
+        let input = match serde_json::from_str::<T::Input>(&content) {
+            Ok(input) => input,
+            Err(e) => {
+                let line = failure_line(
+                    "invalid_input",
+                    &format!(
+                        "work_id {}: the input line does not fit the task's input type: {e}",
+                        ctx.work_id()
+                    ),
+                    &content,
+                );
+                return Box::pin(std::future::ready(LineOutcome::Line {
+                    line,
+                    kind: OutcomeKind::InvalidInput,
+                }));
+            }
+        };
+        let last_attempt = ctx.is_last_attempt();
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.run(input, ctx))) {
+            Ok(fut) => AssertUnwindSafe(fut),
+            Err(panic) => {
+                let line = panicked_line(&*panic, &content);
+                return Box::pin(std::future::ready(line));
+            }
+        };
+        Box::pin(async move {
+            match fut.catch_unwind().await {
+                Ok(Ok(output)) => match serde_json::to_string(&output) {
+                    Ok(line) => LineOutcome::Line {
+                        line,
+                        kind: OutcomeKind::Ok,
+                    },
+                    Err(e) => LineOutcome::Line {
+                        line: failure_line(
+                            "output_not_serializable",
+                            &format!("the task's output could not be written as JSON: {e}"),
+                            &content,
+                        ),
+                        kind: OutcomeKind::Failed,
+                    },
+                },
+                Ok(Err(e)) => match e.into_kind() {
+                    TaskErrorKind::Failed {
+                        error_type,
+                        message,
+                    } => LineOutcome::Line {
+                        line: failure_line(&error_type, &message, &content),
+                        kind: OutcomeKind::Failed,
+                    },
+                    TaskErrorKind::Retry { message } if last_attempt => LineOutcome::Line {
+                        line: failure_line(
+                            "retries_exhausted",
+                            &format!("the task asked for a retry on its last attempt: {message}"),
+                            &content,
+                        ),
+                        kind: OutcomeKind::RetriesExhausted,
+                    },
+                    TaskErrorKind::Retry { message } => LineOutcome::Retry(message),
+                    TaskErrorKind::EngineUnavailable { message } => {
+                        LineOutcome::EngineUnavailable(message)
+                    }
+                },
+                Err(panic) => panicked_line(&*panic, &content),
+            }
+        })
+    }
+}
+
+/// The failure record of PROTOCOL.md: `{"__ERROR__": {"error", "message", "task_data"}}`,
+/// where `task_data` is the input line as JSON (or as a string when it is not JSON).
+pub fn failure_line(error_type: &str, message: &str, content: &str) -> String {
+    let task_data = serde_json::from_str::<Value>(content)
+        .unwrap_or_else(|_| Value::String(content.to_string()));
+    let mut f = Map::new();
+    f.insert("error".into(), error_type.into());
+    f.insert("message".into(), message.into());
+    f.insert("task_data".into(), task_data);
+    error_record(f)
+}
+
+fn panicked_line(panic: &(dyn std::any::Any + Send), content: &str) -> LineOutcome {
+    LineOutcome::Line {
+        line: failure_line(
+            "task_panicked",
+            &format!("the task panicked: {}", panic_message(panic)),
+            content,
+        ),
+        kind: OutcomeKind::Panicked,
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic payload that is not a string)".into())
+}

@@ -1,0 +1,174 @@
+//! Where a worker's items come from and its results go: a dispatcher server, or
+//! a local file pair for developing tasks without one.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::client::{ClientError, DispatcherClient};
+use crate::engine::BoxFuture;
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::protocol::{WorkItem, WorkResponse, WorkStatus};
+use crate::server::ServerError;
+
+/// Why a source call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The dispatcher server call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The local files failed (the message names the path).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The local files could not be opened or resumed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+impl SourceError {
+    /// Whether trying again later may help (the server is unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Client(e) if e.is_unavailable())
+    }
+}
+
+/// The work protocol from a worker's side.
+pub trait WorkSource: Send + Sync + std::fmt::Debug {
+    /// Asks for up to `batch` items.
+    fn get_work(&self, batch: usize) -> BoxFuture<'_, Result<WorkResponse, SourceError>>;
+    /// Hands in results.
+    fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// Hands items back unprocessed.
+    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// Called once when the worker stops (the file source checkpoints).
+    fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A dispatcher server.
+#[derive(Debug, Clone)]
+pub struct ServerSource {
+    client: DispatcherClient,
+}
+
+impl ServerSource {
+    /// Items from the server at `addr` (`HOST:PORT`).
+    pub fn new(client: DispatcherClient) -> ServerSource {
+        ServerSource { client }
+    }
+}
+
+impl WorkSource for ServerSource {
+    fn get_work(&self, batch: usize) -> BoxFuture<'_, Result<WorkResponse, SourceError>> {
+        Box::pin(async move { Ok(self.client.get_work(batch).await?) })
+    }
+
+    fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.submit(items).await?;
+            Ok(())
+        })
+    }
+
+    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.release(ids).await?;
+            Ok(())
+        })
+    }
+}
+
+/// A local input/output pair, run through the same ledger as the server: output
+/// in input order, checkpointed, resumable.
+#[derive(Debug)]
+pub struct FileSource {
+    ledger: Mutex<Ledger>,
+    /// Woken when a result or release may have made work issuable, so that a
+    /// work request waits for that instead of sleeping `retry_in`.
+    changed: Notify,
+}
+
+/// Items are never lost inside one process: no reissue by timeout.
+const LOCAL_WORK_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+impl FileSource {
+    /// Opens (or resumes) `input` → `output`, with the checkpoint beside the output.
+    pub fn open(
+        input: &std::path::Path,
+        output: &std::path::Path,
+        max_retries: Option<u32>,
+    ) -> Result<FileSource, SourceError> {
+        let mut checkpoint = output.as_os_str().to_owned();
+        checkpoint.push(".checkpoint");
+        let config = LedgerConfig {
+            infile: input.to_owned(),
+            outfile: output.to_owned(),
+            checkpoint: checkpoint.into(),
+            work_timeout: LOCAL_WORK_TIMEOUT,
+            max_retries,
+            retry_secs: 1,
+        };
+        let ledger = Ledger::open(config, Instant::now()).map_err(ServerError::from)?;
+        Ok(FileSource {
+            ledger: Mutex::new(ledger),
+            changed: Notify::new(),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Ledger) -> std::io::Result<T>) -> Result<T, SourceError> {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(f(&mut ledger)?)
+    }
+}
+
+impl WorkSource for FileSource {
+    fn get_work(&self, batch: usize) -> BoxFuture<'_, Result<WorkResponse, SourceError>> {
+        Box::pin(async move {
+            loop {
+                // Registered before looking, so a change in between is not missed.
+                let changed = self.changed.notified();
+                let mut changed = std::pin::pin!(changed);
+                changed.as_mut().enable();
+                let r = self.with(|l| l.take_work(batch, Instant::now()))?;
+                // Only this process holds items: nothing is issuable until one
+                // of its own results or releases comes in.
+                if r.status != WorkStatus::Retry {
+                    return Ok(WorkResponse {
+                        status: r.status,
+                        retry_in: r.retry_in,
+                        items: r.items,
+                    });
+                }
+                changed.await;
+            }
+        })
+    }
+
+    fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>> {
+        let r = self.with(|l| l.complete(items)).and_then(|reply| {
+            self.changed.notify_waiters();
+            match reply.refused.first() {
+                // Our own worker serializes results: a refusal is a bug, not input.
+                Some((id, why)) => Err(SourceError::Io(std::io::Error::other(format!(
+                    "work_id {id}: {why}"
+                )))),
+                None => Ok(()),
+            }
+        });
+        Box::pin(std::future::ready(r))
+    }
+
+    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>> {
+        let r = self.with(|l| l.release(&ids)).map(|_| ());
+        self.changed.notify_waiters();
+        Box::pin(std::future::ready(r))
+    }
+
+    fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(std::future::ready(self.with(|l| l.checkpoint())))
+    }
+}

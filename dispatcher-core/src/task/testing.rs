@@ -1,0 +1,192 @@
+//! Running a task without any server or engine, for unit tests of tasks.
+//!
+//! ```
+//! # use dispatcher_core::task::{Task, TaskContext, TaskError};
+//! # use dispatcher_core::engine::Request;
+//! # #[allow(non_camel_case_types)] struct shout;
+//! # impl Task for shout {
+//! #     type Input = String; type Output = String; const NAME: &'static str = "shout";
+//! #     fn run(&self, input: String, ctx: TaskContext) -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static {
+//! #         async move { Ok(ctx.send(Request::chat().user(input)).await?.text().to_uppercase()) }
+//! #     }
+//! # }
+//! use dispatcher_core::task::testing::TaskTest;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let run = TaskTest::new(shout).replies(["hello"]).run(serde_json::json!("hi")).await;
+//! assert_eq!(run.output, serde_json::json!("HELLO"));
+//! assert_eq!(run.requests[0].to_json()["messages"][0]["content"], "hi");
+//! # });
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use super::{DynTask, LineOutcome, Task, TaskContext};
+use crate::engine::{BoxFuture, Choice, Engine, Request, RequestError, Response};
+
+type Responder = dyn Fn(&Request) -> Result<Response, RequestError> + Send + Sync;
+
+/// A response with one choice of `text` and finish reason `stop`.
+pub fn reply(text: impl Into<String>) -> Response {
+    Response {
+        model: "scripted".into(),
+        choices: vec![Choice {
+            index: 0,
+            text: text.into(),
+            finish_reason: Some("stop".into()),
+        }],
+        usage: None,
+    }
+}
+
+/// An engine that answers from a script and records every request.
+pub struct ScriptedEngine {
+    responder: Box<Responder>,
+    requests: Mutex<Vec<Request>>,
+}
+
+impl std::fmt::Debug for ScriptedEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedEngine").finish_non_exhaustive()
+    }
+}
+
+impl ScriptedEngine {
+    /// Answers each request with the next text of `texts`; past the end, with
+    /// a `Rejected` error that says the script ran out.
+    pub fn replies<I: IntoIterator<Item = S>, S: Into<String>>(texts: I) -> ScriptedEngine {
+        let queue: Mutex<VecDeque<String>> =
+            Mutex::new(texts.into_iter().map(Into::into).collect());
+        ScriptedEngine::from_fn(move |_| {
+            queue
+                .lock()
+                .expect("not poisoned")
+                .pop_front()
+                .map(reply)
+                .ok_or_else(|| RequestError::Rejected {
+                    status: 599,
+                    message: "the test script has no more replies".into(),
+                })
+        })
+    }
+
+    /// Answers each request with `f(request)`.
+    pub fn from_fn(
+        f: impl Fn(&Request) -> Result<Response, RequestError> + Send + Sync + 'static,
+    ) -> ScriptedEngine {
+        ScriptedEngine {
+            responder: Box::new(f),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The requests received so far, in order.
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>> {
+        let answer = (self.responder)(&request);
+        self.requests.lock().expect("not poisoned").push(request);
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+/// What one task run produced.
+#[derive(Debug, Clone)]
+pub struct TaskRun {
+    /// What became of the line.
+    pub outcome: LineOutcome,
+    /// The output line parsed (`Value::Null` for a retry or a dead engine).
+    pub output: Value,
+    /// The requests the task made, in order.
+    pub requests: Vec<Request>,
+}
+
+impl TaskRun {
+    /// The `__ERROR__.error` of a failure record, if the output is one.
+    pub fn error_type(&self) -> Option<&str> {
+        self.output["__ERROR__"]["error"].as_str()
+    }
+}
+
+/// Runs a task on one input with scripted responses.
+#[derive(Debug)]
+pub struct TaskTest<T> {
+    task: T,
+    engine: Option<Arc<ScriptedEngine>>,
+    work_id: u64,
+    retry_count: u32,
+    max_retries: Option<u32>,
+}
+
+impl<T: Task> TaskTest<T> {
+    /// A test of `task` with no replies scripted yet.
+    pub fn new(task: T) -> TaskTest<T> {
+        TaskTest {
+            task,
+            engine: None,
+            work_id: 0,
+            retry_count: 0,
+            max_retries: Some(3),
+        }
+    }
+
+    /// Replies with these texts, in order.
+    pub fn replies<I: IntoIterator<Item = S>, S: Into<String>>(mut self, texts: I) -> Self {
+        self.engine = Some(Arc::new(ScriptedEngine::replies(texts)));
+        self
+    }
+
+    /// Replies with `f(request)`.
+    pub fn respond_with(
+        mut self,
+        f: impl Fn(&Request) -> Result<Response, RequestError> + Send + Sync + 'static,
+    ) -> Self {
+        self.engine = Some(Arc::new(ScriptedEngine::from_fn(f)));
+        self
+    }
+
+    /// Runs as this attempt: `retry_count` of `max_retries`.
+    pub fn attempt(mut self, retry_count: u32, max_retries: Option<u32>) -> Self {
+        self.retry_count = retry_count;
+        self.max_retries = max_retries;
+        self
+    }
+
+    /// Runs the task on `input` (one input line, as JSON).
+    pub async fn run(self, input: Value) -> TaskRun {
+        self.run_line(&input.to_string()).await
+    }
+
+    /// Runs the task on a raw input line.
+    pub async fn run_line(self, line: &str) -> TaskRun {
+        let engine = self
+            .engine
+            .unwrap_or_else(|| Arc::new(ScriptedEngine::replies(Vec::<String>::new())));
+        let ctx = TaskContext::new(
+            self.work_id,
+            self.retry_count,
+            self.max_retries,
+            engine.clone(),
+            None,
+            0,
+        );
+        let outcome = self.task.run_line(line.to_string(), ctx).await;
+        let output = match &outcome {
+            LineOutcome::Line { line, .. } => {
+                serde_json::from_str(line).expect("output lines are JSON")
+            }
+            _ => Value::Null,
+        };
+        TaskRun {
+            outcome,
+            output,
+            requests: engine.requests(),
+        }
+    }
+}
