@@ -17,7 +17,7 @@ pub struct ServeArgs {
     /// Output JSONL: line i is the result for input line i.
     #[arg(long, value_name = "PATH")]
     pub outfile: PathBuf,
-    /// Resume state [default: <outfile>.checkpoint].
+    /// Resume state (default: `<outfile>.checkpoint`).
     #[arg(long, value_name = "PATH")]
     pub checkpoint: Option<PathBuf>,
     /// Address to bind.

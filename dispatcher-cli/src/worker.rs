@@ -219,9 +219,16 @@ pub struct WorkArgs {
     /// Requests in flight to the engine at most (size it to the engine's batch).
     #[arg(long, default_value_t = 64)]
     pub workers: usize,
-    /// Seconds to keep trying an unreachable dispatcher before exiting.
+    /// Seconds to keep trying a dispatcher that has not answered yet (it may be starting).
     #[arg(long, default_value_t = 120)]
     pub server_wait: u64,
+    /// Seconds to keep trying a dispatcher that answered before: past this it has
+    /// finished (it exits shortly after all work is complete) and the worker exits 0.
+    #[arg(long, default_value_t = 10)]
+    pub vanish_wait: u64,
+    /// Longest wait, in seconds, when the dispatcher answers `retry` (whatever its retry_in).
+    #[arg(long, default_value_t = 30)]
+    pub max_retry_wait: u64,
     /// Seconds to wait for the engine to stop before killing it.
     #[arg(long, default_value_t = 10)]
     pub engine_stop_grace: u64,
@@ -257,6 +264,8 @@ impl WorkArgs {
             batch_size: self.batch_size,
             workers: self.workers,
             server_wait: Duration::from_secs(self.server_wait),
+            vanish_wait: Duration::from_secs(self.vanish_wait),
+            max_retry_wait: Duration::from_secs(self.max_retry_wait.max(1)),
             ..ManagerConfig::default()
         })
     }

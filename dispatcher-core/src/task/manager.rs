@@ -11,7 +11,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -28,10 +28,17 @@ pub struct ManagerConfig {
     pub batch_size: usize,
     /// Requests in flight to the engine at most.
     pub workers: usize,
-    /// How long to keep trying an unreachable server before giving up on it.
+    /// How long to keep trying a server that was never reached (it may still
+    /// be starting) before giving up on it.
     pub server_wait: Duration,
+    /// How long to keep trying a server that answered before: one that is gone
+    /// for this long finished its job and exited (or died with its job).
+    pub vanish_wait: Duration,
     /// Results handed in per `POST /results` at most.
     pub max_submit_batch: usize,
+    /// Longest wait after a `retry` answer, whatever `retry_in` says: the server
+    /// exits shortly after the last result, and an idle worker should notice.
+    pub max_retry_wait: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -40,7 +47,9 @@ impl Default for ManagerConfig {
             batch_size: 16,
             workers: 64,
             server_wait: Duration::from_secs(120),
+            vanish_wait: Duration::from_secs(10),
             max_submit_batch: 1024,
+            max_retry_wait: Duration::from_secs(30),
         }
     }
 }
@@ -108,7 +117,14 @@ pub async fn run(
     let max_active = config.workers.max(batch) + batch;
 
     let (tx, rx) = mpsc::unbounded_channel::<Handback>();
-    let submitter = tokio::spawn(hand_back(source.clone(), rx, config.max_submit_batch));
+    // Signalled after each delivery: our own results may have completed the job.
+    let delivered = Arc::new(Notify::new());
+    let submitter = tokio::spawn(hand_back(
+        source.clone(),
+        rx,
+        config.max_submit_batch,
+        delivered.clone(),
+    ));
 
     let mut tasks: JoinSet<(WorkItem, LineOutcome)> = JoinSet::new();
     let mut held: HashSet<u64> = HashSet::new();
@@ -118,6 +134,7 @@ pub async fn run(
     let mut wait_until: Option<Instant> = None;
     let mut exhausted = false;
     let mut unreachable_since: Option<Instant> = None;
+    let mut ever_reached = false;
     let mut backoff = Duration::from_millis(100);
     let mut exit = None;
     let mut shutdown = pin!(shutdown);
@@ -175,10 +192,12 @@ pub async fn run(
                 fetch = None;
                 match r {
                     Ok(resp) if resp.status == WorkStatus::ServerUnavailable => {
-                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, config.server_wait);
+                        let limit = if ever_reached { config.vanish_wait } else { config.server_wait };
+                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, limit);
                     }
                     Ok(resp) => {
                         unreachable_since = None;
+                        ever_reached = true;
                         backoff = Duration::from_millis(100);
                         match resp.status {
                             WorkStatus::Ok => {
@@ -199,15 +218,17 @@ pub async fn run(
                                 progress.active.store(tasks.len() as u64, Relaxed);
                             }
                             WorkStatus::Retry => {
-                                let secs = resp.retry_in.unwrap_or(1).max(1);
-                                wait_until = Some(Instant::now() + Duration::from_secs(secs));
+                                let wait = Duration::from_secs(resp.retry_in.unwrap_or(1).max(1))
+                                    .min(config.max_retry_wait);
+                                wait_until = Some(Instant::now() + wait);
                             }
                             WorkStatus::AllWorkComplete => exhausted = true,
                             WorkStatus::ServerUnavailable => unreachable!("handled above"),
                         }
                     }
                     Err(e) if e.is_transient() => {
-                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, config.server_wait);
+                        let limit = if ever_reached { config.vanish_wait } else { config.server_wait };
+                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, limit);
                     }
                     Err(e) => {
                         tracing::error!("work request failed: {e}");
@@ -217,6 +238,9 @@ pub async fn run(
                 }
             }
             () = sleep_until(wait_until), if wait_until.is_some() && fetch.is_none() => {
+                wait_until = None;
+            }
+            () = delivered.notified(), if wait_until.is_some() && fetch.is_none() => {
                 wait_until = None;
             }
         }
@@ -289,6 +313,7 @@ async fn hand_back(
     source: Arc<dyn WorkSource>,
     mut rx: mpsc::UnboundedReceiver<Handback>,
     max: usize,
+    delivered: Arc<Notify>,
 ) {
     let mut results = Vec::new();
     let mut releases = Vec::new();
@@ -311,6 +336,7 @@ async fn hand_back(
             let items = std::mem::take(&mut results);
             deliver("results", || source.submit(items.clone())).await;
         }
+        delivered.notify_one();
     }
 }
 

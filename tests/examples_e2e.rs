@@ -1,0 +1,232 @@
+//! The example task binaries as real worker processes, against the real server
+//! on loopback and the echo engine: every output line checked, and SIGTERM in
+//! the middle of a run hands the items back for a second worker.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dispatcher::client::DispatcherClient;
+use dispatcher::ledger::LedgerConfig;
+use dispatcher::server::{self, ServeOptions, StopReason};
+
+/// A binary `cargo test` built next to this test binary.
+pub fn built_binary(dir: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = target.join(dir).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace --all-targets`",
+        path.display()
+    );
+    path
+}
+
+pub fn example(name: &str) -> PathBuf {
+    built_binary("examples", name)
+}
+
+#[derive(Debug)]
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub handle: tokio::task::JoinHandle<Result<StopReason, server::ServerError>>,
+}
+
+impl Served {
+    pub async fn start(input: &str, grace: Duration) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+        let config = LedgerConfig {
+            infile: dir.path().join("in.jsonl"),
+            outfile: dir.path().join("out.jsonl"),
+            checkpoint: dir.path().join("out.jsonl.checkpoint"),
+            work_timeout: Duration::from_secs(600),
+            max_retries: Some(3),
+            retry_secs: 1,
+        };
+        let options = ServeOptions {
+            exit_grace: grace,
+            ..ServeOptions::default()
+        };
+        let listener = server::bind("127.0.0.1", 0).await.unwrap();
+        let addr = server::local_addr(&listener).unwrap().to_string();
+        let handle = tokio::spawn(server::serve(
+            listener,
+            config,
+            options,
+            std::future::pending(),
+        ));
+        Served { dir, addr, handle }
+    }
+
+    /// Waits for the server to exit by itself and returns the output lines.
+    pub async fn finish(self) -> Vec<serde_json::Value> {
+        let reason = tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("the server finishes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reason, StopReason::Complete);
+        std::fs::read_to_string(self.dir.path().join("out.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+pub fn worker(binary: &PathBuf, addr: &str, extra: &[&str]) -> Child {
+    Command::new(binary)
+        .args(["--dispatcher", addr, "--engine", "echo", "-q"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub async fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the worker did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn chat_input(n: usize) -> (String, Vec<String>) {
+    let questions: Vec<String> = (0..n).map(|i| format!("Question {i}: why?")).collect();
+    let input = questions
+        .iter()
+        .map(|q| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}]}).to_string() + "\n"
+        })
+        .collect();
+    (input, questions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_responses_runs_end_to_end_through_the_server() {
+    let (input, questions) = chat_input(40);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let w = worker(
+        &example("compare_responses"),
+        &served.addr,
+        &["--workers", "8", "--batch-size", "4"],
+    );
+    let (code, stderr) = wait_exit(w, Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 40);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["messages"][0]["content"], questions[i], "line {i}");
+        assert_eq!(
+            line["preferred_text"], questions[i],
+            "the echo engine answers with the prompt"
+        );
+        assert_eq!(line["judge_model"], "echo");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_releases_items_and_a_second_worker_finishes() {
+    let (input, questions) = chat_input(60);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let client = DispatcherClient::new(&served.addr);
+    let binary = example("compare_responses");
+    let first = worker(
+        &binary,
+        &served.addr,
+        &[
+            "--workers",
+            "4",
+            "--batch-size",
+            "4",
+            "--echo-latency-ms",
+            "200",
+        ],
+    );
+    // Wait until it holds items, then preempt it.
+    let start = Instant::now();
+    while client.status().await.unwrap().in_flight == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the worker never took work"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    assert_eq!(send_signal(first.id() as i32, libc::SIGTERM), 0);
+    let (code, stderr) = wait_exit(first, Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "it stopped within seconds"
+    );
+    let status = client.status().await.unwrap();
+    assert!(
+        status.reissues.release > 0,
+        "items were handed back: {status:?}"
+    );
+    assert_eq!(status.in_flight, 0);
+    assert!(status.lines_done < 60);
+
+    let second = worker(&binary, &served.addr, &["--workers", "16"]);
+    let (code, stderr) = wait_exit(second, Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 60);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["messages"][0]["content"], questions[i], "line {i}");
+        assert!(line.get("__ERROR__").is_none(), "line {i}: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validated_response_runs_in_local_file_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/prompts.jsonl");
+    let status = Command::new(example("validated_response"))
+        .args(["--engine", "echo", "-q", "--input", data, "--output"])
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let prompts: Vec<serde_json::Value> = std::fs::read_to_string(data)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), prompts.len());
+    for (line, prompt) in out.iter().zip(&prompts) {
+        let has_marker = prompt["prompt"].as_str().unwrap().contains("DONE");
+        if has_marker {
+            assert_eq!(line["response"], prompt["prompt"]);
+            assert_eq!(line["task_metadata"]["success"], true);
+        } else {
+            assert_eq!(line["__ERROR__"]["error"], "retries_exhausted", "{line}");
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+pub fn send_signal(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, sig) }
+}

@@ -1,0 +1,233 @@
+//! Tasks run with scripted replies: the examples' behaviour and the failure
+//! semantics every task gets from `#[task]`.
+
+use dispatcher::engine::{RequestError, Response};
+use dispatcher::task;
+use dispatcher::testing::{reply, TaskTest};
+use dispatcher::{Request, TaskContext, TaskError};
+use serde_json::json;
+
+#[path = "../examples/compare_responses.rs"]
+mod compare_example;
+#[path = "../examples/validated_response.rs"]
+mod validated_example;
+
+use compare_example::{compare_responses, verdict};
+use validated_example::validated_response;
+
+fn conversation() -> serde_json::Value {
+    json!({"messages": [{"role": "user", "content": "Name a prime."}]})
+}
+
+#[tokio::test]
+async fn compare_sends_two_candidates_then_a_judge_and_keeps_the_preferred_one() {
+    let run = TaskTest::new(compare_responses)
+        .replies(["two", "seven", "B"])
+        .run(conversation())
+        .await;
+    assert_eq!(run.output["preferred_text"], "seven");
+    assert_eq!(run.output["dispreferred_text"], "two");
+    assert_eq!(run.output["messages"], conversation()["messages"]);
+    assert_eq!(run.output["judge_model"], "scripted");
+    assert_eq!(run.requests.len(), 3);
+    let (a, b) = (run.requests[0].to_json(), run.requests[1].to_json());
+    assert_eq!(a["messages"], conversation()["messages"]);
+    assert_ne!(a["seed"], b["seed"], "two distinct samples");
+    let judge = run.requests[2].to_json();
+    let prompt = judge["messages"][1]["content"].as_str().unwrap();
+    assert!(
+        prompt.contains("Response A:\ntwo") && prompt.contains("Response B:\nseven"),
+        "{prompt}"
+    );
+}
+
+#[tokio::test]
+async fn compare_fails_the_line_when_the_judge_answers_neither_a_nor_b() {
+    let run = TaskTest::new(compare_responses)
+        .replies(["x", "y", "Both are fine."])
+        .run(conversation())
+        .await;
+    assert_eq!(run.error_type(), Some("judge_response_invalid"));
+    assert!(run.output["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Both are fine."));
+    assert_eq!(run.output["__ERROR__"]["task_data"], conversation());
+}
+
+#[test]
+fn verdicts_are_read_from_bare_letters_and_first_mentions() {
+    for (answer, expected) in [
+        ("A", Some('A')),
+        (" \"B\". ", Some('B')),
+        ("Answer: B", Some('B')),
+        ("Response B is clearer than A", Some('B')),
+        ("Neither", None),
+        ("", None),
+    ] {
+        assert_eq!(verdict(answer), expected, "{answer:?}");
+    }
+}
+
+#[tokio::test]
+async fn validated_response_retries_without_the_marker_and_gives_up_on_the_last_attempt() {
+    let input = json!({"prompt": "Count to three."});
+    let ok = TaskTest::new(validated_response)
+        .replies(["1 2 3 DONE"])
+        .attempt(1, Some(3))
+        .run(input.clone())
+        .await;
+    assert_eq!(ok.output["response"], "1 2 3 DONE");
+    assert_eq!(
+        ok.output["task_metadata"],
+        json!({"success": true, "retry_count": 1, "max_retries": 3})
+    );
+
+    let retry = TaskTest::new(validated_response)
+        .replies(["1 2 3"])
+        .run(input.clone())
+        .await;
+    assert!(
+        matches!(&retry.outcome, dispatcher::LineOutcome::Retry(why) if why.contains("DONE")),
+        "{:?}",
+        retry.outcome
+    );
+
+    let last = TaskTest::new(validated_response)
+        .replies(["1 2 3"])
+        .attempt(3, Some(3))
+        .run(input)
+        .await;
+    assert_eq!(last.error_type(), Some("retries_exhausted"));
+}
+
+#[derive(serde::Deserialize)]
+struct Numbers {
+    values: Vec<u32>,
+}
+
+/// Asks once per value, all in parallel.
+#[task]
+async fn fan_out(input: Numbers) -> Result<Vec<String>, TaskError> {
+    let requests: Vec<Request> = input
+        .values
+        .iter()
+        .map(|v| Request::completion(v.to_string()))
+        .collect();
+    let responses = yield_request!(requests)?;
+    Ok(responses.iter().map(|r| r.text().to_string()).collect())
+}
+
+#[tokio::test]
+async fn parallel_requests_come_back_in_request_order() {
+    // The script answers by content, so order of arrival does not matter.
+    let run = TaskTest::new(fan_out)
+        .respond_with(|req| {
+            let prompt = req.to_json()["prompt"].as_str().unwrap().to_string();
+            Ok(reply(format!("r{prompt}")))
+        })
+        .run(json!({"values": [5, 1, 9]}))
+        .await;
+    assert_eq!(run.output, json!(["r5", "r1", "r9"]));
+}
+
+/// A task that fails in every way a task can.
+#[task]
+async fn troublesome(input: String, ctx: TaskContext) -> Result<String, TaskError> {
+    match input.as_str() {
+        "panic" => panic!("boom at work_id {}", ctx.work_id()),
+        "fail" => Err(TaskError::failed("too_short", "the input is too short")),
+        "ask" => {
+            let r = yield_request!(Request::chat().user("hi"))?;
+            Ok(r.text().to_string())
+        }
+        _ => Ok(format!("{input} ok")),
+    }
+}
+
+#[tokio::test]
+async fn failures_become_records_with_the_input_as_task_data() {
+    let run = TaskTest::new(troublesome).run(json!("panic")).await;
+    assert_eq!(run.error_type(), Some("task_panicked"));
+    assert!(run.output["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("boom at work_id 0"));
+    assert_eq!(run.output["__ERROR__"]["task_data"], "panic");
+
+    let run = TaskTest::new(troublesome).run(json!("fail")).await;
+    assert_eq!(
+        run.output,
+        json!({"__ERROR__": {"error": "too_short", "message": "the input is too short", "task_data": "fail"}})
+    );
+
+    let run = TaskTest::new(troublesome).run_line("{not json").await;
+    assert_eq!(run.error_type(), Some("invalid_input"));
+    assert_eq!(run.output["__ERROR__"]["task_data"], "{not json");
+
+    let run = TaskTest::new(troublesome).run(json!(17)).await;
+    assert_eq!(
+        run.error_type(),
+        Some("invalid_input"),
+        "a number is not a String"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_request_fails_the_line_and_a_dead_engine_stops_the_worker() {
+    let run = TaskTest::new(troublesome)
+        .respond_with(|_| {
+            Err(RequestError::Rejected {
+                status: 400,
+                message: "the prompt exceeds the context size".into(),
+            })
+        })
+        .run(json!("ask"))
+        .await;
+    assert_eq!(run.error_type(), Some("request_rejected"));
+    assert!(run.output["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context size"));
+
+    let run = TaskTest::new(troublesome)
+        .respond_with(|_| Err(RequestError::Unavailable("connection refused".into())))
+        .run(json!("ask"))
+        .await;
+    assert!(matches!(
+        run.outcome,
+        dispatcher::LineOutcome::EngineUnavailable(_)
+    ));
+}
+
+#[derive(serde::Deserialize, serde::Serialize, PartialEq, Debug)]
+struct Verdict {
+    score: u32,
+    reason: String,
+}
+
+/// Structured output through `json::<T>()`.
+#[task]
+async fn score(input: String) -> Result<Verdict, TaskError> {
+    let schema = json!({"type": "object", "properties": {"score": {"type": "integer"}, "reason": {"type": "string"}}});
+    let r: Response = yield_request!(Request::chat().user(input).json_schema("verdict", schema))?;
+    Ok(r.json::<Verdict>()?)
+}
+
+#[tokio::test]
+async fn structured_output_parses_or_fails_the_line() {
+    let run = TaskTest::new(score)
+        .replies([r#"{"score": 4, "reason": "clear"}"#])
+        .run(json!("rate this"))
+        .await;
+    assert_eq!(run.output, json!({"score": 4, "reason": "clear"}));
+    assert_eq!(
+        run.requests[0].to_json()["response_format"]["type"],
+        "json_schema"
+    );
+    let run = TaskTest::new(score)
+        .replies(["four"])
+        .run(json!("rate"))
+        .await;
+    assert_eq!(run.error_type(), Some("response_not_json"));
+}

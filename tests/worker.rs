@@ -1,0 +1,343 @@
+//! The task manager against the real server on loopback: saturation within the
+//! request limit, release on shutdown and on a dead engine, CPU-heavy tasks,
+//! and local file mode's resume.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatcher::client::DispatcherClient;
+use dispatcher::engine::{BoxFuture, Engine, RequestError, Response};
+use dispatcher::ledger::LedgerConfig;
+use dispatcher::manager::{self, Exit, ManagerConfig, Progress};
+use dispatcher::server::{self, ServeOptions};
+use dispatcher::source::{FileSource, ServerSource, WorkSource};
+use dispatcher::testing::reply;
+use dispatcher::{task, Request, TaskContext, TaskError};
+use serde_json::json;
+
+/// An engine that answers after `delay`, echoing the prompt, and records how
+/// many requests it held at once.
+#[derive(Debug, Default)]
+struct SlowEngine {
+    delay: Duration,
+    now: AtomicUsize,
+    max: AtomicUsize,
+    total: AtomicUsize,
+    dead: AtomicBool,
+}
+
+impl Engine for SlowEngine {
+    fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>> {
+        Box::pin(async move {
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(RequestError::Unavailable("connection refused".into()));
+            }
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.total.fetch_add(1, Ordering::SeqCst);
+            let prompt = request.to_json()["prompt"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            Ok(reply(prompt))
+        })
+    }
+}
+
+/// Two sequential requests per line; the output names its work id.
+#[task]
+async fn two_steps(
+    input: serde_json::Value,
+    ctx: TaskContext,
+) -> Result<serde_json::Value, TaskError> {
+    let n = input["n"].as_u64().unwrap_or_default();
+    let first = yield_request!(Request::completion(format!("first {n}")))?;
+    let second = yield_request!(Request::completion(format!("second {n}")))?;
+    Ok(json!({"n": n, "work_id": ctx.work_id(), "texts": [first.text(), second.text()]}))
+}
+
+struct Job {
+    dir: tempfile::TempDir,
+    lines: usize,
+}
+
+impl Job {
+    fn new(lines: usize) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        let input: String = (0..lines).map(|n| format!("{{\"n\": {n}}}\n")).collect();
+        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+        Job { dir, lines }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn serve(
+        &self,
+    ) -> (
+        DispatcherClient,
+        tokio::task::JoinHandle<Result<server::StopReason, server::ServerError>>,
+    ) {
+        let config = LedgerConfig {
+            infile: self.path("in.jsonl"),
+            outfile: self.path("out.jsonl"),
+            checkpoint: self.path("out.jsonl.checkpoint"),
+            work_timeout: Duration::from_secs(600),
+            max_retries: Some(3),
+            retry_secs: 1,
+        };
+        let options = ServeOptions {
+            // Longer than the 1 s retry_in, so workers see all_work_complete.
+            exit_grace: Duration::from_millis(1500),
+            ..ServeOptions::default()
+        };
+        let listener = server::bind("127.0.0.1", 0).await.unwrap();
+        let addr = server::local_addr(&listener).unwrap().to_string();
+        let handle = tokio::spawn(server::serve(
+            listener,
+            config,
+            options,
+            std::future::pending(),
+        ));
+        (DispatcherClient::new(&addr), handle)
+    }
+
+    fn check_output(&self) {
+        let out = std::fs::read_to_string(self.path("out.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), self.lines);
+        for (i, v) in lines.iter().enumerate() {
+            assert_eq!(
+                v,
+                &json!({"n": i, "work_id": i, "texts": [format!("first {i}"), format!("second {i}")]}),
+                "line {i}"
+            );
+        }
+    }
+}
+
+fn config(workers: usize, batch: usize) -> ManagerConfig {
+    ManagerConfig {
+        workers,
+        batch_size: batch,
+        server_wait: Duration::from_secs(5),
+        ..ManagerConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_is_kept_at_exactly_the_request_limit() {
+    let job = Job::new(200);
+    let (client, served) = job.serve().await;
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(20),
+        ..SlowEngine::default()
+    });
+    let (exit, summary) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(client)),
+        engine.clone(),
+        config(8, 3),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    assert_eq!(summary.outcomes.get("ok"), Some(&200));
+    assert_eq!(engine.total.load(Ordering::SeqCst), 400);
+    assert_eq!(
+        engine.max.load(Ordering::SeqCst),
+        8,
+        "saturated, never above --workers"
+    );
+    served.await.unwrap().unwrap();
+    job.check_output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job() {
+    let job = Job::new(60);
+    let (client, served) = job.serve().await;
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(100),
+        ..SlowEngine::default()
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn({
+        let (client, engine) = (client.clone(), engine.clone());
+        async move {
+            manager::run(
+                &two_steps,
+                Arc::new(ServerSource::new(client)),
+                engine,
+                config(4, 4),
+                Arc::new(Progress::default()),
+                async {
+                    let _ = stop_rx.await;
+                },
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    stop_tx.send(()).unwrap();
+    let (exit, summary) = first.await.unwrap();
+    assert_eq!(exit, Exit::Interrupted);
+    assert!(summary.released > 0, "{summary:?}");
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        status.reissues.release, summary.released,
+        "the server saw every release"
+    );
+    assert_eq!(status.in_flight, 0);
+    assert!(status.lines_done < 60);
+
+    let (exit, _) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(client)),
+        Arc::new(SlowEngine {
+            delay: Duration::from_millis(1),
+            ..SlowEngine::default()
+        }),
+        config(16, 8),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    served.await.unwrap().unwrap();
+    job.check_output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_releases_everything_and_reports_failure() {
+    let job = Job::new(30);
+    let (client, _served) = job.serve().await;
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(5),
+        ..SlowEngine::default()
+    });
+    engine.dead.store(true, Ordering::SeqCst);
+    let (exit, summary) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(client.clone())),
+        engine,
+        config(4, 4),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert!(
+        matches!(exit, Exit::EngineFailed(ref why) if why.contains("connection refused")),
+        "{exit:?}"
+    );
+    let status = client.status().await.unwrap();
+    assert_eq!(status.in_flight, 0, "nothing left stranded");
+    assert_eq!(status.lines_done, 0);
+    assert_eq!(status.reissues.release, summary.released);
+}
+
+static LIGHT_DONE: AtomicBool = AtomicBool::new(false);
+
+/// "heavy" spins on the CPU until a "light" task has finished.
+#[task]
+async fn cpu_bound(input: String) -> Result<String, TaskError> {
+    if input == "heavy" {
+        let start = std::time::Instant::now();
+        while !LIGHT_DONE.load(Ordering::SeqCst) {
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(TaskError::failed("starved", "the light task never ran"));
+            }
+            std::hint::spin_loop();
+        }
+        return Ok("heavy done".into());
+    }
+    let r = yield_request!(Request::completion("light"))?;
+    LIGHT_DONE.store(true, Ordering::SeqCst);
+    Ok(r.text().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_heavy_task_does_not_stall_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    std::fs::write(&input, "\"heavy\"\n\"light\"\n").unwrap();
+    let source = Arc::new(FileSource::open(&input, &output, Some(3)).unwrap());
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(50),
+        ..SlowEngine::default()
+    });
+    let (exit, _) = manager::run(
+        &cpu_bound,
+        source,
+        engine,
+        config(4, 1),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "\"heavy done\"\n\"light\"\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_file_mode_writes_in_order_and_resumes_after_an_interruption() {
+    let job = Job::new(40);
+    let open = || -> Arc<dyn WorkSource> {
+        Arc::new(FileSource::open(&job.path("in.jsonl"), &job.path("out.jsonl"), Some(3)).unwrap())
+    };
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(30),
+        ..SlowEngine::default()
+    });
+    let (exit, first) = manager::run(
+        &two_steps,
+        open(),
+        engine.clone(),
+        config(4, 2),
+        Arc::new(Progress::default()),
+        tokio::time::sleep(Duration::from_millis(200)),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Interrupted);
+    let written = std::fs::read_to_string(job.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        written > 0 && written < 40,
+        "{written} lines after the first run"
+    );
+    let (exit, second) = manager::run(
+        &two_steps,
+        open(),
+        engine,
+        config(4, 2),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    assert!(
+        second.lines() <= 40 - written as u64,
+        "written lines are not redone: {first:?} {second:?}"
+    );
+    job.check_output();
+}
