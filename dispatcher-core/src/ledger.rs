@@ -13,12 +13,12 @@
 //! A result is accepted only for an id in `items`, so the first result wins and
 //! nothing in the reorder buffer is ever reissued.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap as HashMap;
 use tokio::time::Instant;
 
 use crate::checkpoint::{Checkpoint, ResumeError};
@@ -124,13 +124,18 @@ pub struct Ledger {
     queue: VecDeque<u64>,
     /// How many `items` are [`ItemState::Queued`].
     queued: u64,
-    /// Deadlines of in-flight items; entries whose `seq` no longer matches are
-    /// stale and skipped.
-    heap: BinaryHeap<Reverse<(Instant, u64, u64)>>,
-    /// Issue counter, to tell heap entries of successive issues apart.
+    /// Deadlines of in-flight items, `(deadline, id, seq)` in deadline order:
+    /// every issue gets `now + work_timeout`, so appending keeps the order (a
+    /// timeout change rebuilds it). Entries whose `seq` no longer matches the
+    /// item's issue are stale and skipped.
+    deadlines: VecDeque<(Instant, u64, u64)>,
+    /// Issue counter, to tell deadline entries of successive issues apart.
     seq: u64,
-    /// Finished lines waiting for an earlier line.
-    reorder: BTreeMap<u64, Done>,
+    /// The reorder buffer: slot `k` is line `next_write_id + k`, `Some` once
+    /// finished. Its front is `None` until line `next_write_id` is done.
+    reorder: VecDeque<Option<Done>>,
+    /// How many slots of `reorder` are `Some`.
+    reorder_len: u64,
     /// Bytes of results in `reorder`.
     reorder_bytes: u64,
     /// Id of the next line to write.
@@ -193,12 +198,13 @@ impl Ledger {
             config,
             input_exhausted: false,
             next_work_id: lines,
-            items: HashMap::new(),
+            items: HashMap::default(),
             queue: VecDeque::new(),
             queued: 0,
-            heap: BinaryHeap::new(),
+            deadlines: VecDeque::new(),
             seq: 0,
-            reorder: BTreeMap::new(),
+            reorder: VecDeque::new(),
+            reorder_len: 0,
             reorder_bytes: 0,
             next_write_id: lines,
             input_len,
@@ -244,8 +250,8 @@ impl Ledger {
                         issued_at: now,
                         seq: self.seq,
                     };
-                    self.heap
-                        .push(Reverse((now + self.config.work_timeout, id, self.seq)));
+                    self.deadlines
+                        .push_back((now + self.config.work_timeout, id, self.seq));
                     items.push(WorkItem {
                         work_id: id,
                         content,
@@ -280,8 +286,8 @@ impl Ledger {
                             },
                         },
                     );
-                    self.heap
-                        .push(Reverse((now + self.config.work_timeout, id, self.seq)));
+                    self.deadlines
+                        .push_back((now + self.config.work_timeout, id, self.seq));
                     items.push(WorkItem {
                         work_id: id,
                         content,
@@ -328,22 +334,17 @@ impl Ledger {
     /// Records results; the first result of an item wins. A result must be one
     /// JSON value on one line, else it is refused and its item stays in flight.
     pub fn complete(&mut self, results: Vec<WorkItem>) -> io::Result<CompleteReply> {
+        let (valid, refused) = check_results(results);
+        let mut reply = self.complete_valid(valid)?;
+        reply.refused = refused;
+        Ok(reply)
+    }
+
+    /// [`complete`](Self::complete) for results already checked with
+    /// [`check_results`] (the HTTP layer checks outside the ledger's lock).
+    pub fn complete_valid(&mut self, results: Vec<(u64, String)>) -> io::Result<CompleteReply> {
         let mut reply = CompleteReply::default();
-        for r in results {
-            let id = r.work_id;
-            let line = match r.result {
-                Some(s) => match check_result_line(&s) {
-                    Ok(()) => s,
-                    Err(why) => {
-                        reply.refused.push((id, why));
-                        continue;
-                    }
-                },
-                None => {
-                    reply.refused.push((id, "its result is null".into()));
-                    continue;
-                }
-            };
+        for (id, line) in results {
             match self.items.remove(&id) {
                 Some(item) => {
                     if matches!(item.state, ItemState::Queued) {
@@ -361,7 +362,7 @@ impl Ledger {
             }
         }
         self.ignored_results += reply.ignored;
-        self.compact_heap();
+        self.compact_deadlines();
         self.write_ready()?;
         Ok(reply)
     }
@@ -397,12 +398,16 @@ impl Ledger {
     /// Changes the work timeout; in-flight items get deadlines from it too.
     pub fn set_work_timeout(&mut self, timeout: Duration) {
         self.config.work_timeout = timeout;
-        self.heap.clear();
-        for (&id, item) in &self.items {
-            if let ItemState::InFlight { issued_at, seq } = item.state {
-                self.heap.push(Reverse((issued_at + timeout, id, seq)));
-            }
-        }
+        let mut live: Vec<(Instant, u64, u64)> = self
+            .items
+            .iter()
+            .filter_map(|(&id, item)| match item.state {
+                ItemState::InFlight { issued_at, seq } => Some((issued_at + timeout, id, seq)),
+                ItemState::Queued => None,
+            })
+            .collect();
+        live.sort_unstable();
+        self.deadlines = live.into();
     }
 
     /// Makes the output durable and records it in the checkpoint.
@@ -438,8 +443,8 @@ impl Ledger {
             last_processed_work_id: self.next_write_id as i64 - 1,
             next_work_id: self.next_work_id,
             issued: in_flight,
-            pending: self.reorder.len() as u64,
-            heap_size: self.heap.len() as u64,
+            pending: self.reorder_len,
+            heap_size: self.deadlines.len() as u64,
             expired_reissues: self.reissues.timeout,
             lines_done: self.next_write_id,
             lines_total: self.input_exhausted.then_some(self.next_work_id),
@@ -447,7 +452,7 @@ impl Ledger {
             input_bytes_total: self.input_len,
             in_flight,
             queued_for_reissue: self.queued,
-            reorder_buffer: self.reorder.len() as u64,
+            reorder_buffer: self.reorder_len,
             reorder_buffer_bytes: self.reorder_bytes,
             reissues: self.reissues,
             tombstones: self.tombstones,
@@ -465,32 +470,32 @@ impl Ledger {
     /// when an in-flight item expires sooner.
     fn retry_in(&self, now: Instant) -> u64 {
         let until_expiry = self
-            .heap
-            .peek()
-            .map(|Reverse((deadline, _, _))| deadline.saturating_duration_since(now).as_secs() + 1);
+            .deadlines
+            .front()
+            .map(|(deadline, _, _)| deadline.saturating_duration_since(now).as_secs() + 1);
         until_expiry
             .map_or(self.config.retry_secs, |s| s.min(self.config.retry_secs))
             .max(1)
     }
 
-    /// Drops heap entries of items that are no longer in flight once they
-    /// outnumber the live ones, so the heap stays proportional to what is in
+    /// Drops deadline entries of items that are no longer in flight once they
+    /// outnumber the live ones, so the queue stays proportional to what is in
     /// flight rather than to the issue rate times the timeout. Amortized O(1).
-    fn compact_heap(&mut self) {
+    fn compact_deadlines(&mut self) {
         let live = self.items.len() - self.queued as usize;
-        if self.heap.len() > 2 * live + 1024 {
+        if self.deadlines.len() > 2 * live + 1024 {
             let items = &self.items;
-            self.heap
-                .retain(|Reverse((_, id, seq))| issue_seq(items, *id) == Some(*seq));
+            self.deadlines
+                .retain(|(_, id, seq)| issue_seq(items, *id) == Some(*seq));
         }
     }
 
     fn expire(&mut self, now: Instant) -> io::Result<()> {
-        while let Some(&Reverse((deadline, id, seq))) = self.heap.peek() {
+        while let Some(&(deadline, id, seq)) = self.deadlines.front() {
             if deadline > now {
                 break;
             }
-            self.heap.pop();
+            self.deadlines.pop_front();
             if self.is_current(id, seq) && self.requeue(id, Cause::Timeout)? {
                 self.queue.push_back(id);
             }
@@ -502,7 +507,7 @@ impl Ledger {
         issue_seq(&self.items, id).is_some()
     }
 
-    /// Whether heap entry `(id, seq)` is the live issue of an in-flight item.
+    /// Whether deadline entry `(id, seq)` is the live issue of an in-flight item.
     fn is_current(&self, id: u64, seq: u64) -> bool {
         issue_seq(&self.items, id) == Some(seq)
     }
@@ -547,19 +552,23 @@ impl Ledger {
     }
 
     fn finish(&mut self, id: u64, line: Box<str>, input_end: u64) {
+        let slot = (id - self.next_write_id) as usize;
+        if slot >= self.reorder.len() {
+            self.reorder.resize_with(slot + 1, || None);
+        }
+        debug_assert!(self.reorder[slot].is_none(), "line {id} finished twice");
         self.reorder_bytes += line.len() as u64;
-        self.reorder.insert(id, Done { line, input_end });
+        self.reorder_len += 1;
+        self.reorder[slot] = Some(Done { line, input_end });
     }
 
     /// Writes every result that is next in order, then flushes.
     fn write_ready(&mut self) -> io::Result<()> {
         let mut wrote = false;
-        while let Some(entry) = self.reorder.first_entry() {
-            if *entry.key() != self.next_write_id {
-                break;
-            }
-            let done = entry.remove();
+        while let Some(Some(_)) = self.reorder.front() {
+            let done = self.reorder.pop_front().flatten().expect("checked above");
             self.reorder_bytes -= done.line.len() as u64;
+            self.reorder_len -= 1;
             self.output.write_line(&done.line)?;
             self.next_write_id += 1;
             self.written_input_offset = done.input_end;
@@ -587,6 +596,23 @@ fn issue_seq(items: &HashMap<u64, Item>, id: u64) -> Option<u64> {
         ItemState::InFlight { seq, .. } => Some(seq),
         ItemState::Queued => None,
     }
+}
+
+/// Splits results into `(work_id, line)` pairs that are one JSON value on one
+/// line, and refusals `(work_id, why)`.
+pub fn check_results(results: Vec<WorkItem>) -> (Vec<(u64, String)>, Vec<(u64, String)>) {
+    let mut valid = Vec::with_capacity(results.len());
+    let mut refused = Vec::new();
+    for r in results {
+        match r.result {
+            Some(s) => match check_result_line(&s) {
+                Ok(()) => valid.push((r.work_id, s)),
+                Err(why) => refused.push((r.work_id, why)),
+            },
+            None => refused.push((r.work_id, "its result is null".into())),
+        }
+    }
+    (valid, refused)
 }
 
 /// Checks that a result is one JSON value that fits on one output line.

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::checkpoint::ResumeError;
-use crate::ledger::{Ledger, LedgerConfig};
+use crate::ledger::{check_results, Ledger, LedgerConfig};
 use crate::protocol::{
     ErrorResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest,
     ResultsResponse, WorkResponse, WorkTimeoutRequest,
@@ -82,8 +82,10 @@ pub enum ServerError {
 /// State shared by the handlers and background tasks.
 #[derive(Debug)]
 pub struct AppState {
-    /// The job. Locked briefly by each request; never held across an `.await`.
-    ledger: Mutex<Ledger>,
+    /// The job. Locked briefly by each request, never across an `.await`. (An
+    /// async mutex measured slower at small batches and no faster at large ones:
+    /// the lock is not where the time goes; see BENCHMARKS.md.)
+    ledger: std::sync::Mutex<Ledger>,
     /// Limits from [`ServeOptions`].
     max_batch_size: usize,
     /// The first fatal I/O error. Once set, every request gets 503 and the server
@@ -98,7 +100,7 @@ impl AppState {
     pub fn new(ledger: Ledger, options: &ServeOptions) -> Arc<AppState> {
         let complete = ledger.is_complete();
         Arc::new(AppState {
-            ledger: Mutex::new(ledger),
+            ledger: std::sync::Mutex::new(ledger),
             max_batch_size: options.max_batch_size,
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
@@ -106,37 +108,35 @@ impl AppState {
     }
 
     /// Runs `f` on the ledger; an I/O error stops the server.
-    fn with_ledger<T>(
+    async fn with_ledger<T>(
         &self,
         f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
     ) -> Result<T, ApiError> {
         if self.failure.borrow().is_some() {
             return Err(ApiError::Stopped);
         }
-        let mut ledger = self.lock()?;
-        match f(&mut ledger) {
-            Ok(v) => {
+        // A panic inside `f` is caught below, so the lock is never poisoned by
+        // one; the failure flag keeps everyone out of the ledger instead.
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut ledger)));
+        match outcome {
+            Ok(Ok(v)) => {
                 if ledger.is_complete() {
-                    self.complete
-                        .send_if_modified(|c| !std::mem::replace(c, true));
+                    self.complete.send_if_modified(|c| !std::mem::replace(c, true));
                 }
                 Ok(v)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 drop(ledger);
                 self.fail(e.to_string());
                 Err(ApiError::Stopped)
             }
+            Err(_) => {
+                drop(ledger);
+                self.fail("a bug: the ledger panicked; stopping rather than risk a misaligned output".into());
+                Err(ApiError::Stopped)
+            }
         }
-    }
-
-    fn lock(&self) -> Result<MutexGuard<'_, Ledger>, ApiError> {
-        // A panic while the ledger was locked leaves it in an unknown state:
-        // refuse further work rather than risk a misaligned output.
-        self.ledger.lock().map_err(|_| {
-            self.fail("a request handler panicked while holding the ledger".into());
-            ApiError::Stopped
-        })
     }
 
     fn fail(&self, message: String) {
@@ -193,9 +193,7 @@ pub async fn serve_state(
         .local_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
     {
-        let ledger = state
-            .lock()
-            .map_err(|_| ServerError::Io("ledger poisoned".into()))?;
+        let ledger = state.ledger.lock().unwrap_or_else(|e| e.into_inner());
         let s = ledger.status(Instant::now());
         tracing::info!(
             %addr,
@@ -223,7 +221,7 @@ pub async fn serve_state(
         tasks.spawn(async move {
             let mut complete = state.complete.subscribe();
             if complete.wait_for(|c| *c).await.is_ok() {
-                if let Err(e) = state.with_ledger(|l| l.checkpoint()) {
+                if let Err(e) = state.with_ledger(|l| l.checkpoint()).await {
                     tracing::debug!(?e, "final checkpoint failed");
                 }
                 tracing::info!(
@@ -265,6 +263,7 @@ pub async fn serve_state(
     }
     state
         .with_ledger(|l| l.checkpoint())
+        .await
         .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
     let reason = stop_tx.borrow().clone().unwrap_or(StopReason::Shutdown);
     tracing::info!(?reason, "stopped; checkpoint written");
@@ -278,7 +277,7 @@ async fn ticker(state: Arc<AppState>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        if state.with_ledger(|l| l.tick(Instant::now())).is_err() {
+        if state.with_ledger(|l| l.tick(Instant::now())).await.is_err() {
             return;
         }
     }
@@ -290,7 +289,7 @@ async fn checkpointer(state: Arc<AppState>, every: Duration) {
     interval.tick().await;
     loop {
         interval.tick().await;
-        if state.with_ledger(|l| l.checkpoint()).is_err() {
+        if state.with_ledger(|l| l.checkpoint()).await.is_err() {
             return;
         }
     }
@@ -381,7 +380,7 @@ async fn get_work(
             }
         },
     };
-    let reply = state.with_ledger(|l| l.take_work(batch, Instant::now()))?;
+    let reply = state.with_ledger(|l| l.take_work(batch, Instant::now())).await?;
     Ok(Json(WorkResponse {
         status: reply.status,
         retry_in: reply.retry_in,
@@ -394,9 +393,12 @@ async fn post_results(
     body: Bytes,
 ) -> Result<Json<ResultsResponse>, ApiError> {
     let req: ResultsRequest = parse_body(&body, r#"{"items": [work items with "result" set]}"#)?;
-    let reply = state.with_ledger(|l| l.complete(req.items))?;
-    if !reply.refused.is_empty() {
-        let (work_ids, reasons): (Vec<u64>, Vec<String>) = reply.refused.into_iter().unzip();
+    // Parsing every result is the costliest per-item step: done here, outside
+    // the ledger's lock, on whichever core is free.
+    let (valid, refused) = check_results(req.items);
+    let reply = state.with_ledger(|l| l.complete_valid(valid)).await?;
+    if !refused.is_empty() {
+        let (work_ids, reasons): (Vec<u64>, Vec<String>) = refused.into_iter().unzip();
         let first = format!("work_id {}: {}", work_ids[0], reasons[0]);
         return Err(ApiError::Refused {
             error: format!(
@@ -421,7 +423,7 @@ async fn post_release(
     body: Bytes,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
-    let released = state.with_ledger(|l| l.release(&req.work_ids))?;
+    let released = state.with_ledger(|l| l.release(&req.work_ids)).await?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
         released_count: released,
@@ -429,7 +431,7 @@ async fn post_release(
 }
 
 async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let status = state.with_ledger(|l| Ok(l.status(Instant::now())))?;
+    let status = state.with_ledger(|l| Ok(l.status(Instant::now()))).await?;
     Ok(Json(status).into_response())
 }
 
@@ -445,10 +447,12 @@ async fn post_work_timeout(
         )));
     }
     let timeout = Duration::from_secs_f64(req.timeout);
-    state.with_ledger(|l| {
-        l.set_work_timeout(timeout);
-        Ok(())
-    })?;
+    state
+        .with_ledger(|l| {
+            l.set_work_timeout(timeout);
+            Ok(())
+        })
+        .await?;
     tracing::info!(secs = req.timeout, "work timeout changed");
     Ok(Json(MessageResponse {
         status: "OK".into(),

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Benchmark of `dispatcher serve` (release build) against a stateless stand-in that
+# speaks the same protocol, at each configuration, REPEATS times each, alternating.
+# Then peak RSS with a 10-million-line input and 1,000 items in flight, and the
+# time to resume that input after SIGTERM and after SIGKILL.
+#
+#   scripts/bench-server.sh [REPEATS] [SECS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeats=${1:-3}
+secs=${2:-5}
+work=${BENCH_DIR:-target/bench}
+mkdir -p "$work"
+cargo build --release -q -p dispatcher-cli -p dispatcher-bench
+bench=target/release/dispatcher-bench
+server=target/release/dispatcher
+input="$work/in10m.jsonl"
+[ -s "$input" ] || $bench gen-input --lines 10000000 --out "$input"
+
+addr_of() { # wait for "listening on ADDR" in file $1
+  for _ in $(seq 100); do
+    a=$(sed -n 's/^listening on //p' "$1"); [ -n "$a" ] && { echo "$a"; return; }; sleep 0.05
+  done; echo "no address in $1" >&2; exit 1
+}
+
+start_server() { # fresh output; prints pid; address in $work/srv.out
+  rm -f "$work"/out.jsonl*
+  $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
+    --work-timeout 3600 "$@" >"$work/srv.out" 2>"$work/srv.err" &
+  echo $!
+}
+
+echo "# configuration runs (items/s and latencies in ms)"
+for cfg in "1 1" "64 1" "256 1" "64 16" "256 64"; do
+  set -- $cfg
+  for r in $(seq "$repeats"); do
+    $bench standin >"$work/standin.out" & sp=$!
+    $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r"
+    kill $sp; wait $sp 2>/dev/null || true
+    sp=$(start_server)
+    $bench load --addr "$(addr_of "$work/srv.out")" --workers "$1" --batch "$2" --secs "$secs" --label "server  run=$r"
+    echo "server  run=$r workers=$1 batch=$2 peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status)"
+    kill $sp; wait $sp 2>/dev/null || true
+  done
+done
+
+echo "# 10M-line input, 1,000 items in flight (125 workers x batch 8), 15 s (about a third of the input)"
+sp=$(start_server)
+$bench load --addr "$(addr_of "$work/srv.out")" --workers 125 --batch 8 --secs 15 --label "rss"
+echo "rss peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status) lines_done=$(wc -l <"$work/out.jsonl")"
+
+resume() { # $1 = signal; time from start to the first /status answer
+  kill -"$1" $sp; wait $sp 2>/dev/null || true
+  t0=$(date +%s.%N)
+  $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 >"$work/srv.out" 2>"$work/srv.err" &
+  sp=$!
+  a=$(addr_of "$work/srv.out")
+  until curl -sf "http://$a/status" >/dev/null; do sleep 0.005; done
+  t1=$(date +%s.%N)
+  echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s to the first /status, lines_done=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/')"
+}
+resume TERM
+# 10 s more, so the output runs ahead of the last checkpoint (every 30 s) before SIGKILL.
+$bench load --addr "$(addr_of "$work/srv.out")" --workers 125 --batch 8 --secs 10 --label "after-resume" >/dev/null
+resume KILL
+kill $sp; wait $sp 2>/dev/null || true
