@@ -30,17 +30,25 @@ start_server() { # fresh output; prints pid; address in $work/srv.out
   echo $!
 }
 
+stop() { # $1 = signal; waits until the process is gone (it is not our child)
+  kill -"$1" "$sp"
+  while kill -0 "$sp" 2>/dev/null; do sleep 0.01; done
+}
+
 echo "# configuration runs (items/s and latencies in ms)"
-for cfg in "1 1" "64 1" "256 1" "64 16" "256 64"; do
+# CONFIGS="" skips to the memory and resume runs.
+IFS='|' read -r -a configs <<<"${CONFIGS-1 1|64 1|256 1|64 16|256 64}"
+for cfg in "${configs[@]}"; do
+  # shellcheck disable=SC2086
   set -- $cfg
   for r in $(seq "$repeats"); do
     $bench standin >"$work/standin.out" & sp=$!
     $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r"
-    kill $sp; wait $sp 2>/dev/null || true
+    stop TERM
     sp=$(start_server)
     $bench load --addr "$(addr_of "$work/srv.out")" --workers "$1" --batch "$2" --secs "$secs" --label "server  run=$r"
     echo "server  run=$r workers=$1 batch=$2 peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status)"
-    kill $sp; wait $sp 2>/dev/null || true
+    stop TERM
   done
 done
 
@@ -50,7 +58,7 @@ $bench load --addr "$(addr_of "$work/srv.out")" --workers 125 --batch 8 --secs 1
 echo "rss peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status) lines_done=$(wc -l <"$work/out.jsonl")"
 
 resume() { # $1 = signal; time from start to the first /status answer
-  kill -"$1" $sp; wait $sp 2>/dev/null || true
+  stop "$1"
   t0=$(date +%s.%N)
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 >"$work/srv.out" 2>"$work/srv.err" &
   sp=$!
@@ -63,4 +71,4 @@ resume TERM
 # 10 s more, so the output runs ahead of the last checkpoint (every 30 s) before SIGKILL.
 $bench load --addr "$(addr_of "$work/srv.out")" --workers 125 --batch 8 --secs 10 --label "after-resume" >/dev/null
 resume KILL
-kill $sp; wait $sp 2>/dev/null || true
+stop TERM

@@ -96,7 +96,8 @@ pub use dispatcher_cli as cli;
 pub use dispatcher_cli::run_tasks;
 pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
 pub use dispatcher_core::task::{
-    manager, source, testing, DynTask, LineOutcome, OutcomeKind, Task, TaskContext, TaskError,
+    infer, manager, source, testing, DynTask, LineOutcome, OutcomeKind, Task, TaskContext,
+    TaskError,
 };
 pub use dispatcher_core::{checkpoint, client, engine, input, ledger, output, protocol, server};
 pub use dispatcher_macros::task;

@@ -15,7 +15,9 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream: BufReader::with_capacity(64 * 1024, stream),
@@ -25,7 +27,12 @@ impl Conn {
     }
 
     /// Sends a request and returns the status and body.
-    pub async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
         self.out.clear();
         self.out.extend_from_slice(
             format!(

@@ -90,7 +90,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         all.get_us.extend(t.get_us);
         all.post_us.extend(t.post_us);
     }
-    let measured = Instant::now().saturating_duration_since(warm).as_secs_f64().max(1e-9);
+    let measured = Instant::now()
+        .saturating_duration_since(warm)
+        .as_secs_f64()
+        .max(1e-9);
     all.get_us.sort_unstable();
     all.post_us.sort_unstable();
     println!(

@@ -59,7 +59,10 @@ fn gen_input(lines: u64, out: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
     for i in 0..lines {
-        writeln!(w, "{{\"id\": {i}, \"prompt\": \"Summarize document number {i} in one sentence.\"}}")?;
+        writeln!(
+            w,
+            "{{\"id\": {i}, \"prompt\": \"Summarize document number {i} in one sentence.\"}}"
+        )?;
     }
     w.flush()?;
     Ok(())

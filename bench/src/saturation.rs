@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use dispatcher_core::engine::echo::EchoOptions;
 use dispatcher_core::engine::launch::{self, EngineKind, LaunchConfig};
-use dispatcher_core::engine::{BoxFuture, Choice, Engine, OpenAiEngine, Request, RequestError, Response, RetryPolicy};
+use dispatcher_core::engine::{
+    BoxFuture, Choice, Engine, OpenAiEngine, Request, RequestError, Response, RetryPolicy,
+};
 use dispatcher_core::protocol::{WorkItem, WorkResponse, WorkStatus};
 use dispatcher_core::task::manager::{self, ManagerConfig, Progress};
 use dispatcher_core::task::source::{SourceError, WorkSource};
@@ -76,10 +78,17 @@ impl Engine for Sleepy {
     fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>> {
         Box::pin(async move {
             tokio::time::sleep(self.0).await;
-            let text = request.to_json()["prompt"].as_str().unwrap_or_default().to_string();
+            let text = request.to_json()["prompt"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             Ok(Response {
                 model: "sleepy".into(),
-                choices: vec![Choice { index: 0, text, finish_reason: Some("stop".into()) }],
+                choices: vec![Choice {
+                    index: 0,
+                    text,
+                    finish_reason: Some("stop".into()),
+                }],
                 usage: None,
             })
         })
@@ -99,8 +108,20 @@ impl Task for OneRequest {
     type Input = In;
     type Output = String;
     const NAME: &'static str = "one_request";
-    fn run(&self, input: In, ctx: TaskContext) -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static {
-        async move { Ok(ctx.send(Request::completion(input.prompt).max_tokens(16)).await?.text().to_string()) }
+    // Not `async fn`: the future must not borrow `self` (`Task::run` returns 'static).
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        &self,
+        input: In,
+        ctx: TaskContext,
+    ) -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static {
+        async move {
+            Ok(ctx
+                .send(Request::completion(input.prompt).max_tokens(16))
+                .await?
+                .text()
+                .to_string())
+        }
     }
 }
 
@@ -132,11 +153,18 @@ pub async fn run(args: SaturationArgs) -> anyhow::Result<()> {
     let (engine, _running): (Arc<dyn Engine>, Option<launch::RunningEngine>) = if args.http {
         let config = LaunchConfig {
             kind: EngineKind::Echo,
-            echo: EchoOptions { latency, ..EchoOptions::default() },
+            echo: EchoOptions {
+                latency,
+                ..EchoOptions::default()
+            },
             ..LaunchConfig::default()
         };
         let running = launch::launch(&config).await?;
-        let backend = OpenAiEngine::new(running.base_url(), Duration::from_secs(60), RetryPolicy::default());
+        let backend = OpenAiEngine::new(
+            running.base_url(),
+            Duration::from_secs(60),
+            RetryPolicy::default(),
+        );
         (Arc::new(backend), Some(running))
     } else {
         (Arc::new(Sleepy(latency)), None)
@@ -162,14 +190,22 @@ pub async fn run(args: SaturationArgs) -> anyhow::Result<()> {
             std::future::pending(),
         ));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (d0, c0, t0) = (source.done.load(Ordering::Relaxed), cpu_secs(), Instant::now());
+        let (d0, c0, t0) = (
+            source.done.load(Ordering::Relaxed),
+            cpu_secs(),
+            Instant::now(),
+        );
         let mut peak_rss = 0;
         let end = t0 + Duration::from_secs_f64(args.secs);
         while Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(100)).await;
             peak_rss = peak_rss.max(rss_kb("VmRSS"));
         }
-        let (d1, c1, t1) = (source.done.load(Ordering::Relaxed), cpu_secs(), Instant::now());
+        let (d1, c1, t1) = (
+            source.done.load(Ordering::Relaxed),
+            cpu_secs(),
+            Instant::now(),
+        );
         let _ = stop_tx.send(());
         run.await?;
         let rate = (d1 - d0) as f64 / (t1 - t0).as_secs_f64();

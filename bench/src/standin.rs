@@ -9,7 +9,9 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dispatcher_core::protocol::{ResultsRequest, ResultsResponse, WorkItem, WorkResponse, WorkStatus};
+use dispatcher_core::protocol::{
+    ResultsRequest, ResultsResponse, WorkItem, WorkResponse, WorkStatus,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct StandinArgs {

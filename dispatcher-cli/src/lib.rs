@@ -2,11 +2,13 @@
 //!
 //! # Layout
 //! - [`serve`]: `dispatcher serve`, the head-node server.
+//! - [`infer`]: `dispatcher infer`, prompt in, responses out.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - [`run_tasks`]: the whole CLI of a task binary in one call.
 
+pub mod infer;
 pub mod logging;
 pub mod progress;
 pub mod serve;
@@ -32,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve an input JSONL file to workers and write the output JSONL in order.
     Serve(serve::ServeArgs),
+    /// Generate responses for a prompt in each line (a built-in task).
+    Infer(Box<infer::InferArgs>),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -52,6 +56,7 @@ pub fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Infer(args) => infer::run(*args).await,
         }
     });
     match result {

@@ -327,3 +327,128 @@ fn bad_flags_fail_before_any_work_with_the_flag_named() {
         "nothing written for a bad start"
     );
 }
+
+/// Runs `dispatcher infer` on local files with the echo engine.
+fn infer_local(job: &Job, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("infer")
+        .arg("--input")
+        .arg(job.path("in.jsonl"))
+        .arg("--output")
+        .arg(job.path("out.jsonl"))
+        .args(["--engine", "echo", "-q"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn infer_adds_responses_to_every_line_in_order() {
+    let job = Job::new(0);
+    let lines: Vec<String> = (0..30)
+        .map(|i| serde_json::json!({"id": i, "messages": [{"role": "user", "content": format!("question {i}")}]}).to_string())
+        .chain(["not json".to_string(), "{\"no\": \"prompt\"}".to_string()])
+        .collect();
+    std::fs::write(job.path("in.jsonl"), lines.join("\n") + "\n").unwrap();
+    let (ok, stderr) = infer_local(
+        &job,
+        &[
+            "--num-generations",
+            "2",
+            "--include-usage",
+            "--workers",
+            "8",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let out: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), 32);
+    for (i, line) in out.iter().take(30).enumerate() {
+        assert_eq!(line["id"], i, "line {i}");
+        let q = format!("question {i}");
+        assert_eq!(
+            line["responses"],
+            serde_json::json!([q, format!("{q} #1")]),
+            "line {i}"
+        );
+        assert!(line["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(out[30]["__ERROR__"]["error"], "invalid_json");
+    assert_eq!(out[31]["__ERROR__"]["error"], "prompt_missing");
+    assert!(out[31]["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(".messages[0].content"));
+}
+
+#[test]
+fn infer_through_a_server_in_completion_mode_with_a_jq_path() {
+    let job = Job::new(0);
+    let lines: String = (0..20)
+        .map(|i| {
+            serde_json::json!({"doc": {"title": format!("t{i}"), "body": format!("body {i}")}})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(job.path("in.jsonl"), lines).unwrap();
+    let server = job.serve(&["--exit-grace", "1"]);
+    let out = Command::new(BIN)
+        .args([
+            "infer",
+            "--dispatcher",
+            &server.addr,
+            "--engine",
+            "echo",
+            "-q",
+        ])
+        .args([
+            "--mode",
+            "completion",
+            "--prompt-path",
+            r#".doc | "\(.title): \(.body)""#,
+            "--max-tokens",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, stderr) = server.wait(Duration::from_secs(20));
+    assert_eq!(code, 0, "{stderr}");
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 20);
+    for (i, line) in got.iter().enumerate() {
+        // The echo engine cuts its echo to --max-tokens words.
+        assert_eq!(
+            line["responses"],
+            serde_json::json!([format!("t{i}: body")]),
+            "line {i}"
+        );
+        assert_eq!(line["doc"]["title"], format!("t{i}"));
+    }
+}
+
+#[test]
+fn infer_refuses_a_bad_prompt_path_before_any_work() {
+    let job = Job::new(3);
+    let (ok, stderr) = infer_local(&job, &["--prompt-path", ".messages[0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--prompt-path"), "{stderr}");
+    assert!(!job.path("out.jsonl").exists());
+}

@@ -91,6 +91,14 @@ pub enum ResumeError {
         /// The output's size.
         len: u64,
     },
+    /// Another process serves the same files.
+    #[error("another process is serving {checkpoint} (its lock {lock} is held); stop it first, or give this job its own --outfile/--checkpoint")]
+    Locked {
+        /// The checkpoint's path.
+        checkpoint: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// The output has more lines than the input.
     #[error("the output {output} has {output_lines} lines but the input {input} has only {input_lines}: they do not belong together; move the output and checkpoint away to start over")]
     OutputLongerThanInput {
@@ -245,6 +253,38 @@ impl Checkpoint {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .with_path("sync the checkpoint's directory", dir)
+    }
+}
+
+/// An exclusive lock on `<checkpoint>.lock`, held for as long as a ledger has
+/// the job's files open, so that two servers (or a server and a restart that
+/// came too early) never write the same output. The OS drops it when the
+/// process dies, however it dies.
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+impl JobLock {
+    /// Takes the lock of the job whose checkpoint is `checkpoint`.
+    pub fn acquire(checkpoint: &Path) -> Result<JobLock, ResumeError> {
+        let mut lock = checkpoint.as_os_str().to_owned();
+        lock.push(".lock");
+        let lock = PathBuf::from(lock);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .with_path("create the lock file", &lock)?;
+        match file.try_lock() {
+            Ok(()) => Ok(JobLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(ResumeError::Locked {
+                checkpoint: checkpoint.to_owned(),
+                lock,
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(path_error(e, "lock", &lock).into()),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap as HashMap;
 use tokio::time::Instant;
 
-use crate::checkpoint::{Checkpoint, ResumeError};
+use crate::checkpoint::{Checkpoint, JobLock, ResumeError};
 use crate::input::{InputReader, LineSpan};
 use crate::output::OutputWriter;
 use crate::protocol::{
@@ -109,6 +109,8 @@ pub struct CompleteReply {
 #[derive(Debug)]
 pub struct Ledger {
     config: LedgerConfig,
+    /// Held while the ledger lives: no second process touches these files.
+    _lock: JobLock,
     /// Sequential reader positioned at line `next_work_id`.
     input: InputReader,
     /// Output positioned after line `next_write_id - 1`.
@@ -155,6 +157,7 @@ impl Ledger {
     /// Opens the job's files, resuming from the checkpoint and the output file
     /// when there is one. See [`ResumeError`] for what is refused.
     pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
+        let lock = JobLock::acquire(&config.checkpoint)?;
         let (lines, input_offset, output_offset) = match Checkpoint::load(&config.checkpoint)? {
             Some(cp) => {
                 cp.verify(&config.checkpoint, &config.infile, &config.outfile)?;
@@ -192,6 +195,7 @@ impl Ledger {
         let lines = lines + recovered.extra_lines;
         let input_len = input.len()?;
         let mut ledger = Ledger {
+            _lock: lock,
             output: OutputWriter::open(&config.outfile, output_len)?,
             written_input_offset: input.next_offset(),
             input,
@@ -342,7 +346,7 @@ impl Ledger {
 
     /// [`complete`](Self::complete) for results already checked with
     /// [`check_results`] (the HTTP layer checks outside the ledger's lock).
-    pub fn complete_valid(&mut self, results: Vec<(u64, String)>) -> io::Result<CompleteReply> {
+    pub fn complete_valid(&mut self, results: Vec<IdLine>) -> io::Result<CompleteReply> {
         let mut reply = CompleteReply::default();
         for (id, line) in results {
             match self.items.remove(&id) {
@@ -598,9 +602,12 @@ fn issue_seq(items: &HashMap<u64, Item>, id: u64) -> Option<u64> {
     }
 }
 
+/// A work id with a text: a result line, or why it was refused.
+pub type IdLine = (u64, String);
+
 /// Splits results into `(work_id, line)` pairs that are one JSON value on one
 /// line, and refusals `(work_id, why)`.
-pub fn check_results(results: Vec<WorkItem>) -> (Vec<(u64, String)>, Vec<(u64, String)>) {
+pub fn check_results(results: Vec<WorkItem>) -> (Vec<IdLine>, Vec<IdLine>) {
     let mut valid = Vec::with_capacity(results.len());
     let mut refused = Vec::new();
     for r in results {
@@ -942,6 +949,18 @@ mod tests {
             matches!(e, ResumeError::OutputWithoutCheckpoint { .. }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_second_ledger_on_the_same_files_is_refused_while_the_first_lives() {
+        let job = Job::new(&lines(2), Some(3));
+        let t = Instant::now();
+        let first = job.open(t).unwrap();
+        let e = job.open(t).unwrap_err();
+        assert!(matches!(e, ResumeError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("out.jsonl.checkpoint"), "{e}");
+        drop(first);
+        job.open(t).unwrap();
     }
 
     #[test]

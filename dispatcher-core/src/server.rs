@@ -122,7 +122,8 @@ impl AppState {
         match outcome {
             Ok(Ok(v)) => {
                 if ledger.is_complete() {
-                    self.complete.send_if_modified(|c| !std::mem::replace(c, true));
+                    self.complete
+                        .send_if_modified(|c| !std::mem::replace(c, true));
                 }
                 Ok(v)
             }
@@ -133,7 +134,10 @@ impl AppState {
             }
             Err(_) => {
                 drop(ledger);
-                self.fail("a bug: the ledger panicked; stopping rather than risk a misaligned output".into());
+                self.fail(
+                    "a bug: the ledger panicked; stopping rather than risk a misaligned output"
+                        .into(),
+                );
                 Err(ApiError::Stopped)
             }
         }
@@ -380,7 +384,9 @@ async fn get_work(
             }
         },
     };
-    let reply = state.with_ledger(|l| l.take_work(batch, Instant::now())).await?;
+    let reply = state
+        .with_ledger(|l| l.take_work(batch, Instant::now()))
+        .await?;
     Ok(Json(WorkResponse {
         status: reply.status,
         retry_in: reply.retry_in,

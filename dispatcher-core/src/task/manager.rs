@@ -94,6 +94,9 @@ pub struct Progress {
     pub active: std::sync::atomic::AtomicU64,
 }
 
+/// How long a stopping worker waits for a work request already sent.
+const FETCH_GRACE: Duration = Duration::from_secs(5);
+
 enum Handback {
     Result(WorkItem),
     Release(u64),
@@ -246,7 +249,15 @@ pub async fn run(
         }
     }
     let exit = exit.expect("set before leaving the loop");
-    drop(fetch);
+    // A work request already sent may have been answered with items: wait for
+    // it briefly, so they are released now rather than after the work timeout.
+    if let Some(pending) = fetch.take() {
+        if let Ok(Ok(resp)) = tokio::time::timeout(FETCH_GRACE, pending).await {
+            if resp.status == WorkStatus::Ok && exit != Exit::Complete {
+                held.extend(resp.items.iter().map(|i| i.work_id));
+            }
+        }
+    }
     if exit != Exit::Complete && exit != Exit::ServerGone {
         tasks.abort_all();
         // Lines that finished while we stopped still count.

@@ -4,6 +4,7 @@
 
 mod context;
 mod error;
+pub mod infer;
 pub mod limiter;
 pub mod manager;
 pub mod source;
@@ -145,54 +146,62 @@ impl<T: Task> DynTask for T {
             }
         };
         let last_attempt = ctx.is_last_attempt();
-        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.run(input, ctx))) {
-            Ok(fut) => AssertUnwindSafe(fut),
-            Err(panic) => {
-                let line = panicked_line(&*panic, &content);
-                return Box::pin(std::future::ready(line));
-            }
-        };
-        Box::pin(async move {
-            match fut.catch_unwind().await {
-                Ok(Ok(output)) => match serde_json::to_string(&output) {
-                    Ok(line) => LineOutcome::Line {
-                        line,
-                        kind: OutcomeKind::Ok,
-                    },
-                    Err(e) => LineOutcome::Line {
-                        line: failure_line(
-                            "output_not_serializable",
-                            &format!("the task's output could not be written as JSON: {e}"),
-                            &content,
-                        ),
-                        kind: OutcomeKind::Failed,
-                    },
-                },
-                Ok(Err(e)) => match e.into_kind() {
-                    TaskErrorKind::Failed {
-                        error_type,
-                        message,
-                    } => LineOutcome::Line {
-                        line: failure_line(&error_type, &message, &content),
-                        kind: OutcomeKind::Failed,
-                    },
-                    TaskErrorKind::Retry { message } if last_attempt => LineOutcome::Line {
-                        line: failure_line(
-                            "retries_exhausted",
-                            &format!("the task asked for a retry on its last attempt: {message}"),
-                            &content,
-                        ),
-                        kind: OutcomeKind::RetriesExhausted,
-                    },
-                    TaskErrorKind::Retry { message } => LineOutcome::Retry(message),
-                    TaskErrorKind::EngineUnavailable { message } => {
-                        LineOutcome::EngineUnavailable(message)
-                    }
-                },
-                Err(panic) => panicked_line(&*panic, &content),
-            }
-        })
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.run(input, ctx))) {
+            Ok(fut) => guarded(content, last_attempt, fut),
+            Err(panic) => Box::pin(std::future::ready(panicked_line(&*panic, &content))),
+        }
     }
+}
+
+/// Runs a task's future and turns whatever it ends in (output, failure, retry,
+/// dead engine, panic) into a [`LineOutcome`]; `content` is the input line, for
+/// failure records. Hand-written [`DynTask`]s use it to get the same semantics.
+pub fn guarded<O: Serialize + Send + 'static>(
+    content: String,
+    last_attempt: bool,
+    fut: impl Future<Output = Result<O, TaskError>> + Send + 'static,
+) -> BoxFuture<'static, LineOutcome> {
+    let fut = AssertUnwindSafe(fut);
+    Box::pin(async move {
+        match fut.catch_unwind().await {
+            Ok(Ok(output)) => match serde_json::to_string(&output) {
+                Ok(line) => LineOutcome::Line {
+                    line,
+                    kind: OutcomeKind::Ok,
+                },
+                Err(e) => LineOutcome::Line {
+                    line: failure_line(
+                        "output_not_serializable",
+                        &format!("the task's output could not be written as JSON: {e}"),
+                        &content,
+                    ),
+                    kind: OutcomeKind::Failed,
+                },
+            },
+            Ok(Err(e)) => match e.into_kind() {
+                TaskErrorKind::Failed {
+                    error_type,
+                    message,
+                } => LineOutcome::Line {
+                    line: failure_line(&error_type, &message, &content),
+                    kind: OutcomeKind::Failed,
+                },
+                TaskErrorKind::Retry { message } if last_attempt => LineOutcome::Line {
+                    line: failure_line(
+                        "retries_exhausted",
+                        &format!("the task asked for a retry on its last attempt: {message}"),
+                        &content,
+                    ),
+                    kind: OutcomeKind::RetriesExhausted,
+                },
+                TaskErrorKind::Retry { message } => LineOutcome::Retry(message),
+                TaskErrorKind::EngineUnavailable { message } => {
+                    LineOutcome::EngineUnavailable(message)
+                }
+            },
+            Err(panic) => panicked_line(&*panic, &content),
+        }
+    })
 }
 
 /// The failure record of PROTOCOL.md: `{"__ERROR__": {"error", "message", "task_data"}}`,

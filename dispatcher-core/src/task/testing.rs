@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use super::{DynTask, LineOutcome, Task, TaskContext};
+use super::{DynTask, LineOutcome, TaskContext};
 use crate::engine::{BoxFuture, Choice, Engine, Request, RequestError, Response};
 
 type Responder = dyn Fn(&Request) -> Result<Response, RequestError> + Send + Sync;
@@ -114,7 +114,7 @@ impl TaskRun {
     }
 }
 
-/// Runs a task on one input with scripted responses.
+/// Runs a task (a `#[task]`, or any [`DynTask`]) on one input with scripted responses.
 #[derive(Debug)]
 pub struct TaskTest<T> {
     task: T,
@@ -124,7 +124,7 @@ pub struct TaskTest<T> {
     max_retries: Option<u32>,
 }
 
-impl<T: Task> TaskTest<T> {
+impl<T: DynTask> TaskTest<T> {
     /// A test of `task` with no replies scripted yet.
     pub fn new(task: T) -> TaskTest<T> {
         TaskTest {

@@ -1,0 +1,111 @@
+//! `dispatcher infer`: prompt in, responses out, without writing a task.
+
+use clap::{Args, ValueEnum};
+use dispatcher_core::task::infer::{Infer, InferConfig, InputFormat, Mode};
+
+use crate::worker::{self, EngineArgs, WorkArgs};
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Chat completions: the prompt is the user message.
+    Chat,
+    /// Text completions: the prompt is continued.
+    Completion,
+}
+
+/// `--input-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// JSON lines; --prompt-path selects the prompt.
+    Jsonl,
+    /// Plain text: each line is a prompt.
+    Text,
+}
+
+/// Flags of `dispatcher infer`.
+#[derive(Debug, Clone, Args)]
+pub struct InferArgs {
+    /// jq filter selecting each line's prompt: `.prompt`, `.a.b[2]`, or any jq
+    /// expression (`.messages | last | .content`). In chat mode it may select an
+    /// array of {role, content} messages.
+    #[arg(long, default_value = ".messages[0].content")]
+    pub prompt_path: String,
+    /// How input lines are read.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub input_format: FormatArg,
+    /// Chat or text completion.
+    #[arg(long, value_enum, default_value = "chat")]
+    pub mode: ModeArg,
+    /// A system message (chat mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Responses per line.
+    #[arg(long, default_value_t = 1)]
+    pub num_generations: u32,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Nucleus sampling.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Min-p sampling.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f64,
+    /// Tokens per response at most.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: u32,
+    /// A stop sequence (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Add each line's token usage as `usage`.
+    #[arg(long)]
+    pub include_usage: bool,
+    /// Where items come from.
+    #[command(flatten)]
+    pub work: WorkArgs,
+    /// The engine.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl InferArgs {
+    /// The built-in task these flags describe.
+    pub fn task(&self) -> anyhow::Result<Infer> {
+        if self.system.is_some() && self.mode == ModeArg::Completion {
+            anyhow::bail!("--system needs --mode chat");
+        }
+        Infer::new(InferConfig {
+            prompt_path: self.prompt_path.clone(),
+            input_format: match self.input_format {
+                FormatArg::Jsonl => InputFormat::Jsonl,
+                FormatArg::Text => InputFormat::Text,
+            },
+            mode: match self.mode {
+                ModeArg::Chat => Mode::Chat,
+                ModeArg::Completion => Mode::Completion,
+            },
+            system: self.system.clone(),
+            num_generations: self.num_generations,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            include_usage: self.include_usage,
+        })
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Runs `dispatcher infer`.
+pub async fn run(args: InferArgs) -> anyhow::Result<()> {
+    // The task lives as long as the process; leaking it gives the manager the
+    // `'static` reference it takes for compiled-in tasks too.
+    let task: &'static Infer = Box::leak(Box::new(args.task()?));
+    worker::run_task(task, &args.engine, &args.work).await
+}

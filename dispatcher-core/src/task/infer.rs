@@ -1,0 +1,330 @@
+//! The built-in task behind `dispatcher infer`: take a prompt out of each line
+//! with a jq filter, generate N responses, write the line back with
+//! `responses` added. It runs on the same task runtime as user tasks, so
+//! ordering, retries, preemption and resume behave the same.
+
+use std::sync::Arc;
+
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
+use jaq_json::Val;
+use serde_json::{Map, Value};
+
+use super::{guarded, DynTask, LineOutcome, TaskContext, TaskError};
+use crate::engine::{BoxFuture, Message, Request, Response, Usage};
+
+/// How input lines are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// Each line is JSON; `--prompt-path` selects the prompt.
+    Jsonl,
+    /// Each line is the prompt itself, as plain text.
+    Text,
+}
+
+/// Which endpoint the prompt goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `/v1/chat/completions`: the prompt is the user message.
+    Chat,
+    /// `/v1/completions`: the prompt is continued.
+    Completion,
+}
+
+/// What `dispatcher infer` does with each line.
+#[derive(Debug, Clone)]
+pub struct InferConfig {
+    /// A jq filter selecting the prompt (a string; in chat mode also an array of
+    /// `{role, content}` messages).
+    pub prompt_path: String,
+    /// How lines are read.
+    pub input_format: InputFormat,
+    /// Chat or completion.
+    pub mode: Mode,
+    /// A system message (chat mode).
+    pub system: Option<String>,
+    /// Responses per line.
+    pub num_generations: u32,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus sampling.
+    pub top_p: f64,
+    /// Min-p sampling (sent as an engine-specific field).
+    pub min_p: f64,
+    /// Tokens per response at most.
+    pub max_tokens: u32,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Add the line's token usage as `usage`.
+    pub include_usage: bool,
+}
+
+impl Default for InferConfig {
+    /// The Python tool's defaults.
+    fn default() -> Self {
+        InferConfig {
+            prompt_path: ".messages[0].content".into(),
+            input_format: InputFormat::Jsonl,
+            mode: Mode::Chat,
+            system: None,
+            num_generations: 1,
+            temperature: 0.8,
+            top_p: 0.95,
+            min_p: 0.05,
+            max_tokens: 4096,
+            stop: Vec::new(),
+            seed: None,
+            include_usage: false,
+        }
+    }
+}
+
+type Filter = jaq_core::Filter<data::JustLut<Val>>;
+
+/// The built-in inference task.
+#[derive(Clone)]
+pub struct Infer {
+    config: Arc<InferConfig>,
+    filter: Arc<Filter>,
+}
+
+impl std::fmt::Debug for Infer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Infer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compiles a jq filter with jq's standard library.
+fn compile(code: &str) -> Result<Filter, String> {
+    let defs = jaq_core::defs()
+        .chain(jaq_std::defs())
+        .chain(jaq_json::defs());
+    let funs = jaq_core::funs()
+        .chain(jaq_std::funs())
+        .chain(jaq_json::funs());
+    let loader = Loader::new(defs);
+    let arena = Arena::default();
+    let modules = loader
+        .load(&arena, File { code, path: () })
+        .map_err(|errs| {
+            format!(
+                "it does not parse ({} error(s); check brackets and quotes)",
+                errs.len()
+            )
+        })?;
+    Compiler::default()
+        .with_funs(funs)
+        .compile(modules)
+        .map_err(|errs| {
+            let names: Vec<String> = errs
+                .into_iter()
+                .flat_map(|(_, e)| e.into_iter().map(|(name, _)| name.to_string()))
+                .collect();
+            format!(
+                "it names undefined filters or variables: {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// What the prompt path selected in one line.
+enum Prompt {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl Infer {
+    /// Checks the configuration; a bad `--prompt-path` is named in the error.
+    pub fn new(config: InferConfig) -> Result<Infer, String> {
+        if config.num_generations == 0 {
+            return Err("--num-generations must be at least 1".into());
+        }
+        let filter = compile(&config.prompt_path).map_err(|why| {
+            format!(
+                "--prompt-path {:?} is not a valid jq filter: {why}",
+                config.prompt_path
+            )
+        })?;
+        Ok(Infer {
+            config: Arc::new(config),
+            filter: Arc::new(filter),
+        })
+    }
+
+    /// Runs the prompt path on a line.
+    fn select(&self, line: &str) -> Result<Prompt, TaskError> {
+        let path = &self.config.prompt_path;
+        let input = jaq_json::read::parse_single(line.as_bytes()).map_err(|e| {
+            TaskError::failed(
+                "invalid_json",
+                format!("the line is not JSON ({e}); --prompt-path {path} needs JSON lines (--input-format text takes plain text)"),
+            )
+        })?;
+        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
+        let first = self.filter.id.run((ctx, input)).map(unwrap_valr).next();
+        let value = match first {
+            None => return Err(missing(path, "it selects nothing")),
+            Some(Err(e)) => {
+                return Err(TaskError::failed(
+                    "prompt_path_error",
+                    format!("--prompt-path {path} failed on this line: {e}"),
+                ))
+            }
+            Some(Ok(v)) => v,
+        };
+        let json: Value = serde_json::from_str(&value.to_string()).unwrap_or(Value::Null);
+        match json {
+            Value::String(s) => Ok(Prompt::Text(s)),
+            Value::Null => Err(missing(path, "it selects null (no such field?)")),
+            Value::Array(_) if self.config.mode == Mode::Chat => serde_json::from_value(json)
+                .map(Prompt::Messages)
+                .map_err(|e| {
+                    TaskError::failed(
+                        "prompt_not_string",
+                        format!(
+                            "--prompt-path {path} selects an array that is not chat messages ({e})"
+                        ),
+                    )
+                }),
+            other => Err(TaskError::failed(
+                "prompt_not_string",
+                format!(
+                    "--prompt-path {path} selects {}, not a string",
+                    kind(&other)
+                ),
+            )),
+        }
+    }
+
+    fn request(&self, prompt: &Prompt, n: u32) -> Request {
+        let c = &self.config;
+        let mut req = match (c.mode, prompt) {
+            (Mode::Chat, Prompt::Text(text)) => {
+                let mut r = Request::chat();
+                if let Some(s) = &c.system {
+                    r = r.system(s.clone());
+                }
+                r.user(text.clone())
+            }
+            (Mode::Chat, Prompt::Messages(m)) => {
+                let mut messages = Vec::with_capacity(m.len() + 1);
+                if let Some(s) = &c.system {
+                    messages.push(Message::new("system", s.clone()));
+                }
+                messages.extend(m.iter().cloned());
+                Request::chat_messages(messages)
+            }
+            (Mode::Completion, Prompt::Text(text)) => Request::completion(text.clone()),
+            (Mode::Completion, Prompt::Messages(_)) => {
+                unreachable!("only chat mode selects messages")
+            }
+        }
+        .temperature(c.temperature)
+        .top_p(c.top_p)
+        .max_tokens(c.max_tokens)
+        .extra("min_p", c.min_p);
+        if n > 1 {
+            req = req.n(n);
+        }
+        for s in &c.stop {
+            req = req.stop(s.clone());
+        }
+        if let Some(seed) = c.seed {
+            req = req.seed(seed);
+        }
+        req
+    }
+
+    async fn run(self, line: String, ctx: TaskContext) -> Result<Value, TaskError> {
+        let c = self.config.clone();
+        let (prompt, original) = match c.input_format {
+            InputFormat::Text => (Prompt::Text(line.clone()), None),
+            InputFormat::Jsonl => (
+                self.select(&line)?,
+                Some(serde_json::from_str::<Value>(&line).unwrap_or(Value::Null)),
+            ),
+        };
+        let wanted = c.num_generations;
+        let mut responses: Vec<String> = Vec::with_capacity(wanted as usize);
+        let mut usage = Usage::default();
+        let first: Response = ctx.send(self.request(&prompt, wanted)).await?;
+        add_usage(&mut usage, &first);
+        responses.extend(first.texts().into_iter().map(String::from));
+        // Engines that ignore `n` answer once: ask for the rest one by one, in parallel.
+        if (responses.len() as u32) < wanted {
+            let rest: Vec<Request> = (responses.len() as u32..wanted)
+                .map(|_| self.request(&prompt, 1))
+                .collect();
+            for r in ctx.send(rest).await? {
+                add_usage(&mut usage, &r);
+                responses.push(r.text().to_string());
+            }
+        }
+        responses.truncate(wanted as usize);
+        let mut out = match original {
+            Some(Value::Object(map)) => map,
+            Some(Value::String(text)) => single("text", Value::String(text)),
+            Some(other) => single("input", other),
+            None => single("text", Value::String(line)),
+        };
+        out.insert("responses".into(), responses.into());
+        if c.include_usage {
+            out.insert(
+                "usage".into(),
+                serde_json::to_value(usage).expect("usage serializes"),
+            );
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+fn single(key: &str, value: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(key.into(), value);
+    m
+}
+
+fn add_usage(total: &mut Usage, r: &Response) {
+    if let Some(u) = r.usage {
+        total.prompt_tokens += u.prompt_tokens;
+        total.completion_tokens += u.completion_tokens;
+        total.total_tokens += u.total_tokens;
+    }
+}
+
+fn missing(path: &str, why: &str) -> TaskError {
+    TaskError::failed(
+        "prompt_missing",
+        format!("--prompt-path {path}: {why} in this line"),
+    )
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl DynTask for Infer {
+    fn name(&self) -> &'static str {
+        "infer"
+    }
+
+    fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {
+        let last_attempt = ctx.is_last_attempt();
+        guarded(
+            content.clone(),
+            last_attempt,
+            self.clone().run(content, ctx),
+        )
+    }
+}
