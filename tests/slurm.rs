@@ -1,0 +1,312 @@
+//! The sbatch scripts of examples/slurm on a real one-node Slurm cluster
+//! (scripts/slurm/up.sh starts it; scripts/test.sh does that), with the echo
+//! engine in place of vLLM: a plain run, a preemption, and a requeue.
+//!
+//! Where Slurm is not running these tests say so and do nothing, unless
+//! `DISPATCHER_REQUIRE_SLURM=1` (scripts/test.sh sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dispatcher::client::DispatcherClient;
+use serde_json::{json, Value};
+
+use crate::examples_e2e::{built_binary, example};
+
+/// The cluster has one node: its tests run one at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
+
+fn slurm_up() -> bool {
+    let up = Command::new("sinfo")
+        .arg("-h")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var_os("DISPATCHER_REQUIRE_SLURM").is_none(),
+            "Slurm is not running: start it with scripts/slurm/up.sh"
+        );
+        eprintln!("SKIPPED: no Slurm cluster here; scripts/slurm/up.sh starts one");
+    }
+    up
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct SlurmJob {
+    dir: tempfile::TempDir,
+    lines: usize,
+}
+
+impl SlurmJob {
+    fn new(lines: usize) -> SlurmJob {
+        let dir = tempfile::tempdir().unwrap();
+        let input: String = (0..lines)
+            .map(|i| {
+                json!({"id": i, "messages": [{"role": "user", "content": format!("question {i}")}]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+        SlurmJob { dir, lines }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn submit(&self, script: &str, env: &[(&str, &str)]) -> String {
+        let out = Command::new("sbatch")
+            .args(["--parsable", "--chdir"])
+            .arg(self.dir.path())
+            .arg(repo().join("examples/slurm").join(script))
+            .env("INPUT", self.path("in.jsonl"))
+            .env("OUTPUT", self.path("out.jsonl"))
+            .env("ENGINE", "echo")
+            .env("DISPATCHER_BIN", built_binary("", "dispatcher"))
+            .env("DISPATCHER_SLURM_JOB", repo().join("examples/slurm/job.sh"))
+            .env("DISPATCHER_HOST", "127.0.0.1")
+            .env("ENGINE_BASE_PORT", "0")
+            .env("EXIT_GRACE", "3")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sbatch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn log(&self, job: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("dispatcher-{job}.log"))).unwrap_or_default()
+    }
+
+    fn client(&self) -> DispatcherClient {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(self.path("out.jsonl.addr")) {
+                return DispatcherClient::new(addr.trim());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the job never started its server"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn output(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.path("out.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Every line answered by the echo engine, in order, no failure records.
+    fn check_infer_output(&self) {
+        let out = self.output();
+        assert_eq!(out.len(), self.lines);
+        for (i, line) in out.iter().enumerate() {
+            assert_eq!(line["id"], i, "line {i}: {line}");
+            assert_eq!(
+                line["responses"],
+                json!([format!("question {i}")]),
+                "line {i}"
+            );
+        }
+    }
+}
+
+fn state(job: &str) -> String {
+    let out = Command::new("scontrol")
+        .args(["show", "job", job])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("JobState="))
+        .unwrap_or("GONE")
+        .to_string()
+}
+
+fn wait_state(job: &str, wanted: &[&str], limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let s = state(job);
+        if wanted.contains(&s.as_str()) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "job {job} is {s}, not {wanted:?}, after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Requeues a job and makes it start again now (instead of ~120 s later).
+fn requeue_now(job: &str) {
+    wait_state(job, &["PENDING"], Duration::from_secs(60));
+    // A same-second restart fails with "Job credential revoked".
+    std::thread::sleep(Duration::from_secs(2));
+    run(
+        "scontrol",
+        &["update", &format!("JobId={job}"), "StartTime=now"],
+    );
+}
+
+fn wait_lines(client: &DispatcherClient, rt: &tokio::runtime::Runtime, at_least: u64) {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = rt.block_on(client.status()) {
+            if s.lines_done >= at_least {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_job_with_two_worker_tasks_processes_every_line() {
+    let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let job = SlurmJob::new(300);
+    let id = job.submit("infer.sbatch", &[]);
+    wait_state(
+        &id,
+        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    job.check_infer_output();
+    let log = job.log(&id);
+    assert!(
+        log.contains("worker 0 on") && log.contains("worker 1 on"),
+        "two workers: {log}"
+    );
+    assert!(log.contains("GPUs 0,") || log.contains("GPUs 0\n"), "{log}");
+
+    // The task-binary script, with an example task.
+    let job = SlurmJob::new(100);
+    let bin = example("compare_responses");
+    let id = job.submit("task.sbatch", &[("TASK_BIN", bin.to_str().unwrap())]);
+    wait_state(
+        &id,
+        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    let out = job.output();
+    assert_eq!(out.len(), 100);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["preferred_text"], format!("question {i}"), "line {i}");
+    }
+}
+
+#[test]
+fn preemption_releases_items_and_the_requeued_job_completes_without_tombstones() {
+    let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = SlurmJob::new(600);
+    let id = job.submit(
+        "infer.sbatch",
+        &[
+            ("WORKERS", "4"),
+            ("BATCH_SIZE", "4"),
+            ("EXTRA_ARGS", "--echo-latency-ms 200"),
+        ],
+    );
+    let client = job.client();
+    wait_lines(&client, &rt, 40);
+    // What a preemption does: SIGTERM to every task of the job.
+    run("scancel", &["--signal=TERM", &id]);
+    let start = Instant::now();
+    let status = loop {
+        let s = rt.block_on(client.status()).unwrap();
+        if s.reissues.release > 0 && s.in_flight == 0 {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the workers did not release their items: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.lines_done < 600, "{status:?}");
+    run("scontrol", &["requeue", &id]);
+    requeue_now(&id);
+    wait_state(
+        &id,
+        &["COMPLETED", "FAILED", "CANCELLED"],
+        Duration::from_secs(180),
+    );
+    let log = job.log(&id);
+    assert_eq!(state(&id), "COMPLETED", "{log}");
+    assert!(log.contains("(restart 1)"), "{log}");
+    job.check_infer_output();
+}
+
+#[test]
+fn a_requeued_job_resumes_its_server_and_redoes_nothing() {
+    let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = SlurmJob::new(600);
+    let id = job.submit(
+        "infer.sbatch",
+        &[
+            ("WORKERS", "4"),
+            ("BATCH_SIZE", "4"),
+            ("EXTRA_ARGS", "--echo-latency-ms 200"),
+        ],
+    );
+    let client = job.client();
+    wait_lines(&client, &rt, 40);
+    run("scontrol", &["requeue", &id]);
+    wait_state(&id, &["PENDING"], Duration::from_secs(60));
+    // The first run is gone: what it wrote is final.
+    let written = job.output().len();
+    assert!(written >= 40 && written < 600, "{written}");
+    requeue_now(&id);
+    wait_state(
+        &id,
+        &["COMPLETED", "FAILED", "CANCELLED"],
+        Duration::from_secs(180),
+    );
+    let log = job.log(&id);
+    assert_eq!(state(&id), "COMPLETED", "{log}");
+    assert!(
+        log.contains(&format!("resumed_at_line={written}")),
+        "the second run starts after the {written} lines of the first: {log}"
+    );
+    job.check_infer_output();
+}
