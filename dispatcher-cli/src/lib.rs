@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`serve`]: `dispatcher serve`, the head-node server.
 //! - [`infer`]: `dispatcher infer`, prompt in, responses out.
+//! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
@@ -12,6 +13,7 @@ pub mod infer;
 pub mod logging;
 pub mod progress;
 pub mod serve;
+pub mod status;
 pub mod worker;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +38,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Generate responses for a prompt in each line (a built-in task).
     Infer(Box<infer::InferArgs>),
+    /// Show a running server's progress: lines, rate, ETA, in flight, reissues.
+    Status(status::StatusArgs),
+    /// Change a running server's work timeout.
+    WorkTimeout(status::WorkTimeoutArgs),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -57,6 +63,8 @@ pub fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Infer(args) => infer::run(*args).await,
+            Command::Status(args) => status::status(args).await,
+            Command::WorkTimeout(args) => status::work_timeout(args).await,
         }
     });
     match result {

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Largest request body accepted, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub max_request_mib: usize,
+    /// Require this shared token (`Authorization: Bearer TOKEN`) on every endpoint
+    /// but /health. Off by default, so existing workers keep working.
+    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
@@ -103,6 +107,7 @@ impl ServeArgs {
             exit_grace: Duration::from_secs_f64(self.exit_grace.clamp(0.0, 3600.0)),
             max_batch_size: self.max_batch_size,
             max_body_bytes: self.max_request_mib.saturating_mul(1 << 20),
+            token: self.token.clone().filter(|t| !t.is_empty()),
         };
         Ok((ledger, options))
     }

@@ -204,6 +204,9 @@ pub struct WorkArgs {
         conflicts_with = "input"
     )]
     pub dispatcher: Option<String>,
+    /// The dispatcher's access token, if it requires one.
+    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Local mode: read this input JSONL (no server).
     #[arg(long, value_name = "PATH", requires = "output")]
     pub input: Option<PathBuf>,

@@ -452,3 +452,50 @@ fn infer_refuses_a_bad_prompt_path_before_any_work() {
     assert!(stderr.contains("--prompt-path"), "{stderr}");
     assert!(!job.path("out.jsonl").exists());
 }
+
+#[test]
+fn status_and_work_timeout_talk_to_a_live_server_with_its_token() {
+    let job = Job::new(30);
+    let server = job.serve(&["--token", "tok", "--work-timeout", "600"]);
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).args(["--server", &server.addr]);
+        match token {
+            Some(t) => cmd.env("DISPATCHER_TOKEN", t),
+            None => cmd.env_remove("DISPATCHER_TOKEN"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // Without the token: refused, and nothing changed.
+    let (ok, text) = run(&["work-timeout", "5"], None);
+    assert!(!ok && text.contains("401"), "{text}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = DispatcherClient::with_token(&server.addr, Some("tok"));
+    rt.block_on(async {
+        let work = client.get_work(10).await.unwrap();
+        let results = work.items.iter().take(4).map(answer).collect();
+        client.submit(results).await.unwrap();
+    });
+    let (ok, text) = run(&["status", "--interval", "0.2"], Some("tok"));
+    assert!(ok, "{text}");
+    assert!(text.contains("lines done   4 / ?"), "{text}");
+    assert!(text.contains("in flight    6"), "{text}");
+    assert!(text.contains("oldest       work_id 4"), "{text}");
+
+    let (ok, text) = run(&["work-timeout", "0.5"], Some("tok"));
+    assert!(ok && text.contains("0.5"), "{text}");
+    // The six items in flight expire under the new timeout and are reissued.
+    std::thread::sleep(Duration::from_millis(1600));
+    let (ok, text) = run(&["status", "--json", "--interval", "0.1"], Some("tok"));
+    assert!(ok, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["reissues"]["timeout"], 6, "{v}");
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait(Duration::from_secs(10)).0, 0);
+}

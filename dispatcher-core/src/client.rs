@@ -60,12 +60,24 @@ pub struct DispatcherClient {
 impl DispatcherClient {
     /// A client of the server at `addr`: `HOST:PORT` or an `http://` URL.
     pub fn new(addr: &str) -> DispatcherClient {
+        DispatcherClient::with_token(addr, None)
+    }
+
+    /// A client that sends `token` (the server's `--token`) with every request.
+    pub fn with_token(addr: &str, token: Option<&str>) -> DispatcherClient {
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.trim_end_matches('/').to_string()
         } else {
             format!("http://{addr}")
         };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) =
+            token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
             .pool_max_idle_per_host(64)

@@ -36,6 +36,10 @@ pub struct ServeOptions {
     pub max_batch_size: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// A shared secret every endpoint but `/health` requires as
+    /// `Authorization: Bearer <token>`; `None` (the default) requires nothing, as
+    /// the Python server did.
+    pub token: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -45,6 +49,7 @@ impl Default for ServeOptions {
             exit_grace: Duration::from_secs(5),
             max_batch_size: 10_000,
             max_body_bytes: 64 << 20,
+            token: None,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct AppState {
     failure: watch::Sender<Option<String>>,
     /// Becomes true once every line has its output line.
     complete: watch::Sender<bool>,
+    /// The access token, if one is required.
+    token: Option<String>,
 }
 
 impl AppState {
@@ -104,6 +111,7 @@ impl AppState {
             max_batch_size: options.max_batch_size,
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
+            token: options.token.clone(),
         })
     }
 
@@ -164,12 +172,50 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/release", post(post_release))
         .route("/status", get(get_status))
         .route("/work_timeout", post(post_work_timeout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({"status": "OK"})) }),
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Refuses requests without the access token (when one is set) with a 401 that
+/// changes nothing.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(ErrorResponse {
+                    status: "error".into(),
+                    error: "this server requires its access token: pass --token or set DISPATCHER_TOKEN".into(),
+                    work_ids: Vec::new(),
+                    count: None,
+                }),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Opens the job and serves it on `listener` until it is complete, `shutdown`
@@ -602,6 +648,48 @@ mod tests {
         assert_eq!(
             work,
             serde_json::json!({"status": "all_work_complete", "retry_in": null, "items": []})
+        );
+    }
+
+    #[tokio::test]
+    async fn with_a_token_requests_without_it_get_401_and_change_nothing() {
+        let options = ServeOptions {
+            token: Some("s3cret".into()),
+            ..ServeOptions::default()
+        };
+        let f = fixture("1\n", options);
+        for (method, uri, body) in [
+            ("GET", "/work", ""),
+            ("POST", "/release", r#"{"work_ids": [0]}"#),
+            ("GET", "/status", ""),
+        ] {
+            let (code, r) = call(&f.router, method, uri, body).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{uri}");
+            assert!(r["error"].as_str().unwrap().contains("DISPATCHER_TOKEN"));
+        }
+        let (code, _) = call(&f.router, "GET", "/health", "").await;
+        assert_eq!(code, StatusCode::OK, "/health stays open");
+        let req = Request::builder()
+            .uri("/status")
+            .header("authorization", "Bearer s3cret")
+            .body(Body::empty())
+            .unwrap();
+        let resp = f.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            status["next_work_id"], 0,
+            "the refused requests issued nothing"
+        );
+        let wrong = Request::builder()
+            .uri("/work")
+            .header("authorization", "Bearer s3creT")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            f.router.clone().oneshot(wrong).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
         );
     }
 

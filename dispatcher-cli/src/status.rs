@@ -1,0 +1,175 @@
+//! `dispatcher status` and `dispatcher work-timeout`: a running server, from a shell.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::protocol::StatusResponse;
+
+/// Where the server is.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The dispatcher server, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", env = "DISPATCHER_SERVER")]
+    pub server: String,
+    /// Its access token, if it requires one.
+    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerArgs {
+    fn client(&self) -> DispatcherClient {
+        DispatcherClient::with_token(&self.server, self.token.as_deref())
+    }
+}
+
+/// Flags of `dispatcher status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Print again every --interval seconds until the server exits.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between samples (the rate is measured over one interval).
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+    /// Print the server's JSON instead.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `dispatcher work-timeout`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkTimeoutArgs {
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The new work timeout, in seconds; it applies to items in flight too.
+    pub secs: f64,
+}
+
+/// Runs `dispatcher work-timeout`.
+pub async fn work_timeout(args: WorkTimeoutArgs) -> anyhow::Result<()> {
+    let reply = args
+        .server
+        .client()
+        .set_work_timeout(args.secs)
+        .await
+        .with_context(|| {
+            format!(
+                "could not change the work timeout of {}",
+                args.server.server
+            )
+        })?;
+    println!("{}", reply.message);
+    Ok(())
+}
+
+/// Runs `dispatcher status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = args.server.client();
+    let interval = Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
+    let fetch = || async {
+        client.status().await.with_context(|| {
+            format!(
+                "could not reach the dispatcher server at {}",
+                args.server.server
+            )
+        })
+    };
+    let mut previous = fetch().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&previous)?);
+        if !args.watch {
+            return Ok(());
+        }
+    }
+    loop {
+        tokio::time::sleep(interval).await;
+        let current = match fetch().await {
+            Ok(s) => s,
+            Err(e) if args.watch => {
+                println!("the server is gone ({e:#}); it exits by itself once the job is complete");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&current)?);
+        } else {
+            print!("{}", render(&previous, &current, interval));
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        previous = current;
+    }
+}
+
+/// The human-readable status between two samples `interval` apart.
+pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration) -> String {
+    let secs = interval.as_secs_f64();
+    let rate = now.lines_done.saturating_sub(before.lines_done) as f64 / secs;
+    let byte_rate = now
+        .input_bytes_consumed
+        .saturating_sub(before.input_bytes_consumed) as f64
+        / secs;
+    let total = now
+        .lines_total
+        .map_or_else(|| "?".to_string(), |t| t.to_string());
+    let percent = if now.input_bytes_total > 0 {
+        100.0 * now.input_bytes_consumed as f64 / now.input_bytes_total as f64
+    } else {
+        100.0
+    };
+    let eta = if now.complete {
+        "done".to_string()
+    } else if byte_rate > 0.0 {
+        human_secs(
+            now.input_bytes_total
+                .saturating_sub(now.input_bytes_consumed) as f64
+                / byte_rate,
+        )
+    } else {
+        "unknown (no progress in the last interval)".to_string()
+    };
+    let oldest = now.oldest_in_flight.as_ref().map_or_else(
+        || "none".to_string(),
+        |o| {
+            format!(
+                "work_id {} for {} (reissued {} times)",
+                o.work_id,
+                human_secs(o.age_secs),
+                o.retry_count
+            )
+        },
+    );
+    format!(
+        "lines done   {} / {total}  (input read {percent:.1}%)\n\
+         rate         {rate:.1} lines/s   ETA {eta}\n\
+         in flight    {} (queued for reissue {})   reorder buffer {} lines, {} bytes\n\
+         reissues     timeout {}, release {}   tombstones {}   invalid lines {}\n\
+         oldest       {oldest}\n",
+        now.lines_done,
+        now.in_flight,
+        now.queued_for_reissue,
+        now.reorder_buffer,
+        now.reorder_buffer_bytes,
+        now.reissues.timeout,
+        now.reissues.release,
+        now.tombstones,
+        now.invalid_lines,
+    )
+}
+
+fn human_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
