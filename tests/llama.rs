@@ -48,8 +48,9 @@ fn llama() -> Option<(String, String)> {
     None
 }
 
-/// Worker flags that launch llama-server with the tiny model.
-fn engine_flags(server: &str, model: &str, ctx: u32) -> Vec<String> {
+/// Worker flags that launch llama-server with the tiny model: `slots` requests
+/// at once with a context of `ctx` tokens each.
+fn engine_flags(server: &str, model: &str, ctx: u32, slots: u32) -> Vec<String> {
     [
         "--engine",
         "llamacpp",
@@ -60,7 +61,7 @@ fn engine_flags(server: &str, model: &str, ctx: u32) -> Vec<String> {
         "--threads",
         "1",
         "--parallel-slots",
-        "4",
+        &slots.to_string(),
         "--max-model-len",
         &ctx.to_string(),
         "--startup-timeout",
@@ -109,7 +110,8 @@ async fn the_example_tasks_run_on_llama_cpp_through_a_server() {
         "--workers".into(),
         "4".into(),
     ];
-    args.extend(engine_flags(&server, &model, 256));
+    // The judge sees both 512-token candidates: 2,048 tokens of context per slot.
+    args.extend(engine_flags(&server, &model, 2048, 2));
     let (code, stderr) = wait_exit(
         worker(&example("compare_responses"), &args),
         Duration::from_secs(300),
@@ -143,7 +145,7 @@ async fn the_example_tasks_run_on_llama_cpp_through_a_server() {
         .collect();
     let served = Served::start(&prompts, Duration::from_secs(2)).await;
     let mut args = vec!["--dispatcher".to_string(), served.addr.clone()];
-    args.extend(engine_flags(&server, &model, 256));
+    args.extend(engine_flags(&server, &model, 512, 4));
     let (code, stderr) = wait_exit(
         worker(&example("validated_response"), &args),
         Duration::from_secs(300),
@@ -191,7 +193,7 @@ async fn infer_in_chat_and_completion_mode_with_two_generations_and_an_over_long
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(engine_flags(&server, &model, 128));
+        args.extend(engine_flags(&server, &model, 128, 4));
         let (code, stderr) =
             wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
         assert_eq!(code, 0, "{mode}: {stderr}");
@@ -299,7 +301,7 @@ async fn an_engine_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_wo
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(engine_flags(&server, &model, 256));
+    args.extend(engine_flags(&server, &model, 256, 4));
     let first = worker(&dispatcher_bin(), &args);
     let start = Instant::now();
     while client.status().await.unwrap().in_flight == 0 {
