@@ -341,3 +341,42 @@ async fn local_file_mode_writes_in_order_and_resumes_after_an_interruption() {
     );
     job.check_output();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_metrics_count_requests_tokens_and_outcomes() {
+    let job = Job::new(20);
+    let (client, served) = job.serve().await;
+    let progress = Arc::new(Progress::default());
+    let engine = Arc::new(SlowEngine {
+        delay: Duration::from_millis(2),
+        ..SlowEngine::default()
+    });
+    let (exit, _) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(client)),
+        engine,
+        config(4, 4),
+        progress.clone(),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    served.await.unwrap().unwrap();
+    let text = progress.metrics.render();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert_eq!(
+        value("dispatcher_worker_task_outcomes_total{kind=\"ok\"}"),
+        20.0
+    );
+    assert_eq!(
+        value("dispatcher_worker_engine_request_duration_seconds_count"),
+        40.0
+    );
+    assert_eq!(value("dispatcher_worker_engine_requests_in_flight"), 0.0);
+    assert_eq!(value("dispatcher_worker_engine_errors_total"), 0.0);
+}

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// but /health. Off by default, so existing workers keep working.
     #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Log the peer and the first bytes of every request answered with a 4xx.
+    #[arg(long)]
+    pub log_invalid_http: bool,
 }
 
 fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
@@ -108,6 +111,7 @@ impl ServeArgs {
             max_batch_size: self.max_batch_size,
             max_body_bytes: self.max_request_mib.saturating_mul(1 << 20),
             token: self.token.clone().filter(|t| !t.is_empty()),
+            log_invalid_http: self.log_invalid_http,
         };
         Ok((ledger, options))
     }

@@ -233,6 +233,9 @@ pub struct WorkArgs {
     /// retry_in): idle workers notice the end of the job this soon.
     #[arg(long, default_value_t = 5)]
     pub max_retry_wait: u64,
+    /// Serve this worker's Prometheus metrics on this port (0 picks one; the log says which).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
     /// Seconds to wait for the engine to stop before killing it.
     #[arg(long, default_value_t = 10)]
     pub engine_stop_grace: u64,
@@ -275,6 +278,29 @@ impl WorkArgs {
     }
 }
 
+/// Serves `GET /metrics` of this worker on `port`.
+async fn serve_metrics(
+    port: u16,
+    progress: Arc<Progress>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("--metrics-port {port}: could not listen"))?;
+    tracing::info!(addr = %listener.local_addr()?, "worker metrics at /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let progress = progress.clone();
+            async move { progress.metrics.render() }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics endpoint failed: {e}");
+        }
+    }))
+}
+
 /// Runs `task` with these flags until the work is done or a signal stops it.
 pub async fn run_task(
     task: &'static dyn DynTask,
@@ -285,7 +311,11 @@ pub async fn run_task(
     let source = work.source()?;
     let (mut engine, backend) = engine_args.start().await?;
     let progress = Arc::new(Progress::default());
-    let reporter = tokio::spawn(crate::progress::report(progress.clone()));
+    let reporter = tokio::spawn(crate::progress::report(progress.clone(), source.clone()));
+    let metrics_server = match work.metrics_port {
+        Some(port) => Some(serve_metrics(port, progress.clone()).await?),
+        None => None,
+    };
     let (exit, summary) = manager::run(
         task,
         source,
@@ -297,6 +327,9 @@ pub async fn run_task(
     )
     .await;
     reporter.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     engine
         .stop(Duration::from_secs(work.engine_stop_grace))
         .await;

@@ -151,6 +151,10 @@ pub struct Ledger {
     tombstones: u64,
     invalid_lines: u64,
     ignored_results: u64,
+    /// Issues made by this run (reissues included), for metrics.
+    issued_total: u64,
+    /// Results accepted by this run, for metrics.
+    completed_total: u64,
 }
 
 impl Ledger {
@@ -217,6 +221,8 @@ impl Ledger {
             tombstones: 0,
             invalid_lines: 0,
             ignored_results: 0,
+            issued_total: 0,
+            completed_total: 0,
         };
         // A checkpoint exists from the start, so an output without one is foreign.
         ledger.checkpoint()?;
@@ -314,6 +320,7 @@ impl Ledger {
         }
         self.write_ready()?;
         self.check_eof()?;
+        self.issued_total += items.len() as u64;
         Ok(if !items.is_empty() {
             WorkReply {
                 status: WorkStatus::Ok,
@@ -366,6 +373,7 @@ impl Ledger {
             }
         }
         self.ignored_results += reply.ignored;
+        self.completed_total += reply.accepted;
         self.compact_deadlines();
         self.write_ready()?;
         Ok(reply)
@@ -462,6 +470,8 @@ impl Ledger {
             tombstones: self.tombstones,
             invalid_lines: self.invalid_lines,
             ignored_results: self.ignored_results,
+            issued_total: self.issued_total,
+            completed_total: self.completed_total,
             oldest_in_flight,
             work_timeout_secs: self.config.work_timeout.as_secs_f64(),
             max_retries: self.config.max_retries.map_or(-1, i64::from),

@@ -8,6 +8,7 @@
 //! - [`checkpoint`]: the atomic resume state and its checks against the files.
 //! - [`ledger`]: where every line is; issue, complete, release, expire, tombstone.
 //! - [`server`]: `dispatcher serve`: the HTTP layer, ticker, checkpoints, shutdown.
+//! - [`metrics`]: Prometheus metrics of the server and of workers.
 //! - [`client`]: the work protocol as workers call it.
 //! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
 //! - [`task`]: the `Task` trait, task context and errors, the task manager, work sources.
@@ -18,6 +19,7 @@ pub mod engine;
 mod error;
 pub mod input;
 pub mod ledger;
+pub mod metrics;
 pub mod output;
 pub mod protocol;
 pub mod server;

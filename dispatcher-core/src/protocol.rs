@@ -179,6 +179,12 @@ pub struct StatusResponse {
     pub invalid_lines: u64,
     /// Results ignored (duplicates, unknown ids).
     pub ignored_results: u64,
+    /// Items issued by this run of the server, reissues included.
+    #[serde(default)]
+    pub issued_total: u64,
+    /// Results accepted by this run of the server.
+    #[serde(default)]
+    pub completed_total: u64,
     /// The oldest item in flight, if any.
     pub oldest_in_flight: Option<OldestInFlight>,
     /// The current work timeout in seconds.

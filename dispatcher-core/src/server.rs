@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::checkpoint::ResumeError;
 use crate::ledger::{check_results, Ledger, LedgerConfig};
+use crate::metrics::ServerMetrics;
 use crate::protocol::{
     ErrorResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest,
     ResultsResponse, WorkResponse, WorkTimeoutRequest,
@@ -40,6 +41,8 @@ pub struct ServeOptions {
     /// `Authorization: Bearer <token>`; `None` (the default) requires nothing, as
     /// the Python server did.
     pub token: Option<String>,
+    /// Log the peer and the first bytes of every request answered with a 4xx.
+    pub log_invalid_http: bool,
 }
 
 impl Default for ServeOptions {
@@ -50,6 +53,7 @@ impl Default for ServeOptions {
             max_batch_size: 10_000,
             max_body_bytes: 64 << 20,
             token: None,
+            log_invalid_http: false,
         }
     }
 }
@@ -100,6 +104,10 @@ pub struct AppState {
     complete: watch::Sender<bool>,
     /// The access token, if one is required.
     token: Option<String>,
+    /// Prometheus metrics, rendered by `GET /metrics`.
+    metrics: ServerMetrics,
+    /// Log the peer and first bytes of requests answered with a 4xx.
+    log_invalid_http: bool,
 }
 
 impl AppState {
@@ -112,6 +120,8 @@ impl AppState {
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
             token: options.token.clone(),
+            metrics: ServerMetrics::default(),
+            log_invalid_http: options.log_invalid_http,
         })
     }
 
@@ -172,6 +182,7 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/release", post(post_release))
         .route("/status", get(get_status))
         .route("/work_timeout", post(post_work_timeout))
+        .route("/metrics", get(get_metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -180,8 +191,58 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
             "/health",
             get(|| async { Json(serde_json::json!({"status": "OK"})) }),
         )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Records each request's latency by endpoint, and with `--log-invalid-http`
+/// logs the peer and first bytes of requests answered with a 4xx.
+async fn observe(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = std::time::Instant::now();
+    // A fixed set of label values, whatever paths clients send.
+    let endpoint: &'static str = match request.uri().path() {
+        "/work" => "/work",
+        "/results" => "/results",
+        "/release" => "/release",
+        "/status" => "/status",
+        "/work_timeout" => "/work_timeout",
+        "/metrics" => "/metrics",
+        "/health" => "/health",
+        _ => "other",
+    };
+    if !state.log_invalid_http {
+        let response = next.run(request).await;
+        state.metrics.observe(endpoint, start.elapsed());
+        return response;
+    }
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "?".to_string(), |c| c.0.to_string());
+    let (parts, body) = request.into_parts();
+    let method = parts.method.clone();
+    let uri = parts.uri.clone();
+    // Buffer the body (the body limit still applies) to log its start.
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+    let response = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    state.metrics.observe(endpoint, start.elapsed());
+    if response.status().is_client_error() {
+        tracing::warn!(%peer, %method, %uri, status = response.status().as_u16(), first_bytes = %head, "invalid request");
+    }
+    response
 }
 
 /// Refuses requests without the access token (when one is set) with a 401 that
@@ -298,13 +359,16 @@ pub async fn serve_state(
             _ = failure.wait_for(|f| f.is_some()) => {}
         }
     };
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(graceful)
-        .await
-        .map_err(|source| ServerError::Listen {
-            addr: addr.clone(),
-            source,
-        });
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful)
+    .await
+    .map_err(|source| ServerError::Listen {
+        addr: addr.clone(),
+        source,
+    });
     tasks.shutdown().await;
     served?;
 
@@ -480,6 +544,18 @@ async fn post_release(
         status: "OK".into(),
         released_count: released,
     }))
+}
+
+async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let status = state.with_ledger(|l| Ok(l.status(Instant::now()))).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&status),
+    )
+        .into_response())
 }
 
 async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
@@ -691,6 +767,53 @@ mod tests {
             f.router.clone().oneshot(wrong).await.unwrap().status(),
             StatusCode::UNAUTHORIZED
         );
+    }
+
+    /// Parses Prometheus text into `name{labels} -> value`.
+    fn series(text: &str) -> std::collections::HashMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn metrics_expose_the_expected_series() {
+        let f = fixture("a\nb\nc\n", ServeOptions::default());
+        call(&f.router, "GET", "/work?batch_size=3", "").await;
+        call(&f.router, "POST", "/results", r#"{"items": [{"work_id": 1, "content": "", "result": "1"}, {"work_id": 1, "content": "", "result": "1"}]}"#).await;
+        call(&f.router, "POST", "/release", r#"{"work_ids": [2]}"#).await;
+        let (code, text) = call(&f.router, "GET", "/metrics", "").await;
+        assert_eq!(code, StatusCode::OK);
+        let m = series(text.as_str().unwrap());
+        let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no series {k} in {m:?}"));
+        assert_eq!(get("dispatcher_items_issued_total"), 3.0);
+        assert_eq!(get("dispatcher_items_completed_total"), 1.0);
+        assert_eq!(get("dispatcher_ignored_results_total"), 1.0);
+        assert_eq!(get("dispatcher_reissues_total{cause=\"release\"}"), 1.0);
+        assert_eq!(get("dispatcher_reissues_total{cause=\"timeout\"}"), 0.0);
+        assert_eq!(get("dispatcher_tombstones_total"), 0.0);
+        assert_eq!(get("dispatcher_in_flight"), 1.0);
+        assert_eq!(get("dispatcher_queued_for_reissue"), 1.0);
+        assert_eq!(get("dispatcher_reorder_buffer_lines"), 1.0);
+        assert_eq!(get("dispatcher_lines_done"), 0.0);
+        assert_eq!(
+            get("dispatcher_http_request_duration_seconds_count{endpoint=\"/work\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("dispatcher_http_request_duration_seconds_count{endpoint=\"/results\"}"),
+            1.0
+        );
+        // Counters advance by differences between scrapes, never twice.
+        call(&f.router, "GET", "/work", "").await;
+        let (_, text) = call(&f.router, "GET", "/metrics", "").await;
+        let m = series(text.as_str().unwrap());
+        assert_eq!(m["dispatcher_items_issued_total"], 4.0);
+        assert_eq!(m["dispatcher_reissues_total{cause=\"release\"}"], 1.0);
     }
 
     #[tokio::test]

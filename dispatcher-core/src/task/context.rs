@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::limiter::PriorityLimiter;
 use crate::engine::{BoxFuture, Engine, Request, RequestError, Response};
+use crate::metrics::WorkerMetrics;
 
 /// The context of one task run; cheap to clone.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ struct Inner {
     limiter: Option<Arc<PriorityLimiter>>,
     /// When this task started relative to others: lower goes first.
     priority: u64,
+    /// Where engine requests are counted, if anywhere.
+    metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl TaskContext {
@@ -45,8 +48,18 @@ impl TaskContext {
                 engine,
                 limiter,
                 priority,
+                metrics: None,
             }),
         }
+    }
+
+    /// Counts this task's engine requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> TaskContext {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = Some(metrics),
+            None => tracing::debug!("metrics attached to a context already shared; ignored"),
+        }
+        self
     }
 
     /// The work item's id: its input line's 0-based index.
@@ -83,7 +96,19 @@ impl TaskContext {
             Some(l) => Some(l.acquire(self.inner.priority).await),
             None => None,
         };
-        self.inner.engine.send(request).await
+        let Some(metrics) = &self.inner.metrics else {
+            return self.inner.engine.send(request).await;
+        };
+        metrics.request_started();
+        let start = std::time::Instant::now();
+        let result = self.inner.engine.send(request).await;
+        let tokens = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.usage)
+            .map(|u| (u.prompt_tokens, u.completion_tokens));
+        metrics.request_ended(start.elapsed(), result.is_ok(), tokens);
+        result
     }
 
     /// The conventional result: the output's JSON object with

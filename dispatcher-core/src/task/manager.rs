@@ -19,6 +19,7 @@ use super::limiter::PriorityLimiter;
 use super::source::{SourceError, WorkSource};
 use super::{DynTask, LineOutcome, OutcomeKind, TaskContext};
 use crate::engine::{BoxFuture, Engine};
+use crate::metrics::WorkerMetrics;
 use crate::protocol::{WorkItem, WorkResponse, WorkStatus};
 
 /// How the manager runs.
@@ -92,6 +93,8 @@ pub struct Progress {
     pub lines: std::sync::atomic::AtomicU64,
     /// Tasks running.
     pub active: std::sync::atomic::AtomicU64,
+    /// Engine requests, tokens and outcomes, for `/metrics`.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// How long a stopping worker waits for a work request already sent.
@@ -173,6 +176,7 @@ pub async fn run(
                         held.remove(&item.work_id);
                         *summary.outcomes.entry(kind.label()).or_default() += 1;
                         progress.lines.fetch_add(1, Relaxed);
+                        progress.metrics.outcome(kind.label());
                         if kind != OutcomeKind::Ok {
                             tracing::debug!(work_id = item.work_id, kind = kind.label(), "line failed");
                         }
@@ -183,6 +187,7 @@ pub async fn run(
                     LineOutcome::Retry(why) => {
                         held.remove(&item.work_id);
                         summary.retries += 1;
+                        progress.metrics.outcome("retry");
                         tracing::info!(work_id = item.work_id, %why, "task asked for a retry; releasing");
                         let _ = tx.send(Handback::Release(item.work_id));
                     }
@@ -214,7 +219,8 @@ pub async fn run(
                                         engine.clone(),
                                         Some(limiter.clone()),
                                         started,
-                                    );
+                                    )
+                                    .with_metrics(progress.metrics.clone());
                                     let run = task.run_line(item.content.clone(), ctx);
                                     tasks.spawn(async move { (item, run.await) });
                                 }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::client::{ClientError, DispatcherClient};
 use crate::engine::BoxFuture;
 use crate::ledger::{Ledger, LedgerConfig};
-use crate::protocol::{WorkItem, WorkResponse, WorkStatus};
+use crate::protocol::{StatusResponse, WorkItem, WorkResponse, WorkStatus};
 use crate::server::ServerError;
 
 /// Why a source call failed.
@@ -43,6 +43,11 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>>;
     /// Hands items back unprocessed.
     fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// The job's progress as the source sees it (the server's `/status`), when
+    /// available: for progress bars and ETAs.
+    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
+        Box::pin(std::future::ready(None))
+    }
     /// Called once when the worker stops (the file source checkpoints).
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(Ok(())))
@@ -79,6 +84,10 @@ impl WorkSource for ServerSource {
             self.client.release(ids).await?;
             Ok(())
         })
+    }
+
+    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
+        Box::pin(async move { self.client.status().await.ok() })
     }
 }
 
@@ -170,5 +179,10 @@ impl WorkSource for FileSource {
 
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(self.with(|l| l.checkpoint())))
+    }
+
+    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
+        let status = self.with(|l| Ok(l.status(Instant::now()))).ok();
+        Box::pin(std::future::ready(status))
     }
 }

@@ -1,0 +1,273 @@
+//! Prometheus metrics of the server and of workers (`GET /metrics`), through
+//! the official `prometheus-client` crate.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::StatusResponse;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// 100 µs to ~3 s (server requests) or 6.5 min (engine requests), doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+fn engine_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 16))
+}
+
+fn text(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String");
+    out
+}
+
+/// The server's metrics. Counts come from the ledger's status at scrape time
+/// (counters advance by the difference since the last scrape), so the ledger's
+/// hot path carries no metrics code; request latencies are recorded per request.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    issued: Counter,
+    completed: Counter,
+    reissues: Family<CauseLabel, Counter>,
+    tombstones: Counter,
+    ignored: Counter,
+    lines_done: Gauge,
+    in_flight: Gauge,
+    queued: Gauge,
+    reorder_lines: Gauge,
+    reorder_bytes: Gauge,
+    latency: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    /// The status at the last scrape, to advance counters by differences.
+    last: Mutex<Option<StatusResponse>>,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("dispatcher");
+        let m = ServerMetrics {
+            issued: Counter::default(),
+            completed: Counter::default(),
+            reissues: Family::default(),
+            tombstones: Counter::default(),
+            ignored: Counter::default(),
+            lines_done: Gauge::default(),
+            in_flight: Gauge::default(),
+            queued: Gauge::default(),
+            reorder_lines: Gauge::default(),
+            reorder_bytes: Gauge::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            last: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "items_issued",
+            "Items handed to workers, reissues included",
+            m.issued.clone(),
+        );
+        registry.register(
+            "items_completed",
+            "Results accepted (first result of an item)",
+            m.completed.clone(),
+        );
+        registry.register(
+            "reissues",
+            "Items put back for another issue, by cause",
+            m.reissues.clone(),
+        );
+        registry.register(
+            "tombstones",
+            "Items given up after --max-retries reissues",
+            m.tombstones.clone(),
+        );
+        registry.register(
+            "ignored_results",
+            "Duplicate results and results for unknown ids",
+            m.ignored.clone(),
+        );
+        registry.register("lines_done", "Output lines written", m.lines_done.clone());
+        registry.register(
+            "in_flight",
+            "Items issued and not answered",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "queued_for_reissue",
+            "Items waiting to be issued again",
+            m.queued.clone(),
+        );
+        registry.register(
+            "reorder_buffer_lines",
+            "Finished lines waiting for an earlier line",
+            m.reorder_lines.clone(),
+        );
+        registry.register(
+            "reorder_buffer_bytes",
+            "Bytes of results in the reorder buffer",
+            m.reorder_bytes.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer a request, by endpoint",
+            m.latency.clone(),
+        );
+        ServerMetrics { registry, ..m }
+    }
+}
+
+impl ServerMetrics {
+    /// Records how long answering `endpoint` took.
+    pub fn observe(&self, endpoint: &str, elapsed: Duration) {
+        self.latency
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics as Prometheus text, updated from `status`.
+    pub fn render(&self, status: &StatusResponse) -> String {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let before = last.as_ref();
+        let delta =
+            |now: u64, then: fn(&StatusResponse) -> u64| now.saturating_sub(before.map_or(0, then));
+        self.issued
+            .inc_by(delta(status.issued_total, |s| s.issued_total));
+        self.completed
+            .inc_by(delta(status.completed_total, |s| s.completed_total));
+        self.tombstones
+            .inc_by(delta(status.tombstones, |s| s.tombstones));
+        self.ignored
+            .inc_by(delta(status.ignored_results, |s| s.ignored_results));
+        let cause = |c: &str| CauseLabel {
+            cause: c.to_string(),
+        };
+        self.reissues
+            .get_or_create(&cause("timeout"))
+            .inc_by(delta(status.reissues.timeout, |s| s.reissues.timeout));
+        self.reissues
+            .get_or_create(&cause("release"))
+            .inc_by(delta(status.reissues.release, |s| s.reissues.release));
+        self.lines_done.set(status.lines_done as i64);
+        self.in_flight.set(status.in_flight as i64);
+        self.queued.set(status.queued_for_reissue as i64);
+        self.reorder_lines.set(status.reorder_buffer as i64);
+        self.reorder_bytes.set(status.reorder_buffer_bytes as i64);
+        *last = Some(status.clone());
+        text(&self.registry)
+    }
+}
+
+/// A worker's metrics: engine requests, tokens, task outcomes.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    registry: Registry,
+    requests_in_flight: Gauge,
+    engine_latency: Histogram,
+    engine_errors: Counter,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    outcomes: Family<KindLabel, Counter>,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("dispatcher_worker");
+        let m = WorkerMetrics {
+            registry: Registry::default(),
+            requests_in_flight: Gauge::default(),
+            engine_latency: engine_histogram(),
+            engine_errors: Counter::default(),
+            prompt_tokens: Counter::default(),
+            completion_tokens: Counter::default(),
+            outcomes: Family::default(),
+        };
+        registry.register(
+            "engine_requests_in_flight",
+            "Requests sent to the engine and not answered",
+            m.requests_in_flight.clone(),
+        );
+        registry.register(
+            "engine_request_duration_seconds",
+            "Time the engine took per request",
+            m.engine_latency.clone(),
+        );
+        registry.register(
+            "engine_errors",
+            "Engine requests that ended in an error",
+            m.engine_errors.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens, as the engine reports them",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Generated tokens, as the engine reports them (rate() gives tokens/s)",
+            m.completion_tokens.clone(),
+        );
+        registry.register(
+            "task_outcomes",
+            "Lines finished, by how they ended",
+            m.outcomes.clone(),
+        );
+        WorkerMetrics { registry, ..m }
+    }
+}
+
+impl WorkerMetrics {
+    /// A request to the engine starts.
+    pub fn request_started(&self) {
+        self.requests_in_flight.inc();
+    }
+
+    /// A request to the engine ended after `elapsed`, with its token counts.
+    pub fn request_ended(&self, elapsed: Duration, ok: bool, tokens: Option<(u64, u64)>) {
+        self.requests_in_flight.dec();
+        self.engine_latency.observe(elapsed.as_secs_f64());
+        if !ok {
+            self.engine_errors.inc();
+        }
+        if let Some((prompt, completion)) = tokens {
+            self.prompt_tokens.inc_by(prompt);
+            self.completion_tokens.inc_by(completion);
+        }
+    }
+
+    /// A line finished as `kind`.
+    pub fn outcome(&self, kind: &str) {
+        self.outcomes
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// The metrics as Prometheus text.
+    pub fn render(&self) -> String {
+        text(&self.registry)
+    }
+}
