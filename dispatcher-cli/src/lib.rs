@@ -179,3 +179,53 @@ pub async fn termination_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dispatcher_core::task::{Task, TaskContext, TaskError};
+
+    macro_rules! unit_task {
+        ($name:ident) => {
+            #[allow(non_camel_case_types)]
+            struct $name;
+            impl Task for $name {
+                type Input = String;
+                type Output = String;
+                const NAME: &'static str = stringify!($name);
+                #[allow(clippy::manual_async_fn)]
+                fn run(
+                    &self,
+                    input: String,
+                    _ctx: TaskContext,
+                ) -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static
+                {
+                    async move { Ok(input) }
+                }
+            }
+        };
+    }
+    unit_task!(first);
+    unit_task!(second);
+
+    #[test]
+    fn task_selection_by_name_with_clear_errors() {
+        let both: [&'static dyn DynTask; 2] = [&first, &second];
+        assert_eq!(select_task(&both, Some("second")).unwrap().name(), "second");
+        let e = select_task(&both, None).err().unwrap().to_string();
+        assert!(e.contains("--task") && e.contains("first, second"), "{e}");
+        let e = select_task(&both, Some("third")).err().unwrap().to_string();
+        assert!(
+            e.contains("\"third\"") && e.contains("first, second"),
+            "{e}"
+        );
+        assert_eq!(select_task(&both[..1], None).unwrap().name(), "first");
+    }
+
+    #[test]
+    fn the_cli_definitions_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        TaskCli::command().debug_assert();
+    }
+}

@@ -499,3 +499,108 @@ fn status_and_work_timeout_talk_to_a_live_server_with_its_token() {
     server.signal(libc::SIGTERM);
     assert_eq!(server.wait(Duration::from_secs(10)).0, 0);
 }
+
+#[test]
+fn log_invalid_http_names_the_peer_and_the_first_bytes() {
+    let job = Job::new(3);
+    let server = job.serve(&["--log-invalid-http", "--exit-grace", "0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("http://{}/results", server.addr))
+            .body("{\"items\": oops-not-json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+    });
+    server.signal(libc::SIGTERM);
+    let (code, stderr) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0);
+    assert!(stderr.contains("invalid request"), "{stderr}");
+    assert!(stderr.contains("peer=127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("oops-not-json"), "{stderr}");
+}
+
+#[test]
+fn a_worker_serves_its_metrics_and_the_echo_engine_errors_are_retried() {
+    let job = Job::new(0);
+    let lines: String = (0..40)
+        .map(|i| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(job.path("in.jsonl"), lines).unwrap();
+    // Every 4th engine request fails with a 500: the backend retries it.
+    let mut child = Command::new(BIN)
+        .arg("infer")
+        .arg("--input")
+        .arg(job.path("in.jsonl"))
+        .arg("--output")
+        .arg(job.path("out.jsonl"))
+        .args([
+            "--engine",
+            "echo",
+            "--echo-error-rate",
+            "0.25",
+            "--echo-latency-ms",
+            "150",
+        ])
+        .args(["--metrics-port", "0", "--workers", "4", "--batch-size", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no metrics address logged"
+        );
+        if let Some(rest) = line.split("addr=").nth(1) {
+            if line.contains("worker metrics") {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .replace("0.0.0.0", "127.0.0.1");
+            }
+        }
+    };
+    let text = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        text.contains("dispatcher_worker_engine_requests_in_flight"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dispatcher_worker_engine_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let out: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), 40);
+    for (i, l) in out.iter().enumerate() {
+        assert_eq!(
+            l["responses"],
+            serde_json::json!([format!("q{i}")]),
+            "line {i}: {l}"
+        );
+    }
+}

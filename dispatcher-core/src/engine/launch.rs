@@ -486,6 +486,24 @@ mod tests {
     }
 
     #[test]
+    fn sglang_command_line_maps_the_common_flags() {
+        let c = LaunchConfig {
+            kind: EngineKind::Sglang,
+            model: Some("org/m".into()),
+            tensor_parallel: 4,
+            max_model_len: Some(4096),
+            gpu_memory_utilization: Some(0.8),
+            enforce_eager: true,
+            ..LaunchConfig::default()
+        };
+        assert_eq!(
+            c.command_line(7).unwrap().join(" "),
+            "python3 -m sglang.launch_server --model-path org/m --host 127.0.0.1 --port 7 \
+             --tp-size 4 --context-length 4096 --mem-fraction-static 0.8 --disable-cuda-graph"
+        );
+    }
+
+    #[test]
     fn a_missing_model_is_a_clear_error() {
         let e = LaunchConfig::default().command_line(1).unwrap_err();
         assert!(e.to_string().contains("--model"), "{e}");
