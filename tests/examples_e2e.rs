@@ -39,12 +39,13 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
         let config = LedgerConfig {
-            infile: dir.path().join("in.jsonl"),
-            outfile: dir.path().join("out.jsonl"),
-            checkpoint: dir.path().join("out.jsonl.checkpoint"),
             work_timeout: Duration::from_secs(600),
-            max_retries: Some(3),
             retry_secs: 1,
+            ..LedgerConfig::new(
+                dir.path().join("in.jsonl"),
+                dir.path().join("out.jsonl"),
+                dir.path().join("out.jsonl.checkpoint"),
+            )
         };
         let options = ServeOptions {
             exit_grace: grace,

@@ -79,12 +79,14 @@ async fn concurrent_misbehaving_workers_produce_exactly_one_line_per_input_in_or
     std::fs::write(&infile, input.join("\n") + "\n").unwrap();
     let outfile = dir.path().join("out.jsonl");
     let config = LedgerConfig {
-        checkpoint: dir.path().join("out.jsonl.checkpoint"),
-        infile,
-        outfile: outfile.clone(),
         work_timeout: Duration::from_millis(300),
         max_retries: None,
         retry_secs: 1,
+        ..LedgerConfig::new(
+            infile,
+            outfile.clone(),
+            dir.path().join("out.jsonl.checkpoint"),
+        )
     };
     let options = ServeOptions {
         checkpoint_interval: Duration::from_millis(100),

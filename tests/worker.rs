@@ -25,6 +25,8 @@ struct SlowEngine {
     max: AtomicUsize,
     total: AtomicUsize,
     dead: AtomicBool,
+    /// A prompt this engine never answers (a straggler).
+    hang_on: Option<&'static str>,
 }
 
 impl Engine for SlowEngine {
@@ -32,6 +34,13 @@ impl Engine for SlowEngine {
         Box::pin(async move {
             if self.dead.load(Ordering::SeqCst) {
                 return Err(RequestError::Unavailable("connection refused".into()));
+            }
+            let prompt = request.to_json()["prompt"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if self.hang_on == Some(prompt.as_str()) {
+                return std::future::pending().await;
             }
             let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
             self.max.fetch_max(n, Ordering::SeqCst);
@@ -82,14 +91,26 @@ impl Job {
         DispatcherClient,
         tokio::task::JoinHandle<Result<server::StopReason, server::ServerError>>,
     ) {
-        let config = LedgerConfig {
-            infile: self.path("in.jsonl"),
-            outfile: self.path("out.jsonl"),
-            checkpoint: self.path("out.jsonl.checkpoint"),
+        self.serve_with(|_| {}).await
+    }
+
+    async fn serve_with(
+        &self,
+        adjust: impl FnOnce(&mut LedgerConfig),
+    ) -> (
+        DispatcherClient,
+        tokio::task::JoinHandle<Result<server::StopReason, server::ServerError>>,
+    ) {
+        let mut config = LedgerConfig {
             work_timeout: Duration::from_secs(600),
-            max_retries: Some(3),
             retry_secs: 1,
+            ..LedgerConfig::new(
+                self.path("in.jsonl"),
+                self.path("out.jsonl"),
+                self.path("out.jsonl.checkpoint"),
+            )
         };
+        adjust(&mut config);
         let options = ServeOptions {
             // Longer than the 1 s retry_in, so workers see all_work_complete.
             exit_grace: Duration::from_millis(1500),
@@ -379,4 +400,151 @@ async fn worker_metrics_count_requests_tokens_and_outcomes() {
     );
     assert_eq!(value("dispatcher_worker_engine_requests_in_flight"), 0.0);
     assert_eq!(value("dispatcher_worker_engine_errors_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_long_requests_alive_under_a_short_lease() {
+    let job = Job::new(8);
+    let (client, served) = job
+        .serve_with(|c| c.work_timeout = Duration::from_millis(1000))
+        .await;
+    // A worker written for the Python server takes a line and goes silent.
+    let silent = client.get_work(1).await.unwrap();
+    assert_eq!(silent.items[0].work_id, 0);
+    assert_eq!(silent.lease_secs, Some(1.0));
+    // Ours needs 1.5 s per request, longer than the lease: its heartbeats keep it.
+    let (exit, summary) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(client.clone())),
+        Arc::new(SlowEngine {
+            delay: Duration::from_millis(1500),
+            ..SlowEngine::default()
+        }),
+        config(16, 16),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    assert_eq!(summary.outcomes.get("ok"), Some(&8));
+    let status = client.status().await;
+    served.await.unwrap().unwrap();
+    // Only the silent worker's line expired (and came to ours).
+    if let Ok(s) = status {
+        assert_eq!(s.reissues.timeout, 1, "{s:?}");
+    }
+    job.check_output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
+    let job = Job::new(6);
+    let (client, served) = job
+        .serve_with(|c| {
+            c.work_timeout = Duration::from_secs(3);
+            c.max_backups = 1;
+            c.backup_after = Duration::from_millis(200);
+        })
+        .await;
+    // Worker A's engine never answers line 0's first request.
+    let a = tokio::spawn({
+        let client = client.clone();
+        async move {
+            manager::run(
+                &two_steps,
+                Arc::new(ServerSource::new(client)),
+                Arc::new(SlowEngine {
+                    delay: Duration::from_millis(5),
+                    hang_on: Some("first 0"),
+                    ..SlowEngine::default()
+                }),
+                config(8, 8),
+                Arc::new(Progress::default()),
+                std::future::pending(),
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    // Wait until A has done everything but line 0.
+    let start = std::time::Instant::now();
+    loop {
+        let s = client.status().await.unwrap();
+        if s.reorder_buffer == 5 {
+            assert_eq!(s.blocking.as_ref().map(|b| b.work_id), Some(0));
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Worker B (another process: another client) is idle: it gets a backup
+    // copy of line 0 and finishes it.
+    let (exit, b) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+        Arc::new(SlowEngine {
+            delay: Duration::from_millis(5),
+            ..SlowEngine::default()
+        }),
+        config(8, 8),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    assert_eq!(b.outcomes.get("ok"), Some(&1));
+    // A learns from its next heartbeat that line 0 is done, drops it and ends.
+    let (exit, a) = tokio::time::timeout(Duration::from_secs(20), a)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::Complete);
+    assert_eq!((a.dropped, a.released), (1, 0));
+    served.await.unwrap().unwrap();
+    job.check_output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_preemption_never_tombstones_good_items() {
+    let job = Job::new(200);
+    // Not a single failure allowed per item: any release counted as one would tombstone.
+    let (client, served) = job.serve_with(|c| c.max_retries = Some(0)).await;
+    for round in 0..12u64 {
+        let (exit, summary) = manager::run(
+            &two_steps,
+            Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+            Arc::new(SlowEngine {
+                delay: Duration::from_millis(100),
+                ..SlowEngine::default()
+            }),
+            config(8, 8),
+            Arc::new(Progress::default()),
+            tokio::time::sleep(Duration::from_millis(60 + 20 * round)),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(exit, Exit::Interrupted, "round {round}");
+        assert!(
+            summary.released > 0,
+            "round {round}: preempted while holding items"
+        );
+    }
+    let status = client.status().await.unwrap();
+    assert!(status.reissues.release >= 12 * 8, "{status:?}");
+    assert_eq!(status.tombstones, 0);
+    let (exit, _) = manager::run(
+        &two_steps,
+        Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+        Arc::new(SlowEngine::default()),
+        config(16, 16),
+        Arc::new(Progress::default()),
+        std::future::pending(),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(exit, Exit::Complete);
+    served.await.unwrap().unwrap();
+    job.check_output();
 }

@@ -12,7 +12,7 @@ use dispatcher_core::engine::launch::{self, EngineKind, LaunchConfig};
 use dispatcher_core::engine::{
     BoxFuture, Choice, Engine, OpenAiEngine, Request, RequestError, Response, RetryPolicy,
 };
-use dispatcher_core::protocol::{WorkItem, WorkResponse, WorkStatus};
+use dispatcher_core::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 use dispatcher_core::task::manager::{self, ManagerConfig, Progress};
 use dispatcher_core::task::source::{SourceError, WorkSource};
 use dispatcher_core::task::{Task, TaskContext, TaskError};
@@ -57,6 +57,7 @@ impl WorkSource for Endless {
             status: WorkStatus::Ok,
             retry_in: None,
             items,
+            lease_secs: None,
         })))
     }
 
@@ -65,7 +66,11 @@ impl WorkSource for Endless {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn release(&self, _ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>> {
+    fn release(
+        &self,
+        _ids: Vec<u64>,
+        _reason: ReleaseReason,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }

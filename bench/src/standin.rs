@@ -36,6 +36,7 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
                 Json(WorkResponse {
                     status: WorkStatus::Ok,
                     retry_in: None,
+                    lease_secs: Some(1200.0),
                     items: (first..first + n)
                         .map(|i| WorkItem {
                             work_id: i,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dispatcher_core::ledger::LedgerConfig;
+use dispatcher_core::ledger::{LedgerConfig, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES};
 use dispatcher_core::server::{self, ServeOptions, StopReason};
 
 /// Flags of `dispatcher serve`.
@@ -61,6 +61,33 @@ pub struct ServeArgs {
     /// Log the peer and the first bytes of every request answered with a 4xx.
     #[arg(long)]
     pub log_invalid_http: bool,
+    /// Releases of an item by preempted workers before it is tombstoned; -1
+    /// never. A budget separate from --max-retries, which counts failures
+    /// (lease expiries, task retries).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_RELEASES as i64, allow_negative_numbers = true)]
+    pub max_releases: i64,
+    /// MiB of finished results kept in memory while they wait for an earlier
+    /// line; more are spilled to `<outfile>.pending`.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_PENDING_BYTES >> 20)]
+    pub max_pending_mib: u64,
+    /// Backup copies of straggling items handed to idle workers at most at once,
+    /// once no new line is left (0: off). The first result wins.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub backups: u32,
+    /// Seconds an item must have been in flight before it gets a backup copy.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub backup_after: f64,
+}
+
+/// `-1` for "never", else a count that fits in `u32`.
+fn budget(flag: &str, v: i64) -> anyhow::Result<Option<u32>> {
+    match v {
+        -1 => Ok(None),
+        n if n >= 0 => Ok(Some(
+            u32::try_from(n).with_context(|| format!("--{flag} is too large"))?,
+        )),
+        n => bail!("--{flag} must be -1 (never tombstone) or a count of 0 or more, not {n}"),
+    }
 }
 
 fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
@@ -73,13 +100,8 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
 impl ServeArgs {
     /// Validates the flags into the ledger's and server's configuration.
     pub fn config(&self) -> anyhow::Result<(LedgerConfig, ServeOptions)> {
-        let max_retries = match self.max_retries {
-            -1 => None,
-            n if n >= 0 => Some(u32::try_from(n).context("--max-retries is too large")?),
-            n => {
-                bail!("--max-retries must be -1 (never tombstone) or a count of 0 or more, not {n}")
-            }
-        };
+        let max_retries = budget("max-retries", self.max_retries)?;
+        let max_releases = budget("max-releases", self.max_releases)?;
         if self.max_batch_size == 0 {
             bail!("--max-batch-size must be at least 1");
         }
@@ -98,12 +120,14 @@ impl ServeArgs {
             p.into()
         });
         let ledger = LedgerConfig {
-            infile: self.infile.clone(),
-            outfile: self.outfile.clone(),
-            checkpoint,
             work_timeout: secs("work-timeout", self.work_timeout)?,
             max_retries,
             retry_secs: self.retry.max(1),
+            max_releases,
+            max_pending_bytes: self.max_pending_mib.saturating_mul(1 << 20),
+            max_backups: self.backups,
+            backup_after: Duration::from_secs_f64(self.backup_after.clamp(0.0, 1e9)),
+            ..LedgerConfig::new(self.infile.clone(), self.outfile.clone(), checkpoint)
         };
         let options = ServeOptions {
             checkpoint_interval: secs("checkpoint-interval", self.checkpoint_interval)?,

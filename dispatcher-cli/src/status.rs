@@ -136,6 +136,18 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
     } else {
         "unknown (no progress in the last interval)".to_string()
     };
+    let blocking = now.blocking.as_ref().map_or_else(
+        || "none".to_string(),
+        |b| {
+            format!(
+                "work_id {} ({}, first issued {} ago) holds back {} finished lines",
+                b.work_id,
+                b.state,
+                human_secs(b.age_secs),
+                b.waiting_lines
+            )
+        },
+    );
     let oldest = now.oldest_in_flight.as_ref().map_or_else(
         || "none".to_string(),
         |o| {
@@ -151,8 +163,9 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         "lines done   {} / {total}  (input read {percent:.1}%)\n\
          rate         {rate:.1} lines/s   ETA {eta}\n\
          in flight    {} (queued for reissue {})   reorder buffer {} lines, {} bytes\n\
-         reissues     timeout {}, release {}   tombstones {}   invalid lines {}\n\
-         oldest       {oldest}\n",
+         reissues     timeout {}, release {}, task retry {}   tombstones {}   invalid lines {}\n\
+         oldest       {oldest}\n\
+         blocking     {blocking}\n",
         now.lines_done,
         now.in_flight,
         now.queued_for_reissue,
@@ -160,6 +173,7 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         now.reorder_buffer_bytes,
         now.reissues.timeout,
         now.reissues.release,
+        now.reissues.retry,
         now.tombstones,
         now.invalid_lines,
     )

@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{
-    MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest, ResultsResponse,
-    StatusResponse, WorkItem, WorkResponse, WorkStatus, WorkTimeoutRequest,
+    HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseReason, ReleaseRequest,
+    ReleaseResponse, ResultsRequest, ResultsResponse, StatusResponse, WorkItem, WorkResponse,
+    WorkStatus, WorkTimeoutRequest,
 };
 
 /// Why a call to the server failed.
@@ -49,11 +50,17 @@ impl ClientError {
     }
 }
 
+/// Clients made by this process, to tell them apart in worker ids.
+static WORKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Talks to one dispatcher server.
 #[derive(Debug, Clone)]
 pub struct DispatcherClient {
     /// `http://host:port`, without a trailing slash.
     base: String,
+    /// Sent with work requests, so the server never hands this worker a backup
+    /// of an item it holds itself (an extension the Python server ignores).
+    worker_id: String,
     http: reqwest::Client,
 }
 
@@ -83,7 +90,19 @@ impl DispatcherClient {
             .pool_max_idle_per_host(64)
             .build()
             .expect("a plain HTTP client builds");
-        DispatcherClient { base, http }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let worker_id = format!(
+            "{}-{}-{nanos}",
+            std::process::id(),
+            WORKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        DispatcherClient {
+            base,
+            http,
+            worker_id,
+        }
     }
 
     /// The server's base URL.
@@ -94,12 +113,16 @@ impl DispatcherClient {
     /// `GET /work?batch_size=N`; an unreachable server is
     /// [`WorkStatus::ServerUnavailable`], as the Python client reports it.
     pub async fn get_work(&self, batch_size: usize) -> Result<WorkResponse, ClientError> {
-        let url = format!("{}/work?batch_size={batch_size}", self.base);
+        let url = format!(
+            "{}/work?batch_size={batch_size}&worker={}",
+            self.base, self.worker_id
+        );
         match self.send(self.http.get(&url), &url).await {
             Err(ClientError::Unavailable { .. }) => Ok(WorkResponse {
                 status: WorkStatus::ServerUnavailable,
                 retry_in: None,
                 items: Vec::new(),
+                lease_secs: None,
             }),
             other => other,
         }
@@ -112,8 +135,24 @@ impl DispatcherClient {
 
     /// `POST /release`: returns how many items went back to the queue.
     pub async fn release(&self, work_ids: Vec<u64>) -> Result<u64, ClientError> {
-        let r: ReleaseResponse = self.post("release", &ReleaseRequest { work_ids }).await?;
+        self.release_for(work_ids, None).await
+    }
+
+    /// `POST /release` with a reason (an extension older servers ignore).
+    pub async fn release_for(
+        &self,
+        work_ids: Vec<u64>,
+        reason: Option<ReleaseReason>,
+    ) -> Result<u64, ClientError> {
+        let r: ReleaseResponse = self
+            .post("release", &ReleaseRequest { work_ids, reason })
+            .await?;
         Ok(r.released_count)
+    }
+
+    /// `POST /heartbeat` (extension): extends the leases of `work_ids`.
+    pub async fn heartbeat(&self, work_ids: Vec<u64>) -> Result<HeartbeatResponse, ClientError> {
+        self.post("heartbeat", &HeartbeatRequest { work_ids }).await
     }
 
     /// `GET /status`.

@@ -22,10 +22,12 @@ use rustc_hash::FxHashMap as HashMap;
 use tokio::time::Instant;
 
 use crate::checkpoint::{Checkpoint, JobLock, ResumeError};
+use crate::error::path_error;
 use crate::input::{InputReader, LineSpan};
 use crate::output::OutputWriter;
 use crate::protocol::{
-    error_record, tombstone, OldestInFlight, ReissueCounts, StatusResponse, WorkItem, WorkStatus,
+    error_record, tombstone, BlockingLine, OldestInFlight, ReissueCounts, StatusResponse, WorkItem,
+    WorkStatus,
 };
 
 /// What the ledger needs to know about the job.
@@ -44,24 +46,85 @@ pub struct LedgerConfig {
     /// `retry_in` told to workers when nothing is issuable (an upper bound: the
     /// ledger answers sooner when an in-flight item expires sooner).
     pub retry_secs: u64,
+    /// Releases (preemptions) before an item is tombstoned; `None` never. A
+    /// budget separate from `max_retries`, so heavy preemption does not
+    /// tombstone good items.
+    pub max_releases: Option<u32>,
+    /// Bytes of finished results kept in memory while they wait for an earlier
+    /// line; past it they are spilled to `<outfile>.pending`.
+    pub max_pending_bytes: u64,
+    /// Backup copies of straggling items handed out at most at once (0: none).
+    /// Only idle workers get them: a work request that finds no new line and
+    /// no reissue, from a worker that does not hold the item itself.
+    pub max_backups: u32,
+    /// How long an item must have been in flight before it gets a backup.
+    pub backup_after: Duration,
 }
+
+impl LedgerConfig {
+    /// A configuration with the defaults of `dispatcher serve` for everything
+    /// but the three paths.
+    pub fn new(infile: PathBuf, outfile: PathBuf, checkpoint: PathBuf) -> LedgerConfig {
+        LedgerConfig {
+            infile,
+            outfile,
+            checkpoint,
+            work_timeout: Duration::from_secs(1200),
+            max_retries: Some(3),
+            retry_secs: 300,
+            max_releases: Some(DEFAULT_MAX_RELEASES),
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            max_backups: 0,
+            backup_after: Duration::from_secs(60),
+        }
+    }
+
+    /// Where results past `max_pending_bytes` go.
+    pub fn spill_path(&self) -> PathBuf {
+        let mut p = self.outfile.as_os_str().to_owned();
+        p.push(".pending");
+        PathBuf::from(p)
+    }
+}
+
+/// Default `--max-releases`: preemptions are not the item's fault; only an item
+/// released this often (a poison item that kills workers) is given up.
+pub const DEFAULT_MAX_RELEASES: u32 = 50;
+/// Default `--max-pending-mib`: 256 MiB of results waiting for a stuck line.
+pub const DEFAULT_MAX_PENDING_BYTES: u64 = 256 << 20;
 
 /// Why an item went back to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
-    /// Its work timeout expired.
+    /// Its lease (work timeout) expired: a failure.
     Timeout,
-    /// Its worker released it.
+    /// Its worker released it unprocessed (preemption): not a failure.
     Release,
+    /// Its task asked for another attempt: a failure.
+    Retry,
+    /// A release that gives no reason (a worker written for the Python
+    /// server): counted as a release, but on the `max_retries` budget and in
+    /// `retry_count`, exactly as that server did.
+    LegacyRelease,
 }
 
 /// An issued line that has no result yet.
 #[derive(Debug)]
 struct Item {
     span: LineSpan,
-    /// Reissues so far: the `retry_count` of its next issue.
+    /// Failures so far (expiries, task retries): the `retry_count` of its next
+    /// issue, checked against `max_retries`.
     retry_count: u32,
+    /// Releases so far, checked against `max_releases`.
+    releases: u32,
+    /// Reissues by cause, for the tombstone's history.
     reissues: ReissueCounts,
+    /// When it was first issued, for the blocking line's age.
+    first_issued: Instant,
+    /// Whether a backup copy of it is out.
+    backed_up: bool,
+    /// The worker of its current issue, when the worker says who it is.
+    holder: Option<u64>,
     state: ItemState,
 }
 
@@ -79,6 +142,21 @@ struct Done {
     line: Box<str>,
     /// Where the next input line starts: the resume offset once this is written.
     input_end: u64,
+}
+
+/// One line of the reorder window.
+#[derive(Debug)]
+enum Slot {
+    /// Not finished yet.
+    Open,
+    /// Finished, kept in memory.
+    Mem(Done),
+    /// Finished, spilled to the pending file at `offset` (`len` bytes).
+    Disk {
+        offset: u64,
+        len: u32,
+        input_end: u64,
+    },
 }
 
 /// The answer to a work request.
@@ -133,13 +211,23 @@ pub struct Ledger {
     deadlines: VecDeque<(Instant, u64, u64)>,
     /// Issue counter, to tell deadline entries of successive issues apart.
     seq: u64,
-    /// The reorder buffer: slot `k` is line `next_write_id + k`, `Some` once
-    /// finished. Its front is `None` until line `next_write_id` is done.
-    reorder: VecDeque<Option<Done>>,
-    /// How many slots of `reorder` are `Some`.
+    /// The reorder buffer: slot `k` is line `next_write_id + k`. Its front is
+    /// open until line `next_write_id` is done.
+    reorder: VecDeque<Slot>,
+    /// How many slots of `reorder` are finished (in memory or spilled).
     reorder_len: u64,
-    /// Bytes of results in `reorder`.
+    /// Bytes of results in `reorder` kept in memory (at most `max_pending_bytes`).
     reorder_bytes: u64,
+    /// How many finished slots are spilled.
+    spilled: u64,
+    /// The spill file, opened on the first spill; emptied whenever nothing in
+    /// it is waiting any more. Never read on resume: a restart redoes lines
+    /// that were not written yet.
+    spill: Option<SpillFile>,
+    /// Backup copies out (items with `backed_up`).
+    backups_out: u32,
+    /// Backup copies handed out by this run.
+    backups_issued: u64,
     /// Id of the next line to write.
     next_write_id: u64,
     /// Input offset of line `next_write_id`.
@@ -162,6 +250,19 @@ impl Ledger {
     /// when there is one. See [`ResumeError`] for what is refused.
     pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
         let lock = JobLock::acquire(&config.checkpoint)?;
+        // Results spilled by an earlier run were never written: those lines are
+        // redone, so the file is stale.
+        match std::fs::remove_file(config.spill_path()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(path_error(
+                    e,
+                    "remove the stale pending-results file",
+                    &config.spill_path(),
+                )
+                .into())
+            }
+            _ => {}
+        }
         let (lines, input_offset, output_offset) = match Checkpoint::load(&config.checkpoint)? {
             Some(cp) => {
                 cp.verify(&config.checkpoint, &config.infile, &config.outfile)?;
@@ -214,6 +315,10 @@ impl Ledger {
             reorder: VecDeque::new(),
             reorder_len: 0,
             reorder_bytes: 0,
+            spilled: 0,
+            spill: None,
+            backups_out: 0,
+            backups_issued: 0,
             next_write_id: lines,
             input_len,
             started: now,
@@ -247,6 +352,17 @@ impl Ledger {
 
     /// Hands out up to `batch` items: queued reissues first, then new lines.
     pub fn take_work(&mut self, batch: usize, now: Instant) -> io::Result<WorkReply> {
+        self.take_work_for(batch, now, None)
+    }
+
+    /// [`take_work`](Self::take_work) for a worker that says who it is (a hash
+    /// of its id): it is never handed a backup of an item it holds itself.
+    pub fn take_work_for(
+        &mut self,
+        batch: usize,
+        now: Instant,
+        worker: Option<u64>,
+    ) -> io::Result<WorkReply> {
         self.expire(now)?;
         let mut items = Vec::with_capacity(batch.min(1024));
         while items.len() < batch {
@@ -256,6 +372,7 @@ impl Ledger {
                     let content = self.input.read_span(item.span)?;
                     self.queued -= 1;
                     self.seq += 1;
+                    item.holder = worker;
                     item.state = ItemState::InFlight {
                         issued_at: now,
                         seq: self.seq,
@@ -289,7 +406,11 @@ impl Ledger {
                         Item {
                             span: line.span,
                             retry_count: 0,
+                            releases: 0,
                             reissues: ReissueCounts::default(),
+                            first_issued: now,
+                            backed_up: false,
+                            holder: worker,
                             state: ItemState::InFlight {
                                 issued_at: now,
                                 seq: self.seq,
@@ -314,9 +435,12 @@ impl Ledger {
                         &self.config.infile.display().to_string(),
                         &bytes,
                     );
-                    self.finish(id, record.into(), line.span.end);
+                    self.finish(id, record.into(), line.span.end)?;
                 }
             }
+        }
+        if items.is_empty() && self.queued == 0 && self.input_exhausted {
+            self.issue_backups(batch, now, worker, &mut items)?;
         }
         self.write_ready()?;
         self.check_eof()?;
@@ -342,6 +466,78 @@ impl Ledger {
         })
     }
 
+    /// Hands idle workers backup copies of the oldest in-flight items that have
+    /// none yet, up to `max_backups` out at once. The primary keeps its lease;
+    /// whichever result comes first wins.
+    fn issue_backups(
+        &mut self,
+        room: usize,
+        now: Instant,
+        worker: Option<u64>,
+        items: &mut Vec<WorkItem>,
+    ) -> io::Result<()> {
+        let allowed = (self.config.max_backups.saturating_sub(self.backups_out) as usize).min(room);
+        if allowed == 0 {
+            return Ok(());
+        }
+        let mut candidates: Vec<(Instant, u64)> = self
+            .items
+            .iter()
+            .filter(|(_, item)| !item.backed_up && (worker.is_none() || item.holder != worker))
+            .filter_map(|(&id, item)| match item.state {
+                ItemState::InFlight { issued_at, .. }
+                    if now.saturating_duration_since(issued_at) >= self.config.backup_after =>
+                {
+                    Some((issued_at, id))
+                }
+                _ => None,
+            })
+            .collect();
+        candidates.sort_unstable();
+        for (_, id) in candidates.into_iter().take(allowed) {
+            let item = self.items.get_mut(&id).expect("listed above");
+            item.backed_up = true;
+            self.backups_out += 1;
+            self.backups_issued += 1;
+            items.push(WorkItem {
+                work_id: id,
+                content: self.input.read_span(item.span)?,
+                result: None,
+                retry_count: item.retry_count,
+                max_retries: self.config.max_retries,
+            });
+        }
+        Ok(())
+    }
+
+    /// A worker is alive and still working on `ids`: their leases run for the
+    /// work timeout from `now`. Returns how many were extended and which ids
+    /// are already done (the worker may drop them).
+    pub fn heartbeat(&mut self, ids: &[u64], now: Instant) -> (u64, Vec<u64>) {
+        let mut extended = 0;
+        let mut done = Vec::new();
+        for &id in ids {
+            match self.items.get_mut(&id) {
+                Some(item) => {
+                    if let ItemState::InFlight { issued_at, .. } = item.state {
+                        self.seq += 1;
+                        item.state = ItemState::InFlight {
+                            issued_at,
+                            seq: self.seq,
+                        };
+                        self.deadlines
+                            .push_back((now + self.config.work_timeout, id, self.seq));
+                        extended += 1;
+                    }
+                }
+                None if id < self.next_work_id => done.push(id),
+                None => {}
+            }
+        }
+        self.compact_deadlines();
+        (extended, done)
+    }
+
     /// Records results; the first result of an item wins. A result must be one
     /// JSON value on one line, else it is refused and its item stays in flight.
     pub fn complete(&mut self, results: Vec<WorkItem>) -> io::Result<CompleteReply> {
@@ -361,7 +557,10 @@ impl Ledger {
                     if matches!(item.state, ItemState::Queued) {
                         self.queued -= 1;
                     }
-                    self.finish(id, line.into_boxed_str(), item.span.end);
+                    if item.backed_up {
+                        self.backups_out -= 1;
+                    }
+                    self.finish(id, line.into_boxed_str(), item.span.end)?;
                     reply.accepted += 1;
                 }
                 None => {
@@ -380,14 +579,15 @@ impl Ledger {
     }
 
     /// Puts in-flight items back at the front of the queue, in the given order.
-    /// Returns how many were in flight.
-    pub fn release(&mut self, ids: &[u64]) -> io::Result<u64> {
+    /// Returns how many were in flight. `cause` is [`Cause::Release`]
+    /// (preemption) or [`Cause::Retry`] (the task asked for another attempt).
+    pub fn release(&mut self, ids: &[u64], cause: Cause) -> io::Result<u64> {
         let mut released = 0;
         let mut front = Vec::new();
         for &id in ids {
             if self.is_in_flight(id) {
                 released += 1;
-                if self.requeue(id, Cause::Release)? {
+                if self.requeue(id, cause)? {
                     front.push(id);
                 }
             }
@@ -473,6 +673,22 @@ impl Ledger {
             issued_total: self.issued_total,
             completed_total: self.completed_total,
             oldest_in_flight,
+            blocking: self
+                .items
+                .get(&self.next_write_id)
+                .map(|item| BlockingLine {
+                    work_id: self.next_write_id,
+                    age_secs: now
+                        .saturating_duration_since(item.first_issued)
+                        .as_secs_f64(),
+                    state: match item.state {
+                        ItemState::InFlight { .. } => "in_flight".into(),
+                        ItemState::Queued => "queued".into(),
+                    },
+                    waiting_lines: self.reorder_len,
+                }),
+            reorder_buffer_spilled: self.spilled,
+            backups_issued: self.backups_issued,
             work_timeout_secs: self.config.work_timeout.as_secs_f64(),
             max_retries: self.config.max_retries.map_or(-1, i64::from),
             complete: self.is_complete(),
@@ -531,62 +747,120 @@ impl Ledger {
     /// its reissues are used up and returns false.
     fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<bool> {
         let item = self.items.get_mut(&id).expect("requeue of an issued item");
+        if item.backed_up {
+            // The copy may still answer; the item is open to a new backup.
+            item.backed_up = false;
+            self.backups_out -= 1;
+        }
         match cause {
             Cause::Timeout => item.reissues.timeout += 1,
-            Cause::Release => item.reissues.release += 1,
+            Cause::Release | Cause::LegacyRelease => item.reissues.release += 1,
+            Cause::Retry => item.reissues.retry += 1,
         }
-        if self
-            .config
-            .max_retries
-            .is_some_and(|max| item.retry_count >= max)
-        {
+        let (used, budget, error) = match cause {
+            Cause::Timeout | Cause::Retry | Cause::LegacyRelease => (
+                item.retry_count,
+                self.config.max_retries,
+                "max_retries_exceeded",
+            ),
+            Cause::Release => (
+                item.releases,
+                self.config.max_releases,
+                "max_releases_exceeded",
+            ),
+        };
+        if budget.is_some_and(|max| used >= max) {
             let item = self.items.remove(&id).expect("present");
             let content = self.input.read_span(item.span)?;
             self.tombstones += 1;
-            tracing::warn!(
-                work_id = id,
-                retries = item.retry_count,
-                "tombstoned after too many reissues"
-            );
+            tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
             self.finish(
                 id,
-                tombstone(id, &content, item.reissues).into(),
+                tombstone(error, id, &content, item.reissues).into(),
                 item.span.end,
-            );
+            )?;
             return Ok(false);
         }
-        item.retry_count += 1;
+        match cause {
+            Cause::Timeout | Cause::Retry | Cause::LegacyRelease => item.retry_count += 1,
+            Cause::Release => item.releases += 1,
+        }
         item.state = ItemState::Queued;
         self.queued += 1;
         match cause {
             Cause::Timeout => self.reissues.timeout += 1,
-            Cause::Release => self.reissues.release += 1,
+            Cause::Release | Cause::LegacyRelease => self.reissues.release += 1,
+            Cause::Retry => self.reissues.retry += 1,
         }
         Ok(true)
     }
 
-    fn finish(&mut self, id: u64, line: Box<str>, input_end: u64) {
+    /// Puts a finished line into the reorder window: in memory while the
+    /// buffer is under `max_pending_bytes` (or when it is next to write),
+    /// spilled to the pending file otherwise.
+    fn finish(&mut self, id: u64, line: Box<str>, input_end: u64) -> io::Result<()> {
         let slot = (id - self.next_write_id) as usize;
         if slot >= self.reorder.len() {
-            self.reorder.resize_with(slot + 1, || None);
+            self.reorder.resize_with(slot + 1, || Slot::Open);
         }
-        debug_assert!(self.reorder[slot].is_none(), "line {id} finished twice");
-        self.reorder_bytes += line.len() as u64;
+        debug_assert!(
+            matches!(self.reorder[slot], Slot::Open),
+            "line {id} finished twice"
+        );
         self.reorder_len += 1;
-        self.reorder[slot] = Some(Done { line, input_end });
+        let len = line.len() as u64;
+        if slot == 0 || self.reorder_bytes + len <= self.config.max_pending_bytes {
+            self.reorder_bytes += len;
+            self.reorder[slot] = Slot::Mem(Done { line, input_end });
+            return Ok(());
+        }
+        if self.spill.is_none() {
+            self.spill = Some(SpillFile::create(self.config.spill_path())?);
+        }
+        let offset = self.spill.as_mut().expect("created above").append(&line)?;
+        self.spilled += 1;
+        self.reorder[slot] = Slot::Disk {
+            offset,
+            len: len as u32,
+            input_end,
+        };
+        Ok(())
     }
 
     /// Writes every result that is next in order, then flushes.
     fn write_ready(&mut self) -> io::Result<()> {
         let mut wrote = false;
-        while let Some(Some(_)) = self.reorder.front() {
-            let done = self.reorder.pop_front().flatten().expect("checked above");
-            self.reorder_bytes -= done.line.len() as u64;
+        loop {
+            let (line, input_end) = match self.reorder.front() {
+                Some(Slot::Mem(_)) => match self.reorder.pop_front() {
+                    Some(Slot::Mem(done)) => {
+                        self.reorder_bytes -= done.line.len() as u64;
+                        (done.line, done.input_end)
+                    }
+                    _ => unreachable!("checked above"),
+                },
+                Some(&Slot::Disk {
+                    offset,
+                    len,
+                    input_end,
+                }) => {
+                    self.reorder.pop_front();
+                    let spill = self.spill.as_mut().expect("a spilled slot has a file");
+                    self.spilled -= 1;
+                    (spill.read(offset, len)?.into_boxed_str(), input_end)
+                }
+                _ => break,
+            };
             self.reorder_len -= 1;
-            self.output.write_line(&done.line)?;
+            self.output.write_line(&line)?;
             self.next_write_id += 1;
-            self.written_input_offset = done.input_end;
+            self.written_input_offset = input_end;
             wrote = true;
+        }
+        if self.spilled == 0 {
+            if let Some(spill) = self.spill.as_mut() {
+                spill.clear()?;
+            }
         }
         if wrote {
             self.output.flush()?;
@@ -609,6 +883,60 @@ fn issue_seq(items: &HashMap<u64, Item>, id: u64) -> Option<u64> {
     match items.get(&id)?.state {
         ItemState::InFlight { seq, .. } => Some(seq),
         ItemState::Queued => None,
+    }
+}
+
+/// Results spilled out of the reorder buffer. Append-only while anything in it
+/// waits; truncated when nothing does, so it never outgrows what is waiting.
+#[derive(Debug)]
+struct SpillFile {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+}
+
+impl SpillFile {
+    fn create(path: PathBuf) -> io::Result<SpillFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| path_error(e, "create the pending-results file", &path))?;
+        Ok(SpillFile { path, file, len: 0 })
+    }
+
+    /// Appends `line`; returns its offset.
+    fn append(&mut self, line: &str) -> io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let offset = self.len;
+        self.file
+            .write_all_at(line.as_bytes(), offset)
+            .map_err(|e| path_error(e, "write the pending-results file", &self.path))?;
+        self.len += line.len() as u64;
+        Ok(offset)
+    }
+
+    fn read(&self, offset: u64, len: u32) -> io::Result<String> {
+        let bytes = crate::input::read_exact_at(&self.file, offset, len as usize)
+            .map_err(|e| path_error(e, "read the pending-results file", &self.path))?;
+        String::from_utf8(bytes).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: a spilled result changed on disk", self.path.display()),
+            )
+        })
+    }
+
+    fn clear(&mut self) -> io::Result<()> {
+        if self.len > 0 {
+            self.file
+                .set_len(0)
+                .map_err(|e| path_error(e, "truncate the pending-results file", &self.path))?;
+            self.len = 0;
+        }
+        Ok(())
     }
 }
 
@@ -679,12 +1007,13 @@ mod tests {
             let infile = dir.path().join("in.jsonl");
             std::fs::write(&infile, input).unwrap();
             let config = LedgerConfig {
-                outfile: dir.path().join("out.jsonl"),
-                checkpoint: dir.path().join("out.jsonl.checkpoint"),
-                infile,
                 work_timeout: TIMEOUT,
                 max_retries,
-                retry_secs: 300,
+                ..LedgerConfig::new(
+                    infile,
+                    dir.path().join("out.jsonl"),
+                    dir.path().join("out.jsonl.checkpoint"),
+                )
             };
             Job { dir, config }
         }
@@ -813,18 +1142,25 @@ mod tests {
         let mut l = job.open(t).unwrap();
         l.take_work(4, t).unwrap();
         assert_eq!(
-            l.release(&[2, 0, 7, 2]).unwrap(),
+            l.release(&[2, 0, 7, 2], Cause::Release).unwrap(),
             2,
             "only items in flight count"
         );
         let r = l.take_work(3, t).unwrap();
         assert_eq!(ids(&r), vec![2, 0, 4]);
-        assert_eq!(r.items[0].retry_count, 1);
+        assert_eq!(r.items[0].retry_count, 0, "a preemption is not a failure");
+        l.release(&[2], Cause::Retry).unwrap();
+        assert_eq!(
+            l.take_work(1, t).unwrap().items[0].retry_count,
+            1,
+            "a task retry is"
+        );
         assert_eq!(
             l.status(t).reissues,
             ReissueCounts {
                 timeout: 0,
-                release: 2
+                release: 2,
+                retry: 1,
             }
         );
     }
@@ -835,7 +1171,7 @@ mod tests {
         let t = Instant::now();
         let mut l = job.open(t).unwrap();
         l.take_work(1, t).unwrap();
-        l.release(&[0]).unwrap();
+        l.release(&[0], Cause::Release).unwrap();
         assert_eq!(l.complete(vec![result(0, "0")]).unwrap().accepted, 1);
         assert_eq!(ids(&l.take_work(5, t).unwrap()), vec![1]);
     }
@@ -1047,6 +1383,216 @@ mod tests {
         assert_eq!(s.lines_total, None);
     }
 
+    #[test]
+    fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
+        let job = Job::new(&lines(2), Some(3));
+        let mut t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(2, t).unwrap();
+        // Item 0's worker heartbeats every third of the lease; item 1's is silent.
+        for _ in 0..9 {
+            t += TIMEOUT / 3;
+            assert_eq!(l.heartbeat(&[0], t), (1, vec![]));
+            l.tick(t).unwrap();
+        }
+        let s = l.status(t);
+        assert_eq!(
+            (s.in_flight, s.queued_for_reissue, s.reissues.timeout),
+            (1, 1, 1)
+        );
+        let r = l.take_work(5, t).unwrap();
+        assert_eq!(ids(&r), vec![1], "only the silent worker's item comes back");
+        l.complete(vec![result(0, "0")]).unwrap();
+        assert_eq!(
+            l.heartbeat(&[0, 1, 9], t),
+            (1, vec![0]),
+            "0 is done: drop it"
+        );
+    }
+
+    #[test]
+    fn preemptions_draw_on_their_own_budget_and_the_tombstone_has_the_history() {
+        let mut job = Job::new(&lines(2), Some(1));
+        job.config.max_releases = Some(DEFAULT_MAX_RELEASES);
+        let mut t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        // Forty preemptions of both items: far over --max-retries 1, no tombstone.
+        for _ in 0..40 {
+            let r = l.take_work(2, t).unwrap();
+            assert_eq!(r.items.len(), 2);
+            assert!(r.items.iter().all(|i| i.retry_count == 0));
+            assert_eq!(l.release(&[0, 1], Cause::Release).unwrap(), 2);
+        }
+        assert_eq!(l.status(t).tombstones, 0);
+        // Item 0 then fails twice (an expiry, a task retry): over --max-retries 1.
+        l.take_work(2, t).unwrap();
+        l.complete(vec![result(1, "1")]).unwrap();
+        t += TIMEOUT;
+        let r = l.take_work(1, t).unwrap();
+        assert_eq!(r.items[0].retry_count, 1);
+        l.release(&[0], Cause::Retry).unwrap();
+        let out: Vec<serde_json::Value> = job
+            .output()
+            .lines()
+            .map(|x| serde_json::from_str(x).unwrap())
+            .collect();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0]["__ERROR__"]["error"], "max_retries_exceeded");
+        assert_eq!(
+            out[0]["__ERROR__"]["reissues"],
+            serde_json::json!({"timeout": 1, "release": 40, "retry": 1})
+        );
+
+        // A poison item that kills every worker is still given up, by releases.
+        let mut job = Job::new(&lines(1), Some(1));
+        job.config.max_releases = Some(3);
+        let mut l = job.open(t).unwrap();
+        for _ in 0..4 {
+            l.take_work(1, t).unwrap();
+            l.release(&[0], Cause::Release).unwrap();
+        }
+        assert!(job.output().contains("max_releases_exceeded"));
+    }
+
+    #[test]
+    fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
+        const LATER: u64 = 1_000_000;
+        const CAP: u64 = 1 << 20;
+        let input: Vec<u8> = (0..=LATER)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
+        let mut job = Job::new(&input, Some(3));
+        job.config.max_pending_bytes = CAP;
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        // Line 0 goes to a worker that never answers.
+        assert_eq!(ids(&l.take_work(1, t).unwrap()), vec![0]);
+        let mut peak = 0;
+        loop {
+            let r = l.take_work(10_000, t).unwrap();
+            if r.items.is_empty() {
+                break;
+            }
+            let done = r
+                .items
+                .iter()
+                .map(|i| (i.work_id, format!("\"result {}\"", i.content)))
+                .collect();
+            l.complete_valid(done).unwrap();
+            let s = l.status(t);
+            peak = peak.max(s.reorder_buffer_bytes);
+            assert!(
+                s.reorder_buffer_bytes <= CAP,
+                "{} bytes in memory",
+                s.reorder_buffer_bytes
+            );
+        }
+        let s = l.status(t);
+        assert_eq!((s.lines_done, s.reorder_buffer), (0, LATER));
+        assert!(
+            s.reorder_buffer_spilled > LATER / 2,
+            "most results went to disk: {s:?}"
+        );
+        let blocking = s.blocking.expect("line 0 blocks the rest");
+        assert_eq!(
+            (
+                blocking.work_id,
+                blocking.state.as_str(),
+                blocking.waiting_lines
+            ),
+            (0, "in_flight", LATER)
+        );
+        assert!(peak > CAP / 2, "the memory was used up to the cap first");
+        assert!(job.config.spill_path().metadata().unwrap().len() > 0);
+        // The stuck line finally comes back: everything is written, in order.
+        l.complete(vec![result(0, "\"result 0\"")]).unwrap();
+        assert!(l.is_complete());
+        let out = job.output();
+        let mut n = 0;
+        for (i, line) in out.lines().enumerate() {
+            assert_eq!(line, format!("\"result {i}\""));
+            n += 1;
+        }
+        assert_eq!(n, LATER + 1);
+        assert_eq!(
+            job.config.spill_path().metadata().unwrap().len(),
+            0,
+            "the spill file is emptied"
+        );
+    }
+
+    #[test]
+    fn idle_workers_get_backups_of_stragglers_and_the_first_result_wins() {
+        let mut job = Job::new(&lines(3), Some(3));
+        job.config.max_backups = 2;
+        job.config.backup_after = Duration::from_secs(5);
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        let (a, b) = (Some(1), Some(2));
+        assert_eq!(ids(&l.take_work_for(2, t, a).unwrap()), vec![0, 1]);
+        assert_eq!(
+            ids(&l.take_work_for(5, t, b).unwrap()),
+            vec![2],
+            "no backups beside new lines"
+        );
+        let later = t + Duration::from_secs(1);
+        assert_eq!(
+            l.take_work_for(5, later, b).unwrap().status,
+            WorkStatus::Retry,
+            "too young for a backup"
+        );
+        let later = t + Duration::from_secs(6);
+        assert_eq!(
+            ids(&l.take_work_for(5, later, a).unwrap()),
+            vec![2],
+            "never one's own items"
+        );
+        assert_eq!(
+            ids(&l.take_work_for(5, later, b).unwrap()),
+            vec![0],
+            "the oldest straggler"
+        );
+        assert_eq!(
+            l.take_work_for(5, later, None).unwrap().status,
+            WorkStatus::Retry,
+            "two backups at most"
+        );
+        l.complete(vec![result(2, "2"), result(0, "\"from B\"")])
+            .unwrap();
+        let r = l
+            .complete(vec![result(0, "\"from A\""), result(1, "1")])
+            .unwrap();
+        assert_eq!((r.accepted, r.already_done), (1, vec![0]));
+        assert_eq!(job.output(), "\"from B\"\n1\n2\n");
+        assert_eq!(l.status(t).backups_issued, 2);
+    }
+
+    #[test]
+    fn a_restart_while_results_are_spilled_resumes_exactly() {
+        let mut job = Job::new(&lines(50), Some(3));
+        job.config.max_pending_bytes = 10;
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(50, t).unwrap();
+        l.complete((1..50).map(|i| result(i, &i.to_string())).collect())
+            .unwrap();
+        assert!(l.status(t).reorder_buffer_spilled >= 40);
+        drop(l); // a crash: line 0 was never answered
+        let mut l = job.open(t).unwrap();
+        assert_eq!(l.lines_written(), 0);
+        let r = l.take_work(100, t).unwrap();
+        assert_eq!(r.items.len(), 50, "unwritten lines are redone");
+        l.complete(
+            r.items
+                .iter()
+                .map(|i| result(i.work_id, &i.work_id.to_string()))
+                .collect(),
+        )
+        .unwrap();
+        let expected: String = (0..50).map(|i| format!("{i}\n")).collect();
+        assert_eq!(job.output(), expected);
+    }
+
     mod interleavings {
         //! Random interleavings of issue, complete, duplicate, release, timeout,
         //! crash and restart always end in an output whose line i is the result
@@ -1061,6 +1607,7 @@ mod tests {
             Duplicate(usize),
             Release(usize),
             Expire,
+            Heartbeat,
             Checkpoint,
             Crash { torn: bool },
         }
@@ -1072,6 +1619,7 @@ mod tests {
                 1 => any::<usize>().prop_map(Op::Duplicate),
                 1 => any::<usize>().prop_map(Op::Release),
                 1 => Just(Op::Expire),
+                1 => Just(Op::Heartbeat),
                 1 => Just(Op::Checkpoint),
                 1 => any::<bool>().prop_map(|torn| Op::Crash { torn }),
             ]
@@ -1101,8 +1649,39 @@ mod tests {
             }
         }
 
-        fn run(n: u64, max_retries: Option<u32>, ops: Vec<Op>) {
-            let job = Job::new(&lines(n), max_retries);
+        /// Budgets and limits drawn at random with the operations.
+        #[derive(Debug, Clone)]
+        struct Limits {
+            max_retries: Option<u32>,
+            max_releases: Option<u32>,
+            /// Tiny caps make the reorder buffer spill constantly.
+            max_pending_bytes: u64,
+            max_backups: u32,
+        }
+
+        fn limits() -> impl Strategy<Value = Limits> {
+            (
+                prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+                prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+                prop_oneof![Just(u64::MAX), 0u64..40],
+                0u32..3,
+            )
+                .prop_map(
+                    |(max_retries, max_releases, max_pending_bytes, max_backups)| Limits {
+                        max_retries,
+                        max_releases,
+                        max_pending_bytes,
+                        max_backups,
+                    },
+                )
+        }
+
+        fn run(n: u64, limits: Limits, ops: Vec<Op>) {
+            let mut job = Job::new(&lines(n), limits.max_retries);
+            job.config.max_releases = limits.max_releases;
+            job.config.max_pending_bytes = limits.max_pending_bytes;
+            job.config.max_backups = limits.max_backups;
+            job.config.backup_after = Duration::ZERO;
             let mut t = Instant::now();
             let mut l = job.open(t).unwrap();
             // Items held by workers, which outlive server restarts.
@@ -1122,7 +1701,16 @@ mod tests {
                     }
                     Op::Release(k) if !held.is_empty() => {
                         let item = held.swap_remove(k % held.len());
-                        l.release(&[item.work_id]).unwrap();
+                        let cause = if k % 2 == 0 {
+                            Cause::Release
+                        } else {
+                            Cause::Retry
+                        };
+                        l.release(&[item.work_id], cause).unwrap();
+                    }
+                    Op::Heartbeat => {
+                        let ids: Vec<u64> = held.iter().map(|i| i.work_id).collect();
+                        l.heartbeat(&ids, t);
                     }
                     Op::Expire => {
                         t += TIMEOUT;
@@ -1171,14 +1759,14 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(64))]
+            #![proptest_config(ProptestConfig::with_cases(256))]
             #[test]
             fn output_line_i_is_always_the_result_or_tombstone_of_line_i(
                 n in 0u64..25,
-                max_retries in prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+                limits in limits(),
                 ops in proptest::collection::vec(op(), 0..80),
             ) {
-                run(n, max_retries, ops);
+                run(n, limits, ops);
             }
         }
 

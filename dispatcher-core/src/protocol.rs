@@ -54,7 +54,7 @@ impl WorkStatus {
 }
 
 /// The answer to `GET /work?batch_size=N`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkResponse {
     /// What the worker should do next.
     pub status: WorkStatus,
@@ -63,6 +63,11 @@ pub struct WorkResponse {
     /// The items handed out (with [`WorkStatus::Ok`]).
     #[serde(default)]
     pub items: Vec<WorkItem>,
+    /// Extension: the lease length in seconds. Workers that send
+    /// `POST /heartbeat` for their items well within it keep them; silent ones
+    /// lose them when it runs out. Absent from the Python server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<f64>,
 }
 
 /// The body of `POST /results`.
@@ -93,6 +98,44 @@ pub struct ResultsResponse {
 pub struct ReleaseRequest {
     /// The work ids to put back at the front of the queue.
     pub work_ids: Vec<u64>,
+    /// Extension: why. `"retry"` (a task asked for another attempt) counts
+    /// against `--max-retries`; `"preempted"` draws on the separate
+    /// `--max-releases` budget. Without a reason (workers written for the
+    /// Python server) a release counts against `--max-retries`, as it did there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ReleaseReason>,
+}
+
+/// Why items are released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// The worker stops (preemption, SIGTERM, a dead engine): not the item's fault.
+    Preempted,
+    /// The task asked for another attempt: a failure of the item.
+    Retry,
+}
+
+/// The body of `POST /heartbeat` (extension): the worker is alive and still
+/// working on these items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Items the worker holds.
+    pub work_ids: Vec<u64>,
+}
+
+/// The answer to `POST /heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// `"OK"`.
+    pub status: String,
+    /// How many leases were extended (by the work timeout, from now).
+    pub extended: u64,
+    /// Items already done (by another worker, or tombstoned): drop them.
+    #[serde(default)]
+    pub done: Vec<u64>,
+    /// The lease length in seconds: heartbeat well within it.
+    pub lease_secs: f64,
 }
 
 /// The answer to `POST /release`.
@@ -123,10 +166,26 @@ pub struct MessageResponse {
 /// Reissues by what caused them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReissueCounts {
-    /// Items whose work timeout expired.
+    /// Items whose lease (work timeout) expired.
     pub timeout: u64,
-    /// Items that a worker released.
+    /// Items that a worker released unprocessed (preemption, shutdown).
     pub release: u64,
+    /// Items a task handed back for another attempt (`"reason": "retry"`).
+    #[serde(default)]
+    pub retry: u64,
+}
+
+/// The line every later line waits for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockingLine {
+    /// Its work id (the next line to write).
+    pub work_id: u64,
+    /// Seconds since it was first issued.
+    pub age_secs: f64,
+    /// `"in_flight"` or `"queued"`.
+    pub state: String,
+    /// Results of later lines waiting for it.
+    pub waiting_lines: u64,
 }
 
 /// The oldest item in flight, for spotting a stuck line.
@@ -187,6 +246,15 @@ pub struct StatusResponse {
     pub completed_total: u64,
     /// The oldest item in flight, if any.
     pub oldest_in_flight: Option<OldestInFlight>,
+    /// The unfinished line that later finished lines wait for, if any.
+    #[serde(default)]
+    pub blocking: Option<BlockingLine>,
+    /// Results of the reorder buffer spilled to disk (past `--max-pending-mib`).
+    #[serde(default)]
+    pub reorder_buffer_spilled: u64,
+    /// Backup copies of straggling items handed out.
+    #[serde(default)]
+    pub backups_issued: u64,
     /// The current work timeout in seconds.
     pub work_timeout_secs: f64,
     /// `--max-retries` (`-1` = never tombstone).
@@ -219,10 +287,17 @@ pub fn error_record(fields: serde_json::Map<String, serde_json::Value>) -> Strin
     serde_json::Value::Object(outer).to_string()
 }
 
-/// The tombstone the server writes for an item given up after `max_retries` reissues.
-pub fn tombstone(work_id: u64, original_content: &str, reissues: ReissueCounts) -> String {
+/// The tombstone the server writes for an item it gives up on: `error` is
+/// `max_retries_exceeded` (failures) or `max_releases_exceeded` (releases), and
+/// `reissues` is the attempt history by cause.
+pub fn tombstone(
+    error: &str,
+    work_id: u64,
+    original_content: &str,
+    reissues: ReissueCounts,
+) -> String {
     let mut f = serde_json::Map::new();
-    f.insert("error".into(), "max_retries_exceeded".into());
+    f.insert("error".into(), error.into());
     f.insert("work_id".into(), work_id.into());
     f.insert("original_content".into(), original_content.into());
     f.insert(
@@ -265,11 +340,13 @@ mod tests {
     #[test]
     fn tombstone_has_the_protocol_shape() {
         let t: serde_json::Value = serde_json::from_str(&tombstone(
+            "max_retries_exceeded",
             4,
             "line \"four\"",
             ReissueCounts {
                 timeout: 3,
                 release: 1,
+                retry: 0,
             },
         ))
         .unwrap();

@@ -19,11 +19,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::checkpoint::ResumeError;
-use crate::ledger::{check_results, Ledger, LedgerConfig};
+use crate::ledger::{check_results, Cause, Ledger, LedgerConfig};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    ErrorResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultsRequest,
-    ResultsResponse, WorkResponse, WorkTimeoutRequest,
+    ErrorResponse, HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseReason,
+    ReleaseRequest, ReleaseResponse, ResultsRequest, ResultsResponse, WorkResponse,
+    WorkTimeoutRequest,
 };
 
 /// How the server runs, beyond the job itself.
@@ -183,6 +184,7 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/status", get(get_status))
         .route("/work_timeout", post(post_work_timeout))
         .route("/metrics", get(get_metrics))
+        .route("/heartbeat", post(post_heartbeat))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -212,6 +214,7 @@ async fn observe(
         "/status" => "/status",
         "/work_timeout" => "/work_timeout",
         "/metrics" => "/metrics",
+        "/heartbeat" => "/heartbeat",
         "/health" => "/health",
         _ => "other",
     };
@@ -475,6 +478,8 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Resu
 #[derive(Debug, Deserialize)]
 struct WorkQuery {
     batch_size: Option<String>,
+    /// Extension: who asks, so it never gets a backup of its own item.
+    worker: Option<String>,
 }
 
 async fn get_work(
@@ -494,13 +499,25 @@ async fn get_work(
             }
         },
     };
-    let reply = state
-        .with_ledger(|l| l.take_work(batch, Instant::now()))
+    let worker = query.worker.as_deref().map(|w| {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        w.hash(&mut h);
+        h.finish()
+    });
+    let (reply, lease) = state
+        .with_ledger(|l| {
+            Ok((
+                l.take_work_for(batch, Instant::now(), worker)?,
+                l.config().work_timeout,
+            ))
+        })
         .await?;
     Ok(Json(WorkResponse {
         status: reply.status,
         retry_in: reply.retry_in,
         items: reply.items,
+        lease_secs: Some(lease.as_secs_f64()),
     }))
 }
 
@@ -539,10 +556,36 @@ async fn post_release(
     body: Bytes,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
-    let released = state.with_ledger(|l| l.release(&req.work_ids)).await?;
+    let cause = match req.reason {
+        Some(ReleaseReason::Retry) => Cause::Retry,
+        Some(ReleaseReason::Preempted) => Cause::Release,
+        None => Cause::LegacyRelease,
+    };
+    let released = state
+        .with_ledger(|l| l.release(&req.work_ids, cause))
+        .await?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
         released_count: released,
+    }))
+}
+
+async fn post_heartbeat(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let req: HeartbeatRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
+    let (extended, done, lease) = state
+        .with_ledger(|l| {
+            let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
+            Ok((extended, done, l.config().work_timeout))
+        })
+        .await?;
+    Ok(Json(HeartbeatResponse {
+        status: "OK".into(),
+        extended,
+        done,
+        lease_secs: lease.as_secs_f64(),
     }))
 }
 
@@ -626,12 +669,8 @@ mod tests {
         std::fs::write(&infile, input).unwrap();
         let outfile = dir.path().join("out.jsonl");
         let config = LedgerConfig {
-            checkpoint: dir.path().join("cp"),
-            infile,
-            outfile: outfile.clone(),
             work_timeout: Duration::from_secs(60),
-            max_retries: Some(3),
-            retry_secs: 300,
+            ..LedgerConfig::new(infile, outfile.clone(), dir.path().join("cp"))
         };
         let ledger = Ledger::open(config, Instant::now()).unwrap();
         let router = app(AppState::new(ledger, &options), options.max_body_bytes);
@@ -669,7 +708,7 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(
             work,
-            serde_json::json!({"status": "OK", "retry_in": null, "items": [
+            serde_json::json!({"status": "OK", "retry_in": null, "lease_secs": 60.0, "items": [
                 {"work_id": 0, "content": "{\"q\": 1}", "result": null, "retry_count": 0, "max_retries": 3},
                 {"work_id": 1, "content": "{\"q\": 2}", "result": null, "retry_count": 0, "max_retries": 3},
             ]})
@@ -723,7 +762,7 @@ mod tests {
         let (_, work) = call(&f.router, "GET", "/work?batch_size=4", "").await;
         assert_eq!(
             work,
-            serde_json::json!({"status": "all_work_complete", "retry_in": null, "items": []})
+            serde_json::json!({"status": "all_work_complete", "retry_in": null, "items": [], "lease_secs": 30.0})
         );
     }
 

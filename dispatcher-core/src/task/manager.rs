@@ -5,14 +5,14 @@
 //! Everything here waits on events (a task finishing, a fetch answering, a
 //! deadline); there is no polling loop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::limiter::PriorityLimiter;
@@ -20,7 +20,7 @@ use super::source::{SourceError, WorkSource};
 use super::{DynTask, LineOutcome, OutcomeKind, TaskContext};
 use crate::engine::{BoxFuture, Engine};
 use crate::metrics::WorkerMetrics;
-use crate::protocol::{WorkItem, WorkResponse, WorkStatus};
+use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 
 /// How the manager runs.
 #[derive(Debug, Clone)]
@@ -77,6 +77,8 @@ pub struct Summary {
     pub retries: u64,
     /// Items released at shutdown.
     pub released: u64,
+    /// Items dropped because another worker finished them first (backups).
+    pub dropped: u64,
 }
 
 impl Summary {
@@ -102,7 +104,7 @@ const FETCH_GRACE: Duration = Duration::from_secs(5);
 
 enum Handback {
     Result(WorkItem),
-    Release(u64),
+    Release(u64, ReleaseReason),
 }
 
 /// Runs `task` over the items of `source` until the work is done, `shutdown`
@@ -133,7 +135,12 @@ pub async fn run(
     ));
 
     let mut tasks: JoinSet<(WorkItem, LineOutcome)> = JoinSet::new();
-    let mut held: HashSet<u64> = HashSet::new();
+    // Items this worker holds, with the handle that stops their task.
+    let mut held: HashMap<u64, AbortHandle> = HashMap::new();
+    // Leases: heartbeats every third of the server's lease keep held items.
+    let mut lease: Option<Duration> = None;
+    let mut heartbeat: Option<BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>>> = None;
+    let mut next_heartbeat = Instant::now();
     let mut summary = Summary::default();
     let mut started: u64 = 0;
     let mut fetch: Option<BoxFuture<'_, Result<WorkResponse, SourceError>>> = None;
@@ -189,7 +196,7 @@ pub async fn run(
                         summary.retries += 1;
                         progress.metrics.outcome("retry");
                         tracing::info!(work_id = item.work_id, %why, "task asked for a retry; releasing");
-                        let _ = tx.send(Handback::Release(item.work_id));
+                        let _ = tx.send(Handback::Release(item.work_id, ReleaseReason::Retry));
                     }
                     LineOutcome::EngineUnavailable(why) => {
                         exit = Some(Exit::EngineFailed(why));
@@ -209,8 +216,17 @@ pub async fn run(
                         backoff = Duration::from_millis(100);
                         match resp.status {
                             WorkStatus::Ok => {
+                                if let Some(secs) = resp.lease_secs.filter(|s| s.is_finite() && *s > 0.0) {
+                                    let was = lease.replace(Duration::from_secs_f64(secs));
+                                    if was.is_none() {
+                                        next_heartbeat = Instant::now() + heartbeat_every(secs);
+                                    }
+                                }
                                 for item in resp.items {
-                                    held.insert(item.work_id);
+                                    if held.contains_key(&item.work_id) {
+                                        // A backup copy of an item this worker runs already.
+                                        continue;
+                                    }
                                     started += 1;
                                     let ctx = TaskContext::new(
                                         item.work_id,
@@ -222,7 +238,8 @@ pub async fn run(
                                     )
                                     .with_metrics(progress.metrics.clone());
                                     let run = task.run_line(item.content.clone(), ctx);
-                                    tasks.spawn(async move { (item, run.await) });
+                                    let id = item.work_id;
+                                    held.insert(id, tasks.spawn(async move { (item, run.await) }));
                                 }
                                 progress.active.store(tasks.len() as u64, Relaxed);
                             }
@@ -252,15 +269,42 @@ pub async fn run(
             () = delivered.notified(), if wait_until.is_some() && fetch.is_none() => {
                 wait_until = None;
             }
+            () = tokio::time::sleep_until(next_heartbeat), if lease.is_some() && heartbeat.is_none() => {
+                let ids: Vec<u64> = held.keys().copied().collect();
+                if ids.is_empty() {
+                    next_heartbeat = Instant::now() + heartbeat_every(lease.map_or(30.0, |l| l.as_secs_f64()));
+                } else {
+                    heartbeat = Some(source.heartbeat(ids));
+                }
+            }
+            r = async { heartbeat.as_mut().expect("guarded").await }, if heartbeat.is_some() => {
+                heartbeat = None;
+                next_heartbeat = Instant::now() + heartbeat_every(lease.map_or(30.0, |l| l.as_secs_f64()));
+                match r {
+                    Ok(Some(done)) => {
+                        for id in done {
+                            if let Some(handle) = held.remove(&id) {
+                                handle.abort();
+                                summary.dropped += 1;
+                                tracing::debug!(work_id = id, "finished elsewhere; dropped");
+                            }
+                        }
+                    }
+                    Ok(None) => lease = None,
+                    Err(e) => tracing::warn!("heartbeat failed: {e}"),
+                }
+            }
         }
     }
     let exit = exit.expect("set before leaving the loop");
+    drop(heartbeat);
+    let mut pending_ids: Vec<u64> = Vec::new();
     // A work request already sent may have been answered with items: wait for
     // it briefly, so they are released now rather than after the work timeout.
     if let Some(pending) = fetch.take() {
         if let Ok(Ok(resp)) = tokio::time::timeout(FETCH_GRACE, pending).await {
             if resp.status == WorkStatus::Ok && exit != Exit::Complete {
-                held.extend(resp.items.iter().map(|i| i.work_id));
+                pending_ids.extend(resp.items.iter().map(|i| i.work_id));
             }
         }
     }
@@ -275,10 +319,10 @@ pub async fn run(
                 let _ = tx.send(Handback::Result(item));
             }
         }
-        let ids: Vec<u64> = held.drain().collect();
+        let ids: Vec<u64> = held.drain().map(|(id, _)| id).chain(pending_ids).collect();
         summary.released = ids.len() as u64;
         for id in ids {
-            let _ = tx.send(Handback::Release(id));
+            let _ = tx.send(Handback::Release(id, ReleaseReason::Preempted));
         }
     }
     drop(tx);
@@ -316,6 +360,12 @@ fn unreachable(
     *backoff = (*backoff * 2).min(Duration::from_secs(10));
 }
 
+/// Heartbeats every third of the lease (at least every 100 ms, at most every
+/// minute), so one lost heartbeat does not lose an item.
+fn heartbeat_every(lease_secs: f64) -> Duration {
+    Duration::from_secs_f64((lease_secs / 3.0).clamp(0.1, 60.0))
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -333,21 +383,27 @@ async fn hand_back(
     delivered: Arc<Notify>,
 ) {
     let mut results = Vec::new();
-    let mut releases = Vec::new();
+    let mut preempted = Vec::new();
+    let mut retried = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Handback::Result(item) => results.push(item),
-                Handback::Release(id) => releases.push(id),
+                Handback::Release(id, ReleaseReason::Preempted) => preempted.push(id),
+                Handback::Release(id, ReleaseReason::Retry) => retried.push(id),
             }
             if results.len() < max {
                 next = rx.try_recv().ok();
             }
         }
-        if !releases.is_empty() {
-            let ids = std::mem::take(&mut releases);
-            deliver("release", || source.release(ids.clone())).await;
+        for (ids, reason) in [
+            (std::mem::take(&mut retried), ReleaseReason::Retry),
+            (std::mem::take(&mut preempted), ReleaseReason::Preempted),
+        ] {
+            if !ids.is_empty() {
+                deliver("release", || source.release(ids.clone(), reason)).await;
+            }
         }
         if !results.is_empty() {
             let items = std::mem::take(&mut results);

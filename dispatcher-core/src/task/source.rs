@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use crate::client::{ClientError, DispatcherClient};
 use crate::engine::BoxFuture;
-use crate::ledger::{Ledger, LedgerConfig};
-use crate::protocol::{StatusResponse, WorkItem, WorkResponse, WorkStatus};
+use crate::ledger::{Cause, Ledger, LedgerConfig};
+use crate::protocol::{ReleaseReason, StatusResponse, WorkItem, WorkResponse, WorkStatus};
 use crate::server::ServerError;
 
 /// Why a source call failed.
@@ -41,8 +41,18 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     fn get_work(&self, batch: usize) -> BoxFuture<'_, Result<WorkResponse, SourceError>>;
     /// Hands in results.
     fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>>;
-    /// Hands items back unprocessed.
-    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// Hands items back: unprocessed (`Preempted`) or for another attempt (`Retry`).
+    fn release(
+        &self,
+        ids: Vec<u64>,
+        reason: ReleaseReason,
+    ) -> BoxFuture<'_, Result<(), SourceError>>;
+    /// Extends the leases of `ids`; answers the ids already done elsewhere.
+    /// `None` where the source has no leases.
+    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>> {
+        let _ = ids;
+        Box::pin(std::future::ready(Ok(None)))
+    }
     /// The job's progress as the source sees it (the server's `/status`), when
     /// available: for progress bars and ETAs.
     fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
@@ -79,11 +89,19 @@ impl WorkSource for ServerSource {
         })
     }
 
-    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>> {
+    fn release(
+        &self,
+        ids: Vec<u64>,
+        reason: ReleaseReason,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
-            self.client.release(ids).await?;
+            self.client.release_for(ids, Some(reason)).await?;
             Ok(())
         })
+    }
+
+    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>> {
+        Box::pin(async move { Ok(Some(self.client.heartbeat(ids).await?.done)) })
     }
 
     fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
@@ -114,12 +132,10 @@ impl FileSource {
         let mut checkpoint = output.as_os_str().to_owned();
         checkpoint.push(".checkpoint");
         let config = LedgerConfig {
-            infile: input.to_owned(),
-            outfile: output.to_owned(),
-            checkpoint: checkpoint.into(),
             work_timeout: LOCAL_WORK_TIMEOUT,
             max_retries,
             retry_secs: 1,
+            ..LedgerConfig::new(input.to_owned(), output.to_owned(), checkpoint.into())
         };
         let ledger = Ledger::open(config, Instant::now()).map_err(ServerError::from)?;
         Ok(FileSource {
@@ -150,6 +166,7 @@ impl WorkSource for FileSource {
                         status: r.status,
                         retry_in: r.retry_in,
                         items: r.items,
+                        lease_secs: None,
                     });
                 }
                 changed.await;
@@ -171,8 +188,16 @@ impl WorkSource for FileSource {
         Box::pin(std::future::ready(r))
     }
 
-    fn release(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<(), SourceError>> {
-        let r = self.with(|l| l.release(&ids)).map(|_| ());
+    fn release(
+        &self,
+        ids: Vec<u64>,
+        reason: ReleaseReason,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
+        let cause = match reason {
+            ReleaseReason::Preempted => Cause::Release,
+            ReleaseReason::Retry => Cause::Retry,
+        };
+        let r = self.with(|l| l.release(&ids, cause)).map(|_| ());
         self.changed.notify_waiters();
         Box::pin(std::future::ready(r))
     }
