@@ -63,7 +63,11 @@ resume() { # $1 = signal; time from start to the first /status answer
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 >"$work/srv.out" 2>"$work/srv.err" &
   sp=$!
   a=$(addr_of "$work/srv.out")
-  until curl -sf "http://$a/status" >/dev/null; do sleep 0.005; done
+  for _ in $(seq 2000); do
+    curl -sf "http://$a/status" >/dev/null && break
+    kill -0 "$sp" 2>/dev/null || { echo "the server exited: $(tail -3 "$work/srv.err")" >&2; exit 1; }
+    sleep 0.005
+  done
   t1=$(date +%s.%N)
   echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s to the first /status, lines_done=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/')"
 }
