@@ -49,31 +49,14 @@ pub enum Command {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(&cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
+    run_async(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Infer(args) => infer::run(*args).await,
             Command::Status(args) => status::status(args).await,
             Command::WorkTimeout(args) => status::work_timeout(args).await,
         }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// The command line of a task binary.
