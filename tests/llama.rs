@@ -17,7 +17,7 @@ use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
-use crate::examples_e2e::{example, send_signal, wait_exit, Served};
+use crate::support::{example, send_signal, wait_exit, Served};
 
 /// The engine and model, or `None` (with a message) where they are not built.
 fn llama() -> Option<(String, String)> {
@@ -83,7 +83,7 @@ fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
 }
 
 fn dispatcher_bin() -> PathBuf {
-    crate::examples_e2e::built_binary("", "dispatcher")
+    crate::support::built_binary("", "dispatcher")
 }
 
 fn chat_lines(n: usize) -> (String, Vec<String>) {

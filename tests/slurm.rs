@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dispatcher::client::DispatcherClient;
 use serde_json::{json, Value};
 
-use crate::examples_e2e::{built_binary, example};
+use crate::support::{built_binary, example};
 
 /// The cluster has one node: its tests run one at a time.
 static CLUSTER: Mutex<()> = Mutex::new(());

@@ -1,10 +1,11 @@
 //! End-to-end tests of the facade crate: one test binary, one module per area.
 
-pub mod examples_e2e;
+mod examples_e2e;
 mod infer;
 mod llama;
 mod server_e2e;
 mod slurm;
+mod support;
 mod tasks;
 mod ui;
 mod worker;

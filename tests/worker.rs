@@ -10,7 +10,9 @@ use dispatcher::client::DispatcherClient;
 use dispatcher::engine::{BoxFuture, Engine, RequestError, Response};
 use dispatcher::ledger::LedgerConfig;
 use dispatcher::manager::{self, Exit, ManagerConfig, Progress};
-use dispatcher::server::{self, ServeOptions};
+
+use crate::support;
+use dispatcher::server;
 use dispatcher::source::{FileSource, ServerSource, WorkSource};
 use dispatcher::testing::reply;
 use dispatcher::{task, Request, TaskContext, TaskError};
@@ -108,29 +110,9 @@ impl Job {
         DispatcherClient,
         tokio::task::JoinHandle<Result<server::StopReason, server::ServerError>>,
     ) {
-        let mut config = LedgerConfig {
-            work_timeout: Duration::from_secs(600),
-            retry_secs: 1,
-            ..LedgerConfig::new(
-                self.path("in.jsonl"),
-                self.path("out.jsonl"),
-                self.path("out.jsonl.checkpoint"),
-            )
-        };
-        adjust(&mut config);
-        let options = ServeOptions {
-            // Longer than the 1 s retry_in, so workers see all_work_complete.
-            exit_grace: Duration::from_millis(1500),
-            ..ServeOptions::default()
-        };
-        let listener = server::bind("127.0.0.1", 0).await.unwrap();
-        let addr = server::local_addr(&listener).unwrap().to_string();
-        let handle = tokio::spawn(server::serve(
-            listener,
-            config,
-            options,
-            std::future::pending(),
-        ));
+        // Longer than the 1 s retry_in, so workers see all_work_complete.
+        let (addr, handle) =
+            support::serve(self.dir.path(), Duration::from_millis(1500), adjust).await;
         (DispatcherClient::new(&addr), handle)
     }
 
@@ -539,7 +521,10 @@ async fn heavy_preemption_never_tombstones_good_items() {
         released += summary.released;
     }
     let status = client.status().await.unwrap();
-    assert!(released >= 12, "preempted while holding items: {released} releases");
+    assert!(
+        released >= 12,
+        "preempted while holding items: {released} releases"
+    );
     assert_eq!(status.reissues.release, released, "{status:?}");
     assert_eq!(status.tombstones, 0);
     let (exit, _) = manager::run(
