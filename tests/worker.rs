@@ -58,6 +58,27 @@ impl Engine for SlowEngine {
     }
 }
 
+/// Runs [`two_steps`] over `source` with `engine` until the work is done or
+/// `shutdown` resolves (the engine never dies here).
+async fn run_two_steps(
+    source: Arc<dyn WorkSource>,
+    engine: Arc<SlowEngine>,
+    config: ManagerConfig,
+    progress: Arc<Progress>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> (Exit, manager::Summary) {
+    manager::run(
+        &two_steps,
+        source,
+        engine,
+        config,
+        progress,
+        shutdown,
+        std::future::pending(),
+    )
+    .await
+}
+
 /// Resolves once the manager has finished `n` lines.
 async fn lines_done(progress: Arc<Progress>, n: u64) {
     while progress.lines.load(Ordering::SeqCst) < n {
@@ -150,13 +171,11 @@ async fn the_engine_is_kept_at_exactly_the_request_limit() {
         delay: Duration::from_millis(20),
         ..SlowEngine::default()
     });
-    let (exit, summary) = manager::run(
-        &two_steps,
+    let (exit, summary) = run_two_steps(
         Arc::new(ServerSource::new(client)),
         engine.clone(),
         config(8, 3),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -184,8 +203,7 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
     let first = tokio::spawn({
         let (client, engine) = (client.clone(), engine.clone());
         async move {
-            manager::run(
-                &two_steps,
+            run_two_steps(
                 Arc::new(ServerSource::new(client)),
                 engine,
                 config(4, 4),
@@ -193,7 +211,6 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
                 async {
                     let _ = stop_rx.await;
                 },
-                std::future::pending(),
             )
             .await
         }
@@ -211,8 +228,7 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
     assert_eq!(status.in_flight, 0);
     assert!(status.lines_done < 60);
 
-    let (exit, _) = manager::run(
-        &two_steps,
+    let (exit, _) = run_two_steps(
         Arc::new(ServerSource::new(client)),
         Arc::new(SlowEngine {
             delay: Duration::from_millis(1),
@@ -220,7 +236,6 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
         }),
         config(16, 8),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -238,13 +253,11 @@ async fn a_dead_engine_releases_everything_and_reports_failure() {
         ..SlowEngine::default()
     });
     engine.dead.store(true, Ordering::SeqCst);
-    let (exit, summary) = manager::run(
-        &two_steps,
+    let (exit, summary) = run_two_steps(
         Arc::new(ServerSource::new(client.clone())),
         engine,
         config(4, 4),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -317,14 +330,12 @@ async fn local_file_mode_writes_in_order_and_resumes_after_an_interruption() {
     });
     // Interrupted once a few lines are done, however slow the machine is.
     let progress = Arc::new(Progress::default());
-    let (exit, first) = manager::run(
-        &two_steps,
+    let (exit, first) = run_two_steps(
         open(),
         engine.clone(),
         config(4, 2),
         progress.clone(),
         lines_done(progress.clone(), 5),
-        std::future::pending(),
     )
     .await;
     assert_eq!(exit, Exit::Interrupted);
@@ -336,13 +347,11 @@ async fn local_file_mode_writes_in_order_and_resumes_after_an_interruption() {
         written > 0 && written < 40,
         "{written} lines after the first run"
     );
-    let (exit, second) = manager::run(
-        &two_steps,
+    let (exit, second) = run_two_steps(
         open(),
         engine,
         config(4, 2),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -363,13 +372,11 @@ async fn worker_metrics_count_requests_tokens_and_outcomes() {
         delay: Duration::from_millis(2),
         ..SlowEngine::default()
     });
-    let (exit, _) = manager::run(
-        &two_steps,
+    let (exit, _) = run_two_steps(
         Arc::new(ServerSource::new(client)),
         engine,
         config(4, 4),
         progress.clone(),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -404,8 +411,7 @@ async fn heartbeats_keep_long_requests_alive_under_a_short_lease() {
     assert_eq!(silent.items[0].work_id, 0);
     assert_eq!(silent.lease_secs, Some(1.0));
     // Ours needs 1.5 s per request, longer than the lease: its heartbeats keep it.
-    let (exit, summary) = manager::run(
-        &two_steps,
+    let (exit, summary) = run_two_steps(
         Arc::new(ServerSource::new(client.clone())),
         Arc::new(SlowEngine {
             delay: Duration::from_millis(1500),
@@ -413,7 +419,6 @@ async fn heartbeats_keep_long_requests_alive_under_a_short_lease() {
         }),
         config(16, 16),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -442,8 +447,7 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
     let a = tokio::spawn({
         let client = client.clone();
         async move {
-            manager::run(
-                &two_steps,
+            run_two_steps(
                 Arc::new(ServerSource::new(client)),
                 Arc::new(SlowEngine {
                     delay: Duration::from_millis(5),
@@ -452,7 +456,6 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
                 }),
                 config(8, 8),
                 Arc::new(Progress::default()),
-                std::future::pending(),
                 std::future::pending(),
             )
             .await
@@ -471,8 +474,7 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
     }
     // Worker B (another process: another client) is idle: it gets a backup
     // copy of line 0 and finishes it.
-    let (exit, b) = manager::run(
-        &two_steps,
+    let (exit, b) = run_two_steps(
         Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
         Arc::new(SlowEngine {
             delay: Duration::from_millis(5),
@@ -480,7 +482,6 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
         }),
         config(8, 8),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
@@ -504,8 +505,7 @@ async fn heavy_preemption_never_tombstones_good_items() {
     let (client, served) = job.serve_with(|c| c.max_retries = Some(0)).await;
     let mut released = 0;
     for round in 0..12u64 {
-        let (exit, summary) = manager::run(
-            &two_steps,
+        let (exit, summary) = run_two_steps(
             Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
             Arc::new(SlowEngine {
                 delay: Duration::from_millis(100),
@@ -514,7 +514,6 @@ async fn heavy_preemption_never_tombstones_good_items() {
             config(8, 8),
             Arc::new(Progress::default()),
             tokio::time::sleep(Duration::from_millis(60 + 20 * round)),
-            std::future::pending(),
         )
         .await;
         assert_eq!(exit, Exit::Interrupted, "round {round}");
@@ -527,13 +526,11 @@ async fn heavy_preemption_never_tombstones_good_items() {
     );
     assert_eq!(status.reissues.release, released, "{status:?}");
     assert_eq!(status.tombstones, 0);
-    let (exit, _) = manager::run(
-        &two_steps,
+    let (exit, _) = run_two_steps(
         Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
         Arc::new(SlowEngine::default()),
         config(16, 16),
         Arc::new(Progress::default()),
-        std::future::pending(),
         std::future::pending(),
     )
     .await;
