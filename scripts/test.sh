@@ -14,5 +14,8 @@ while IFS='=' read -r key value; do
 done < <(scripts/setup-llama.sh)
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_SLURM=1
 
+# The end-to-end tests run the `dispatcher` binary and the example task binaries as
+# worker processes; `cargo test` alone builds examples only as test targets.
+cargo build --workspace --bins --examples
 cargo test --workspace --all-targets
 cargo test --workspace --doc

@@ -50,7 +50,7 @@ pub fn built_binary(dir: &str, name: &str) -> PathBuf {
     let path = target.join(dir).join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace --all-targets`",
+        "{} is missing: build it first with `cargo build --workspace --bins --examples` (scripts/test.sh does)",
         path.display()
     );
     path
