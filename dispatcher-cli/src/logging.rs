@@ -7,10 +7,17 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
     /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, display_order = 1000)]
     pub verbose: u8,
     /// Less log output (-q warnings only, -qq errors only).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        action = clap::ArgAction::Count,
+        global = true,
+        conflicts_with = "verbose",
+        display_order = 1000
+    )]
     pub quiet: u8,
 }
 

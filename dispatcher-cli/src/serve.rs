@@ -29,7 +29,8 @@ pub struct ServeArgs {
     /// Seconds before an issued item without a result is reissued.
     #[arg(long, value_name = "SECS", default_value_t = 1200.0)]
     pub work_timeout: f64,
-    /// Reissues before an item is tombstoned; -1 never tombstones.
+    /// Reissues after failures (lease expiries, task retries, releases by workers
+    /// that give no reason) before an item is tombstoned; -1 never tombstones.
     #[arg(
         long,
         value_name = "N",
