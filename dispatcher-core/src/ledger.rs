@@ -26,8 +26,8 @@ use crate::error::path_error;
 use crate::input::{InputReader, LineSpan};
 use crate::output::OutputWriter;
 use crate::protocol::{
-    error_record, tombstone, BlockingLine, OldestInFlight, ReissueCounts, StatusResponse, WorkItem,
-    WorkStatus,
+    error_record, tombstone, BlockingLine, OldestInFlight, ReissueCounts, ReleaseReason,
+    StatusResponse, WorkItem, WorkStatus,
 };
 
 /// What the ledger needs to know about the job.
@@ -106,6 +106,17 @@ pub enum Cause {
     /// server): counted as a release, but on the `max_retries` budget and in
     /// `retry_count`, exactly as that server did.
     LegacyRelease,
+}
+
+impl Cause {
+    /// The cause of a `POST /release`, from its (optional) reason.
+    pub fn of_release(reason: Option<ReleaseReason>) -> Cause {
+        match reason {
+            Some(ReleaseReason::Retry) => Cause::Retry,
+            Some(ReleaseReason::Preempted) => Cause::Release,
+            None => Cause::LegacyRelease,
+        }
+    }
 }
 
 /// An issued line that has no result yet.

@@ -22,9 +22,8 @@ use crate::checkpoint::ResumeError;
 use crate::ledger::{check_results, Cause, Ledger, LedgerConfig};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    ErrorResponse, HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseReason,
-    ReleaseRequest, ReleaseResponse, ResultsRequest, ResultsResponse, WorkResponse,
-    WorkTimeoutRequest,
+    ErrorResponse, HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseRequest,
+    ReleaseResponse, ResultsRequest, ResultsResponse, WorkResponse, WorkTimeoutRequest,
 };
 
 /// How the server runs, beyond the job itself.
@@ -558,11 +557,7 @@ async fn post_release(
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let _t = state.metrics.time(RELEASE);
     let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
-    let cause = match req.reason {
-        Some(ReleaseReason::Retry) => Cause::Retry,
-        Some(ReleaseReason::Preempted) => Cause::Release,
-        None => Cause::LegacyRelease,
-    };
+    let cause = Cause::of_release(req.reason);
     let released = state
         .with_ledger(|l| l.release(&req.work_ids, cause))
         .await?;

@@ -193,10 +193,7 @@ impl WorkSource for FileSource {
         ids: Vec<u64>,
         reason: ReleaseReason,
     ) -> BoxFuture<'_, Result<(), SourceError>> {
-        let cause = match reason {
-            ReleaseReason::Preempted => Cause::Release,
-            ReleaseReason::Retry => Cause::Retry,
-        };
+        let cause = Cause::of_release(Some(reason));
         let r = self.with(|l| l.release(&ids, cause)).map(|_| ());
         self.changed.notify_waiters();
         Box::pin(std::future::ready(r))
