@@ -188,6 +188,35 @@ fn wait_lines(client: &DispatcherClient, rt: &tokio::runtime::Runtime, at_least:
     }
 }
 
+/// A 600-line job slow enough to interrupt (4 requests in flight per worker,
+/// 200 ms each), once 40 lines are done.
+fn slow_job_under_way(rt: &tokio::runtime::Runtime) -> (SlurmJob, String, DispatcherClient) {
+    let job = SlurmJob::new(600);
+    let id = job.submit(
+        "infer.sbatch",
+        &[
+            ("WORKERS", "4"),
+            ("BATCH_SIZE", "4"),
+            ("EXTRA_ARGS", "--echo-latency-ms 200"),
+        ],
+    );
+    let client = job.client();
+    wait_lines(&client, rt, 40);
+    (job, id, client)
+}
+
+/// Waits for the (requeued) job to end, checks it completed, returns its log.
+fn wait_completed(job: &SlurmJob, id: &str) -> String {
+    wait_state(
+        id,
+        &["COMPLETED", "FAILED", "CANCELLED"],
+        Duration::from_secs(180),
+    );
+    let log = job.log(id);
+    assert_eq!(state(id), "COMPLETED", "{log}");
+    log
+}
+
 #[test]
 fn a_job_with_two_worker_tasks_processes_every_line() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,17 +263,7 @@ fn preemption_releases_items_and_the_requeued_job_completes_without_tombstones()
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let job = SlurmJob::new(600);
-    let id = job.submit(
-        "infer.sbatch",
-        &[
-            ("WORKERS", "4"),
-            ("BATCH_SIZE", "4"),
-            ("EXTRA_ARGS", "--echo-latency-ms 200"),
-        ],
-    );
-    let client = job.client();
-    wait_lines(&client, &rt, 40);
+    let (job, id, client) = slow_job_under_way(&rt);
     // What a preemption does: SIGTERM to every task of the job.
     run("scancel", &["--signal=TERM", &id]);
     let start = Instant::now();
@@ -262,13 +281,7 @@ fn preemption_releases_items_and_the_requeued_job_completes_without_tombstones()
     assert!(status.lines_done < 600, "{status:?}");
     run("scontrol", &["requeue", &id]);
     requeue_now(&id);
-    wait_state(
-        &id,
-        &["COMPLETED", "FAILED", "CANCELLED"],
-        Duration::from_secs(180),
-    );
-    let log = job.log(&id);
-    assert_eq!(state(&id), "COMPLETED", "{log}");
+    let log = wait_completed(&job, &id);
     assert!(log.contains("(restart 1)"), "{log}");
     job.check_infer_output();
 }
@@ -280,30 +293,14 @@ fn a_requeued_job_resumes_its_server_and_redoes_nothing() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let job = SlurmJob::new(600);
-    let id = job.submit(
-        "infer.sbatch",
-        &[
-            ("WORKERS", "4"),
-            ("BATCH_SIZE", "4"),
-            ("EXTRA_ARGS", "--echo-latency-ms 200"),
-        ],
-    );
-    let client = job.client();
-    wait_lines(&client, &rt, 40);
+    let (job, id, _client) = slow_job_under_way(&rt);
     run("scontrol", &["requeue", &id]);
     wait_state(&id, &["PENDING"], Duration::from_secs(60));
     // The first run is gone: what it wrote is final.
     let written = job.output().len();
     assert!((40..600).contains(&written), "{written}");
     requeue_now(&id);
-    wait_state(
-        &id,
-        &["COMPLETED", "FAILED", "CANCELLED"],
-        Duration::from_secs(180),
-    );
-    let log = job.log(&id);
-    assert_eq!(state(&id), "COMPLETED", "{log}");
+    let log = wait_completed(&job, &id);
     assert!(
         log.contains(&format!("resumed_at_line={written}")),
         "the second run starts after the {written} lines of the first: {log}"
