@@ -29,14 +29,30 @@ impl Job {
         self.dir.path().join(name)
     }
 
-    fn serve(&self, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
+    /// `dispatcher serve` on this job's files, on 127.0.0.1 with a free port.
+    fn serve_command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
             .arg("--infile")
             .arg(self.path("in.jsonl"))
             .arg("--outfile")
             .arg(self.path("out.jsonl"))
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--host", "127.0.0.1", "--port", "0"]);
+        cmd
+    }
+
+    /// The output lines, parsed.
+    fn output_values(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("out.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut child = self
+            .serve_command()
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -256,13 +272,8 @@ fn a_checkpoint_that_does_not_match_the_output_is_refused() {
     let out = std::fs::read_to_string(job.path("out.jsonl")).unwrap();
     let half: String = out.lines().take(5).map(|l| format!("{l}\n")).collect();
     std::fs::write(job.path("out.jsonl"), half).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--infile")
-        .arg(job.path("in.jsonl"))
-        .arg("--outfile")
-        .arg(job.path("out.jsonl"))
-        .args(["--host", "127.0.0.1", "--port", "0"])
+    let mut child = job
+        .serve_command()
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -301,15 +312,7 @@ fn bad_flags_fail_before_any_work_with_the_flag_named() {
         (vec!["--max-retries", "-2"], "--max-retries"),
         (vec!["--work-timeout", "0"], "--work-timeout"),
     ] {
-        let out = Command::new(BIN)
-            .arg("serve")
-            .arg("--infile")
-            .arg(job.path("in.jsonl"))
-            .arg("--outfile")
-            .arg(job.path("out.jsonl"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = job.serve_command().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains(needle),
@@ -365,11 +368,7 @@ fn infer_adds_responses_to_every_line_in_order() {
         ],
     );
     assert!(ok, "{stderr}");
-    let out: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out = job.output_values();
     assert_eq!(out.len(), 32);
     for (i, line) in out.iter().take(30).enumerate() {
         assert_eq!(line["id"], i, "line {i}");
@@ -427,11 +426,7 @@ fn infer_through_a_server_in_completion_mode_with_a_jq_path() {
     );
     let (code, stderr) = server.wait(Duration::from_secs(20));
     assert_eq!(code, 0, "{stderr}");
-    let got: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got = job.output_values();
     assert_eq!(got.len(), 20);
     for (i, line) in got.iter().enumerate() {
         // The echo engine cuts its echo to --max-tokens words.
@@ -590,11 +585,7 @@ fn a_worker_serves_its_metrics_and_the_echo_engine_errors_are_retried() {
     );
     let status = child.wait().unwrap();
     assert!(status.success());
-    let out: Vec<serde_json::Value> = std::fs::read_to_string(job.path("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out = job.output_values();
     assert_eq!(out.len(), 40);
     for (i, l) in out.iter().enumerate() {
         assert_eq!(
