@@ -6,19 +6,25 @@
 //!
 //! Invariants, for every work id `i`:
 //! - `i < next_write_id`: its output line is written (it is in no other map);
-//! - `next_write_id <= i < next_work_id`: it is in exactly one of `items` (issued,
-//!   no result yet) and `reorder` (done, waiting for an earlier line);
+//! - `next_write_id <= i < next_work_id`: slot `i - next_write_id` of the window
+//!   says whether it is issued and without a result (its [`Item`] is in `items`)
+//!   or done and waiting for an earlier line (its result in memory or spilled);
 //! - `i >= next_work_id`: not read yet.
 //!
-//! A result is accepted only for an id in `items`, so the first result wins and
-//! nothing in the reorder buffer is ever reissued.
+//! A result is accepted only for an id whose slot holds an item, so the first
+//! result wins and nothing in the reorder buffer is ever reissued.
+//!
+//! Work ids are handed out in input order and written in input order, so one
+//! window indexed by `id - next_write_id` finds every line that is not written
+//! yet without hashing; items live in a slab so that a window slot stays small
+//! when millions of finished lines wait behind a stuck one.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rustc_hash::FxHashMap as HashMap;
+use slab::Slab;
 use tokio::time::Instant;
 
 use crate::checkpoint::{Checkpoint, JobLock, ResumeError};
@@ -122,6 +128,8 @@ impl Cause {
 /// An issued line that has no result yet.
 #[derive(Debug)]
 struct Item {
+    /// Its work id.
+    id: u64,
     span: LineSpan,
     /// Failures so far (expiries, task retries): the `retry_count` of its next
     /// issue, checked against `max_retries`.
@@ -155,10 +163,14 @@ struct Done {
     input_end: u64,
 }
 
-/// One line of the reorder window.
+/// One line of the window.
 #[derive(Debug)]
 enum Slot {
-    /// Not finished yet.
+    /// Issued (or queued for reissue) without a result: its item is
+    /// `items[key]`.
+    Issued(usize),
+    /// Without an item and not finished: only between taking an item out and
+    /// finishing its line.
     Open,
     /// Finished, kept in memory.
     Mem(Done),
@@ -208,8 +220,8 @@ pub struct Ledger {
     input_exhausted: bool,
     /// Id of the next line to read from the input.
     next_work_id: u64,
-    /// Issued lines without a result.
-    items: HashMap<u64, Item>,
+    /// Issued lines without a result, addressed by their window slot.
+    items: Slab<Item>,
     /// Ids waiting to be reissued, in order; may hold ids finished meanwhile,
     /// which are skipped.
     queue: VecDeque<u64>,
@@ -222,12 +234,13 @@ pub struct Ledger {
     deadlines: VecDeque<(Instant, u64, u64)>,
     /// Issue counter, to tell deadline entries of successive issues apart.
     seq: u64,
-    /// The reorder buffer: slot `k` is line `next_write_id + k`. Its front is
-    /// open until line `next_write_id` is done.
-    reorder: VecDeque<Slot>,
-    /// How many slots of `reorder` are finished (in memory or spilled).
+    /// The window: slot `k` is line `next_write_id + k`, for every line read and
+    /// not written yet. Its finished slots are the reorder buffer; its front is
+    /// unfinished until line `next_write_id` is done.
+    window: VecDeque<Slot>,
+    /// How many slots of `window` are finished (in memory or spilled).
     reorder_len: u64,
-    /// Bytes of results in `reorder` kept in memory (at most `max_pending_bytes`).
+    /// Bytes of results in `window` kept in memory (at most `max_pending_bytes`).
     reorder_bytes: u64,
     /// How many finished slots are spilled.
     spilled: u64,
@@ -318,12 +331,12 @@ impl Ledger {
             config,
             input_exhausted: false,
             next_work_id: lines,
-            items: HashMap::default(),
+            items: Slab::new(),
             queue: VecDeque::new(),
             queued: 0,
             deadlines: VecDeque::new(),
             seq: 0,
-            reorder: VecDeque::new(),
+            window: VecDeque::new(),
             reorder_len: 0,
             reorder_bytes: 0,
             spilled: 0,
@@ -378,7 +391,7 @@ impl Ledger {
         let mut items = Vec::with_capacity(batch.min(1024));
         while items.len() < batch {
             if let Some(id) = self.queue.pop_front() {
-                if let Some(item) = self.items.get_mut(&id) {
+                if let Some(item) = item_mut(&self.window, &mut self.items, self.next_write_id, id) {
                     debug_assert!(matches!(item.state, ItemState::Queued));
                     let content = self.input.read_span(item.span)?;
                     self.queued -= 1;
@@ -412,9 +425,8 @@ impl Ledger {
             match line.content {
                 Ok(content) => {
                     self.seq += 1;
-                    self.items.insert(
-                        id,
-                        Item {
+                    let key = self.items.insert(Item {
+                            id,
                             span: line.span,
                             retry_count: 0,
                             releases: 0,
@@ -426,8 +438,8 @@ impl Ledger {
                                 issued_at: now,
                                 seq: self.seq,
                             },
-                        },
-                    );
+                        });
+                    self.window.push_back(Slot::Issued(key));
                     self.deadlines
                         .push_back((now + self.config.work_timeout, id, self.seq));
                     items.push(WorkItem {
@@ -440,6 +452,7 @@ impl Ledger {
                 }
                 Err(bytes) => {
                     self.invalid_lines += 1;
+                    self.window.push_back(Slot::Open);
                     let record = invalid_utf8_record(
                         id,
                         line.span,
@@ -491,22 +504,22 @@ impl Ledger {
         if allowed == 0 {
             return Ok(());
         }
-        let mut candidates: Vec<(Instant, u64)> = self
+        let mut candidates: Vec<(Instant, u64, usize)> = self
             .items
             .iter()
             .filter(|(_, item)| !item.backed_up && (worker.is_none() || item.holder != worker))
-            .filter_map(|(&id, item)| match item.state {
+            .filter_map(|(key, item)| match item.state {
                 ItemState::InFlight { issued_at, .. }
                     if now.saturating_duration_since(issued_at) >= self.config.backup_after =>
                 {
-                    Some((issued_at, id))
+                    Some((issued_at, item.id, key))
                 }
                 _ => None,
             })
             .collect();
         candidates.sort_unstable();
-        for (_, id) in candidates.into_iter().take(allowed) {
-            let item = self.items.get_mut(&id).expect("listed above");
+        for (_, id, key) in candidates.into_iter().take(allowed) {
+            let item = &mut self.items[key];
             item.backed_up = true;
             self.backups_out += 1;
             self.backups_issued += 1;
@@ -528,7 +541,7 @@ impl Ledger {
         let mut extended = 0;
         let mut done = Vec::new();
         for &id in ids {
-            match self.items.get_mut(&id) {
+            match item_mut(&self.window, &mut self.items, self.next_write_id, id) {
                 Some(item) => {
                     if let ItemState::InFlight { issued_at, .. } = item.state {
                         self.seq += 1;
@@ -563,7 +576,7 @@ impl Ledger {
     pub fn complete_valid(&mut self, results: Vec<IdLine>) -> io::Result<CompleteReply> {
         let mut reply = CompleteReply::default();
         for (id, line) in results {
-            match self.items.remove(&id) {
+            match self.take_item(id) {
                 Some(item) => {
                     if matches!(item.state, ItemState::Queued) {
                         self.queued -= 1;
@@ -624,8 +637,8 @@ impl Ledger {
         let mut live: Vec<(Instant, u64, u64)> = self
             .items
             .iter()
-            .filter_map(|(&id, item)| match item.state {
-                ItemState::InFlight { issued_at, seq } => Some((issued_at + timeout, id, seq)),
+            .filter_map(|(_, item)| match item.state {
+                ItemState::InFlight { issued_at, seq } => Some((issued_at + timeout, item.id, seq)),
                 ItemState::Queued => None,
             })
             .collect();
@@ -652,8 +665,10 @@ impl Ledger {
         let oldest_in_flight = self
             .items
             .iter()
-            .filter_map(|(&id, item)| match item.state {
-                ItemState::InFlight { issued_at, .. } => Some((issued_at, id, item.retry_count)),
+            .filter_map(|(_, item)| match item.state {
+                ItemState::InFlight { issued_at, .. } => {
+                    Some((issued_at, item.id, item.retry_count))
+                }
                 ItemState::Queued => None,
             })
             .min()
@@ -685,8 +700,7 @@ impl Ledger {
             completed_total: self.completed_total,
             oldest_in_flight,
             blocking: self
-                .items
-                .get(&self.next_write_id)
+                .item(self.next_write_id)
                 .map(|item| BlockingLine {
                     work_id: self.next_write_id,
                     age_secs: now
@@ -725,9 +739,9 @@ impl Ledger {
     fn compact_deadlines(&mut self) {
         let live = self.items.len() - self.queued as usize;
         if self.deadlines.len() > 2 * live + 1024 {
-            let items = &self.items;
+            let (window, items, base) = (&self.window, &self.items, self.next_write_id);
             self.deadlines
-                .retain(|(_, id, seq)| issue_seq(items, *id) == Some(*seq));
+                .retain(|&(_, id, seq)| issue_seq(window, items, base, id) == Some(seq));
         }
     }
 
@@ -745,19 +759,46 @@ impl Ledger {
     }
 
     fn is_in_flight(&self, id: u64) -> bool {
-        issue_seq(&self.items, id).is_some()
+        self.issue_seq(id).is_some()
     }
 
     /// Whether deadline entry `(id, seq)` is the live issue of an in-flight item.
     fn is_current(&self, id: u64, seq: u64) -> bool {
-        issue_seq(&self.items, id) == Some(seq)
+        self.issue_seq(id) == Some(seq)
+    }
+
+    fn issue_seq(&self, id: u64) -> Option<u64> {
+        issue_seq(&self.window, &self.items, self.next_write_id, id)
+    }
+
+    /// The item of line `id`, when it is issued or queued without a result.
+    fn item(&self, id: u64) -> Option<&Item> {
+        match self.window.get(usize::try_from(id.checked_sub(self.next_write_id)?).ok()?)? {
+            &Slot::Issued(key) => Some(&self.items[key]),
+            _ => None,
+        }
+    }
+
+    /// Takes the item of line `id` out, leaving its slot open for
+    /// [`finish`](Self::finish).
+    fn take_item(&mut self, id: u64) -> Option<Item> {
+        let k = usize::try_from(id.checked_sub(self.next_write_id)?).ok()?;
+        let slot = self.window.get_mut(k)?;
+        match *slot {
+            Slot::Issued(key) => {
+                *slot = Slot::Open;
+                Some(self.items.remove(key))
+            }
+            _ => None,
+        }
     }
 
     /// Marks an in-flight item as queued for reissue (the caller puts it in the
     /// queue, at the front or the back) and returns true, or tombstones it when
     /// its reissues are used up and returns false.
     fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<bool> {
-        let item = self.items.get_mut(&id).expect("requeue of an issued item");
+        let item = item_mut(&self.window, &mut self.items, self.next_write_id, id)
+            .expect("requeue of an issued item");
         if item.backed_up {
             // The copy may still answer; the item is open to a new backup.
             item.backed_up = false;
@@ -781,7 +822,7 @@ impl Ledger {
             ),
         };
         if budget.is_some_and(|max| used >= max) {
-            let item = self.items.remove(&id).expect("present");
+            let item = self.take_item(id).expect("present");
             let content = self.input.read_span(item.span)?;
             self.tombstones += 1;
             tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
@@ -811,18 +852,15 @@ impl Ledger {
     /// spilled to the pending file otherwise.
     fn finish(&mut self, id: u64, line: Box<str>, input_end: u64) -> io::Result<()> {
         let slot = (id - self.next_write_id) as usize;
-        if slot >= self.reorder.len() {
-            self.reorder.resize_with(slot + 1, || Slot::Open);
-        }
         debug_assert!(
-            matches!(self.reorder[slot], Slot::Open),
-            "line {id} finished twice"
+            matches!(self.window[slot], Slot::Open),
+            "line {id} finished twice or without taking its item"
         );
         self.reorder_len += 1;
         let len = line.len() as u64;
         if slot == 0 || self.reorder_bytes + len <= self.config.max_pending_bytes {
             self.reorder_bytes += len;
-            self.reorder[slot] = Slot::Mem(Done { line, input_end });
+            self.window[slot] = Slot::Mem(Done { line, input_end });
             return Ok(());
         }
         if self.spill.is_none() {
@@ -830,7 +868,7 @@ impl Ledger {
         }
         let offset = self.spill.as_mut().expect("created above").append(&line)?;
         self.spilled += 1;
-        self.reorder[slot] = Slot::Disk {
+        self.window[slot] = Slot::Disk {
             offset,
             len: len as u32,
             input_end,
@@ -842,8 +880,8 @@ impl Ledger {
     fn write_ready(&mut self) -> io::Result<()> {
         let mut wrote = false;
         loop {
-            let (line, input_end) = match self.reorder.front() {
-                Some(Slot::Mem(_)) => match self.reorder.pop_front() {
+            let (line, input_end) = match self.window.front() {
+                Some(Slot::Mem(_)) => match self.window.pop_front() {
                     Some(Slot::Mem(done)) => {
                         self.reorder_bytes -= done.line.len() as u64;
                         (done.line, done.input_end)
@@ -855,7 +893,7 @@ impl Ledger {
                     len,
                     input_end,
                 }) => {
-                    self.reorder.pop_front();
+                    self.window.pop_front();
                     let spill = self.spill.as_mut().expect("a spilled slot has a file");
                     self.spilled -= 1;
                     (spill.read(offset, len)?.into_boxed_str(), input_end)
@@ -889,11 +927,28 @@ impl Ledger {
     }
 }
 
-/// The issue sequence number of `id` when it is in flight.
-fn issue_seq(items: &HashMap<u64, Item>, id: u64) -> Option<u64> {
-    match items.get(&id)?.state {
-        ItemState::InFlight { seq, .. } => Some(seq),
-        ItemState::Queued => None,
+/// The item of line `id` in a window starting at line `base`. A function of
+/// the fields rather than a method, so that it borrows only them.
+fn item_mut<'a>(
+    window: &VecDeque<Slot>,
+    items: &'a mut Slab<Item>,
+    base: u64,
+    id: u64,
+) -> Option<&'a mut Item> {
+    match window.get(usize::try_from(id.checked_sub(base)?).ok()?)? {
+        &Slot::Issued(key) => Some(&mut items[key]),
+        _ => None,
+    }
+}
+
+/// The issue sequence number of line `id` when it is in flight.
+fn issue_seq(window: &VecDeque<Slot>, items: &Slab<Item>, base: u64, id: u64) -> Option<u64> {
+    match window.get(usize::try_from(id.checked_sub(base)?).ok()?)? {
+        &Slot::Issued(key) => match items[key].state {
+            ItemState::InFlight { seq, .. } => Some(seq),
+            ItemState::Queued => None,
+        },
+        _ => None,
     }
 }
 
