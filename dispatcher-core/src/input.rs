@@ -95,39 +95,28 @@ impl InputReader {
     /// Reads the next line, or `None` at the end of the file. The last line may
     /// lack its newline; a `\r\n` terminator counts as one.
     pub fn next_line(&mut self) -> io::Result<Option<Line>> {
-        self.buf.clear();
-        let n = self
+        let available = self
             .reader
-            .read_until(b'\n', &mut self.buf)
+            .fill_buf()
             .with_path("read the input file", &self.path)?;
-        if n == 0 {
+        if available.is_empty() {
             return Ok(None);
         }
-        let offset = self.next_offset;
-        self.next_offset += n as u64;
-        let content_len = content_len(&self.buf);
-        if content_len as u64 > MAX_LINE_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: the line at byte offset {offset} is longer than {MAX_LINE_BYTES} bytes",
-                    self.path.display()
-                ),
-            ));
+        // Usually the whole line is in the reader's buffer: copy it out once.
+        if let Some(i) = memchr::memchr(b'\n', available) {
+            let line = make_line(&self.path, self.next_offset, &available[..=i])?;
+            self.reader.consume(i + 1);
+            self.next_offset = line.span.end;
+            return Ok(Some(line));
         }
-        let bytes = &self.buf[..content_len];
-        let content = match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(bytes.to_vec()),
-        };
-        Ok(Some(Line {
-            span: LineSpan {
-                offset,
-                len: content_len as u32,
-                end: self.next_offset,
-            },
-            content,
-        }))
+        // It runs past the buffer (or is the last line without a newline).
+        self.buf.clear();
+        self.reader
+            .read_until(b'\n', &mut self.buf)
+            .with_path("read the input file", &self.path)?;
+        let line = make_line(&self.path, self.next_offset, &self.buf)?;
+        self.next_offset = line.span.end;
+        Ok(Some(line))
     }
 
     /// Whether the sequential reader is at the end of the file.
@@ -192,6 +181,33 @@ pub(crate) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<
     Ok(out)
 }
 
+/// The line at `offset` whose bytes, terminator included, are `raw`.
+fn make_line(path: &Path, offset: u64, raw: &[u8]) -> io::Result<Line> {
+    let content_len = content_len(raw);
+    if content_len as u64 > MAX_LINE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: the line at byte offset {offset} is longer than {MAX_LINE_BYTES} bytes",
+                path.display()
+            ),
+        ));
+    }
+    let bytes = &raw[..content_len];
+    let content = match std::str::from_utf8(bytes) {
+        Ok(s) => Ok(s.to_owned()),
+        Err(_) => Err(bytes.to_vec()),
+    };
+    Ok(Line {
+        span: LineSpan {
+            offset,
+            len: content_len as u32,
+            end: offset + raw.len() as u64,
+        },
+        content,
+    })
+}
+
 /// Length of a line read with `read_until(b'\n')` without its `\n` or `\r\n`.
 fn content_len(line: &[u8]) -> usize {
     match line {
@@ -233,6 +249,27 @@ mod tests {
         );
         assert_eq!(r.read_span(span(4, 2, 7)).unwrap(), "bc");
         assert_eq!(r.next_offset(), 14);
+    }
+
+    #[test]
+    fn lines_longer_than_the_read_buffer_and_across_its_edge_are_whole() {
+        // 256 KiB buffer: a 300,000-byte line, then lines that straddle the
+        // next buffer edges.
+        let long = "x".repeat(300_000);
+        let mut text = format!("a\n{long}\n");
+        let short: Vec<String> = (0..40_000).map(|i| format!("{i:07}")).collect();
+        text.push_str(&short.join("\n"));
+        let (_f, mut r) = input(text.as_bytes());
+        assert_eq!(r.next_line().unwrap().unwrap().content, Ok("a".into()));
+        let l = r.next_line().unwrap().unwrap();
+        assert_eq!((l.content, l.span.offset, l.span.end), (Ok(long), 2, 300_003));
+        for (i, want) in short.iter().enumerate() {
+            let l = r.next_line().unwrap().unwrap();
+            assert_eq!(l.content.as_deref(), Ok(want.as_str()), "line {i}");
+            assert_eq!(l.span.offset, 300_003 + 8 * i as u64);
+        }
+        assert!(r.next_line().unwrap().is_none());
+        assert_eq!(r.next_offset(), text.len() as u64);
     }
 
     #[test]

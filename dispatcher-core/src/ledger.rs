@@ -1028,7 +1028,7 @@ pub fn check_results(results: Vec<WorkItem>) -> (Vec<IdLine>, Vec<IdLine>) {
 
 /// Checks that a result is one JSON value that fits on one output line.
 pub fn check_result_line(s: &str) -> Result<(), String> {
-    if s.contains(['\n', '\r']) {
+    if memchr::memchr2(b'\n', b'\r', s.as_bytes()).is_some() {
         return Err("its result contains a line break; serialize it as compact JSON".into());
     }
     serde_json::from_str::<serde::de::IgnoredAny>(s)
