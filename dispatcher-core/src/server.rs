@@ -483,7 +483,7 @@ struct WorkQuery {
 async fn get_work(
     State(state): State<Arc<AppState>>,
     query: Result<Query<WorkQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<WorkResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let _t = state.metrics.time(WORK);
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let batch = match query.batch_size.as_deref() {
@@ -512,12 +512,30 @@ async fn get_work(
             ))
         })
         .await?;
-    Ok(Json(WorkResponse {
+    // Sized up front: a batch of prompts is tens of kilobytes, which axum's
+    // `Json` would reach by doubling a 128-byte buffer, copying at each step.
+    let capacity = 96
+        + reply
+            .items
+            .iter()
+            .map(|i| 96 + i.content.len() + i.content.len() / 8)
+            .sum::<usize>();
+    let mut body = Vec::with_capacity(capacity);
+    let response = WorkResponse {
         status: reply.status,
         retry_in: reply.retry_in,
         items: reply.items,
         lease_secs: Some(lease.as_secs_f64()),
-    }))
+    };
+    serde_json::to_writer(&mut body, &response).expect("a work response serializes");
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn post_results(
