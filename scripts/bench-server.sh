@@ -35,6 +35,8 @@ stop() { # $1 = signal; waits until the process is gone (it is not our child)
   while kill -0 "$sp" 2>/dev/null; do sleep 0.01; done
 }
 
+runs="$work/runs.txt"
+: >"$runs"
 echo "# configuration runs (items/s and latencies in ms)"
 # CONFIGS="" skips to the memory and resume runs.
 IFS='|' read -r -a configs <<<"${CONFIGS-1 1|64 1|256 1|64 16|256 64}"
@@ -43,14 +45,41 @@ for cfg in "${configs[@]}"; do
   set -- $cfg
   for r in $(seq "$repeats"); do
     $bench standin >"$work/standin.out" & sp=$!
-    $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r"
+    $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r" | tee -a "$runs"
     stop TERM
     sp=$(start_server)
-    $bench load --addr "$(addr_of "$work/srv.out")" --workers "$1" --batch "$2" --secs "$secs" --label "server  run=$r"
+    $bench load --addr "$(addr_of "$work/srv.out")" --workers "$1" --batch "$2" --secs "$secs" --label "server  run=$r" | tee -a "$runs"
     echo "server  run=$r workers=$1 batch=$2 peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status)"
     stop TERM
   done
 done
+
+# Per configuration: medians of the runs, and the median of each run pair's
+# share (server / the stand-in run just before it), which cancels most of the
+# machine's drift between runs.
+summary() {
+  awk '
+    function median(list,   n, a, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+      for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+      k = f["workers"] "x" f["batch"]
+      if (!(k in seen)) { seen[k] = 1; order[++n] = k }
+      if ($1 == "standin") { last[k] = f["items_per_sec"]; s[k] = s[k] " " f["items_per_sec"]; sg[k] = sg[k] " " f["get_p99_ms"]; sp[k] = sp[k] " " f["post_p99_ms"] }
+      else { r[k] = r[k] " " f["items_per_sec"]; share[k] = share[k] " " f["items_per_sec"] / last[k]; rg[k] = rg[k] " " f["get_p99_ms"]; rp[k] = rp[k] " " f["post_p99_ms"] }
+    }
+    END {
+      print "# summary: medians; share = median of the per-pair server/stand-in ratios"
+      for (i = 1; i <= n; i++) {
+        k = order[i]
+        printf "summary %s standin=%d server=%d share=%.0f%% p99_get_ms=%.2f/%.2f p99_post_ms=%.2f/%.2f\n", k, median(s[k]), median(r[k]), 100 * median(share[k]), median(sg[k]), median(rg[k]), median(sp[k]), median(rp[k])
+      }
+    }' "$runs"
+}
+[ -s "$runs" ] && summary
 
 echo "# 10M-line input, 1,000 items in flight (125 workers x batch 8), 15 s (about a third of the input)"
 sp=$(start_server)

@@ -287,7 +287,8 @@ impl Ledger {
             }
             _ => {}
         }
-        let (lines, input_offset, output_offset) = match Checkpoint::load(&config.checkpoint)? {
+        let loaded = Checkpoint::load(&config.checkpoint)?;
+        let (lines, input_offset, output_offset) = match &loaded {
             Some(cp) => {
                 cp.verify(&config.checkpoint, &config.infile, &config.outfile)?;
                 (cp.lines_written, cp.input_offset, cp.output_offset)
@@ -353,8 +354,12 @@ impl Ledger {
             issued_total: 0,
             completed_total: 0,
         };
-        // A checkpoint exists from the start, so an output without one is foreign.
-        ledger.checkpoint()?;
+        // A checkpoint exists from the start, so an output without one is
+        // foreign. After a clean stop the one on disk already names this state;
+        // rewriting it would only wait for the disk (an fsync of the output).
+        if loaded.is_none() || recovered.extra_lines > 0 || recovered.torn_bytes > 0 {
+            ledger.checkpoint()?;
+        }
         ledger.check_eof()?;
         Ok(ledger)
     }
