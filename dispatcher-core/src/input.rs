@@ -262,7 +262,10 @@ mod tests {
         let (_f, mut r) = input(text.as_bytes());
         assert_eq!(r.next_line().unwrap().unwrap().content, Ok("a".into()));
         let l = r.next_line().unwrap().unwrap();
-        assert_eq!((l.content, l.span.offset, l.span.end), (Ok(long), 2, 300_003));
+        assert_eq!(
+            (l.content, l.span.offset, l.span.end),
+            (Ok(long), 2, 300_003)
+        );
         for (i, want) in short.iter().enumerate() {
             let l = r.next_line().unwrap().unwrap();
             assert_eq!(l.content.as_deref(), Ok(want.as_str()), "line {i}");

@@ -396,7 +396,8 @@ impl Ledger {
         let mut items = Vec::with_capacity(batch.min(1024));
         while items.len() < batch {
             if let Some(id) = self.queue.pop_front() {
-                if let Some(item) = item_mut(&self.window, &mut self.items, self.next_write_id, id) {
+                if let Some(item) = item_mut(&self.window, &mut self.items, self.next_write_id, id)
+                {
                     debug_assert!(matches!(item.state, ItemState::Queued));
                     let content = self.input.read_span(item.span)?;
                     self.queued -= 1;
@@ -431,19 +432,19 @@ impl Ledger {
                 Ok(content) => {
                     self.seq += 1;
                     let key = self.items.insert(Item {
-                            id,
-                            span: line.span,
-                            retry_count: 0,
-                            releases: 0,
-                            reissues: ReissueCounts::default(),
-                            first_issued: now,
-                            backed_up: false,
-                            holder: worker,
-                            state: ItemState::InFlight {
-                                issued_at: now,
-                                seq: self.seq,
-                            },
-                        });
+                        id,
+                        span: line.span,
+                        retry_count: 0,
+                        releases: 0,
+                        reissues: ReissueCounts::default(),
+                        first_issued: now,
+                        backed_up: false,
+                        holder: worker,
+                        state: ItemState::InFlight {
+                            issued_at: now,
+                            seq: self.seq,
+                        },
+                    });
                     self.window.push_back(Slot::Issued(key));
                     self.deadlines
                         .push_back((now + self.config.work_timeout, id, self.seq));
@@ -570,7 +571,7 @@ impl Ledger {
     /// Records results; the first result of an item wins. A result must be one
     /// JSON value on one line, else it is refused and its item stays in flight.
     pub fn complete(&mut self, results: Vec<WorkItem>) -> io::Result<CompleteReply> {
-        let (valid, refused) = check_results(results);
+        let (valid, refused) = check_results(results.into_iter().map(|r| (r.work_id, r.result)));
         let mut reply = self.complete_valid(valid)?;
         reply.refused = refused;
         Ok(reply)
@@ -704,19 +705,17 @@ impl Ledger {
             issued_total: self.issued_total,
             completed_total: self.completed_total,
             oldest_in_flight,
-            blocking: self
-                .item(self.next_write_id)
-                .map(|item| BlockingLine {
-                    work_id: self.next_write_id,
-                    age_secs: now
-                        .saturating_duration_since(item.first_issued)
-                        .as_secs_f64(),
-                    state: match item.state {
-                        ItemState::InFlight { .. } => "in_flight".into(),
-                        ItemState::Queued => "queued".into(),
-                    },
-                    waiting_lines: self.reorder_len,
-                }),
+            blocking: self.item(self.next_write_id).map(|item| BlockingLine {
+                work_id: self.next_write_id,
+                age_secs: now
+                    .saturating_duration_since(item.first_issued)
+                    .as_secs_f64(),
+                state: match item.state {
+                    ItemState::InFlight { .. } => "in_flight".into(),
+                    ItemState::Queued => "queued".into(),
+                },
+                waiting_lines: self.reorder_len,
+            }),
             reorder_buffer_spilled: self.spilled,
             backups_issued: self.backups_issued,
             work_timeout_secs: self.config.work_timeout.as_secs_f64(),
@@ -778,7 +777,10 @@ impl Ledger {
 
     /// The item of line `id`, when it is issued or queued without a result.
     fn item(&self, id: u64) -> Option<&Item> {
-        match self.window.get(usize::try_from(id.checked_sub(self.next_write_id)?).ok()?)? {
+        match self
+            .window
+            .get(usize::try_from(id.checked_sub(self.next_write_id)?).ok()?)?
+        {
             &Slot::Issued(key) => Some(&self.items[key]),
             _ => None,
         }
@@ -1014,18 +1016,20 @@ impl SpillFile {
 /// A work id with a text: a result line, or why it was refused.
 pub type IdLine = (u64, String);
 
-/// Splits results into `(work_id, line)` pairs that are one JSON value on one
-/// line, and refusals `(work_id, why)`.
-pub fn check_results(results: Vec<WorkItem>) -> (Vec<IdLine>, Vec<IdLine>) {
+/// Splits `(work_id, result)` pairs into `(work_id, line)` pairs whose result
+/// is one JSON value on one line, and refusals `(work_id, why)`.
+pub fn check_results(
+    results: impl ExactSizeIterator<Item = (u64, Option<String>)>,
+) -> (Vec<IdLine>, Vec<IdLine>) {
     let mut valid = Vec::with_capacity(results.len());
     let mut refused = Vec::new();
-    for r in results {
-        match r.result {
+    for (id, result) in results {
+        match result {
             Some(s) => match check_result_line(&s) {
-                Ok(()) => valid.push((r.work_id, s)),
-                Err(why) => refused.push((r.work_id, why)),
+                Ok(()) => valid.push((id, s)),
+                Err(why) => refused.push((id, why)),
             },
-            None => refused.push((r.work_id, "its result is null".into())),
+            None => refused.push((id, "its result is null".into())),
         }
     }
     (valid, refused)

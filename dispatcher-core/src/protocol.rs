@@ -77,6 +77,26 @@ pub struct ResultsRequest {
     pub items: Vec<WorkItem>,
 }
 
+/// What the server reads of a `POST /results` body: `{"items": [...]}` where
+/// each item needs only `work_id` and `result`. Every other field is skipped
+/// without being copied, so a worker may send each issued item back whole (as
+/// the Python client does, prompt included) or just those two fields.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SubmittedResults {
+    /// The results.
+    pub items: Vec<SubmittedResult>,
+}
+
+/// One item of [`SubmittedResults`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SubmittedResult {
+    /// The work id the result is for.
+    pub work_id: u64,
+    /// The result: a string that holds one JSON value (`null` is refused).
+    #[serde(default)]
+    pub result: Option<String>,
+}
+
 /// The answer to `POST /results`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultsResponse {

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use crate::ledger::{check_results, Cause, Ledger, LedgerConfig};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
     ErrorResponse, HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseRequest,
-    ReleaseResponse, ResultsRequest, ResultsResponse, WorkResponse, WorkTimeoutRequest,
+    ReleaseResponse, ResultsResponse, SubmittedResults, WorkResponse, WorkTimeoutRequest,
 };
 
 /// How the server runs, beyond the job itself.
@@ -95,6 +96,9 @@ pub struct AppState {
     /// async mutex measured slower at small batches and no faster at large ones:
     /// the lock is not where the time goes; see BENCHMARKS.md.)
     ledger: std::sync::Mutex<Ledger>,
+    /// Set, under the ledger's lock, by the first failure: no request touches
+    /// the ledger after it. (`failure` carries the message to whoever waits.)
+    stopped: AtomicBool,
     /// Limits from [`ServeOptions`].
     max_batch_size: usize,
     /// The first fatal I/O error. Once set, every request gets 503 and the server
@@ -116,6 +120,7 @@ impl AppState {
         let complete = ledger.is_complete();
         Arc::new(AppState {
             ledger: std::sync::Mutex::new(ledger),
+            stopped: AtomicBool::new(false),
             max_batch_size: options.max_batch_size,
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
@@ -130,12 +135,14 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
     ) -> Result<T, ApiError> {
-        if self.failure.borrow().is_some() {
+        // A panic inside `f` is caught below, so the lock is never poisoned by
+        // one; the stopped flag keeps everyone out of the ledger instead.
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock: whoever failed set it before unlocking, so
+        // nothing runs on a ledger whose output may be missing a write.
+        if self.stopped.load(Ordering::Acquire) {
             return Err(ApiError::Stopped);
         }
-        // A panic inside `f` is caught below, so the lock is never poisoned by
-        // one; the failure flag keeps everyone out of the ledger instead.
-        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut ledger)));
         match outcome {
             Ok(Ok(v)) => {
@@ -146,12 +153,10 @@ impl AppState {
                 Ok(v)
             }
             Ok(Err(e)) => {
-                drop(ledger);
                 self.fail(e.to_string());
                 Err(ApiError::Stopped)
             }
             Err(_) => {
-                drop(ledger);
                 self.fail(
                     "a bug: the ledger panicked; stopping rather than risk a misaligned output"
                         .into(),
@@ -162,6 +167,7 @@ impl AppState {
     }
 
     fn fail(&self, message: String) {
+        self.stopped.store(true, Ordering::Release);
         tracing::error!("{message}");
         self.failure.send_if_modified(|f| {
             if f.is_none() {
@@ -543,10 +549,13 @@ async fn post_results(
     body: Bytes,
 ) -> Result<Json<ResultsResponse>, ApiError> {
     let _t = state.metrics.time(RESULTS);
-    let req: ResultsRequest = parse_body(&body, r#"{"items": [work items with "result" set]}"#)?;
+    let req: SubmittedResults = parse_body(
+        &body,
+        r#"{"items": [work items with "work_id" and "result"]}"#,
+    )?;
     // Parsing every result is the costliest per-item step: done here, outside
     // the ledger's lock, on whichever core is free.
-    let (valid, refused) = check_results(req.items);
+    let (valid, refused) = check_results(req.items.into_iter().map(|r| (r.work_id, r.result)));
     let reply = state.with_ledger(|l| l.complete_valid(valid)).await?;
     if !refused.is_empty() {
         let (work_ids, reasons): (Vec<u64>, Vec<String>) = refused.into_iter().unzip();
@@ -679,6 +688,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         outfile: std::path::PathBuf,
+        state: Arc<AppState>,
         router: Router,
     }
 
@@ -692,10 +702,12 @@ mod tests {
             ..LedgerConfig::new(infile, outfile.clone(), dir.path().join("cp"))
         };
         let ledger = Ledger::open(config, Instant::now()).unwrap();
-        let router = app(AppState::new(ledger, &options), options.max_body_bytes);
+        let state = AppState::new(ledger, &options);
+        let router = app(state.clone(), options.max_body_bytes);
         Fixture {
             _dir: dir,
             outfile,
+            state,
             router,
         }
     }
@@ -872,6 +884,44 @@ mod tests {
         let m = series(text.as_str().unwrap());
         assert_eq!(m["dispatcher_items_issued_total"], 4.0);
         assert_eq!(m["dispatcher_reissues_total{cause=\"release\"}"], 1.0);
+    }
+
+    #[tokio::test]
+    async fn work_is_json_results_need_only_id_and_result_and_a_failure_stops_all() {
+        let f = fixture("{\"a\":1}\n{\"a\":2}\n", ServeOptions::default());
+        let resp = f
+            .router
+            .clone()
+            .oneshot(Request::get("/work").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let work: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(work["items"][0]["content"], "{\"a\":1}");
+        // Without the echoed content and retry fields: accepted.
+        let body = r#"{"items": [{"work_id": 0, "result": "1"}]}"#;
+        let (code, reply) = call(&f.router, "POST", "/results", body).await;
+        assert_eq!(
+            (code, &reply["count"]),
+            (StatusCode::OK, &1.into()),
+            "{reply}"
+        );
+        assert_eq!(std::fs::read_to_string(&f.outfile).unwrap(), "1\n");
+
+        call(&f.router, "GET", "/work", "").await;
+        f.state
+            .fail("the output file could not be written (test)".into());
+        let body = r#"{"items": [{"work_id": 1, "result": "2"}]}"#;
+        let (code, reply) = call(&f.router, "POST", "/results", body).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+        let (code, _) = call(&f.router, "GET", "/work", "").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(std::fs::read_to_string(&f.outfile).unwrap(), "1\n");
+        let ledger = f.state.ledger.lock().unwrap();
+        let in_flight = ledger.status(Instant::now()).in_flight;
+        assert_eq!((ledger.lines_written(), in_flight), (1, 1));
     }
 
     #[tokio::test]
