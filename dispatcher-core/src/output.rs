@@ -36,8 +36,16 @@ impl OutputWriter {
             .write(true)
             .open(path)
             .with_path("open the output file", path)?;
-        file.set_len(len)
-            .with_path("truncate the output file", path)?;
+        // Only when needed: even a truncation to the same size is a metadata
+        // change that can wait for the file system's journal.
+        let current = file
+            .metadata()
+            .with_path("stat the output file", path)?
+            .len();
+        if current != len {
+            file.set_len(len)
+                .with_path("truncate the output file", path)?;
+        }
         file.seek(SeekFrom::Start(len))
             .with_path("seek in the output file", path)?;
         Ok(OutputWriter {
