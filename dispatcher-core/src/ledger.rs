@@ -7,7 +7,7 @@
 //! Invariants, for every work id `i`:
 //! - `i < next_write_id`: its output line is written (it is in no other map);
 //! - `next_write_id <= i < next_work_id`: slot `i - next_write_id` of the window
-//!   says whether it is issued and without a result (its [`Item`] is in `items`)
+//!   says whether it is issued and without a result (its `Item` is in `items`)
 //!   or done and waiting for an earlier line (its result in memory or spilled);
 //! - `i >= next_work_id`: not read yet.
 //!
