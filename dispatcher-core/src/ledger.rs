@@ -308,7 +308,7 @@ impl Ledger {
                 _ => (0, 0, 0),
             },
         };
-        let (recovered, output_len) = OutputWriter::recover(&config.outfile, output_offset)?;
+        let (recovered, output) = OutputWriter::recover(&config.outfile, output_offset)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(
                 output = %config.outfile.display(),
@@ -330,7 +330,7 @@ impl Ledger {
         let input_len = input.len()?;
         let mut ledger = Ledger {
             _lock: lock,
-            output: OutputWriter::open(&config.outfile, output_len)?,
+            output,
             written_input_offset: input.next_offset(),
             input,
             config,

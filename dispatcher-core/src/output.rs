@@ -27,50 +27,18 @@ pub struct Recovered {
 }
 
 impl OutputWriter {
-    /// Opens (creating it if needed) the output for appending after a recovery that
-    /// established that its first `len` bytes are whole lines.
-    pub fn open(path: &Path, len: u64) -> io::Result<Self> {
+    /// Opens the output to append after the checkpointed length `from`
+    /// (creating the file when `from` is 0): counts the whole lines past `from`,
+    /// cuts off a torn last line (one without its newline), and returns what it
+    /// found with a writer positioned after the last whole line.
+    pub fn recover(path: &Path, from: u64) -> io::Result<(Recovered, OutputWriter)> {
         let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
+            .read(true)
             .write(true)
+            .create(from == 0)
+            .truncate(false)
             .open(path)
             .with_path("open the output file", path)?;
-        // Only when needed: even a truncation to the same size is a metadata
-        // change that can wait for the file system's journal.
-        let current = file
-            .metadata()
-            .with_path("stat the output file", path)?
-            .len();
-        if current != len {
-            file.set_len(len)
-                .with_path("truncate the output file", path)?;
-        }
-        file.seek(SeekFrom::Start(len))
-            .with_path("seek in the output file", path)?;
-        Ok(OutputWriter {
-            path: path.to_owned(),
-            writer: BufWriter::with_capacity(256 * 1024, file),
-            len,
-        })
-    }
-
-    /// Counts the whole lines in `path` past byte `from`, and cuts off a torn last
-    /// line (one without its newline). Returns what it found and the new length.
-    pub fn recover(path: &Path, from: u64) -> io::Result<(Recovered, u64)> {
-        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && from == 0 => {
-                return Ok((
-                    Recovered {
-                        extra_lines: 0,
-                        torn_bytes: 0,
-                    },
-                    0,
-                ))
-            }
-            Err(e) => return Err(e).with_path("open the output file", path),
-        };
         file.seek(SeekFrom::Start(from))
             .with_path("seek in the output file", path)?;
         let mut buf = vec![0u8; 1 << 20];
@@ -97,13 +65,19 @@ impl OutputWriter {
             file.set_len(last_newline_end)
                 .with_path("cut the torn last line off the output file", path)?;
             file.sync_all().with_path("sync the output file", path)?;
+            file.seek(SeekFrom::Start(last_newline_end))
+                .with_path("seek in the output file", path)?;
         }
         Ok((
             Recovered {
                 extra_lines,
                 torn_bytes,
             },
-            last_newline_end,
+            OutputWriter {
+                path: path.to_owned(),
+                writer: BufWriter::with_capacity(256 * 1024, file),
+                len: last_newline_end,
+            },
         ))
     }
 
@@ -159,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.jsonl");
         std::fs::write(&p, b"1\n2\n3\n{\"tor").unwrap();
-        let (rec, len) = OutputWriter::recover(&p, 2).unwrap();
+        let (rec, mut w) = OutputWriter::recover(&p, 2).unwrap();
         assert_eq!(
             rec,
             Recovered {
@@ -167,9 +141,8 @@ mod tests {
                 torn_bytes: 5
             }
         );
-        assert_eq!(len, 6);
+        assert_eq!(w.len(), 6);
         assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n");
-        let mut w = OutputWriter::open(&p, len).unwrap();
         w.write_line("4").unwrap();
         w.sync().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n4\n");
@@ -179,7 +152,9 @@ mod tests {
     #[test]
     fn recover_of_a_missing_fresh_output_is_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let (rec, len) = OutputWriter::recover(&dir.path().join("none"), 0).unwrap();
-        assert_eq!((rec.extra_lines, rec.torn_bytes, len), (0, 0, 0));
+        let path = dir.path().join("none");
+        let (rec, w) = OutputWriter::recover(&path, 0).unwrap();
+        assert_eq!((rec.extra_lines, rec.torn_bytes, w.len()), (0, 0, 0));
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "created");
     }
 }
