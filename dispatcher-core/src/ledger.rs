@@ -28,7 +28,7 @@ use slab::Slab;
 use tokio::time::Instant;
 
 use crate::checkpoint::{Checkpoint, JobLock, ResumeError};
-use crate::error::path_error;
+use crate::error::{path_error, IoContext};
 use crate::input::{InputReader, LineSpan};
 use crate::output::OutputWriter;
 use crate::protocol::{
@@ -121,6 +121,21 @@ impl Cause {
             Some(ReleaseReason::Retry) => Cause::Retry,
             Some(ReleaseReason::Preempted) => Cause::Release,
             None => Cause::LegacyRelease,
+        }
+    }
+
+    /// Whether it draws on the `max_retries` budget (and `retry_count`) rather
+    /// than on `max_releases`.
+    fn is_failure(self) -> bool {
+        !matches!(self, Cause::Release)
+    }
+
+    /// Counts one reissue by this cause in `counts`.
+    fn tally(self, counts: &mut ReissueCounts) {
+        match self {
+            Cause::Timeout => counts.timeout += 1,
+            Cause::Release | Cause::LegacyRelease => counts.release += 1,
+            Cause::Retry => counts.retry += 1,
         }
     }
 }
@@ -400,8 +415,8 @@ impl Ledger {
         let mut items = Vec::with_capacity(batch.min(1024));
         while items.len() < batch {
             if let Some(id) = self.queue.pop_front() {
-                if let Some(item) = item_mut(&self.window, &mut self.items, self.next_write_id, id)
-                {
+                if let Some(key) = self.key_of(id) {
+                    let item = &mut self.items[key];
                     debug_assert!(matches!(item.state, ItemState::Queued));
                     let content = self.input.read_span(item.span)?;
                     self.queued -= 1;
@@ -551,8 +566,9 @@ impl Ledger {
         let mut extended = 0;
         let mut done = Vec::new();
         for &id in ids {
-            match item_mut(&self.window, &mut self.items, self.next_write_id, id) {
-                Some(item) => {
+            match self.key_of(id) {
+                Some(key) => {
+                    let item = &mut self.items[key];
                     if let ItemState::InFlight { issued_at, .. } = item.state {
                         self.seq += 1;
                         item.state = ItemState::InFlight {
@@ -747,9 +763,9 @@ impl Ledger {
     fn compact_deadlines(&mut self) {
         let live = self.items.len() - self.queued as usize;
         if self.deadlines.len() > 2 * live + 1024 {
-            let (window, items, base) = (&self.window, &self.items, self.next_write_id);
-            self.deadlines
-                .retain(|&(_, id, seq)| issue_seq(window, items, base, id) == Some(seq));
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|&(_, id, seq)| self.is_current(id, seq));
+            self.deadlines = deadlines;
         }
     }
 
@@ -775,62 +791,62 @@ impl Ledger {
         self.issue_seq(id) == Some(seq)
     }
 
+    /// The issue sequence number of line `id` when it is in flight.
     fn issue_seq(&self, id: u64) -> Option<u64> {
-        issue_seq(&self.window, &self.items, self.next_write_id, id)
+        match self.item(id)?.state {
+            ItemState::InFlight { seq, .. } => Some(seq),
+            ItemState::Queued => None,
+        }
+    }
+
+    /// The slab key of line `id`'s item, when it is issued or queued without a
+    /// result. A key rather than a reference, so that callers can borrow the
+    /// item (`&mut self.items[key]`) beside the ledger's other fields.
+    fn key_of(&self, id: u64) -> Option<usize> {
+        let slot = usize::try_from(id.checked_sub(self.next_write_id)?).ok()?;
+        match *self.window.get(slot)? {
+            Slot::Issued(key) => Some(key),
+            _ => None,
+        }
     }
 
     /// The item of line `id`, when it is issued or queued without a result.
     fn item(&self, id: u64) -> Option<&Item> {
-        match self
-            .window
-            .get(usize::try_from(id.checked_sub(self.next_write_id)?).ok()?)?
-        {
-            &Slot::Issued(key) => Some(&self.items[key]),
-            _ => None,
-        }
+        self.key_of(id).map(|key| &self.items[key])
     }
 
     /// Takes the item of line `id` out, leaving its slot open for
     /// [`finish`](Self::finish).
     fn take_item(&mut self, id: u64) -> Option<Item> {
-        let k = usize::try_from(id.checked_sub(self.next_write_id)?).ok()?;
-        let slot = self.window.get_mut(k)?;
-        match *slot {
-            Slot::Issued(key) => {
-                *slot = Slot::Open;
-                Some(self.items.remove(key))
-            }
-            _ => None,
-        }
+        let key = self.key_of(id)?;
+        self.window[(id - self.next_write_id) as usize] = Slot::Open;
+        Some(self.items.remove(key))
     }
 
     /// Marks an in-flight item as queued for reissue (the caller puts it in the
     /// queue, at the front or the back) and returns true, or tombstones it when
     /// its reissues are used up and returns false.
     fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<bool> {
-        let item = item_mut(&self.window, &mut self.items, self.next_write_id, id)
-            .expect("requeue of an issued item");
+        let key = self.key_of(id).expect("requeue of an issued item");
+        let item = &mut self.items[key];
         if item.backed_up {
             // The copy may still answer; the item is open to a new backup.
             item.backed_up = false;
             self.backups_out -= 1;
         }
-        match cause {
-            Cause::Timeout => item.reissues.timeout += 1,
-            Cause::Release | Cause::LegacyRelease => item.reissues.release += 1,
-            Cause::Retry => item.reissues.retry += 1,
-        }
-        let (used, budget, error) = match cause {
-            Cause::Timeout | Cause::Retry | Cause::LegacyRelease => (
+        cause.tally(&mut item.reissues);
+        let (used, budget, error) = if cause.is_failure() {
+            (
                 item.retry_count,
                 self.config.max_retries,
                 "max_retries_exceeded",
-            ),
-            Cause::Release => (
+            )
+        } else {
+            (
                 item.releases,
                 self.config.max_releases,
                 "max_releases_exceeded",
-            ),
+            )
         };
         if budget.is_some_and(|max| used >= max) {
             let item = self.take_item(id).expect("present");
@@ -844,17 +860,14 @@ impl Ledger {
             )?;
             return Ok(false);
         }
-        match cause {
-            Cause::Timeout | Cause::Retry | Cause::LegacyRelease => item.retry_count += 1,
-            Cause::Release => item.releases += 1,
+        if cause.is_failure() {
+            item.retry_count += 1;
+        } else {
+            item.releases += 1;
         }
         item.state = ItemState::Queued;
         self.queued += 1;
-        match cause {
-            Cause::Timeout => self.reissues.timeout += 1,
-            Cause::Release | Cause::LegacyRelease => self.reissues.release += 1,
-            Cause::Retry => self.reissues.retry += 1,
-        }
+        cause.tally(&mut self.reissues);
         Ok(true)
     }
 
@@ -938,31 +951,6 @@ impl Ledger {
     }
 }
 
-/// The item of line `id` in a window starting at line `base`. A function of
-/// the fields rather than a method, so that it borrows only them.
-fn item_mut<'a>(
-    window: &VecDeque<Slot>,
-    items: &'a mut Slab<Item>,
-    base: u64,
-    id: u64,
-) -> Option<&'a mut Item> {
-    match window.get(usize::try_from(id.checked_sub(base)?).ok()?)? {
-        &Slot::Issued(key) => Some(&mut items[key]),
-        _ => None,
-    }
-}
-
-/// The issue sequence number of line `id` when it is in flight.
-fn issue_seq(window: &VecDeque<Slot>, items: &Slab<Item>, base: u64, id: u64) -> Option<u64> {
-    match window.get(usize::try_from(id.checked_sub(base)?).ok()?)? {
-        &Slot::Issued(key) => match items[key].state {
-            ItemState::InFlight { seq, .. } => Some(seq),
-            ItemState::Queued => None,
-        },
-        _ => None,
-    }
-}
-
 /// Results spilled out of the reorder buffer. Append-only while anything in it
 /// waits; truncated when nothing does, so it never outgrows what is waiting.
 #[derive(Debug)]
@@ -980,7 +968,7 @@ impl SpillFile {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| path_error(e, "create the pending-results file", &path))?;
+            .with_path("create the pending-results file", &path)?;
         Ok(SpillFile { path, file, len: 0 })
     }
 
@@ -990,14 +978,14 @@ impl SpillFile {
         let offset = self.len;
         self.file
             .write_all_at(line.as_bytes(), offset)
-            .map_err(|e| path_error(e, "write the pending-results file", &self.path))?;
+            .with_path("write the pending-results file", &self.path)?;
         self.len += line.len() as u64;
         Ok(offset)
     }
 
     fn read(&self, offset: u64, len: u32) -> io::Result<String> {
         let bytes = crate::input::read_exact_at(&self.file, offset, len as usize)
-            .map_err(|e| path_error(e, "read the pending-results file", &self.path))?;
+            .with_path("read the pending-results file", &self.path)?;
         String::from_utf8(bytes).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -1010,7 +998,7 @@ impl SpillFile {
         if self.len > 0 {
             self.file
                 .set_len(0)
-                .map_err(|e| path_error(e, "truncate the pending-results file", &self.path))?;
+                .with_path("truncate the pending-results file", &self.path)?;
             self.len = 0;
         }
         Ok(())
