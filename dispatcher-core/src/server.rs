@@ -130,8 +130,9 @@ impl AppState {
         })
     }
 
-    /// Runs `f` on the ledger; an I/O error stops the server.
-    async fn with_ledger<T>(
+    /// Runs `f` on the ledger under its (std) lock; an I/O error stops the
+    /// server. Synchronous, so the lock can never be held across an `.await`.
+    fn with_ledger<T>(
         &self,
         f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
     ) -> Result<T, ApiError> {
@@ -339,7 +340,7 @@ pub async fn serve_state(
         tasks.spawn(async move {
             let mut complete = state.complete.subscribe();
             if complete.wait_for(|c| *c).await.is_ok() {
-                if let Err(e) = state.with_ledger(|l| l.checkpoint()).await {
+                if let Err(e) = state.with_ledger(|l| l.checkpoint()) {
                     tracing::debug!(?e, "final checkpoint failed");
                 }
                 tracing::info!(
@@ -384,7 +385,6 @@ pub async fn serve_state(
     }
     state
         .with_ledger(|l| l.checkpoint())
-        .await
         .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
     let reason = stop_tx.borrow().clone().unwrap_or(StopReason::Shutdown);
     tracing::info!(?reason, "stopped; checkpoint written");
@@ -398,7 +398,7 @@ async fn ticker(state: Arc<AppState>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        if state.with_ledger(|l| l.tick(Instant::now())).await.is_err() {
+        if state.with_ledger(|l| l.tick(Instant::now())).is_err() {
             return;
         }
     }
@@ -410,7 +410,7 @@ async fn checkpointer(state: Arc<AppState>, every: Duration) {
     interval.tick().await;
     loop {
         interval.tick().await;
-        if state.with_ledger(|l| l.checkpoint()).await.is_err() {
+        if state.with_ledger(|l| l.checkpoint()).is_err() {
             return;
         }
     }
@@ -510,14 +510,12 @@ async fn get_work(
         w.hash(&mut h);
         h.finish()
     });
-    let (reply, lease) = state
-        .with_ledger(|l| {
-            Ok((
-                l.take_work_for(batch, Instant::now(), worker)?,
-                l.config().work_timeout,
-            ))
-        })
-        .await?;
+    let (reply, lease) = state.with_ledger(|l| {
+        Ok((
+            l.take_work_for(batch, Instant::now(), worker)?,
+            l.config().work_timeout,
+        ))
+    })?;
     // Sized up front: a batch of prompts is tens of kilobytes, which axum's
     // `Json` would reach by doubling a 128-byte buffer, copying at each step.
     let capacity = 96
@@ -556,7 +554,7 @@ async fn post_results(
     // Parsing every result is the costliest per-item step: done here, outside
     // the ledger's lock, on whichever core is free.
     let (valid, refused) = check_results(req.items.into_iter().map(|r| (r.work_id, r.result)));
-    let reply = state.with_ledger(|l| l.complete_valid(valid)).await?;
+    let reply = state.with_ledger(|l| l.complete_valid(valid))?;
     if !refused.is_empty() {
         let (work_ids, reasons): (Vec<u64>, Vec<String>) = refused.into_iter().unzip();
         let first = format!("work_id {}: {}", work_ids[0], reasons[0]);
@@ -585,9 +583,7 @@ async fn post_release(
     let _t = state.metrics.time(RELEASE);
     let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
     let cause = Cause::of_release(req.reason);
-    let released = state
-        .with_ledger(|l| l.release(&req.work_ids, cause))
-        .await?;
+    let released = state.with_ledger(|l| l.release(&req.work_ids, cause))?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
         released_count: released,
@@ -600,12 +596,10 @@ async fn post_heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(HEARTBEAT);
     let req: HeartbeatRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
-    let (extended, done, lease) = state
-        .with_ledger(|l| {
-            let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
-            Ok((extended, done, l.config().work_timeout))
-        })
-        .await?;
+    let (extended, done, lease) = state.with_ledger(|l| {
+        let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
+        Ok((extended, done, l.config().work_timeout))
+    })?;
     Ok(Json(HeartbeatResponse {
         status: "OK".into(),
         extended,
@@ -616,7 +610,7 @@ async fn post_heartbeat(
 
 async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let _t = state.metrics.time(METRICS);
-    let status = state.with_ledger(|l| Ok(l.status(Instant::now()))).await?;
+    let status = state.with_ledger(|l| Ok(l.status(Instant::now())))?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -629,7 +623,7 @@ async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
 
 async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let _t = state.metrics.time(STATUS);
-    let status = state.with_ledger(|l| Ok(l.status(Instant::now()))).await?;
+    let status = state.with_ledger(|l| Ok(l.status(Instant::now())))?;
     Ok(Json(status).into_response())
 }
 
@@ -646,12 +640,10 @@ async fn post_work_timeout(
         )));
     }
     let timeout = Duration::from_secs_f64(req.timeout);
-    state
-        .with_ledger(|l| {
-            l.set_work_timeout(timeout);
-            Ok(())
-        })
-        .await?;
+    state.with_ledger(|l| {
+        l.set_work_timeout(timeout);
+        Ok(())
+    })?;
     tracing::info!(secs = req.timeout, "work timeout changed");
     Ok(Json(MessageResponse {
         status: "OK".into(),
