@@ -115,11 +115,10 @@ impl ServeArgs {
                 self.infile.display()
             );
         }
-        let checkpoint = self.checkpoint.clone().unwrap_or_else(|| {
-            let mut p = self.outfile.clone().into_os_string();
-            p.push(".checkpoint");
-            p.into()
-        });
+        let checkpoint = self
+            .checkpoint
+            .clone()
+            .unwrap_or_else(|| dispatcher_core::checkpoint::default_checkpoint(&self.outfile));
         let ledger = LedgerConfig {
             work_timeout: secs("work-timeout", self.work_timeout)?,
             max_retries,

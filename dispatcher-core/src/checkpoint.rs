@@ -268,9 +268,7 @@ pub struct JobLock {
 impl JobLock {
     /// Takes the lock of the job whose checkpoint is `checkpoint`.
     pub fn acquire(checkpoint: &Path) -> Result<JobLock, ResumeError> {
-        let mut lock = checkpoint.as_os_str().to_owned();
-        lock.push(".lock");
-        let lock = PathBuf::from(lock);
+        let lock = with_suffix(checkpoint, ".lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -290,9 +288,21 @@ impl JobLock {
 
 /// `<path>.tmp`, beside the checkpoint so the rename stays on one file system.
 fn tmp_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".tmp")
+}
+
+/// `path` with `suffix` appended to its file name (`out.jsonl` ->
+/// `out.jsonl.checkpoint`): a job's own files sit beside the file they serve.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
+    s.push(suffix);
     PathBuf::from(s)
+}
+
+/// Where the checkpoint of `outfile` goes unless one is named:
+/// `<outfile>.checkpoint`.
+pub fn default_checkpoint(outfile: &Path) -> PathBuf {
+    with_suffix(outfile, ".checkpoint")
 }
 
 fn crc_at(file: &File, offset: u64, len: u64, path: &Path) -> io::Result<u32> {

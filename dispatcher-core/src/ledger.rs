@@ -87,9 +87,7 @@ impl LedgerConfig {
 
     /// Where results past `max_pending_bytes` go.
     pub fn spill_path(&self) -> PathBuf {
-        let mut p = self.outfile.as_os_str().to_owned();
-        p.push(".pending");
-        PathBuf::from(p)
+        crate::checkpoint::with_suffix(&self.outfile, ".pending")
     }
 }
 

@@ -129,13 +129,15 @@ impl FileSource {
         output: &std::path::Path,
         max_retries: Option<u32>,
     ) -> Result<FileSource, SourceError> {
-        let mut checkpoint = output.as_os_str().to_owned();
-        checkpoint.push(".checkpoint");
         let config = LedgerConfig {
             work_timeout: LOCAL_WORK_TIMEOUT,
             max_retries,
             retry_secs: 1,
-            ..LedgerConfig::new(input.to_owned(), output.to_owned(), checkpoint.into())
+            ..LedgerConfig::new(
+                input.to_owned(),
+                output.to_owned(),
+                crate::checkpoint::default_checkpoint(output),
+            )
         };
         let ledger = Ledger::open(config, Instant::now()).map_err(ServerError::from)?;
         Ok(FileSource {
