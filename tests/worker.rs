@@ -79,6 +79,24 @@ async fn run_two_steps(
     .await
 }
 
+/// [`run_two_steps`] as a worker of the server behind `client`, with its own
+/// progress counters.
+async fn run_worker(
+    client: DispatcherClient,
+    engine: Arc<SlowEngine>,
+    config: ManagerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> (Exit, manager::Summary) {
+    run_two_steps(
+        Arc::new(ServerSource::new(client)),
+        engine,
+        config,
+        Arc::new(Progress::default()),
+        shutdown,
+    )
+    .await
+}
+
 /// Resolves once the manager has finished `n` lines.
 async fn lines_done(progress: Arc<Progress>, n: u64) {
     while progress.lines.load(Ordering::SeqCst) < n {
@@ -171,14 +189,8 @@ async fn the_engine_is_kept_at_exactly_the_request_limit() {
         delay: Duration::from_millis(20),
         ..SlowEngine::default()
     });
-    let (exit, summary) = run_two_steps(
-        Arc::new(ServerSource::new(client)),
-        engine.clone(),
-        config(8, 3),
-        Arc::new(Progress::default()),
-        std::future::pending(),
-    )
-    .await;
+    let (exit, summary) =
+        run_worker(client, engine.clone(), config(8, 3), std::future::pending()).await;
     assert_eq!(exit, Exit::Complete);
     assert_eq!(summary.outcomes.get("ok"), Some(&200));
     assert_eq!(engine.total.load(Ordering::SeqCst), 400);
@@ -203,15 +215,9 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
     let first = tokio::spawn({
         let (client, engine) = (client.clone(), engine.clone());
         async move {
-            run_two_steps(
-                Arc::new(ServerSource::new(client)),
-                engine,
-                config(4, 4),
-                Arc::new(Progress::default()),
-                async {
-                    let _ = stop_rx.await;
-                },
-            )
+            run_worker(client, engine, config(4, 4), async {
+                let _ = stop_rx.await;
+            })
             .await
         }
     });
@@ -228,14 +234,13 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
     assert_eq!(status.in_flight, 0);
     assert!(status.lines_done < 60);
 
-    let (exit, _) = run_two_steps(
-        Arc::new(ServerSource::new(client)),
+    let (exit, _) = run_worker(
+        client,
         Arc::new(SlowEngine {
             delay: Duration::from_millis(1),
             ..SlowEngine::default()
         }),
         config(16, 8),
-        Arc::new(Progress::default()),
         std::future::pending(),
     )
     .await;
@@ -253,14 +258,8 @@ async fn a_dead_engine_releases_everything_and_reports_failure() {
         ..SlowEngine::default()
     });
     engine.dead.store(true, Ordering::SeqCst);
-    let (exit, summary) = run_two_steps(
-        Arc::new(ServerSource::new(client.clone())),
-        engine,
-        config(4, 4),
-        Arc::new(Progress::default()),
-        std::future::pending(),
-    )
-    .await;
+    let (exit, summary) =
+        run_worker(client.clone(), engine, config(4, 4), std::future::pending()).await;
     assert!(
         matches!(exit, Exit::EngineFailed(ref why) if why.contains("connection refused")),
         "{exit:?}"
@@ -411,14 +410,13 @@ async fn heartbeats_keep_long_requests_alive_under_a_short_lease() {
     assert_eq!(silent.items[0].work_id, 0);
     assert_eq!(silent.lease_secs, Some(1.0));
     // Ours needs 1.5 s per request, longer than the lease: its heartbeats keep it.
-    let (exit, summary) = run_two_steps(
-        Arc::new(ServerSource::new(client.clone())),
+    let (exit, summary) = run_worker(
+        client.clone(),
         Arc::new(SlowEngine {
             delay: Duration::from_millis(1500),
             ..SlowEngine::default()
         }),
         config(16, 16),
-        Arc::new(Progress::default()),
         std::future::pending(),
     )
     .await;
@@ -447,15 +445,14 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
     let a = tokio::spawn({
         let client = client.clone();
         async move {
-            run_two_steps(
-                Arc::new(ServerSource::new(client)),
+            run_worker(
+                client,
                 Arc::new(SlowEngine {
                     delay: Duration::from_millis(5),
                     hang_on: Some("first 0"),
                     ..SlowEngine::default()
                 }),
                 config(8, 8),
-                Arc::new(Progress::default()),
                 std::future::pending(),
             )
             .await
@@ -474,14 +471,13 @@ async fn an_idle_worker_backs_up_a_straggler_and_its_holder_drops_it() {
     }
     // Worker B (another process: another client) is idle: it gets a backup
     // copy of line 0 and finishes it.
-    let (exit, b) = run_two_steps(
-        Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+    let (exit, b) = run_worker(
+        DispatcherClient::new(client.base_url()),
         Arc::new(SlowEngine {
             delay: Duration::from_millis(5),
             ..SlowEngine::default()
         }),
         config(8, 8),
-        Arc::new(Progress::default()),
         std::future::pending(),
     )
     .await;
@@ -505,14 +501,13 @@ async fn heavy_preemption_never_tombstones_good_items() {
     let (client, served) = job.serve_with(|c| c.max_retries = Some(0)).await;
     let mut released = 0;
     for round in 0..12u64 {
-        let (exit, summary) = run_two_steps(
-            Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+        let (exit, summary) = run_worker(
+            DispatcherClient::new(client.base_url()),
             Arc::new(SlowEngine {
                 delay: Duration::from_millis(100),
                 ..SlowEngine::default()
             }),
             config(8, 8),
-            Arc::new(Progress::default()),
             tokio::time::sleep(Duration::from_millis(60 + 20 * round)),
         )
         .await;
@@ -526,11 +521,10 @@ async fn heavy_preemption_never_tombstones_good_items() {
     );
     assert_eq!(status.reissues.release, released, "{status:?}");
     assert_eq!(status.tombstones, 0);
-    let (exit, _) = run_two_steps(
-        Arc::new(ServerSource::new(DispatcherClient::new(client.base_url()))),
+    let (exit, _) = run_worker(
+        DispatcherClient::new(client.base_url()),
         Arc::new(SlowEngine::default()),
         config(16, 16),
-        Arc::new(Progress::default()),
         std::future::pending(),
     )
     .await;
