@@ -24,7 +24,7 @@ addr_of() { # wait for "listening on ADDR" in file $1
 }
 
 start_server() { # fresh output; prints pid; address in $work/srv.out
-  rm -f "$work"/out.jsonl*
+  rm -f "$work"/out.jsonl* "$work/srv.out" # no stale address for addr_of
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
     --work-timeout 3600 "$@" >"$work/srv.out" 2>"$work/srv.err" &
   echo $!
@@ -44,6 +44,7 @@ for cfg in "${configs[@]}"; do
   # shellcheck disable=SC2086
   set -- $cfg
   for r in $(seq "$repeats"); do
+    rm -f "$work/standin.out"
     $bench standin >"$work/standin.out" & sp=$!
     $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r" | tee -a "$runs"
     stop TERM
@@ -88,6 +89,7 @@ echo "rss peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status) lines_done=$(
 
 resume() { # $1 = signal; time from start to the first /status answer
   stop "$1"
+  rm -f "$work/srv.out" # no stale address for addr_of
   t0=$(date +%s.%N)
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 >"$work/srv.out" 2>"$work/srv.err" &
   sp=$!
@@ -98,7 +100,7 @@ resume() { # $1 = signal; time from start to the first /status answer
     sleep 0.005
   done
   t1=$(date +%s.%N)
-  echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s to the first /status, lines_done=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/')"
+  echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s to the first /status, lines_done=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/'), of which opening the job's files took $(sed -n 's/.*job files opened took_ms=\([0-9]*\).*/\1/p' "$work/srv.err") ms"
 }
 resume TERM
 # 10 s more, so the output runs ahead of the last checkpoint (every 30 s) before SIGKILL.

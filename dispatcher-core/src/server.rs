@@ -296,7 +296,9 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<StopReason, ServerError> {
-    let ledger = Ledger::open(config, Instant::now())?;
+    let opening = Instant::now();
+    let ledger = Ledger::open(config, opening)?;
+    tracing::info!(took_ms = opening.elapsed().as_millis(), "job files opened");
     let state = AppState::new(ledger, &options);
     serve_state(listener, state, options, shutdown).await
 }
