@@ -18,8 +18,8 @@ input="$work/in10m.jsonl"
 [ -s "$input" ] || $bench gen-input --lines 10000000 --out "$input"
 
 addr_of() { # wait for "listening on ADDR" in file $1
-  for _ in $(seq 100); do
-    a=$(sed -n 's/^listening on //p' "$1"); [ -n "$a" ] && { echo "$a"; return; }; sleep 0.05
+  for _ in $(seq 500); do
+    a=$(sed -n 's/^listening on //p' "$1"); [ -n "$a" ] && { echo "$a"; return; }; sleep 0.01
   done; echo "no address in $1" >&2; exit 1
 }
 
@@ -94,13 +94,16 @@ resume() { # $1 = signal; time from start to the first /status answer
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 >"$work/srv.out" 2>"$work/srv.err" &
   sp=$!
   a=$(addr_of "$work/srv.out")
+  ta=$(date +%s.%N)
   for _ in $(seq 2000); do
     curl -sf "http://$a/status" >/dev/null && break
     kill -0 "$sp" 2>/dev/null || { echo "the server exited: $(tail -3 "$work/srv.err")" >&2; exit 1; }
     sleep 0.005
   done
   t1=$(date +%s.%N)
-  echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s to the first /status, lines_done=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/'), of which opening the job's files took $(sed -n 's/.*job files opened took_ms=\([0-9]*\).*/\1/p' "$work/srv.err") ms"
+  lines=$(curl -s "http://$a/status" | sed 's/.*"lines_done":\([0-9]*\).*/\1/')
+  opened=$(sed -n 's/.*job files opened took_ms=\([0-9]*\).*/\1/p' "$work/srv.err")
+  echo "resume after SIG$1: $(echo "$t1 - $t0" | bc) s from start to the first /status answer ($(echo "$ta - $t0" | bc) s to 'listening on'; opening the job's files: $opened ms), lines_done=$lines"
 }
 resume TERM
 # 10 s more, so the output runs ahead of the last checkpoint (every 30 s) before SIGKILL.

@@ -128,20 +128,36 @@ impl InputReader {
             .is_empty())
     }
 
-    /// Skips `n` lines; returns how many were there to skip.
+    /// Skips `n` lines; returns how many were there to skip. A last line
+    /// without its newline counts as a line, as in [`next_line`](Self::next_line).
+    ///
+    /// Counts line breaks in the reader's buffer without copying lines out: a
+    /// resume after a crash skips every line written since the last checkpoint.
     pub fn skip_lines(&mut self, n: u64) -> io::Result<u64> {
-        for done in 0..n {
-            self.buf.clear();
-            let read = self
+        let mut done = 0;
+        // Bytes consumed since the last line break: a line without its newline yet.
+        let mut partial = false;
+        while done < n {
+            let available = self
                 .reader
-                .read_until(b'\n', &mut self.buf)
+                .fill_buf()
                 .with_path("read the input file", &self.path)?;
-            if read == 0 {
-                return Ok(done);
+            if available.is_empty() {
+                return Ok(done + u64::from(partial));
             }
-            self.next_offset += read as u64;
+            let mut consumed = available.len();
+            for i in memchr::memchr_iter(b'\n', available) {
+                done += 1;
+                if done == n {
+                    consumed = i + 1;
+                    break;
+                }
+            }
+            partial = available[consumed - 1] != b'\n';
+            self.reader.consume(consumed);
+            self.next_offset += consumed as u64;
         }
-        Ok(n)
+        Ok(done)
     }
 
     /// Reads back the content of an earlier line by its span.
@@ -282,6 +298,53 @@ mod tests {
         assert_eq!(r.next_offset(), 4);
         assert_eq!(r.skip_lines(5).unwrap(), 1);
         assert_eq!(r.next_offset(), 6);
+        assert_eq!(r.skip_lines(1).unwrap(), 0);
+    }
+
+    #[test]
+    fn skip_lines_counts_a_last_line_without_newline_and_lines_longer_than_the_buffer() {
+        let (_f, mut r) = input(b"a\nb");
+        assert_eq!(r.skip_lines(3).unwrap(), 2);
+        assert_eq!(r.next_offset(), 3);
+
+        // Lines of every length around the 256 KiB read buffer, so that line
+        // breaks fall at its start, middle and end and lines span several fills.
+        let mut text = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..40usize {
+            starts.push(text.len() as u64);
+            let len = [0, 1, 7, 100_000, 262_143, 262_144, 300_000, 3][i % 8] + i;
+            text.extend(std::iter::repeat_n(b'x', len));
+            text.push(b'\n');
+        }
+        text.extend_from_slice(b"tail");
+        for skip in [0u64, 1, 3, 4, 5, 17, 39, 40] {
+            let (_f, mut r) = input(&text);
+            assert_eq!(r.skip_lines(skip).unwrap(), skip);
+            assert_eq!(
+                r.next_offset(),
+                starts
+                    .get(skip as usize)
+                    .copied()
+                    .unwrap_or(text.len() as u64 - 4),
+                "skip {skip}"
+            );
+            let next = r.next_line().unwrap().unwrap();
+            if skip < 40 {
+                assert_eq!(next.span.offset, starts[skip as usize], "skip {skip}");
+            } else {
+                assert_eq!(next.content.as_deref(), Ok("tail"));
+            }
+        }
+        let (_f, mut r) = input(&text);
+        assert_eq!(r.skip_lines(3).unwrap(), 3);
+        assert_eq!(
+            r.skip_lines(100).unwrap(),
+            38,
+            "37 more whole lines and the tail"
+        );
+        assert_eq!(r.next_offset(), text.len() as u64);
+        assert!(r.next_line().unwrap().is_none());
     }
 
     #[test]

@@ -52,11 +52,10 @@ impl OutputWriter {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).with_path("read the output file", path),
             };
-            for (i, b) in buf[..n].iter().enumerate() {
-                if *b == b'\n' {
-                    extra_lines += 1;
-                    last_newline_end = pos + i as u64 + 1;
-                }
+            let chunk = &buf[..n];
+            extra_lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+            if let Some(i) = memchr::memrchr(b'\n', chunk) {
+                last_newline_end = pos + i as u64 + 1;
             }
             pos += n as u64;
         }
@@ -147,6 +146,25 @@ mod tests {
         w.sync().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n4\n");
         assert_eq!(w.len(), 8);
+    }
+
+    #[test]
+    fn recover_counts_across_read_chunks_with_a_torn_tail_longer_than_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.jsonl");
+        let mut text = Vec::new();
+        for i in 0..3000usize {
+            text.extend(std::iter::repeat_n(b'7', i % 1500));
+            text.push(b'\n');
+        }
+        let whole = text.len() as u64;
+        text.extend(std::iter::repeat_n(b'x', 3 << 20));
+        std::fs::write(&p, &text).unwrap();
+        let (rec, w) = OutputWriter::recover(&p, 0).unwrap();
+        assert_eq!(rec.extra_lines, 3000);
+        assert_eq!(rec.torn_bytes, 3 << 20);
+        assert_eq!(w.len(), whole);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), whole);
     }
 
     #[test]
