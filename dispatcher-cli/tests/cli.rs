@@ -255,6 +255,52 @@ fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
 }
 
 #[test]
+fn a_restart_after_sigkill_checkpoints_the_recovered_lines_at_once() {
+    let job = Job::new(100);
+    let hourly = ["--checkpoint-interval", "3600", "--exit-grace", "0.2"];
+    let checkpointed = || {
+        let cp: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap())
+                .unwrap();
+        cp["lines_written"].as_u64().unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = job.serve(&hourly);
+    let client = DispatcherClient::new(&server.addr);
+    rt.block_on(async {
+        let work = client.get_work(30).await.unwrap();
+        let results = work.items.iter().map(answer).collect();
+        client.submit(results).await.unwrap();
+    });
+    server.signal(libc::SIGKILL);
+    let _ = server.wait(Duration::from_secs(10));
+    assert_eq!(checkpointed(), 0, "killed before any periodic checkpoint");
+
+    // The restart finds 30 lines past the checkpoint and names them in a new
+    // one right away, not an hour later.
+    let server = job.serve(&hourly);
+    let start = Instant::now();
+    while checkpointed() != 30 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the recovered lines were not checkpointed (lines_written {})",
+            checkpointed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client = DispatcherClient::new(&server.addr);
+    rt.block_on(async {
+        let work = client.get_work(100).await.unwrap();
+        assert_eq!(work.items.first().map(|i| i.work_id), Some(30));
+        let results = work.items.iter().map(answer).collect();
+        client.submit(results).await.unwrap();
+    });
+    let (code, stderr) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+    job.check_output();
+}
+
+#[test]
 fn a_checkpoint_that_does_not_match_the_output_is_refused() {
     let job = Job::new(10);
     let server = job.serve(&["--exit-grace", "0"]);

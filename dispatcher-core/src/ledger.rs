@@ -284,6 +284,46 @@ pub struct Ledger {
     issued_total: u64,
     /// Results accepted by this run, for metrics.
     completed_total: u64,
+    /// Output lines found past the checkpoint at open.
+    recovered_past_checkpoint: u64,
+}
+
+/// A checkpoint whose state was taken by [`Ledger::begin_checkpoint`] and
+/// which is not written yet.
+#[derive(Debug)]
+#[must_use = "nothing is written until `commit`"]
+pub struct PendingCheckpoint {
+    /// A handle on the output, for its fsync.
+    output: std::fs::File,
+    infile: PathBuf,
+    outfile: PathBuf,
+    checkpoint: PathBuf,
+    lines_written: u64,
+    input_offset: u64,
+    output_offset: u64,
+}
+
+impl PendingCheckpoint {
+    /// Makes the output durable (at least up to the length taken; lines
+    /// appended since are synced too, harmlessly) and then writes the
+    /// checkpoint that names it. The output only grows past the length taken
+    /// while this runs, so the checkpoint's fingerprint of it stays true.
+    ///
+    /// The checkpoints of one job must be committed one at a time and in the
+    /// order they were begun, or an older one could replace a newer one.
+    pub fn commit(self) -> io::Result<()> {
+        self.output
+            .sync_data()
+            .with_path("sync the output file", &self.outfile)?;
+        Checkpoint::capture(
+            &self.infile,
+            &self.outfile,
+            self.lines_written,
+            self.input_offset,
+            self.output_offset,
+        )?
+        .save(&self.checkpoint)
+    }
 }
 
 impl Ledger {
@@ -370,11 +410,15 @@ impl Ledger {
             ignored_results: 0,
             issued_total: 0,
             completed_total: 0,
+            recovered_past_checkpoint: recovered.extra_lines,
         };
         // A checkpoint exists from the start, so an output without one is
-        // foreign. After a clean stop the one on disk already names this state;
-        // rewriting it would only wait for the disk (an fsync of the output).
-        if loaded.is_none() || recovered.extra_lines > 0 || recovered.torn_bytes > 0 {
+        // foreign. Otherwise the one on disk stays true: it names a prefix of
+        // the output (a torn tail was cut off past it). Lines recovered past it
+        // are named by the next checkpoint, which a server takes right away
+        // (see `recovered_past_checkpoint`) but without making the restart
+        // wait for the fsync of everything the last run wrote.
+        if loaded.is_none() {
             ledger.checkpoint()?;
         }
         ledger.check_eof()?;
@@ -672,15 +716,29 @@ impl Ledger {
 
     /// Makes the output durable and records it in the checkpoint.
     pub fn checkpoint(&mut self) -> io::Result<()> {
-        self.output.sync()?;
-        Checkpoint::capture(
-            &self.config.infile,
-            &self.config.outfile,
-            self.next_write_id,
-            self.written_input_offset,
-            self.output.len(),
-        )?
-        .save(&self.config.checkpoint)
+        self.begin_checkpoint()?.commit()
+    }
+
+    /// Takes the state a checkpoint records (flushing the output); its slow
+    /// part, [`PendingCheckpoint::commit`], needs no access to the ledger, so
+    /// a server runs it without holding the ledger's lock.
+    pub fn begin_checkpoint(&mut self) -> io::Result<PendingCheckpoint> {
+        Ok(PendingCheckpoint {
+            output: self.output.flush_for_sync()?,
+            infile: self.config.infile.clone(),
+            outfile: self.config.outfile.clone(),
+            checkpoint: self.config.checkpoint.clone(),
+            lines_written: self.next_write_id,
+            input_offset: self.written_input_offset,
+            output_offset: self.output.len(),
+        })
+    }
+
+    /// Output lines the last run wrote after its last checkpoint, found in the
+    /// output when this ledger was opened (after a crash). Until the next
+    /// checkpoint names them, another crash recounts them.
+    pub fn recovered_past_checkpoint(&self) -> u64 {
+        self.recovered_past_checkpoint
     }
 
     /// The counts of `GET /status`.
@@ -1306,6 +1364,26 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_names_the_state_when_begun_while_lines_are_written_before_commit() {
+        let job = Job::new(&lines(6), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(6, t).unwrap();
+        l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+        let pending = l.begin_checkpoint().unwrap();
+        // Requests go on while the checkpoint's fsyncs run.
+        l.complete(vec![result(2, "2"), result(3, "3")]).unwrap();
+        pending.commit().unwrap();
+        drop(l);
+        let cp = Checkpoint::load(&job.config.checkpoint).unwrap().unwrap();
+        assert_eq!((cp.lines_written, cp.output_offset), (2, 4));
+        let l = job.open(t).unwrap();
+        assert_eq!(l.lines_written(), 4);
+        assert_eq!(l.recovered_past_checkpoint(), 2);
+        assert_eq!(job.output(), "0\n1\n2\n3\n");
+    }
+
+    #[test]
     fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
         let job = Job::new(&lines(5), Some(3));
         let t = Instant::now();
@@ -1320,8 +1398,14 @@ mod tests {
         out.push_str("{\"tor");
         std::fs::write(&job.config.outfile, out).unwrap();
 
-        let mut l = job.open(t).unwrap();
+        let l = job.open(t).unwrap();
         assert_eq!(l.lines_written(), 3);
+        assert_eq!(l.recovered_past_checkpoint(), 2);
+        // Opening writes no checkpoint (a server takes one right after): the
+        // one on disk still names line 0 only and still matches the files.
+        drop(l);
+        let mut l = job.open(t).unwrap();
+        assert_eq!((l.lines_written(), l.recovered_past_checkpoint()), (3, 2));
         let r = l.take_work(5, t).unwrap();
         assert_eq!(ids(&r), vec![3, 4]);
         assert_eq!(r.items[0].content, "{\"i\":3}");
@@ -1673,8 +1757,13 @@ mod tests {
             Release(usize),
             Expire,
             Heartbeat,
+            /// Takes a checkpoint's state; it is written by a later `Commit`
+            /// (or lost in a crash), as a server does beside its requests.
             Checkpoint,
-            Crash { torn: bool },
+            Commit,
+            Crash {
+                torn: bool,
+            },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -1686,6 +1775,7 @@ mod tests {
                 1 => Just(Op::Expire),
                 1 => Just(Op::Heartbeat),
                 1 => Just(Op::Checkpoint),
+                1 => Just(Op::Commit),
                 1 => any::<bool>().prop_map(|torn| Op::Crash { torn }),
             ]
         }
@@ -1752,6 +1842,7 @@ mod tests {
             // Items held by workers, which outlive server restarts.
             let mut held: Vec<WorkItem> = Vec::new();
             let mut sent: Vec<WorkItem> = Vec::new();
+            let mut pending: Option<PendingCheckpoint> = None;
             for op in ops {
                 match op {
                     Op::Take(b) => held.extend(l.take_work(b, t).unwrap().items),
@@ -1781,8 +1872,21 @@ mod tests {
                         t += TIMEOUT;
                         l.tick(t).unwrap();
                     }
-                    Op::Checkpoint => l.checkpoint().unwrap(),
+                    Op::Checkpoint => {
+                        // One at a time, in order, as the server commits them.
+                        if let Some(p) = pending.take() {
+                            p.commit().unwrap();
+                        }
+                        pending = Some(l.begin_checkpoint().unwrap());
+                    }
+                    Op::Commit => {
+                        if let Some(p) = pending.take() {
+                            p.commit().unwrap();
+                        }
+                    }
                     Op::Crash { torn } => {
+                        // A checkpoint not committed yet dies with the process.
+                        pending = None;
                         drop(l);
                         if torn {
                             let mut f = std::fs::OpenOptions::new()

@@ -121,6 +121,17 @@ impl OutputWriter {
             .sync_data()
             .with_path("sync the output file", &self.path)
     }
+
+    /// Flushes and returns a second handle on the file, to make what was
+    /// written durable without holding this writer (an fsync covers the file,
+    /// whichever handle it is called on).
+    pub fn flush_for_sync(&mut self) -> io::Result<File> {
+        self.flush()?;
+        self.writer
+            .get_ref()
+            .try_clone()
+            .with_path("open the output file", &self.path)
+    }
 }
 
 #[cfg(test)]

@@ -112,6 +112,10 @@ pub struct AppState {
     metrics: ServerMetrics,
     /// Log the peer and first bytes of requests answered with a 4xx.
     log_invalid_http: bool,
+    /// Held while a checkpoint is taken and written, so that checkpoints are
+    /// written one at a time, in the order their state was taken. Taken before
+    /// the ledger's lock, never while holding it.
+    checkpointing: std::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -127,7 +131,39 @@ impl AppState {
             token: options.token.clone(),
             metrics: ServerMetrics::default(),
             log_invalid_http: options.log_invalid_http,
+            checkpointing: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Writes a checkpoint. Its state is taken under the ledger's lock; the
+    /// fsyncs that make it durable run on a blocking thread without the lock,
+    /// so requests are served meanwhile (on a shared file system an fsync of
+    /// 30 s of output can take seconds). A failure stops the server.
+    async fn checkpoint(self: &Arc<Self>) -> Result<(), ApiError> {
+        let state = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || state.checkpoint_blocking()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.fail_locked("a bug: writing the checkpoint panicked; stopping".into());
+                Err(ApiError::Stopped)
+            }
+        }
+    }
+
+    fn checkpoint_blocking(&self) -> Result<(), ApiError> {
+        let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.with_ledger(|l| l.begin_checkpoint())?;
+        pending.commit().map_err(|e| {
+            self.fail_locked(e.to_string());
+            ApiError::Stopped
+        })
+    }
+
+    /// [`fail`](Self::fail) from outside the ledger's lock: takes it, so that
+    /// the stopped flag is set under it as requests expect.
+    fn fail_locked(&self, message: String) {
+        let _ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        self.fail(message);
     }
 
     /// Runs `f` on the ledger under its (std) lock; an I/O error stops the
@@ -321,6 +357,7 @@ pub async fn serve_state(
             input = %ledger.config().infile.display(),
             output = %ledger.config().outfile.display(),
             resumed_at_line = s.lines_done,
+            recovered_past_checkpoint = ledger.recovered_past_checkpoint(),
             "serving"
         );
     }
@@ -342,7 +379,7 @@ pub async fn serve_state(
         tasks.spawn(async move {
             let mut complete = state.complete.subscribe();
             if complete.wait_for(|c| *c).await.is_ok() {
-                if let Err(e) = state.with_ledger(|l| l.checkpoint()) {
+                if let Err(e) = state.checkpoint().await {
                     tracing::debug!(?e, "final checkpoint failed");
                 }
                 tracing::info!(
@@ -386,7 +423,8 @@ pub async fn serve_state(
         return Err(ServerError::Io(message));
     }
     state
-        .with_ledger(|l| l.checkpoint())
+        .checkpoint()
+        .await
         .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
     let reason = stop_tx.borrow().clone().unwrap_or(StopReason::Shutdown);
     tracing::info!(?reason, "stopped; checkpoint written");
@@ -406,13 +444,21 @@ async fn ticker(state: Arc<AppState>) {
     }
 }
 
+/// Checkpoints every `every`, and at once when the ledger recovered output
+/// lines past the last checkpoint (after a crash), so that another crash does
+/// not count them again.
 async fn checkpointer(state: Arc<AppState>, every: Duration) {
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
+    let recovered = state
+        .with_ledger(|l| Ok(l.recovered_past_checkpoint()))
+        .unwrap_or(0);
+    if recovered == 0 {
+        interval.tick().await;
+    }
     loop {
         interval.tick().await;
-        if state.with_ledger(|l| l.checkpoint()).is_err() {
+        if state.checkpoint().await.is_err() {
             return;
         }
     }
