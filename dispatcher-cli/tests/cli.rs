@@ -112,6 +112,30 @@ impl Server {
     fn signal(&self, sig: i32) {
         assert_eq!(send_signal(self.child.id() as i32, sig), 0);
     }
+
+    /// A worker's round: takes up to `batch` items and answers them all.
+    /// Returns the work ids it took.
+    fn answer_batch(&self, rt: &tokio::runtime::Runtime, batch: usize) -> Vec<u64> {
+        let client = DispatcherClient::new(&self.addr);
+        rt.block_on(async {
+            let work = client.get_work(batch).await.unwrap();
+            client
+                .submit(work.items.iter().map(answer).collect())
+                .await
+                .unwrap();
+            work.items.iter().map(|i| i.work_id).collect()
+        })
+    }
+}
+
+/// A test that fails half-way must not leave its server running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 #[allow(unsafe_code)]
@@ -224,12 +248,7 @@ fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
     let job = Job::new(50);
     let server = job.serve(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let work = client.get_work(20).await.unwrap();
-        let results = work.items.iter().map(answer).collect();
-        client.submit(results).await.unwrap();
-    });
+    server.answer_batch(&rt, 20);
     server.signal(libc::SIGTERM);
     let (code, stderr) = server.wait(Duration::from_secs(10));
     assert_eq!(code, 0, "{stderr}");
@@ -238,17 +257,8 @@ fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
     assert_eq!(cp["lines_written"], 20);
 
     let server = job.serve(&["--exit-grace", "0.2"]);
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let work = client.get_work(100).await.unwrap();
-        assert_eq!(
-            work.items.first().map(|i| i.work_id),
-            Some(20),
-            "resumes after line 19"
-        );
-        let results = work.items.iter().map(answer).collect();
-        client.submit(results).await.unwrap();
-    });
+    let taken = server.answer_batch(&rt, 100);
+    assert_eq!(taken.first(), Some(&20), "resumes after line 19");
     let (code, stderr) = server.wait(Duration::from_secs(10));
     assert_eq!(code, 0, "{stderr}");
     job.check_output();
@@ -266,12 +276,7 @@ fn a_restart_after_sigkill_checkpoints_the_recovered_lines_at_once() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = job.serve(&hourly);
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let work = client.get_work(30).await.unwrap();
-        let results = work.items.iter().map(answer).collect();
-        client.submit(results).await.unwrap();
-    });
+    server.answer_batch(&rt, 30);
     server.signal(libc::SIGKILL);
     let _ = server.wait(Duration::from_secs(10));
     assert_eq!(checkpointed(), 0, "killed before any periodic checkpoint");
@@ -288,13 +293,7 @@ fn a_restart_after_sigkill_checkpoints_the_recovered_lines_at_once() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let work = client.get_work(100).await.unwrap();
-        assert_eq!(work.items.first().map(|i| i.work_id), Some(30));
-        let results = work.items.iter().map(answer).collect();
-        client.submit(results).await.unwrap();
-    });
+    assert_eq!(server.answer_batch(&rt, 100).first(), Some(&30));
     let (code, stderr) = server.wait(Duration::from_secs(10));
     assert_eq!(code, 0, "{stderr}");
     job.check_output();
@@ -305,14 +304,7 @@ fn a_checkpoint_that_does_not_match_the_output_is_refused() {
     let job = Job::new(10);
     let server = job.serve(&["--exit-grace", "0"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let work = client.get_work(10).await.unwrap();
-        client
-            .submit(work.items.iter().map(answer).collect())
-            .await
-            .unwrap();
-    });
+    server.answer_batch(&rt, 10);
     assert_eq!(server.wait(Duration::from_secs(10)).0, 0);
     // Someone truncates the output by hand.
     let out = std::fs::read_to_string(job.path("out.jsonl")).unwrap();
