@@ -92,7 +92,7 @@ pub fn run_tasks(tasks: &[&'static dyn DynTask]) -> std::process::ExitCode {
     let task = match select_task(tasks, cli.task.as_deref()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e}");
+            print_error(e);
             return std::process::ExitCode::from(2);
         }
     };
@@ -134,17 +134,24 @@ pub fn run_async(
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
+            print_error(format_args!("could not start the async runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
     match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            print_error(format_args!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `error: <message>` on stderr. Unlike `eprintln!`, does not panic when
+/// stderr is gone: the exit status still tells.
+fn print_error(message: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "error: {message}");
 }
 
 /// Resolves when the process receives SIGTERM or SIGINT.

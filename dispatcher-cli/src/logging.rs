@@ -35,6 +35,11 @@ pub fn init(args: &LogArgs) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr is gone (its reader died), tracing-subscriber reports the
+        // failed write with `eprintln!`, which panics: the task that logged
+        // would die with it (a server would then ignore SIGTERM). Lost log
+        // lines are the lesser harm.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -300,6 +300,30 @@ fn a_restart_after_sigkill_checkpoints_the_recovered_lines_at_once() {
 }
 
 #[test]
+fn a_server_whose_stderr_is_gone_still_stops_on_sigterm_and_on_completion() {
+    // The log's reader died (a `| tee` that was killed, a closed terminal):
+    // writing a log line fails. It must not take down the task that logs it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = Job::new(10);
+    let mut server = job.serve(&["--exit-grace", "0.2"]);
+    drop(server.child.stderr.take());
+    server.answer_batch(&rt, 10);
+    let (code, _) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0, "exits by itself once the work is complete");
+
+    let job = Job::new(10);
+    let mut server = job.serve(&[]);
+    drop(server.child.stderr.take());
+    server.answer_batch(&rt, 4);
+    server.signal(libc::SIGTERM);
+    let (code, _) = server.wait(Duration::from_secs(10));
+    assert_eq!(code, 0, "SIGTERM stops it");
+    let cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap()).unwrap();
+    assert_eq!(cp["lines_written"], 4, "with a final checkpoint");
+}
+
+#[test]
 fn a_checkpoint_that_does_not_match_the_output_is_refused() {
     let job = Job::new(10);
     let server = job.serve(&["--exit-grace", "0"]);
