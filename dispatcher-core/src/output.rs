@@ -113,15 +113,6 @@ impl OutputWriter {
             .with_path("write the output file", &self.path)
     }
 
-    /// Flushes and makes everything written durable (before a checkpoint names it).
-    pub fn sync(&mut self) -> io::Result<()> {
-        self.flush()?;
-        self.writer
-            .get_ref()
-            .sync_data()
-            .with_path("sync the output file", &self.path)
-    }
-
     /// Flushes and returns a second handle on the file, to make what was
     /// written durable without holding this writer (an fsync covers the file,
     /// whichever handle it is called on).
@@ -154,7 +145,7 @@ mod tests {
         assert_eq!(w.len(), 6);
         assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n");
         w.write_line("4").unwrap();
-        w.sync().unwrap();
+        w.flush().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"1\n2\n3\n4\n");
         assert_eq!(w.len(), 8);
     }
