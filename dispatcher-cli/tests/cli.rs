@@ -70,6 +70,14 @@ impl Job {
         Server { child, addr }
     }
 
+    /// `lines_written` of the checkpoint on disk.
+    fn checkpointed_lines(&self) -> u64 {
+        let cp: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.path("out.jsonl.checkpoint")).unwrap())
+                .unwrap();
+        cp["lines_written"].as_u64().unwrap()
+    }
+
     fn expected_line(&self, i: usize) -> String {
         serde_json::json!({"n": i, "seen": self.input[i]}).to_string()
     }
@@ -252,9 +260,7 @@ fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
     server.signal(libc::SIGTERM);
     let (code, stderr) = server.wait(Duration::from_secs(10));
     assert_eq!(code, 0, "{stderr}");
-    let cp: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap()).unwrap();
-    assert_eq!(cp["lines_written"], 20);
+    assert_eq!(job.checkpointed_lines(), 20);
 
     let server = job.serve(&["--exit-grace", "0.2"]);
     let taken = server.answer_batch(&rt, 100);
@@ -268,28 +274,26 @@ fn sigterm_writes_a_final_checkpoint_and_a_restart_resumes() {
 fn a_restart_after_sigkill_checkpoints_the_recovered_lines_at_once() {
     let job = Job::new(100);
     let hourly = ["--checkpoint-interval", "3600", "--exit-grace", "0.2"];
-    let checkpointed = || {
-        let cp: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap())
-                .unwrap();
-        cp["lines_written"].as_u64().unwrap()
-    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = job.serve(&hourly);
     server.answer_batch(&rt, 30);
     server.signal(libc::SIGKILL);
     let _ = server.wait(Duration::from_secs(10));
-    assert_eq!(checkpointed(), 0, "killed before any periodic checkpoint");
+    assert_eq!(
+        job.checkpointed_lines(),
+        0,
+        "killed before any periodic checkpoint"
+    );
 
     // The restart finds 30 lines past the checkpoint and names them in a new
     // one right away, not an hour later.
     let server = job.serve(&hourly);
     let start = Instant::now();
-    while checkpointed() != 30 {
+    while job.checkpointed_lines() != 30 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "the recovered lines were not checkpointed (lines_written {})",
-            checkpointed()
+            job.checkpointed_lines()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -318,9 +322,7 @@ fn a_server_whose_stderr_is_gone_still_stops_on_sigterm_and_on_completion() {
     server.signal(libc::SIGTERM);
     let (code, _) = server.wait(Duration::from_secs(10));
     assert_eq!(code, 0, "SIGTERM stops it");
-    let cp: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job.path("out.jsonl.checkpoint")).unwrap()).unwrap();
-    assert_eq!(cp["lines_written"], 4, "with a final checkpoint");
+    assert_eq!(job.checkpointed_lines(), 4, "with a final checkpoint");
 }
 
 #[test]
