@@ -135,7 +135,8 @@ impl InputReader {
     /// resume after a crash skips every line written since the last checkpoint.
     pub fn skip_lines(&mut self, n: u64) -> io::Result<u64> {
         let mut done = 0;
-        // Bytes consumed since the last line break: a line without its newline yet.
+        // Whether bytes were consumed since the last line break: a line
+        // without its newline yet, which counts if the file ends there.
         let mut partial = false;
         while done < n {
             let available = self
@@ -224,7 +225,8 @@ fn make_line(path: &Path, offset: u64, raw: &[u8]) -> io::Result<Line> {
     })
 }
 
-/// Length of a line read with `read_until(b'\n')` without its `\n` or `\r\n`.
+/// Length of a line's bytes (as far as its `\n`, or to the end of the file)
+/// without its `\n` or `\r\n`.
 fn content_len(line: &[u8]) -> usize {
     match line {
         [rest @ .., b'\r', b'\n'] => rest.len(),

@@ -859,9 +859,15 @@ impl Ledger {
     /// result. A key rather than a reference, so that callers can borrow the
     /// item (`&mut self.items[key]`) beside the ledger's other fields.
     fn key_of(&self, id: u64) -> Option<usize> {
+        self.issued_slot(id).map(|(_, key)| key)
+    }
+
+    /// The window index and slab key of line `id`, when it is issued or
+    /// queued without a result.
+    fn issued_slot(&self, id: u64) -> Option<(usize, usize)> {
         let slot = usize::try_from(id.checked_sub(self.next_write_id)?).ok()?;
         match *self.window.get(slot)? {
-            Slot::Issued(key) => Some(key),
+            Slot::Issued(key) => Some((slot, key)),
             _ => None,
         }
     }
@@ -874,8 +880,8 @@ impl Ledger {
     /// Takes the item of line `id` out, leaving its slot open for
     /// [`finish`](Self::finish).
     fn take_item(&mut self, id: u64) -> Option<Item> {
-        let key = self.key_of(id)?;
-        self.window[(id - self.next_write_id) as usize] = Slot::Open;
+        let (slot, key) = self.issued_slot(id)?;
+        self.window[slot] = Slot::Open;
         Some(self.items.remove(key))
     }
 

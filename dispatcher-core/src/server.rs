@@ -203,6 +203,9 @@ impl AppState {
         }
     }
 
+    /// Stops the server after a failure. Called with the ledger's lock held
+    /// (see [`with_ledger`](Self::with_ledger) and [`fail_locked`](Self::fail_locked)),
+    /// so that no request runs on the ledger after it.
     fn fail(&self, message: String) {
         self.stopped.store(true, Ordering::Release);
         tracing::error!("{message}");
@@ -952,7 +955,7 @@ mod tests {
 
         call(&f.router, "GET", "/work", "").await;
         f.state
-            .fail("the output file could not be written (test)".into());
+            .fail_locked("the output file could not be written (test)".into());
         let body = r#"{"items": [{"work_id": 1, "result": "2"}]}"#;
         let (code, reply) = call(&f.router, "POST", "/results", body).await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
