@@ -88,7 +88,6 @@ pub async fn compare_responses(input: Conversation) -> Result<Preference, TaskEr
     })
 }
 
-#[allow(dead_code)]
 fn main() -> std::process::ExitCode {
     dispatcher::run_tasks(&[&compare_responses])
 }

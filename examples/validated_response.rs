@@ -50,7 +50,6 @@ pub async fn validated_response(
     }))
 }
 
-#[allow(dead_code)]
 fn main() -> std::process::ExitCode {
     dispatcher::run_tasks(&[&validated_response])
 }

@@ -90,14 +90,14 @@
 //! - [`manager`], [`source`]: the task manager and where its items come from.
 //! - [`server`], [`ledger`], [`checkpoint`], [`input`], [`output`]: `dispatcher serve`.
 //! - [`protocol`], [`client`]: the work protocol and its client.
-//! - [`cli`], [`run_tasks`]: the command line, whole, for task binaries.
+//! - [`cli`], [`run_tasks`]: the command line, whole, for task binaries;
+//!   [`infer`]: the built-in task of `dispatcher infer`.
 
 pub use dispatcher_cli as cli;
-pub use dispatcher_cli::run_tasks;
+pub use dispatcher_cli::{infer, run_tasks};
 pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
 pub use dispatcher_core::task::{
-    infer, manager, source, testing, DynTask, LineOutcome, OutcomeKind, Task, TaskContext,
-    TaskError,
+    manager, source, testing, DynTask, LineOutcome, OutcomeKind, Task, TaskContext, TaskError,
 };
 pub use dispatcher_core::{checkpoint, client, engine, input, ledger, output, protocol, server};
 pub use dispatcher_macros::task;

@@ -61,16 +61,19 @@ async fn sigterm_mid_run_releases_items_and_a_second_worker_finishes() {
             "200",
         ],
     );
-    // Wait until it holds items, then preempt it.
+    // Wait until it holds items and has handed in results, then preempt it.
     let start = Instant::now();
-    while client.status().await.unwrap().in_flight == 0 {
+    loop {
+        let status = client.status().await.unwrap();
+        if status.in_flight > 0 && status.completed_total > 0 {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "the worker never took work"
+            "the worker never made progress: {status:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let signalled = Instant::now();
     assert_eq!(send_signal(first.id() as i32, libc::SIGTERM), 0);
     let (code, stderr) = wait_exit(first, Duration::from_secs(10)).await;

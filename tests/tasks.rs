@@ -7,8 +7,12 @@ use dispatcher::testing::{reply, TaskTest};
 use dispatcher::{Request, TaskContext, TaskError};
 use serde_json::json;
 
+// The examples' tasks, compiled into this test binary; their `main`s (the
+// task binaries' entry points) are not called here.
+#[allow(dead_code)]
 #[path = "../examples/compare_responses.rs"]
 mod compare_example;
+#[allow(dead_code)]
 #[path = "../examples/validated_response.rs"]
 mod validated_example;
 

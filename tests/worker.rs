@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dispatcher::client::DispatcherClient;
 use dispatcher::engine::{BoxFuture, Engine, RequestError, Response};
@@ -221,7 +221,19 @@ async fn shutdown_releases_in_flight_items_and_another_worker_finishes_the_job()
             .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Stop it once it holds items and some lines are done.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client.status().await.unwrap();
+        if status.in_flight > 0 && status.lines_done > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker made no progress: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop_tx.send(()).unwrap();
     let (exit, summary) = first.await.unwrap();
     assert_eq!(exit, Exit::Interrupted);

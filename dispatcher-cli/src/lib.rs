@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`serve`]: `dispatcher serve`, the head-node server.
-//! - [`infer`]: `dispatcher infer`, prompt in, responses out.
+//! - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and its
+//!   built-in task ([`infer::Infer`]).
 //! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
 //! - [`progress`]: periodic progress lines of a worker.

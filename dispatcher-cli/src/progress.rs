@@ -5,9 +5,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher_core::protocol::StatusResponse;
 use dispatcher_core::task::manager::Progress;
-use dispatcher_core::task::source::WorkSource;
+use dispatcher_core::task::source::{JobProgress, WorkSource};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Seconds between progress lines in a log: often enough to see a stall in a
@@ -27,7 +26,7 @@ pub async fn report(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
 
 /// Job-wide figures from the source: percent of input read and an ETA from
 /// the byte rate between two samples.
-fn job_figures(before: Option<&StatusResponse>, now: &StatusResponse, secs: f64) -> (f64, String) {
+fn job_figures(before: Option<&JobProgress>, now: &JobProgress, secs: f64) -> (f64, String) {
     let percent = if now.input_bytes_total > 0 {
         100.0 * now.input_bytes_consumed as f64 / now.input_bytes_total as f64
     } else {
@@ -59,7 +58,7 @@ async fn bar(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
         ProgressStyle::with_template("{bar:30} {percent:>3}% input read | {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut before: Option<StatusResponse> = None;
+    let mut before: Option<JobProgress> = None;
     let mut last_lines = 0;
     let mut interval = tokio::time::interval(BAR_EVERY);
     loop {
@@ -86,7 +85,7 @@ async fn log_lines(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
     let mut interval = tokio::time::interval(LOG_EVERY);
     interval.tick().await;
     let mut last = 0;
-    let mut before: Option<StatusResponse> = None;
+    let mut before: Option<JobProgress> = None;
     loop {
         interval.tick().await;
         let lines = progress.lines.load(Relaxed);

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::protocol::{
     HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseReason, ReleaseRequest,
     ReleaseResponse, ResultsRequest, ResultsResponse, StatusResponse, WorkItem, WorkResponse,
-    WorkStatus, WorkTimeoutRequest,
+    WorkTimeoutRequest,
 };
 
 /// Why a call to the server failed.
@@ -18,17 +18,17 @@ pub enum ClientError {
     /// The server could not be reached (refused, reset, timed out).
     #[error("the dispatcher server at {url} is unavailable: {source}")]
     Unavailable {
-        /// The URL called.
+        /// The URL of the call, naming the server and endpoint.
         url: String,
-        /// The transport error.
+        /// Why it could not be reached (refused, reset, timed out).
         source: reqwest::Error,
     },
     /// The server answered with an error status.
     #[error("the dispatcher server answered {status} to {url}: {body}")]
     Status {
-        /// The URL called.
+        /// The URL of the call, naming the server and endpoint.
         url: String,
-        /// The HTTP status.
+        /// The HTTP status it answered with.
         status: reqwest::StatusCode,
         /// The answer's body.
         body: String,
@@ -36,7 +36,7 @@ pub enum ClientError {
     /// The answer was not the JSON the protocol promises.
     #[error("the dispatcher server's answer to {url} is not valid: {source}")]
     Decode {
-        /// The URL called.
+        /// The URL of the call, naming the server and endpoint.
         url: String,
         /// The decoding error.
         source: reqwest::Error,
@@ -110,22 +110,14 @@ impl DispatcherClient {
         &self.base
     }
 
-    /// `GET /work?batch_size=N`; an unreachable server is
-    /// [`WorkStatus::ServerUnavailable`], as the Python client reports it.
+    /// `GET /work?batch_size=N`. An unreachable server is
+    /// [`ClientError::Unavailable`] (see [`ClientError::is_unavailable`]).
     pub async fn get_work(&self, batch_size: usize) -> Result<WorkResponse, ClientError> {
         let url = format!(
             "{}/work?batch_size={batch_size}&worker={}",
             self.base, self.worker_id
         );
-        match self.send(self.http.get(&url), &url).await {
-            Err(ClientError::Unavailable { .. }) => Ok(WorkResponse {
-                status: WorkStatus::ServerUnavailable,
-                retry_in: None,
-                items: Vec::new(),
-                lease_secs: None,
-            }),
-            other => other,
-        }
+        self.send(self.http.get(&url), &url).await
     }
 
     /// `POST /results`.

@@ -2,12 +2,16 @@
 //! runtime and inference backends.
 //!
 //! # Layout
-//! - [`protocol`]: the JSON of the work protocol (shared/PROTOCOL.md).
+//! - [`protocol`]: the JSON of the work protocol (shared/PROTOCOL.md), and the
+//!   check that a result is one JSON value on one line.
 //! - [`input`]: lazy, offset-addressed reading of the input JSONL.
 //! - [`output`]: the in-order output JSONL, and its repair on resume.
 //! - [`checkpoint`]: the atomic resume state and its checks against the files.
-//! - [`ledger`]: where every line is; issue, complete, release, expire, tombstone.
-//! - [`server`]: `dispatcher serve`: the HTTP layer, ticker, checkpoints, shutdown.
+//! - [`ledger`]: where every line is; issue, complete, release, expire,
+//!   tombstone. Its parts: the leases of items in flight and the window of lines
+//!   read and not written (reorder buffer, spill file, output).
+//! - [`server`]: `dispatcher serve`: its lifecycle (ticker, checkpoints,
+//!   shutdown), the shared state and its lock rule, and the HTTP layer.
 //! - [`metrics`]: Prometheus metrics of the server and of workers.
 //! - [`client`]: the work protocol as workers call it.
 //! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::protocol::StatusResponse;
+use crate::ledger::LedgerStats;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
@@ -61,9 +61,9 @@ pub struct ServerMetrics {
     reorder_bytes: Gauge,
     /// One histogram per endpoint, created up front (children of one family),
     /// so recording a request takes no lock or allocation.
-    latency: [Histogram; ENDPOINTS.len()],
+    latency: [Histogram; Endpoint::ALL.len()],
     /// The status at the last scrape, to advance counters by differences.
-    last: Mutex<Option<StatusResponse>>,
+    last: Mutex<Option<LedgerStats>>,
 }
 
 impl Default for ServerMetrics {
@@ -89,7 +89,7 @@ impl Default for ServerMetrics {
         let latency = std::array::from_fn(|i| {
             family
                 .get_or_create(&EndpointLabel {
-                    endpoint: ENDPOINTS[i].to_string(),
+                    endpoint: Endpoint::ALL[i].path().to_string(),
                 })
                 .clone()
         });
@@ -152,17 +152,67 @@ impl Default for ServerMetrics {
     }
 }
 
-/// The server's endpoints, as latency labels.
-pub const ENDPOINTS: [&str; 8] = [
-    "/work",
-    "/results",
-    "/release",
-    "/status",
-    "/work_timeout",
-    "/metrics",
-    "/heartbeat",
-    "/health",
-];
+/// The server's endpoints, each with its own latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /work`.
+    Work,
+    /// `POST /results`.
+    Results,
+    /// `POST /release`.
+    Release,
+    /// `GET /status`.
+    Status,
+    /// `POST /work_timeout`.
+    WorkTimeout,
+    /// `GET /metrics`.
+    Metrics,
+    /// `POST /heartbeat`.
+    Heartbeat,
+    /// `GET /health`.
+    Health,
+}
+
+impl Endpoint {
+    /// Every endpoint, in declaration order.
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::Work,
+        Endpoint::Results,
+        Endpoint::Release,
+        Endpoint::Status,
+        Endpoint::WorkTimeout,
+        Endpoint::Metrics,
+        Endpoint::Heartbeat,
+        Endpoint::Health,
+    ];
+
+    /// Its path, the `endpoint` label of its latency series.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Work => "/work",
+            Endpoint::Results => "/results",
+            Endpoint::Release => "/release",
+            Endpoint::Status => "/status",
+            Endpoint::WorkTimeout => "/work_timeout",
+            Endpoint::Metrics => "/metrics",
+            Endpoint::Heartbeat => "/heartbeat",
+            Endpoint::Health => "/health",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+// `index` is the declaration order: `ALL` must list the endpoints in it.
+const _: () = {
+    let mut i = 0;
+    while i < Endpoint::ALL.len() {
+        assert!(Endpoint::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// Records a request's latency when dropped.
 #[derive(Debug)]
@@ -178,43 +228,43 @@ impl Drop for RequestTimer<'_> {
 }
 
 impl ServerMetrics {
-    /// Starts timing a request to `ENDPOINTS[endpoint]`.
-    pub fn time(&self, endpoint: usize) -> RequestTimer<'_> {
+    /// Starts timing a request to `endpoint`.
+    pub fn time(&self, endpoint: Endpoint) -> RequestTimer<'_> {
         RequestTimer {
-            histogram: &self.latency[endpoint],
+            histogram: &self.latency[endpoint.index()],
             start: std::time::Instant::now(),
         }
     }
 
-    /// The metrics as Prometheus text, updated from `status`.
-    pub fn render(&self, status: &StatusResponse) -> String {
+    /// The metrics as Prometheus text, updated from `stats`.
+    pub fn render(&self, stats: &LedgerStats) -> String {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let before = last.as_ref();
         let delta =
-            |now: u64, then: fn(&StatusResponse) -> u64| now.saturating_sub(before.map_or(0, then));
+            |now: u64, then: fn(&LedgerStats) -> u64| now.saturating_sub(before.map_or(0, then));
         self.issued
-            .inc_by(delta(status.issued_total, |s| s.issued_total));
+            .inc_by(delta(stats.issued_total, |s| s.issued_total));
         self.completed
-            .inc_by(delta(status.completed_total, |s| s.completed_total));
+            .inc_by(delta(stats.completed_total, |s| s.completed_total));
         self.tombstones
-            .inc_by(delta(status.tombstones, |s| s.tombstones));
+            .inc_by(delta(stats.tombstones, |s| s.tombstones));
         self.ignored
-            .inc_by(delta(status.ignored_results, |s| s.ignored_results));
+            .inc_by(delta(stats.ignored_results, |s| s.ignored_results));
         let cause = |c: &str| CauseLabel {
             cause: c.to_string(),
         };
         self.reissues
             .get_or_create(&cause("timeout"))
-            .inc_by(delta(status.reissues.timeout, |s| s.reissues.timeout));
+            .inc_by(delta(stats.reissues.timeout, |s| s.reissues.timeout));
         self.reissues
             .get_or_create(&cause("release"))
-            .inc_by(delta(status.reissues.release, |s| s.reissues.release));
-        self.lines_done.set(status.lines_done as i64);
-        self.in_flight.set(status.in_flight as i64);
-        self.queued.set(status.queued_for_reissue as i64);
-        self.reorder_lines.set(status.reorder_buffer as i64);
-        self.reorder_bytes.set(status.reorder_buffer_bytes as i64);
-        *last = Some(status.clone());
+            .inc_by(delta(stats.reissues.release, |s| s.reissues.release));
+        self.lines_done.set(stats.lines_written as i64);
+        self.in_flight.set(stats.in_flight as i64);
+        self.queued.set(stats.queued_for_reissue as i64);
+        self.reorder_lines.set(stats.reorder_lines as i64);
+        self.reorder_bytes.set(stats.reorder_bytes as i64);
+        *last = Some(stats.clone());
         text(&self.registry)
     }
 }

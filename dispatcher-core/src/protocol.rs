@@ -36,9 +36,6 @@ pub enum WorkStatus {
     /// Every line has its output line: the worker should exit.
     #[serde(rename = "all_work_complete")]
     AllWorkComplete,
-    /// Client-side only: the server could not be reached.
-    #[serde(rename = "server_unavailable")]
-    ServerUnavailable,
 }
 
 impl WorkStatus {
@@ -48,7 +45,6 @@ impl WorkStatus {
             WorkStatus::Ok => "OK",
             WorkStatus::Retry => "retry",
             WorkStatus::AllWorkComplete => "all_work_complete",
-            WorkStatus::ServerUnavailable => "server_unavailable",
         }
     }
 }
@@ -298,6 +294,54 @@ pub struct ErrorResponse {
     /// With a partly refused `POST /results`: how many results were accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+}
+
+/// A result that passed [`check_results`]: one JSON value on one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultLine {
+    /// The work id it is for.
+    pub work_id: u64,
+    /// The output line, without its line break.
+    pub line: String,
+}
+
+/// A result refused by [`check_results`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedResult {
+    /// The work id it is for.
+    pub work_id: u64,
+    /// Why, in words a worker's author can act on.
+    pub reason: String,
+}
+
+/// Splits submitted `(work_id, result)` pairs into results that fit on one
+/// output line and refusals.
+pub fn check_results(
+    results: impl ExactSizeIterator<Item = (u64, Option<String>)>,
+) -> (Vec<ResultLine>, Vec<RefusedResult>) {
+    let mut valid = Vec::with_capacity(results.len());
+    let mut refused = Vec::new();
+    for (work_id, result) in results {
+        let checked = match result {
+            Some(line) => check_result_line(&line).map(|()| line),
+            None => Err("its result is null".into()),
+        };
+        match checked {
+            Ok(line) => valid.push(ResultLine { work_id, line }),
+            Err(reason) => refused.push(RefusedResult { work_id, reason }),
+        }
+    }
+    (valid, refused)
+}
+
+/// Checks that a result is one JSON value that fits on one output line.
+pub fn check_result_line(s: &str) -> Result<(), String> {
+    if memchr::memchr2(b'\n', b'\r', s.as_bytes()).is_some() {
+        return Err("its result contains a line break; serialize it as compact JSON".into());
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(s)
+        .map(|_| ())
+        .map_err(|e| format!("its result is not one JSON value ({e})"))
 }
 
 /// Builds the output line of a failure record: `{"__ERROR__": {...}}`.

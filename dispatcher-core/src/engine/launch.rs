@@ -124,17 +124,17 @@ pub enum LaunchError {
     /// The engine process could not be spawned.
     #[error("could not start the {kind} engine `{program}`: {source}; is it installed and on PATH (or pass --engine-bin)?")]
     Spawn {
-        /// The engine.
+        /// Which engine (`vllm`, `sglang`, `llama.cpp`).
         kind: &'static str,
-        /// The program.
+        /// The program that was to be run.
         program: String,
-        /// The error.
+        /// Why spawning it failed.
         source: std::io::Error,
     },
     /// The engine exited before it became healthy.
     #[error("the {kind} engine exited with {status} before it became healthy; {log_hint}")]
     Exited {
-        /// The engine.
+        /// Which engine (`vllm`, `sglang`, `llama.cpp`).
         kind: &'static str,
         /// Its exit status.
         status: String,
@@ -144,7 +144,7 @@ pub enum LaunchError {
     /// `/health` did not answer 200 within the startup timeout.
     #[error("the {kind} engine at {url} was not healthy within {secs} s (--startup-timeout); {log_hint}")]
     Timeout {
-        /// The engine.
+        /// Which engine (`vllm`, `sglang`, `llama.cpp`).
         kind: &'static str,
         /// Its health URL.
         url: String,

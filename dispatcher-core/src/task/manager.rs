@@ -8,11 +8,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::limiter::PriorityLimiter;
@@ -101,7 +102,13 @@ pub struct Progress {
 
 /// How long a stopping worker waits for a work request already sent.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
+/// The first wait after a failed call to the server; it doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// What goes back to the source: handed to the submitter task, which batches.
+#[derive(Debug)]
 enum Handback {
     Result(WorkItem),
     Release(u64, ReleaseReason),
@@ -118,246 +125,429 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     engine_died: impl Future<Output = String>,
 ) -> (Exit, Summary) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let limiter = PriorityLimiter::new(config.workers.max(1));
-    let batch = config.batch_size.max(1);
-    // Enough tasks to keep every request slot busy while a batch is fetched.
-    let max_active = config.workers.max(batch) + batch;
-
-    let (tx, rx) = mpsc::unbounded_channel::<Handback>();
-    // Signalled after each delivery: our own results may have completed the job.
-    let delivered = Arc::new(Notify::new());
-    let submitter = tokio::spawn(hand_back(
-        source.clone(),
-        rx,
-        config.max_submit_batch,
-        delivered.clone(),
-    ));
-
-    let mut tasks: JoinSet<(WorkItem, LineOutcome)> = JoinSet::new();
-    // Items this worker holds, with the handle that stops their task.
-    let mut held: HashMap<u64, AbortHandle> = HashMap::new();
-    // Leases: heartbeats every third of the server's lease keep held items.
-    let mut lease: Option<Duration> = None;
-    let mut heartbeat: Option<BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>>> = None;
-    let mut next_heartbeat = Instant::now();
-    let mut summary = Summary::default();
-    let mut started: u64 = 0;
-    let mut fetch: Option<BoxFuture<'_, Result<WorkResponse, SourceError>>> = None;
-    let mut wait_until: Option<Instant> = None;
-    let mut exhausted = false;
-    let mut unreachable_since: Option<Instant> = None;
-    let mut ever_reached = false;
-    let mut backoff = Duration::from_millis(100);
-    let mut exit = None;
-    let mut shutdown = pin!(shutdown);
-    let mut engine_died = pin!(engine_died);
-
-    while exit.is_none() {
-        if exhausted && tasks.is_empty() {
-            exit = Some(if unreachable_since.is_some() {
-                Exit::ServerGone
-            } else {
-                Exit::Complete
-            });
-            break;
-        }
-        if fetch.is_none()
-            && !exhausted
-            && wait_until.is_none()
-            && tasks.len() + batch <= max_active
-        {
-            fetch = Some(source.get_work(batch));
-        }
-        tokio::select! {
-            biased;
-            () = &mut shutdown => exit = Some(Exit::Interrupted),
-            why = &mut engine_died => exit = Some(Exit::EngineFailed(format!("the engine exited ({why})"))),
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok((item, outcome)) = joined else { continue };
-                progress.active.store(tasks.len() as u64, Relaxed);
-                // A finished task may free what the source was waiting on.
-                wait_until = None;
-                match outcome {
-                    LineOutcome::Line { line, kind } => {
-                        held.remove(&item.work_id);
-                        *summary.outcomes.entry(kind.label()).or_default() += 1;
-                        progress.lines.fetch_add(1, Relaxed);
-                        progress.metrics.outcome(kind.label());
-                        if kind != OutcomeKind::Ok {
-                            tracing::debug!(work_id = item.work_id, kind = kind.label(), "line failed");
-                        }
-                        let mut done = item;
-                        done.result = Some(line);
-                        let _ = tx.send(Handback::Result(done));
-                    }
-                    LineOutcome::Retry(why) => {
-                        held.remove(&item.work_id);
-                        summary.retries += 1;
-                        progress.metrics.outcome("retry");
-                        tracing::info!(work_id = item.work_id, %why, "task asked for a retry; releasing");
-                        let _ = tx.send(Handback::Release(item.work_id, ReleaseReason::Retry));
-                    }
-                    LineOutcome::EngineUnavailable(why) => {
-                        exit = Some(Exit::EngineFailed(why));
-                    }
-                }
-            }
-            r = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
-                fetch = None;
-                match r {
-                    Ok(resp) if resp.status == WorkStatus::ServerUnavailable => {
-                        let limit = if ever_reached { config.vanish_wait } else { config.server_wait };
-                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, limit);
-                    }
-                    Ok(resp) => {
-                        unreachable_since = None;
-                        ever_reached = true;
-                        backoff = Duration::from_millis(100);
-                        match resp.status {
-                            WorkStatus::Ok => {
-                                if let Some(secs) = resp.lease_secs.filter(|s| s.is_finite() && *s > 0.0) {
-                                    let was = lease.replace(Duration::from_secs_f64(secs));
-                                    if was.is_none() {
-                                        next_heartbeat = Instant::now() + heartbeat_every(secs);
-                                    }
-                                }
-                                for item in resp.items {
-                                    if held.contains_key(&item.work_id) {
-                                        // A backup copy of an item this worker runs already.
-                                        continue;
-                                    }
-                                    started += 1;
-                                    let ctx = TaskContext::new(
-                                        item.work_id,
-                                        item.retry_count,
-                                        item.max_retries,
-                                        engine.clone(),
-                                        Some(limiter.clone()),
-                                        started,
-                                    )
-                                    .with_metrics(progress.metrics.clone());
-                                    let run = task.run_line(item.content.clone(), ctx);
-                                    let id = item.work_id;
-                                    held.insert(id, tasks.spawn(async move { (item, run.await) }));
-                                }
-                                progress.active.store(tasks.len() as u64, Relaxed);
-                            }
-                            WorkStatus::Retry => {
-                                let wait = Duration::from_secs(resp.retry_in.unwrap_or(1).max(1))
-                                    .min(config.max_retry_wait);
-                                wait_until = Some(Instant::now() + wait);
-                            }
-                            WorkStatus::AllWorkComplete => exhausted = true,
-                            WorkStatus::ServerUnavailable => unreachable!("handled above"),
-                        }
-                    }
-                    Err(e) if e.is_transient() => {
-                        let limit = if ever_reached { config.vanish_wait } else { config.server_wait };
-                        unreachable(&mut unreachable_since, &mut wait_until, &mut backoff, &mut exhausted, limit);
-                    }
-                    Err(e) => {
-                        tracing::error!("work request failed: {e}");
-                        wait_until = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-            () = sleep_until(wait_until), if wait_until.is_some() && fetch.is_none() => {
-                wait_until = None;
-            }
-            () = delivered.notified(), if wait_until.is_some() && fetch.is_none() => {
-                wait_until = None;
-            }
-            () = tokio::time::sleep_until(next_heartbeat), if lease.is_some() && heartbeat.is_none() => {
-                let ids: Vec<u64> = held.keys().copied().collect();
-                if ids.is_empty() {
-                    next_heartbeat = Instant::now() + heartbeat_every(lease.map_or(30.0, |l| l.as_secs_f64()));
-                } else {
-                    heartbeat = Some(source.heartbeat(ids));
-                }
-            }
-            r = async { heartbeat.as_mut().expect("guarded").await }, if heartbeat.is_some() => {
-                heartbeat = None;
-                next_heartbeat = Instant::now() + heartbeat_every(lease.map_or(30.0, |l| l.as_secs_f64()));
-                match r {
-                    Ok(Some(done)) => {
-                        for id in done {
-                            if let Some(handle) = held.remove(&id) {
-                                handle.abort();
-                                summary.dropped += 1;
-                                tracing::debug!(work_id = id, "finished elsewhere; dropped");
-                            }
-                        }
-                    }
-                    Ok(None) => lease = None,
-                    Err(e) => tracing::warn!("heartbeat failed: {e}"),
-                }
-            }
-        }
-    }
-    let exit = exit.expect("set before leaving the loop");
-    drop(heartbeat);
-    let mut pending_ids: Vec<u64> = Vec::new();
-    // A work request already sent may have been answered with items: wait for
-    // it briefly, so they are released now rather than after the work timeout.
-    if let Some(pending) = fetch.take() {
-        if let Ok(Ok(resp)) = tokio::time::timeout(FETCH_GRACE, pending).await {
-            if resp.status == WorkStatus::Ok && exit != Exit::Complete {
-                pending_ids.extend(resp.items.iter().map(|i| i.work_id));
-            }
-        }
-    }
-    if exit != Exit::Complete && exit != Exit::ServerGone {
-        tasks.abort_all();
-        // Lines that finished while we stopped still count.
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok((mut item, LineOutcome::Line { line, kind })) = joined {
-                held.remove(&item.work_id);
-                *summary.outcomes.entry(kind.label()).or_default() += 1;
-                item.result = Some(line);
-                let _ = tx.send(Handback::Result(item));
-            }
-        }
-        let ids: Vec<u64> = held.drain().map(|(id, _)| id).chain(pending_ids).collect();
-        summary.released = ids.len() as u64;
-        for id in ids {
-            let _ = tx.send(Handback::Release(id, ReleaseReason::Preempted));
-        }
-    }
-    drop(tx);
-    if let Err(e) = submitter.await {
-        tracing::error!("the result submitter failed: {e}");
-    }
-    if let Err(e) = source.finish().await {
-        tracing::error!("{e}");
-    }
-    (exit, summary)
+    Manager::new(task, source, engine, config, progress)
+        .run(shutdown, engine_died)
+        .await
 }
 
-fn unreachable(
-    since: &mut Option<Instant>,
-    wait_until: &mut Option<Instant>,
-    backoff: &mut Duration,
-    exhausted: &mut bool,
-    limit: Duration,
-) {
-    let now = Instant::now();
-    let first = *since.get_or_insert(now);
-    if now.duration_since(first) >= limit {
-        tracing::warn!(
-            secs = limit.as_secs(),
-            "the dispatcher server is gone; finishing"
-        );
-        *exhausted = true;
-        return;
+/// A call to the server that is under way.
+type Call<T> = BoxFuture<'static, Result<T, SourceError>>;
+
+/// What the manager waits for, one at a time.
+enum Event {
+    Shutdown,
+    EngineDied(String),
+    TaskDone(Result<(WorkItem, LineOutcome), tokio::task::JoinError>),
+    Work(Result<WorkResponse, SourceError>),
+    /// The wait before the next work request is over (or cut short).
+    MayFetch,
+    HeartbeatDue,
+    Heartbeat(Result<Option<Vec<u64>>, SourceError>),
+}
+
+/// Whether the server answers, and how long to wait before calling again.
+#[derive(Debug)]
+struct Reachability {
+    /// Whether it ever answered. A server that did and then stops answering
+    /// finished its job and exited (or died with it): it is given up on sooner
+    /// than one never reached, which may still be starting.
+    ever_reached: bool,
+    /// Since when every call failed to reach it.
+    unreachable_since: Option<Instant>,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
+impl Reachability {
+    fn new() -> Reachability {
+        Reachability {
+            ever_reached: false,
+            unreachable_since: None,
+            backoff: FIRST_BACKOFF,
+        }
     }
-    tracing::debug!(
-        backoff_ms = backoff.as_millis() as u64,
-        "the dispatcher server is unreachable; retrying"
-    );
-    *wait_until = Some(now + *backoff);
-    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+
+    /// The server answered.
+    fn answered(&mut self) {
+        self.ever_reached = true;
+        self.unreachable_since = None;
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// The server could not be reached at `now`: how long to wait before the
+    /// next try, or `None` when it has been unreachable too long to wait more.
+    fn unreachable(&mut self, now: Instant, config: &ManagerConfig) -> Option<Duration> {
+        let limit = if self.ever_reached {
+            config.vanish_wait
+        } else {
+            config.server_wait
+        };
+        let since = *self.unreachable_since.get_or_insert(now);
+        if now.duration_since(since) >= limit {
+            tracing::warn!(
+                secs = limit.as_secs(),
+                "the dispatcher server is gone; finishing"
+            );
+            return None;
+        }
+        let wait = self.next_backoff();
+        tracing::debug!(
+            backoff_ms = wait.as_millis() as u64,
+            "the dispatcher server is unreachable; retrying"
+        );
+        Some(wait)
+    }
+
+    /// The wait after a failed call, doubling with each one.
+    fn next_backoff(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (wait * 2).min(MAX_BACKOFF);
+        wait
+    }
+
+    fn is_unreachable(&self) -> bool {
+        self.unreachable_since.is_some()
+    }
+}
+
+/// The task manager of one worker: its tasks, the items they hold, and its
+/// conversation with the source.
+struct Manager {
+    task: &'static dyn DynTask,
+    source: Arc<dyn WorkSource>,
+    engine: Arc<dyn Engine>,
+    config: ManagerConfig,
+    progress: Arc<Progress>,
+    /// Shares the engine's request slots among tasks, oldest first.
+    limiter: Arc<PriorityLimiter>,
+    /// Items asked for per work request.
+    batch: usize,
+    /// Tasks at most: enough to keep every request slot busy while a batch is
+    /// fetched.
+    max_tasks: usize,
+    tasks: JoinSet<(WorkItem, LineOutcome)>,
+    /// Items this worker holds, with the handle that stops their task.
+    held: HashMap<u64, AbortHandle>,
+    /// Tasks started, the age order the limiter serves them in.
+    started: u64,
+    /// Results and releases on their way to the submitter.
+    handback: mpsc::UnboundedSender<Handback>,
+    submitter: JoinHandle<()>,
+    /// Signalled after each delivery: our own results may have completed the
+    /// job or made work issuable.
+    delivered: Arc<Notify>,
+    /// No work request before this (after a `retry` answer or a failure).
+    fetch_after: Option<Instant>,
+    /// The source has no more work for us (all done, or the server is gone).
+    no_more_work: bool,
+    server: Reachability,
+    /// The server's lease, once it told one: heartbeats keep held items.
+    lease: Option<Duration>,
+    next_heartbeat: Instant,
+    summary: Summary,
+}
+
+impl Manager {
+    fn new(
+        task: &'static dyn DynTask,
+        source: Arc<dyn WorkSource>,
+        engine: Arc<dyn Engine>,
+        config: ManagerConfig,
+        progress: Arc<Progress>,
+    ) -> Manager {
+        let batch = config.batch_size.max(1);
+        let (handback, rx) = mpsc::unbounded_channel();
+        let delivered = Arc::new(Notify::new());
+        let submitter = tokio::spawn(hand_back(
+            source.clone(),
+            rx,
+            config.max_submit_batch,
+            delivered.clone(),
+        ));
+        Manager {
+            task,
+            limiter: PriorityLimiter::new(config.workers.max(1)),
+            batch,
+            max_tasks: config.workers.max(batch) + batch,
+            source,
+            engine,
+            config,
+            progress,
+            tasks: JoinSet::new(),
+            held: HashMap::new(),
+            started: 0,
+            handback,
+            submitter,
+            delivered,
+            fetch_after: None,
+            no_more_work: false,
+            server: Reachability::new(),
+            lease: None,
+            next_heartbeat: Instant::now(),
+            summary: Summary::default(),
+        }
+    }
+
+    async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        engine_died: impl Future<Output = String>,
+    ) -> (Exit, Summary) {
+        let mut shutdown = pin!(shutdown);
+        let mut engine_died = pin!(engine_died);
+        let mut fetch: Option<Call<WorkResponse>> = None;
+        let mut heartbeat: Option<Call<Option<Vec<u64>>>> = None;
+        let exit = loop {
+            if self.no_more_work && self.tasks.is_empty() {
+                break if self.server.is_unreachable() {
+                    Exit::ServerGone
+                } else {
+                    Exit::Complete
+                };
+            }
+            if fetch.is_none() && self.wants_work() {
+                let (source, batch) = (self.source.clone(), self.batch);
+                fetch = Some(Box::pin(async move { source.get_work(batch).await }));
+            }
+            let waiting = self.fetch_after.is_some() && fetch.is_none();
+            let event = tokio::select! {
+                biased;
+                () = &mut shutdown => Event::Shutdown,
+                why = &mut engine_died => Event::EngineDied(why),
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => Event::TaskDone(joined),
+                r = answer(&mut fetch), if fetch.is_some() => Event::Work(r),
+                () = sleep_until(self.fetch_after), if waiting => Event::MayFetch,
+                () = self.delivered.notified(), if waiting => Event::MayFetch,
+                () = tokio::time::sleep_until(self.next_heartbeat), if self.lease.is_some() && heartbeat.is_none() => Event::HeartbeatDue,
+                r = answer(&mut heartbeat), if heartbeat.is_some() => Event::Heartbeat(r),
+            };
+            match event {
+                Event::Shutdown => break Exit::Interrupted,
+                Event::EngineDied(why) => {
+                    break Exit::EngineFailed(format!("the engine exited ({why})"))
+                }
+                Event::TaskDone(joined) => {
+                    if let Some(exit) = self.on_task_done(joined) {
+                        break exit;
+                    }
+                }
+                Event::Work(r) => {
+                    fetch = None;
+                    self.on_work(r);
+                }
+                Event::MayFetch => self.fetch_after = None,
+                Event::HeartbeatDue => heartbeat = self.heartbeat_due(),
+                Event::Heartbeat(r) => {
+                    heartbeat = None;
+                    self.on_heartbeat(r);
+                }
+            }
+        };
+        drop(heartbeat);
+        self.stop(exit, fetch).await
+    }
+
+    /// Whether to ask for work now: there is room for a batch, and nothing
+    /// said to wait.
+    fn wants_work(&self) -> bool {
+        !self.no_more_work
+            && self.fetch_after.is_none()
+            && self.tasks.len() + self.batch <= self.max_tasks
+    }
+
+    /// A task ended. Returns the exit when its outcome stops the worker.
+    fn on_task_done(
+        &mut self,
+        joined: Result<(WorkItem, LineOutcome), tokio::task::JoinError>,
+    ) -> Option<Exit> {
+        // Aborted tasks (items finished elsewhere) were accounted for then.
+        let Ok((item, outcome)) = joined else {
+            return None;
+        };
+        self.progress.active.store(self.tasks.len() as u64, Relaxed);
+        // A finished task may free what the source was waiting on.
+        self.fetch_after = None;
+        match outcome {
+            LineOutcome::Line { line, kind } => self.record_line(item, line, kind),
+            LineOutcome::Retry(why) => {
+                self.held.remove(&item.work_id);
+                self.summary.retries += 1;
+                self.progress.metrics.outcome("retry");
+                tracing::info!(work_id = item.work_id, %why, "task asked for a retry; releasing");
+                self.hand_back(Handback::Release(item.work_id, ReleaseReason::Retry));
+            }
+            LineOutcome::EngineUnavailable(why) => return Some(Exit::EngineFailed(why)),
+        }
+        None
+    }
+
+    /// The one place a finished line is counted and handed back.
+    fn record_line(&mut self, mut item: WorkItem, line: String, kind: OutcomeKind) {
+        self.held.remove(&item.work_id);
+        *self.summary.outcomes.entry(kind.label()).or_default() += 1;
+        self.progress.lines.fetch_add(1, Relaxed);
+        self.progress.metrics.outcome(kind.label());
+        if kind != OutcomeKind::Ok {
+            tracing::debug!(work_id = item.work_id, kind = kind.label(), "line failed");
+        }
+        item.result = Some(line);
+        self.hand_back(Handback::Result(item));
+    }
+
+    fn hand_back(&self, what: Handback) {
+        // The submitter lives until the sender is dropped in `stop`.
+        let _ = self.handback.send(what);
+    }
+
+    /// The answer to a work request.
+    fn on_work(&mut self, answer: Result<WorkResponse, SourceError>) {
+        let now = Instant::now();
+        let response = match answer {
+            Ok(response) => response,
+            Err(e) if e.is_transient() => {
+                match self.server.unreachable(now, &self.config) {
+                    Some(wait) => self.fetch_after = Some(now + wait),
+                    None => self.no_more_work = true,
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::error!("work request failed: {e}");
+                self.fetch_after = Some(now + self.server.next_backoff());
+                return;
+            }
+        };
+        self.server.answered();
+        match response.status {
+            WorkStatus::Ok => {
+                if let Some(secs) = response.lease_secs.filter(|s| s.is_finite() && *s > 0.0) {
+                    if self.lease.replace(Duration::from_secs_f64(secs)).is_none() {
+                        self.next_heartbeat = now + heartbeat_every(secs);
+                    }
+                }
+                for item in response.items {
+                    self.start(item);
+                }
+                self.progress.active.store(self.tasks.len() as u64, Relaxed);
+            }
+            WorkStatus::Retry => {
+                let wait = Duration::from_secs(response.retry_in.unwrap_or(1).max(1))
+                    .min(self.config.max_retry_wait);
+                self.fetch_after = Some(now + wait);
+            }
+            WorkStatus::AllWorkComplete => self.no_more_work = true,
+        }
+    }
+
+    /// Starts the task of one item.
+    fn start(&mut self, item: WorkItem) {
+        if self.held.contains_key(&item.work_id) {
+            // A backup copy of an item this worker runs already.
+            return;
+        }
+        self.started += 1;
+        let ctx = TaskContext::new(
+            item.work_id,
+            item.retry_count,
+            item.max_retries,
+            self.engine.clone(),
+            Some(self.limiter.clone()),
+            self.started,
+        )
+        .with_metrics(self.progress.metrics.clone());
+        let run = self.task.run_line(item.content.clone(), ctx);
+        let id = item.work_id;
+        let handle = self.tasks.spawn(async move { (item, run.await) });
+        self.held.insert(id, handle);
+    }
+
+    /// A heartbeat is due: the call that sends it, when anything is held.
+    fn heartbeat_due(&mut self) -> Option<Call<Option<Vec<u64>>>> {
+        if self.held.is_empty() {
+            self.schedule_heartbeat();
+            return None;
+        }
+        let ids: Vec<u64> = self.held.keys().copied().collect();
+        let source = self.source.clone();
+        Some(Box::pin(async move { source.heartbeat(ids).await }))
+    }
+
+    fn schedule_heartbeat(&mut self) {
+        let lease_secs = self.lease.map_or(30.0, |l| l.as_secs_f64());
+        self.next_heartbeat = Instant::now() + heartbeat_every(lease_secs);
+    }
+
+    /// The answer to a heartbeat: drops the items finished elsewhere.
+    fn on_heartbeat(&mut self, answer: Result<Option<Vec<u64>>, SourceError>) {
+        self.schedule_heartbeat();
+        match answer {
+            Ok(Some(done)) => {
+                for id in done {
+                    if let Some(handle) = self.held.remove(&id) {
+                        handle.abort();
+                        self.summary.dropped += 1;
+                        tracing::debug!(work_id = id, "finished elsewhere; dropped");
+                    }
+                }
+            }
+            // The source has no leases.
+            Ok(None) => self.lease = None,
+            Err(e) => tracing::warn!("heartbeat failed: {e}"),
+        }
+    }
+
+    /// Stops: unless the work is done, stops the tasks, keeps the lines that
+    /// finished meanwhile and releases everything else it holds (and what a
+    /// work request still under way brings); then waits for every result and
+    /// release to be handed in.
+    async fn stop(mut self, exit: Exit, fetch: Option<Call<WorkResponse>>) -> (Exit, Summary) {
+        let mut unstarted = Vec::new();
+        // A work request already sent may have been answered with items: wait
+        // for it briefly, so they are released now rather than after the work
+        // timeout.
+        if let Some(pending) = fetch {
+            if let Ok(Ok(response)) = tokio::time::timeout(FETCH_GRACE, pending).await {
+                if response.status == WorkStatus::Ok && exit != Exit::Complete {
+                    unstarted.extend(response.items.iter().map(|i| i.work_id));
+                }
+            }
+        }
+        if !matches!(exit, Exit::Complete | Exit::ServerGone) {
+            self.tasks.abort_all();
+            while let Some(joined) = self.tasks.join_next().await {
+                if let Ok((item, LineOutcome::Line { line, kind })) = joined {
+                    self.record_line(item, line, kind);
+                }
+            }
+            let ids: Vec<u64> = self
+                .held
+                .drain()
+                .map(|(id, _)| id)
+                .chain(unstarted)
+                .collect();
+            self.summary.released = ids.len() as u64;
+            for id in ids {
+                self.hand_back(Handback::Release(id, ReleaseReason::Preempted));
+            }
+        }
+        self.progress.active.store(0, Relaxed);
+        drop(self.handback);
+        if let Err(e) = self.submitter.await {
+            tracing::error!("the result submitter failed: {e}");
+        }
+        if let Err(e) = self.source.finish().await {
+            tracing::error!("{e}");
+        }
+        (exit, self.summary)
+    }
+}
+
+/// The answer of a call under way (the caller's guard checks there is one).
+async fn answer<T>(call: &mut Option<Call<T>>) -> Result<T, SourceError> {
+    match call.as_mut() {
+        Some(call) => call.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Heartbeats every third of the lease (at least every 100 ms, at most every

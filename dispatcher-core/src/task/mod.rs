@@ -4,7 +4,6 @@
 
 mod context;
 mod error;
-pub mod infer;
 pub mod limiter;
 pub mod manager;
 pub mod source;
@@ -147,7 +146,7 @@ impl<T: Task> DynTask for T {
         };
         let last_attempt = ctx.is_last_attempt();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.run(input, ctx))) {
-            Ok(fut) => guarded(content, last_attempt, fut),
+            Ok(fut) => line_outcome_of(content, last_attempt, fut),
             Err(panic) => Box::pin(std::future::ready(panicked_line(&*panic, &content))),
         }
     }
@@ -156,7 +155,7 @@ impl<T: Task> DynTask for T {
 /// Runs a task's future and turns whatever it ends in (output, failure, retry,
 /// dead engine, panic) into a [`LineOutcome`]; `content` is the input line, for
 /// failure records. Hand-written [`DynTask`]s use it to get the same semantics.
-pub fn guarded<O: Serialize + Send + 'static>(
+pub fn line_outcome_of<O: Serialize + Send + 'static>(
     content: String,
     last_attempt: bool,
     fut: impl Future<Output = Result<O, TaskError>> + Send + 'static,

@@ -7,11 +7,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::checkpoint::ResumeError;
 use crate::client::{ClientError, DispatcherClient};
 use crate::engine::BoxFuture;
 use crate::ledger::{Cause, Ledger, LedgerConfig};
-use crate::protocol::{ReleaseReason, StatusResponse, WorkItem, WorkResponse, WorkStatus};
-use crate::server::ServerError;
+use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 
 /// Why a source call failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +25,12 @@ pub enum SourceError {
     Io(#[from] std::io::Error),
     /// The local files could not be opened or resumed.
     #[error(transparent)]
-    Server(#[from] ServerError),
+    Resume(#[from] ResumeError),
 }
 
 impl SourceError {
-    /// Whether trying again later may help (the server is unreachable).
+    /// Whether trying again later may help: the server is unreachable (still
+    /// starting, restarting, or gone for good: the caller decides by how long).
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Client(e) if e.is_unavailable())
     }
@@ -55,13 +56,24 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     }
     /// The job's progress as the source sees it (the server's `/status`), when
     /// available: for progress bars and ETAs.
-    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
+    fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
         Box::pin(std::future::ready(None))
     }
     /// Called once when the worker stops (the file source checkpoints).
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(Ok(())))
     }
+}
+
+/// How far the whole job is, for a worker's progress line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Output lines written.
+    pub lines_done: u64,
+    /// Input bytes read so far.
+    pub input_bytes_consumed: u64,
+    /// Size of the input file.
+    pub input_bytes_total: u64,
 }
 
 /// A dispatcher server.
@@ -104,8 +116,15 @@ impl WorkSource for ServerSource {
         Box::pin(async move { Ok(Some(self.client.heartbeat(ids).await?.done)) })
     }
 
-    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
-        Box::pin(async move { self.client.status().await.ok() })
+    fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
+        Box::pin(async move {
+            let s = self.client.status().await.ok()?;
+            Some(JobProgress {
+                lines_done: s.lines_done,
+                input_bytes_consumed: s.input_bytes_consumed,
+                input_bytes_total: s.input_bytes_total,
+            })
+        })
     }
 }
 
@@ -139,14 +158,18 @@ impl FileSource {
                 crate::checkpoint::default_checkpoint(output),
             )
         };
-        let ledger = Ledger::open(config, Instant::now()).map_err(ServerError::from)?;
+        let ledger = Ledger::open(config, Instant::now())?;
         Ok(FileSource {
             ledger: Mutex::new(ledger),
             changed: Notify::new(),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Ledger) -> std::io::Result<T>) -> Result<T, SourceError> {
+    /// Runs `f` on the ledger under its lock.
+    fn with_ledger<T>(
+        &self,
+        f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
+    ) -> Result<T, SourceError> {
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
         Ok(f(&mut ledger)?)
     }
@@ -160,7 +183,7 @@ impl WorkSource for FileSource {
                 let changed = self.changed.notified();
                 let mut changed = std::pin::pin!(changed);
                 changed.as_mut().enable();
-                let r = self.with(|l| l.take_work(batch, Instant::now()))?;
+                let r = self.with_ledger(|l| l.take_work(batch, Instant::now()))?;
                 // Only this process holds items: nothing is issuable until one
                 // of its own results or releases comes in.
                 if r.status != WorkStatus::Retry {
@@ -177,12 +200,13 @@ impl WorkSource for FileSource {
     }
 
     fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>> {
-        let r = self.with(|l| l.complete(items)).and_then(|reply| {
+        let r = self.with_ledger(|l| l.complete(items)).and_then(|reply| {
             self.changed.notify_waiters();
             match reply.refused.first() {
                 // Our own worker serializes results: a refusal is a bug, not input.
-                Some((id, why)) => Err(SourceError::Io(std::io::Error::other(format!(
-                    "work_id {id}: {why}"
+                Some(refused) => Err(SourceError::Io(std::io::Error::other(format!(
+                    "work_id {}: {}",
+                    refused.work_id, refused.reason
                 )))),
                 None => Ok(()),
             }
@@ -196,17 +220,26 @@ impl WorkSource for FileSource {
         reason: ReleaseReason,
     ) -> BoxFuture<'_, Result<(), SourceError>> {
         let cause = Cause::of_release(Some(reason));
-        let r = self.with(|l| l.release(&ids, cause)).map(|_| ());
+        let r = self.with_ledger(|l| l.release(&ids, cause)).map(|_| ());
         self.changed.notify_waiters();
         Box::pin(std::future::ready(r))
     }
 
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(std::future::ready(self.with(|l| l.checkpoint())))
+        Box::pin(std::future::ready(self.with_ledger(|l| l.checkpoint())))
     }
 
-    fn progress(&self) -> BoxFuture<'_, Option<StatusResponse>> {
-        let status = self.with(|l| Ok(l.status(Instant::now()))).ok();
-        Box::pin(std::future::ready(status))
+    fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
+        let progress = self
+            .with_ledger(|l| {
+                let s = l.stats(Instant::now());
+                Ok(JobProgress {
+                    lines_done: s.lines_written,
+                    input_bytes_consumed: s.input_bytes_consumed,
+                    input_bytes_total: s.input_bytes_total,
+                })
+            })
+            .ok();
+        Box::pin(std::future::ready(progress))
     }
 }

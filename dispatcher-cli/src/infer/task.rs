@@ -10,8 +10,8 @@ use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
 use jaq_json::Val;
 use serde_json::{Map, Value};
 
-use super::{guarded, DynTask, LineOutcome, TaskContext, TaskError};
-use crate::engine::{BoxFuture, Message, Request, Response, Usage};
+use dispatcher_core::engine::{BoxFuture, Message, Request, Response, Usage};
+use dispatcher_core::task::{line_outcome_of, DynTask, LineOutcome, TaskContext, TaskError};
 
 /// How input lines are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,7 +321,7 @@ impl DynTask for Infer {
 
     fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {
         let last_attempt = ctx.is_last_attempt();
-        guarded(
+        line_outcome_of(
             content.clone(),
             last_attempt,
             self.clone().run(content, ctx),

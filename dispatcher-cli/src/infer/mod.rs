@@ -1,7 +1,12 @@
 //! `dispatcher infer`: prompt in, responses out, without writing a task.
+//!
+//! Its flags and command are here; the task itself is in `task.rs`.
+
+mod task;
 
 use clap::{Args, ValueEnum};
-use dispatcher_core::task::infer::{Infer, InferConfig, InputFormat, Mode};
+
+pub use task::{Infer, InferConfig, InputFormat, Mode};
 
 use crate::worker::{self, EngineArgs, WorkArgs};
 

@@ -1,0 +1,830 @@
+//! The ledger's tests: the state machine with the clock passed in, and a
+//! property test that interleaves crashes, torn writes, spills and checkpoints.
+
+use super::*;
+use std::path::Path;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Job {
+    dir: tempfile::TempDir,
+    config: LedgerConfig,
+}
+
+impl Job {
+    fn new(input: &[u8], max_retries: Option<u32>) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        let infile = dir.path().join("in.jsonl");
+        std::fs::write(&infile, input).unwrap();
+        let config = LedgerConfig {
+            work_timeout: TIMEOUT,
+            max_retries,
+            ..LedgerConfig::new(
+                infile,
+                dir.path().join("out.jsonl"),
+                dir.path().join("out.jsonl.checkpoint"),
+            )
+        };
+        Job { dir, config }
+    }
+
+    fn open(&self, now: Instant) -> Result<Ledger, ResumeError> {
+        Ledger::open(self.config.clone(), now)
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.config.outfile).unwrap_or_default()
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn lines(n: u64) -> Vec<u8> {
+    (0..n)
+        .map(|i| format!("{{\"i\":{i}}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn ids(reply: &WorkReply) -> Vec<u64> {
+    reply.items.iter().map(|i| i.work_id).collect()
+}
+
+fn result(id: u64, value: &str) -> WorkItem {
+    WorkItem {
+        work_id: id,
+        content: String::new(),
+        result: Some(value.to_string()),
+        retry_count: 0,
+        max_retries: None,
+    }
+}
+
+#[test]
+fn issues_in_order_and_writes_results_in_input_order() {
+    let job = Job::new(&lines(3), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let r = l.take_work(2, t).unwrap();
+    assert_eq!((r.status, ids(&r)), (WorkStatus::Ok, vec![0, 1]));
+    assert_eq!(r.items[1].content, r#"{"i":1}"#);
+    assert_eq!(r.items[0].max_retries, Some(3));
+    let r = l.take_work(5, t).unwrap();
+    assert_eq!(ids(&r), vec![2]);
+    let done = l.complete(vec![result(2, "2"), result(1, "1")]).unwrap();
+    assert_eq!(done.accepted, 2);
+    assert_eq!(
+        job.output(),
+        "",
+        "line 0 is not done: nothing may be written"
+    );
+    assert_eq!(l.stats(t).reorder_lines, 2);
+    let r = l.take_work(1, t).unwrap();
+    assert_eq!((r.status, r.retry_in.is_some()), (WorkStatus::Retry, true));
+    l.complete(vec![result(0, "0")]).unwrap();
+    assert_eq!(job.output(), "0\n1\n2\n");
+    assert!(l.is_complete());
+    assert_eq!(
+        l.take_work(1, t).unwrap().status,
+        WorkStatus::AllWorkComplete
+    );
+}
+
+#[test]
+fn first_result_wins_and_unknown_ids_are_ignored() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    let r = l
+        .complete(vec![
+            result(0, "\"first\""),
+            result(0, "\"second\""),
+            result(1, "1"),
+            result(99, "9"),
+        ])
+        .unwrap();
+    assert_eq!((r.accepted, r.ignored, r.already_done), (1, 3, vec![0]));
+    l.take_work(1, t).unwrap();
+    l.complete(vec![result(1, "\"one\"")]).unwrap();
+    assert_eq!(job.output(), "\"first\"\n\"one\"\n");
+    assert_eq!(l.stats(t).ignored_results, 3);
+}
+
+#[test]
+fn timeout_reissues_with_the_same_id_and_then_tombstones() {
+    let job = Job::new(b"{\"i\":0}\n", Some(1));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    assert_eq!(l.take_work(1, t).unwrap().items[0].retry_count, 0);
+    let t = t + TIMEOUT;
+    let r = l.take_work(1, t).unwrap();
+    assert_eq!((ids(&r), r.items[0].retry_count), (vec![0], 1));
+    assert_eq!(l.stats(t).reissues.timeout, 1);
+    l.tick(t + TIMEOUT).unwrap();
+    let out: serde_json::Value = serde_json::from_str(job.output().trim_end()).unwrap();
+    assert_eq!(out["__ERROR__"]["error"], "max_retries_exceeded");
+    assert_eq!(out["__ERROR__"]["work_id"], 0);
+    assert_eq!(out["__ERROR__"]["original_content"], "{\"i\":0}");
+    assert_eq!(l.stats(t).tombstones, 1);
+    assert!(l.is_complete());
+}
+
+#[test]
+fn unlimited_retries_never_tombstone() {
+    let job = Job::new(&lines(1), None);
+    let mut t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    for round in 0..50 {
+        let r = l.take_work(1, t).unwrap();
+        assert_eq!(r.items[0].retry_count, round);
+        t += TIMEOUT;
+    }
+    assert_eq!(l.stats(t).tombstones, 0);
+}
+
+#[test]
+fn released_items_go_first_in_the_order_given() {
+    let job = Job::new(&lines(6), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(4, t).unwrap();
+    assert_eq!(
+        l.release(&[2, 0, 7, 2], Cause::Release).unwrap(),
+        2,
+        "only items in flight count"
+    );
+    let r = l.take_work(3, t).unwrap();
+    assert_eq!(ids(&r), vec![2, 0, 4]);
+    assert_eq!(r.items[0].retry_count, 0, "a preemption is not a failure");
+    l.release(&[2], Cause::Retry).unwrap();
+    assert_eq!(
+        l.take_work(1, t).unwrap().items[0].retry_count,
+        1,
+        "a task retry is"
+    );
+    assert_eq!(
+        l.stats(t).reissues,
+        ReissueCounts {
+            timeout: 0,
+            release: 2,
+            retry: 1,
+        }
+    );
+}
+
+#[test]
+fn a_result_for_a_queued_item_is_accepted_and_not_reissued() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    l.release(&[0], Cause::Release).unwrap();
+    assert_eq!(l.complete(vec![result(0, "0")]).unwrap().accepted, 1);
+    assert_eq!(ids(&l.take_work(5, t).unwrap()), vec![1]);
+}
+
+#[test]
+fn finished_items_in_the_reorder_buffer_are_never_reissued() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(2, t).unwrap();
+    l.complete(vec![result(1, "1")]).unwrap();
+    let r = l.take_work(5, t + TIMEOUT).unwrap();
+    assert_eq!(ids(&r), vec![0], "only the unfinished item comes back");
+}
+
+#[test]
+fn results_that_break_the_line_or_are_not_json_are_refused_and_stay_in_flight() {
+    let job = Job::new(&lines(1), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    for bad in ["{\"a\":\n1}", "not json", "1 2", ""] {
+        let r = l.complete(vec![result(0, bad)]).unwrap();
+        assert_eq!((r.accepted, r.refused.len()), (0, 1), "{bad:?}");
+    }
+    let mut null = result(0, "");
+    null.result = None;
+    assert_eq!(l.complete(vec![null]).unwrap().refused.len(), 1);
+    assert_eq!(l.stats(t).in_flight, 1);
+    assert_eq!(
+        l.complete(vec![result(0, " {\"ok\": true} ")])
+            .unwrap()
+            .accepted,
+        1
+    );
+    assert_eq!(job.output(), " {\"ok\": true} \n");
+}
+
+#[test]
+fn blank_lines_invalid_utf8_and_a_missing_last_newline_keep_alignment() {
+    let job = Job::new(b"a\n\n\xc3\x28\nlast", Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let r = l.take_work(10, t).unwrap();
+    assert_eq!(ids(&r), vec![0, 1, 3]);
+    assert_eq!(r.items[1].content, "");
+    assert_eq!(r.items[2].content, "last");
+    l.complete(vec![result(0, "0"), result(1, "1"), result(3, "3")])
+        .unwrap();
+    let out: Vec<String> = job.output().lines().map(String::from).collect();
+    assert_eq!(out.len(), 4);
+    assert!(
+        out[2].contains("\"invalid_utf8\"") && out[2].contains("\"work_id\":2"),
+        "{}",
+        out[2]
+    );
+    assert_eq!(l.stats(t).invalid_lines, 1);
+    assert!(l.is_complete());
+}
+
+#[test]
+fn an_empty_input_is_complete_at_once() {
+    let job = Job::new(b"", Some(3));
+    let t = Instant::now();
+    let l = job.open(t).unwrap();
+    assert!(l.is_complete());
+}
+
+#[test]
+fn a_checkpoint_names_the_state_when_begun_while_lines_are_written_before_commit() {
+    let job = Job::new(&lines(6), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(6, t).unwrap();
+    l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+    let pending = l.begin_checkpoint().unwrap();
+    // Requests go on while the checkpoint's fsyncs run.
+    l.complete(vec![result(2, "2"), result(3, "3")]).unwrap();
+    pending.commit().unwrap();
+    drop(l);
+    let cp = Checkpoint::load(&job.config.checkpoint).unwrap().unwrap();
+    assert_eq!((cp.lines_written, cp.output_offset), (2, 4));
+    let l = job.open(t).unwrap();
+    assert_eq!(l.lines_written(), 4);
+    assert_eq!(l.recovered_past_checkpoint(), 2);
+    assert_eq!(job.output(), "0\n1\n2\n3\n");
+}
+
+#[test]
+fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
+    let job = Job::new(&lines(5), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(5, t).unwrap();
+    l.complete(vec![result(0, "0")]).unwrap();
+    l.checkpoint().unwrap();
+    l.complete(vec![result(1, "1"), result(2, "2")]).unwrap();
+    drop(l);
+    // A crash in the middle of writing line 3.
+    let mut out = job.output();
+    out.push_str("{\"tor");
+    std::fs::write(&job.config.outfile, out).unwrap();
+
+    let l = job.open(t).unwrap();
+    assert_eq!(l.lines_written(), 3);
+    assert_eq!(l.recovered_past_checkpoint(), 2);
+    // Opening writes no checkpoint (a server takes one right after): the
+    // one on disk still names line 0 only and still matches the files.
+    drop(l);
+    let mut l = job.open(t).unwrap();
+    assert_eq!((l.lines_written(), l.recovered_past_checkpoint()), (3, 2));
+    let r = l.take_work(5, t).unwrap();
+    assert_eq!(ids(&r), vec![3, 4]);
+    assert_eq!(r.items[0].content, "{\"i\":3}");
+    l.complete(vec![result(4, "4"), result(3, "3")]).unwrap();
+    assert_eq!(job.output(), "0\n1\n2\n3\n4\n");
+}
+
+#[test]
+fn resume_refuses_a_truncated_output_a_foreign_output_and_a_different_input() {
+    let job = Job::new(&lines(3), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(2, t).unwrap();
+    l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+    l.checkpoint().unwrap();
+    drop(l);
+
+    std::fs::write(&job.config.outfile, "0\n").unwrap();
+    let e = job.open(t).unwrap_err();
+    assert!(matches!(e, ResumeError::OutputMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("out.jsonl"), "{e}");
+
+    std::fs::write(&job.config.outfile, "0\n1\n").unwrap();
+    std::fs::write(
+        &job.config.infile,
+        lines(3).into_iter().rev().collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let e = job.open(t).unwrap_err();
+    assert!(matches!(e, ResumeError::InputMismatch { .. }), "{e}");
+
+    let mut other = job.config.clone();
+    other.checkpoint = job.path("other.checkpoint");
+    let e = Ledger::open(other, t).unwrap_err();
+    assert!(
+        matches!(e, ResumeError::OutputWithoutCheckpoint { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_second_ledger_on_the_same_files_is_refused_while_the_first_lives() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    let first = job.open(t).unwrap();
+    let e = job.open(t).unwrap_err();
+    assert!(matches!(e, ResumeError::Locked { .. }), "{e}");
+    assert!(e.to_string().contains("out.jsonl.checkpoint"), "{e}");
+    drop(first);
+    job.open(t).unwrap();
+}
+
+#[test]
+fn resume_refuses_an_output_with_more_lines_than_the_input() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    drop(job.open(t).unwrap());
+    std::fs::write(&job.config.outfile, "0\n1\n2\n").unwrap();
+    let e = job.open(t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ResumeError::OutputLongerThanInput {
+                output_lines: 3,
+                input_lines: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn changing_the_work_timeout_applies_to_items_in_flight() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    l.set_work_timeout(Duration::from_secs(1));
+    let r = l.take_work(2, t + Duration::from_secs(1)).unwrap();
+    assert_eq!(ids(&r), vec![0, 1]);
+    assert_eq!(r.items[0].retry_count, 1);
+}
+
+#[test]
+fn the_timeout_heap_stays_proportional_to_what_is_in_flight() {
+    let job = Job::new(&lines(20_000), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    for _ in 0..2_000 {
+        let r = l.take_work(10, t).unwrap();
+        let done = r.items.iter().map(|i| result(i.work_id, "0")).collect();
+        l.complete(done).unwrap();
+    }
+    let s = l.stats(t);
+    assert_eq!(s.lines_written, 20_000);
+    assert!(
+        s.lease_entries <= 2 * s.in_flight + 1024 + 10,
+        "heap_size {}",
+        s.lease_entries
+    );
+}
+
+#[test]
+fn status_names_the_oldest_item_in_flight() {
+    let job = Job::new(&lines(3), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    l.take_work(1, t + Duration::from_secs(2)).unwrap();
+    let s = l.stats(t + Duration::from_secs(5));
+    let oldest = s.oldest_in_flight.unwrap();
+    assert_eq!((oldest.work_id, oldest.age_secs), (0, 5.0));
+    assert_eq!((s.in_flight, s.next_work_id, s.lines_written), (2, 2, 0));
+    assert_eq!(s.input_bytes_total, lines(3).len() as u64);
+    assert_eq!(s.lines_total, None);
+}
+
+#[test]
+fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
+    let job = Job::new(&lines(2), Some(3));
+    let mut t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(2, t).unwrap();
+    // Item 0's worker heartbeats every third of the lease; item 1's is silent.
+    for _ in 0..9 {
+        t += TIMEOUT / 3;
+        assert_eq!(l.heartbeat(&[0], t), (1, vec![]));
+        l.tick(t).unwrap();
+    }
+    let s = l.stats(t);
+    assert_eq!(
+        (s.in_flight, s.queued_for_reissue, s.reissues.timeout),
+        (1, 1, 1)
+    );
+    let r = l.take_work(5, t).unwrap();
+    assert_eq!(ids(&r), vec![1], "only the silent worker's item comes back");
+    l.complete(vec![result(0, "0")]).unwrap();
+    assert_eq!(
+        l.heartbeat(&[0, 1, 9], t),
+        (1, vec![0]),
+        "0 is done: drop it"
+    );
+}
+
+#[test]
+fn preemptions_draw_on_their_own_budget_and_the_tombstone_has_the_history() {
+    let mut job = Job::new(&lines(2), Some(1));
+    job.config.max_releases = Some(DEFAULT_MAX_RELEASES);
+    let mut t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    // Forty preemptions of both items: far over --max-retries 1, no tombstone.
+    for _ in 0..40 {
+        let r = l.take_work(2, t).unwrap();
+        assert_eq!(r.items.len(), 2);
+        assert!(r.items.iter().all(|i| i.retry_count == 0));
+        assert_eq!(l.release(&[0, 1], Cause::Release).unwrap(), 2);
+    }
+    assert_eq!(l.stats(t).tombstones, 0);
+    // Item 0 then fails twice (an expiry, a task retry): over --max-retries 1.
+    l.take_work(2, t).unwrap();
+    l.complete(vec![result(1, "1")]).unwrap();
+    t += TIMEOUT;
+    let r = l.take_work(1, t).unwrap();
+    assert_eq!(r.items[0].retry_count, 1);
+    l.release(&[0], Cause::Retry).unwrap();
+    let out: Vec<serde_json::Value> = job
+        .output()
+        .lines()
+        .map(|x| serde_json::from_str(x).unwrap())
+        .collect();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0]["__ERROR__"]["error"], "max_retries_exceeded");
+    assert_eq!(
+        out[0]["__ERROR__"]["reissues"],
+        serde_json::json!({"timeout": 1, "release": 40, "retry": 1})
+    );
+
+    // A poison item that kills every worker is still given up, by releases.
+    let mut job = Job::new(&lines(1), Some(1));
+    job.config.max_releases = Some(3);
+    let mut l = job.open(t).unwrap();
+    for _ in 0..4 {
+        l.take_work(1, t).unwrap();
+        l.release(&[0], Cause::Release).unwrap();
+    }
+    assert!(job.output().contains("max_releases_exceeded"));
+}
+
+#[test]
+fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
+    const LATER: u64 = 1_000_000;
+    const CAP: u64 = 1 << 20;
+    let input: Vec<u8> = (0..=LATER)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let mut job = Job::new(&input, Some(3));
+    job.config.max_pending_bytes = CAP;
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    // Line 0 goes to a worker that never answers.
+    assert_eq!(ids(&l.take_work(1, t).unwrap()), vec![0]);
+    let mut peak = 0;
+    loop {
+        let r = l.take_work(10_000, t).unwrap();
+        if r.items.is_empty() {
+            break;
+        }
+        let done = r
+            .items
+            .iter()
+            .map(|i| ResultLine {
+                work_id: i.work_id,
+                line: format!("\"result {}\"", i.content),
+            })
+            .collect();
+        l.complete_checked(done).unwrap();
+        let s = l.stats(t);
+        peak = peak.max(s.reorder_bytes);
+        assert!(
+            s.reorder_bytes <= CAP,
+            "{} bytes in memory",
+            s.reorder_bytes
+        );
+    }
+    let s = l.stats(t);
+    assert_eq!((s.lines_written, s.reorder_lines), (0, LATER));
+    assert!(
+        s.reorder_spilled > LATER / 2,
+        "most results went to disk: {s:?}"
+    );
+    let blocking = s.blocking.expect("line 0 blocks the rest");
+    assert_eq!(
+        (
+            blocking.work_id,
+            blocking.state.as_str(),
+            blocking.waiting_lines
+        ),
+        (0, "in_flight", LATER)
+    );
+    assert!(peak > CAP / 2, "the memory was used up to the cap first");
+    assert!(job.config.spill_path().metadata().unwrap().len() > 0);
+    // The stuck line finally comes back: everything is written, in order.
+    l.complete(vec![result(0, "\"result 0\"")]).unwrap();
+    assert!(l.is_complete());
+    let out = job.output();
+    let mut n = 0;
+    for (i, line) in out.lines().enumerate() {
+        assert_eq!(line, format!("\"result {i}\""));
+        n += 1;
+    }
+    assert_eq!(n, LATER + 1);
+    assert_eq!(
+        job.config.spill_path().metadata().unwrap().len(),
+        0,
+        "the spill file is emptied"
+    );
+}
+
+#[test]
+fn idle_workers_get_backups_of_stragglers_and_the_first_result_wins() {
+    let mut job = Job::new(&lines(3), Some(3));
+    job.config.max_backups = 2;
+    job.config.backup_after = Duration::from_secs(5);
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (a, b) = (Some(1), Some(2));
+    assert_eq!(ids(&l.take_work_for(2, t, a).unwrap()), vec![0, 1]);
+    assert_eq!(
+        ids(&l.take_work_for(5, t, b).unwrap()),
+        vec![2],
+        "no backups beside new lines"
+    );
+    let later = t + Duration::from_secs(1);
+    assert_eq!(
+        l.take_work_for(5, later, b).unwrap().status,
+        WorkStatus::Retry,
+        "too young for a backup"
+    );
+    let later = t + Duration::from_secs(6);
+    assert_eq!(
+        ids(&l.take_work_for(5, later, a).unwrap()),
+        vec![2],
+        "never one's own items"
+    );
+    assert_eq!(
+        ids(&l.take_work_for(5, later, b).unwrap()),
+        vec![0],
+        "the oldest straggler"
+    );
+    assert_eq!(
+        l.take_work_for(5, later, None).unwrap().status,
+        WorkStatus::Retry,
+        "two backups at most"
+    );
+    l.complete(vec![result(2, "2"), result(0, "\"from B\"")])
+        .unwrap();
+    let r = l
+        .complete(vec![result(0, "\"from A\""), result(1, "1")])
+        .unwrap();
+    assert_eq!((r.accepted, r.already_done), (1, vec![0]));
+    assert_eq!(job.output(), "\"from B\"\n1\n2\n");
+    assert_eq!(l.stats(t).backups_issued, 2);
+}
+
+#[test]
+fn a_restart_while_results_are_spilled_resumes_exactly() {
+    let mut job = Job::new(&lines(50), Some(3));
+    job.config.max_pending_bytes = 10;
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(50, t).unwrap();
+    l.complete((1..50).map(|i| result(i, &i.to_string())).collect())
+        .unwrap();
+    assert!(l.stats(t).reorder_spilled >= 40);
+    drop(l); // a crash: line 0 was never answered
+    let mut l = job.open(t).unwrap();
+    assert_eq!(l.lines_written(), 0);
+    let r = l.take_work(100, t).unwrap();
+    assert_eq!(r.items.len(), 50, "unwritten lines are redone");
+    l.complete(
+        r.items
+            .iter()
+            .map(|i| result(i.work_id, &i.work_id.to_string()))
+            .collect(),
+    )
+    .unwrap();
+    let expected: String = (0..50).map(|i| format!("{i}\n")).collect();
+    assert_eq!(job.output(), expected);
+}
+
+mod interleavings {
+    //! Random interleavings of issue, complete, duplicate, release, timeout,
+    //! crash and restart always end in an output whose line i is the result
+    //! for line i or its tombstone.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Take(usize),
+        Complete(usize),
+        Duplicate(usize),
+        Release(usize),
+        Expire,
+        Heartbeat,
+        /// Takes a checkpoint's state; it is written by a later `Commit`
+        /// (or lost in a crash), as a server does beside its requests.
+        Checkpoint,
+        Commit,
+        Crash {
+            torn: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1usize..5).prop_map(Op::Take),
+            4 => any::<usize>().prop_map(Op::Complete),
+            1 => any::<usize>().prop_map(Op::Duplicate),
+            1 => any::<usize>().prop_map(Op::Release),
+            1 => Just(Op::Expire),
+            1 => Just(Op::Heartbeat),
+            1 => Just(Op::Checkpoint),
+            1 => Just(Op::Commit),
+            1 => any::<bool>().prop_map(|torn| Op::Crash { torn }),
+        ]
+    }
+
+    /// The result a worker computes for a line: its content as a JSON string.
+    fn answer(item: &WorkItem) -> WorkItem {
+        let mut done = item.clone();
+        done.result = Some(serde_json::to_string(&item.content).unwrap());
+        done
+    }
+
+    fn check_output(job: &Job, n: u64) {
+        let out = job.output();
+        let got: Vec<&str> = out.lines().collect();
+        assert_eq!(got.len() as u64, n, "one output line per input line");
+        for (i, line) in got.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let expected = format!("{{\"i\":{i}}}");
+            match v {
+                serde_json::Value::String(s) => assert_eq!(s, expected, "line {i}"),
+                other => {
+                    assert_eq!(other["__ERROR__"]["work_id"], i as u64, "line {i}");
+                    assert_eq!(other["__ERROR__"]["original_content"], expected);
+                }
+            }
+        }
+    }
+
+    /// Budgets and limits drawn at random with the operations.
+    #[derive(Debug, Clone)]
+    struct Limits {
+        max_retries: Option<u32>,
+        max_releases: Option<u32>,
+        /// Tiny caps make the reorder buffer spill constantly.
+        max_pending_bytes: u64,
+        max_backups: u32,
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        (
+            prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+            prop_oneof![Just(None), (0u32..3).prop_map(Some)],
+            prop_oneof![Just(u64::MAX), 0u64..40],
+            0u32..3,
+        )
+            .prop_map(
+                |(max_retries, max_releases, max_pending_bytes, max_backups)| Limits {
+                    max_retries,
+                    max_releases,
+                    max_pending_bytes,
+                    max_backups,
+                },
+            )
+    }
+
+    fn run(n: u64, limits: Limits, ops: Vec<Op>) {
+        let mut job = Job::new(&lines(n), limits.max_retries);
+        job.config.max_releases = limits.max_releases;
+        job.config.max_pending_bytes = limits.max_pending_bytes;
+        job.config.max_backups = limits.max_backups;
+        job.config.backup_after = Duration::ZERO;
+        let mut t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        // Items held by workers, which outlive server restarts.
+        let mut held: Vec<WorkItem> = Vec::new();
+        let mut sent: Vec<WorkItem> = Vec::new();
+        let mut pending: Option<PendingCheckpoint> = None;
+        for op in ops {
+            match op {
+                Op::Take(b) => held.extend(l.take_work(b, t).unwrap().items),
+                Op::Complete(k) if !held.is_empty() => {
+                    let item = held.swap_remove(k % held.len());
+                    l.complete(vec![answer(&item)]).unwrap();
+                    sent.push(item);
+                }
+                Op::Duplicate(k) if !sent.is_empty() => {
+                    let r = l.complete(vec![answer(&sent[k % sent.len()])]).unwrap();
+                    assert_eq!(r.accepted + r.ignored, 1);
+                }
+                Op::Release(k) if !held.is_empty() => {
+                    let item = held.swap_remove(k % held.len());
+                    let cause = if k % 2 == 0 {
+                        Cause::Release
+                    } else {
+                        Cause::Retry
+                    };
+                    l.release(&[item.work_id], cause).unwrap();
+                }
+                Op::Heartbeat => {
+                    let ids: Vec<u64> = held.iter().map(|i| i.work_id).collect();
+                    l.heartbeat(&ids, t);
+                }
+                Op::Expire => {
+                    t += TIMEOUT;
+                    l.tick(t).unwrap();
+                }
+                Op::Checkpoint => {
+                    // One at a time, in order, as the server commits them.
+                    if let Some(p) = pending.take() {
+                        p.commit().unwrap();
+                    }
+                    pending = Some(l.begin_checkpoint().unwrap());
+                }
+                Op::Commit => {
+                    if let Some(p) = pending.take() {
+                        p.commit().unwrap();
+                    }
+                }
+                Op::Crash { torn } => {
+                    // A checkpoint not committed yet dies with the process.
+                    pending = None;
+                    drop(l);
+                    if torn {
+                        let mut f = std::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&job.config.outfile)
+                            .unwrap();
+                        std::io::Write::write_all(&mut f, b"\"{\\\"i\\\":").unwrap();
+                    }
+                    l = job.open(t).unwrap();
+                }
+                _ => {}
+            }
+        }
+        // Drain: stale holders finish first, then fresh workers take the rest.
+        let stale: Vec<WorkItem> = held.iter().map(answer).collect();
+        l.complete(stale).unwrap();
+        for _ in 0..(n * 10 + 10) {
+            if l.is_complete() {
+                break;
+            }
+            let r = l.take_work(7, t).unwrap();
+            match r.status {
+                WorkStatus::Ok => {
+                    l.complete(r.items.iter().map(answer).collect()).unwrap();
+                }
+                _ => {
+                    t += TIMEOUT;
+                    l.tick(t).unwrap();
+                }
+            }
+        }
+        assert!(l.is_complete(), "the job must finish");
+        check_output(&job, n);
+        // And a restart of a finished job changes nothing.
+        drop(l);
+        let l = job.open(t).unwrap();
+        assert!(l.is_complete());
+        check_output(&job, n);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn output_line_i_is_always_the_result_or_tombstone_of_line_i(
+            n in 0u64..25,
+            limits in limits(),
+            ops in proptest::collection::vec(op(), 0..80),
+        ) {
+            run(n, limits, ops);
+        }
+    }
+
+    #[test]
+    fn job_path_helper_is_inside_the_temp_dir() {
+        let job = Job::new(b"", None);
+        assert!(job.path("x").starts_with(job.dir.path()));
+        assert!(Path::new(&job.config.infile).exists());
+    }
+}

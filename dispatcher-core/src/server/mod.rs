@@ -1,0 +1,262 @@
+//! `dispatcher serve`: the HTTP layer over the [`Ledger`], its ticker and
+//! checkpointer, and how the server stops (all work complete, a signal, or an
+//! I/O failure).
+//!
+//! - `state.rs`: [`AppState`], the state the handlers share, and its lock rule;
+//! - `http.rs`: the router, the handlers, their errors and middleware;
+//! - here: the lifecycle: [`serve`], the ticker, the checkpointer, the
+//!   completion watcher and the shutdown.
+
+mod http;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::checkpoint::ResumeError;
+use crate::ledger::{Ledger, LedgerConfig};
+
+pub use http::{app, status_response};
+pub use state::AppState;
+
+/// How the server runs, beyond the job itself.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Seconds between checkpoints.
+    pub checkpoint_interval: Duration,
+    /// How long to keep answering `all_work_complete` before exiting.
+    pub exit_grace: Duration,
+    /// Largest `batch_size` a work request may ask for.
+    pub max_batch_size: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// A shared secret every endpoint but `/health` requires as
+    /// `Authorization: Bearer <token>`; `None` (the default) requires nothing, as
+    /// the Python server did.
+    pub token: Option<String>,
+    /// Log the peer and the first bytes of every request answered with a 4xx.
+    pub log_invalid_http: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            checkpoint_interval: Duration::from_secs(30),
+            exit_grace: Duration::from_secs(5),
+            max_batch_size: 10_000,
+            max_body_bytes: 64 << 20,
+            token: None,
+            log_invalid_http: false,
+        }
+    }
+}
+
+/// Why the server stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// Every line has its output line, and the grace period is over.
+    Complete,
+    /// The caller's shutdown future resolved (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+/// Why the server could not run or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The job's files could not be resumed from.
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
+    /// A file could not be read or written while serving (the message names it);
+    /// the output is intact up to the last line written.
+    #[error("stopped after an I/O failure: {0}")]
+    Io(String),
+    /// The listening socket failed.
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        /// `HOST:PORT` as given.
+        addr: String,
+        /// Why binding or accepting failed.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the job and serves it on `listener` until it is complete, `shutdown`
+/// resolves, or an I/O failure stops it. Writes a final checkpoint either way
+/// it ends well.
+pub async fn serve(
+    listener: TcpListener,
+    config: LedgerConfig,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<StopReason, ServerError> {
+    let opening = Instant::now();
+    let ledger = Ledger::open(config, opening)?;
+    tracing::info!(took_ms = opening.elapsed().as_millis(), "job files opened");
+    let state = AppState::new(ledger, &options);
+    serve_state(listener, state, options, shutdown).await
+}
+
+/// [`serve`] over an already opened state.
+pub async fn serve_state(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<StopReason, ServerError> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    state.log_serving(&addr);
+    let stop = Stop::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(ticker(state.clone()));
+    tasks.spawn(checkpointer(state.clone(), options.checkpoint_interval));
+    tasks.spawn(watch_completion(
+        state.clone(),
+        options.exit_grace,
+        stop.clone(),
+    ));
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.request(StopReason::Shutdown);
+        }
+    });
+    let router = app(state.clone(), options.max_body_bytes);
+    let stopping = {
+        let (stop, mut failure) = (stop.clone(), state.failure.subscribe());
+        async move {
+            tokio::select! {
+                () = stop.requested() => {}
+                _ = failure.wait_for(|f| f.is_some()) => {}
+            }
+        }
+    };
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopping)
+    .await
+    .map_err(|source| ServerError::Listen {
+        addr: addr.clone(),
+        source,
+    });
+    tasks.shutdown().await;
+    served?;
+
+    if let Some(message) = state.failure.borrow().clone() {
+        return Err(ServerError::Io(message));
+    }
+    state
+        .checkpoint()
+        .await
+        .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
+    let reason = stop.reason().unwrap_or(StopReason::Shutdown);
+    tracing::info!(?reason, "stopped; checkpoint written");
+    Ok(reason)
+}
+
+/// Why the server is to stop, once something asked; the first reason wins.
+#[derive(Debug, Clone)]
+struct Stop(Arc<watch::Sender<Option<StopReason>>>);
+
+impl Default for Stop {
+    fn default() -> Self {
+        Stop(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl Stop {
+    /// Asks the server to stop, unless something asked first.
+    fn request(&self, reason: StopReason) {
+        self.0
+            .send_if_modified(|r| r.is_none() && r.replace(reason).is_none());
+    }
+
+    /// Resolves once a stop was asked for.
+    async fn requested(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so waiting cannot fail.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn reason(&self) -> Option<StopReason> {
+        self.0.borrow().clone()
+    }
+}
+
+/// Once every line has its output line: checkpoints, keeps answering
+/// `all_work_complete` for `grace` (so that polling workers learn it), then
+/// asks the server to stop.
+async fn watch_completion(state: Arc<AppState>, grace: Duration, stop: Stop) {
+    let mut complete = state.complete.subscribe();
+    if complete.wait_for(|c| *c).await.is_err() {
+        return;
+    }
+    if let Err(e) = state.checkpoint().await {
+        tracing::debug!(?e, "final checkpoint failed");
+    }
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        "all work complete; exiting after the grace period"
+    );
+    tokio::time::sleep(grace).await;
+    stop.request(StopReason::Complete);
+}
+
+/// Expires items once a second, so tombstones and completion do not wait for a
+/// work request.
+async fn ticker(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if state.with_ledger(|l| l.tick(Instant::now())).is_err() {
+            return;
+        }
+    }
+}
+
+/// Checkpoints every `every`, and at once when the ledger recovered output
+/// lines past the last checkpoint (after a crash), so that another crash does
+/// not count them again.
+async fn checkpointer(state: Arc<AppState>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let recovered = state
+        .with_ledger(|l| Ok(l.recovered_past_checkpoint()))
+        .unwrap_or(0);
+    if recovered == 0 {
+        interval.tick().await;
+    }
+    loop {
+        interval.tick().await;
+        if state.checkpoint().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Binds `host:port`, naming the address when it fails.
+pub async fn bind(host: &str, port: u16) -> Result<TcpListener, ServerError> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })
+}
+
+/// The address a listener is bound to, for logs and tests.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

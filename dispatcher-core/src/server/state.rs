@@ -1,0 +1,157 @@
+//! The state the handlers and background tasks share, and its lock rule: the
+//! ledger is locked briefly by each request and never across an `.await`; a
+//! failure stops every later request under that same lock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::http::ApiError;
+use super::ServeOptions;
+use crate::ledger::Ledger;
+use crate::metrics::ServerMetrics;
+
+/// State shared by the handlers and background tasks.
+#[derive(Debug)]
+pub struct AppState {
+    /// The job. Locked briefly by each request, never across an `.await`. (An
+    /// async mutex measured slower at small batches and no faster at large ones:
+    /// the lock is not where the time goes; see BENCHMARKS.md.)
+    pub(super) ledger: std::sync::Mutex<Ledger>,
+    /// Set, under the ledger's lock, by the first failure: no request touches
+    /// the ledger after it. (`failure` carries the message to whoever waits.)
+    stopped: AtomicBool,
+    /// `--max-batch-size`.
+    pub(super) max_batch_size: usize,
+    /// The first fatal I/O error. Once set, every request gets 503 and the server
+    /// stops; it is never cleared.
+    pub(super) failure: watch::Sender<Option<String>>,
+    /// Becomes true once every line has its output line.
+    pub(super) complete: watch::Sender<bool>,
+    /// The access token, if one is required.
+    pub(super) token: Option<String>,
+    /// Prometheus metrics, rendered by `GET /metrics`.
+    pub(super) metrics: ServerMetrics,
+    /// Log the peer and first bytes of requests answered with a 4xx.
+    pub(super) log_invalid_http: bool,
+    /// Held while a checkpoint is taken and written, so that checkpoints are
+    /// written one at a time, in the order their state was taken. Taken before
+    /// the ledger's lock, never while holding it.
+    checkpointing: std::sync::Mutex<()>,
+}
+
+impl AppState {
+    /// Logs what is served, and from which line it resumes.
+    pub(super) fn log_serving(&self, addr: &str) {
+        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(
+            %addr,
+            input = %ledger.config().infile.display(),
+            output = %ledger.config().outfile.display(),
+            resumed_at_line = ledger.lines_written(),
+            recovered_past_checkpoint = ledger.recovered_past_checkpoint(),
+            "serving"
+        );
+    }
+
+    /// Wraps an opened ledger.
+    pub fn new(ledger: Ledger, options: &ServeOptions) -> Arc<AppState> {
+        let complete = ledger.is_complete();
+        Arc::new(AppState {
+            ledger: std::sync::Mutex::new(ledger),
+            stopped: AtomicBool::new(false),
+            max_batch_size: options.max_batch_size,
+            failure: watch::channel(None).0,
+            complete: watch::channel(complete).0,
+            token: options.token.clone(),
+            metrics: ServerMetrics::default(),
+            log_invalid_http: options.log_invalid_http,
+            checkpointing: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Writes a checkpoint. Its state is taken under the ledger's lock; the
+    /// fsyncs that make it durable run on a blocking thread without the lock,
+    /// so requests are served meanwhile (on a shared file system an fsync of
+    /// 30 s of output can take seconds). A failure stops the server.
+    pub(super) async fn checkpoint(self: &Arc<Self>) -> Result<(), ApiError> {
+        let state = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || state.checkpoint_blocking()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.fail_locked("a bug: writing the checkpoint panicked; stopping".into());
+                Err(ApiError::Stopped)
+            }
+        }
+    }
+
+    fn checkpoint_blocking(&self) -> Result<(), ApiError> {
+        let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.with_ledger(|l| l.begin_checkpoint())?;
+        pending.commit().map_err(|e| {
+            self.fail_locked(e.to_string());
+            ApiError::Stopped
+        })
+    }
+
+    /// [`fail`](Self::fail) from outside the ledger's lock: takes it, so that
+    /// the stopped flag is set under it as requests expect.
+    pub(super) fn fail_locked(&self, message: String) {
+        let _ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        self.fail(message);
+    }
+
+    /// Runs `f` on the ledger under its (std) lock; an I/O error stops the
+    /// server. Synchronous, so the lock can never be held across an `.await`.
+    pub(super) fn with_ledger<T>(
+        &self,
+        f: impl FnOnce(&mut Ledger) -> std::io::Result<T>,
+    ) -> Result<T, ApiError> {
+        // A panic inside `f` is caught below, so the lock is never poisoned by
+        // one; the stopped flag keeps everyone out of the ledger instead.
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock: whoever failed set it before unlocking, so
+        // nothing runs on a ledger whose output may be missing a write.
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(ApiError::Stopped);
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut ledger)));
+        match outcome {
+            Ok(Ok(v)) => {
+                if ledger.is_complete() {
+                    self.complete
+                        .send_if_modified(|c| !std::mem::replace(c, true));
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.fail(e.to_string());
+                Err(ApiError::Stopped)
+            }
+            Err(_) => {
+                self.fail(
+                    "a bug: the ledger panicked; stopping rather than risk a misaligned output"
+                        .into(),
+                );
+                Err(ApiError::Stopped)
+            }
+        }
+    }
+
+    /// Stops the server after a failure. Called with the ledger's lock held
+    /// (see [`with_ledger`](Self::with_ledger) and [`fail_locked`](Self::fail_locked)),
+    /// so that no request runs on the ledger after it.
+    fn fail(&self, message: String) {
+        self.stopped.store(true, Ordering::Release);
+        tracing::error!("{message}");
+        self.failure.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(message);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

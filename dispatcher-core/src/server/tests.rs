@@ -1,0 +1,331 @@
+//! The HTTP layer without a socket, with the exact JSON bodies the Python
+//! client sends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::Router;
+use tokio::time::Instant;
+
+use super::*;
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    outfile: std::path::PathBuf,
+    state: Arc<AppState>,
+    router: Router,
+}
+
+fn fixture(input: &str, options: ServeOptions) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let infile = dir.path().join("in.jsonl");
+    std::fs::write(&infile, input).unwrap();
+    let outfile = dir.path().join("out.jsonl");
+    let config = LedgerConfig {
+        work_timeout: Duration::from_secs(60),
+        ..LedgerConfig::new(infile, outfile.clone(), dir.path().join("cp"))
+    };
+    let ledger = Ledger::open(config, Instant::now()).unwrap();
+    let state = AppState::new(ledger, &options);
+    let router = app(state.clone(), options.max_body_bytes);
+    Fixture {
+        _dir: dir,
+        outfile,
+        state,
+        router,
+    }
+}
+
+async fn call(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
+    (status, json)
+}
+
+#[tokio::test]
+async fn python_client_bodies_work_unchanged() {
+    let f = fixture("{\"q\": 1}\n{\"q\": 2}\n", ServeOptions::default());
+    let (code, work) = call(&f.router, "GET", "/work?batch_size=2", "").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        work,
+        serde_json::json!({"status": "OK", "retry_in": null, "lease_secs": 60.0, "items": [
+            {"work_id": 0, "content": "{\"q\": 1}", "result": null, "retry_count": 0, "max_retries": 3},
+            {"work_id": 1, "content": "{\"q\": 2}", "result": null, "retry_count": 0, "max_retries": 3},
+        ]})
+    );
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 1, "content": "{\"q\": 2}", "result": "{\"a\": 2}", "retry_count": 0, "max_retries": 3}]}"#,
+    )
+    .await;
+    assert_eq!(
+        (code, &r["status"], &r["count"]),
+        (StatusCode::OK, &"OK".into(), &1.into())
+    );
+    let (_, r) = call(&f.router, "POST", "/release", r#"{"work_ids": [0, 5]}"#).await;
+    assert_eq!(r, serde_json::json!({"status": "OK", "released_count": 1}));
+    let (_, status) = call(&f.router, "GET", "/status", "").await;
+    for key in [
+        "last_processed_work_id",
+        "next_work_id",
+        "issued",
+        "pending",
+        "heap_size",
+        "expired_reissues",
+    ] {
+        assert!(
+            status[key].is_i64() || status[key].is_u64(),
+            "{key}: {status}"
+        );
+    }
+    assert_eq!(status["pending"], 1);
+    assert_eq!(status["reissues"]["release"], 1);
+    let (_, work) = call(&f.router, "GET", "/work", "").await;
+    assert_eq!(work["items"][0]["work_id"], 0);
+    assert_eq!(work["items"][0]["retry_count"], 1);
+    let (code, r) = call(&f.router, "POST", "/work_timeout", r#"{"timeout": 30}"#).await;
+    assert_eq!((code, &r["status"]), (StatusCode::OK, &"OK".into()));
+    assert!(r["message"].as_str().unwrap().contains("30"));
+    call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 0, "content": "", "result": "[1]", "retry_count": 1, "max_retries": 3}]}"#,
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&f.outfile).unwrap(),
+        "[1]\n{\"a\": 2}\n"
+    );
+    let (_, work) = call(&f.router, "GET", "/work?batch_size=4", "").await;
+    assert_eq!(
+        work,
+        serde_json::json!({"status": "all_work_complete", "retry_in": null, "items": [], "lease_secs": 30.0})
+    );
+}
+
+#[tokio::test]
+async fn with_a_token_requests_without_it_get_401_and_change_nothing() {
+    let options = ServeOptions {
+        token: Some("s3cret".into()),
+        ..ServeOptions::default()
+    };
+    let f = fixture("1\n", options);
+    for (method, uri, body) in [
+        ("GET", "/work", ""),
+        ("POST", "/release", r#"{"work_ids": [0]}"#),
+        ("GET", "/status", ""),
+    ] {
+        let (code, r) = call(&f.router, method, uri, body).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{uri}");
+        assert!(r["error"].as_str().unwrap().contains("DISPATCHER_TOKEN"));
+    }
+    let (code, _) = call(&f.router, "GET", "/health", "").await;
+    assert_eq!(code, StatusCode::OK, "/health stays open");
+    let req = Request::builder()
+        .uri("/status")
+        .header("authorization", "Bearer s3cret")
+        .body(Body::empty())
+        .unwrap();
+    let resp = f.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        status["next_work_id"], 0,
+        "the refused requests issued nothing"
+    );
+    let wrong = Request::builder()
+        .uri("/work")
+        .header("authorization", "Bearer s3creT")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        f.router.clone().oneshot(wrong).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+/// Parses Prometheus text into `name{labels} -> value`.
+fn series(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_expose_the_expected_series() {
+    let f = fixture("a\nb\nc\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=3", "").await;
+    call(&f.router, "POST", "/results", r#"{"items": [{"work_id": 1, "content": "", "result": "1"}, {"work_id": 1, "content": "", "result": "1"}]}"#).await;
+    call(&f.router, "POST", "/release", r#"{"work_ids": [2]}"#).await;
+    let (code, text) = call(&f.router, "GET", "/metrics", "").await;
+    assert_eq!(code, StatusCode::OK);
+    let m = series(text.as_str().unwrap());
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no series {k} in {m:?}"));
+    assert_eq!(get("dispatcher_items_issued_total"), 3.0);
+    assert_eq!(get("dispatcher_items_completed_total"), 1.0);
+    assert_eq!(get("dispatcher_ignored_results_total"), 1.0);
+    assert_eq!(get("dispatcher_reissues_total{cause=\"release\"}"), 1.0);
+    assert_eq!(get("dispatcher_reissues_total{cause=\"timeout\"}"), 0.0);
+    assert_eq!(get("dispatcher_tombstones_total"), 0.0);
+    assert_eq!(get("dispatcher_in_flight"), 1.0);
+    assert_eq!(get("dispatcher_queued_for_reissue"), 1.0);
+    assert_eq!(get("dispatcher_reorder_buffer_lines"), 1.0);
+    assert_eq!(get("dispatcher_lines_done"), 0.0);
+    assert_eq!(
+        get("dispatcher_http_request_duration_seconds_count{endpoint=\"/work\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("dispatcher_http_request_duration_seconds_count{endpoint=\"/results\"}"),
+        1.0
+    );
+    // Counters advance by differences between scrapes, never twice.
+    call(&f.router, "GET", "/work", "").await;
+    let (_, text) = call(&f.router, "GET", "/metrics", "").await;
+    let m = series(text.as_str().unwrap());
+    assert_eq!(m["dispatcher_items_issued_total"], 4.0);
+    assert_eq!(m["dispatcher_reissues_total{cause=\"release\"}"], 1.0);
+}
+
+#[tokio::test]
+async fn work_is_json_results_need_only_id_and_result_and_a_failure_stops_all() {
+    let f = fixture("{\"a\":1}\n{\"a\":2}\n", ServeOptions::default());
+    let resp = f
+        .router
+        .clone()
+        .oneshot(Request::get("/work").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let work: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(work["items"][0]["content"], "{\"a\":1}");
+    // Without the echoed content and retry fields: accepted.
+    let body = r#"{"items": [{"work_id": 0, "result": "1"}]}"#;
+    let (code, reply) = call(&f.router, "POST", "/results", body).await;
+    assert_eq!(
+        (code, &reply["count"]),
+        (StatusCode::OK, &1.into()),
+        "{reply}"
+    );
+    assert_eq!(std::fs::read_to_string(&f.outfile).unwrap(), "1\n");
+
+    call(&f.router, "GET", "/work", "").await;
+    f.state
+        .fail_locked("the output file could not be written (test)".into());
+    let body = r#"{"items": [{"work_id": 1, "result": "2"}]}"#;
+    let (code, reply) = call(&f.router, "POST", "/results", body).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    let (code, _) = call(&f.router, "GET", "/work", "").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(std::fs::read_to_string(&f.outfile).unwrap(), "1\n");
+    let ledger = f.state.ledger.lock().unwrap();
+    let in_flight = ledger.stats(Instant::now()).in_flight;
+    assert_eq!((ledger.lines_written(), in_flight), (1, 1));
+}
+
+#[tokio::test]
+async fn nothing_issuable_answers_retry_with_a_wait() {
+    let f = fixture("1\n", ServeOptions::default());
+    call(&f.router, "GET", "/work", "").await;
+    let (_, work) = call(&f.router, "GET", "/work", "").await;
+    assert_eq!(work["status"], "retry");
+    let retry_in = work["retry_in"].as_u64().unwrap();
+    assert!(
+        (1..=61).contains(&retry_in),
+        "{retry_in}: at most the time to the next expiry"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_4xx_with_a_reason() {
+    let options = ServeOptions {
+        max_batch_size: 100,
+        max_body_bytes: 1024,
+        ..ServeOptions::default()
+    };
+    let f = fixture("1\n2\n", options);
+    for uri in [
+        "/work?batch_size=0",
+        "/work?batch_size=-3",
+        "/work?batch_size=x",
+        "/work?batch_size=101",
+    ] {
+        let (code, r) = call(&f.router, "GET", uri, "").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(
+            r["error"].as_str().unwrap().contains("batch_size"),
+            "{uri}: {r}"
+        );
+    }
+    for (uri, body) in [
+        ("/results", "{not json"),
+        ("/results", r#"{"items": "nope"}"#),
+        ("/release", r#"{"work_ids": [-1]}"#),
+        ("/work_timeout", r#"{"timeout": -5}"#),
+    ] {
+        let (code, r) = call(&f.router, "POST", uri, body).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} {body}");
+        assert!(!r["error"].as_str().unwrap().is_empty());
+    }
+    let big = format!(r#"{{"work_ids": [{}]}}"#, vec!["1"; 1000].join(","));
+    let (code, _) = call(&f.router, "POST", "/release", &big).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    // Nothing above changed the job.
+    let (_, status) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(
+        (status["next_work_id"].as_u64(), status["pending"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn a_result_that_is_not_one_json_line_is_refused_naming_its_work_id() {
+    let f = fixture("a\nb\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=2", "").await;
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 0, "content": "a", "result": "{\"x\":\n1}"}, {"work_id": 1, "content": "b", "result": "2"}]}"#,
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r["work_ids"], serde_json::json!([0]));
+    assert_eq!(r["count"], 1);
+    assert!(r["error"].as_str().unwrap().contains("work_id 0"), "{r}");
+    let (_, status) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(
+        (status["issued"].as_u64(), status["pending"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
