@@ -58,6 +58,7 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
                     count: req.items.len() as u64,
                     ignored: 0,
                     already_done: Vec::new(),
+                    invalid: Vec::new(),
                 })
             }),
         )

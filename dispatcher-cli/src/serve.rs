@@ -78,6 +78,20 @@ pub struct ServeArgs {
     /// Seconds an item must have been in flight before it gets a backup copy.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub backup_after: f64,
+    /// Seconds a connection may go without progress (idle between requests, or
+    /// a request or answer stalled halfway) before it is closed; also the
+    /// longest a request's headers may take.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub idle_timeout: f64,
+    /// Connections open at once at most (default: the open-file limit, raised
+    /// to its hard limit at start, less 64 for the job's own files). Past it,
+    /// new connections wait until one closes.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds connections may take to finish once the server stops; then it
+    /// exits whatever is still open.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// `-1` for "never", else a count that fits in `u32`.
@@ -129,13 +143,25 @@ impl ServeArgs {
             backup_after: Duration::from_secs_f64(self.backup_after.clamp(0.0, 1e9)),
             ..LedgerConfig::new(self.infile.clone(), self.outfile.clone(), checkpoint)
         };
+        if self.max_connections == Some(0) {
+            bail!("--max-connections must be at least 1");
+        }
+        let token = self.token.clone().filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!("--token (or DISPATCHER_TOKEN) must be printable ASCII without spaces: it travels in an HTTP header, where whitespace is trimmed and other bytes are refused");
+            }
+        }
         let options = ServeOptions {
             checkpoint_interval: secs("checkpoint-interval", self.checkpoint_interval)?,
             exit_grace: Duration::from_secs_f64(self.exit_grace.clamp(0.0, 3600.0)),
             max_batch_size: self.max_batch_size,
             max_body_bytes: self.max_request_mib.saturating_mul(1 << 20),
-            token: self.token.clone().filter(|t| !t.is_empty()),
+            token,
             log_invalid_http: self.log_invalid_http,
+            idle_timeout: secs("idle-timeout", self.idle_timeout)?,
+            max_connections: self.max_connections,
+            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.0, 3600.0)),
         };
         Ok((ledger, options))
     }
@@ -144,12 +170,23 @@ impl ServeArgs {
 /// Runs the server until the job is complete or a signal stops it.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (ledger, options) = args.config()?;
-    let listener = server::bind(&args.host, args.port).await?;
-    if let Some(addr) = server::local_addr(&listener) {
-        // A machine-readable line for scripts that started us with --port 0.
-        println!("listening on {addr}");
+    match server::raise_open_file_limit() {
+        Ok((before, now)) => {
+            tracing::info!(soft_before = before, soft_now = now, "open-file limit")
+        }
+        Err(e) => tracing::warn!("could not read or raise the open-file limit: {e}"),
     }
-    match server::serve(listener, ledger, options, crate::termination_signal()).await? {
+    let listener = server::bind(&args.host, args.port).await?;
+    let state = server::open(ledger, &options)?;
+    if let Some(addr) = server::local_addr(&listener) {
+        // A machine-readable line for scripts that started us with --port 0,
+        // written once the job's files are open and checked. A closed stdout
+        // is no reason to stop serving.
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush());
+    }
+    match server::serve_state(listener, state, options, crate::termination_signal()).await? {
         StopReason::Complete => tracing::info!("all work complete"),
         StopReason::Shutdown => {
             tracing::info!("stopped by signal; restart with the same flags to resume")

@@ -92,12 +92,22 @@ pub enum ResumeError {
         len: u64,
     },
     /// Another process serves the same files.
-    #[error("another process is serving {checkpoint} (its lock {lock} is held); stop it first, or give this job its own --outfile/--checkpoint")]
+    #[error("another process is serving {checkpoint} (its lock on {lock} is held); stop it first, or give this job its own --outfile/--checkpoint")]
     Locked {
         /// The checkpoint's path.
         checkpoint: PathBuf,
-        /// The lock file.
+        /// The file whose lock is held (`<checkpoint>.lock` or the output).
         lock: PathBuf,
+    },
+    /// Two of the job's files are one file.
+    #[error("{first} and {second} name the same file ({path}): the job would overwrite one with the other; give each its own path")]
+    SameFile {
+        /// The first flag.
+        first: &'static str,
+        /// The second flag.
+        second: &'static str,
+        /// The path given to the second.
+        path: PathBuf,
     },
     /// The output has more lines than the input.
     #[error("the output {output} has {output_lines} lines but the input {input} has only {input_lines}: they do not belong together; move the output and checkpoint away to start over")]
@@ -218,6 +228,7 @@ impl Checkpoint {
                 self.lines_written, self.output_offset
             )));
         }
+        let output = File::open(outfile).ok();
         if self.output_offset > 0 {
             let output = File::open(outfile).with_path("open the output file", outfile)?;
             if crc_before(&output, self.output_offset, outfile)? != self.output_tail_crc {
@@ -226,6 +237,38 @@ impl Checkpoint {
                     self.output_offset
                 )));
             }
+        }
+        // The counts must agree with the files: a checkpoint edited by hand
+        // or damaged in a way its fingerprints do not cover would shift every
+        // later work id. The two files are counted side by side.
+        let (input_lines, output_lines) = std::thread::scope(|scope| {
+            let input_lines = scope.spawn(|| count_lines(&input, self.input_offset));
+            let output_lines = match &output {
+                Some(output) => count_lines(output, self.output_offset),
+                None => Ok((0, true)),
+            };
+            (
+                input_lines.join().expect("counting does not panic"),
+                output_lines,
+            )
+        });
+        let (output_lines, _) = output_lines.with_path("read the output file", outfile)?;
+        if output_lines != self.lines_written {
+            return Err(output_mismatch(format!(
+                "its first {} bytes hold {output_lines} lines, but the checkpoint says {} were written",
+                self.output_offset, self.lines_written
+            )));
+        }
+        // The line before the input offset may lack its newline: the input's
+        // last line.
+        let (input_lines, ends_in_newline) =
+            input_lines.with_path("read the input file", infile)?;
+        let input_lines = input_lines + u64::from(!ends_in_newline);
+        if input_lines != self.lines_written {
+            return Err(input_mismatch(format!(
+                "its first {} bytes hold {input_lines} lines, but the checkpoint says {} were done",
+                self.input_offset, self.lines_written
+            )));
         }
         Ok(())
     }
@@ -256,18 +299,32 @@ impl Checkpoint {
     }
 }
 
-/// An exclusive lock on `<checkpoint>.lock`, held for as long as a ledger has
-/// the job's files open, so that two servers (or a server and a restart that
-/// came too early) never write the same output. The OS drops it when the
-/// process dies, however it dies.
+/// Exclusive locks on `<checkpoint>.lock` and on the output file itself,
+/// held for as long as a ledger has the job's files open, so that two servers
+/// (or a server and a restart that came too early) never write the same
+/// output: not with the same checkpoint, not with another `--checkpoint`, not
+/// through a link to the output. The OS drops them when the process dies,
+/// however it dies.
 #[derive(Debug)]
 pub struct JobLock {
-    _file: File,
+    _checkpoint: File,
+    _output: File,
 }
 
 impl JobLock {
-    /// Takes the lock of the job whose checkpoint is `checkpoint`.
-    pub fn acquire(checkpoint: &Path) -> Result<JobLock, ResumeError> {
+    /// Takes the locks of the job that writes `outfile` and checkpoints to
+    /// `checkpoint`, after checking that the job's three files are three
+    /// different files.
+    pub fn acquire(
+        infile: &Path,
+        outfile: &Path,
+        checkpoint: &Path,
+    ) -> Result<JobLock, ResumeError> {
+        check_distinct(&[
+            ("--infile", infile),
+            ("--outfile", outfile),
+            ("--checkpoint", checkpoint),
+        ])?;
         let lock = with_suffix(checkpoint, ".lock");
         let file = OpenOptions::new()
             .create(true)
@@ -275,14 +332,74 @@ impl JobLock {
             .write(true)
             .open(&lock)
             .with_path("create the lock file", &lock)?;
-        match file.try_lock() {
-            Ok(()) => Ok(JobLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(ResumeError::Locked {
-                checkpoint: checkpoint.to_owned(),
-                lock,
-            }),
-            Err(std::fs::TryLockError::Error(e)) => Err(path_error(e, "lock", &lock).into()),
+        let locked = |holder: &Path| ResumeError::Locked {
+            checkpoint: checkpoint.to_owned(),
+            lock: holder.to_owned(),
+        };
+        try_lock(&file, &lock).map_err(|e| e.unwrap_or_else(|| locked(&lock)))?;
+        let output = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .append(true)
+            .open(outfile)
+            .with_path("open the output file", outfile)?;
+        try_lock(&output, outfile).map_err(|e| e.unwrap_or_else(|| locked(outfile)))?;
+        Ok(JobLock {
+            _checkpoint: file,
+            _output: output,
+        })
+    }
+}
+
+/// Locks `file`; `Err(None)` when another holds the lock.
+fn try_lock(file: &File, path: &Path) -> Result<(), Option<ResumeError>> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(Some(path_error(e, "lock", path).into())),
+    }
+}
+
+/// Refuses two flags that name one file: the same path, a link to it (hard
+/// or symbolic), or two spellings of one path.
+fn check_distinct(files: &[(&'static str, &Path)]) -> Result<(), ResumeError> {
+    let keys: Vec<FileKey> = files.iter().map(|(_, p)| FileKey::of(p)).collect();
+    for (i, a) in keys.iter().enumerate() {
+        for (j, b) in keys.iter().enumerate().skip(i + 1) {
+            if a == b {
+                return Err(ResumeError::SameFile {
+                    first: files[i].0,
+                    second: files[j].0,
+                    path: files[j].1.to_owned(),
+                });
+            }
         }
+    }
+    Ok(())
+}
+
+/// What makes two paths one file.
+#[derive(Debug, PartialEq, Eq)]
+enum FileKey {
+    /// An existing file, by device and inode.
+    Inode(u64, u64),
+    /// A file not created yet, by its absolute path (links resolved in its
+    /// directory).
+    Path(PathBuf),
+}
+
+impl FileKey {
+    fn of(path: &Path) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            return FileKey::Inode(meta.dev(), meta.ino());
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        FileKey::Path(dir.join(path.file_name().unwrap_or_default()))
     }
 }
 
@@ -303,6 +420,32 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// `<outfile>.checkpoint`.
 pub fn default_checkpoint(outfile: &Path) -> PathBuf {
     with_suffix(outfile, ".checkpoint")
+}
+
+/// Line breaks in the first `len` bytes of `file`, and whether those bytes
+/// end with one (or are none).
+fn count_lines(file: &File, len: u64) -> io::Result<(u64, bool)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let (mut at, mut lines, mut last) = (0u64, 0u64, b'\n');
+    while at < len {
+        let want = buf.len().min((len - at) as usize);
+        let n = match file.read_at(&mut buf[..want], at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("it ends before byte {len}"),
+                ))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        lines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        last = buf[n - 1];
+        at += n as u64;
+    }
+    Ok((lines, last == b'\n'))
 }
 
 fn crc_at(file: &File, offset: u64, len: u64, path: &Path) -> io::Result<u32> {

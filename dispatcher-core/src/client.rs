@@ -137,7 +137,14 @@ impl DispatcherClient {
         reason: Option<ReleaseReason>,
     ) -> Result<u64, ClientError> {
         let r: ReleaseResponse = self
-            .post("release", &ReleaseRequest { work_ids, reason })
+            .post(
+                "release",
+                &ReleaseRequest {
+                    work_ids,
+                    reason,
+                    worker: Some(self.worker_id.clone()),
+                },
+            )
             .await?;
         Ok(r.released_count)
     }

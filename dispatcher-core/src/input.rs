@@ -43,8 +43,30 @@ pub struct InputReader {
     random: File,
     /// Byte offset of the next line the sequential reader returns.
     next_offset: u64,
-    /// Reused line buffer.
-    buf: Vec<u8>,
+    /// What the file was when opened, to notice it changing under us.
+    identity: FileIdentity,
+}
+
+/// What identifies a file's content without reading it: which file it is
+/// (device and inode), its size and its modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
 }
 
 /// Longest input line accepted: a work item's span stores its length as `u32`.
@@ -55,6 +77,7 @@ impl InputReader {
     pub fn open(path: &Path, offset: u64) -> io::Result<Self> {
         let file = File::open(path).with_path("open the input file", path)?;
         let random = file.try_clone().with_path("open the input file", path)?;
+        let identity = FileIdentity::of(&file.metadata().with_path("stat the input file", path)?);
         let mut reader = BufReader::with_capacity(256 * 1024, file);
         reader
             .seek(SeekFrom::Start(offset))
@@ -64,8 +87,38 @@ impl InputReader {
             reader,
             random,
             next_offset: offset,
-            buf: Vec::new(),
+            identity,
         })
+    }
+
+    /// Fails, naming the file and what changed, when the input is no longer
+    /// the file that was opened: replaced (another file at its path), or
+    /// written to (its size or modification time changed). Lines read from a
+    /// changed file could be other lines than the work ids say, so the job
+    /// must stop before any is handed out or written.
+    pub fn check_unchanged(&self) -> io::Result<()> {
+        let changed = |what: String| {
+            io::Error::other(format!(
+                "the input {} {what} while the server was running; stopped so that no line is handed out under the wrong work id. Restore the original input and restart to resume (lines appended at its end are picked up then)",
+                self.path.display()
+            ))
+        };
+        let at_path =
+            std::fs::metadata(&self.path).map_err(|e| changed(format!("is gone ({e})")))?;
+        let now = FileIdentity::of(&at_path);
+        if (now.dev, now.ino) != (self.identity.dev, self.identity.ino) {
+            return Err(changed("was replaced by another file".into()));
+        }
+        if now.len != self.identity.len {
+            return Err(changed(format!(
+                "changed size from {} to {} bytes",
+                self.identity.len, now.len
+            )));
+        }
+        if now.modified != self.identity.modified {
+            return Err(changed("was modified".into()));
+        }
+        Ok(())
     }
 
     /// The input's path.
@@ -110,11 +163,13 @@ impl InputReader {
             return Ok(Some(line));
         }
         // It runs past the buffer (or is the last line without a newline).
-        self.buf.clear();
+        // Read into a buffer of its own that becomes the line's content, so a
+        // line of hundreds of megabytes is held once, not copied.
+        let mut raw = Vec::new();
         self.reader
-            .read_until(b'\n', &mut self.buf)
+            .read_until(b'\n', &mut raw)
             .with_path("read the input file", &self.path)?;
-        let line = make_line(&self.path, self.next_offset, &self.buf)?;
+        let line = make_owned_line(&self.path, self.next_offset, raw)?;
         self.next_offset = line.span.end;
         Ok(Some(line))
     }
@@ -161,19 +216,25 @@ impl InputReader {
         Ok(done)
     }
 
-    /// Reads back the content of an earlier line by its span.
+    /// Reads back the content of an earlier line by its span, checking that
+    /// it still ends where it ended (the input may have changed under us).
     pub fn read_span(&self, span: LineSpan) -> io::Result<String> {
-        let bytes = self.read_at(span.offset, span.len as usize)?;
-        String::from_utf8(bytes).map_err(|_| {
-            io::Error::new(
+        let terminated = (span.end - span.offset) as usize;
+        let mut bytes = self.read_at(span.offset, terminated)?;
+        let terminator = bytes.get(span.len as usize..).unwrap_or_default();
+        let intact = bytes.len() == terminated && matches!(terminator, b"" | b"\n" | b"\r\n");
+        bytes.truncate(span.len as usize);
+        match String::from_utf8(bytes) {
+            Ok(content) if intact => Ok(content),
+            _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "{}: the line at byte offset {} changed since it was first read (the input file must not be modified while the server runs)",
+                    "{}: the line at byte offset {} changed since it was first read (the input file must not be modified while the server runs); restore it and restart to resume",
                     self.path.display(),
                     span.offset
                 ),
-            )
-        })
+            )),
+        }
     }
 
     /// Reads `len` bytes at `offset` (fewer at the end of the file).
@@ -199,8 +260,24 @@ pub(crate) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<
 }
 
 /// The line at `offset` whose bytes, terminator included, are `raw`.
-fn make_line(path: &Path, offset: u64, raw: &[u8]) -> io::Result<Line> {
-    let content_len = content_len(raw);
+/// [`make_line`] that keeps `raw`'s allocation as the content.
+fn make_owned_line(path: &Path, offset: u64, mut raw: Vec<u8>) -> io::Result<Line> {
+    let raw_len = raw.len();
+    let content_len = check_len(path, offset, content_len(&raw))?;
+    raw.truncate(content_len);
+    raw.shrink_to_fit();
+    let content = String::from_utf8(raw).map_err(|e| e.into_bytes());
+    Ok(Line {
+        span: LineSpan {
+            offset,
+            len: content_len as u32,
+            end: offset + raw_len as u64,
+        },
+        content,
+    })
+}
+
+fn check_len(path: &Path, offset: u64, content_len: usize) -> io::Result<usize> {
     if content_len as u64 > MAX_LINE_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -210,6 +287,11 @@ fn make_line(path: &Path, offset: u64, raw: &[u8]) -> io::Result<Line> {
             ),
         ));
     }
+    Ok(content_len)
+}
+
+fn make_line(path: &Path, offset: u64, raw: &[u8]) -> io::Result<Line> {
+    let content_len = check_len(path, offset, content_len(raw))?;
     let bytes = &raw[..content_len];
     let content = match std::str::from_utf8(bytes) {
         Ok(s) => Ok(s.to_owned()),

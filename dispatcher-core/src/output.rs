@@ -1,7 +1,7 @@
 //! The output JSONL file: appended in input order, scanned and repaired on resume.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
@@ -18,19 +18,35 @@ pub struct OutputWriter {
 }
 
 /// What [`OutputWriter::recover`] found past the checkpointed length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
-    /// Complete lines (ending in `\n`) found past the checkpointed length.
+    /// Whole lines (ending in `\n`, each one JSON value) found past the
+    /// checkpointed length.
     pub extra_lines: u64,
     /// Bytes of a torn last line that were cut off.
     pub torn_bytes: u64,
+    /// A line past the checkpoint that is not one JSON value, where the
+    /// output was cut off.
+    pub invalid: Option<InvalidTail>,
+}
+
+/// Where recovery found a line that is not one JSON value: after a crash, a
+/// file system can leave pages it never wrote as zeros or old bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidTail {
+    /// What is wrong with the line.
+    pub reason: String,
+    /// Bytes cut off from its start to the end of the file.
+    pub bytes_cut: u64,
 }
 
 impl OutputWriter {
     /// Opens the output to append after the checkpointed length `from`
-    /// (creating the file when `from` is 0): counts the whole lines past `from`,
-    /// cuts off a torn last line (one without its newline), and returns what it
-    /// found with a writer positioned after the last whole line.
+    /// (creating the file when `from` is 0) and recovers the lines written
+    /// after it: counts the whole lines past `from` that are one JSON value
+    /// each, cuts the file off at the first that is not (or at a torn last
+    /// line, one without its newline), and returns what it found with a
+    /// writer positioned after the last good line.
     pub fn recover(path: &Path, from: u64) -> io::Result<(Recovered, OutputWriter)> {
         let mut file = OpenOptions::new()
             .read(true)
@@ -41,41 +57,59 @@ impl OutputWriter {
             .with_path("open the output file", path)?;
         file.seek(SeekFrom::Start(from))
             .with_path("seek in the output file", path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = from;
-        let mut last_newline_end = from;
+        let mut reader = BufReader::with_capacity(1 << 20, &file);
+        let mut good_end = from;
         let mut extra_lines = 0;
+        let mut invalid_reason = None;
+        let mut line = Vec::new();
         loop {
-            let n = match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).with_path("read the output file", path),
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .with_path("read the output file", path)?;
+            let Some((b'\n', content)) = line.split_last() else {
+                break; // the end, or a torn last line
             };
-            let chunk = &buf[..n];
-            extra_lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
-            if let Some(i) = memchr::memrchr(b'\n', chunk) {
-                last_newline_end = pos + i as u64 + 1;
+            if let Err(reason) = check_output_line(content) {
+                invalid_reason = Some(reason);
+                break;
             }
-            pos += n as u64;
+            extra_lines += 1;
+            good_end += n as u64;
         }
-        let torn_bytes = pos - last_newline_end;
-        if torn_bytes > 0 {
-            file.set_len(last_newline_end)
-                .with_path("cut the torn last line off the output file", path)?;
+        drop(reader);
+        let len = file
+            .metadata()
+            .with_path("stat the output file", path)?
+            .len();
+        let cut = len - good_end;
+        if cut > 0 {
+            file.set_len(good_end)
+                .with_path("cut the output file after its last whole line", path)?;
             file.sync_all().with_path("sync the output file", path)?;
-            file.seek(SeekFrom::Start(last_newline_end))
-                .with_path("seek in the output file", path)?;
         }
+        file.seek(SeekFrom::Start(good_end))
+            .with_path("seek in the output file", path)?;
+        let (torn_bytes, invalid) = match invalid_reason {
+            Some(reason) => (
+                0,
+                Some(InvalidTail {
+                    reason,
+                    bytes_cut: cut,
+                }),
+            ),
+            None => (cut, None),
+        };
         Ok((
             Recovered {
                 extra_lines,
                 torn_bytes,
+                invalid,
             },
             OutputWriter {
                 path: path.to_owned(),
                 writer: BufWriter::with_capacity(256 * 1024, file),
-                len: last_newline_end,
+                len: good_end,
             },
         ))
     }
@@ -125,6 +159,15 @@ impl OutputWriter {
     }
 }
 
+/// Why an output line is not one JSON value, if it is not.
+fn check_output_line(line: &[u8]) -> Result<(), String> {
+    if let Some(at) = memchr::memchr(0, line) {
+        return Err(format!("a NUL byte at column {}", at + 1));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+    crate::protocol::check_json_value(text).map_err(|e| format!("not one JSON value ({e})"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,7 +182,8 @@ mod tests {
             rec,
             Recovered {
                 extra_lines: 2,
-                torn_bytes: 5
+                torn_bytes: 5,
+                invalid: None,
             }
         );
         assert_eq!(w.len(), 6);
@@ -156,8 +200,9 @@ mod tests {
         let p = dir.path().join("out.jsonl");
         let mut text = Vec::new();
         for i in 0..3000usize {
+            text.push(b'"');
             text.extend(std::iter::repeat_n(b'7', i % 1500));
-            text.push(b'\n');
+            text.extend(b"\"\n");
         }
         let whole = text.len() as u64;
         text.extend(std::iter::repeat_n(b'x', 3 << 20));

@@ -291,6 +291,8 @@ pub struct Ledger {
     next_work_id: u64,
     /// The input's size when opened.
     input_len: u64,
+    /// When to check next that the input has not changed.
+    next_input_check: Instant,
     /// Issued lines without a result, addressed by their window slot.
     items: Slab<Item>,
     /// Ids waiting to be reissued, in order; may hold ids finished meanwhile,
@@ -349,7 +351,7 @@ impl Ledger {
     /// Opens the job's files, resuming from the checkpoint and the output file
     /// when there is one. See [`ResumeError`] for what is refused.
     pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
-        let lock = JobLock::acquire(&config.checkpoint)?;
+        let lock = JobLock::acquire(&config.infile, &config.outfile, &config.checkpoint)?;
         // Results spilled by an earlier run were never written: those lines are
         // redone, so the file is stale.
         match std::fs::remove_file(config.spill_path()) {
@@ -380,12 +382,22 @@ impl Ledger {
                 _ => (0, 0, 0),
             },
         };
+        let input_offset = resume_offset(&config, input_offset)?;
         let (recovered, output) = OutputWriter::recover(&config.outfile, output_offset)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(
                 output = %config.outfile.display(),
                 bytes = recovered.torn_bytes,
                 "cut off a torn last output line; its input line will be redone"
+            );
+        }
+        if let Some(bad) = &recovered.invalid {
+            tracing::warn!(
+                output = %config.outfile.display(),
+                line = lines + recovered.extra_lines,
+                bytes_cut = bad.bytes_cut,
+                reason = %bad.reason,
+                "the output past the last checkpoint holds a line that is not one JSON value (a page the file system never wrote?); cut it off there, and those lines will be redone"
             );
         }
         let mut input = InputReader::open(&config.infile, input_offset)?;
@@ -414,6 +426,7 @@ impl Ledger {
             input_exhausted: false,
             next_work_id: lines,
             input_len,
+            next_input_check: now,
             items: Slab::new(),
             queue: VecDeque::new(),
             queued: 0,
@@ -497,6 +510,9 @@ impl Ledger {
                 break;
             }
             let Some(line) = self.input.next_line()? else {
+                // A file cut short under us also ends here: make sure this is
+                // its real end before the job can complete on it.
+                self.input.check_unchanged()?;
                 self.input_exhausted = true;
                 break;
             };
@@ -666,9 +682,34 @@ impl Ledger {
     /// Returns how many were in flight. `cause` is one of the release causes
     /// ([`Cause::Release`], [`Cause::Retry`], [`Cause::LegacyRelease`]).
     pub fn release(&mut self, ids: &[u64], cause: Cause) -> io::Result<u64> {
+        self.release_from(ids, cause, None)
+    }
+
+    /// [`release`](Self::release) by a worker that says who it is (a hash of
+    /// its id): an item reissued to another worker since it was handed to
+    /// this one stays with its current holder. A stale worker (its lease
+    /// expired, the item went to another) cannot take the item back from
+    /// under the worker that now runs it.
+    pub fn release_from(
+        &mut self,
+        ids: &[u64],
+        cause: Cause,
+        worker: Option<u64>,
+    ) -> io::Result<u64> {
         let mut released = 0;
         let mut front = Vec::new();
         for &id in ids {
+            let held_by_another = worker.is_some()
+                && self
+                    .item(id)
+                    .is_some_and(|item| item.holder.is_some() && item.holder != worker);
+            if held_by_another {
+                tracing::debug!(
+                    work_id = id,
+                    "release from a worker that no longer holds the item; ignored"
+                );
+                continue;
+            }
             if self.lease_of(id).is_some() {
                 released += 1;
                 if self.requeue(id, cause)? {
@@ -808,8 +849,13 @@ impl Ledger {
         });
     }
 
-    /// Requeues (or tombstones) every item whose lease has ended at `now`.
+    /// Requeues (or tombstones) every item whose lease has ended at `now`,
+    /// after checking (once a second) that the input has not changed.
     fn expire(&mut self, now: Instant) -> io::Result<()> {
+        if now >= self.next_input_check {
+            self.input.check_unchanged()?;
+            self.next_input_check = now + INPUT_CHECK_EVERY;
+        }
         while let Some((id, seq)) = self.leases.pop_expired(now) {
             let current = self.lease_of(id).is_some_and(|l| l.is_current(seq));
             if current && self.requeue(id, Cause::Timeout)? {
@@ -894,8 +940,41 @@ impl Ledger {
     fn check_eof(&mut self) -> io::Result<()> {
         if !self.input_exhausted && self.window.next_write_id() == self.next_work_id {
             self.input_exhausted = self.input.at_eof()?;
+            if self.input_exhausted {
+                self.input.check_unchanged()?;
+            }
         }
         Ok(())
+    }
+}
+
+/// How often the ledger checks that its input has not changed.
+const INPUT_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Where to resume reading the input: the checkpoint's `offset`, unless the
+/// line before it had no newline (it was the input's last line) and lines
+/// were appended since, starting with the newline it lacked: then just past
+/// that newline. Appending to that line itself changes a line already
+/// written, and is refused.
+fn resume_offset(config: &LedgerConfig, offset: u64) -> Result<u64, ResumeError> {
+    if offset == 0 {
+        return Ok(0);
+    }
+    let file = std::fs::File::open(&config.infile)
+        .map_err(|e| path_error(e, "open the input file", &config.infile))?;
+    let around = crate::input::read_exact_at(&file, offset - 1, 3)
+        .map_err(|e| path_error(e, "read the input file", &config.infile))?;
+    match around.as_slice() {
+        [b'\n', ..] | [_] => Ok(offset),
+        [_, b'\n', ..] => Ok(offset + 1),
+        [_, b'\r', b'\n'] => Ok(offset + 2),
+        _ => Err(ResumeError::InputMismatch {
+            input: config.infile.clone(),
+            checkpoint: config.checkpoint.clone(),
+            reason: format!(
+                "its line ending at byte {offset} had no newline (it was the last line) and has since been extended; lines appended to an input must start on a new line. Restore that line (cut what was appended to it, then add a newline before the new lines)"
+            ),
+        }),
     }
 }
 

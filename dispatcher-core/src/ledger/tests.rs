@@ -198,12 +198,12 @@ fn finished_items_in_the_reorder_buffer_are_never_reissued() {
 }
 
 #[test]
-fn results_that_break_the_line_or_are_not_json_are_refused_and_stay_in_flight() {
+fn results_that_are_not_json_are_refused_and_stay_in_flight() {
     let job = Job::new(&lines(1), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     l.take_work(1, t).unwrap();
-    for bad in ["{\"a\":\n1}", "not json", "1 2", ""] {
+    for bad in ["{\"a\":\n", "not json", "1 2", "", "{\"a\": NaNa}"] {
         let r = l.complete(vec![result(0, bad)]).unwrap();
         assert_eq!((r.accepted, r.refused.len()), (0, 1), "{bad:?}");
     }
@@ -436,6 +436,339 @@ fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
         (1, vec![0]),
         "0 is done: drop it"
     );
+}
+
+#[test]
+fn a_live_timeout_change_never_expires_a_heartbeated_item() {
+    // The issue's case: --work-timeout 3, a heartbeat every second, then a
+    // raise to 5 s after 7 s: the item's lease runs from its last heartbeat.
+    let mut job = Job::new(&lines(1), Some(0));
+    job.config.work_timeout = Duration::from_secs(3);
+    let mut t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(1, t).unwrap();
+    for _ in 0..7 {
+        t += Duration::from_secs(1);
+        assert_eq!(l.heartbeat(&[0], t).0, 1);
+        l.tick(t).unwrap();
+    }
+    l.set_work_timeout(Duration::from_secs(5));
+    l.tick(t).unwrap();
+    t += Duration::from_millis(4900);
+    l.tick(t).unwrap();
+    let s = l.stats(t);
+    assert_eq!((s.in_flight, s.reissues.timeout, s.tombstones), (1, 0, 0));
+    // Silent from here: it expires 5 s after its last heartbeat.
+    l.tick(t + Duration::from_millis(200)).unwrap();
+    assert_eq!(l.stats(t).tombstones, 1);
+}
+
+mod timeout_changes {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Whatever sequence of timeout changes, an item whose worker
+        /// heartbeats well within the timeout in force never expires, while a
+        /// silent one beside it does once a timeout has passed.
+        #[test]
+        fn a_heartbeated_item_never_expires(
+            steps in proptest::collection::vec((1u64..100, proptest::option::of(1u64..60)), 1..60),
+        ) {
+            let mut job = Job::new(&lines(2), Some(0));
+            job.config.work_timeout = Duration::from_secs(30);
+            let start = Instant::now();
+            let mut t = start;
+            let mut l = job.open(t).unwrap();
+            l.take_work(2, t).unwrap();
+            let mut timeout = Duration::from_secs(30);
+            for (gap_tenths, change) in steps {
+                t += Duration::from_millis(gap_tenths * 100).min(timeout / 2);
+                l.tick(t).unwrap();
+                prop_assert_eq!(l.heartbeat(&[0], t).0, 1, "item 0 expired");
+                if let Some(secs) = change {
+                    timeout = Duration::from_secs(secs);
+                    l.set_work_timeout(timeout);
+                    l.tick(t).unwrap();
+                    prop_assert_eq!(l.stats(t).in_flight + l.stats(t).tombstones, 2);
+                }
+            }
+            l.tick(t).unwrap();
+            let s = l.stats(t);
+            prop_assert_eq!(s.reissues.timeout, 0, "nothing is requeued: --max-retries 0 tombstones");
+            if t.duration_since(start) >= timeout.max(Duration::from_secs(30)) * 2 {
+                prop_assert_eq!(s.tombstones, 1, "the silent item 1 expired");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stale_workers_release_does_not_take_the_item_from_its_new_holder() {
+    let mut job = Job::new(&lines(1), Some(1));
+    job.config.work_timeout = TIMEOUT;
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (a, b) = (Some(1), Some(2));
+    l.take_work_for(1, t, a).unwrap();
+    // A's lease runs out; B gets the item.
+    let t = t + TIMEOUT;
+    assert_eq!(ids(&l.take_work_for(1, t, b).unwrap()), vec![0]);
+    // A, back from a stall, releases what it thinks it holds: ignored.
+    assert_eq!(l.release_from(&[0], Cause::Release, a).unwrap(), 0);
+    assert_eq!(l.release_from(&[0], Cause::Retry, a).unwrap(), 0);
+    let s = l.stats(t);
+    assert_eq!((s.in_flight, s.queued_for_reissue, s.tombstones), (1, 0, 0));
+    // B's own release, and a release that names nobody (an old worker), count.
+    assert_eq!(l.release_from(&[0], Cause::Release, b).unwrap(), 1);
+    l.take_work_for(1, t, b).unwrap();
+    assert_eq!(l.release(&[0], Cause::Release).unwrap(), 1);
+}
+
+#[test]
+fn appending_to_an_input_whose_last_line_had_no_newline_resumes_exactly() {
+    let job = Job::new(b"{\"i\":0}\n{\"i\":1}\n{\"i\":2}", Some(3));
+    let t = Instant::now();
+    {
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(5, t).unwrap();
+        let done = r
+            .items
+            .iter()
+            .map(|i| result(i.work_id, &i.content))
+            .collect();
+        l.complete(done).unwrap();
+        assert!(l.is_complete());
+        l.checkpoint().unwrap();
+    }
+    // The user appends two lines, starting with the newline line 2 lacked.
+    let mut input = std::fs::read(&job.config.infile).unwrap();
+    input.extend_from_slice(b"\n{\"i\":3}\n{\"i\":4}\n");
+    std::fs::write(&job.config.infile, &input).unwrap();
+    let mut l = job.open(t).unwrap();
+    let r = l.take_work(5, t).unwrap();
+    assert_eq!(ids(&r), vec![3, 4], "no phantom line between 2 and 3");
+    assert_eq!(r.items[0].content, "{\"i\":3}");
+    let done = r
+        .items
+        .iter()
+        .map(|i| result(i.work_id, &i.content))
+        .collect();
+    l.complete(done).unwrap();
+    let out: Vec<String> = job.output().lines().map(String::from).collect();
+    assert_eq!(out.len(), 5);
+    assert_eq!(out[3], "{\"i\":3}");
+    drop(l);
+
+    // Appending to that last line itself is refused.
+    let job = Job::new(b"{\"i\":0}\n\"last\"", Some(3));
+    {
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(5, t).unwrap();
+        let done = r
+            .items
+            .iter()
+            .map(|i| result(i.work_id, &i.content))
+            .collect();
+        l.complete(done).unwrap();
+        l.checkpoint().unwrap();
+    }
+    let mut input = std::fs::read(&job.config.infile).unwrap();
+    input.extend_from_slice(b"more\n");
+    std::fs::write(&job.config.infile, &input).unwrap();
+    let e = job.open(t).unwrap_err();
+    assert!(matches!(e, ResumeError::InputMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("had no newline"), "{e}");
+}
+
+#[test]
+fn lines_recovered_past_the_checkpoint_are_cut_at_the_first_that_is_not_json() {
+    let job = Job::new(&lines(8), Some(3));
+    let t = Instant::now();
+    {
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(2, t).unwrap();
+        l.complete(
+            r.items
+                .iter()
+                .map(|i| result(i.work_id, &i.content))
+                .collect(),
+        )
+        .unwrap();
+        l.checkpoint().unwrap();
+        let r = l.take_work(4, t).unwrap();
+        l.complete(
+            r.items
+                .iter()
+                .map(|i| result(i.work_id, &i.content))
+                .collect(),
+        )
+        .unwrap();
+    }
+    // A power loss: line 4's page was never written (NULs), so were the rest.
+    let mut out = std::fs::read(&job.config.outfile).unwrap();
+    let breaks: Vec<usize> = out
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    let line4 = breaks[3] + 1;
+    out[line4..].iter_mut().for_each(|b| {
+        if *b != b'\n' {
+            *b = 0
+        }
+    });
+    std::fs::write(&job.config.outfile, &out).unwrap();
+    let mut l = job.open(t).unwrap();
+    assert_eq!(
+        l.lines_written(),
+        4,
+        "lines 2 and 3 recovered, 4 and 5 redone"
+    );
+    assert_eq!(job.output(), "{\"i\":0}\n{\"i\":1}\n{\"i\":2}\n{\"i\":3}\n");
+    let r = l.take_work(10, t).unwrap();
+    assert_eq!(ids(&r), vec![4, 5, 6, 7]);
+    l.complete(
+        r.items
+            .iter()
+            .map(|i| result(i.work_id, &i.content))
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(job.output().as_bytes(), &lines(8)[..]);
+}
+
+#[test]
+fn an_input_changed_during_the_run_stops_the_job_before_anything_wrong_is_handed_out() {
+    // Truncated, rewritten in place, replaced by another file.
+    for change in 0..3 {
+        let job = Job::new(&lines(40), Some(3));
+        let t = Instant::now();
+        let mut l = job.open(t).unwrap();
+        l.take_work(10, t).unwrap();
+        let path = &job.config.infile;
+        match change {
+            0 => std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_len(20)
+                .unwrap(),
+            1 => {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                f.write_all_at(b"{\"x\":9}\n", 0).unwrap();
+                // Make sure the modification time moves even on a coarse clock.
+                f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                    .unwrap();
+            }
+            _ => {
+                let other = job.path("other.jsonl");
+                std::fs::write(&other, lines(40)).unwrap();
+                std::fs::rename(&other, path).unwrap();
+            }
+        }
+        let e = l.take_work(10, t + Duration::from_secs(2)).unwrap_err();
+        assert!(
+            e.to_string().contains(&path.display().to_string()),
+            "{change}: {e}"
+        );
+        assert_eq!(job.output(), "", "{change}: nothing was written");
+    }
+    // A reissue reads its line back and finds it no longer ends where it did.
+    let job = Job::new(&lines(4), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    l.take_work(2, t).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&job.config.infile)
+            .unwrap();
+        f.write_all_at(b"{\"i\":0,\"", 0).unwrap();
+    }
+    l.release(&[0], Cause::Release).unwrap();
+    let e = l.take_work(1, t).unwrap_err();
+    assert!(
+        e.to_string().contains("changed since it was first read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn two_of_the_jobs_files_that_are_one_file_are_refused_and_the_output_itself_is_locked() {
+    let job = Job::new(&lines(2), Some(3));
+    let t = Instant::now();
+    // --checkpoint equal to --outfile, and to --infile.
+    let mut same = job.config.clone();
+    same.checkpoint = same.outfile.clone();
+    let e = Ledger::open(same, t).unwrap_err();
+    assert!(matches!(e, ResumeError::SameFile { .. }), "{e}");
+    assert!(e.to_string().contains("--outfile and --checkpoint"), "{e}");
+    let mut same = job.config.clone();
+    same.outfile = same.infile.clone();
+    assert!(matches!(
+        Ledger::open(same, t).unwrap_err(),
+        ResumeError::SameFile { .. }
+    ));
+    // A hard link to the input as the output.
+    let link = job.path("link.jsonl");
+    std::fs::hard_link(&job.config.infile, &link).unwrap();
+    let mut same = job.config.clone();
+    same.outfile = link;
+    assert!(matches!(
+        Ledger::open(same, t).unwrap_err(),
+        ResumeError::SameFile { .. }
+    ));
+
+    // A second server on the same output through a symlink, with its own
+    // checkpoint, while the first runs.
+    let _first = job.open(t).unwrap();
+    let symlink = job.path("alias.jsonl");
+    std::os::unix::fs::symlink(&job.config.outfile, &symlink).unwrap();
+    let mut second = job.config.clone();
+    second.outfile = symlink;
+    second.checkpoint = job.path("other.checkpoint");
+    let e = Ledger::open(second, t).unwrap_err();
+    assert!(matches!(e, ResumeError::Locked { .. }), "{e}");
+}
+
+#[test]
+fn checkpoint_counts_that_disagree_with_the_files_are_refused() {
+    let job = Job::new(&lines(20), Some(3));
+    let t = Instant::now();
+    {
+        let mut l = job.open(t).unwrap();
+        let r = l.take_work(10, t).unwrap();
+        l.complete(
+            r.items
+                .iter()
+                .map(|i| result(i.work_id, &i.content))
+                .collect(),
+        )
+        .unwrap();
+        l.checkpoint().unwrap();
+    }
+    let good = std::fs::read_to_string(&job.config.checkpoint).unwrap();
+    for bad in ["3", "17", "18446744073709551615"] {
+        let edited = good.replace(
+            "\"lines_written\": 10",
+            &format!("\"lines_written\": {bad}"),
+        );
+        assert_ne!(edited, good);
+        std::fs::write(&job.config.checkpoint, edited).unwrap();
+        let e = job.open(t).unwrap_err();
+        assert!(
+            matches!(e, ResumeError::OutputMismatch { .. }),
+            "{bad}: {e}"
+        );
+        assert!(e.to_string().contains("lines"), "{e}");
+    }
+    std::fs::write(&job.config.checkpoint, good).unwrap();
+    assert_eq!(job.open(t).unwrap().lines_written(), 10);
 }
 
 #[test]

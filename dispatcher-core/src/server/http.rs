@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,9 +19,9 @@ use super::state::AppState;
 use crate::ledger::{Cause, LedgerStats};
 use crate::metrics::Endpoint;
 use crate::protocol::{
-    check_results, ErrorResponse, HeartbeatRequest, HeartbeatResponse, MessageResponse,
-    ReleaseRequest, ReleaseResponse, ResultsResponse, StatusResponse, SubmittedResults,
-    WorkResponse, WorkTimeoutRequest,
+    check_result_line, invalid_result_record, ErrorResponse, HeartbeatRequest, HeartbeatResponse,
+    InvalidResult, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
+    StatusResponse, SubmittedResults, SubmittedValue, WorkResponse, WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -68,21 +69,52 @@ async fn log_invalid(request: axum::extract::Request, next: axum::middleware::Ne
     let (parts, body) = request.into_parts();
     let method = parts.method.clone();
     let uri = parts.uri.clone();
-    // Buffer the body (the body limit still applies) to log its start.
-    let bytes = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
-    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+    // Read only as much of the body as is logged, then hand the handler that
+    // prefix followed by the rest, unread: a huge body from a stranger costs
+    // no memory here.
+    let (prefix, rest) = body_prefix(body, LOGGED_BYTES).await;
+    let head = String::from_utf8_lossy(&prefix[..prefix.len().min(LOGGED_BYTES)]).into_owned();
+    let body = match rest {
+        Some(rest) => {
+            use futures_util::StreamExt;
+            let first = futures_util::stream::once(std::future::ready(Ok(prefix.clone())));
+            axum::body::Body::from_stream(first.chain(rest.into_data_stream()))
+        }
+        None => axum::body::Body::from(prefix.clone()),
+    };
     let response = next
-        .run(axum::extract::Request::from_parts(
-            parts,
-            axum::body::Body::from(bytes),
-        ))
+        .run(axum::extract::Request::from_parts(parts, body))
         .await;
     if response.status().is_client_error() {
         tracing::warn!(%peer, %method, %uri, status = response.status().as_u16(), first_bytes = %head, "invalid request");
     }
     response
+}
+
+/// How much of a refused request's body `--log-invalid-http` logs.
+const LOGGED_BYTES: usize = 200;
+
+/// Reads `body` until `want` bytes (or its end): the bytes read, and the rest
+/// of the body when there is more.
+async fn body_prefix(mut body: axum::body::Body, want: usize) -> (Bytes, Option<axum::body::Body>) {
+    use http_body_util::BodyExt;
+    let mut prefix = Vec::new();
+    while prefix.len() < want {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    prefix.extend_from_slice(&data);
+                }
+            }
+            // The handler gets the error where the body broke off.
+            Some(Err(e)) => {
+                let error = futures_util::stream::once(std::future::ready(Err::<Bytes, _>(e)));
+                return (prefix.into(), Some(axum::body::Body::from_stream(error)));
+            }
+            None => return (prefix.into(), None),
+        }
+    }
+    (prefix.into(), Some(body))
 }
 
 /// Refuses requests without the access token (when one is set) with a 401 that
@@ -93,11 +125,14 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     if let Some(token) = &state.token {
+        // The scheme is case-insensitive (RFC 7235); the token is not.
         let given = request
             .headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start());
         if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -114,9 +149,15 @@ async fn require_token(
     next.run(request).await
 }
 
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares a given token with the secret in a time that depends only on the
+/// secret's length: neither where they differ nor the given token's length
+/// shows in it.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut differ = u8::from(given.len() != secret.len());
+    for (i, s) in secret.iter().enumerate() {
+        differ |= given.get(i).copied().unwrap_or(!s) ^ s;
+    }
+    std::hint::black_box(differ) == 0
 }
 
 /// The one error type of the HTTP layer.
@@ -130,6 +171,8 @@ pub(super) enum ApiError {
         work_ids: Vec<u64>,
         count: u64,
     },
+    /// The body is over `--max-request-mib`.
+    TooLarge(String),
     /// The server stopped after a failure; nothing was changed.
     Stopped,
 }
@@ -159,6 +202,15 @@ impl IntoResponse for ApiError {
                     count: Some(count),
                 },
             ),
+            ApiError::TooLarge(error) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorResponse {
+                    status: "error".into(),
+                    error,
+                    work_ids: Vec::new(),
+                    count: None,
+                },
+            ),
             // The cause is in the server's log; it names paths a client has no
             // business seeing.
             ApiError::Stopped => (
@@ -175,11 +227,37 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
+/// The body as JSON of type `T` (described as `shape` in the 400 when it is
+/// not), or a JSON 413 that names `--max-request-mib` when it is too large.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!(
+                "the request body is over the server's limit of {} MiB (--max-request-mib); send fewer results per request, or raise the limit",
+                state.max_body_bytes >> 20
+            ))
+        } else {
+            ApiError::BadRequest(format!("the body could not be read: {rejection}"))
+        }
+    })?;
     // The content type is not checked: scripts that post JSON without it worked
     // with the Python server.
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
+}
+
+/// The worker id a request names, hashed: what the ledger remembers of it.
+fn worker_key(worker: Option<&str>) -> Option<u64> {
+    worker.map(|w| {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        w.hash(&mut h);
+        h.finish()
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,24 +273,22 @@ async fn get_work(
 ) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Work);
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // Any positive size is accepted, as the Python server did; more than
+    // --max-batch-size gets that many.
     let batch = match query.batch_size.as_deref() {
         None => 1,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=state.max_batch_size).contains(&n) => n,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n >= 1 => {
+                usize::try_from(n).map_or(state.max_batch_size, |n| n.min(state.max_batch_size))
+            }
             _ => {
                 return Err(ApiError::BadRequest(format!(
-                    "batch_size must be a whole number from 1 to {} (the server's --max-batch-size), not {s:?}",
-                    state.max_batch_size
+                    "batch_size must be a whole number of 1 or more, not {s:?}"
                 )))
             }
         },
     };
-    let worker = query.worker.as_deref().map(|w| {
-        use std::hash::{Hash, Hasher};
-        let mut h = rustc_hash::FxHasher::default();
-        w.hash(&mut h);
-        h.finish()
-    });
+    let worker = worker_key(query.worker.as_deref());
     let (reply, lease) = state.with_ledger(|l| {
         Ok((
             l.take_work_for(batch, Instant::now(), worker)?,
@@ -247,27 +323,58 @@ async fn get_work(
 
 async fn post_results(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ResultsResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Results);
     let req: SubmittedResults = parse_body(
-        &body,
+        &state,
+        body,
         r#"{"items": [work items with "work_id" and "result"]}"#,
     )?;
-    // Parsing every result is the costliest per-item step: done here, outside
-    // the ledger's lock, on whichever core is free.
-    let (valid, refused) = check_results(req.items.into_iter().map(|r| (r.work_id, r.result)));
-    let reply = state.with_ledger(|l| l.complete_checked(valid))?;
-    if let Some(first) = refused.first() {
-        let first = format!("work_id {}: {}", first.work_id, first.reason);
-        let work_ids: Vec<u64> = refused.iter().map(|r| r.work_id).collect();
+    // Checking every result is the costliest per-item step: done here,
+    // outside the ledger's lock, on whichever core is free.
+    let mut lines = Vec::with_capacity(req.items.len());
+    let mut invalid = Vec::new();
+    let mut unattributed = Vec::new();
+    for (index, item) in req.items.into_iter().enumerate() {
+        let Some(work_id) = item.work_id else {
+            unattributed.push(index);
+            continue;
+        };
+        let checked = match item.result {
+            SubmittedValue::Text(text) => check_result_line(text),
+            SubmittedValue::Null => Err(InvalidResult {
+                reason: "its result is null".into(),
+                text: String::new(),
+            }),
+            SubmittedValue::Other(kind) => Err(InvalidResult {
+                reason: format!("its result is {kind}, not a string holding one JSON value"),
+                text: String::new(),
+            }),
+        };
+        match checked {
+            Ok(line) => lines.push(ResultLine { work_id, line }),
+            Err(e) => {
+                tracing::warn!(work_id, reason = %e.reason, "invalid result; recording it as the line's output");
+                invalid.push(work_id);
+                lines.push(ResultLine {
+                    work_id,
+                    line: invalid_result_record(work_id, &e.reason, &e.text),
+                });
+            }
+        }
+    }
+    let reply = state.with_ledger(|l| l.complete_checked(lines))?;
+    // Only results the ledger took as the first of their item became records.
+    invalid.retain(|id| !reply.already_done.contains(id));
+    if let Some(&first) = unattributed.first() {
         return Err(ApiError::Refused {
             error: format!(
-                "{} result(s) refused and left in flight (first: {first}); {} accepted",
-                work_ids.len(),
+                "{} item(s) without a usable work_id were refused (first: items[{first}]; a work_id is a non-negative integer); {} result(s) accepted",
+                unattributed.len(),
                 reply.accepted
             ),
-            work_ids,
+            work_ids: Vec::new(),
             count: reply.accepted,
         });
     }
@@ -276,17 +383,19 @@ async fn post_results(
         count: reply.accepted,
         ignored: reply.ignored,
         already_done: reply.already_done,
+        invalid,
     }))
 }
 
 async fn post_release(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Release);
-    let req: ReleaseRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
+    let req: ReleaseRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
     let cause = Cause::of_release(req.reason);
-    let released = state.with_ledger(|l| l.release(&req.work_ids, cause))?;
+    let worker = worker_key(req.worker.as_deref());
+    let released = state.with_ledger(|l| l.release_from(&req.work_ids, cause, worker))?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
         released_count: released,
@@ -295,10 +404,10 @@ async fn post_release(
 
 async fn post_heartbeat(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Heartbeat);
-    let req: HeartbeatRequest = parse_body(&body, r#"{"work_ids": [integers]}"#)?;
+    let req: HeartbeatRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
     let (extended, done, lease) = state.with_ledger(|l| {
         let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
         Ok((extended, done, l.work_timeout()))
@@ -332,13 +441,13 @@ async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
 
 async fn post_work_timeout(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::WorkTimeout);
-    let req: WorkTimeoutRequest = parse_body(&body, r#"{"timeout": seconds}"#)?;
-    if !(req.timeout.is_finite() && req.timeout > 0.0 && req.timeout < 1e9) {
+    let req: WorkTimeoutRequest = parse_body(&state, body, r#"{"timeout": seconds}"#)?;
+    if !(req.timeout.is_finite() && (1.0..1e9).contains(&req.timeout)) {
         return Err(ApiError::BadRequest(format!(
-            "timeout must be a positive number of seconds, not {}",
+            "timeout must be a number of seconds of at least 1, not {}",
             req.timeout
         )));
     }

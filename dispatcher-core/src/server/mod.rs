@@ -7,6 +7,7 @@
 //! - here: the lifecycle: [`serve`], the ticker, the checkpointer, the
 //!   completion watcher and the shutdown.
 
+mod connections;
 mod http;
 mod state;
 #[cfg(test)]
@@ -23,7 +24,9 @@ use tokio::time::Instant;
 
 use crate::checkpoint::ResumeError;
 use crate::ledger::{Ledger, LedgerConfig};
+use connections::{serve_connections, ConnectionLimits};
 
+pub use connections::{default_max_connections, raise_open_file_limit, RESERVED_FDS};
 pub use http::{app, status_response};
 pub use state::AppState;
 
@@ -44,6 +47,16 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Log the peer and the first bytes of every request answered with a 4xx.
     pub log_invalid_http: bool,
+    /// Longest a connection's read or write may make no progress (an idle
+    /// keep-alive connection, a request cut off halfway, a peer that stopped
+    /// reading), and longest a request's headers may take.
+    pub idle_timeout: Duration,
+    /// Connections open at once at most; `None`: the open-file limit less
+    /// [`RESERVED_FDS`].
+    pub max_connections: Option<usize>,
+    /// How long connections may take to finish once the server stops; then
+    /// it exits whatever is still open.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -55,6 +68,9 @@ impl Default for ServeOptions {
             max_body_bytes: 64 << 20,
             token: None,
             log_invalid_http: false,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: None,
+            shutdown_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -98,11 +114,16 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<StopReason, ServerError> {
+    let state = open(config, &options)?;
+    serve_state(listener, state, options, shutdown).await
+}
+
+/// Opens (or resumes) the job's files for [`serve_state`].
+pub fn open(config: LedgerConfig, options: &ServeOptions) -> Result<Arc<AppState>, ServerError> {
     let opening = Instant::now();
     let ledger = Ledger::open(config, opening)?;
     tracing::info!(took_ms = opening.elapsed().as_millis(), "job files opened");
-    let state = AppState::new(ledger, &options);
-    serve_state(listener, state, options, shutdown).await
+    Ok(AppState::new(ledger, options))
 }
 
 /// [`serve`] over an already opened state.
@@ -133,27 +154,27 @@ pub async fn serve_state(
         }
     });
     let router = app(state.clone(), options.max_body_bytes);
-    let stopping = {
+    let (stopping_tx, stopping) = watch::channel(false);
+    tasks.spawn({
         let (stop, mut failure) = (stop.clone(), state.failure.subscribe());
         async move {
             tokio::select! {
                 () = stop.requested() => {}
                 _ = failure.wait_for(|f| f.is_some()) => {}
             }
+            stopping_tx.send_replace(true);
         }
-    };
-    let served = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopping)
-    .await
-    .map_err(|source| ServerError::Listen {
-        addr: addr.clone(),
-        source,
     });
+    let limits = ConnectionLimits {
+        idle_timeout: options.idle_timeout,
+        max_connections: options
+            .max_connections
+            .unwrap_or_else(default_max_connections),
+        shutdown_timeout: options.shutdown_timeout,
+    };
+    tracing::debug!(?limits, "connection limits");
+    serve_connections(listener, router, limits, stopping).await;
     tasks.shutdown().await;
-    served?;
 
     if let Some(message) = state.failure.borrow().clone() {
         return Err(ServerError::Io(message));

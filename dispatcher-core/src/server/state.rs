@@ -24,6 +24,8 @@ pub struct AppState {
     stopped: AtomicBool,
     /// `--max-batch-size`.
     pub(super) max_batch_size: usize,
+    /// `--max-request-mib`, in bytes.
+    pub(super) max_body_bytes: usize,
     /// The first fatal I/O error. Once set, every request gets 503 and the server
     /// stops; it is never cleared.
     pub(super) failure: watch::Sender<Option<String>>,
@@ -62,6 +64,7 @@ impl AppState {
             ledger: std::sync::Mutex::new(ledger),
             stopped: AtomicBool::new(false),
             max_batch_size: options.max_batch_size,
+            max_body_bytes: options.max_body_bytes,
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
             token: options.token.clone(),

@@ -278,7 +278,6 @@ async fn bad_requests_get_a_4xx_with_a_reason() {
         "/work?batch_size=0",
         "/work?batch_size=-3",
         "/work?batch_size=x",
-        "/work?batch_size=101",
     ] {
         let (code, r) = call(&f.router, "GET", uri, "").await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{uri}");
@@ -292,14 +291,24 @@ async fn bad_requests_get_a_4xx_with_a_reason() {
         ("/results", r#"{"items": "nope"}"#),
         ("/release", r#"{"work_ids": [-1]}"#),
         ("/work_timeout", r#"{"timeout": -5}"#),
+        ("/work_timeout", r#"{"timeout": 1e-300}"#),
+        ("/work_timeout", r#"{"timeout": 0.5}"#),
+        ("/work_timeout", r#"{"timeout": 1e999}"#),
     ] {
         let (code, r) = call(&f.router, "POST", uri, body).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} {body}");
         assert!(!r["error"].as_str().unwrap().is_empty());
     }
     let big = format!(r#"{{"work_ids": [{}]}}"#, vec!["1"; 1000].join(","));
-    let (code, _) = call(&f.router, "POST", "/release", &big).await;
-    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    for uri in ["/release", "/results", "/heartbeat"] {
+        let (code, r) = call(&f.router, "POST", uri, &big).await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+        assert_eq!(r["status"], "error", "a JSON answer: {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("--max-request-mib"),
+            "{r}"
+        );
+    }
     // Nothing above changed the job.
     let (_, status) = call(&f.router, "GET", "/status", "").await;
     assert_eq!(
@@ -309,23 +318,172 @@ async fn bad_requests_get_a_4xx_with_a_reason() {
 }
 
 #[tokio::test]
-async fn a_result_that_is_not_one_json_line_is_refused_naming_its_work_id() {
+async fn a_result_that_is_not_one_json_value_becomes_an_invalid_result_record_at_once() {
+    let f = fixture("a\nb\nc\nd\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=4", "").await;
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [
+            {"work_id": 0, "content": "a", "result": "{\"x\": tru"},
+            {"work_id": 1, "content": "b", "result": "2"},
+            {"work_id": 2, "content": "c", "result": null},
+            {"work_id": 3, "content": "d", "result": {"an": "object"}}
+        ]}"#,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["count"].as_u64(), &r["invalid"]),
+        (Some(4), &serde_json::json!([0, 2, 3]))
+    );
+    let out = std::fs::read_to_string(&f.outfile).unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[1], 2);
+    for (i, line) in [(0, &lines[0]), (2, &lines[2]), (3, &lines[3])] {
+        let e = &line["__ERROR__"];
+        assert_eq!(
+            (e["error"].as_str(), e["work_id"].as_u64()),
+            (Some("invalid_result"), Some(i)),
+            "{line}"
+        );
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("work_id {i}")),
+            "{line}"
+        );
+    }
+    assert_eq!(lines[0]["__ERROR__"]["result_head"], "{\"x\": tru");
+    assert!(lines[3]["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("an object"));
+}
+
+#[tokio::test]
+async fn results_as_python_json_writes_them_are_accepted_and_kept_on_one_line() {
+    let f = fixture("a\nb\nc\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=3", "").await;
+    let body = serde_json::json!({"items": [
+        {"work_id": 0, "result": "{\"score\": NaN, \"hi\": Infinity, \"lo\": -Infinity, \"s\": \"NaN stays\"}"},
+        {"work_id": 1, "result": "{\n  \"a\": [\r\n    1,\n    2\n  ]\n}"},
+        {"work_id": 2, "result": "[1]"}
+    ]});
+    let (code, r) = call(&f.router, "POST", "/results", &body.to_string()).await;
+    assert_eq!(
+        (code, r["count"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{r}"
+    );
+    assert!(r.get("invalid").is_none(), "{r}");
+    let out = std::fs::read_to_string(&f.outfile).unwrap();
+    assert_eq!(
+        out,
+        "{\"score\": NaN, \"hi\": Infinity, \"lo\": -Infinity, \"s\": \"NaN stays\"}\n{  \"a\": [    1,    2  ]}\n[1]\n"
+    );
+}
+
+#[tokio::test]
+async fn an_item_without_a_usable_work_id_is_refused_alone() {
     let f = fixture("a\nb\n", ServeOptions::default());
     call(&f.router, "GET", "/work?batch_size=2", "").await;
     let (code, r) = call(
         &f.router,
         "POST",
         "/results",
-        r#"{"items": [{"work_id": 0, "content": "a", "result": "{\"x\":\n1}"}, {"work_id": 1, "content": "b", "result": "2"}]}"#,
+        r#"{"items": [{"work_id": "zero", "result": "0"}, {"work_id": -1, "result": "0"}, {"work_id": 1, "result": "1"}]}"#,
     )
     .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(r["work_ids"], serde_json::json!([0]));
-    assert_eq!(r["count"], 1);
-    assert!(r["error"].as_str().unwrap().contains("work_id 0"), "{r}");
+    assert_eq!(r["count"], 1, "the good item is accepted: {r}");
+    assert!(r["error"].as_str().unwrap().contains("items[0]"), "{r}");
     let (_, status) = call(&f.router, "GET", "/status", "").await;
     assert_eq!(
         (status["issued"].as_u64(), status["pending"].as_u64()),
         (Some(1), Some(1))
+    );
+}
+
+#[tokio::test]
+async fn drop_in_details_of_the_python_server() {
+    let options = ServeOptions {
+        max_batch_size: 2,
+        ..ServeOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let infile = dir.path().join("in.jsonl");
+    std::fs::write(&infile, "a\nb\nc\n").unwrap();
+    let config = LedgerConfig {
+        max_retries: None,
+        ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
+    };
+    let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
+    let router = app(state, options.max_body_bytes);
+    // A batch_size above --max-batch-size gets that many, with 200.
+    let (code, r) = call(&router, "GET", "/work?batch_size=500", "").await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    assert_eq!(r["items"].as_array().unwrap().len(), 2);
+    // Unlimited retries are -1 on the wire, as the Python server writes them.
+    assert_eq!(r["items"][0]["max_retries"], -1);
+}
+
+#[tokio::test]
+async fn the_token_scheme_is_case_insensitive_and_the_token_exact() {
+    let options = ServeOptions {
+        token: Some("s3cret".into()),
+        ..ServeOptions::default()
+    };
+    let f = fixture("a\n", options);
+    for (header, ok) in [
+        ("Bearer s3cret", true),
+        ("bearer s3cret", true),
+        ("BEARER s3cret", true),
+        ("Bearer s3cre", false),
+        ("Bearer s3cret2", false),
+        ("Bearer S3CRET", false),
+        ("Basic s3cret", false),
+        ("s3cret", false),
+        ("Bearer ", false),
+    ] {
+        let req = axum::http::Request::builder()
+            .uri("/status")
+            .header("authorization", header)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = tower::ServiceExt::oneshot(f.router.clone(), req)
+            .await
+            .unwrap();
+        let expected = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(resp.status(), expected, "{header:?}");
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_and_releases_read_a_repeated_id_once() {
+    let f = fixture("a\nb\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=2", "").await;
+    let repeated = format!(r#"{{"work_ids": [{}]}}"#, vec!["1"; 100_000].join(","));
+    let (code, r) = call(&f.router, "POST", "/heartbeat", &repeated).await;
+    assert_eq!(
+        (code, r["extended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{r}"
+    );
+    let (code, r) = call(&f.router, "POST", "/release", &repeated).await;
+    assert_eq!(
+        (code, r["released_count"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{r}"
     );
 }
