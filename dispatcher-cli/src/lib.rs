@@ -155,19 +155,26 @@ fn print_error(message: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "error: {message}");
 }
 
-/// Resolves when the process receives SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// Resolves when the process receives SIGTERM or SIGINT. The handlers are
+/// installed by this call, not when the future is first polled, so a signal
+/// that arrives right after it (a job scheduler that stops a process as soon
+/// as it announced itself) is not lost to the default action.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGTERM: {e}");
-            return std::future::pending().await;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot listen for SIGTERM and SIGINT: {e}");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 

@@ -178,6 +178,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let listener = server::bind(&args.host, args.port).await?;
     let state = server::open(ledger, &options)?;
+    let stop_signal = crate::termination_signal();
     if let Some(addr) = server::local_addr(&listener) {
         // A machine-readable line for scripts that started us with --port 0,
         // written once the job's files are open and checked. A closed stdout
@@ -186,7 +187,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush());
     }
-    match server::serve_state(listener, state, options, crate::termination_signal()).await? {
+    match server::serve_state(listener, state, options, stop_signal).await? {
         StopReason::Complete => tracing::info!("all work complete"),
         StopReason::Shutdown => {
             tracing::info!("stopped by signal; restart with the same flags to resume")

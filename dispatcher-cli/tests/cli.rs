@@ -12,6 +12,10 @@ use dispatcher_core::protocol::{WorkItem, WorkStatus};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
 
+// The server at cluster scale: connections, open-file limits, changed files.
+#[path = "cli/hardening.rs"]
+mod hardening;
+
 struct Job {
     dir: tempfile::TempDir,
     input: Vec<String>,
@@ -51,9 +55,29 @@ impl Job {
     }
 
     fn serve(&self, extra: &[&str]) -> Server {
-        let mut child = self
-            .serve_command()
-            .args(extra)
+        let mut cmd = self.serve_command();
+        cmd.args(extra);
+        Server::start(cmd)
+    }
+
+    /// [`serve`](Self::serve) with at most `nofile` open files (soft and hard
+    /// limit), as on a cluster node with a low limit it may not raise.
+    fn serve_with_open_file_limit(&self, nofile: u64, extra: &[&str]) -> Server {
+        let serve = self.serve_command();
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(serve.get_program())
+            .args(serve.get_args())
+            .args(extra);
+        Server::start(cmd)
+    }
+}
+
+impl Server {
+    /// Starts `cmd` (a `dispatcher serve`) and reads the address it listens on.
+    fn start(mut cmd: Command) -> Server {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -69,7 +93,9 @@ impl Job {
             .to_string();
         Server { child, addr }
     }
+}
 
+impl Job {
     /// `lines_written` of the checkpoint on disk.
     fn checkpointed_lines(&self) -> u64 {
         let cp: serde_json::Value =
@@ -378,6 +404,10 @@ fn bad_flags_fail_before_any_work_with_the_flag_named() {
     for (args, needle) in [
         (vec!["--max-retries", "-2"], "--max-retries"),
         (vec!["--work-timeout", "0"], "--work-timeout"),
+        (vec!["--idle-timeout", "0"], "--idle-timeout"),
+        (vec!["--max-connections", "0"], "--max-connections"),
+        (vec!["--token", "two words"], "--token"),
+        (vec!["--token", "tökén"], "--token"),
     ] {
         let out = job.serve_command().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -550,8 +580,8 @@ fn status_and_work_timeout_talk_to_a_live_server_with_its_token() {
     assert!(text.contains("in flight    6"), "{text}");
     assert!(text.contains("oldest       work_id 4"), "{text}");
 
-    let (ok, text) = run(&["work-timeout", "0.5"], Some("tok"));
-    assert!(ok && text.contains("0.5"), "{text}");
+    let (ok, text) = run(&["work-timeout", "1"], Some("tok"));
+    assert!(ok && text.contains("set to 1 s"), "{text}");
     // The six items in flight expire under the new timeout and are reissued.
     let deadline = Instant::now() + Duration::from_secs(10);
     let v = loop {
