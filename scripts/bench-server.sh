@@ -5,6 +5,11 @@
 # time to resume that input after SIGTERM and after SIGKILL.
 #
 #   scripts/bench-server.sh [REPEATS] [SECS]
+#   BASELINE=path/to/older/dispatcher scripts/bench-server.sh [REPEATS] [SECS]
+#
+# With BASELINE, the runs that alternate with the server's are that binary's
+# `serve` on the same input instead of the stand-in, so each summary's share is
+# this build's throughput as a share of the older build's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-3}
@@ -45,7 +50,13 @@ for cfg in "${configs[@]}"; do
   set -- $cfg
   for r in $(seq "$repeats"); do
     rm -f "$work/standin.out"
-    $bench standin >"$work/standin.out" & sp=$!
+    if [ -n "${BASELINE:-}" ]; then
+      rm -f "$work"/out.jsonl*
+      "$BASELINE" serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
+        --work-timeout 3600 >"$work/standin.out" 2>"$work/standin.err" & sp=$!
+    else
+      $bench standin >"$work/standin.out" & sp=$!
+    fi
     $bench load --addr "$(addr_of "$work/standin.out")" --workers "$1" --batch "$2" --secs "$secs" --label "standin run=$r" | tee -a "$runs"
     stop TERM
     sp=$(start_server)

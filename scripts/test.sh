@@ -2,7 +2,8 @@
 # Everything the tests need, then the tests: `scripts/test.sh` on a fresh machine.
 #   - a one-node Slurm cluster (Debian's slurmctld/slurmd/munge), stopped at the end;
 #   - llama.cpp's llama-server and a tiny generated model (built once, cached);
-#   - then every test of the workspace, with those two required, not skipped.
+#   - vLLM's CPU backend and a tiny generated model (installed once, cached);
+#   - then every test of the workspace, with those three required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,10 @@ trap 'scripts/slurm/down.sh >/dev/null' EXIT
 while IFS='=' read -r key value; do
   case "$key" in LLAMA_SERVER|TINY_MODEL) export "$key=$value" ;; esac
 done < <(scripts/setup-llama.sh)
-export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_SLURM=1
+while IFS='=' read -r key value; do
+  case "$key" in VLLM_BIN|TINY_HF_MODEL) export "$key=$value" ;; esac
+done < <(scripts/setup-vllm.sh)
+export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1
 
 # The end-to-end tests run the `dispatcher` binary and the example task binaries as
 # worker processes; `cargo test` alone builds examples only as test targets.

@@ -8,4 +8,5 @@ mod slurm;
 mod support;
 mod tasks;
 mod ui;
+mod vllm;
 mod worker;

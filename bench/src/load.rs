@@ -23,6 +23,39 @@ pub struct LoadArgs {
     /// A label for the result line.
     #[arg(long, default_value = "")]
     label: String,
+    /// Idle keep-alive connections besides the workers' (a cluster's workers
+    /// that wait on their engines): each makes a request when it opens and
+    /// every --idle-every seconds after, and stays open until the end.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Seconds between an idle connection's requests (keep it under the
+    /// server's --idle-timeout).
+    #[arg(long, default_value_t = 20.0)]
+    idle_every: f64,
+}
+
+/// One idle connection: `GET /health` now and every `every`, until `end`.
+async fn idle_connection(addr: String, every: Duration, end: Instant) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    let mut buf = [0u8; 512];
+    loop {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nhost: bench\r\n\r\n")
+            .await?;
+        let n = stream.read(&mut buf).await?;
+        anyhow::ensure!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "GET /health answered {:?}",
+            String::from_utf8_lossy(&buf[..n.min(40)])
+        );
+        let next = Instant::now() + every;
+        if next >= end {
+            tokio::time::sleep_until(end.into()).await;
+            return Ok(());
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +110,20 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    // The idle connections open first (in waves, as a cluster's workers
+    // start), and stay open until the measurement is over.
+    let idle_until = Instant::now() + Duration::from_secs(3600);
+    let mut idle = tokio::task::JoinSet::new();
+    for wave in (0..args.idle).collect::<Vec<_>>().chunks(500) {
+        for _ in wave {
+            idle.spawn(idle_connection(
+                args.addr.clone(),
+                Duration::from_secs_f64(args.idle_every),
+                idle_until,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let start = Instant::now();
     let warm = start + Duration::from_secs(1);
     let end = warm + Duration::from_secs_f64(args.secs);
@@ -90,6 +137,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         all.get_us.extend(t.get_us);
         all.post_us.extend(t.post_us);
     }
+    // Every idle connection must still be open and answered.
+    let idle_open = idle.len();
+    while let Some(joined) = idle.try_join_next() {
+        joined??;
+    }
+    idle.abort_all();
     let measured = Instant::now()
         .saturating_duration_since(warm)
         .as_secs_f64()
@@ -97,7 +150,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     all.get_us.sort_unstable();
     all.post_us.sort_unstable();
     println!(
-        "{} workers={} batch={} items_per_sec={:.0} get_p50_ms={:.2} get_p99_ms={:.2} post_p50_ms={:.2} post_p99_ms={:.2}",
+        "{} workers={} batch={} idle={idle_open} items_per_sec={:.0} get_p50_ms={:.2} get_p99_ms={:.2} post_p50_ms={:.2} post_p99_ms={:.2}",
         args.label,
         args.workers,
         args.batch,

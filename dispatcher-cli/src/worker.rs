@@ -19,7 +19,7 @@ use dispatcher_core::task::DynTask;
 /// The engine to run (`--engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineChoice {
-    /// vLLM (`vllm serve`); needs a GPU.
+    /// vLLM (`vllm serve`): a GPU build, or vLLM's CPU backend.
     Vllm,
     /// SGLang (`python3 -m sglang.launch_server`); needs a GPU.
     Sglang,
@@ -309,7 +309,16 @@ pub async fn run_task(
 ) -> anyhow::Result<()> {
     let config = work.manager_config()?;
     let source = work.source()?;
-    let (mut engine, backend) = engine_args.start().await?;
+    // Listening from before the engine starts: a job preempted while vLLM still
+    // loads (a minute or more) stops at once, and the engine with it.
+    let mut stop = std::pin::pin!(crate::termination_signal());
+    let (mut engine, backend) = tokio::select! {
+        started = engine_args.start() => started?,
+        () = &mut stop => {
+            tracing::info!("stopped before the engine was ready; no work was taken");
+            return Ok(());
+        }
+    };
     let progress = Arc::new(Progress::default());
     let reporter = tokio::spawn(crate::progress::report(progress.clone(), source.clone()));
     let metrics_server = match work.metrics_port {
@@ -322,7 +331,7 @@ pub async fn run_task(
         Arc::new(backend),
         config,
         progress,
-        crate::termination_signal(),
+        stop,
         engine.exited(),
     )
     .await;

@@ -69,6 +69,11 @@ pub struct InferArgs {
     /// Add each line's token usage as `usage`.
     #[arg(long)]
     pub include_usage: bool,
+    /// More fields for every request, as a JSON object merged into its body
+    /// (engine-specific ones the flags above do not set):
+    /// --extra-body '{"ignore_eos": true, "repetition_penalty": 1.1}'.
+    #[arg(long, value_name = "JSON")]
+    pub extra_body: Option<String>,
     /// Where items come from.
     #[command(flatten)]
     pub work: WorkArgs,
@@ -102,6 +107,26 @@ impl InferArgs {
             stop: self.stop.clone(),
             seed: self.seed,
             include_usage: self.include_usage,
+            extra_body: match &self.extra_body {
+                None => serde_json::Map::new(),
+                Some(text) => match serde_json::from_str(text) {
+                    Ok(serde_json::Value::Object(fields)) => {
+                        const OWN_FLAGS: [&str; 9] = [
+                            "model", "messages", "prompt", "n", "temperature", "top_p",
+                            "max_tokens", "stop", "seed",
+                        ];
+                        if let Some(key) = fields.keys().find(|k| OWN_FLAGS.contains(&k.as_str())) {
+                            anyhow::bail!(
+                                "--extra-body sets {key:?}, which infer sets itself: use its own flag (--max-tokens, --temperature, ...) instead"
+                            );
+                        }
+                        fields
+                    }
+                    _ => anyhow::bail!(
+                        "--extra-body must be a JSON object, like '{{\"ignore_eos\": true}}', not {text:?}"
+                    ),
+                },
+            },
         })
         .map_err(anyhow::Error::msg)
     }

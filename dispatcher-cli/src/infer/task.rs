@@ -59,6 +59,9 @@ pub struct InferConfig {
     pub seed: Option<u64>,
     /// Add the line's token usage as `usage`.
     pub include_usage: bool,
+    /// Fields merged into every request's body: engine-specific sampling
+    /// parameters such as `ignore_eos`, not the fields above.
+    pub extra_body: Map<String, Value>,
 }
 
 impl Default for InferConfig {
@@ -77,6 +80,7 @@ impl Default for InferConfig {
             stop: Vec::new(),
             seed: None,
             include_usage: false,
+            extra_body: Map::new(),
         }
     }
 }
@@ -235,6 +239,9 @@ impl Infer {
         }
         if let Some(seed) = c.seed {
             req = req.seed(seed);
+        }
+        for (key, value) in &c.extra_body {
+            req = req.extra(key.clone(), value.clone());
         }
         req
     }

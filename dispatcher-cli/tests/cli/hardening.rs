@@ -105,7 +105,8 @@ fn a_stalled_or_idle_connection_is_closed_after_the_idle_timeout() {
     let mut conns = half_sent_requests(&server.addr);
     let start = Instant::now();
     for (i, conn) in conns.iter_mut().enumerate() {
-        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let mut rest = Vec::new();
         // The server closes it (a 408 or nothing, then EOF), or resets it.
         let _ = conn.read_to_end(&mut rest);
@@ -209,7 +210,11 @@ fn listening_is_announced_only_once_the_job_is_open_and_a_closed_stdout_is_harml
     std::fs::write(job.path("out.jsonl"), "{\"foreign\": 1}\n").unwrap();
     let out = job.serve_command().output().unwrap();
     assert!(!out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no 'listening on'");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no 'listening on'"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint"));
 
     // A server whose stdout is closed before it writes its address serves on.

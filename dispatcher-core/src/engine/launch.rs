@@ -4,8 +4,10 @@
 //! stop it. The engine runs in its own process group so that stopping it also
 //! stops the workers it forked (vLLM's tensor-parallel ranks).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -132,13 +134,13 @@ pub enum LaunchError {
         source: std::io::Error,
     },
     /// The engine exited before it became healthy.
-    #[error("the {kind} engine exited with {status} before it became healthy; {log_hint}")]
+    #[error("the {kind} engine exited with {status} before it became healthy (is --model a model it can load?); {log_hint}")]
     Exited {
         /// Which engine (`vllm`, `sglang`, `llama.cpp`).
         kind: &'static str,
         /// Its exit status.
         status: String,
-        /// Where to look.
+        /// Its last lines, or where to look.
         log_hint: String,
     },
     /// `/health` did not answer 200 within the startup timeout.
@@ -150,7 +152,7 @@ pub enum LaunchError {
         url: String,
         /// The timeout.
         secs: u64,
-        /// Where to look.
+        /// Its last lines, or where to look.
         log_hint: String,
     },
     /// A socket or log file problem.
@@ -248,23 +250,19 @@ impl LaunchConfig {
         cmd.extend(self.extra_args.iter().cloned());
         Ok(cmd)
     }
-
-    fn log_hint(&self) -> String {
-        match &self.log {
-            EngineLog::File(p) => format!("see its log {}", p.display()),
-            EngineLog::Silent => "rerun with --engine-log PATH to see its output".into(),
-            EngineLog::Inherit => "see its output above".into(),
-        }
-    }
 }
 
-/// A running engine: stop it with [`RunningEngine::stop`].
+/// A running engine: stop it with [`RunningEngine::stop`]. Dropped without
+/// being stopped (a worker that stops while the engine still loads), it kills
+/// the engine's whole process group, so nothing it forked outlives it.
 #[derive(Debug)]
 pub struct RunningEngine {
     kind: EngineKind,
     base_url: String,
     /// The engine process, for external engines; `None` once it was reaped.
     child: Option<Child>,
+    /// The last lines the engine wrote, for error messages.
+    log: LogTail,
     /// The in-process echo server and the sender that stops it.
     echo: Option<(JoinHandle<std::io::Result<()>>, oneshot::Sender<()>)>,
 }
@@ -280,13 +278,16 @@ impl RunningEngine {
         self.kind
     }
 
-    /// Resolves when the engine process exits by itself (never for echo).
+    /// Resolves when the engine process exits by itself (never for echo),
+    /// with its exit status and the last lines it wrote.
     pub async fn exited(&mut self) -> String {
         match &mut self.child {
             Some(child) => match child.wait().await {
                 Ok(status) => {
                     self.child = None;
-                    status.to_string()
+                    // Let the log readers take in its last words.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    format!("{status}; {}", self.log.describe())
                 }
                 Err(e) => e.to_string(),
             },
@@ -294,7 +295,13 @@ impl RunningEngine {
         }
     }
 
-    /// Stops the engine: SIGTERM to its process group, SIGKILL after `grace`.
+    /// The engine's process id (the leader of its process group), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Stops the engine: SIGTERM to its process group, and SIGKILL to what is
+    /// left of the group once the engine exited or `grace` passed.
     pub async fn stop(mut self, grace: Duration) {
         if let Some((task, tx)) = self.echo.take() {
             let _ = tx.send(());
@@ -303,14 +310,95 @@ impl RunningEngine {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 signal_group(pid, libc::SIGTERM);
-                if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-                    return;
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    tracing::warn!(pid, "the engine ignored SIGTERM; killing it");
                 }
-                tracing::warn!(pid, "the engine ignored SIGTERM; killing it");
+                // The engine is gone or ignored SIGTERM: whatever of its group
+                // is still running (processes it forked and did not wait for)
+                // would outlive the worker.
                 signal_group(pid, libc::SIGKILL);
             }
             let _ = child.kill().await;
         }
+    }
+}
+
+impl Drop for RunningEngine {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            signal_group(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The last lines an engine wrote: kept in memory when its output is not
+/// kept anywhere else, read back from its log file when it is.
+#[derive(Debug, Clone)]
+enum LogTail {
+    /// Captured from its stdout and stderr.
+    Captured(Arc<Mutex<VecDeque<String>>>),
+    /// Its output goes to this file.
+    File(PathBuf),
+    /// Its output is the worker's own stderr.
+    Inherited,
+    /// It has none (the in-process echo engine, an engine not launched here).
+    None,
+}
+
+/// Lines of an engine's output kept for its error messages.
+const TAIL_LINES: usize = 20;
+
+impl LogTail {
+    /// "its last lines: ..." (or where to look), for an error message.
+    fn describe(&self) -> String {
+        let lines: Vec<String> = match self {
+            LogTail::Captured(lines) => lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+            LogTail::File(path) => match last_lines_of(path) {
+                Some(lines) => lines,
+                None => return format!("see its log {}", path.display()),
+            },
+            LogTail::Inherited => return "see its output above".into(),
+            LogTail::None => return "it wrote nothing here".into(),
+        };
+        if lines.is_empty() {
+            return "it wrote nothing".into();
+        }
+        let shown = &lines[lines.len().saturating_sub(TAIL_LINES)..];
+        format!("its last lines:\n    {}", shown.join("\n    "))
+    }
+}
+
+/// The last lines of a log file (its last 8 KiB).
+fn last_lines_of(path: &std::path::Path) -> Option<Vec<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if len > 8192 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
+    Some(lines.split_off(lines.len().saturating_sub(TAIL_LINES)))
+}
+
+/// Keeps the last [`TAIL_LINES`] lines of `output` in `tail`.
+async fn keep_tail(output: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<String>>>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
     }
 }
 
@@ -344,6 +432,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
             kind: EngineKind::Echo,
             base_url: format!("http://{addr}"),
             child: None,
+            log: LogTail::None,
             echo: Some((task, tx)),
         });
     }
@@ -353,7 +442,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         config.port
     };
     let argv = config.command_line(port)?;
-    let (stdout, stderr) = match &config.log {
+    let (stdout, stderr, log) = match &config.log {
         EngineLog::File(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -365,13 +454,22 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
                         format!("could not open the engine log {}: {e}", path.display()),
                     )
                 })?;
-            (Stdio::from(file.try_clone()?), Stdio::from(file))
+            (
+                Stdio::from(file.try_clone()?),
+                Stdio::from(file),
+                LogTail::File(path.clone()),
+            )
         }
-        EngineLog::Silent => (Stdio::null(), Stdio::null()),
-        EngineLog::Inherit => (Stdio::inherit(), Stdio::inherit()),
+        // Not kept anywhere: keep its last lines for the error messages.
+        EngineLog::Silent => (
+            Stdio::piped(),
+            Stdio::piped(),
+            LogTail::Captured(Arc::default()),
+        ),
+        EngineLog::Inherit => (Stdio::inherit(), Stdio::inherit(), LogTail::Inherited),
     };
     tracing::info!(engine = config.kind.name(), command = ?argv, "starting the engine");
-    let child = Command::new(&argv[0])
+    let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(stdout)
@@ -384,10 +482,19 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
             program: argv[0].clone(),
             source,
         })?;
+    if let LogTail::Captured(tail) = &log {
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(keep_tail(out, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(keep_tail(err, tail.clone()));
+        }
+    }
     let mut engine = RunningEngine {
         kind: config.kind,
         base_url: format!("http://{}:{port}", connect_host(&config.host)),
         child: Some(child),
+        log,
         echo: None,
     };
     let health = format!("{}/health", engine.base_url);
@@ -405,19 +512,23 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
             }
         }
         if let Some(Ok(Some(status))) = engine.child.as_mut().map(Child::try_wait) {
+            engine.child = None;
+            // Let the log readers take in its last words.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             return Err(LaunchError::Exited {
                 kind: config.kind.name(),
                 status: status.to_string(),
-                log_hint: config.log_hint(),
+                log_hint: engine.log.describe(),
             });
         }
         if tokio::time::Instant::now() >= deadline {
+            let log_hint = engine.log.describe();
             engine.stop(Duration::from_secs(5)).await;
             return Err(LaunchError::Timeout {
                 kind: config.kind.name(),
                 url: health,
                 secs: config.startup_timeout.as_secs(),
-                log_hint: config.log_hint(),
+                log_hint,
             });
         }
         // Model loading takes seconds to minutes: back off to 1 s between probes.
@@ -440,6 +551,7 @@ pub fn connect(host: &str, port: u16) -> RunningEngine {
         kind: EngineKind::Vllm,
         base_url: format!("http://{}:{port}", connect_host(host)),
         child: None,
+        log: LogTail::None,
         echo: None,
     }
 }

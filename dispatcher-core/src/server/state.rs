@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::http::ApiError;
 use super::ServeOptions;
+use crate::error::is_descriptor_shortage;
 use crate::ledger::Ledger;
 use crate::metrics::ServerMetrics;
 
@@ -89,13 +90,31 @@ impl AppState {
         }
     }
 
+    /// A checkpoint opens files (the input and output for their fingerprints,
+    /// a temporary file, the directory): when descriptors run short it waits
+    /// for connections to close and tries again, a few times, before it gives
+    /// up and stops the server.
     fn checkpoint_blocking(&self) -> Result<(), ApiError> {
         let _one_at_a_time = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
-        let pending = self.with_ledger(|l| l.begin_checkpoint())?;
-        pending.commit().map_err(|e| {
-            self.fail_locked(e.to_string());
-            ApiError::Stopped
-        })
+        let mut wait = std::time::Duration::from_millis(50);
+        for attempt in 1.. {
+            let written = self
+                .with_ledger(|l| Ok(l.begin_checkpoint()))?
+                .and_then(|pending| pending.commit());
+            match written {
+                Ok(()) => return Ok(()),
+                Err(e) if is_descriptor_shortage(&e) && attempt < 8 => {
+                    tracing::warn!(attempt, "checkpoint delayed: {e}");
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                Err(e) => {
+                    self.fail_locked(e.to_string());
+                    return Err(ApiError::Stopped);
+                }
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// [`fail`](Self::fail) from outside the ledger's lock: takes it, so that

