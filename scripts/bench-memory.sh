@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Peak memory (VmHWM) of `dispatcher serve` (release build) for two hostile
-# requests: a 59 MB POST /heartbeat that repeats one work id, and GET /work of
-# a 381 MB input line. With BASELINE=path/to/older/dispatcher, the same for
+# Peak memory (VmHWM) of `dispatcher serve` (release build) for three hostile
+# requests: a 59 MB POST /heartbeat that repeats one work id, GET /work of a
+# 381 MB input line, and a 1 GiB POST without the access token to a server with
+# --token and --log-invalid-http. With BASELINE=path/to/older/dispatcher, the same for
 # that binary, in the same run.
 #
 #   scripts/bench-memory.sh
@@ -20,6 +21,7 @@ with open(f"{work}/heartbeat.json", "w") as f:
 with open(f"{work}/long.jsonl", "w") as f:
     f.write('{"prompt": "' + "x" * 381_000_000 + '"}\n')
 EOF
+[ -s "$work/big.bin" ] || head -c 1G /dev/zero >"$work/big.bin"
 
 addr_of() {
   for _ in $(seq 3000); do
@@ -27,15 +29,16 @@ addr_of() {
   done; echo "no address in $1" >&2; exit 1
 }
 
-measure() { # binary input label path [body file: POST it]
+measure() { # binary input label path [body file: POST it] [more serve flags]
   local bin=$1 input=$2 label=$3 path=$4 body=${5:-}
+  shift 5 || shift $#
   rm -f "$work"/out.jsonl* "$work/srv.out"
   "$bin" serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
-    --max-request-mib 64 >"$work/srv.out" 2>"$work/srv.err" &
+    --max-request-mib 64 "$@" >"$work/srv.out" 2>"$work/srv.err" &
   local sp=$!
   local a; a=$(addr_of "$work/srv.out")
   local code
-  code=$(curl -s -o /dev/null -w "%{http_code}" ${body:+--data-binary "@$body"} "http://$a$path" || true)
+  code=$(curl -s -o /dev/null -w "%{http_code}" ${body:+-X POST -H "content-type: application/json" -T "$body"} "http://$a$path" || true)
   local peak; peak=$(awk '/VmHWM/ {print $2}' /proc/$sp/status)
   kill -TERM "$sp"; while kill -0 "$sp" 2>/dev/null; do sleep 0.01; done
   echo "$label peak_rss_kb=$peak http=$code"
@@ -44,4 +47,6 @@ measure() { # binary input label path [body file: POST it]
 for bin in target/release/dispatcher ${BASELINE:-}; do
   measure "$bin" "$work/small.jsonl" "$bin heartbeat_59mb" /heartbeat "$work/heartbeat.json"
   measure "$bin" "$work/long.jsonl" "$bin work_381mb_line" "/work?batch_size=1"
+  measure "$bin" "$work/small.jsonl" "$bin unauthenticated_1gib_post" /results "$work/big.bin" \
+    --token secret --log-invalid-http
 done

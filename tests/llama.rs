@@ -9,15 +9,14 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dispatcher::client::DispatcherClient;
 use dispatcher::engine::launch::{self, EngineKind, LaunchConfig};
 use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
-use crate::support::{example, send_signal, wait_exit, Served};
+use crate::support::{chat_lines, dispatcher_bin, example, strings, wait_exit, Served};
 
 /// The engine and model, or `None` (with a message) where they are not built.
 fn llama() -> Option<(String, String)> {
@@ -80,21 +79,6 @@ fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn dispatcher_bin() -> PathBuf {
-    crate::support::built_binary("", "dispatcher")
-}
-
-fn chat_lines(n: usize) -> (String, Vec<String>) {
-    let qs: Vec<String> = (0..n)
-        .map(|i| format!("Question number {i}: name a river."))
-        .collect();
-    let input = qs
-        .iter()
-        .map(|q| json!({"id": q, "messages": [{"role": "user", "content": q}]}).to_string() + "\n")
-        .collect();
-    (input, qs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,67 +268,22 @@ async fn an_engine_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_wo
     let Some((server, model)) = llama() else {
         return;
     };
-    let (input, qs) = chat_lines(40);
-    let served = Served::start(&input, Duration::from_secs(3)).await;
-    let client = DispatcherClient::new(&served.addr);
-    let mut args: Vec<String> = [
-        "infer",
-        "--dispatcher",
-        &served.addr,
-        "--max-tokens",
-        "48",
-        "--workers",
-        "4",
-        "--engine-retries",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(engine_flags(&server, &model, 256, 4));
-    let first = worker(&dispatcher_bin(), &args);
-    let start = Instant::now();
-    while client.status().await.unwrap().in_flight == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the worker never took work"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The engine is the worker's child, in its own process group.
-    let pgrep = Command::new("pgrep")
-        .args(["-P", &first.id().to_string(), "llama-server"])
-        .output()
-        .unwrap();
-    let engine_pid: i32 = String::from_utf8_lossy(&pgrep.stdout)
-        .trim()
-        .parse()
-        .expect("the engine's pid");
-    assert_eq!(send_signal(engine_pid, libc::SIGKILL), 0);
-    let (code, stderr) = wait_exit(first, Duration::from_secs(60)).await;
-    assert_ne!(code, 0, "a dead engine is a failure: {stderr}");
-    assert!(stderr.contains("engine"), "{stderr}");
-    let status = client.status().await.unwrap();
-    assert_eq!(
-        status.in_flight, 0,
-        "everything was handed back: {status:?}"
-    );
-    assert!(status.reissues.release > 0);
-    assert!(status.lines_done < 40);
-
-    let second = worker(&dispatcher_bin(), &args);
-    let (code, stderr) = wait_exit(second, Duration::from_secs(300)).await;
-    assert_eq!(code, 0, "{stderr}");
-    let out = served.finish().await;
-    assert_eq!(out.len(), 40);
-    for (i, line) in out.iter().enumerate() {
-        assert_eq!(line["id"], qs[i].as_str(), "line {i}");
-        assert_eq!(
-            line["responses"].as_array().map(Vec::len),
-            Some(1),
-            "line {i}: {line}"
-        );
-    }
+    crate::support::an_engine_killed_mid_run(40, |addr| {
+        let mut args = strings(&[
+            "infer",
+            "--dispatcher",
+            addr,
+            "--max-tokens",
+            "48",
+            "--workers",
+            "4",
+            "--engine-retries",
+            "1",
+        ]);
+        args.extend(engine_flags(&server, &model, 256, 4));
+        worker(&dispatcher_bin(), &args)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,3 +122,104 @@ pub fn send_signal(pid: i32, sig: i32) -> i32 {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid, sig) }
 }
+
+/// The `dispatcher` binary.
+pub fn dispatcher_bin() -> PathBuf {
+    built_binary("", "dispatcher")
+}
+
+/// Owned arguments.
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// `n` chat lines `{"id", "messages"}`, and their questions.
+pub fn chat_lines(n: usize) -> (String, Vec<String>) {
+    let qs: Vec<String> = (0..n)
+        .map(|i| format!("Question number {i}: name a river."))
+        .collect();
+    let input = qs
+        .iter()
+        .map(|q| {
+            serde_json::json!({"id": q, "messages": [{"role": "user", "content": q}]}).to_string()
+                + "\n"
+        })
+        .collect();
+    (input, qs)
+}
+
+/// The engine a worker launched: the worker's child, which leads its own
+/// process group.
+pub fn engine_of(worker: &Child) -> i32 {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("pgrep")
+            .args(["-P", &worker.id().to_string()])
+            .output()
+            .unwrap();
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker started no engine"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the job has lines done and items in flight.
+pub async fn wait_for_progress(client: &dispatcher::client::DispatcherClient) {
+    let start = Instant::now();
+    loop {
+        let s = client.status().await.unwrap();
+        if s.in_flight > 0 && s.lines_done > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the worker made no progress: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An `infer` worker (`spawn` starts one, launching its own engine) whose
+/// engine is killed mid-run hands back what it holds and fails; a second one
+/// finishes the job of `lines` chat lines exactly, one response each.
+pub async fn an_engine_killed_mid_run(lines: usize, spawn: impl Fn(&str) -> Child) {
+    let (input, qs) = chat_lines(lines);
+    let served = Served::start(&input, Duration::from_secs(3)).await;
+    let client = dispatcher::client::DispatcherClient::new(&served.addr);
+    let first = spawn(&served.addr);
+    let engine = engine_of(&first);
+    wait_for_progress(&client).await;
+    // The whole engine: it and whatever it forked.
+    assert_eq!(send_signal(-engine, libc::SIGKILL), 0);
+    let (code, stderr) = wait_exit(first, Duration::from_secs(120)).await;
+    assert_ne!(code, 0, "a dead engine is a failure: {stderr}");
+    assert!(stderr.contains("engine"), "{stderr}");
+    let status = client.status().await.unwrap();
+    assert_eq!(
+        status.in_flight, 0,
+        "everything was handed back: {status:?}"
+    );
+    assert!(status.reissues.release > 0);
+    assert!(status.lines_done < lines as u64);
+
+    let (code, stderr) = wait_exit(spawn(&served.addr), Duration::from_secs(600)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), lines);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["id"], qs[i].as_str(), "line {i}");
+        assert_eq!(
+            line["responses"].as_array().map(Vec::len),
+            Some(1),
+            "line {i}: {line}"
+        );
+    }
+}

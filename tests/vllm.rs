@@ -19,7 +19,10 @@ use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
-use crate::support::{example, send_signal, wait_exit, Served};
+use crate::support::{
+    chat_lines, dispatcher_bin, engine_of, example, send_signal, strings, wait_exit,
+    wait_for_progress, Served,
+};
 
 /// `vllm` and the tiny model, or `None` (with a message) where they are not
 /// installed.
@@ -97,48 +100,6 @@ fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
         .unwrap()
 }
 
-fn dispatcher_bin() -> PathBuf {
-    crate::support::built_binary("", "dispatcher")
-}
-
-fn chat_lines(n: usize) -> (String, Vec<String>) {
-    let qs: Vec<String> = (0..n)
-        .map(|i| format!("Question number {i}: say hello to the world."))
-        .collect();
-    let input = qs
-        .iter()
-        .map(|q| json!({"id": q, "messages": [{"role": "user", "content": q}]}).to_string() + "\n")
-        .collect();
-    (input, qs)
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// The process group of the worker's engine: the worker's child, which leads
-/// its own group.
-fn engine_of(worker: &std::process::Child) -> i32 {
-    let start = Instant::now();
-    loop {
-        let out = Command::new("pgrep")
-            .args(["-P", &worker.id().to_string()])
-            .output()
-            .unwrap();
-        if let Some(pid) = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the worker started no engine"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Running processes whose process group is `pgid`, from /proc.
 fn processes_in_group(pgid: i32) -> Vec<i32> {
     let mut pids = Vec::new();
@@ -160,22 +121,6 @@ fn processes_in_group(pgid: i32) -> Vec<i32> {
         }
     }
     pids
-}
-
-/// Waits until the job has lines done and items in flight.
-async fn wait_for_progress(client: &DispatcherClient) {
-    let start = Instant::now();
-    loop {
-        let s = client.status().await.unwrap();
-        if s.in_flight > 0 && s.lines_done > 0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "the worker made no progress: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,52 +337,24 @@ async fn a_vllm_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_worke
     let Some((bin, model)) = vllm() else {
         return;
     };
-    let (input, qs) = chat_lines(60);
-    let served = Served::start(&input, Duration::from_secs(3)).await;
-    let client = DispatcherClient::new(&served.addr);
-    let mut args = strings(&[
-        "infer",
-        "--dispatcher",
-        &served.addr,
-        "--max-tokens",
-        "64",
-        "--workers",
-        "4",
-        "--batch-size",
-        "4",
-        "--engine-retries",
-        "1",
-    ]);
-    args.extend(engine_flags(&bin, &model, 512));
-    let first = worker(&dispatcher_bin(), &args);
-    let engine = engine_of(&first);
-    wait_for_progress(&client).await;
-    // The whole engine: vLLM and whatever it forked.
-    assert_eq!(send_signal(-engine, libc::SIGKILL), 0);
-    let (code, stderr) = wait_exit(first, Duration::from_secs(120)).await;
-    assert_ne!(code, 0, "a dead engine is a failure: {stderr}");
-    assert!(stderr.contains("engine"), "{stderr}");
-    let status = client.status().await.unwrap();
-    assert_eq!(
-        status.in_flight, 0,
-        "everything was handed back: {status:?}"
-    );
-    assert!(status.reissues.release > 0);
-    assert!(status.lines_done < 60);
-
-    let second = worker(&dispatcher_bin(), &args);
-    let (code, stderr) = wait_exit(second, Duration::from_secs(600)).await;
-    assert_eq!(code, 0, "{stderr}");
-    let out = served.finish().await;
-    assert_eq!(out.len(), 60);
-    for (i, line) in out.iter().enumerate() {
-        assert_eq!(line["id"], qs[i].as_str(), "line {i}");
-        assert_eq!(
-            line["responses"].as_array().map(Vec::len),
-            Some(1),
-            "line {i}: {line}"
-        );
-    }
+    crate::support::an_engine_killed_mid_run(60, |addr| {
+        let mut args = strings(&[
+            "infer",
+            "--dispatcher",
+            addr,
+            "--max-tokens",
+            "64",
+            "--workers",
+            "4",
+            "--batch-size",
+            "4",
+            "--engine-retries",
+            "1",
+        ]);
+        args.extend(engine_flags(&bin, &model, 512));
+        worker(&dispatcher_bin(), &args)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,18 @@ fn ids(reply: &WorkReply) -> Vec<u64> {
     reply.items.iter().map(|i| i.work_id).collect()
 }
 
+/// Takes up to `n` items and answers each with its own content.
+fn answer(l: &mut Ledger, n: usize, t: Instant) -> WorkReply {
+    let r = l.take_work(n, t).unwrap();
+    let done = r
+        .items
+        .iter()
+        .map(|i| result(i.work_id, &i.content))
+        .collect();
+    l.complete(done).unwrap();
+    r
+}
+
 fn result(id: u64, value: &str) -> WorkItem {
     WorkItem {
         work_id: id,
@@ -532,13 +544,7 @@ fn appending_to_an_input_whose_last_line_had_no_newline_resumes_exactly() {
     let t = Instant::now();
     {
         let mut l = job.open(t).unwrap();
-        let r = l.take_work(5, t).unwrap();
-        let done = r
-            .items
-            .iter()
-            .map(|i| result(i.work_id, &i.content))
-            .collect();
-        l.complete(done).unwrap();
+        answer(&mut l, 5, t);
         assert!(l.is_complete());
         l.checkpoint().unwrap();
     }
@@ -547,15 +553,9 @@ fn appending_to_an_input_whose_last_line_had_no_newline_resumes_exactly() {
     input.extend_from_slice(b"\n{\"i\":3}\n{\"i\":4}\n");
     std::fs::write(&job.config.infile, &input).unwrap();
     let mut l = job.open(t).unwrap();
-    let r = l.take_work(5, t).unwrap();
+    let r = answer(&mut l, 5, t);
     assert_eq!(ids(&r), vec![3, 4], "no phantom line between 2 and 3");
     assert_eq!(r.items[0].content, "{\"i\":3}");
-    let done = r
-        .items
-        .iter()
-        .map(|i| result(i.work_id, &i.content))
-        .collect();
-    l.complete(done).unwrap();
     let out: Vec<String> = job.output().lines().map(String::from).collect();
     assert_eq!(out.len(), 5);
     assert_eq!(out[3], "{\"i\":3}");
@@ -565,13 +565,7 @@ fn appending_to_an_input_whose_last_line_had_no_newline_resumes_exactly() {
     let job = Job::new(b"{\"i\":0}\n\"last\"", Some(3));
     {
         let mut l = job.open(t).unwrap();
-        let r = l.take_work(5, t).unwrap();
-        let done = r
-            .items
-            .iter()
-            .map(|i| result(i.work_id, &i.content))
-            .collect();
-        l.complete(done).unwrap();
+        answer(&mut l, 5, t);
         l.checkpoint().unwrap();
     }
     let mut input = std::fs::read(&job.config.infile).unwrap();
@@ -588,23 +582,9 @@ fn lines_recovered_past_the_checkpoint_are_cut_at_the_first_that_is_not_json() {
     let t = Instant::now();
     {
         let mut l = job.open(t).unwrap();
-        let r = l.take_work(2, t).unwrap();
-        l.complete(
-            r.items
-                .iter()
-                .map(|i| result(i.work_id, &i.content))
-                .collect(),
-        )
-        .unwrap();
+        answer(&mut l, 2, t);
         l.checkpoint().unwrap();
-        let r = l.take_work(4, t).unwrap();
-        l.complete(
-            r.items
-                .iter()
-                .map(|i| result(i.work_id, &i.content))
-                .collect(),
-        )
-        .unwrap();
+        answer(&mut l, 4, t);
     }
     // A power loss: line 4's page was never written (NULs), so were the rest.
     let mut out = std::fs::read(&job.config.outfile).unwrap();
@@ -742,14 +722,7 @@ fn checkpoint_counts_that_disagree_with_the_files_are_refused() {
     let t = Instant::now();
     {
         let mut l = job.open(t).unwrap();
-        let r = l.take_work(10, t).unwrap();
-        l.complete(
-            r.items
-                .iter()
-                .map(|i| result(i.work_id, &i.content))
-                .collect(),
-        )
-        .unwrap();
+        answer(&mut l, 10, t);
         l.checkpoint().unwrap();
     }
     let good = std::fs::read_to_string(&job.config.checkpoint).unwrap();
