@@ -22,4 +22,6 @@ export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_S
 # worker processes; `cargo test` alone builds examples only as test targets.
 cargo build --workspace --bins --examples
 cargo test --workspace --all-targets
+# The optional schemars support, on its own (it adds a derive to the build).
+cargo test -p dispatcher-core --features schemars --lib schemars
 cargo test --workspace --doc

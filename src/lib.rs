@@ -7,7 +7,7 @@
 //! concurrent **tasks**, written as async functions:
 //!
 //! ```no_run
-//! use dispatcher::{task, Request, TaskError};
+//! use dispatcher::prelude::*;
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Deserialize)]
@@ -30,26 +30,39 @@
 //!
 //! # Writing a task
 //! `#[task]` goes on `async fn name(input: In) -> Result<Out, TaskError>`, where
-//! `In: Deserialize` is one input line and `Out: Serialize` one output line. A
-//! second parameter `ctx: TaskContext` gives the work id, retry count, max
-//! retries and [`TaskContext::is_last_attempt`].
+//! `In: Deserialize` is one input line and `Out: Serialize` one output line, both
+//! taken and returned by value. A second parameter `ctx: TaskContext` gives the
+//! work id, retry count, max retries and [`TaskContext::is_last_attempt`].
+//! [`prelude`] has everything a task file needs, in one import.
 //!
 //! - `yield_request!(req)` sends one [`Request`] and evaluates to
 //!   `Result<Response, RequestError>`; `yield_request!([a, b])` sends an array in
 //!   parallel and evaluates to `Result<[Response; 2], _>` (a `Vec` gives a `Vec`),
-//!   responses in request order. It may be used only directly in the task's
-//!   body: not in closures, `async` blocks, nested functions or other macros'
-//!   arguments.
+//!   responses in request order. It works in the task's body, also inside other
+//!   macros' arguments (`format!("{}", yield_request!(r)?.text())`), but not in
+//!   closures, `async` blocks or nested functions: there, and in helper
+//!   functions, send with the context: `async fn helper(ctx: &TaskContext, ..)`
+//!   calls `ctx.send(request).await`, and `tokio::join!(helper(&ctx, a),
+//!   helper(&ctx, b))` runs sub-flows side by side.
+//! - A conversation grows with [`Request::push`]: `chat.push(&response)` adds
+//!   the model's turn and `chat.push(Message::user(".."))` the next question
+//!   (`examples/critique_and_revise.rs`).
 //! - `?` on a request error writes a failure record (`request_rejected` for a
 //!   4xx such as a prompt over the context length); a dead engine instead stops
 //!   the worker, which hands its items back.
 //! - [`TaskError::failed`]`(error_type, message)` writes
 //!   `{"__ERROR__": {"error": error_type, "message", "task_data": <input>}}`;
-//!   [`TaskError::retry`]`(message)` hands the line back to the dispatcher for
-//!   another attempt (on the last attempt it writes `retries_exhausted`).
-//! - Input that does not deserialize gives `invalid_input`; a panic gives
-//!   `task_panicked`; the worker keeps going either way.
+//!   `.or_fail("error_type")?` ([`OrFail`]) does that for any `Result` or
+//!   `Option`. [`TaskError::retry`]`(message)` hands the line back to the
+//!   dispatcher for another attempt, which the server gives to another worker
+//!   when one asks (on the last attempt it writes `retries_exhausted`).
+//! - The error type may be your own: `Result<Out, MyError>` works when
+//!   `TaskError: From<MyError>`.
+//! - Input that does not deserialize gives `invalid_input` (naming the input
+//!   line and column); a panic gives `task_panicked`; the worker keeps going
+//!   either way.
 //! - [`TaskContext::with_metadata`] adds the conventional `task_metadata`.
+//! - A mistake in the signature is one compile error, on the mistake.
 //!
 //! # What `#[task]` expands to
 //! The function becomes a unit struct of the same name implementing [`Task`]:
@@ -97,10 +110,26 @@ pub use dispatcher_cli as cli;
 pub use dispatcher_cli::{infer, run_tasks};
 pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
 pub use dispatcher_core::task::{
-    manager, source, testing, DynTask, LineOutcome, OutcomeKind, Task, TaskContext, TaskError,
+    manager, source, testing, DynTask, LineOutcome, OrFail, OutcomeKind, Task, TaskContext,
+    TaskError,
 };
 pub use dispatcher_core::{checkpoint, client, engine, input, ledger, output, protocol, server};
+/// Turns an `async fn` into a task: see [Writing a task](crate#writing-a-task)
+/// and [what it expands to](crate#what-task-expands-to).
+#[doc(inline)]
 pub use dispatcher_macros::task;
+
+/// What a task file needs, in one import: `use dispatcher::prelude::*;`.
+///
+/// A glob import never warns about the names a file does not use, and it
+/// brings [`yield_request!`] into scope, so a misplaced one gets this crate's
+/// own message rather than rustc's "cannot find macro".
+pub mod prelude {
+    pub use crate::{
+        task, yield_request, Message, OrFail, Request, RequestError, Response, TaskContext,
+        TaskError,
+    };
+}
 
 /// Sends requests to the model from inside a `#[task]` fn; see the [crate docs](crate).
 ///
@@ -108,9 +137,14 @@ pub use dispatcher_macros::task;
 /// reached only from somewhere it cannot work.
 #[macro_export]
 macro_rules! yield_request {
-    ($($tokens:tt)*) => {
+    ($($tokens:tt)*) => {{
         ::core::compile_error!(
-            "`yield_request!` can only be used directly in the body of a `#[task]` async fn (not in a nested fn or in another macro's arguments)"
-        )
-    };
+            "`yield_request!` can only be used in the body of a `#[task]` async fn; in a helper, take `ctx: &TaskContext` and call `ctx.send(request).await`"
+        );
+        // Keeps what the arguments name in use, so the error above is the
+        // only message.
+        #[allow(unreachable_code, unused)]
+        let _requests = || ($($tokens)*);
+        ::core::unreachable!()
+    }};
 }

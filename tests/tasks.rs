@@ -13,6 +13,9 @@ use serde_json::json;
 #[path = "../examples/compare_responses.rs"]
 mod compare_example;
 #[allow(dead_code)]
+#[path = "../examples/critique_and_revise.rs"]
+mod critique_example;
+#[allow(dead_code)]
 #[path = "../examples/validated_response.rs"]
 mod validated_example;
 
@@ -234,4 +237,175 @@ async fn structured_output_parses_or_fails_the_line() {
         .run(json!("rate"))
         .await;
     assert_eq!(run.error_type(), Some("response_not_json"));
+}
+
+#[tokio::test]
+async fn critique_and_revise_grows_one_conversation_over_three_turns() {
+    let run = TaskTest::new(critique_example::critique_and_revise)
+        .replies([
+            "Paris.",
+            "It lacks a reason.",
+            "Paris, the seat of government.",
+        ])
+        .run(json!({"question": "Capital of France?"}))
+        .await;
+    assert_eq!(run.output["answer"], "Paris, the seat of government.");
+    assert_eq!(run.output["critique"], "It lacks a reason.");
+    assert_eq!(run.requests.len(), 3);
+    let turns: Vec<Vec<(String, String)>> = run
+        .requests
+        .iter()
+        .map(|r| {
+            r.to_json()["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["role"].as_str().unwrap().into(),
+                        m["content"].as_str().unwrap().into(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(turns[0].len(), 1);
+    assert_eq!(turns[1].len(), 3);
+    assert_eq!(turns[2].len(), 5);
+    assert_eq!(turns[2][1], ("assistant".into(), "Paris.".into()));
+    assert_eq!(
+        turns[2][3],
+        ("assistant".into(), "It lacks a reason.".into())
+    );
+    assert_eq!(turns[2][4].0, "user");
+}
+
+/// An error type of the task's own, with the conversion `?` needs.
+#[derive(Debug)]
+enum GradeError {
+    NoDigit(String),
+}
+
+impl From<GradeError> for TaskError {
+    fn from(e: GradeError) -> TaskError {
+        match e {
+            GradeError::NoDigit(text) => {
+                TaskError::failed("no_digit", format!("no digit in {text:?}"))
+            }
+        }
+    }
+}
+
+impl From<dispatcher::RequestError> for GradeError {
+    fn from(e: dispatcher::RequestError) -> GradeError {
+        GradeError::NoDigit(e.to_string())
+    }
+}
+
+#[task]
+async fn grade(input: String) -> Result<u32, GradeError> {
+    let r = yield_request!(Request::chat().user(input))?;
+    r.text()
+        .chars()
+        .find_map(|c| c.to_digit(10))
+        .ok_or_else(|| GradeError::NoDigit(r.text().to_string()))
+}
+
+#[task]
+async fn first_word(input: String) -> Result<String, TaskError> {
+    use dispatcher::OrFail;
+    let r = yield_request!(Request::chat().user(&input))?;
+    let word = r.text().split_whitespace().next().or_fail("empty_answer")?;
+    let n: u32 = word.parse().or_fail("not_a_number")?;
+    Ok(format!("{input}: {n}"))
+}
+
+/// `yield_request!` inside another macro's arguments is rewritten too.
+#[task]
+async fn in_macro_args(input: String) -> Result<Vec<String>, TaskError> {
+    let line = format!(
+        "{} / {}",
+        yield_request!(Request::chat().user(&input))?.text(),
+        input
+    );
+    Ok(vec![
+        line,
+        yield_request!(Request::completion("more"))?
+            .text()
+            .to_string(),
+    ])
+}
+
+#[tokio::test]
+async fn a_tasks_own_error_type_and_or_fail_become_failure_records() {
+    let run = TaskTest::new(grade)
+        .replies(["grade: 7"])
+        .run(json!("essay"))
+        .await;
+    assert_eq!(run.output, json!(7));
+    let run = TaskTest::new(grade)
+        .replies(["none"])
+        .run(json!("essay"))
+        .await;
+    assert_eq!(
+        run.output["__ERROR__"]["error"], "no_digit",
+        "{}",
+        run.output
+    );
+
+    let run = TaskTest::new(first_word)
+        .replies(["42 is it"])
+        .run(json!("q"))
+        .await;
+    assert_eq!(run.output, json!("q: 42"));
+    let run = TaskTest::new(first_word)
+        .replies([""])
+        .run(json!("q"))
+        .await;
+    assert_eq!(run.output["__ERROR__"]["error"], "empty_answer");
+    let run = TaskTest::new(first_word)
+        .replies(["many"])
+        .run(json!("q"))
+        .await;
+    assert_eq!(run.output["__ERROR__"]["error"], "not_a_number");
+    assert!(run.output["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid digit"));
+
+    let run = TaskTest::new(in_macro_args)
+        .replies(["a", "b"])
+        .run(json!("x"))
+        .await;
+    assert_eq!(run.output, json!(["a / x", "b"]));
+}
+
+#[derive(serde::Deserialize)]
+struct Needs {
+    #[allow(dead_code)]
+    question: String,
+}
+
+#[task]
+async fn needs_a_question(input: Needs) -> Result<(), TaskError> {
+    let _ = input;
+    Ok(())
+}
+
+#[tokio::test]
+async fn input_that_does_not_fit_names_its_line_and_column() {
+    let ctx = dispatcher::testing::TaskTest::new(needs_a_question);
+    let run = ctx.work_id(3).run(json!({"prompt": "hi"})).await;
+    let message = run.output["__ERROR__"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with(
+            "input line 4 (work_id 3) does not fit the task's input type: missing field `question`"
+        ),
+        "{message}"
+    );
+    assert!(message.ends_with("(at column 15)"), "{message}");
+    assert!(!message.contains("line 1"), "{message}");
 }

@@ -3,6 +3,7 @@
 mod examples_e2e;
 mod infer;
 mod llama;
+mod own_crate;
 mod server_e2e;
 mod slurm;
 mod support;

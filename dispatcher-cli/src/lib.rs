@@ -81,10 +81,11 @@ pub struct TaskCli {
 /// The whole CLI of a task binary: call it from `main` with the binary's tasks.
 ///
 /// ```no_run
-/// # use dispatcher_core::task::DynTask;
-/// # fn tasks() -> Vec<&'static dyn DynTask> { Vec::new() }
+/// # mod dispatcher { pub use dispatcher_cli::run_tasks; pub use dispatcher_core::task::DynTask; }
+/// # fn tasks() -> Vec<&'static dyn dispatcher::DynTask> { Vec::new() }
+/// // With `#[task] async fn answer(..)` defined: `run_tasks(&[&answer])`.
 /// fn main() -> std::process::ExitCode {
-///     dispatcher_cli::run_tasks(&tasks())
+///     dispatcher::run_tasks(&tasks())
 /// }
 /// ```
 pub fn run_tasks(tasks: &[&'static dyn DynTask]) -> std::process::ExitCode {

@@ -251,11 +251,17 @@ impl WorkArgs {
                 if !input.is_file() {
                     bail!("--input {}: no such file", input.display());
                 }
-                Ok(Arc::new(FileSource::open(
-                    input,
-                    output,
-                    Some(self.max_retries),
-                )?))
+                let source = FileSource::open(input, output, Some(self.max_retries))?;
+                if let Some(lines) = source.complete_lines() {
+                    tracing::warn!(
+                        "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do. To run the job again from the start, move {} and {} away",
+                        output.display(),
+                        input.display(),
+                        output.display(),
+                        dispatcher_core::checkpoint::default_checkpoint(output).display()
+                    );
+                }
+                Ok(Arc::new(source))
             }
             _ => bail!(
                 "pass --dispatcher HOST:PORT, or --input PATH and --output PATH for local mode"

@@ -698,3 +698,26 @@ fn a_worker_serves_its_metrics_and_the_echo_engine_errors_are_retried() {
         );
     }
 }
+
+#[test]
+fn a_rerun_of_a_finished_local_job_says_so_and_names_the_files_to_move() {
+    let job = Job::new(0);
+    std::fs::write(
+        job.path("in.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let (ok, stderr) = infer_local(&job, &[]);
+    assert!(ok, "{stderr}");
+    let before = std::fs::read(job.path("out.jsonl")).unwrap();
+    let (ok, stderr) = infer_local(&job, &[]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("already complete (1 lines"), "{stderr}");
+    for file in ["out.jsonl", "out.jsonl.checkpoint"] {
+        assert!(
+            stderr.contains(&job.path(file).display().to_string()),
+            "names {file}: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(job.path("out.jsonl")).unwrap(), before);
+}

@@ -11,8 +11,10 @@ mod rewrite;
 
 use proc_macro::TokenStream;
 
-/// Turns `async fn name(input: In [, ctx: TaskContext]) -> Result<Out, TaskError>`
-/// into a task type `name` that implements `Task`. See `dispatcher::task`.
+/// Turns `async fn name(input: In [, ctx: TaskContext]) -> Result<Out, E>`
+/// (`E` is `TaskError` or converts into it) into a task type `name` that
+/// implements `Task`, with every `yield_request!` in its body sending its
+/// request through the task's context.
 #[proc_macro_attribute]
 pub fn task(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::task(args.into(), item.into()).into()

@@ -15,6 +15,14 @@ pub struct Args {
     pub krate: Path,
 }
 
+impl Default for Args {
+    fn default() -> Args {
+        Args {
+            krate: syn::parse_quote!(::dispatcher),
+        }
+    }
+}
+
 impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Args> {
         let mut krate: Path = syn::parse_quote!(::dispatcher);
@@ -54,23 +62,16 @@ pub struct TaskFn {
     pub ret: Box<Type>,
     /// `Out`.
     pub output_ty: Type,
+    /// The error type of the declared `Result`: `TaskError`, or any type
+    /// that converts into it; `None` for a one-argument alias (`Result<Out>`).
+    pub error_ty: Option<Type>,
     pub body: Box<Block>,
 }
 
-/// The parts that survive an error, for the fallback.
-pub struct Partial {
-    pub attrs: Vec<Attribute>,
-    pub vis: Visibility,
-    pub name: syn::Ident,
-}
-
-pub fn partial(item: TokenStream) -> Option<Partial> {
-    let f: ItemFn = syn::parse2(item).ok()?;
-    Some(Partial {
-        attrs: f.attrs,
-        vis: f.vis,
-        name: f.sig.ident,
-    })
+/// The function as written, when it parses as one: what survives an error,
+/// for the fallback.
+pub fn partial(item: TokenStream) -> Option<ItemFn> {
+    syn::parse2(item).ok()
 }
 
 pub fn task_fn(item: TokenStream) -> syn::Result<TaskFn> {
@@ -119,6 +120,21 @@ pub fn task_fn(item: TokenStream) -> syn::Result<TaskFn> {
     if args.next().is_some() {
         return Err(arity_error());
     }
+    // A task runs detached from its caller: it owns what it is given.
+    if let Type::Reference(r) = &*input.ty {
+        return Err(syn::Error::new_spanned(
+            r,
+            "a `#[task]` fn takes its input by value (`input: In`, not `&In`): the task owns its line",
+        ));
+    }
+    if let Some((_, ty)) = &ctx {
+        if let Type::Reference(r) = &**ty {
+            return Err(syn::Error::new_spanned(
+                r,
+                "a `#[task]` fn takes its context by value (`ctx: TaskContext`, not `&TaskContext`); pass `&ctx` on to helpers",
+            ));
+        }
+    }
     let ret = match &sig.output {
         ReturnType::Type(_, ty) => ty.clone(),
         ReturnType::Default => {
@@ -128,10 +144,10 @@ pub fn task_fn(item: TokenStream) -> syn::Result<TaskFn> {
             ))
         }
     };
-    let output_ty = result_ok_type(&ret).ok_or_else(|| {
+    let (output_ty, error_ty) = result_types(&ret).ok_or_else(|| {
         syn::Error::new_spanned(
             &ret,
-            "a `#[task]` fn must return `Result<Output, TaskError>`",
+            "a `#[task]` fn must return `Result<Output, TaskError>` (or `Result<Output, E>` with `E: Into<TaskError>`)",
         )
     })?;
     Ok(TaskFn {
@@ -143,12 +159,14 @@ pub fn task_fn(item: TokenStream) -> syn::Result<TaskFn> {
         ctx,
         ret,
         output_ty,
+        error_ty,
         body: f.block,
     })
 }
 
-/// `Out` of `Result<Out, E>` (any path ending in `Result`).
-fn result_ok_type(ty: &Type) -> Option<Type> {
+/// `Out` and `E` of `Result<Out, E>`, or `Out` of an alias `Result<Out>`
+/// (any path ending in `Result`).
+fn result_types(ty: &Type) -> Option<(Type, Option<Type>)> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?;
     if last.ident != "Result" {
@@ -157,8 +175,12 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
     let PathArguments::AngleBracketed(args) = &last.arguments else {
         return None;
     };
-    match args.args.first()? {
+    let mut types = args.args.iter().filter_map(|a| match a {
         GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    match (types.next(), types.next(), types.next()) {
+        (Some(ok), err, None) => Some((ok, err)),
         _ => None,
     }
 }

@@ -10,6 +10,8 @@
 //!
 //! Like async-stream, the rewriter does not descend into closures, `async`
 //! blocks or nested items: an `.await` there would belong to another future.
+//! It does descend into other macros' arguments when they parse as
+//! expressions (`format!("{}", yield_request!(r)?.text())`, `vec![..]`).
 
 use proc_macro2::TokenStream;
 use quote::quote;
@@ -38,7 +40,7 @@ impl<'a> Rewriter<'a> {
             self.errors.push(syn::Error::new_spanned(
                 mac,
                 format!(
-                    "`yield_request!` cannot be used inside {place}; move the request into the body of the `#[task]` fn itself"
+                    "`yield_request!` cannot be used inside {place}; move the request into the body of the `#[task]` fn itself, or send it from an `async fn helper(ctx: &TaskContext, ..)` with `ctx.send(request).await` (run several with `tokio::join!`)"
                 ),
             ));
             return None;
@@ -75,7 +77,40 @@ fn is_yield_request(mac: &Macro) -> bool {
             .is_some_and(|s| s.ident == "yield_request")
 }
 
+/// Whether `tokens` name `yield_request` anywhere (a cheap test before
+/// parsing another macro's arguments).
+fn mentions_yield_request(tokens: &TokenStream) -> bool {
+    tokens.clone().into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(i) => i == "yield_request",
+        proc_macro2::TokenTree::Group(g) => mentions_yield_request(&g.stream()),
+        _ => false,
+    })
+}
+
+impl Rewriter<'_> {
+    /// Rewrites `yield_request!` inside another macro's arguments (`format!`,
+    /// `vec!`, `println!`, ...) where they parse as comma-separated
+    /// expressions; elsewhere the fallback macro says where it belongs.
+    fn rewrite_macro_args(&mut self, mac: &mut Macro) {
+        if !mentions_yield_request(&mac.tokens) {
+            return;
+        }
+        let Ok(mut args) = mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated)
+        else {
+            return;
+        };
+        for arg in args.iter_mut() {
+            self.visit_expr_mut(arg);
+        }
+        mac.tokens = quote!(#args);
+    }
+}
+
 impl VisitMut for Rewriter<'_> {
+    fn visit_macro_mut(&mut self, mac: &mut Macro) {
+        self.rewrite_macro_args(mac);
+    }
+
     fn visit_expr_mut(&mut self, expr: &mut Expr) {
         match expr {
             Expr::Macro(m) if is_yield_request(&m.mac) => {
@@ -116,5 +151,65 @@ impl Rewriter<'_> {
         self.inside = Some(outer.unwrap_or(place));
         f(self);
         self.inside = outer;
+    }
+}
+
+/// Replaces every `yield_request!`, wherever it is, with a stand-in of the
+/// same type (`TaskContext::stand_in(requests)`): the body of the stand-in fn
+/// emitted after an error, which must type-check without adding errors of its
+/// own, and keep using what the body uses.
+pub struct Stripper<'a> {
+    pub krate: &'a Path,
+}
+
+impl Stripper<'_> {
+    fn stand_in(&self, mac: &Macro) -> Expr {
+        let krate = self.krate;
+        let args = mac
+            .parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated)
+            .unwrap_or_default();
+        let mut args = args.into_iter();
+        match args.next() {
+            Some(first) => {
+                let rest: Vec<Expr> = args.collect();
+                syn::parse_quote!({ let _ = (#(&#rest,)*); #krate::TaskContext::stand_in(#first) })
+            }
+            None => syn::parse_quote!(::core::unreachable!()),
+        }
+    }
+}
+
+impl VisitMut for Stripper<'_> {
+    fn visit_expr_mut(&mut self, expr: &mut Expr) {
+        if let Expr::Macro(m) = expr {
+            if is_yield_request(&m.mac) {
+                *expr = self.stand_in(&m.mac);
+                return;
+            }
+        }
+        visit_mut::visit_expr_mut(self, expr);
+    }
+
+    fn visit_stmt_mut(&mut self, stmt: &mut Stmt) {
+        if let Stmt::Macro(m) = stmt {
+            if is_yield_request(&m.mac) {
+                *stmt = Stmt::Expr(self.stand_in(&m.mac), Some(Default::default()));
+                return;
+            }
+        }
+        visit_mut::visit_stmt_mut(self, stmt);
+    }
+
+    fn visit_macro_mut(&mut self, mac: &mut Macro) {
+        // `yield_request!` in another macro's arguments, where they parse.
+        if !mentions_yield_request(&mac.tokens) {
+            return;
+        }
+        if let Ok(mut args) = mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated) {
+            for arg in args.iter_mut() {
+                self.visit_expr_mut(arg);
+            }
+            mac.tokens = quote!(#args);
+        }
     }
 }

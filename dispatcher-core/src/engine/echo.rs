@@ -136,14 +136,28 @@ async fn answer(state: &EchoState, body: &Value, prompt: String, chat: bool) -> 
     };
     let prompt_words = prompt.split_whitespace().count() as u64;
     let mut completion_words = 0;
+    // Structured output: a dry run of a task that parses the answer needs an
+    // answer that parses, so the echo is the smallest value the schema allows.
+    let structured = match &body["response_format"]["type"] {
+        Value::String(t) if t == "json_schema" => {
+            Some(minimal_value(&body["response_format"]["json_schema"]["schema"]).to_string())
+        }
+        Value::String(t) if t == "json_object" => Some("{}".to_string()),
+        _ => None,
+    };
     let choices: Vec<Value> = (0..n)
         .map(|i| {
-            let full = if i == 0 {
-                prompt.clone()
-            } else {
-                format!("{prompt} #{i}")
+            let (text, reason) = match &structured {
+                Some(value) => (value.clone(), "stop"),
+                None => {
+                    let full = if i == 0 {
+                        prompt.clone()
+                    } else {
+                        format!("{prompt} #{i}")
+                    };
+                    cut(&full, max_tokens, &stops)
+                }
             };
-            let (text, reason) = cut(&full, max_tokens, &stops);
             completion_words += text.split_whitespace().count() as u64;
             if chat {
                 json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
@@ -164,6 +178,54 @@ async fn answer(state: &EchoState, body: &Value, prompt: String, chat: bool) -> 
         },
     }))
     .into_response()
+}
+
+/// The smallest value `schema` (a JSON Schema) allows, as far as a dry run
+/// needs: every required property, the first of an `enum` or `anyOf`, a
+/// `const`, numbers at their minimum, strings and arrays at their minimum
+/// length.
+pub fn minimal_value(schema: &Value) -> Value {
+    if let Some(v) = schema.get("const") {
+        return v.clone();
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(first) = schema.get(key).and_then(|e| e.get(0)) {
+            return minimal_value(first);
+        }
+    }
+    let ty = match &schema["type"] {
+        Value::String(t) => t.as_str(),
+        // ["string", "null"]: the first type listed.
+        Value::Array(types) => types.first().and_then(Value::as_str).unwrap_or("null"),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "null",
+    };
+    match ty {
+        "object" => {
+            let mut object = serde_json::Map::new();
+            for name in schema["required"].as_array().into_iter().flatten() {
+                if let Some(name) = name.as_str() {
+                    object.insert(name.into(), minimal_value(&schema["properties"][name]));
+                }
+            }
+            Value::Object(object)
+        }
+        "array" => {
+            let len = schema["minItems"].as_u64().unwrap_or(0);
+            Value::Array((0..len).map(|_| minimal_value(&schema["items"])).collect())
+        }
+        "string" => {
+            let len = schema["minLength"].as_u64().unwrap_or(0) as usize;
+            Value::String("x".repeat(len))
+        }
+        "integer" => json!(schema["minimum"].as_i64().unwrap_or(0)),
+        "number" => json!(schema["minimum"].as_f64().unwrap_or(0.0)),
+        "boolean" => json!(false),
+        _ => Value::Null,
+    }
 }
 
 /// Cuts `text` at the first stop sequence, then to `max_tokens` words.
@@ -191,6 +253,65 @@ fn cut(text: &str, max_tokens: Option<u64>, stops: &[&str]) -> (String, &'static
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_structured_output_request_is_answered_with_a_value_that_parses() {
+        use http_body_util::BodyExt;
+        let schema = json!({
+            "type": "object",
+            "properties": {"score": {"type": "integer", "minimum": 0}, "label": {"type": "string"}},
+            "required": ["score", "label"],
+        });
+        let request = crate::engine::Request::chat()
+            .user("Rate this.")
+            .json_schema("rating", schema);
+        let http = axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(request.to_json().to_string()))
+            .unwrap();
+        let answer = tower::ServiceExt::oneshot(app(EchoOptions::default()), http)
+            .await
+            .unwrap();
+        let bytes = answer.into_body().collect().await.unwrap().to_bytes();
+        let response =
+            crate::engine::Response::from_openai(&serde_json::from_slice(&bytes).unwrap()).unwrap();
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Rating {
+            score: i64,
+            label: String,
+        }
+        assert_eq!(
+            response.json::<Rating>().unwrap(),
+            Rating {
+                score: 0,
+                label: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn the_minimal_value_of_a_schema_is_valid_for_it() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "score": {"type": "integer", "minimum": 1, "maximum": 9},
+                "label": {"type": "string", "enum": ["good", "bad"]},
+                "tags": {"type": "array", "items": {"type": "string", "minLength": 2}, "minItems": 1},
+                "note": {"type": ["string", "null"]},
+                "nested": {"properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+                "optional": {"type": "string"}
+            },
+            "required": ["score", "label", "tags", "note", "nested"]
+        });
+        assert_eq!(
+            minimal_value(&schema),
+            json!({"score": 1, "label": "good", "tags": ["xx"], "note": "", "nested": {"ok": false}})
+        );
+        assert_eq!(
+            minimal_value(&json!({"anyOf": [{"const": 3}, {"type": "string"}]})),
+            json!(3)
+        );
+    }
 
     #[test]
     fn cut_stops_at_stop_sequences_then_at_max_tokens() {

@@ -20,6 +20,29 @@ impl Message {
             content: content.into(),
         }
     }
+
+    /// A `user` message.
+    pub fn user(content: impl Into<String>) -> Message {
+        Message::new("user", content)
+    }
+
+    /// An `assistant` message.
+    pub fn assistant(content: impl Into<String>) -> Message {
+        Message::new("assistant", content)
+    }
+
+    /// A `system` message.
+    pub fn system(content: impl Into<String>) -> Message {
+        Message::new("system", content)
+    }
+}
+
+/// A response as the next turn of the conversation: an `assistant` message
+/// with its (first choice's) text.
+impl From<&crate::engine::Response> for Message {
+    fn from(response: &crate::engine::Response) -> Message {
+        Message::assistant(response.text())
+    }
 }
 
 /// Which endpoint a request goes to.
@@ -41,7 +64,8 @@ pub enum Body {
 /// A request to the model, built with chained setters:
 ///
 /// ```
-/// use dispatcher_core::engine::Request;
+/// # mod dispatcher { pub use dispatcher_core::engine::Request; }
+/// use dispatcher::Request;
 /// let req = Request::chat()
 ///     .system("You are terse.")
 ///     .user("Name a prime.")
@@ -207,17 +231,63 @@ impl Request {
     }
 
     /// Asks for JSON that follows `schema` (OpenAI's `json_schema` response format).
-    pub fn json_schema(mut self, name: &str, schema: Value) -> Request {
+    pub fn json_schema(self, name: &str, schema: Value) -> Request {
+        self.json_schema_with(name, schema, true)
+    }
+
+    /// [`json_schema`](Self::json_schema) with `strict` chosen: `false` lets
+    /// engines that cannot enforce every keyword of the schema take it as a
+    /// hint (the OpenAI API's `strict: false`).
+    pub fn json_schema_with(mut self, name: &str, schema: Value, strict: bool) -> Request {
         self.response_format = Some(serde_json::json!({
             "type": "json_schema",
-            "json_schema": {"name": name, "schema": schema, "strict": true},
+            "json_schema": {"name": name, "schema": schema, "strict": strict},
         }));
         self
+    }
+
+    /// [`json_schema`](Self::json_schema) with the schema derived from the
+    /// type the answer is parsed into (`#[derive(schemars::JsonSchema)]`),
+    /// named after it: the schema and the `json::<T>()` that reads the answer
+    /// cannot drift apart. With the `schemars` feature of `dispatcher`.
+    #[cfg(feature = "schemars")]
+    pub fn json_schema_for<T: schemars::JsonSchema>(self) -> Request {
+        let schema = schemars::SchemaGenerator::default().into_root_schema_for::<T>();
+        let name = T::schema_name();
+        self.json_schema(
+            &name,
+            serde_json::to_value(schema).expect("a schema serializes"),
+        )
     }
 
     /// Sets an engine-specific field, sent as it is.
     pub fn extra(mut self, key: impl Into<String>, value: impl Into<Value>) -> Request {
         self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds a message to a chat (a [`Response`](crate::engine::Response)
+    /// becomes the assistant's turn), so a conversation grows in a loop:
+    ///
+    /// ```
+    /// # mod dispatcher { pub use dispatcher_core::engine::{Message, Request, Response}; }
+    /// use dispatcher::{Message, Request};
+    /// # let answer = dispatcher_core::task::testing::reply("Paris.");
+    /// let mut chat = Request::chat().user("Capital of France?");
+    /// // let answer = yield_request!(chat.clone())?;
+    /// chat.push(&answer);
+    /// chat.push(Message::user("Are you sure?"));
+    /// assert_eq!(chat.to_json()["messages"][1]["content"], "Paris.");
+    /// assert_eq!(chat.to_json()["messages"][2]["role"], "user");
+    /// ```
+    ///
+    /// On a completion request the message's text is appended to the prompt.
+    pub fn push(&mut self, message: impl Into<Message>) -> &mut Request {
+        let message = message.into();
+        match &mut self.body {
+            Body::Chat { messages } => messages.push(message),
+            Body::Completion { prompt } => prompt.push_str(&message.content),
+        }
         self
     }
 
@@ -238,5 +308,33 @@ impl Request {
     /// The JSON body sent to the engine.
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("a request serializes")
+    }
+}
+
+#[cfg(all(test, feature = "schemars"))]
+mod schemars_tests {
+    use super::*;
+
+    #[derive(schemars::JsonSchema, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Rating {
+        /// From 0 to 9.
+        score: u8,
+        label: String,
+    }
+
+    #[test]
+    fn a_schema_derived_from_the_answer_type_is_sent_strict_and_named_after_it() {
+        let req = Request::chat().user("rate").json_schema_for::<Rating>();
+        let format = &req.to_json()["response_format"];
+        assert_eq!(format["type"], "json_schema");
+        assert_eq!(format["json_schema"]["name"], "Rating");
+        assert_eq!(format["json_schema"]["strict"], true);
+        let schema = &format["json_schema"]["schema"];
+        assert_eq!(schema["properties"]["score"]["type"], "integer");
+        assert_eq!(schema["required"], serde_json::json!(["score", "label"]));
+        // And the echo engine answers it with a value that reads back.
+        let value = crate::engine::echo::minimal_value(schema);
+        let _: Rating = serde_json::from_value(value).unwrap();
     }
 }

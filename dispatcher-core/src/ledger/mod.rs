@@ -164,6 +164,9 @@ struct Item {
     backed_up: bool,
     /// The worker of its current issue, when the worker says who it is.
     holder: Option<u64>,
+    /// The worker whose task asked for another attempt: another worker gets
+    /// the retry when one asks.
+    avoid: Option<u64>,
     state: ItemState,
 }
 
@@ -493,16 +496,16 @@ impl Ledger {
     ) -> io::Result<WorkReply> {
         self.expire(now)?;
         let mut items = Vec::with_capacity(batch.min(1024));
+        // Retries this worker asked for, left for another worker.
+        let mut avoided = Vec::new();
         while items.len() < batch {
             if let Some(id) = self.queue.pop_front() {
                 if let Some(key) = self.key_of(id) {
-                    let item = &mut self.items[key];
-                    debug_assert!(matches!(item.state, ItemState::Queued));
-                    item.holder = worker;
-                    item.state = ItemState::InFlight(self.leases.grant(id, now));
-                    self.queued -= 1;
-                    let (span, retry_count) = (item.span, item.retry_count);
-                    items.push(self.work_item(id, span, retry_count)?);
+                    if worker.is_some() && self.items[key].avoid == worker {
+                        avoided.push(id);
+                    } else {
+                        items.push(self.reissue(key, id, now, worker)?);
+                    }
                 }
                 continue;
             }
@@ -529,6 +532,7 @@ impl Ledger {
                         first_issued: now,
                         backed_up: false,
                         holder: worker,
+                        avoid: None,
                         state: ItemState::InFlight(self.leases.grant(id, now)),
                     });
                     self.window.push_issued(key);
@@ -540,6 +544,18 @@ impl Ledger {
                     let record = invalid_utf8_record(id, line.span, &self.config.infile, &bytes);
                     self.window.finish(id, record.into(), line.span.end)?;
                 }
+            }
+        }
+        for &id in avoided.iter().rev() {
+            self.queue.push_front(id);
+        }
+        // Nothing else is left for this worker: it gets its own retries back
+        // rather than wait for another worker that may never come.
+        if items.is_empty() {
+            for _ in 0..avoided.len().min(batch) {
+                let id = self.queue.pop_front().expect("put back above");
+                let key = self.key_of(id).expect("still queued");
+                items.push(self.reissue(key, id, now, worker)?);
             }
         }
         if items.is_empty() && self.queued == 0 && self.input_exhausted {
@@ -560,6 +576,23 @@ impl Ledger {
             retry_in,
             items,
         })
+    }
+
+    /// Issues queued item `key` (line `id`) again, to `worker`.
+    fn reissue(
+        &mut self,
+        key: usize,
+        id: u64,
+        now: Instant,
+        worker: Option<u64>,
+    ) -> io::Result<WorkItem> {
+        let item = &mut self.items[key];
+        debug_assert!(matches!(item.state, ItemState::Queued));
+        item.holder = worker;
+        item.state = ItemState::InFlight(self.leases.grant(id, now));
+        self.queued -= 1;
+        let (span, retry_count) = (item.span, item.retry_count);
+        self.work_item(id, span, retry_count)
     }
 
     /// The work item of an issue of line `id`.
@@ -928,6 +961,9 @@ impl Ledger {
             item.retry_count += 1;
         } else {
             item.releases += 1;
+        }
+        if cause == Cause::Retry {
+            item.avoid = item.holder;
         }
         item.state = ItemState::Queued;
         self.queued += 1;

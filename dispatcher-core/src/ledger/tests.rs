@@ -517,6 +517,26 @@ mod timeout_changes {
 }
 
 #[test]
+fn a_retry_goes_to_another_worker_when_one_asks() {
+    let job = Job::new(&lines(3), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (a, b) = (Some(1), Some(2));
+    assert_eq!(ids(&l.take_work_for(1, t, a).unwrap()), vec![0]);
+    // A's task asks for another attempt at line 0.
+    assert_eq!(l.release_from(&[0], Cause::Retry, a).unwrap(), 1);
+    // A asks again: it gets a new line, not its own retry.
+    assert_eq!(ids(&l.take_work_for(1, t, a).unwrap()), vec![1]);
+    // B gets the retry.
+    let r = l.take_work_for(1, t, b).unwrap();
+    assert_eq!((ids(&r), r.items[0].retry_count), (vec![0], 1));
+    // Alone, a worker gets its own retry back rather than nothing.
+    assert_eq!(l.release_from(&[0], Cause::Retry, b).unwrap(), 1);
+    assert_eq!(ids(&l.take_work_for(5, t, b).unwrap()), vec![2]);
+    assert_eq!(ids(&l.take_work_for(5, t, b).unwrap()), vec![0]);
+}
+
+#[test]
 fn a_stale_workers_release_does_not_take_the_item_from_its_new_holder() {
     let mut job = Job::new(&lines(1), Some(1));
     job.config.work_timeout = TIMEOUT;

@@ -487,3 +487,51 @@ async fn heartbeats_and_releases_read_a_repeated_id_once() {
         "{r}"
     );
 }
+
+#[tokio::test]
+async fn a_release_from_a_worker_that_no_longer_holds_the_item_is_ignored() {
+    let options = ServeOptions::default();
+    let dir = tempfile::tempdir().unwrap();
+    let infile = dir.path().join("in.jsonl");
+    std::fs::write(&infile, "a\n").unwrap();
+    let config = LedgerConfig {
+        work_timeout: Duration::from_secs(1),
+        max_retries: Some(1),
+        ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
+    };
+    let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
+    let router = app(state, options.max_body_bytes);
+    let (_, r) = call(&router, "GET", "/work?worker=a", "").await;
+    assert_eq!(r["items"][0]["work_id"], 0);
+    // A's lease runs out; B gets the item.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, r) = call(&router, "GET", "/work?worker=b", "").await;
+    assert_eq!(r["items"][0]["work_id"], 0, "{r}");
+    // A releases it as a retry: ignored, so B's run is neither cut short nor
+    // counted as a second failure (which would tombstone it).
+    let (code, r) = call(
+        &router,
+        "POST",
+        "/release",
+        r#"{"work_ids": [0], "reason": "retry", "worker": "a"}"#,
+    )
+    .await;
+    assert_eq!(
+        (code, r["released_count"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+    let (_, status) = call(&router, "GET", "/status", "").await;
+    assert_eq!(
+        (status["in_flight"].as_u64(), status["tombstones"].as_u64()),
+        (Some(1), Some(0))
+    );
+    // B's result is written.
+    let (_, r) = call(
+        &router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 0, "result": "\"b\""}]}"#,
+    )
+    .await;
+    assert_eq!(r["count"], 1);
+}

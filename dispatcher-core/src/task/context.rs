@@ -90,6 +90,16 @@ impl TaskContext {
         requests.send_all(self)
     }
 
+    /// What `yield_request!(requests)` evaluates to, for type checking only:
+    /// after a `#[task]` error, the macro type-checks the body with this in
+    /// place of each send, so that the one error is the only message. Never
+    /// called.
+    #[doc(hidden)]
+    pub fn stand_in<R: Requests>(requests: R) -> R::Output {
+        drop(requests);
+        unreachable!("a stand-in for a task that did not compile")
+    }
+
     /// Sends one request, waiting for a slot among the worker's `--workers`.
     pub async fn request(&self, request: Request) -> Result<Response, RequestError> {
         let _permit = match &self.inner.limiter {

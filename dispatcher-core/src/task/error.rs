@@ -20,9 +20,9 @@ pub enum TaskErrorKind {
         /// What went wrong, in words.
         message: String,
     },
-    /// Hand the line back to the dispatcher for another attempt (on a fresh
-    /// worker; the server's retry budget applies). On the last attempt the line
-    /// gets a `retries_exhausted` failure record instead.
+    /// Hand the line back to the dispatcher for another attempt (the server
+    /// prefers another worker for it; its retry budget applies). On the last
+    /// attempt the line gets a `retries_exhausted` failure record instead.
     Retry {
         /// Why, for the log and the final record.
         message: String,
@@ -103,5 +103,39 @@ impl From<RequestError> for TaskError {
 impl From<JsonError> for TaskError {
     fn from(e: JsonError) -> TaskError {
         TaskError::failed("response_not_json", e.to_string())
+    }
+}
+
+/// `.or_fail("error_type")?`: turns an `Err` or a `None` into a failure of
+/// the line, with a record of type `error_type`.
+///
+/// ```
+/// # mod dispatcher { pub use dispatcher_core::task::{OrFail, TaskError}; }
+/// use dispatcher::{OrFail, TaskError};
+///
+/// fn score(text: &str) -> Result<u32, TaskError> {
+///     let digits = text.split_whitespace().last().or_fail("no_score")?;
+///     let score: u32 = digits.parse().or_fail("score_not_a_number")?;
+///     Ok(score)
+/// }
+/// assert_eq!(score("Score: 7"), Ok(7));
+/// assert!(score("Score: seven").unwrap_err().to_string().starts_with("score_not_a_number: "));
+/// assert!(score("").is_err());
+/// ```
+pub trait OrFail<T> {
+    /// The value, or a [`TaskError::failed`] of type `error_type` whose message
+    /// is the error's (or says the value is missing).
+    fn or_fail(self, error_type: &str) -> Result<T, TaskError>;
+}
+
+impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
+    fn or_fail(self, error_type: &str) -> Result<T, TaskError> {
+        self.map_err(|e| TaskError::failed(error_type, e.to_string()))
+    }
+}
+
+impl<T> OrFail<T> for Option<T> {
+    fn or_fail(self, error_type: &str) -> Result<T, TaskError> {
+        self.ok_or_else(|| TaskError::failed(error_type, format!("{error_type}: no value")))
     }
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use context::{Requests, TaskContext};
-pub use error::{TaskError, TaskErrorKind};
+pub use error::{OrFail, TaskError, TaskErrorKind};
 
 use crate::engine::BoxFuture;
 use crate::protocol::error_record;
@@ -28,8 +28,11 @@ use crate::protocol::error_record;
 /// hand is the same thing without the macro:
 ///
 /// ```
-/// use dispatcher_core::engine::Request;
-/// use dispatcher_core::task::{Task, TaskContext, TaskError};
+/// # mod dispatcher {
+/// #     pub use dispatcher_core::engine::Request;
+/// #     pub use dispatcher_core::task::{Task, TaskContext, TaskError};
+/// # }
+/// use dispatcher::{Request, Task, TaskContext, TaskError};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct In { prompt: String }
@@ -130,11 +133,19 @@ impl<T: Task> DynTask for T {
         let input = match serde_json::from_str::<T::Input>(&content) {
             Ok(input) => input,
             Err(e) => {
+                // serde_json says "at line 1 column 25" of the one line it
+                // read: name the input line instead, and keep the column.
+                let what = e.to_string();
+                let what = what
+                    .rsplit_once(" at line ")
+                    .map_or(what.as_str(), |(w, _)| w);
+                let id = ctx.work_id();
                 let line = failure_line(
                     "invalid_input",
                     &format!(
-                        "work_id {}: the input line does not fit the task's input type: {e}",
-                        ctx.work_id()
+                        "input line {} (work_id {id}) does not fit the task's input type: {what} (at column {})",
+                        id + 1,
+                        e.column()
                     ),
                     &content,
                 );

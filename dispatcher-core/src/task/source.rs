@@ -165,6 +165,12 @@ impl FileSource {
         })
     }
 
+    /// Output lines written, when every input line has its output line.
+    pub fn complete_lines(&self) -> Option<u64> {
+        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.is_complete().then(|| ledger.lines_written())
+    }
+
     /// Runs `f` on the ledger under its lock.
     fn with_ledger<T>(
         &self,

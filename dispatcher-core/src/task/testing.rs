@@ -1,16 +1,29 @@
 //! Running a task without any server or engine, for unit tests of tasks.
 //!
 //! ```
-//! # use dispatcher_core::task::{Task, TaskContext, TaskError};
-//! # use dispatcher_core::engine::Request;
-//! # #[allow(non_camel_case_types)] struct shout;
-//! # impl Task for shout {
-//! #     type Input = String; type Output = String; const NAME: &'static str = "shout";
-//! #     fn run(&self, input: String, ctx: TaskContext) -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static {
-//! #         async move { Ok(ctx.send(Request::chat().user(input)).await?.text().to_uppercase()) }
-//! #     }
+//! # mod dispatcher {
+//! #     pub use dispatcher_core::engine::Request;
+//! #     pub use dispatcher_core::task::{testing, Task, TaskContext, TaskError};
 //! # }
-//! use dispatcher_core::task::testing::TaskTest;
+//! use dispatcher::testing::TaskTest;
+//! use dispatcher::{Request, Task, TaskContext, TaskError};
+//!
+//! // What `#[task] async fn shout(input: String) -> Result<String, TaskError>`
+//! // expands to, written out.
+//! #[allow(non_camel_case_types)]
+//! struct shout;
+//!
+//! impl Task for shout {
+//!     type Input = String;
+//!     type Output = String;
+//!     const NAME: &'static str = "shout";
+//!     fn run(&self, input: String, ctx: TaskContext)
+//!         -> impl std::future::Future<Output = Result<String, TaskError>> + Send + 'static
+//!     {
+//!         async move { Ok(ctx.send(Request::chat().user(input)).await?.text().to_uppercase()) }
+//!     }
+//! }
+//!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let run = TaskTest::new(shout).replies(["hello"]).run(serde_json::json!("hi")).await;
 //! assert_eq!(run.output, serde_json::json!("HELLO"));
@@ -148,6 +161,13 @@ impl<T: DynTask> TaskTest<T> {
         f: impl Fn(&Request) -> Result<Response, RequestError> + Send + Sync + 'static,
     ) -> Self {
         self.engine = Some(Arc::new(ScriptedEngine::from_fn(f)));
+        self
+    }
+
+    /// Runs as the line of this work id (0 by default): line `work_id + 1`
+    /// of the input.
+    pub fn work_id(mut self, work_id: u64) -> Self {
+        self.work_id = work_id;
         self
     }
 
