@@ -4,6 +4,7 @@
 use dispatcher::engine::{Choice, Response, Usage};
 use dispatcher::infer::{Infer, InferConfig, InputFormat, Mode};
 use dispatcher::testing::TaskTest;
+use dispatcher::LineOutcome;
 use serde_json::json;
 
 fn infer(config: InferConfig) -> Infer {
@@ -201,4 +202,20 @@ fn a_bad_prompt_path_is_refused_before_any_work() {
         .unwrap_err();
         assert!(e.contains("--prompt-path") && e.contains(bad), "{e}");
     }
+}
+
+#[tokio::test]
+async fn the_input_keeps_its_key_order_and_responses_come_last() {
+    let line = r#"{"zeta": 1, "messages": [{"role": "user", "content": "Hi"}], "alpha": {"y": 2, "b": 3}}"#;
+    let run = TaskTest::new(infer(InferConfig::default()))
+        .respond_with(honour_n)
+        .run_line(line)
+        .await;
+    let LineOutcome::Line { line: out, .. } = &run.outcome else {
+        panic!("{:?}", run.outcome)
+    };
+    let keys: Vec<&String> = run.output.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["zeta", "messages", "alpha", "responses"], "{out}");
+    assert!(out.contains(r#""alpha":{"y":2,"b":3}"#), "{out}");
+    assert!(out.contains(r#"{"role":"user","content":"Hi"}"#), "{out}");
 }

@@ -127,6 +127,9 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
     };
     let eta = if now.complete {
         "done".to_string()
+    } else if let (Some(total), true) = (now.lines_total, rate > 0.0) {
+        // In lines, once the total is known: what users count.
+        human_secs(total.saturating_sub(now.lines_done) as f64 / rate)
     } else if byte_rate > 0.0 {
         human_secs(
             now.input_bytes_total

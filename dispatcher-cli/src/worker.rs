@@ -60,8 +60,12 @@ pub struct EngineArgs {
     #[arg(long, env = "DISPATCHER_MODEL")]
     pub model: Option<String>,
     /// GPUs per engine (tensor parallelism).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, visible_alias = "tensor-parallel-size", default_value_t = 1)]
     pub tensor_parallel: u32,
+    /// The name the engine serves the model under, and the name requests use
+    /// (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     /// Context length per request.
     #[arg(long)]
     pub max_model_len: Option<u32>,
@@ -142,6 +146,7 @@ impl EngineArgs {
         Ok(LaunchConfig {
             kind: self.engine.into(),
             model: self.model.clone(),
+            served_model_name: self.served_model_name.clone(),
             host: self.host.clone(),
             port: self.port,
             tensor_parallel: self.tensor_parallel.max(1),
@@ -182,9 +187,10 @@ impl EngineArgs {
             Duration::from_secs_f64(self.request_timeout),
             retry,
         );
-        let model = match &self.model {
+        let model = match (&self.served_model_name, &self.model) {
+            (Some(name), _) => Some(name.clone()),
             // llama.cpp serves its model under the alias; vLLM under the path or id.
-            Some(m) if engine.kind() != EngineKind::Llamacpp => Some(m.clone()),
+            (None, Some(m)) if engine.kind() != EngineKind::Llamacpp => Some(m.clone()),
             _ => backend.discover_model().await,
         };
         tracing::info!(url = engine.base_url(), model = ?model, "engine ready");

@@ -576,7 +576,7 @@ fn status_and_work_timeout_talk_to_a_live_server_with_its_token() {
     });
     let (ok, text) = run(&["status", "--interval", "0.2"], Some("tok"));
     assert!(ok, "{text}");
-    assert!(text.contains("lines done   4 / ?"), "{text}");
+    assert!(text.contains("lines done   4 / 30"), "{text}");
     assert!(text.contains("in flight    6"), "{text}");
     assert!(text.contains("oldest       work_id 4"), "{text}");
 

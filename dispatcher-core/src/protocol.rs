@@ -443,7 +443,8 @@ pub struct StatusResponse {
     pub expired_reissues: u64,
     /// Output lines written.
     pub lines_done: u64,
-    /// Input lines in all, once the whole input has been read; `None` before.
+    /// Input lines in all: counted at start, in the background (`None` until
+    /// that count is done, and where it failed).
     pub lines_total: Option<u64>,
     /// Input bytes read so far.
     pub input_bytes_consumed: u64,

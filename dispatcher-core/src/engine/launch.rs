@@ -60,6 +60,9 @@ pub struct LaunchConfig {
     pub kind: EngineKind,
     /// Model path or name (required for all but echo).
     pub model: Option<String>,
+    /// The name to serve the model under (vLLM and SGLang
+    /// `--served-model-name`, llama.cpp `--alias`).
+    pub served_model_name: Option<String>,
     /// Address the engine binds; workers talk to it on loopback.
     pub host: String,
     /// Port the engine binds; 0 picks a free one.
@@ -97,6 +100,7 @@ impl Default for LaunchConfig {
         LaunchConfig {
             kind: EngineKind::Vllm,
             model: None,
+            served_model_name: None,
             host: "127.0.0.1".into(),
             port: 0,
             tensor_parallel: 1,
@@ -198,6 +202,9 @@ impl LaunchConfig {
                 if let Some(t) = &self.chat_template {
                     cmd.extend(["--chat-template".into(), t.clone()]);
                 }
+                if let Some(name) = &self.served_model_name {
+                    cmd.extend(["--served-model-name".into(), name.clone()]);
+                }
             }
             EngineKind::Sglang => {
                 let python = bin("python3");
@@ -217,12 +224,17 @@ impl LaunchConfig {
                 if let Some(t) = &self.chat_template {
                     cmd.extend(["--chat-template".into(), t.clone()]);
                 }
+                if let Some(name) = &self.served_model_name {
+                    cmd.extend(["--served-model-name".into(), name.clone()]);
+                }
             }
             EngineKind::Llamacpp => {
                 let model = model()?;
-                let alias = std::path::Path::new(&model)
-                    .file_stem()
-                    .map_or_else(|| model.clone(), |s| s.to_string_lossy().into_owned());
+                let alias = self.served_model_name.clone().unwrap_or_else(|| {
+                    std::path::Path::new(&model)
+                        .file_stem()
+                        .map_or_else(|| model.clone(), |s| s.to_string_lossy().into_owned())
+                });
                 cmd.extend([bin("llama-server"), "-m".into(), model]);
                 cmd.extend(["--host".into(), host, "--port".into(), port.to_string()]);
                 // llama.cpp splits its context among the slots: give each slot
@@ -571,13 +583,14 @@ mod tests {
             chat_template: Some("t.jinja".into()),
             extra_args: vec!["--seed".into(), "1".into()],
             engine_cmd: vec!["apptainer".into(), "exec".into(), "img.sif".into()],
+            served_model_name: Some("llama-3".into()),
             ..LaunchConfig::default()
         };
         assert_eq!(
             c.command_line(9000).unwrap().join(" "),
             "apptainer exec img.sif vllm serve /models/llama --host 127.0.0.1 --port 9000 \
              --tensor-parallel-size 2 --max-model-len 8192 --gpu-memory-utilization 0.9 \
-             --enforce-eager --chat-template t.jinja --seed 1"
+             --enforce-eager --chat-template t.jinja --served-model-name llama-3 --seed 1"
         );
     }
 

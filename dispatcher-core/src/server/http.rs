@@ -435,7 +435,9 @@ async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
 
 async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Status);
-    let stats = state.with_ledger(|l| Ok(l.stats(Instant::now())))?;
+    let mut stats = state.with_ledger(|l| Ok(l.stats(Instant::now())))?;
+    // Until the ledger has read the input to its end, the count made at start.
+    stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
     Ok(Json(status_response(&stats)).into_response())
 }
 

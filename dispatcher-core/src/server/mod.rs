@@ -121,9 +121,32 @@ pub async fn serve(
 /// Opens (or resumes) the job's files for [`serve_state`].
 pub fn open(config: LedgerConfig, options: &ServeOptions) -> Result<Arc<AppState>, ServerError> {
     let opening = Instant::now();
+    let infile = config.infile.clone();
     let ledger = Ledger::open(config, opening)?;
     tracing::info!(took_ms = opening.elapsed().as_millis(), "job files opened");
-    Ok(AppState::new(ledger, options))
+    let state = AppState::new(ledger, options);
+    count_input_lines(&state, infile);
+    Ok(state)
+}
+
+/// Counts the input's lines on a thread of its own (one pass with memchr,
+/// while requests are served), for the total in `/status`.
+fn count_input_lines(state: &Arc<AppState>, infile: std::path::PathBuf) {
+    let state = Arc::downgrade(state);
+    let spawned = std::thread::Builder::new()
+        .name("count-input".into())
+        .spawn(move || match crate::input::count_lines(&infile) {
+            Ok(lines) => {
+                if let Some(state) = state.upgrade() {
+                    let _ = state.input_lines.set(lines);
+                    tracing::info!(lines, "input lines counted");
+                }
+            }
+            Err(e) => tracing::warn!("could not count the input's lines: {e}"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("could not start counting the input's lines: {e}");
+    }
 }
 
 /// [`serve`] over an already opened state.

@@ -38,6 +38,9 @@ pub struct AppState {
     pub(super) metrics: ServerMetrics,
     /// Log the peer and first bytes of requests answered with a 4xx.
     pub(super) log_invalid_http: bool,
+    /// Lines of the input, counted in the background at start, so that
+    /// `/status` has a total before the input has been read to its end.
+    pub(super) input_lines: std::sync::OnceLock<u64>,
     /// Held while a checkpoint is taken and written, so that checkpoints are
     /// written one at a time, in the order their state was taken. Taken before
     /// the ledger's lock, never while holding it.
@@ -71,6 +74,7 @@ impl AppState {
             token: options.token.clone(),
             metrics: ServerMetrics::default(),
             log_invalid_http: options.log_invalid_http,
+            input_lines: std::sync::OnceLock::new(),
             checkpointing: std::sync::Mutex::new(()),
         })
     }

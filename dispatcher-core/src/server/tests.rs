@@ -535,3 +535,27 @@ async fn a_release_from_a_worker_that_no_longer_holds_the_item_is_ignored() {
     .await;
     assert_eq!(r["count"], 1);
 }
+
+#[tokio::test]
+async fn the_total_is_known_before_the_input_is_read_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let infile = dir.path().join("in.jsonl");
+    // 1,000 lines, the last without its newline.
+    let input: String = (0..1000).map(|i| format!("{i}\n")).collect();
+    std::fs::write(&infile, input.trim_end()).unwrap();
+    let options = ServeOptions::default();
+    let config = LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"));
+    let state = open(config, &options).unwrap();
+    let router = app(state, options.max_body_bytes);
+    call(&router, "GET", "/work?batch_size=3", "").await;
+    let start = std::time::Instant::now();
+    let status = loop {
+        let (_, status) = call(&router, "GET", "/status", "").await;
+        if !status["lines_total"].is_null() || start.elapsed() > Duration::from_secs(10) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status["lines_total"], 1000, "{status}");
+    assert_eq!(status["next_work_id"], 3, "only three lines were read");
+}
