@@ -307,3 +307,51 @@ fn a_requeued_job_resumes_its_server_and_redoes_nothing() {
     );
     job.check_infer_output();
 }
+
+#[test]
+fn a_script_from_dispatcher_slurm_script_runs_when_submitted_from_any_directory() {
+    let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    let job = SlurmJob::new(120);
+    // Written and submitted in a directory of its own, far from this
+    // repository, with neither DISPATCHER_SLURM_JOB nor DISPATCHER_BIN set:
+    // the script carries its body and the path of the binary that wrote it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let written = Command::new(built_binary("", "dispatcher"))
+        .args(["slurm-script", "infer"])
+        .output()
+        .unwrap();
+    assert!(written.status.success());
+    let script = elsewhere.path().join("job.sbatch");
+    std::fs::write(&script, &written.stdout).unwrap();
+    let out = Command::new("sbatch")
+        .args(["--parsable", "--chdir"])
+        .arg(job.dir.path())
+        .arg(&script)
+        .current_dir(elsewhere.path())
+        .env("INPUT", job.path("in.jsonl"))
+        .env("OUTPUT", job.path("out.jsonl"))
+        .env("ENGINE", "echo")
+        .env("DISPATCHER_HOST", "127.0.0.1")
+        .env("ENGINE_BASE_PORT", "0")
+        .env("EXIT_GRACE", "3")
+        .env_remove("DISPATCHER_SLURM_JOB")
+        .env_remove("DISPATCHER_BIN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sbatch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    wait_state(
+        &id,
+        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    job.check_infer_output();
+}

@@ -5,6 +5,7 @@
 //! - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and its
 //!   built-in task ([`infer::Infer`]).
 //! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
+//! - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
@@ -14,6 +15,7 @@ pub mod infer;
 pub mod logging;
 pub mod progress;
 pub mod serve;
+pub mod slurm;
 pub mod status;
 pub mod worker;
 
@@ -43,6 +45,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Change a running server's work timeout.
     WorkTimeout(status::WorkTimeoutArgs),
+    /// Print a self-contained sbatch script (`infer` or `task`) to submit from any directory.
+    SlurmScript(slurm::SlurmScriptArgs),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -56,6 +60,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Infer(args) => infer::run(*args).await,
             Command::Status(args) => status::status(args).await,
             Command::WorkTimeout(args) => status::work_timeout(args).await,
+            Command::SlurmScript(args) => slurm::run(args),
         }
     })
 }
