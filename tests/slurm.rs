@@ -205,11 +205,11 @@ fn slow_job_under_way(rt: &tokio::runtime::Runtime) -> (SlurmJob, String, Dispat
     (job, id, client)
 }
 
-/// Waits for the (requeued) job to end, checks it completed, returns its log.
+/// Waits for the job to end, checks it completed, returns its log.
 fn wait_completed(job: &SlurmJob, id: &str) -> String {
     wait_state(
         id,
-        &["COMPLETED", "FAILED", "CANCELLED"],
+        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
         Duration::from_secs(180),
     );
     let log = job.log(id);
@@ -225,14 +225,8 @@ fn a_job_with_two_worker_tasks_processes_every_line() {
     }
     let job = SlurmJob::new(300);
     let id = job.submit("infer.sbatch", &[]);
-    wait_state(
-        &id,
-        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
-        Duration::from_secs(120),
-    );
-    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    let log = wait_completed(&job, &id);
     job.check_infer_output();
-    let log = job.log(&id);
     assert!(
         log.contains("worker 0 on") && log.contains("worker 1 on"),
         "two workers: {log}"
@@ -243,12 +237,7 @@ fn a_job_with_two_worker_tasks_processes_every_line() {
     let job = SlurmJob::new(100);
     let bin = example("compare_responses");
     let id = job.submit("task.sbatch", &[("TASK_BIN", bin.to_str().unwrap())]);
-    wait_state(
-        &id,
-        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
-        Duration::from_secs(120),
-    );
-    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    wait_completed(&job, &id);
     let out = job.output();
     assert_eq!(out.len(), 100);
     for (i, line) in out.iter().enumerate() {
@@ -347,11 +336,6 @@ fn a_script_from_dispatcher_slurm_script_runs_when_submitted_from_any_directory(
         String::from_utf8_lossy(&out.stderr)
     );
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    wait_state(
-        &id,
-        &["COMPLETED", "FAILED", "CANCELLED", "GONE"],
-        Duration::from_secs(120),
-    );
-    assert_eq!(state(&id), "COMPLETED", "{}", job.log(&id));
+    wait_completed(&job, &id);
     job.check_infer_output();
 }
