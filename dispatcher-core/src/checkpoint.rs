@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{path_error, IoContext};
-use crate::input::read_exact_at;
+use crate::input::{count_line_breaks, read_exact_at};
 
 /// The checkpoint file format's version.
 const VERSION: u32 = 1;
@@ -228,10 +228,13 @@ impl Checkpoint {
                 self.lines_written, self.output_offset
             )));
         }
-        let output = File::open(outfile).ok();
-        if self.output_offset > 0 {
-            let output = File::open(outfile).with_path("open the output file", outfile)?;
-            if crc_before(&output, self.output_offset, outfile)? != self.output_tail_crc {
+        // Nothing of the output to check when the checkpoint names none of it.
+        let output = match self.output_offset {
+            0 => None,
+            _ => Some(File::open(outfile).with_path("open the output file", outfile)?),
+        };
+        if let Some(output) = &output {
+            if crc_before(output, self.output_offset, outfile)? != self.output_tail_crc {
                 return Err(output_mismatch(format!(
                     "its content before byte {} differs from what was written",
                     self.output_offset
@@ -242,9 +245,9 @@ impl Checkpoint {
         // or damaged in a way its fingerprints do not cover would shift every
         // later work id. The two files are counted side by side.
         let (input_lines, output_lines) = std::thread::scope(|scope| {
-            let input_lines = scope.spawn(|| count_lines(&input, self.input_offset));
+            let input_lines = scope.spawn(|| count_line_breaks(&input, self.input_offset));
             let output_lines = match &output {
-                Some(output) => count_lines(output, self.output_offset),
+                Some(output) => count_line_breaks(output, self.output_offset),
                 None => Ok((0, true)),
             };
             (
@@ -420,32 +423,6 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// `<outfile>.checkpoint`.
 pub fn default_checkpoint(outfile: &Path) -> PathBuf {
     with_suffix(outfile, ".checkpoint")
-}
-
-/// Line breaks in the first `len` bytes of `file`, and whether those bytes
-/// end with one (or are none).
-fn count_lines(file: &File, len: u64) -> io::Result<(u64, bool)> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    let (mut at, mut lines, mut last) = (0u64, 0u64, b'\n');
-    while at < len {
-        let want = buf.len().min((len - at) as usize);
-        let n = match file.read_at(&mut buf[..want], at) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("it ends before byte {len}"),
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        lines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
-        last = buf[n - 1];
-        at += n as u64;
-    }
-    Ok((lines, last == b'\n'))
 }
 
 fn crc_at(file: &File, offset: u64, len: u64, path: &Path) -> io::Result<u32> {

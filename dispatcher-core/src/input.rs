@@ -140,6 +140,11 @@ impl InputReader {
             .len())
     }
 
+    /// The input file's size when it was opened.
+    pub fn len_when_opened(&self) -> u64 {
+        self.identity.len
+    }
+
     /// Whether the input file is empty.
     pub fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -246,21 +251,40 @@ impl InputReader {
 /// Lines in the file at `path`: its line breaks, plus one for a last line
 /// without its newline. Reads it once, in 1 MiB chunks.
 pub fn count_lines(path: &Path) -> io::Result<u64> {
-    use std::io::Read;
-    let mut file = File::open(path).with_path("open the input file", path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut lines, mut last) = (0u64, b'\n');
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
+    let file = File::open(path).with_path("open the input file", path)?;
+    let len = file
+        .metadata()
+        .with_path("stat the input file", path)?
+        .len();
+    let (breaks, ends_in_newline) =
+        count_line_breaks(&file, len).with_path("read the input file", path)?;
+    Ok(breaks + u64::from(!ends_in_newline))
+}
+
+/// Line breaks in the first `len` bytes of `file`, and whether those bytes
+/// end with one (or are none). Reads them once, in 1 MiB chunks; a file
+/// shorter than `len` is an error.
+pub(crate) fn count_line_breaks(file: &File, len: u64) -> io::Result<(u64, bool)> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let (mut at, mut breaks, mut last) = (0u64, 0u64, b'\n');
+    while at < len {
+        let want = buf.len().min((len - at) as usize);
+        let n = match file.read_at(&mut buf[..want], at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("it ends before byte {len}"),
+                ))
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_path("read the input file", path),
+            Err(e) => return Err(e),
         };
-        lines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        breaks += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
         last = buf[n - 1];
+        at += n as u64;
     }
-    Ok(lines + u64::from(last != b'\n'))
+    Ok((breaks, last == b'\n'))
 }
 
 /// Reads up to `len` bytes at `offset`, fewer only at the end of the file.

@@ -45,7 +45,7 @@ impl<'a> Rewriter<'a> {
             ));
             return None;
         }
-        let args = match mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated) {
+        let args = match macro_args(mac) {
             Ok(args) => args,
             Err(e) => {
                 self.errors.push(e);
@@ -87,28 +87,31 @@ fn mentions_yield_request(tokens: &TokenStream) -> bool {
     })
 }
 
-impl Rewriter<'_> {
-    /// Rewrites `yield_request!` inside another macro's arguments (`format!`,
-    /// `vec!`, `println!`, ...) where they parse as comma-separated
-    /// expressions; elsewhere the fallback macro says where it belongs.
-    fn rewrite_macro_args(&mut self, mac: &mut Macro) {
-        if !mentions_yield_request(&mac.tokens) {
-            return;
-        }
-        let Ok(mut args) = mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated)
-        else {
-            return;
-        };
-        for arg in args.iter_mut() {
-            self.visit_expr_mut(arg);
-        }
-        mac.tokens = quote!(#args);
+/// A macro's arguments, when they are comma-separated expressions.
+fn macro_args(mac: &Macro) -> syn::Result<Punctuated<Expr, Token![,]>> {
+    mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated)
+}
+
+/// Visits the arguments of another macro (`format!`, `vec!`, `println!`,
+/// ...) with `visitor` when they mention `yield_request` and parse as
+/// comma-separated expressions; elsewhere the fallback macro says where it
+/// belongs.
+fn visit_macro_args(mac: &mut Macro, visitor: &mut impl VisitMut) {
+    if !mentions_yield_request(&mac.tokens) {
+        return;
     }
+    let Ok(mut args) = macro_args(mac) else {
+        return;
+    };
+    for arg in args.iter_mut() {
+        visitor.visit_expr_mut(arg);
+    }
+    mac.tokens = quote!(#args);
 }
 
 impl VisitMut for Rewriter<'_> {
     fn visit_macro_mut(&mut self, mac: &mut Macro) {
-        self.rewrite_macro_args(mac);
+        visit_macro_args(mac, self);
     }
 
     fn visit_expr_mut(&mut self, expr: &mut Expr) {
@@ -165,9 +168,7 @@ pub struct Stripper<'a> {
 impl Stripper<'_> {
     fn stand_in(&self, mac: &Macro) -> Expr {
         let krate = self.krate;
-        let args = mac
-            .parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated)
-            .unwrap_or_default();
+        let args = macro_args(mac).unwrap_or_default();
         let mut args = args.into_iter();
         match args.next() {
             Some(first) => {
@@ -201,15 +202,6 @@ impl VisitMut for Stripper<'_> {
     }
 
     fn visit_macro_mut(&mut self, mac: &mut Macro) {
-        // `yield_request!` in another macro's arguments, where they parse.
-        if !mentions_yield_request(&mac.tokens) {
-            return;
-        }
-        if let Ok(mut args) = mac.parse_body_with(Punctuated::<Expr, Token![,]>::parse_terminated) {
-            for arg in args.iter_mut() {
-                self.visit_expr_mut(arg);
-            }
-            mac.tokens = quote!(#args);
-        }
+        visit_macro_args(mac, self);
     }
 }

@@ -297,8 +297,7 @@ impl RunningEngine {
             Some(child) => match child.wait().await {
                 Ok(status) => {
                     self.child = None;
-                    // Let the log readers take in its last words.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(LAST_WORDS).await;
                     format!("{status}; {}", self.log.describe())
                 }
                 Err(e) => e.to_string(),
@@ -356,6 +355,10 @@ enum LogTail {
     /// It has none (the in-process echo engine, an engine not launched here).
     None,
 }
+
+/// How long an exited engine's log readers get to take in its last words
+/// (its output pipes drain on other tasks) before they are quoted.
+const LAST_WORDS: Duration = Duration::from_millis(200);
 
 /// Lines of an engine's output kept for its error messages.
 const TAIL_LINES: usize = 20;
@@ -525,8 +528,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         }
         if let Some(Ok(Some(status))) = engine.child.as_mut().map(Child::try_wait) {
             engine.child = None;
-            // Let the log readers take in its last words.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(LAST_WORDS).await;
             return Err(LaunchError::Exited {
                 kind: config.kind.name(),
                 status: status.to_string(),

@@ -292,8 +292,6 @@ pub struct Ledger {
     input_exhausted: bool,
     /// Id of the next line to read from the input.
     next_work_id: u64,
-    /// The input's size when opened.
-    input_len: u64,
     /// When to check next that the input has not changed.
     next_input_check: Instant,
     /// Issued lines without a result, addressed by their window slot.
@@ -414,7 +412,6 @@ impl Ledger {
             });
         }
         let lines = lines + recovered.extra_lines;
-        let input_len = input.len()?;
         let window = Window::new(
             output,
             lines,
@@ -428,7 +425,6 @@ impl Ledger {
             input,
             input_exhausted: false,
             next_work_id: lines,
-            input_len,
             next_input_check: now,
             items: Slab::new(),
             queue: VecDeque::new(),
@@ -826,7 +822,7 @@ impl Ledger {
             next_work_id: self.next_work_id,
             lines_total: self.input_exhausted.then_some(self.next_work_id),
             input_bytes_consumed: self.input.next_offset(),
-            input_bytes_total: self.input_len,
+            input_bytes_total: self.input.len_when_opened(),
             in_flight,
             queued_for_reissue: self.queued,
             reorder_lines: self.window.finished(),
