@@ -207,6 +207,8 @@ pub struct CompleteReply {
     pub ignored: u64,
     /// Ids among the ignored whose item is done (the sender may drop them).
     pub already_done: Vec<u64>,
+    /// Ids among the ignored that were never issued.
+    pub never_issued: Vec<u64>,
     /// Results refused; their items stay in flight.
     pub refused: Vec<RefusedResult>,
 }
@@ -696,6 +698,8 @@ impl Ledger {
                     reply.ignored += 1;
                     if id < self.next_work_id {
                         reply.already_done.push(id);
+                    } else {
+                        reply.never_issued.push(id);
                     }
                 }
             }

@@ -366,7 +366,7 @@ async fn post_results(
     }
     let reply = state.with_ledger(|l| l.complete_checked(lines))?;
     // Only results the ledger took as the first of their item became records.
-    invalid.retain(|id| !reply.already_done.contains(id));
+    invalid.retain(|id| !reply.already_done.contains(id) && !reply.never_issued.contains(id));
     if let Some(&first) = unattributed.first() {
         return Err(ApiError::Refused {
             error: format!(

@@ -329,7 +329,8 @@ async fn a_result_that_is_not_one_json_value_becomes_an_invalid_result_record_at
             {"work_id": 0, "content": "a", "result": "{\"x\": tru"},
             {"work_id": 1, "content": "b", "result": "2"},
             {"work_id": 2, "content": "c", "result": null},
-            {"work_id": 3, "content": "d", "result": {"an": "object"}}
+            {"work_id": 3, "content": "d", "result": {"an": "object"}},
+            {"work_id": 99, "content": "?", "result": "not json"}
         ]}"#,
     )
     .await;
@@ -337,6 +338,10 @@ async fn a_result_that_is_not_one_json_value_becomes_an_invalid_result_record_at
     assert_eq!(
         (r["count"].as_u64(), &r["invalid"]),
         (Some(4), &serde_json::json!([0, 2, 3]))
+    );
+    assert_eq!(
+        r["ignored"], 1,
+        "a result for a line never issued writes nothing"
     );
     let out = std::fs::read_to_string(&f.outfile).unwrap();
     let lines: Vec<serde_json::Value> = out
