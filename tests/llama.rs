@@ -153,55 +153,17 @@ async fn infer_in_chat_and_completion_mode_with_two_generations_and_an_over_long
     let Some((server, model)) = llama() else {
         return;
     };
-    for mode in ["chat", "completion"] {
-        let (mut input, _) = chat_lines(10);
-        // One prompt far over the 128-token context of each slot.
-        let long = "river ".repeat(1500);
-        input.push_str(
-            &(json!({"id": "long", "messages": [{"role": "user", "content": long}]}).to_string()
-                + "\n"),
-        );
-        let served = Served::start(&input, Duration::from_secs(2)).await;
-        let mut args: Vec<String> = [
-            "infer",
-            "--dispatcher",
-            &served.addr,
-            "--mode",
-            mode,
-            "--num-generations",
-            "2",
-            "--max-tokens",
-            "8",
-            "--include-usage",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(engine_flags(&server, &model, 128, 4));
-        let (code, stderr) =
-            wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
-        assert_eq!(code, 0, "{mode}: {stderr}");
-        let out = served.finish().await;
-        assert_eq!(out.len(), 11, "{mode}");
-        let (input_lines, _) = chat_lines(10);
-        for (i, (line, original)) in out.iter().zip(input_lines.lines()).enumerate() {
-            let original: Value = serde_json::from_str(original).unwrap();
-            assert_eq!(line["id"], original["id"], "{mode} line {i}");
-            let responses = line["responses"]
-                .as_array()
-                .unwrap_or_else(|| panic!("{mode} line {i}: {line}"));
-            assert_eq!(responses.len(), 2, "{mode} line {i}");
-            assert!(responses.iter().all(Value::is_string));
-            assert!(line["usage"]["completion_tokens"].as_u64().unwrap() > 0);
-        }
-        let e = &out[10]["__ERROR__"];
-        assert_eq!(e["error"], "request_rejected", "{mode}: {}", out[10]);
-        assert!(
-            e["message"].as_str().unwrap().contains("context"),
-            "{mode}: {e}"
-        );
-        assert_eq!(e["task_data"]["id"], "long");
-    }
+    // The long prompt is far over the 128-token context of each slot.
+    crate::support::infer_in_both_modes_with_an_over_long_prompt(
+        &"river ".repeat(1500),
+        "completion_tokens",
+        "context",
+        |mut args| {
+            args.extend(engine_flags(&server, &model, 128, 4));
+            worker(&dispatcher_bin(), &args)
+        },
+    )
+    .await;
 }
 
 #[derive(serde::Deserialize, Debug)]

@@ -60,16 +60,31 @@ impl SlurmJob {
         self.dir.path().join(name)
     }
 
+    /// Submits one of examples/slurm's scripts from this repository, as its
+    /// README says, with the echo engine.
     fn submit(&self, script: &str, env: &[(&str, &str)]) -> String {
+        let job_sh = repo().join("examples/slurm/job.sh");
+        let dispatcher = built_binary("", "dispatcher");
+        let mut env = env.to_vec();
+        env.push(("DISPATCHER_SLURM_JOB", job_sh.to_str().unwrap()));
+        env.push(("DISPATCHER_BIN", dispatcher.to_str().unwrap()));
+        self.sbatch(&repo().join("examples/slurm").join(script), repo(), &env)
+    }
+
+    /// Submits `script` from the directory `from`, with this job's input and
+    /// output and the echo engine: nothing else of the environment tells it
+    /// where the repository is.
+    fn sbatch(&self, script: &Path, from: &Path, env: &[(&str, &str)]) -> String {
         let out = Command::new("sbatch")
             .args(["--parsable", "--chdir"])
             .arg(self.dir.path())
-            .arg(repo().join("examples/slurm").join(script))
+            .arg(script)
+            .current_dir(from)
+            .env_remove("DISPATCHER_SLURM_JOB")
+            .env_remove("DISPATCHER_BIN")
             .env("INPUT", self.path("in.jsonl"))
             .env("OUTPUT", self.path("out.jsonl"))
             .env("ENGINE", "echo")
-            .env("DISPATCHER_BIN", built_binary("", "dispatcher"))
-            .env("DISPATCHER_SLURM_JOB", repo().join("examples/slurm/job.sh"))
             .env("DISPATCHER_HOST", "127.0.0.1")
             .env("ENGINE_BASE_PORT", "0")
             .env("EXIT_GRACE", "3")
@@ -315,27 +330,7 @@ fn a_script_from_dispatcher_slurm_script_runs_when_submitted_from_any_directory(
     assert!(written.status.success());
     let script = elsewhere.path().join("job.sbatch");
     std::fs::write(&script, &written.stdout).unwrap();
-    let out = Command::new("sbatch")
-        .args(["--parsable", "--chdir"])
-        .arg(job.dir.path())
-        .arg(&script)
-        .current_dir(elsewhere.path())
-        .env("INPUT", job.path("in.jsonl"))
-        .env("OUTPUT", job.path("out.jsonl"))
-        .env("ENGINE", "echo")
-        .env("DISPATCHER_HOST", "127.0.0.1")
-        .env("ENGINE_BASE_PORT", "0")
-        .env("EXIT_GRACE", "3")
-        .env_remove("DISPATCHER_SLURM_JOB")
-        .env_remove("DISPATCHER_BIN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sbatch: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = job.sbatch(&script, elsewhere.path(), &[]);
     wait_completed(&job, &id);
     job.check_infer_output();
 }

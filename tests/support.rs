@@ -223,3 +223,64 @@ pub async fn an_engine_killed_mid_run(lines: usize, spawn: impl Fn(&str) -> Chil
         );
     }
 }
+
+/// `dispatcher infer` through a server (`spawn` starts it with these infer
+/// arguments, launching its own engine), in chat and in completion mode, with
+/// two generations a line over ten chat lines and one prompt (`long`) far over
+/// the engine's context: every line keeps its fields and gets two responses
+/// and its usage (`usage_field` above 0); the long one is a `request_rejected`
+/// record whose message says `rejected_says`, and the job goes on.
+pub async fn infer_in_both_modes_with_an_over_long_prompt(
+    long: &str,
+    usage_field: &str,
+    rejected_says: &str,
+    spawn: impl Fn(Vec<String>) -> Child,
+) {
+    use serde_json::{json, Value};
+    for mode in ["chat", "completion"] {
+        let (mut input, _) = chat_lines(10);
+        input.push_str(
+            &(json!({"id": "long", "messages": [{"role": "user", "content": long}]}).to_string()
+                + "\n"),
+        );
+        let served = Served::start(&input, Duration::from_secs(2)).await;
+        let args = strings(&[
+            "infer",
+            "--dispatcher",
+            &served.addr,
+            "--mode",
+            mode,
+            "--num-generations",
+            "2",
+            "--max-tokens",
+            "8",
+            "--include-usage",
+        ]);
+        let (code, stderr) = wait_exit(spawn(args), Duration::from_secs(600)).await;
+        assert_eq!(code, 0, "{mode}: {stderr}");
+        let out = served.finish().await;
+        assert_eq!(out.len(), 11, "{mode}");
+        let (input_lines, _) = chat_lines(10);
+        for (i, (line, original)) in out.iter().zip(input_lines.lines()).enumerate() {
+            let original: Value = serde_json::from_str(original).unwrap();
+            assert_eq!(line["id"], original["id"], "{mode} line {i}");
+            assert_eq!(line["messages"], original["messages"], "{mode} line {i}");
+            let responses = line["responses"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{mode} line {i}: {line}"));
+            assert_eq!(responses.len(), 2, "{mode} line {i}");
+            assert!(responses.iter().all(Value::is_string));
+            assert!(
+                line["usage"][usage_field].as_u64().unwrap() > 0,
+                "{mode} line {i}: {line}"
+            );
+        }
+        let e = &out[10]["__ERROR__"];
+        assert_eq!(e["error"], "request_rejected", "{mode}: {}", out[10]);
+        assert!(
+            e["message"].as_str().unwrap().contains(rejected_says),
+            "{mode}: {e}"
+        );
+        assert_eq!(e["task_data"]["id"], "long");
+    }
+}

@@ -128,56 +128,17 @@ async fn infer_on_vllm_in_chat_and_completion_mode_with_two_generations_and_an_o
     let Some((bin, model)) = vllm() else {
         return;
     };
-    for mode in ["chat", "completion"] {
-        let (mut input, _) = chat_lines(10);
-        // One prompt far over --max-model-len (512 tokens).
-        let long = "hello world ".repeat(600);
-        input.push_str(
-            &(json!({"id": "long", "messages": [{"role": "user", "content": long}]}).to_string()
-                + "\n"),
-        );
-        let served = Served::start(&input, Duration::from_secs(2)).await;
-        let mut args = strings(&[
-            "infer",
-            "--dispatcher",
-            &served.addr,
-            "--mode",
-            mode,
-            "--num-generations",
-            "2",
-            "--max-tokens",
-            "8",
-            "--include-usage",
-        ]);
-        args.extend(engine_flags(&bin, &model, 512));
-        let (code, stderr) =
-            wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(600)).await;
-        assert_eq!(code, 0, "{mode}: {stderr}");
-        let out = served.finish().await;
-        assert_eq!(out.len(), 11, "{mode}");
-        let (input_lines, _) = chat_lines(10);
-        for (i, (line, original)) in out.iter().zip(input_lines.lines()).enumerate() {
-            let original: Value = serde_json::from_str(original).unwrap();
-            assert_eq!(line["id"], original["id"], "{mode} line {i}");
-            assert_eq!(line["messages"], original["messages"], "{mode} line {i}");
-            let responses = line["responses"]
-                .as_array()
-                .unwrap_or_else(|| panic!("{mode} line {i}: {line}"));
-            assert_eq!(responses.len(), 2, "{mode} line {i}");
-            assert!(responses.iter().all(Value::is_string));
-            assert!(line["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
-        }
-        let e = &out[10]["__ERROR__"];
-        assert_eq!(e["error"], "request_rejected", "{mode}: {}", out[10]);
-        assert!(
-            e["message"]
-                .as_str()
-                .unwrap()
-                .contains("maximum context length"),
-            "{mode}: {e}"
-        );
-        assert_eq!(e["task_data"]["id"], "long");
-    }
+    // The long prompt is far over --max-model-len (512 tokens).
+    crate::support::infer_in_both_modes_with_an_over_long_prompt(
+        &"hello world ".repeat(600),
+        "prompt_tokens",
+        "maximum context length",
+        |mut args| {
+            args.extend(engine_flags(&bin, &model, 512));
+            worker(&dispatcher_bin(), &args)
+        },
+    )
+    .await;
 }
 
 #[derive(serde::Deserialize, Debug)]
