@@ -100,7 +100,8 @@
 //! - [`Task`], [`TaskContext`], [`TaskError`], [`task`], [`yield_request!`]: writing tasks.
 //! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
 //! - [`testing`]: running a task with scripted replies.
-//! - [`manager`], [`source`]: the task manager and where its items come from.
+//! - [`manager`], [`source`], [`engines`]: the task manager, where its items come from,
+//!   and the engines its tasks send to.
 //! - [`server`], [`ledger`], [`checkpoint`], [`input`], [`output`]: `dispatcher serve`.
 //! - [`protocol`], [`client`]: the work protocol and its client.
 //! - [`cli`], [`run_tasks`]: the command line, whole, for task binaries;
@@ -110,10 +111,12 @@ pub use dispatcher_cli as cli;
 pub use dispatcher_cli::{infer, run_tasks};
 pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
 pub use dispatcher_core::task::{
-    manager, source, testing, DynTask, LineOutcome, OrFail, OutcomeKind, Task, TaskContext,
-    TaskError,
+    engines, manager, source, testing, DynTask, Engines, LineOutcome, OrFail, OutcomeKind, Task,
+    TaskContext, TaskError,
 };
-pub use dispatcher_core::{checkpoint, client, engine, input, ledger, output, protocol, server};
+pub use dispatcher_core::{
+    checkpoint, client, engine, input, ledger, metrics, output, protocol, server,
+};
 /// Turns an `async fn` into a task: see [Writing a task](crate#writing-a-task)
 /// and [what it expands to](crate#what-task-expands-to).
 #[doc(inline)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dispatcher::engine::launch::{self, EngineKind, LaunchConfig};
 use dispatcher::engine::{OpenAiEngine, RetryPolicy};
-use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
+use dispatcher::{task, DynTask, Engines, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
 use crate::support::{chat_lines, dispatcher_bin, example, strings, wait_exit, Served};
@@ -191,6 +191,56 @@ async fn rate(input: String) -> Result<Value, TaskError> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_llama_cpp_engines_in_one_task_the_launched_one_answers_a_named_one_judges() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    // The judge: another llama-server, serving the model as `judge-llama`.
+    let judge = launch::launch(&LaunchConfig {
+        kind: EngineKind::Llamacpp,
+        model: Some(model.clone()),
+        served_model_name: Some("judge-llama".into()),
+        engine_bin: Some(server.clone()),
+        threads: Some(1),
+        max_model_len: Some(1024),
+        startup_timeout: Duration::from_secs(60),
+        ..LaunchConfig::default()
+    })
+    .await
+    .unwrap();
+    let qs = ["Name a colour.", "Name a fruit.", "Name a city."];
+    let input: String = qs
+        .iter()
+        .map(|q| json!({ "question": q }).to_string() + "\n")
+        .collect();
+    let served = Served::start(&input, Duration::from_secs(2)).await;
+    let mut args = strings(&["--dispatcher", &served.addr, "--workers", "2"]);
+    args.extend(engine_flags(&server, &model, 1024, 2));
+    args.extend(strings(&[
+        "--engine-url",
+        &format!("judge={}", judge.base_url()),
+        "--engine-workers",
+        "judge=1",
+    ]));
+    let (code, stderr) = wait_exit(
+        worker(&example("generate_and_judge"), &args),
+        Duration::from_secs(300),
+    )
+    .await;
+    judge.stop(Duration::from_secs(5)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = served.finish().await;
+    assert_eq!(out.len(), 3);
+    for (line, q) in out.iter().zip(qs) {
+        assert_eq!(line["question"], q, "{line}");
+        assert!(line["answer"].is_string(), "{line}");
+        // The verdict came from the judge's llama-server, under its name.
+        assert_eq!(line["judge_model"], "judge-llama", "{line}");
+        assert!(line["verdict"].is_string(), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_schema_response_format_gives_output_that_json_parses() {
     let Some((server, model)) = llama() else {
         return;
@@ -211,7 +261,7 @@ async fn a_json_schema_response_format_gives_output_that_json_parses() {
         RetryPolicy::default(),
     ));
     for i in 0..3 {
-        let ctx = TaskContext::new(i, 0, Some(3), engine.clone(), None, 0);
+        let ctx = TaskContext::new(i, 0, Some(3), Engines::single(engine.clone()), 0);
         let outcome = rate
             .run_line(json!(format!("Rate item {i}")).to_string(), ctx)
             .await;

@@ -16,6 +16,9 @@ mod compare_example;
 #[path = "../examples/critique_and_revise.rs"]
 mod critique_example;
 #[allow(dead_code)]
+#[path = "../examples/generate_and_judge.rs"]
+mod judge_example;
+#[allow(dead_code)]
 #[path = "../examples/validated_response.rs"]
 mod validated_example;
 
@@ -237,6 +240,39 @@ async fn structured_output_parses_or_fails_the_line() {
         .run(json!("rate"))
         .await;
     assert_eq!(run.error_type(), Some("response_not_json"));
+}
+
+#[tokio::test]
+async fn generate_and_judge_answers_on_the_default_engine_and_grades_on_the_judge() {
+    let run = TaskTest::new(judge_example::generate_and_judge)
+        .respond_with(|r| {
+            Ok(match r.engine.as_deref() {
+                None => reply("Paris."),
+                Some("judge") => Response {
+                    model: "big-judge".into(),
+                    ..reply("Score: 9. Reason: correct.")
+                },
+                Some(other) => panic!("no engine {other}"),
+            })
+        })
+        .run(json!({"question": "Capital of France?"}))
+        .await;
+    assert_eq!(run.output["answer"], "Paris.");
+    assert_eq!(run.output["score"], 9);
+    assert_eq!(run.output["judge_model"], "big-judge");
+    let engines: Vec<_> = run.requests.iter().map(|r| r.engine.clone()).collect();
+    assert_eq!(engines, vec![None, Some("judge".to_string())]);
+    let graded = &run.requests[1].to_json()["messages"][1]["content"];
+    assert_eq!(graded, "Question: Capital of France?\n\nAnswer: Paris.");
+}
+
+#[test]
+fn a_judges_score_is_the_first_number_from_one_to_ten() {
+    use judge_example::score_of;
+    assert_eq!(score_of("Score: 7. Reason: fine"), Some(7));
+    assert_eq!(score_of("0 issues; score 10/10"), Some(10));
+    assert_eq!(score_of("I give it 42, then 3"), Some(3));
+    assert_eq!(score_of("no score here"), None);
 }
 
 #[tokio::test]

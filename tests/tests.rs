@@ -1,6 +1,7 @@
 //! End-to-end tests of the facade crate: one test binary, one module per area.
 
 mod examples_e2e;
+mod hosted;
 mod infer;
 mod llama;
 mod own_crate;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use dispatcher::client::DispatcherClient;
 use dispatcher::engine::launch::{self, EngineKind, EngineLog, LaunchConfig};
 use dispatcher::engine::{OpenAiEngine, RetryPolicy};
-use dispatcher::{task, DynTask, LineOutcome, Request, TaskContext, TaskError};
+use dispatcher::{task, DynTask, Engines, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
 use crate::support::{
@@ -203,7 +203,7 @@ async fn a_json_schema_task_parses_vllms_constrained_output() {
         .with_model(Some(model)),
     );
     for i in 0..4 {
-        let ctx = TaskContext::new(i, 0, Some(3), engine.clone(), None, 0);
+        let ctx = TaskContext::new(i, 0, Some(3), Engines::single(engine.clone()), 0);
         let outcome = rate
             .run_line(json!(format!("Rate item {i}")).to_string(), ctx)
             .await;

@@ -15,7 +15,7 @@ use crate::support;
 use dispatcher::server;
 use dispatcher::source::{FileSource, ServerSource, WorkSource};
 use dispatcher::testing::reply;
-use dispatcher::{task, Request, TaskContext, TaskError};
+use dispatcher::{task, Engines, Request, TaskContext, TaskError};
 use serde_json::json;
 
 /// An engine that answers after `delay`, echoing the prompt, and records how
@@ -63,15 +63,15 @@ impl Engine for SlowEngine {
 async fn run_two_steps(
     source: Arc<dyn WorkSource>,
     engine: Arc<SlowEngine>,
-    config: ManagerConfig,
+    config: Config,
     progress: Arc<Progress>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> (Exit, manager::Summary) {
     manager::run(
         &two_steps,
         source,
-        engine,
-        config,
+        engines(engine, config.workers, &progress),
+        config.manager,
         progress,
         shutdown,
         std::future::pending(),
@@ -84,7 +84,7 @@ async fn run_two_steps(
 async fn run_worker(
     client: DispatcherClient,
     engine: Arc<SlowEngine>,
-    config: ManagerConfig,
+    config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> (Exit, manager::Summary) {
     run_two_steps(
@@ -172,13 +172,27 @@ impl Job {
     }
 }
 
-fn config(workers: usize, batch: usize) -> ManagerConfig {
-    ManagerConfig {
+/// A worker's settings: `workers` requests in flight at most, `batch` items per work request.
+#[derive(Clone)]
+struct Config {
+    workers: usize,
+    manager: ManagerConfig,
+}
+
+fn config(workers: usize, batch: usize) -> Config {
+    Config {
         workers,
-        batch_size: batch,
-        server_wait: Duration::from_secs(5),
-        ..ManagerConfig::default()
+        manager: ManagerConfig {
+            batch_size: batch,
+            server_wait: Duration::from_secs(5),
+            ..ManagerConfig::default()
+        },
     }
+}
+
+/// `engine` as a worker's only engine, with `workers` request slots.
+fn engines(engine: Arc<dyn Engine>, workers: usize, progress: &Progress) -> Engines {
+    Engines::new(engine, workers, &progress.metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,12 +326,14 @@ async fn a_cpu_heavy_task_does_not_stall_the_others() {
         delay: Duration::from_millis(50),
         ..SlowEngine::default()
     });
+    let progress = Arc::new(Progress::default());
+    let config = config(4, 1);
     let (exit, _) = manager::run(
         &cpu_bound,
         source,
-        engine,
-        config(4, 1),
-        Arc::new(Progress::default()),
+        engines(engine, config.workers, &progress),
+        config.manager,
+        progress,
         std::future::pending(),
         std::future::pending(),
     )
@@ -404,11 +420,17 @@ async fn worker_metrics_count_requests_tokens_and_outcomes() {
         20.0
     );
     assert_eq!(
-        value("dispatcher_worker_engine_request_duration_seconds_count"),
+        value("dispatcher_worker_engine_request_duration_seconds_count{engine=\"default\"}"),
         40.0
     );
-    assert_eq!(value("dispatcher_worker_engine_requests_in_flight"), 0.0);
-    assert_eq!(value("dispatcher_worker_engine_errors_total"), 0.0);
+    assert_eq!(
+        value("dispatcher_worker_engine_requests_in_flight{engine=\"default\"}"),
+        0.0
+    );
+    assert_eq!(
+        value("dispatcher_worker_engine_errors_total{engine=\"default\"}"),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

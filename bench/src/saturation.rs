@@ -15,6 +15,7 @@ use dispatcher_core::engine::{
 use dispatcher_core::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 use dispatcher_core::task::manager::{self, ManagerConfig, Progress};
 use dispatcher_core::task::source::{SourceError, WorkSource};
+use dispatcher_core::task::Engines;
 use dispatcher_core::task::{Task, TaskContext, TaskError};
 
 #[derive(Debug, clap::Args)]
@@ -178,17 +179,18 @@ pub async fn run(args: SaturationArgs) -> anyhow::Result<()> {
         let source = Arc::new(Endless::default());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let config = ManagerConfig {
-            workers: w,
             batch_size: (w / 4).clamp(16, 512),
             ..ManagerConfig::default()
         };
+        let progress = Arc::new(Progress::default());
+        let engines = Engines::new(engine.clone(), w, &progress.metrics);
         let rss_before = rss_kb("VmRSS");
         let run = tokio::spawn(manager::run(
             &OneRequest,
             source.clone(),
-            engine.clone(),
+            engines,
             config,
-            Arc::new(Progress::default()),
+            progress,
             async {
                 let _ = stop_rx.await;
             },

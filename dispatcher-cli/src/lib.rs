@@ -7,10 +7,12 @@
 //! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
 //! - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
+//! - [`engines`]: engines given by URL (hosted, named), their keys and limits.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - [`run_tasks`]: the whole CLI of a task binary in one call.
 
+pub mod engines;
 pub mod infer;
 pub mod logging;
 pub mod progress;

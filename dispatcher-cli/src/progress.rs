@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use dispatcher_core::task::manager::Progress;
 use dispatcher_core::task::source::{JobProgress, WorkSource};
+use dispatcher_core::task::Engines;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Seconds between progress lines in a log: often enough to see a stall in a
@@ -16,12 +17,28 @@ const LOG_EVERY: Duration = Duration::from_secs(30);
 const BAR_EVERY: Duration = Duration::from_secs(2);
 
 /// Reports progress until aborted.
-pub async fn report(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
+pub async fn report(progress: Arc<Progress>, source: Arc<dyn WorkSource>, engines: Engines) {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar(progress, source).await
+        bar(progress, source, engines).await
     } else {
-        log_lines(progress, source).await
+        log_lines(progress, source, engines).await
     }
+}
+
+/// Each engine's requests in flight of its limit and requests done:
+/// `default 12/64 running 3400 done, judge 3/32 running 1200 done`.
+pub fn engine_load(engines: &Engines) -> String {
+    engines
+        .load()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}/{} running {} done",
+                e.name, e.in_flight, e.limit, e.requests
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Job-wide figures from the source: percent of input read and an ETA from
@@ -52,7 +69,7 @@ fn job_figures(before: Option<&JobProgress>, now: &JobProgress, secs: f64) -> (f
     (percent, eta)
 }
 
-async fn bar(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
+async fn bar(progress: Arc<Progress>, source: Arc<dyn WorkSource>, engines: Engines) {
     let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {percent:>3}% input read | {msg}")
@@ -67,8 +84,9 @@ async fn bar(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
         let rate = (lines - last_lines) as f64 / BAR_EVERY.as_secs_f64();
         last_lines = lines;
         let mut msg = format!(
-            "{lines} lines here, {rate:.1}/s, {} running",
-            progress.active.load(Relaxed)
+            "{lines} lines here, {rate:.1}/s, {} tasks | {}",
+            progress.active.load(Relaxed),
+            engine_load(&engines)
         );
         if let Some(now) = source.progress().await {
             let (percent, eta) = job_figures(before.as_ref(), &now, BAR_EVERY.as_secs_f64());
@@ -80,7 +98,7 @@ async fn bar(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
     }
 }
 
-async fn log_lines(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
+async fn log_lines(progress: Arc<Progress>, source: Arc<dyn WorkSource>, engines: Engines) {
     let start = tokio::time::Instant::now();
     let mut interval = tokio::time::interval(LOG_EVERY);
     interval.tick().await;
@@ -102,6 +120,7 @@ async fn log_lines(progress: Arc<Progress>, source: Arc<dyn WorkSource>) {
             job_lines_done = job.as_ref().map(|s| s.lines_done),
             job_input_read = format!("{percent:.1}%"),
             eta,
+            engines = engine_load(&engines),
             elapsed_secs = start.elapsed().as_secs(),
             "progress"
         );

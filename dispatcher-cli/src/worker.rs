@@ -11,10 +11,14 @@ use clap::{Args, ValueEnum};
 use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::engine::echo::EchoOptions;
 use dispatcher_core::engine::launch::{self, EngineKind, EngineLog, LaunchConfig, RunningEngine};
-use dispatcher_core::engine::{OpenAiEngine, RetryPolicy};
+use dispatcher_core::engine::RetryPolicy;
+use dispatcher_core::metrics::WorkerMetrics;
+use dispatcher_core::task::engines::DEFAULT_ENGINE;
 use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
 use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
-use dispatcher_core::task::DynTask;
+use dispatcher_core::task::{DynTask, Engines};
+
+use crate::engines::EngineUrlArgs;
 
 /// The engine to run (`--engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,6 +118,9 @@ pub struct EngineArgs {
     /// Echo engine: share of requests answered with a 500 (0-1).
     #[arg(long, default_value_t = 0.0)]
     pub echo_error_rate: f64,
+    /// Engines given by URL: hosted, or several in one task.
+    #[command(flatten)]
+    pub urls: EngineUrlArgs,
 }
 
 impl EngineArgs {
@@ -170,23 +177,36 @@ impl EngineArgs {
         })
     }
 
-    /// Launches (or connects to) the engine and builds its HTTP backend.
-    pub async fn start(&self) -> anyhow::Result<(RunningEngine, OpenAiEngine)> {
+    /// Launches (or connects to) the default engine and builds the backends
+    /// of every engine: the default one with at most `workers` requests in
+    /// flight, the named ones with theirs; requests are counted in `metrics`.
+    pub async fn start(
+        &self,
+        workers: usize,
+        metrics: &Arc<WorkerMetrics>,
+    ) -> anyhow::Result<(RunningEngine, Engines)> {
         let config = self.launch_config()?;
-        let engine = if self.no_launch {
-            launch::connect(&self.host, self.port)
-        } else {
-            launch::launch(&config).await?
+        // Every flag is checked before an engine is launched.
+        let urls = self.urls.check()?;
+        let engine = match &urls.default_url {
+            Some(_) if self.no_launch => bail!(
+                "--engine-url URL and --no-launch both say where the default engine is: give one"
+            ),
+            Some(url) => launch::connect_url(url),
+            None if self.no_launch => launch::connect(&self.host, self.port),
+            None => launch::launch(&config).await?,
         };
         let retry = RetryPolicy {
             retries: self.engine_retries,
             ..RetryPolicy::default()
         };
-        let backend = OpenAiEngine::new(
-            engine.base_url(),
-            Duration::from_secs_f64(self.request_timeout),
-            retry,
-        );
+        let timeout = Duration::from_secs_f64(self.request_timeout);
+        let backend = urls
+            .default_backend(engine.base_url())
+            .timeout(timeout)
+            .retry(retry.clone())
+            .build()?
+            .with_metrics(metrics.clone(), DEFAULT_ENGINE);
         let model = match (&self.served_model_name, &self.model) {
             (Some(name), _) => Some(name.clone()),
             // llama.cpp serves its model under the alias; vLLM under the path or id.
@@ -194,7 +214,23 @@ impl EngineArgs {
             _ => backend.discover_model().await,
         };
         tracing::info!(url = engine.base_url(), model = ?model, "engine ready");
-        Ok((engine, backend.with_model(model)))
+        let mut engines = Engines::new(Arc::new(backend.with_model(model)), workers, metrics);
+        for (name, builder, limit) in urls.named() {
+            let backend = builder
+                .timeout(timeout)
+                .retry(retry.clone())
+                .build()?
+                .with_metrics(metrics.clone(), name);
+            tracing::info!(
+                engine = name,
+                url = backend.api_base(),
+                model = backend.model().unwrap_or("(the first at /models)"),
+                "named engine"
+            );
+            engines =
+                engines.with_named(name, Arc::new(backend), limit.unwrap_or(workers), metrics)?;
+        }
+        Ok((engine, engines))
     }
 }
 
@@ -225,7 +261,8 @@ pub struct WorkArgs {
     /// Items asked for per work request.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Requests in flight to the engine at most (size it to the engine's batch).
+    /// Requests in flight to the default engine at most (size it to the engine's
+    /// batch); named engines have --engine-workers.
     #[arg(long, default_value_t = 64)]
     pub workers: usize,
     /// Seconds to keep trying a dispatcher that has not answered yet (it may be starting).
@@ -281,7 +318,6 @@ impl WorkArgs {
         }
         Ok(ManagerConfig {
             batch_size: self.batch_size,
-            workers: self.workers,
             server_wait: Duration::from_secs(self.server_wait),
             vanish_wait: Duration::from_secs(self.vanish_wait),
             max_retry_wait: Duration::from_secs(self.max_retry_wait.max(1)),
@@ -324,15 +360,19 @@ pub async fn run_task(
     // Listening from before the engine starts: a job preempted while vLLM still
     // loads (a minute or more) stops at once, and the engine with it.
     let mut stop = std::pin::pin!(crate::termination_signal());
-    let (mut engine, backend) = tokio::select! {
-        started = engine_args.start() => started?,
+    let progress = Arc::new(Progress::default());
+    let (mut engine, engines) = tokio::select! {
+        started = engine_args.start(work.workers, &progress.metrics) => started?,
         () = &mut stop => {
             tracing::info!("stopped before the engine was ready; no work was taken");
             return Ok(());
         }
     };
-    let progress = Arc::new(Progress::default());
-    let reporter = tokio::spawn(crate::progress::report(progress.clone(), source.clone()));
+    let reporter = tokio::spawn(crate::progress::report(
+        progress.clone(),
+        source.clone(),
+        engines.clone(),
+    ));
     let metrics_server = match work.metrics_port {
         Some(port) => Some(serve_metrics(port, progress.clone()).await?),
         None => None,
@@ -340,7 +380,7 @@ pub async fn run_task(
     let (exit, summary) = manager::run(
         task,
         source,
-        Arc::new(backend),
+        engines.clone(),
         config,
         progress,
         stop,
@@ -360,6 +400,7 @@ pub async fn run_task(
         outcomes = ?summary.outcomes,
         retries = summary.retries,
         released = summary.released,
+        engine_requests = crate::progress::engine_load(&engines),
         "worker finished: {exit:?}"
     );
     match exit {

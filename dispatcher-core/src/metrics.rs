@@ -269,15 +269,30 @@ impl ServerMetrics {
     }
 }
 
-/// A worker's metrics: engine requests, tokens, task outcomes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabel {
+    engine: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    engine: String,
+    cause: String,
+}
+
+/// A worker's metrics: engine requests, tokens and retries per engine (the
+/// `engine` label: `default`, or the name of an `--engine-url NAME=URL`),
+/// task outcomes.
 #[derive(Debug)]
 pub struct WorkerMetrics {
     registry: Registry,
-    requests_in_flight: Gauge,
-    engine_latency: Histogram,
-    engine_errors: Counter,
-    prompt_tokens: Counter,
-    completion_tokens: Counter,
+    requests_in_flight: Family<EngineLabel, Gauge>,
+    engine_latency: Family<EngineLabel, Histogram, fn() -> Histogram>,
+    engine_errors: Family<EngineLabel, Counter>,
+    prompt_tokens: Family<EngineLabel, Counter>,
+    completion_tokens: Family<EngineLabel, Counter>,
+    retries: Family<RetryLabel, Counter>,
+    rate_limit_wait: Family<EngineLabel, Counter<f64>>,
     outcomes: Family<KindLabel, Counter>,
 }
 
@@ -286,11 +301,13 @@ impl Default for WorkerMetrics {
         let mut registry = Registry::with_prefix("dispatcher_worker");
         let m = WorkerMetrics {
             registry: Registry::default(),
-            requests_in_flight: Gauge::default(),
-            engine_latency: engine_histogram(),
-            engine_errors: Counter::default(),
-            prompt_tokens: Counter::default(),
-            completion_tokens: Counter::default(),
+            requests_in_flight: Family::default(),
+            engine_latency: Family::new_with_constructor(engine_histogram as fn() -> Histogram),
+            engine_errors: Family::default(),
+            prompt_tokens: Family::default(),
+            completion_tokens: Family::default(),
+            retries: Family::default(),
+            rate_limit_wait: Family::default(),
             outcomes: Family::default(),
         };
         registry.register(
@@ -300,7 +317,7 @@ impl Default for WorkerMetrics {
         );
         registry.register(
             "engine_request_duration_seconds",
-            "Time the engine took per request",
+            "Time the engine took per request, retries included",
             m.engine_latency.clone(),
         );
         registry.register(
@@ -319,6 +336,16 @@ impl Default for WorkerMetrics {
             m.completion_tokens.clone(),
         );
         registry.register(
+            "engine_retries",
+            "Engine requests sent again, by cause (connection, rate_limited: a 429, server_error: a 5xx or 408)",
+            m.retries.clone(),
+        );
+        registry.register(
+            "engine_rate_limit_wait_seconds",
+            "Time requests waited for the client-side rate limits (--max-requests-per-minute, --max-tokens-per-minute)",
+            m.rate_limit_wait.clone(),
+        );
+        registry.register(
             "task_outcomes",
             "Lines finished, by how they ended",
             m.outcomes.clone(),
@@ -327,23 +354,69 @@ impl Default for WorkerMetrics {
     }
 }
 
-impl WorkerMetrics {
+/// The series of one engine, looked up once so that recording a request
+/// takes no lookup.
+#[derive(Debug, Clone)]
+pub struct EngineSeries {
+    in_flight: Gauge,
+    latency: Histogram,
+    errors: Counter,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+}
+
+impl EngineSeries {
     /// A request to the engine starts.
     pub fn request_started(&self) {
-        self.requests_in_flight.inc();
+        self.in_flight.inc();
     }
 
     /// A request to the engine ended after `elapsed`, with its token counts.
     pub fn request_ended(&self, elapsed: Duration, ok: bool, tokens: Option<(u64, u64)>) {
-        self.requests_in_flight.dec();
-        self.engine_latency.observe(elapsed.as_secs_f64());
+        self.in_flight.dec();
+        self.latency.observe(elapsed.as_secs_f64());
         if !ok {
-            self.engine_errors.inc();
+            self.errors.inc();
         }
         if let Some((prompt, completion)) = tokens {
             self.prompt_tokens.inc_by(prompt);
             self.completion_tokens.inc_by(completion);
         }
+    }
+}
+
+impl WorkerMetrics {
+    /// The series of the engine called `engine`.
+    pub fn engine(&self, engine: &str) -> EngineSeries {
+        let label = EngineLabel {
+            engine: engine.to_string(),
+        };
+        EngineSeries {
+            in_flight: self.requests_in_flight.get_or_create(&label).clone(),
+            latency: self.engine_latency.get_or_create(&label).clone(),
+            errors: self.engine_errors.get_or_create(&label).clone(),
+            prompt_tokens: self.prompt_tokens.get_or_create(&label).clone(),
+            completion_tokens: self.completion_tokens.get_or_create(&label).clone(),
+        }
+    }
+
+    /// A request to `engine` is sent again because of `cause`.
+    pub fn engine_retry(&self, engine: &str, cause: &str) {
+        self.retries
+            .get_or_create(&RetryLabel {
+                engine: engine.to_string(),
+                cause: cause.to_string(),
+            })
+            .inc();
+    }
+
+    /// A request to `engine` waited this long for the client-side rate limits.
+    pub fn rate_limit_wait(&self, engine: &str, waited: Duration) {
+        self.rate_limit_wait
+            .get_or_create(&EngineLabel {
+                engine: engine.to_string(),
+            })
+            .inc_by(waited.as_secs_f64());
     }
 
     /// A line finished as `kind`.

@@ -280,7 +280,8 @@ pub struct RunningEngine {
 }
 
 impl RunningEngine {
-    /// `http://host:port` of the engine's OpenAI-compatible API.
+    /// Where the engine's OpenAI-compatible API is: `http://host:port` of a
+    /// launched engine, or the URL connected to.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -561,9 +562,15 @@ fn connect_host(host: &str) -> &str {
 
 /// Connects to an engine that is already running (`--no-launch`).
 pub fn connect(host: &str, port: u16) -> RunningEngine {
+    connect_url(&format!("http://{}:{port}", connect_host(host)))
+}
+
+/// Connects to the engine at `url`, already running here or elsewhere (a
+/// hosted API): nothing to start or stop.
+pub fn connect_url(url: &str) -> RunningEngine {
     RunningEngine {
         kind: EngineKind::Vllm,
-        base_url: format!("http://{}:{port}", connect_host(host)),
+        base_url: url.to_string(),
         child: None,
         log: LogTail::None,
         echo: None,

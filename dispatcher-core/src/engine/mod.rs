@@ -5,6 +5,7 @@
 pub mod echo;
 pub mod launch;
 mod openai;
+pub mod rate;
 mod request;
 mod response;
 
@@ -12,7 +13,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use openai::{OpenAiEngine, RetryPolicy};
+pub use openai::{
+    api_base, ApiKey, EngineSetupError, OpenAiEngine, OpenAiEngineBuilder, RetryPolicy,
+};
+pub use rate::RateLimit;
 pub use request::{Body, Message, Request};
 pub use response::{Choice, JsonError, RequestError, Response, Usage};
 

@@ -1,18 +1,27 @@
-//! The OpenAI-compatible HTTP backend (vLLM, SGLang, llama.cpp, the echo engine).
+//! The OpenAI-compatible HTTP backend: vLLM, SGLang, llama.cpp, the echo
+//! engine, and hosted APIs over TLS with an API key and rate limits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BoxFuture, Engine, Request, RequestError, Response};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::StatusCode;
 
-/// How the backend retries connection errors and 5xx answers.
+use super::rate::{estimated_tokens, RateLimit, RateLimiter};
+use super::{BoxFuture, Engine, Request, RequestError, Response};
+use crate::metrics::WorkerMetrics;
+
+/// How the backend retries connection errors, 429 and 5xx answers.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts after the first.
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub initial_backoff: Duration,
-    /// Longest wait between retries.
+    /// Longest wait between retries, unless the engine asks for more.
     pub max_backoff: Duration,
+    /// Longest wait a `Retry-After` header is honoured for.
+    pub max_retry_after: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -21,54 +30,248 @@ impl Default for RetryPolicy {
             retries: 5,
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(8),
+            max_retry_after: Duration::from_secs(120),
         }
     }
 }
 
-/// Sends requests to `{base_url}/v1/chat/completions` or `/v1/completions`.
+/// An API key, sent as a bearer token; its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// A key; empty keys are `None` (an unset variable exported as empty).
+    pub fn new(key: impl Into<String>) -> Option<ApiKey> {
+        let key = key.into();
+        (!key.trim().is_empty()).then(|| ApiKey(key.trim().to_string()))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Why an engine could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineSetupError {
+    /// The URL is not an http(s) URL.
+    #[error("{url:?} is not an http:// or https:// URL")]
+    BadUrl {
+        /// As given.
+        url: String,
+    },
+    /// The API key cannot be sent in a header (the key itself is not shown).
+    #[error(
+        "the API key is not a valid HTTP header value (a line break or a control character in it?)"
+    )]
+    BadApiKey,
+    /// A CA certificate did not read as PEM.
+    #[error("the CA certificate is not a PEM certificate: {0}")]
+    BadCertificate(String),
+    /// The HTTP client could not be built.
+    #[error("could not set up the HTTP client: {0}")]
+    Client(String),
+}
+
+/// The API base of an engine from the URL a user gives: `http://host:port`
+/// (what launched engines and `--no-launch` have) gets `/v1`; a URL with a
+/// path (`https://api.example.com/v1`, `https://host/openai/v1`) is the base
+/// as it is, like the OpenAI clients' `base_url`.
+pub fn api_base(url: &str) -> Result<String, EngineSetupError> {
+    let bad = || EngineSetupError::BadUrl {
+        url: url.to_string(),
+    };
+    let trimmed = url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(bad());
+    }
+    Ok(if rest.contains('/') {
+        trimmed.to_string()
+    } else {
+        format!("{trimmed}/v1")
+    })
+}
+
+/// Sends requests to `{api_base}/chat/completions` or `/completions`.
 #[derive(Debug, Clone)]
 pub struct OpenAiEngine {
-    /// `http://host:port`, without a trailing slash.
-    base_url: String,
+    /// `http://host:port/v1`, without a trailing slash.
+    api_base: String,
     /// Filled into requests that name no model.
     model: Option<String>,
+    /// Without a model: the first the engine lists, asked at the first
+    /// request (the engine may still be starting when the worker does).
+    discovered: Option<Arc<tokio::sync::OnceCell<String>>>,
     http: reqwest::Client,
     retry: RetryPolicy,
+    rate: Option<Arc<RateLimiter>>,
+    /// Where retries and rate-limit waits are counted, under which engine name.
+    metrics: Option<(Arc<WorkerMetrics>, String)>,
+}
+
+/// Builds an [`OpenAiEngine`] with TLS roots, an API key and rate limits.
+#[derive(Debug)]
+pub struct OpenAiEngineBuilder {
+    url: String,
+    timeout: Duration,
+    retry: RetryPolicy,
+    api_key: Option<ApiKey>,
+    ca_certs: Vec<Vec<u8>>,
+    rate: RateLimit,
+    model: Option<String>,
+    discover_model: bool,
+}
+
+impl OpenAiEngineBuilder {
+    /// Seconds one request may take before it counts as failed (600 by default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How failed requests are retried.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every request.
+    pub fn api_key(mut self, key: Option<ApiKey>) -> Self {
+        self.api_key = key;
+        self
+    }
+
+    /// Trusts this PEM certificate (a site CA, or a test's own) besides the
+    /// system's roots.
+    pub fn ca_cert_pem(mut self, pem: Vec<u8>) -> Self {
+        self.ca_certs.push(pem);
+        self
+    }
+
+    /// Limits requests and tokens per minute on the client side.
+    pub fn rate_limit(mut self, rate: RateLimit) -> Self {
+        self.rate = rate;
+        self
+    }
+
+    /// The model filled into requests that name none.
+    pub fn model(mut self, model: Option<String>) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// Without a [`model`](Self::model): fills in the first model the engine
+    /// lists at `/models`, asked when the first request is sent.
+    pub fn discover_model(mut self, discover: bool) -> Self {
+        self.discover_model = discover;
+        self
+    }
+
+    /// The engine, or why it cannot be set up.
+    pub fn build(self) -> Result<OpenAiEngine, EngineSetupError> {
+        let api_base = api_base(&self.url)?;
+        let mut headers = HeaderMap::new();
+        if let Some(ApiKey(key)) = &self.api_key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| EngineSetupError::BadApiKey)?;
+            // Shown as "Sensitive" wherever the client's headers are printed.
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let mut http = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(4096)
+            .default_headers(headers);
+        for pem in &self.ca_certs {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| EngineSetupError::BadCertificate(e.to_string()))?;
+            http = http.add_root_certificate(cert);
+        }
+        let http = http
+            .build()
+            .map_err(|e| EngineSetupError::Client(e.to_string()))?;
+        Ok(OpenAiEngine {
+            api_base,
+            discovered: (self.discover_model && self.model.is_none())
+                .then(|| Arc::new(tokio::sync::OnceCell::new())),
+            model: self.model,
+            http,
+            retry: self.retry,
+            rate: RateLimiter::new(self.rate).map(Arc::new),
+            metrics: None,
+        })
+    }
 }
 
 impl OpenAiEngine {
-    /// A backend for the engine at `base_url`, with a per-request `timeout`.
-    pub fn new(base_url: &str, timeout: Duration, retry: RetryPolicy) -> OpenAiEngine {
-        let http = reqwest::Client::builder()
+    /// A backend for the engine at `url` (see [`api_base`]), with a
+    /// per-request `timeout`.
+    ///
+    /// # Panics
+    /// When `url` is not an http(s) URL; [`OpenAiEngine::builder`] returns
+    /// that as an error instead.
+    pub fn new(url: &str, timeout: Duration, retry: RetryPolicy) -> OpenAiEngine {
+        OpenAiEngine::builder(url)
             .timeout(timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(4096)
+            .retry(retry)
             .build()
-            .expect("a plain HTTP client builds");
-        OpenAiEngine {
-            base_url: base_url.trim_end_matches('/').to_string(),
+            .unwrap_or_else(|e| panic!("engine at {url}: {e}"))
+    }
+
+    /// A builder for the engine at `url`.
+    pub fn builder(url: &str) -> OpenAiEngineBuilder {
+        OpenAiEngineBuilder {
+            url: url.to_string(),
+            timeout: Duration::from_secs(600),
+            retry: RetryPolicy::default(),
+            api_key: None,
+            ca_certs: Vec::new(),
+            rate: RateLimit::default(),
             model: None,
-            http,
-            retry,
+            discover_model: false,
         }
     }
 
     /// Sets the model filled into requests that name none.
     pub fn with_model(mut self, model: Option<String>) -> OpenAiEngine {
+        if model.is_some() {
+            self.discovered = None;
+        }
         self.model = model;
         self
     }
 
-    /// The engine's base URL.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
+    /// Counts retries and rate-limit waits in `metrics` under engine `name`.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>, name: &str) -> OpenAiEngine {
+        self.metrics = Some((metrics, name.to_string()));
+        self
     }
 
-    /// Asks `/v1/models` for the first model the engine serves.
+    /// The engine's API base URL (`.../v1`).
+    pub fn api_base(&self) -> &str {
+        &self.api_base
+    }
+
+    /// The model filled into requests that name none, when set (or
+    /// discovered already).
+    pub fn model(&self) -> Option<&str> {
+        self.model
+            .as_deref()
+            .or_else(|| self.discovered.as_ref()?.get().map(String::as_str))
+    }
+
+    /// Asks `/models` for the first model the engine serves.
     pub async fn discover_model(&self) -> Option<String> {
         let v: serde_json::Value = self
             .http
-            .get(format!("{}/v1/models", self.base_url))
+            .get(format!("{}/models", self.api_base))
             .send()
             .await
             .ok()?
@@ -78,18 +281,40 @@ impl OpenAiEngine {
         v["data"][0]["id"].as_str().map(String::from)
     }
 
+    /// The model for requests that name none: the one set, or the one
+    /// discovered (asked again at the next request while discovery fails).
+    async fn default_model(&self) -> Option<String> {
+        match &self.discovered {
+            Some(cell) => cell
+                .get_or_try_init(|| async { self.discover_model().await.ok_or(()) })
+                .await
+                .ok()
+                .cloned(),
+            None => self.model.clone(),
+        }
+    }
+
     async fn send_once(&self, body: &serde_json::Value, url: &str) -> Attempt {
         let resp = match self.http.post(url).json(body).send().await {
             Ok(r) => r,
-            Err(e) => return Attempt::Retry(format!("{url}: {e}")),
+            // `{e}` names the URL; no header is part of it.
+            Err(e) => return Attempt::retry(RetryCause::Connection, format!("{e}"), None),
         };
         let status = resp.status();
+        let retry_after = retry_after(resp.headers());
         let text = match resp.text().await {
             Ok(t) => t,
-            Err(e) => return Attempt::Retry(format!("{url}: reading the answer: {e}")),
+            Err(e) => {
+                return Attempt::retry(
+                    RetryCause::Connection,
+                    format!("{url}: reading the answer: {e}"),
+                    None,
+                )
+            }
         };
-        if status.is_server_error() {
-            return Attempt::Retry(format!("{url} answered {status}: {}", snippet(&text)));
+        if let Some(cause) = RetryCause::of(status) {
+            let why = format!("{url} answered {status}: {}", snippet(&text));
+            return Attempt::retry(cause, why, retry_after);
         }
         if !status.is_success() {
             let message = serde_json::from_str::<serde_json::Value>(&text)
@@ -111,11 +336,78 @@ impl OpenAiEngine {
             .and_then(|v| Response::from_openai(&v));
         Attempt::Done(parsed.map_err(|e| RequestError::Malformed(format!("{url}: {e}"))))
     }
+
+    /// The wait before retry number `attempt` (0-based): exponential backoff,
+    /// or what the engine asked for when that is longer (up to its cap).
+    fn wait_before_retry(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self
+            .retry
+            .initial_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.retry.max_backoff);
+        match retry_after {
+            Some(asked) => backoff.max(asked.min(self.retry.max_retry_after)),
+            None => backoff,
+        }
+    }
+}
+
+/// Why an attempt is retried, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryCause {
+    /// No answer: connection refused or reset, timeout.
+    Connection,
+    /// 429 Too Many Requests.
+    RateLimited,
+    /// 408, or a 5xx answer.
+    ServerError,
+}
+
+impl RetryCause {
+    fn of(status: StatusCode) -> Option<RetryCause> {
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            Some(RetryCause::RateLimited)
+        } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+            Some(RetryCause::ServerError)
+        } else {
+            None
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            RetryCause::Connection => "connection",
+            RetryCause::RateLimited => "rate_limited",
+            RetryCause::ServerError => "server_error",
+        }
+    }
 }
 
 enum Attempt {
     Done(Result<Response, RequestError>),
-    Retry(String),
+    Retry {
+        cause: RetryCause,
+        why: String,
+        after: Option<Duration>,
+    },
+}
+
+impl Attempt {
+    fn retry(cause: RetryCause, why: String, after: Option<Duration>) -> Attempt {
+        Attempt::Retry { cause, why, after }
+    }
+}
+
+/// The wait an answer asks for: `retry-after-ms` (OpenAI, Azure), or
+/// `Retry-After` in seconds. An HTTP date is not honoured (backoff applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| -> Option<f64> {
+        let v: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        (v.is_finite() && v >= 0.0).then_some(v)
+    };
+    number("retry-after-ms")
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
 }
 
 fn snippet(text: &str) -> String {
@@ -126,29 +418,120 @@ impl Engine for OpenAiEngine {
     fn send(&self, mut request: Request) -> BoxFuture<'_, Result<Response, RequestError>> {
         Box::pin(async move {
             if request.model.is_none() {
-                request.model.clone_from(&self.model);
+                request.model = self.default_model().await;
             }
-            let url = format!("{}{}", self.base_url, request.endpoint());
+            let url = format!("{}{}", self.api_base, request.endpoint());
+            let cost = self.rate.as_ref().map(|_| estimated_tokens(&request));
             let body = request.to_json();
-            let mut backoff = self.retry.initial_backoff;
             let mut attempt = 0;
             loop {
+                if let (Some(rate), Some(cost)) = (&self.rate, cost) {
+                    let waited = rate.acquire(cost).await;
+                    if let Some((metrics, name)) = &self.metrics {
+                        metrics.rate_limit_wait(name, waited);
+                    }
+                }
                 match self.send_once(&body, &url).await {
-                    Attempt::Done(r) => return r,
-                    Attempt::Retry(why) if attempt >= self.retry.retries => {
+                    Attempt::Done(result) => {
+                        if let (Some(rate), Some(cost), Ok(response)) = (&self.rate, cost, &result)
+                        {
+                            if let Some(usage) = response.usage {
+                                rate.settle(cost, usage.prompt_tokens + usage.completion_tokens);
+                            }
+                        }
+                        return result;
+                    }
+                    Attempt::Retry { why, .. } if attempt >= self.retry.retries => {
                         return Err(RequestError::Unavailable(format!(
                             "{why} (after {} attempts)",
                             attempt + 1
                         )))
                     }
-                    Attempt::Retry(why) => {
-                        tracing::debug!(%why, attempt, "engine request failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(self.retry.max_backoff);
+                    Attempt::Retry { cause, why, after } => {
+                        let wait = self.wait_before_retry(attempt, after);
+                        tracing::debug!(%why, attempt, wait_ms = wait.as_millis() as u64, "engine request failed; retrying");
+                        if let Some((metrics, name)) = &self.metrics {
+                            metrics.engine_retry(name, cause.label());
+                        }
+                        tokio::time::sleep(wait).await;
                         attempt += 1;
                     }
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_base_adds_v1_only_to_a_bare_host() {
+        let base = |u: &str| api_base(u).unwrap();
+        assert_eq!(base("http://127.0.0.1:8000"), "http://127.0.0.1:8000/v1");
+        assert_eq!(base("http://node7:8000/"), "http://node7:8000/v1");
+        assert_eq!(base("http://node7:8000/v1/"), "http://node7:8000/v1");
+        assert_eq!(
+            base("https://api.example.com/openai/v1"),
+            "https://api.example.com/openai/v1"
+        );
+        assert_eq!(
+            base("https://example.com/v1beta/openai"),
+            "https://example.com/v1beta/openai"
+        );
+        for bad in ["node7:8000", "ftp://x", "http://", "http:///v1", ""] {
+            assert!(api_base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_milliseconds_first_then_seconds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut date = HeaderMap::new();
+        date.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&date), None);
+    }
+
+    #[test]
+    fn waits_grow_and_honour_retry_after_up_to_its_cap() {
+        let e = OpenAiEngine::new(
+            "http://127.0.0.1:1",
+            Duration::from_secs(1),
+            RetryPolicy::default(),
+        );
+        assert_eq!(e.wait_before_retry(0, None), Duration::from_millis(250));
+        assert_eq!(e.wait_before_retry(2, None), Duration::from_secs(1));
+        assert_eq!(e.wait_before_retry(30, None), Duration::from_secs(8));
+        // An answer asking for more than the backoff gets it, up to the cap.
+        let asked = Some(Duration::from_secs(3));
+        assert_eq!(e.wait_before_retry(0, asked), Duration::from_secs(3));
+        let asked = Some(Duration::from_secs(3600));
+        assert_eq!(e.wait_before_retry(0, asked), Duration::from_secs(120));
+        // Asking for less than the backoff does not shorten it.
+        let asked = Some(Duration::from_millis(1));
+        assert_eq!(e.wait_before_retry(3, asked), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_api_key_is_not_in_debug_output() {
+        let key = ApiKey::new("sk-secret-123").unwrap();
+        assert!(!format!("{key:?}").contains("secret"));
+        let engine = OpenAiEngine::builder("https://api.example.com/v1")
+            .api_key(Some(key))
+            .build()
+            .unwrap();
+        assert!(!format!("{engine:?}").contains("secret"));
+        assert!(ApiKey::new("  ").is_none());
+        let bad = OpenAiEngine::builder("http://x:1").api_key(ApiKey::new("a\nb"));
+        assert!(matches!(bad.build(), Err(EngineSetupError::BadApiKey)));
     }
 }

@@ -113,6 +113,10 @@ pub struct Request {
     /// Engine-specific fields sent as they are (`min_p`, `top_k`, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// The worker's engine it goes to: one named by `--engine-url NAME=URL`,
+    /// or the default engine when `None`. Not sent.
+    #[serde(skip)]
+    pub engine: Option<String>,
 }
 
 impl Request {
@@ -130,6 +134,7 @@ impl Request {
             frequency_penalty: None,
             response_format: None,
             extra: Map::new(),
+            engine: None,
         }
     }
 
@@ -174,6 +179,22 @@ impl Request {
     /// Appends an assistant message.
     pub fn assistant(self, content: impl Into<String>) -> Request {
         self.message("assistant", content)
+    }
+
+    /// Sends it to the engine the worker knows as `name` (`--engine-url
+    /// name=URL`) instead of the default one:
+    ///
+    /// ```
+    /// # mod dispatcher { pub use dispatcher_core::engine::Request; }
+    /// use dispatcher::Request;
+    /// let verdict = Request::chat().engine("judge").user("Is this answer right? ...");
+    /// assert_eq!(verdict.engine.as_deref(), Some("judge"));
+    /// // The engine's name is the worker's business, not the engine's.
+    /// assert!(verdict.to_json().get("engine").is_none());
+    /// ```
+    pub fn engine(mut self, name: impl Into<String>) -> Request {
+        self.engine = Some(name.into());
+        self
     }
 
     /// Sets the model name.
@@ -296,12 +317,12 @@ impl Request {
         matches!(self.body, Body::Chat { .. })
     }
 
-    /// The endpoint path under the engine's base URL.
+    /// The endpoint path under the engine's API base (`.../v1`).
     pub fn endpoint(&self) -> &'static str {
         if self.is_chat() {
-            "/v1/chat/completions"
+            "/chat/completions"
         } else {
-            "/v1/completions"
+            "/completions"
         }
     }
 

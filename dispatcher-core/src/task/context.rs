@@ -6,9 +6,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::limiter::PriorityLimiter;
-use crate::engine::{BoxFuture, Engine, Request, RequestError, Response};
-use crate::metrics::WorkerMetrics;
+use super::engines::Engines;
+use crate::engine::{BoxFuture, Request, RequestError, Response};
 
 /// The context of one task run; cheap to clone.
 #[derive(Debug, Clone)]
@@ -21,23 +20,20 @@ struct Inner {
     work_id: u64,
     retry_count: u32,
     max_retries: Option<u32>,
-    engine: Arc<dyn Engine>,
-    /// Caps requests in flight; `None` when unlimited (tests).
-    limiter: Option<Arc<PriorityLimiter>>,
+    engines: Engines,
     /// When this task started relative to others: lower goes first.
     priority: u64,
-    /// Where engine requests are counted, if anywhere.
-    metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl TaskContext {
-    /// A context for work item `work_id` on its `retry_count`-th reissue.
+    /// A context for work item `work_id` on its `retry_count`-th reissue,
+    /// sending to `engines`; among tasks waiting for an engine's request
+    /// slot, the lowest `priority` (the task started first) goes first.
     pub fn new(
         work_id: u64,
         retry_count: u32,
         max_retries: Option<u32>,
-        engine: Arc<dyn Engine>,
-        limiter: Option<Arc<PriorityLimiter>>,
+        engines: Engines,
         priority: u64,
     ) -> TaskContext {
         TaskContext {
@@ -45,21 +41,10 @@ impl TaskContext {
                 work_id,
                 retry_count,
                 max_retries,
-                engine,
-                limiter,
+                engines,
                 priority,
-                metrics: None,
             }),
         }
-    }
-
-    /// Counts this task's engine requests in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> TaskContext {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.metrics = Some(metrics),
-            None => tracing::debug!("metrics attached to a context already shared; ignored"),
-        }
-        self
     }
 
     /// The work item's id: its input line's 0-based index.
@@ -100,24 +85,26 @@ impl TaskContext {
         unreachable!("a stand-in for a task that did not compile")
     }
 
-    /// Sends one request, waiting for a slot among the worker's `--workers`.
+    /// Sends one request to the engine it names (the default one when it
+    /// names none), waiting for one of that engine's request slots.
     pub async fn request(&self, request: Request) -> Result<Response, RequestError> {
-        let _permit = match &self.inner.limiter {
-            Some(l) => Some(l.acquire(self.inner.priority).await),
-            None => None,
-        };
-        let Some(metrics) = &self.inner.metrics else {
-            return self.inner.engine.send(request).await;
-        };
-        metrics.request_started();
-        let start = std::time::Instant::now();
-        let result = self.inner.engine.send(request).await;
+        let route = self.inner.engines.route(request.engine.as_deref())?;
+        let slot = route.slot(self.inner.priority).await;
+        let result = route.engine().send(request).await;
         let tokens = result
             .as_ref()
             .ok()
             .and_then(|r| r.usage)
             .map(|u| (u.prompt_tokens, u.completion_tokens));
-        metrics.request_ended(start.elapsed(), result.is_ok(), tokens);
+        slot.ended(result.is_ok(), tokens);
+        if let Err(RequestError::Unavailable(why)) = &result {
+            if route.name() != super::engines::DEFAULT_ENGINE {
+                return Err(RequestError::Unavailable(format!(
+                    "the engine {:?}: {why}",
+                    route.name()
+                )));
+            }
+        }
         result
     }
 

@@ -1,6 +1,6 @@
-//! The task manager: pulls items, runs one task per item, keeps the engine
-//! saturated with at most `workers` requests in flight, hands results back in
-//! batches, and on a signal or a dead engine releases what it holds.
+//! The task manager: pulls items, runs one task per item, keeps each engine
+//! saturated with at most its `workers` requests in flight, hands results back
+//! in batches, and on a signal or a dead engine releases what it holds.
 //!
 //! Everything here waits on events (a task finishing, a fetch answering, a
 //! deadline); there is no polling loop.
@@ -16,10 +16,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::limiter::PriorityLimiter;
 use super::source::{SourceError, WorkSource};
-use super::{DynTask, LineOutcome, OutcomeKind, TaskContext};
-use crate::engine::{BoxFuture, Engine};
+use super::{DynTask, Engines, LineOutcome, OutcomeKind, TaskContext};
+use crate::engine::BoxFuture;
 use crate::metrics::WorkerMetrics;
 use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 
@@ -28,8 +27,6 @@ use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 pub struct ManagerConfig {
     /// Items asked for per work request.
     pub batch_size: usize,
-    /// Requests in flight to the engine at most.
-    pub workers: usize,
     /// How long to keep trying a server that was never reached (it may still
     /// be starting) before giving up on it.
     pub server_wait: Duration,
@@ -47,7 +44,6 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
             batch_size: 16,
-            workers: 64,
             server_wait: Duration::from_secs(120),
             vanish_wait: Duration::from_secs(10),
             max_submit_batch: 1024,
@@ -114,18 +110,18 @@ enum Handback {
     Release(u64, ReleaseReason),
 }
 
-/// Runs `task` over the items of `source` until the work is done, `shutdown`
-/// resolves, or `engine_died` does.
+/// Runs `task` over the items of `source`, sending to `engines`, until the
+/// work is done, `shutdown` resolves, or `engine_died` does.
 pub async fn run(
     task: &'static dyn DynTask,
     source: Arc<dyn WorkSource>,
-    engine: Arc<dyn Engine>,
+    engines: Engines,
     config: ManagerConfig,
     progress: Arc<Progress>,
     shutdown: impl Future<Output = ()>,
     engine_died: impl Future<Output = String>,
 ) -> (Exit, Summary) {
-    Manager::new(task, source, engine, config, progress)
+    Manager::new(task, source, engines, config, progress)
         .run(shutdown, engine_died)
         .await
 }
@@ -215,15 +211,14 @@ impl Reachability {
 struct Manager {
     task: &'static dyn DynTask,
     source: Arc<dyn WorkSource>,
-    engine: Arc<dyn Engine>,
+    /// Each shares its request slots among tasks, oldest first.
+    engines: Engines,
     config: ManagerConfig,
     progress: Arc<Progress>,
-    /// Shares the engine's request slots among tasks, oldest first.
-    limiter: Arc<PriorityLimiter>,
     /// Items asked for per work request.
     batch: usize,
-    /// Tasks at most: enough to keep every request slot busy while a batch is
-    /// fetched.
+    /// Tasks at most: enough to keep every request slot of the default
+    /// engine busy while a batch is fetched.
     max_tasks: usize,
     tasks: JoinSet<(WorkItem, LineOutcome)>,
     /// Items this worker holds, with the handle that stops their task.
@@ -251,7 +246,7 @@ impl Manager {
     fn new(
         task: &'static dyn DynTask,
         source: Arc<dyn WorkSource>,
-        engine: Arc<dyn Engine>,
+        engines: Engines,
         config: ManagerConfig,
         progress: Arc<Progress>,
     ) -> Manager {
@@ -266,11 +261,10 @@ impl Manager {
         ));
         Manager {
             task,
-            limiter: PriorityLimiter::new(config.workers.max(1)),
             batch,
-            max_tasks: config.workers.max(batch) + batch,
+            max_tasks: engines.default_limit().max(batch) + batch,
             source,
-            engine,
+            engines,
             config,
             progress,
             tasks: JoinSet::new(),
@@ -450,11 +444,9 @@ impl Manager {
             item.work_id,
             item.retry_count,
             item.max_retries,
-            self.engine.clone(),
-            Some(self.limiter.clone()),
+            self.engines.clone(),
             self.started,
-        )
-        .with_metrics(self.progress.metrics.clone());
+        );
         let run = self.task.run_line(item.content.clone(), ctx);
         let id = item.work_id;
         let handle = self.tasks.spawn(async move { (item, run.await) });

@@ -3,6 +3,7 @@
 //! runs many tasks at once against one engine.
 
 mod context;
+pub mod engines;
 mod error;
 pub mod limiter;
 pub mod manager;
@@ -18,6 +19,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use context::{Requests, TaskContext};
+pub use engines::Engines;
 pub use error::{OrFail, TaskError, TaskErrorKind};
 
 use crate::engine::BoxFuture;

@@ -155,7 +155,8 @@ impl<T: DynTask> TaskTest<T> {
         self
     }
 
-    /// Replies with `f(request)`.
+    /// Replies with `f(request)`. Requests to every engine come here, named
+    /// or not: `request.engine` says which one a task asked for.
     pub fn respond_with(
         mut self,
         f: impl Fn(&Request) -> Result<Response, RequestError> + Send + Sync + 'static,
@@ -192,8 +193,7 @@ impl<T: DynTask> TaskTest<T> {
             self.work_id,
             self.retry_count,
             self.max_retries,
-            engine.clone(),
-            None,
+            super::Engines::single(engine.clone()),
             0,
         );
         let outcome = self.task.run_line(line.to_string(), ctx).await;
