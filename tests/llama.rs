@@ -241,6 +241,56 @@ async fn two_llama_cpp_engines_in_one_task_the_launched_one_answers_a_named_one_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_batch_runs_a_batch_file_on_llama_cpp() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    let line = |id: &str, url: &str, body: Value| {
+        json!({"custom_id": id, "method": "POST", "url": url, "body": body}).to_string() + "\n"
+    };
+    let file = line(
+        "chat",
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}),
+    ) + &line(
+        "completion",
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 8}),
+    ) + &line(
+        "too-long",
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "word ".repeat(1000)}], "max_tokens": 8}),
+    );
+    std::fs::write(&input, file).unwrap();
+    let mut args = strings(&["run-batch", "-i", &input.display().to_string()]);
+    args.extend(strings(&["-o", &output.display().to_string()]));
+    args.extend(engine_flags(&server, &model, 256, 2));
+    let (code, stderr) =
+        wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["chat", "completion", "too-long"]);
+    assert_eq!(out[0]["response"]["status_code"], 200, "{}", out[0]);
+    // The engine's model, not the one the line named.
+    assert_eq!(out[0]["response"]["body"]["model"], "tiny", "{}", out[0]);
+    assert!(out[0]["response"]["body"]["choices"][0]["message"]["content"].is_string());
+    assert_eq!(out[1]["response"]["status_code"], 200, "{}", out[1]);
+    assert!(out[1]["response"]["body"]["choices"][0]["text"].is_string());
+    assert_eq!(out[2]["response"]["status_code"], 400, "{}", out[2]);
+    assert!(out[2]["error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_schema_response_format_gives_output_that_json_parses() {
     let Some((server, model)) = llama() else {
         return;

@@ -517,3 +517,134 @@ async fn no_launch_against_a_running_vllm_and_engine_cmd_with_a_chat_template() 
         "the chat template's system line is in the prompt: {templated} vs {plain} tokens"
     );
 }
+
+/// A batch file for `model` of `n` chat lines (greedy, a fixed seed), two
+/// completions (unless `completions` is false: vLLM's own runner refuses a
+/// file with them), an embedding and an over-long prompt: custom_ids
+/// `chat-i`, `completion-i`, `embedding`, `too-long`.
+fn batch_file(n: usize, model: &str, completions: bool) -> String {
+    let line = |id: &str, url: &str, body: Value| {
+        json!({"custom_id": id, "method": "POST", "url": url, "body": body}).to_string() + "\n"
+    };
+    let mut out = String::new();
+    for i in 0..n {
+        out += &line(
+            &format!("chat-{i}"),
+            "/v1/chat/completions",
+            json!({"model": model, "messages": [{"role": "user", "content": format!("Tell me about the number {i}.")}],
+                   "temperature": 0, "seed": 7, "max_tokens": 12}),
+        );
+    }
+    for i in 0..if completions { 2 } else { 0 } {
+        out += &line(
+            &format!("completion-{i}"),
+            "/v1/completions",
+            json!({"model": model, "prompt": format!("Once upon a time {i}"), "temperature": 0, "max_tokens": 8}),
+        );
+    }
+    out += &line(
+        "embedding",
+        "/v1/embeddings",
+        json!({"model": model, "input": "a sentence to embed"}),
+    );
+    out += &line(
+        "too-long",
+        "/v1/chat/completions",
+        json!({"model": model, "messages": [{"role": "user", "content": "word ".repeat(2000)}], "max_tokens": 8}),
+    );
+    out
+}
+
+fn by_custom_id(path: &std::path::Path) -> Vec<(String, Value)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["custom_id"].as_str().unwrap_or("").to_string(), v)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_batch_answers_a_batch_file_as_vllm_run_batch_does_line_by_line() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("batch.jsonl");
+    std::fs::write(&input, batch_file(6, &model, true)).unwrap();
+    // vLLM's own: the whole file in one process, results written at the end;
+    // it has no /v1/completions, so its file has none.
+    let their_input = dir.path().join("their-batch.jsonl");
+    std::fs::write(&their_input, batch_file(6, &model, false)).unwrap();
+    let theirs = dir.path().join("theirs.jsonl");
+    let status = Command::new(&bin)
+        .args(["run-batch", "-i"])
+        .arg(&their_input)
+        .arg("-o")
+        .arg(&theirs)
+        .args([
+            "--model",
+            &model,
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+        ])
+        .args(["--kv-cache-memory-bytes", "64M"])
+        .envs(VLLM_ENV)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "vllm run-batch failed");
+    // Ours, in local mode with the same engine settings.
+    let ours = dir.path().join("ours.jsonl");
+    let errors = dir.path().join("errors.jsonl");
+    let mut args = strings(&["run-batch", "-i", &input.display().to_string()]);
+    args.extend(strings(&["-o", &ours.display().to_string()]));
+    args.extend(strings(&["--error-file", &errors.display().to_string()]));
+    args.extend(engine_flags(&bin, &model, 512));
+    let (code, stderr) =
+        wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(600)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (ours, theirs) = (by_custom_id(&ours), by_custom_id(&theirs));
+    assert_eq!(ours.len(), 10, "one output line per input line");
+    let ids: Vec<&str> = ours.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids[..2], ["chat-0", "chat-1"], "in input order");
+    let theirs: std::collections::HashMap<_, _> = theirs.into_iter().collect();
+    for (id, line) in &ours {
+        let response = &line["response"];
+        if id.starts_with("chat-") {
+            // Greedy with a seed: the same choices as vLLM's own batch runner.
+            assert_eq!(response["status_code"], 200, "{line}");
+            let mine = &response["body"]["choices"];
+            let their = &theirs[id]["response"]["body"]["choices"];
+            assert_eq!(
+                mine[0]["message"]["content"], their[0]["message"]["content"],
+                "{id}"
+            );
+            assert_eq!(mine[0]["finish_reason"], their[0]["finish_reason"], "{id}");
+        } else if id.starts_with("completion-") {
+            // vLLM's runner has no /v1/completions; the engine does.
+            assert_eq!(response["status_code"], 200, "{line}");
+            assert!(response["body"]["choices"][0]["text"].is_string(), "{line}");
+        } else {
+            // A generative model serves no embeddings, and the long prompt is
+            // over the context: each the engine's own error answer, for that line only.
+            let status = response["status_code"].as_u64().unwrap();
+            assert!((400..500).contains(&status), "{line}");
+            assert!(line["error"].is_null(), "{line}");
+        }
+    }
+    assert_eq!(
+        ours.iter().find(|(id, _)| id == "too-long").unwrap().1["response"]["status_code"],
+        400
+    );
+    // The error file has exactly the failed lines.
+    let failed: Vec<String> = by_custom_id(&errors)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(failed, ["embedding", "too-long"]);
+}

@@ -4,6 +4,7 @@
 //! - [`serve`]: `dispatcher serve`, the head-node server.
 //! - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and its
 //!   built-in task ([`infer::Infer`]).
+//! - [`batch`]: `dispatcher run-batch`, OpenAI batch files as a built-in task.
 //! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
 //! - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
@@ -12,6 +13,7 @@
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - [`run_tasks`]: the whole CLI of a task binary in one call.
 
+pub mod batch;
 pub mod engines;
 pub mod infer;
 pub mod logging;
@@ -43,6 +45,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Generate responses for a prompt in each line (a built-in task).
     Infer(Box<infer::InferArgs>),
+    /// Run a file in the OpenAI Batch API format (`custom_id`, `url`, `body` per line), resumably.
+    RunBatch(Box<batch::RunBatchArgs>),
     /// Show a running server's progress: lines, rate, ETA, in flight, reissues.
     Status(status::StatusArgs),
     /// Change a running server's work timeout.
@@ -60,6 +64,7 @@ pub fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Infer(args) => infer::run(*args).await,
+            Command::RunBatch(args) => batch::run(*args).await,
             Command::Status(args) => status::status(args).await,
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),

@@ -250,10 +250,22 @@ pub struct WorkArgs {
     #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Local mode: read this input JSONL (no server).
-    #[arg(long, value_name = "PATH", requires = "output")]
+    #[arg(
+        short = 'i',
+        long,
+        visible_alias = "input-file",
+        value_name = "PATH",
+        requires = "output"
+    )]
     pub input: Option<PathBuf>,
     /// Local mode: write this output JSONL, in input order; rerun to resume.
-    #[arg(long, value_name = "PATH", requires = "input")]
+    #[arg(
+        short = 'o',
+        long,
+        visible_alias = "output-file",
+        value_name = "PATH",
+        requires = "input"
+    )]
     pub output: Option<PathBuf>,
     /// Local mode: attempts after the first before a retried line is given up.
     #[arg(long, default_value_t = 3)]

@@ -23,8 +23,45 @@ pub use response::{Choice, JsonError, RequestError, Response, Usage};
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A request body sent as it is to an endpoint of the engine: a line of an
+/// OpenAI batch file (`dispatcher run-batch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRequest {
+    /// The endpoint under the API base: `/chat/completions`, `/completions`,
+    /// `/embeddings`.
+    pub path: String,
+    /// The JSON body.
+    pub body: serde_json::Value,
+    /// Keep the body's `model` instead of setting the engine's.
+    pub keep_model: bool,
+    /// The engine it goes to, as [`Request::engine`].
+    pub engine: Option<String>,
+}
+
+/// The engine's answer to a [`RawRequest`], whatever its status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawResponse {
+    /// The HTTP status: 2xx, a 4xx the engine refused the request with, or
+    /// the 429/5xx it still answered after the retries.
+    pub status: u16,
+    /// The answer's JSON (its text as a JSON string when it is not JSON).
+    pub body: serde_json::Value,
+}
+
 /// Something that answers requests: an HTTP engine, or a script in tests.
 pub trait Engine: Send + Sync + fmt::Debug {
     /// Sends one request and waits for its response.
     fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>>;
+
+    /// Posts a body as it is and returns the engine's answer, error answers
+    /// included. Engines that only take typed requests refuse it.
+    fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {
+        Box::pin(std::future::ready(Err(RequestError::Rejected {
+            status: 501,
+            message: format!(
+                "this engine takes typed requests only, not a body for {}",
+                request.path
+            ),
+        })))
+    }
 }

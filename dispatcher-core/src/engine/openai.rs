@@ -7,8 +7,8 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::StatusCode;
 
-use super::rate::{estimated_tokens, RateLimit, RateLimiter};
-use super::{BoxFuture, Engine, Request, RequestError, Response};
+use super::rate::{estimated_tokens, raw_estimated_tokens, RateLimit, RateLimiter};
+use super::{BoxFuture, Engine, RawRequest, RawResponse, Request, RequestError, Response, Usage};
 use crate::metrics::WorkerMetrics;
 
 /// How the backend retries connection errors, 429 and 5xx answers.
@@ -294,47 +294,83 @@ impl OpenAiEngine {
         }
     }
 
-    async fn send_once(&self, body: &serde_json::Value, url: &str) -> Attempt {
-        let resp = match self.http.post(url).json(body).send().await {
-            Ok(r) => r,
+    /// One HTTP exchange: the answer, or why there was none.
+    async fn exchange(&self, url: &str, body: &serde_json::Value) -> Result<Answer, String> {
+        let resp = self
+            .http
+            .post(url)
+            .json(body)
+            .send()
+            .await
             // `{e}` names the URL; no header is part of it.
-            Err(e) => return Attempt::retry(RetryCause::Connection, format!("{e}"), None),
-        };
+            .map_err(|e| e.to_string())?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
-        let text = match resp.text().await {
-            Ok(t) => t,
-            Err(e) => {
-                return Attempt::retry(
-                    RetryCause::Connection,
-                    format!("{url}: reading the answer: {e}"),
-                    None,
-                )
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+        Ok(Answer {
+            status,
+            retry_after,
+            text,
+        })
+    }
+
+    /// Posts `body` to `url` until an answer that is not to be retried (a
+    /// success, or a 4xx other than 408 and 429), within the rate limits and
+    /// the retry policy. A request that costs `cost` tokens by estimate.
+    async fn post_with_retries(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        cost: u64,
+    ) -> Result<Answer, Exhausted> {
+        let mut attempt = 0;
+        loop {
+            if let Some(rate) = &self.rate {
+                let waited = rate.acquire(cost).await;
+                if let Some((metrics, name)) = &self.metrics {
+                    metrics.rate_limit_wait(name, waited);
+                }
             }
-        };
-        if let Some(cause) = RetryCause::of(status) {
-            let why = format!("{url} answered {status}: {}", snippet(&text));
-            return Attempt::retry(cause, why, retry_after);
+            let (cause, why, last) = match self.exchange(url, body).await {
+                Ok(answer) => match RetryCause::of(answer.status) {
+                    None => return Ok(answer),
+                    Some(cause) => (
+                        cause,
+                        format!(
+                            "{url} answered {}: {}",
+                            answer.status,
+                            snippet(&answer.text)
+                        ),
+                        Some(answer),
+                    ),
+                },
+                Err(why) => (RetryCause::Connection, why, None),
+            };
+            if attempt >= self.retry.retries {
+                return Err(Exhausted {
+                    why: format!("{why} (after {} attempts)", attempt + 1),
+                    last,
+                });
+            }
+            let wait = self.wait_before_retry(attempt, last.as_ref().and_then(|a| a.retry_after));
+            tracing::debug!(%why, attempt, wait_ms = wait.as_millis() as u64, "engine request failed; retrying");
+            if let Some((metrics, name)) = &self.metrics {
+                metrics.engine_retry(name, cause.label());
+            }
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
-        if !status.is_success() {
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v["error"]["message"]
-                        .as_str()
-                        .or_else(|| v["message"].as_str())
-                        .map(String::from)
-                })
-                .unwrap_or_else(|| snippet(&text));
-            return Attempt::Done(Err(RequestError::Rejected {
-                status: status.as_u16(),
-                message,
-            }));
+    }
+
+    /// Gives the tokens estimated at `cost` back, less what `usage` says the
+    /// request took.
+    fn settle(&self, cost: u64, usage: Option<Usage>) {
+        if let (Some(rate), Some(usage)) = (&self.rate, usage) {
+            rate.settle(cost, usage.prompt_tokens + usage.completion_tokens);
         }
-        let parsed = serde_json::from_str::<serde_json::Value>(&text)
-            .map_err(|e| e.to_string())
-            .and_then(|v| Response::from_openai(&v));
-        Attempt::Done(parsed.map_err(|e| RequestError::Malformed(format!("{url}: {e}"))))
     }
 
     /// The wait before retry number `attempt` (0-based): exponential backoff,
@@ -383,19 +419,19 @@ impl RetryCause {
     }
 }
 
-enum Attempt {
-    Done(Result<Response, RequestError>),
-    Retry {
-        cause: RetryCause,
-        why: String,
-        after: Option<Duration>,
-    },
+/// An HTTP answer of the engine.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    text: String,
 }
 
-impl Attempt {
-    fn retry(cause: RetryCause, why: String, after: Option<Duration>) -> Attempt {
-        Attempt::Retry { cause, why, after }
-    }
+/// Retries ran out: why, and the last answer when there was one.
+#[derive(Debug)]
+struct Exhausted {
+    why: String,
+    last: Option<Answer>,
 }
 
 /// The wait an answer asks for: `retry-after-ms` (OpenAI, Azure), or
@@ -421,43 +457,62 @@ impl Engine for OpenAiEngine {
                 request.model = self.default_model().await;
             }
             let url = format!("{}{}", self.api_base, request.endpoint());
-            let cost = self.rate.as_ref().map(|_| estimated_tokens(&request));
-            let body = request.to_json();
-            let mut attempt = 0;
-            loop {
-                if let (Some(rate), Some(cost)) = (&self.rate, cost) {
-                    let waited = rate.acquire(cost).await;
-                    if let Some((metrics, name)) = &self.metrics {
-                        metrics.rate_limit_wait(name, waited);
-                    }
-                }
-                match self.send_once(&body, &url).await {
-                    Attempt::Done(result) => {
-                        if let (Some(rate), Some(cost), Ok(response)) = (&self.rate, cost, &result)
-                        {
-                            if let Some(usage) = response.usage {
-                                rate.settle(cost, usage.prompt_tokens + usage.completion_tokens);
-                            }
-                        }
-                        return result;
-                    }
-                    Attempt::Retry { why, .. } if attempt >= self.retry.retries => {
-                        return Err(RequestError::Unavailable(format!(
-                            "{why} (after {} attempts)",
-                            attempt + 1
-                        )))
-                    }
-                    Attempt::Retry { cause, why, after } => {
-                        let wait = self.wait_before_retry(attempt, after);
-                        tracing::debug!(%why, attempt, wait_ms = wait.as_millis() as u64, "engine request failed; retrying");
-                        if let Some((metrics, name)) = &self.metrics {
-                            metrics.engine_retry(name, cause.label());
-                        }
-                        tokio::time::sleep(wait).await;
-                        attempt += 1;
-                    }
+            let cost = estimated_tokens(&request);
+            let answer = self
+                .post_with_retries(&url, &request.to_json(), cost)
+                .await
+                .map_err(|e| RequestError::Unavailable(e.why))?;
+            if !answer.status.is_success() {
+                let message = serde_json::from_str::<serde_json::Value>(&answer.text)
+                    .ok()
+                    .and_then(|v| {
+                        v["error"]["message"]
+                            .as_str()
+                            .or_else(|| v["message"].as_str())
+                            .map(String::from)
+                    })
+                    .unwrap_or_else(|| snippet(&answer.text));
+                return Err(RequestError::Rejected {
+                    status: answer.status.as_u16(),
+                    message,
+                });
+            }
+            let response = serde_json::from_str::<serde_json::Value>(&answer.text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| Response::from_openai(&v))
+                .map_err(|e| RequestError::Malformed(format!("{url}: {e}")))?;
+            self.settle(cost, response.usage);
+            Ok(response)
+        })
+    }
+
+    fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {
+        Box::pin(async move {
+            let mut body = request.body;
+            if !request.keep_model {
+                if let (serde_json::Value::Object(fields), Some(model)) =
+                    (&mut body, self.default_model().await)
+                {
+                    fields.insert("model".into(), model.into());
                 }
             }
+            let url = format!("{}{}", self.api_base, request.path);
+            let cost = raw_estimated_tokens(&body);
+            let answer = match self.post_with_retries(&url, &body, cost).await {
+                Ok(answer) => answer,
+                // The engine's last answer after the retries is the answer.
+                Err(Exhausted {
+                    last: Some(answer), ..
+                }) => answer,
+                Err(Exhausted { why, last: None }) => return Err(RequestError::Unavailable(why)),
+            };
+            let body: serde_json::Value = serde_json::from_str(&answer.text)
+                .unwrap_or(serde_json::Value::String(answer.text));
+            self.settle(cost, serde_json::from_value(body["usage"].clone()).ok());
+            Ok(RawResponse {
+                status: answer.status.as_u16(),
+                body,
+            })
         })
     }
 }

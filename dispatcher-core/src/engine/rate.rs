@@ -151,6 +151,35 @@ pub fn estimated_tokens(request: &Request) -> u64 {
     (chars as u64).div_ceil(4) + completion
 }
 
+/// [`estimated_tokens`] of a request body as sent (a batch file's line):
+/// the characters of its messages, prompt or embedding input, plus
+/// `max_tokens` (or `max_completion_tokens`) per choice.
+pub fn raw_estimated_tokens(body: &serde_json::Value) -> u64 {
+    fn chars(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.chars().count(),
+            serde_json::Value::Array(items) => items.iter().map(chars).sum(),
+            serde_json::Value::Object(m) => m.get("content").map_or(0, chars) + 4,
+            _ => 0,
+        }
+    }
+    let prompt = ["messages", "prompt", "input"]
+        .iter()
+        .filter_map(|k| body.get(*k))
+        .map(chars)
+        .sum::<usize>();
+    let max_tokens = body
+        .get("max_tokens")
+        .or_else(|| body.get("max_completion_tokens"))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let n = body
+        .get("n")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1);
+    (prompt as u64).div_ceil(4) + max_tokens.saturating_mul(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +268,10 @@ mod tests {
         assert_eq!(estimated_tokens(&chat), 100 + 200);
         let completion = Request::completion("abcdefgh");
         assert_eq!(estimated_tokens(&completion), 2);
+        // The same count from the body as sent.
+        assert_eq!(raw_estimated_tokens(&chat.to_json()), 300);
+        assert_eq!(raw_estimated_tokens(&completion.to_json()), 2);
+        let embedding = serde_json::json!({"input": ["abcd", "efgh"]});
+        assert_eq!(raw_estimated_tokens(&embedding), 2);
     }
 }

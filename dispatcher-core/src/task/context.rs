@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::engines::Engines;
-use crate::engine::{BoxFuture, Request, RequestError, Response};
+use crate::engine::{BoxFuture, RawRequest, RawResponse, Request, RequestError, Response};
 
 /// The context of one task run; cheap to clone.
 #[derive(Debug, Clone)]
@@ -97,15 +97,28 @@ impl TaskContext {
             .and_then(|r| r.usage)
             .map(|u| (u.prompt_tokens, u.completion_tokens));
         slot.ended(result.is_ok(), tokens);
-        if let Err(RequestError::Unavailable(why)) = &result {
-            if route.name() != super::engines::DEFAULT_ENGINE {
-                return Err(RequestError::Unavailable(format!(
-                    "the engine {:?}: {why}",
-                    route.name()
-                )));
-            }
-        }
-        result
+        result.map_err(|e| named_unavailable(route.name(), e))
+    }
+
+    /// Posts a body as it is to the engine it names (see [`RawRequest`]),
+    /// within that engine's request slots, and returns the engine's answer,
+    /// error statuses included.
+    pub async fn post(&self, request: RawRequest) -> Result<RawResponse, RequestError> {
+        let route = self.inner.engines.route(request.engine.as_deref())?;
+        let slot = route.slot(self.inner.priority).await;
+        let result = route.engine().post(request).await;
+        let tokens = result.as_ref().ok().and_then(|r| {
+            let usage: crate::engine::Usage =
+                serde_json::from_value(r.body["usage"].clone()).ok()?;
+            Some((usage.prompt_tokens, usage.completion_tokens))
+        });
+        slot.ended(
+            result
+                .as_ref()
+                .is_ok_and(|r| (200..300).contains(&r.status)),
+            tokens,
+        );
+        result.map_err(|e| named_unavailable(route.name(), e))
     }
 
     /// The conventional result: the output's JSON object with
@@ -127,6 +140,16 @@ impl TaskContext {
             }
         }
         v
+    }
+}
+
+/// A named engine that is unavailable says which it is.
+fn named_unavailable(engine: &str, e: RequestError) -> RequestError {
+    match e {
+        RequestError::Unavailable(why) if engine != super::engines::DEFAULT_ENGINE => {
+            RequestError::Unavailable(format!("the engine {engine:?}: {why}"))
+        }
+        e => e,
     }
 }
 
