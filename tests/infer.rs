@@ -85,6 +85,7 @@ async fn jq_filters_completion_mode_stop_seed_system_and_usage() {
         run.output["usage"],
         json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
     );
+    assert_eq!(run.output["finish_reasons"], json!(["stop"]));
     let req = run.requests[0].to_json();
     assert_eq!(req["prompt"], "SECOND PART");
     assert_eq!(req["stop"], json!(["\n", "END"]));

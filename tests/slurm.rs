@@ -258,6 +258,30 @@ fn a_job_with_two_worker_tasks_processes_every_line() {
     for (i, line) in out.iter().enumerate() {
         assert_eq!(line["preferred_text"], format!("question {i}"), "line {i}");
     }
+
+    // The same script with COMMAND=run-batch, on an OpenAI batch file.
+    let job = SlurmJob::new(0);
+    let batch: String = (0..120)
+        .map(|i| {
+            json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"messages": [{"role": "user", "content": format!("batch question {i}")}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(job.path("in.jsonl"), batch).unwrap();
+    let id = job.submit("infer.sbatch", &[("COMMAND", "run-batch")]);
+    wait_completed(&job, &id);
+    let out = job.output();
+    assert_eq!(out.len(), 120);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["custom_id"], format!("r{i}"), "line {i}");
+        assert_eq!(
+            line["response"]["body"]["choices"][0]["message"]["content"],
+            format!("batch question {i}"),
+            "line {i}"
+        );
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! End-to-end tests of the facade crate: one test binary, one module per area.
 
+mod after_run;
 mod batch;
 mod examples_e2e;
 mod hosted;

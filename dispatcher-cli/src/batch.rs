@@ -178,6 +178,12 @@ impl DynTask for RunBatch {
     fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {
         Box::pin(self.clone().run(content, ctx))
     }
+
+    fn settings(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("keep_model".into(), self.keep_model.into());
+        m
+    }
 }
 
 /// Whether an output line failed: an `error`, or a response status of 400 or more.

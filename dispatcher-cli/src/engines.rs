@@ -57,6 +57,16 @@ pub struct EngineUrlArgs {
     pub ca_cert: Option<PathBuf>,
 }
 
+impl EngineUrlArgs {
+    /// The default engine's URL (`--engine-url URL` without a name), if given.
+    pub fn default_url(&self) -> Option<&str> {
+        self.engine_url
+            .iter()
+            .map(|v| split_named(v))
+            .find_map(|(name, url)| name.is_none().then_some(url))
+    }
+}
+
 /// `NAME=VALUE` with a valid engine name, or the whole of `v`.
 fn split_named(v: &str) -> (Option<&str>, &str) {
     match v.split_once('=') {

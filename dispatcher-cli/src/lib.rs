@@ -5,6 +5,7 @@
 //! - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and its
 //!   built-in task ([`infer::Infer`]).
 //! - [`batch`]: `dispatcher run-batch`, OpenAI batch files as a built-in task.
+//! - [`report`]: `dispatcher report`, the figures of a job's output.
 //! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
 //! - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
 //! - [`worker`]: engine, work and manager flags; running a task with them.
@@ -18,6 +19,7 @@ pub mod engines;
 pub mod infer;
 pub mod logging;
 pub mod progress;
+pub mod report;
 pub mod serve;
 pub mod slurm;
 pub mod status;
@@ -49,6 +51,8 @@ pub enum Command {
     RunBatch(Box<batch::RunBatchArgs>),
     /// Show a running server's progress: lines, rate, ETA, in flight, reissues.
     Status(status::StatusArgs),
+    /// What a job's output holds: lines, failures by type, tokens, responses cut at the length limit.
+    Report(report::ReportArgs),
     /// Change a running server's work timeout.
     WorkTimeout(status::WorkTimeoutArgs),
     /// Print a self-contained sbatch script (`infer` or `task`) to submit from any directory.
@@ -66,6 +70,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Infer(args) => infer::run(*args).await,
             Command::RunBatch(args) => batch::run(*args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Report(args) => report::run(args),
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
         }

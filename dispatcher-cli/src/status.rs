@@ -162,7 +162,7 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
             )
         },
     );
-    format!(
+    let mut out = format!(
         "lines done   {} / {total}  (input read {percent:.1}%)\n\
          rate         {rate:.1} lines/s   ETA {eta}\n\
          in flight    {} (queued for reissue {})   reorder buffer {} lines, {} bytes\n\
@@ -179,7 +179,41 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         now.reissues.retry,
         now.tombstones,
         now.invalid_lines,
-    )
+    );
+    out.push_str(&render_workers(now));
+    out
+}
+
+/// The workers seen, one per line: who (task, host, engine, model, version
+/// from its hello; `unknown` without one), last contact, lines done, in flight.
+fn render_workers(now: &StatusResponse) -> String {
+    if now.workers.is_empty() {
+        return "workers      none seen yet\n".to_string();
+    }
+    let mut out = format!("workers      {} seen\n", now.workers.len());
+    for w in &now.workers {
+        let who = w.hello.as_ref().map_or_else(
+            || "unknown (said no hello)".to_string(),
+            |h| {
+                format!(
+                    "{} on {} ({} {}, {})",
+                    h.task,
+                    if h.host.is_empty() { "?" } else { &h.host },
+                    h.engine,
+                    h.model.as_deref().unwrap_or("?"),
+                    h.version
+                )
+            },
+        );
+        out.push_str(&format!(
+            "  {:<28} {who}: last contact {} ago, {} lines done, {} in flight\n",
+            w.worker,
+            human_secs(w.last_contact_secs),
+            w.lines_done,
+            w.in_flight
+        ));
+    }
+    out
 }
 
 fn human_secs(s: f64) -> String {

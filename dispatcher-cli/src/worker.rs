@@ -361,6 +361,48 @@ async fn serve_metrics(
     }))
 }
 
+/// Tells the source who this worker is and how it makes lines (a server
+/// lists it in `/status` and its manifest). A server without `/hello` (the
+/// Python one) is fine: the worker works the same.
+async fn say_hello(
+    task: &'static dyn DynTask,
+    engine_args: &EngineArgs,
+    engine: &RunningEngine,
+    engines: &Engines,
+    source: &Arc<dyn WorkSource>,
+) {
+    let mut settings = task.settings();
+    let named: Vec<String> = engines.load().into_iter().skip(1).map(|e| e.name).collect();
+    if !named.is_empty() {
+        settings.insert("named_engines".into(), named.into());
+    }
+    let hello = dispatcher_core::protocol::Hello {
+        worker: String::new(),
+        host: hostname(),
+        task: task.name().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        engine: engine_args
+            .urls
+            .default_url()
+            .map_or_else(|| engine.kind().name().to_string(), String::from),
+        model: engines.default_model(),
+        settings,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), source.hello(hello)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("the server did not take the hello ({e}); going on"),
+        Err(_) => tracing::debug!("the server did not answer the hello in 10 s; going on"),
+    }
+}
+
+/// This machine's name, for the hello.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
 /// Runs `task` with these flags until the work is done or a signal stops it.
 pub async fn run_task(
     task: &'static dyn DynTask,
@@ -380,6 +422,7 @@ pub async fn run_task(
             return Ok(());
         }
     };
+    say_hello(task, engine_args, &engine, &engines, &source).await;
     let reporter = tokio::spawn(crate::progress::report(
         progress.clone(),
         source.clone(),

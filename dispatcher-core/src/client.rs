@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{
-    HeartbeatRequest, HeartbeatResponse, MessageResponse, ReleaseReason, ReleaseRequest,
+    HeartbeatRequest, HeartbeatResponse, Hello, MessageResponse, ReleaseReason, ReleaseRequest,
     ReleaseResponse, ResultsRequest, ResultsResponse, StatusResponse, WorkItem, WorkResponse,
     WorkTimeoutRequest,
 };
@@ -110,6 +110,18 @@ impl DispatcherClient {
         &self.base
     }
 
+    /// The `worker` this client names itself with.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// `POST /hello` (extension): says who this worker is; `hello.worker` is
+    /// set to this client's id. A server without the endpoint answers 404.
+    pub async fn hello(&self, mut hello: Hello) -> Result<MessageResponse, ClientError> {
+        hello.worker.clone_from(&self.worker_id);
+        self.post("hello", &hello).await
+    }
+
     /// `GET /work?batch_size=N`. An unreachable server is
     /// [`ClientError::Unavailable`] (see [`ClientError::is_unavailable`]).
     pub async fn get_work(&self, batch_size: usize) -> Result<WorkResponse, ClientError> {
@@ -151,7 +163,14 @@ impl DispatcherClient {
 
     /// `POST /heartbeat` (extension): extends the leases of `work_ids`.
     pub async fn heartbeat(&self, work_ids: Vec<u64>) -> Result<HeartbeatResponse, ClientError> {
-        self.post("heartbeat", &HeartbeatRequest { work_ids }).await
+        self.post(
+            "heartbeat",
+            &HeartbeatRequest {
+                work_ids,
+                worker: Some(self.worker_id.clone()),
+            },
+        )
+        .await
     }
 
     /// `GET /status`.

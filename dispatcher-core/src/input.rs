@@ -251,13 +251,24 @@ impl InputReader {
 /// Lines in the file at `path`: its line breaks, plus one for a last line
 /// without its newline. Reads it once, in 1 MiB chunks.
 pub fn count_lines(path: &Path) -> io::Result<u64> {
+    count_lines_with(path, &mut |_| {})
+}
+
+/// [`count_lines`] and the file's CRC-32 (of every byte), in the one read.
+pub fn count_lines_and_crc32(path: &Path) -> io::Result<(u64, u32)> {
+    let mut crc = crc32fast::Hasher::new();
+    let lines = count_lines_with(path, &mut |chunk| crc.update(chunk))?;
+    Ok((lines, crc.finalize()))
+}
+
+fn count_lines_with(path: &Path, visit: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
     let file = File::open(path).with_path("open the input file", path)?;
     let len = file
         .metadata()
         .with_path("stat the input file", path)?
         .len();
     let (breaks, ends_in_newline) =
-        count_line_breaks(&file, len).with_path("read the input file", path)?;
+        scan_line_breaks(&file, len, visit).with_path("read the input file", path)?;
     Ok(breaks + u64::from(!ends_in_newline))
 }
 
@@ -265,6 +276,15 @@ pub fn count_lines(path: &Path) -> io::Result<u64> {
 /// end with one (or are none). Reads them once, in 1 MiB chunks; a file
 /// shorter than `len` is an error.
 pub(crate) fn count_line_breaks(file: &File, len: u64) -> io::Result<(u64, bool)> {
+    scan_line_breaks(file, len, &mut |_| {})
+}
+
+/// [`count_line_breaks`], showing `visit` each chunk read.
+fn scan_line_breaks(
+    file: &File,
+    len: u64,
+    visit: &mut dyn FnMut(&[u8]),
+) -> io::Result<(u64, bool)> {
     let mut buf = vec![0u8; (1 << 20).min(len as usize)];
     let (mut at, mut breaks, mut last) = (0u64, 0u64, b'\n');
     while at < len {
@@ -281,6 +301,7 @@ pub(crate) fn count_line_breaks(file: &File, len: u64) -> io::Result<(u64, bool)
             Err(e) => return Err(e),
         };
         breaks += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        visit(&buf[..n]);
         last = buf[n - 1];
         at += n as u64;
     }

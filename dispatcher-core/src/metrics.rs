@@ -59,6 +59,8 @@ pub struct ServerMetrics {
     queued: Gauge,
     reorder_lines: Gauge,
     reorder_bytes: Gauge,
+    workers_seen: Gauge,
+    workers_active: Gauge,
     /// One histogram per endpoint, created up front (children of one family),
     /// so recording a request takes no lock or allocation.
     latency: [Histogram; Endpoint::ALL.len()],
@@ -80,6 +82,8 @@ impl Default for ServerMetrics {
             queued: Gauge::default(),
             reorder_lines: Gauge::default(),
             reorder_bytes: Gauge::default(),
+            workers_seen: Gauge::default(),
+            workers_active: Gauge::default(),
             latency: std::array::from_fn(|_| latency_histogram()),
             last: Mutex::new(None),
             registry: Registry::default(),
@@ -138,6 +142,16 @@ impl Default for ServerMetrics {
             "reorder_buffer_bytes",
             "Bytes of results in the reorder buffer",
             m.reorder_bytes.clone(),
+        );
+        registry.register(
+            "workers_seen",
+            "Workers that made a request to this run of the server (those that name themselves)",
+            m.workers_seen.clone(),
+        );
+        registry.register(
+            "workers_active",
+            "Workers heard from in the last 60 s",
+            m.workers_active.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
@@ -236,6 +250,12 @@ impl ServerMetrics {
         }
     }
 
+    /// The workers seen and active, for the next render.
+    pub fn workers(&self, seen: usize, active: usize) {
+        self.workers_seen.set(seen as i64);
+        self.workers_active.set(active as i64);
+    }
+
     /// The metrics as Prometheus text, updated from `stats`.
     pub fn render(&self, stats: &LedgerStats) -> String {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -275,6 +295,19 @@ struct EngineLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    engine: String,
+    model_name: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SuccessLabel {
+    engine: String,
+    model_name: String,
+    finished_reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabel {
     engine: String,
     cause: String,
@@ -289,8 +322,9 @@ pub struct WorkerMetrics {
     requests_in_flight: Family<EngineLabel, Gauge>,
     engine_latency: Family<EngineLabel, Histogram, fn() -> Histogram>,
     engine_errors: Family<EngineLabel, Counter>,
-    prompt_tokens: Family<EngineLabel, Counter>,
-    completion_tokens: Family<EngineLabel, Counter>,
+    prompt_tokens: Family<ModelLabel, Counter>,
+    generation_tokens: Family<ModelLabel, Counter>,
+    request_success: Family<SuccessLabel, Counter>,
     retries: Family<RetryLabel, Counter>,
     rate_limit_wait: Family<EngineLabel, Counter<f64>>,
     outcomes: Family<KindLabel, Counter>,
@@ -305,7 +339,8 @@ impl Default for WorkerMetrics {
             engine_latency: Family::new_with_constructor(engine_histogram as fn() -> Histogram),
             engine_errors: Family::default(),
             prompt_tokens: Family::default(),
-            completion_tokens: Family::default(),
+            generation_tokens: Family::default(),
+            request_success: Family::default(),
             retries: Family::default(),
             rate_limit_wait: Family::default(),
             outcomes: Family::default(),
@@ -327,13 +362,18 @@ impl Default for WorkerMetrics {
         );
         registry.register(
             "prompt_tokens",
-            "Prompt tokens, as the engine reports them",
+            "Prompt tokens, as the engine reports them (vLLM's prompt_tokens_total)",
             m.prompt_tokens.clone(),
         );
         registry.register(
-            "completion_tokens",
-            "Generated tokens, as the engine reports them (rate() gives tokens/s)",
-            m.completion_tokens.clone(),
+            "generation_tokens",
+            "Generated tokens, as the engine reports them; rate() gives tokens/s (vLLM's generation_tokens_total)",
+            m.generation_tokens.clone(),
+        );
+        registry.register(
+            "request_success",
+            "Engine requests answered, by the first choice's finish reason (vLLM's request_success_total): `length` is a response cut at max_tokens",
+            m.request_success.clone(),
         );
         registry.register(
             "engine_retries",
@@ -354,15 +394,29 @@ impl Default for WorkerMetrics {
     }
 }
 
-/// The series of one engine, looked up once so that recording a request
-/// takes no lookup.
+/// The series of one engine: those without a model label looked up once.
 #[derive(Debug, Clone)]
 pub struct EngineSeries {
+    engine: String,
     in_flight: Gauge,
     latency: Histogram,
     errors: Counter,
-    prompt_tokens: Counter,
-    completion_tokens: Counter,
+    prompt_tokens: Family<ModelLabel, Counter>,
+    generation_tokens: Family<ModelLabel, Counter>,
+    request_success: Family<SuccessLabel, Counter>,
+}
+
+/// What the engine answered, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answered<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Prompt tokens, when reported.
+    pub prompt_tokens: Option<u64>,
+    /// Generated tokens, when reported.
+    pub completion_tokens: Option<u64>,
+    /// The first choice's finish reason, when there is one.
+    pub finish_reason: Option<&'a str>,
 }
 
 impl EngineSeries {
@@ -371,17 +425,31 @@ impl EngineSeries {
         self.in_flight.inc();
     }
 
-    /// A request to the engine ended after `elapsed`, with its token counts.
-    pub fn request_ended(&self, elapsed: Duration, ok: bool, tokens: Option<(u64, u64)>) {
+    /// A request to the engine ended after `elapsed`: answered, or not (`None`).
+    pub fn request_ended(&self, elapsed: Duration, answered: Option<Answered<'_>>) {
         self.in_flight.dec();
         self.latency.observe(elapsed.as_secs_f64());
-        if !ok {
+        let Some(a) = answered else {
             self.errors.inc();
+            return;
+        };
+        let model = ModelLabel {
+            engine: self.engine.clone(),
+            model_name: a.model.to_string(),
+        };
+        if let Some(n) = a.prompt_tokens {
+            self.prompt_tokens.get_or_create(&model).inc_by(n);
         }
-        if let Some((prompt, completion)) = tokens {
-            self.prompt_tokens.inc_by(prompt);
-            self.completion_tokens.inc_by(completion);
+        if let Some(n) = a.completion_tokens {
+            self.generation_tokens.get_or_create(&model).inc_by(n);
         }
+        self.request_success
+            .get_or_create(&SuccessLabel {
+                engine: model.engine,
+                model_name: model.model_name,
+                finished_reason: a.finish_reason.unwrap_or("unknown").to_string(),
+            })
+            .inc();
     }
 }
 
@@ -392,11 +460,13 @@ impl WorkerMetrics {
             engine: engine.to_string(),
         };
         EngineSeries {
+            engine: engine.to_string(),
             in_flight: self.requests_in_flight.get_or_create(&label).clone(),
             latency: self.engine_latency.get_or_create(&label).clone(),
             errors: self.engine_errors.get_or_create(&label).clone(),
-            prompt_tokens: self.prompt_tokens.get_or_create(&label).clone(),
-            completion_tokens: self.completion_tokens.get_or_create(&label).clone(),
+            prompt_tokens: self.prompt_tokens.clone(),
+            generation_tokens: self.generation_tokens.clone(),
+            request_success: self.request_success.clone(),
         }
     }
 

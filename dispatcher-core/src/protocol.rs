@@ -349,6 +349,9 @@ pub struct HeartbeatRequest {
     /// Items the worker holds (repeats are read once).
     #[serde(deserialize_with = "distinct_ids")]
     pub work_ids: Vec<u64>,
+    /// Extension: who holds them (the `worker` of its work requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// The answer to `POST /heartbeat`.
@@ -491,6 +494,52 @@ pub struct StatusResponse {
     pub complete: bool,
     /// Seconds since the server started.
     pub uptime_secs: f64,
+    /// Extension: the workers seen by this run of the server, those that said
+    /// hello (`POST /hello`) with who they are.
+    #[serde(default)]
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// `POST /hello` (an extension): a worker says who it is when it starts, so
+/// that `/status` can list it and the manifest can say how lines were made.
+/// Workers that do not (those written for the Python server) still work.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The `worker` its work requests name.
+    pub worker: String,
+    /// The host it runs on.
+    #[serde(default)]
+    pub host: String,
+    /// The task it runs (`infer`, `run-batch`, a `#[task]`'s name).
+    #[serde(default)]
+    pub task: String,
+    /// The version of its binary.
+    #[serde(default)]
+    pub version: String,
+    /// The engine (`vllm`, `llamacpp`, ..., or the URL of one given by URL).
+    #[serde(default)]
+    pub engine: String,
+    /// The model the engine serves.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// What else decides its output: `infer`'s sampling settings, named engines.
+    #[serde(default)]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One worker in `/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The `worker` its requests name.
+    pub worker: String,
+    /// What it said in its hello; `None` for a worker that said none.
+    pub hello: Option<Hello>,
+    /// Seconds since its last request.
+    pub last_contact_secs: f64,
+    /// Results of it accepted by this run of the server.
+    pub lines_done: u64,
+    /// Items in flight with it.
+    pub in_flight: u64,
 }
 
 /// The body of every 4xx/5xx answer of this server.

@@ -66,7 +66,7 @@ pub struct InferArgs {
     /// Sampling seed.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Add each line's token usage as `usage`.
+    /// Add each line's token usage as `usage`, and each response's finish reason as `finish_reasons`.
     #[arg(long)]
     pub include_usage: bool,
     /// More fields for every request, as a JSON object merged into its body

@@ -258,9 +258,11 @@ impl Infer {
         let wanted = c.num_generations;
         let mut responses: Vec<String> = Vec::with_capacity(wanted as usize);
         let mut usage = Usage::default();
+        let mut finish_reasons: Vec<Value> = Vec::with_capacity(wanted as usize);
         let first: Response = ctx.send(self.request(&prompt, wanted)).await?;
         add_usage(&mut usage, &first);
         responses.extend(first.texts().into_iter().map(String::from));
+        finish_reasons.extend(first.choices.iter().map(|c| c.finish_reason.clone().into()));
         // Engines that ignore `n` answer once: ask for the rest one by one, in parallel.
         if (responses.len() as u32) < wanted {
             let rest: Vec<Request> = (responses.len() as u32..wanted)
@@ -269,9 +271,11 @@ impl Infer {
             for r in ctx.send(rest).await? {
                 add_usage(&mut usage, &r);
                 responses.push(r.text().to_string());
+                finish_reasons.push(r.finish_reason().map(String::from).into());
             }
         }
         responses.truncate(wanted as usize);
+        finish_reasons.truncate(wanted as usize);
         let mut out = match original {
             Some(Value::Object(map)) => map,
             Some(Value::String(text)) => single("text", Value::String(text)),
@@ -284,6 +288,7 @@ impl Infer {
                 "usage".into(),
                 serde_json::to_value(usage).expect("usage serializes"),
             );
+            out.insert("finish_reasons".into(), finish_reasons.into());
         }
         Ok(Value::Object(out))
     }
@@ -324,6 +329,30 @@ fn kind(v: &Value) -> &'static str {
 impl DynTask for Infer {
     fn name(&self) -> &'static str {
         "infer"
+    }
+
+    fn settings(&self) -> Map<String, Value> {
+        let c = &self.config;
+        let mut m = Map::new();
+        m.insert("prompt_path".into(), c.prompt_path.clone().into());
+        m.insert(
+            "mode".into(),
+            match c.mode {
+                Mode::Chat => "chat",
+                Mode::Completion => "completion",
+            }
+            .into(),
+        );
+        m.insert("system".into(), c.system.clone().into());
+        m.insert("num_generations".into(), c.num_generations.into());
+        m.insert("temperature".into(), c.temperature.into());
+        m.insert("top_p".into(), c.top_p.into());
+        m.insert("min_p".into(), c.min_p.into());
+        m.insert("max_tokens".into(), c.max_tokens.into());
+        m.insert("stop".into(), c.stop.clone().into());
+        m.insert("seed".into(), c.seed.into());
+        m.insert("extra_body".into(), Value::Object(c.extra_body.clone()));
+        m
     }
 
     fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {

@@ -53,6 +53,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Sends one request and waits for its response.
     fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>>;
 
+    /// The model requests that name none get, when known.
+    fn model_name(&self) -> Option<String> {
+        None
+    }
+
     /// Posts a body as it is and returns the engine's answer, error answers
     /// included. Engines that only take typed requests refuse it.
     fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {

@@ -486,6 +486,10 @@ impl Engine for OpenAiEngine {
         })
     }
 
+    fn model_name(&self) -> Option<String> {
+        self.model().map(String::from)
+    }
+
     fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {
         Box::pin(async move {
             let mut body = request.body;

@@ -280,6 +280,8 @@ struct Counters {
     backups_issued: u64,
     /// Output lines found past the checkpoint at open.
     recovered_past_checkpoint: u64,
+    /// Results accepted, by the worker (key) the item was last issued to.
+    done_by: rustc_hash::FxHashMap<u64, u64>,
 }
 
 /// The state of one job: see the module docs for its invariants.
@@ -443,6 +445,7 @@ impl Ledger {
                 completed_total: 0,
                 backups_issued: 0,
                 recovered_past_checkpoint: recovered.extra_lines,
+                done_by: rustc_hash::FxHashMap::default(),
             },
             config,
         };
@@ -693,6 +696,9 @@ impl Ledger {
                     self.window
                         .finish(id, line.into_boxed_str(), item.span.end)?;
                     reply.accepted += 1;
+                    if let Some(worker) = item.holder {
+                        *self.counters.done_by.entry(worker).or_default() += 1;
+                    }
                 }
                 None => {
                     reply.ignored += 1;
@@ -709,6 +715,23 @@ impl Ledger {
         self.compact_leases();
         self.window.write_ready()?;
         Ok(reply)
+    }
+
+    /// Per worker (the key of the `worker` its requests name): results
+    /// accepted by this run of the ledger and items in flight with it.
+    pub fn load_by_worker(&self) -> rustc_hash::FxHashMap<u64, (u64, u64)> {
+        let mut load: rustc_hash::FxHashMap<u64, (u64, u64)> = self
+            .counters
+            .done_by
+            .iter()
+            .map(|(&w, &done)| (w, (done, 0)))
+            .collect();
+        for (_, item) in &self.items {
+            if let (Some(w), ItemState::InFlight(_)) = (item.holder, &item.state) {
+                load.entry(w).or_default().1 += 1;
+            }
+        }
+        load
     }
 
     /// Puts in-flight items back at the front of the queue, in the given order.

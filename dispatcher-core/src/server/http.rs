@@ -20,8 +20,9 @@ use crate::ledger::{Cause, LedgerStats};
 use crate::metrics::Endpoint;
 use crate::protocol::{
     check_result_line, invalid_result_record, ErrorResponse, HeartbeatRequest, HeartbeatResponse,
-    InvalidResult, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
-    StatusResponse, SubmittedResults, SubmittedValue, WorkResponse, WorkTimeoutRequest,
+    Hello, InvalidResult, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine,
+    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkResponse,
+    WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -37,7 +38,8 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/status", get(get_status))
         .route("/work_timeout", post(post_work_timeout))
         .route("/metrics", get(get_metrics))
-        .route("/heartbeat", post(post_heartbeat));
+        .route("/heartbeat", post(post_heartbeat))
+        .route("/hello", post(post_hello));
     if state.token.is_some() {
         router = router.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -250,6 +252,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
 }
 
+/// Notes that the worker a request names made contact; returns its key.
+fn contact(state: &AppState, worker: Option<&str>) -> Option<u64> {
+    let key = worker_key(worker)?;
+    state
+        .workers()
+        .contact(key, worker.unwrap_or_default(), Instant::now());
+    Some(key)
+}
+
 /// The worker id a request names, hashed: what the ledger remembers of it.
 fn worker_key(worker: Option<&str>) -> Option<u64> {
     worker.map(|w| {
@@ -288,7 +299,7 @@ async fn get_work(
             }
         },
     };
-    let worker = worker_key(query.worker.as_deref());
+    let worker = contact(&state, query.worker.as_deref());
     let (reply, lease) = state.with_ledger(|l| {
         Ok((
             l.take_work_for(batch, Instant::now(), worker)?,
@@ -394,7 +405,7 @@ async fn post_release(
     let _t = state.metrics.time(Endpoint::Release);
     let req: ReleaseRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
     let cause = Cause::of_release(req.reason);
-    let worker = worker_key(req.worker.as_deref());
+    let worker = contact(&state, req.worker.as_deref());
     let released = state.with_ledger(|l| l.release_from(&req.work_ids, cause, worker))?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
@@ -408,6 +419,7 @@ async fn post_heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Heartbeat);
     let req: HeartbeatRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
+    contact(&state, req.worker.as_deref());
     let (extended, done, lease) = state.with_ledger(|l| {
         let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
         Ok((extended, done, l.work_timeout()))
@@ -420,9 +432,41 @@ async fn post_heartbeat(
     }))
 }
 
+/// `POST /hello` (extension): a worker says who it is.
+async fn post_hello(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<MessageResponse>, ApiError> {
+    let hello: Hello = parse_body(&state, body, r#"{"worker": "id", "task": "...", ...}"#)?;
+    if hello.worker.is_empty() {
+        return Err(ApiError::BadRequest(
+            "\"worker\" must name the worker, as its work requests do".into(),
+        ));
+    }
+    let key = worker_key(Some(&hello.worker)).expect("a worker is named");
+    tracing::info!(
+        worker = %hello.worker,
+        host = %hello.host,
+        task = %hello.task,
+        version = %hello.version,
+        engine = %hello.engine,
+        model = hello.model.as_deref().unwrap_or("-"),
+        "worker said hello"
+    );
+    if state.workers().hello(key, hello.clone(), Instant::now()) {
+        state.manifest().configuration(&hello);
+    }
+    Ok(Json(MessageResponse {
+        status: "OK".into(),
+        message: "hello".into(),
+    }))
+}
+
 async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Metrics);
     let stats = state.with_ledger(|l| Ok(l.stats(Instant::now())))?;
+    let (seen, active) = state.workers().counts(Instant::now());
+    state.metrics.workers(seen, active);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -435,10 +479,13 @@ async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
 
 async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Status);
-    let mut stats = state.with_ledger(|l| Ok(l.stats(Instant::now())))?;
+    let (mut stats, load) =
+        state.with_ledger(|l| Ok((l.stats(Instant::now()), l.load_by_worker())))?;
     // Until the ledger has read the input to its end, the count made at start.
     stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
-    Ok(Json(status_response(&stats)).into_response())
+    let mut status = status_response(&stats);
+    status.workers = state.workers().status(Instant::now(), &load);
+    Ok(Json(status).into_response())
 }
 
 async fn post_work_timeout(
@@ -500,5 +547,6 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         max_retries: s.max_retries.map_or(-1, i64::from),
         complete: s.complete,
         uptime_secs: s.uptime.as_secs_f64(),
+        workers: Vec::new(),
     }
 }

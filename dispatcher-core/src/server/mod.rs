@@ -9,9 +9,11 @@
 
 mod connections;
 mod http;
+pub mod manifest;
 mod state;
 #[cfg(test)]
 mod tests;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -129,17 +131,19 @@ pub fn open(config: LedgerConfig, options: &ServeOptions) -> Result<Arc<AppState
     Ok(state)
 }
 
-/// Counts the input's lines on a thread of its own (one pass with memchr,
-/// while requests are served), for the total in `/status`.
+/// Counts the input's lines and takes its checksum on a thread of its own
+/// (one pass with memchr and crc32fast, while requests are served), for the
+/// total in `/status` and the manifest.
 fn count_input_lines(state: &Arc<AppState>, infile: std::path::PathBuf) {
     let state = Arc::downgrade(state);
     let spawned = std::thread::Builder::new()
         .name("count-input".into())
-        .spawn(move || match crate::input::count_lines(&infile) {
-            Ok(lines) => {
+        .spawn(move || match crate::input::count_lines_and_crc32(&infile) {
+            Ok((lines, crc32)) => {
                 if let Some(state) = state.upgrade() {
                     let _ = state.input_lines.set(lines);
-                    tracing::info!(lines, "input lines counted");
+                    state.manifest().input_read(lines, crc32);
+                    tracing::info!(lines, crc32 = format!("{crc32:08x}"), "input lines counted");
                 }
             }
             Err(e) => tracing::warn!("could not count the input's lines: {e}"),
@@ -199,14 +203,33 @@ pub async fn serve_state(
     serve_connections(listener, router, limits, stopping).await;
     tasks.shutdown().await;
 
+    let lines_done = || {
+        state
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines_written()
+    };
     if let Some(message) = state.failure.borrow().clone() {
+        let lines = lines_done();
+        state.manifest().stop(&format!("failed: {message}"), lines);
         return Err(ServerError::Io(message));
     }
-    state
-        .checkpoint()
-        .await
-        .map_err(|_| ServerError::Io(state.failure.borrow().clone().unwrap_or_default()))?;
+    if state.checkpoint().await.is_err() {
+        let message = state.failure.borrow().clone().unwrap_or_default();
+        let lines = lines_done();
+        state.manifest().stop(&format!("failed: {message}"), lines);
+        return Err(ServerError::Io(message));
+    }
     let reason = stop.reason().unwrap_or(StopReason::Shutdown);
+    let lines = lines_done();
+    state.manifest().stop(
+        match reason {
+            StopReason::Complete => "complete",
+            StopReason::Shutdown => "shutdown",
+        },
+        lines,
+    );
     tracing::info!(?reason, "stopped; checkpoint written");
     Ok(reason)
 }

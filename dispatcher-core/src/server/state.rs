@@ -41,6 +41,11 @@ pub struct AppState {
     /// Lines of the input, counted in the background at start, so that
     /// `/status` has a total before the input has been read to its end.
     pub(super) input_lines: std::sync::OnceLock<u64>,
+    /// The workers seen. Its own lock, never held with the ledger's.
+    pub(super) workers: std::sync::Mutex<super::workers::Workers>,
+    /// `<outfile>.manifest.json`. Its own lock, taken after the ledger's
+    /// lock is released (never while holding it).
+    pub(super) manifest: std::sync::Mutex<super::manifest::Manifest>,
     /// Held while a checkpoint is taken and written, so that checkpoints are
     /// written one at a time, in the order their state was taken. Taken before
     /// the ledger's lock, never while holding it.
@@ -64,6 +69,11 @@ impl AppState {
     /// Wraps an opened ledger.
     pub fn new(ledger: Ledger, options: &ServeOptions) -> Arc<AppState> {
         let complete = ledger.is_complete();
+        let manifest = super::manifest::Manifest::start(
+            &ledger.config().infile,
+            &ledger.config().outfile,
+            ledger.lines_written(),
+        );
         Arc::new(AppState {
             ledger: std::sync::Mutex::new(ledger),
             stopped: AtomicBool::new(false),
@@ -75,8 +85,21 @@ impl AppState {
             metrics: ServerMetrics::default(),
             log_invalid_http: options.log_invalid_http,
             input_lines: std::sync::OnceLock::new(),
+            workers: std::sync::Mutex::default(),
+            manifest: std::sync::Mutex::new(manifest),
             checkpointing: std::sync::Mutex::new(()),
         })
+    }
+
+    /// The worker registry (its lock recovers from poisoning: nothing under
+    /// it can leave it half-changed).
+    pub(super) fn workers(&self) -> std::sync::MutexGuard<'_, super::workers::Workers> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The manifest, locked.
+    pub(super) fn manifest(&self) -> std::sync::MutexGuard<'_, super::manifest::Manifest> {
+        self.manifest.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes a checkpoint. Its state is taken under the ledger's lock; the

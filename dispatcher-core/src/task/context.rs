@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::engines::Engines;
 use crate::engine::{BoxFuture, RawRequest, RawResponse, Request, RequestError, Response};
+use crate::metrics::Answered;
 
 /// The context of one task run; cheap to clone.
 #[derive(Debug, Clone)]
@@ -91,12 +92,12 @@ impl TaskContext {
         let route = self.inner.engines.route(request.engine.as_deref())?;
         let slot = route.slot(self.inner.priority).await;
         let result = route.engine().send(request).await;
-        let tokens = result
-            .as_ref()
-            .ok()
-            .and_then(|r| r.usage)
-            .map(|u| (u.prompt_tokens, u.completion_tokens));
-        slot.ended(result.is_ok(), tokens);
+        slot.ended(result.as_ref().ok().map(|r| Answered {
+            model: &r.model,
+            prompt_tokens: r.usage.map(|u| u.prompt_tokens),
+            completion_tokens: r.usage.map(|u| u.completion_tokens),
+            finish_reason: r.finish_reason(),
+        }));
         result.map_err(|e| named_unavailable(route.name(), e))
     }
 
@@ -107,17 +108,18 @@ impl TaskContext {
         let route = self.inner.engines.route(request.engine.as_deref())?;
         let slot = route.slot(self.inner.priority).await;
         let result = route.engine().post(request).await;
-        let tokens = result.as_ref().ok().and_then(|r| {
-            let usage: crate::engine::Usage =
-                serde_json::from_value(r.body["usage"].clone()).ok()?;
-            Some((usage.prompt_tokens, usage.completion_tokens))
+        slot.ended(match &result {
+            Ok(r) if (200..300).contains(&r.status) => {
+                let usage = &r.body["usage"];
+                Some(Answered {
+                    model: r.body["model"].as_str().unwrap_or(""),
+                    prompt_tokens: usage["prompt_tokens"].as_u64(),
+                    completion_tokens: usage["completion_tokens"].as_u64(),
+                    finish_reason: r.body["choices"][0]["finish_reason"].as_str(),
+                })
+            }
+            _ => None,
         });
-        slot.ended(
-            result
-                .as_ref()
-                .is_ok_and(|r| (200..300).contains(&r.status)),
-            tokens,
-        );
         result.map_err(|e| named_unavailable(route.name(), e))
     }
 

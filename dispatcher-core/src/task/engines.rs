@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::limiter::{Permit, PriorityLimiter};
 use crate::engine::{Engine, RequestError};
-use crate::metrics::{EngineSeries, WorkerMetrics};
+use crate::metrics::{Answered, EngineSeries, WorkerMetrics};
 
 /// The name of the default engine in metrics and logs.
 pub const DEFAULT_ENGINE: &str = "default";
@@ -123,19 +123,19 @@ pub(crate) struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    /// The request ended: `ok` or not, with its token counts.
-    pub(crate) fn ended(mut self, ok: bool, tokens: Option<(u64, u64)>) {
-        self.finish(ok, tokens);
+    /// The request ended: answered (with what), or not.
+    pub(crate) fn ended(mut self, answered: Option<Answered<'_>>) {
+        self.finish(answered);
     }
 
-    fn finish(&mut self, ok: bool, tokens: Option<(u64, u64)>) {
+    fn finish(&mut self, answered: Option<Answered<'_>>) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         self.route.in_flight.fetch_sub(1, Relaxed);
         self.route.requests.fetch_add(1, Relaxed);
         if let Some(series) = &self.route.series {
-            series.request_ended(self.start.elapsed(), ok, tokens);
+            series.request_ended(self.start.elapsed(), answered);
         }
     }
 }
@@ -144,7 +144,7 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         // A task stopped mid-request (its item finished elsewhere, or the
         // worker is stopping).
-        self.finish(false, None);
+        self.finish(None);
     }
 }
 
@@ -217,6 +217,11 @@ impl Engines {
                 ))
             }),
         }
+    }
+
+    /// The model of the default engine's requests, when known.
+    pub fn default_model(&self) -> Option<String> {
+        self.inner.default.engine.model_name()
     }
 
     /// The default engine's concurrency limit.
@@ -343,7 +348,7 @@ mod tests {
         let slot = tokio::time::timeout(std::time::Duration::from_secs(5), judge.slot(1))
             .await
             .expect("the judge has a free slot");
-        slot.ended(true, None);
+        slot.ended(Some(Answered::default()));
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), main.slot(2))
                 .await

@@ -124,6 +124,11 @@ pub trait DynTask: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Runs the task on one raw input line; never panics.
     fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome>;
+    /// What else decides its output (`infer`'s sampling settings), for the
+    /// hello a worker sends and the job's manifest.
+    fn settings(&self) -> Map<String, Value> {
+        Map::new()
+    }
 }
 
 impl<T: Task> DynTask for T {

@@ -59,6 +59,11 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
         Box::pin(std::future::ready(None))
     }
+    /// Says who this worker is (`POST /hello` to a server); nothing elsewhere.
+    fn hello(&self, hello: crate::protocol::Hello) -> BoxFuture<'_, Result<(), SourceError>> {
+        let _ = hello;
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Called once when the worker stops (the file source checkpoints).
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(Ok(())))
@@ -92,6 +97,13 @@ impl ServerSource {
 impl WorkSource for ServerSource {
     fn get_work(&self, batch: usize) -> BoxFuture<'_, Result<WorkResponse, SourceError>> {
         Box::pin(async move { Ok(self.client.get_work(batch).await?) })
+    }
+
+    fn hello(&self, hello: crate::protocol::Hello) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.hello(hello).await?;
+            Ok(())
+        })
     }
 
     fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>> {

@@ -1,0 +1,229 @@
+//! `<outfile>.manifest.json`: how the output was made. The server's command
+//! line and version, the input's path, size, line count and checksum, each
+//! start and stop of the server (resumes included), and the distinct worker
+//! configurations that contributed lines. Kept current as the job runs, and
+//! replaced atomically (written beside, then renamed) so a reader never sees
+//! half of it.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Hello;
+
+/// The manifest's path for `outfile`.
+pub fn manifest_path(outfile: &Path) -> PathBuf {
+    crate::checkpoint::with_suffix(outfile, ".manifest.json")
+}
+
+/// The manifest as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ManifestDoc {
+    /// The version of the server that last wrote it.
+    pub dispatcher_version: String,
+    /// The input.
+    pub input: InputInfo,
+    /// The output, as the server was given it.
+    pub output: String,
+    /// Each run of the server on this job, oldest first.
+    pub runs: Vec<Run>,
+    /// The distinct worker configurations that said hello, in the order first seen.
+    pub worker_configurations: Vec<WorkerConfiguration>,
+}
+
+/// The input file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InputInfo {
+    /// As the server was given it.
+    pub path: String,
+    /// Its size when the run started.
+    pub size_bytes: u64,
+    /// Its lines, once counted.
+    pub lines: Option<u64>,
+    /// CRC-32 of its bytes, 8 hex digits, once read.
+    pub crc32: Option<String>,
+}
+
+/// One run of the server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// Its command line.
+    pub command_line: Vec<String>,
+    /// Its version.
+    pub version: String,
+    /// When it started (RFC 3339, UTC).
+    pub started_at: String,
+    /// Output lines already written when it started (more than 0: a resume).
+    pub lines_done_at_start: u64,
+    /// When it stopped; `None` while it runs (or if it was killed).
+    pub stopped_at: Option<String>,
+    /// Why: `complete`, `shutdown`, or the failure.
+    pub stop: Option<String>,
+    /// Output lines written when it stopped.
+    pub lines_done_at_stop: Option<u64>,
+}
+
+/// How some of the lines were made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerConfiguration {
+    /// The task.
+    pub task: String,
+    /// The version of the worker's binary.
+    pub version: String,
+    /// The engine.
+    pub engine: String,
+    /// The model.
+    pub model: Option<String>,
+    /// Sampling settings and the like.
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// When a worker with it first said hello.
+    pub first_seen_at: String,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The manifest of one job, in memory and on disk.
+#[derive(Debug)]
+pub struct Manifest {
+    path: PathBuf,
+    doc: ManifestDoc,
+}
+
+impl Manifest {
+    /// Reads the manifest of `outfile` (a resume adds to it) or starts one,
+    /// and adds this run to it.
+    pub fn start(infile: &Path, outfile: &Path, lines_done: u64) -> Manifest {
+        let path = manifest_path(outfile);
+        let mut doc = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{}: not a manifest this server can read ({e}); starting a new one",
+                    path.display()
+                );
+                ManifestDoc::default()
+            }),
+            Err(_) => ManifestDoc::default(),
+        };
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        doc.dispatcher_version.clone_from(&version);
+        let size_bytes = std::fs::metadata(infile).map_or(0, |m| m.len());
+        let input_path = infile.display().to_string();
+        if doc.input.path != input_path || doc.input.size_bytes != size_bytes {
+            doc.input = InputInfo {
+                path: input_path,
+                size_bytes,
+                lines: None,
+                crc32: None,
+            };
+        }
+        doc.output = outfile.display().to_string();
+        doc.runs.push(Run {
+            command_line: std::env::args().collect(),
+            version,
+            started_at: now(),
+            lines_done_at_start: lines_done,
+            ..Run::default()
+        });
+        let manifest = Manifest { path, doc };
+        manifest.save();
+        manifest
+    }
+
+    /// The input was read to its end: its lines and checksum.
+    pub fn input_read(&mut self, lines: u64, crc32: u32) {
+        self.doc.input.lines = Some(lines);
+        self.doc.input.crc32 = Some(format!("{crc32:08x}"));
+        self.save();
+    }
+
+    /// A worker with a configuration this run had not seen said hello; an
+    /// earlier run of the job may have seen it.
+    pub fn configuration(&mut self, hello: &Hello) {
+        let known = self.doc.worker_configurations.iter().any(|c| {
+            (&c.task, &c.version, &c.engine, &c.model, &c.settings)
+                == (
+                    &hello.task,
+                    &hello.version,
+                    &hello.engine,
+                    &hello.model,
+                    &hello.settings,
+                )
+        });
+        if known {
+            return;
+        }
+        self.doc.worker_configurations.push(WorkerConfiguration {
+            task: hello.task.clone(),
+            version: hello.version.clone(),
+            engine: hello.engine.clone(),
+            model: hello.model.clone(),
+            settings: hello.settings.clone(),
+            first_seen_at: now(),
+        });
+        self.save();
+    }
+
+    /// The server stops, for `why`, with `lines_done` written.
+    pub fn stop(&mut self, why: &str, lines_done: u64) {
+        if let Some(run) = self.doc.runs.last_mut() {
+            run.stopped_at = Some(now());
+            run.stop = Some(why.to_string());
+            run.lines_done_at_stop = Some(lines_done);
+        }
+        self.save();
+    }
+
+    /// What it says now.
+    pub fn doc(&self) -> &ManifestDoc {
+        &self.doc
+    }
+
+    /// Writes it beside and renames it into place. A manifest that cannot be
+    /// written is logged, not fatal: the output is what the job is for.
+    fn save(&self) {
+        let tmp = crate::checkpoint::with_suffix(&self.path, ".tmp");
+        let written = serde_json::to_vec_pretty(&self.doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::warn!("could not write {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_adds_a_run_and_keeps_what_was_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+        std::fs::write(&input, "1\n2\n").unwrap();
+        let mut m = Manifest::start(&input, &output, 0);
+        m.input_read(2, 0xdead_beef);
+        m.configuration(&Hello {
+            task: "infer".into(),
+            model: Some("m".into()),
+            ..Hello::default()
+        });
+        m.stop("shutdown", 1);
+        let again = Manifest::start(&input, &output, 1);
+        let doc = again.doc();
+        assert_eq!(doc.runs.len(), 2);
+        assert_eq!(doc.runs[0].stop.as_deref(), Some("shutdown"));
+        assert_eq!(doc.runs[0].lines_done_at_stop, Some(1));
+        assert_eq!(doc.runs[1].lines_done_at_start, 1);
+        assert_eq!(doc.runs[1].stopped_at, None);
+        assert_eq!(doc.input.crc32.as_deref(), Some("deadbeef"));
+        assert_eq!(doc.worker_configurations[0].task, "infer");
+        // The file on disk says the same.
+        let on_disk: ManifestDoc =
+            serde_json::from_slice(&std::fs::read(manifest_path(&output)).unwrap()).unwrap();
+        assert_eq!(&on_disk, doc);
+    }
+}

@@ -1,0 +1,149 @@
+//! The workers a server has seen: who said hello, when each was last heard
+//! from. What each has done and holds comes from the ledger.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::protocol::{Hello, WorkerStatus};
+
+/// A worker not heard from for this long is not counted as active.
+pub const ACTIVE_WITHIN: Duration = Duration::from_secs(60);
+
+/// The workers seen, by the key of their `worker` id (see `worker_key`).
+#[derive(Debug, Default)]
+pub struct Workers {
+    seen: HashMap<u64, Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    id: String,
+    hello: Option<Hello>,
+    last_contact: Instant,
+}
+
+impl Workers {
+    /// The worker `id` (with key `key`) made a request at `now`.
+    pub fn contact(&mut self, key: u64, id: &str, now: Instant) {
+        self.seen
+            .entry(key)
+            .and_modify(|s| s.last_contact = now)
+            .or_insert_with(|| Seen {
+                id: id.to_string(),
+                hello: None,
+                last_contact: now,
+            });
+    }
+
+    /// The worker said hello. Returns whether its configuration (task,
+    /// version, engine, model, settings) is new to this server.
+    pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) -> bool {
+        let new_config = !self
+            .seen
+            .values()
+            .any(|s| s.hello.as_ref().is_some_and(|h| same_config(h, &hello)));
+        let seen = self.seen.entry(key).or_insert_with(|| Seen {
+            id: hello.worker.clone(),
+            hello: None,
+            last_contact: now,
+        });
+        seen.last_contact = now;
+        seen.hello = Some(hello);
+        new_config
+    }
+
+    /// Workers seen, and those heard from within [`ACTIVE_WITHIN`].
+    pub fn counts(&self, now: Instant) -> (usize, usize) {
+        let active = self
+            .seen
+            .values()
+            .filter(|s| now.saturating_duration_since(s.last_contact) < ACTIVE_WITHIN)
+            .count();
+        (self.seen.len(), active)
+    }
+
+    /// Every worker seen, with its load from `load` (key -> (lines done,
+    /// in flight)), most recently heard from first.
+    pub fn status(
+        &self,
+        now: Instant,
+        load: &rustc_hash::FxHashMap<u64, (u64, u64)>,
+    ) -> Vec<WorkerStatus> {
+        let mut out: Vec<WorkerStatus> = self
+            .seen
+            .iter()
+            .map(|(key, s)| {
+                let (lines_done, in_flight) = load.get(key).copied().unwrap_or_default();
+                WorkerStatus {
+                    worker: s.id.clone(),
+                    hello: s.hello.clone(),
+                    last_contact_secs: now.saturating_duration_since(s.last_contact).as_secs_f64(),
+                    lines_done,
+                    in_flight,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.last_contact_secs
+                .total_cmp(&b.last_contact_secs)
+                .then_with(|| a.worker.cmp(&b.worker))
+        });
+        out
+    }
+
+    /// The distinct configurations of the workers that said hello.
+    pub fn configurations(&self) -> Vec<Hello> {
+        let mut out: Vec<Hello> = Vec::new();
+        for hello in self.seen.values().filter_map(|s| s.hello.as_ref()) {
+            if !out.iter().any(|h| same_config(h, hello)) {
+                out.push(hello.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Whether two workers make lines the same way (their ids and hosts aside).
+fn same_config(a: &Hello, b: &Hello) -> bool {
+    (&a.task, &a.version, &a.engine, &a.model, &a.settings)
+        == (&b.task, &b.version, &b.engine, &b.model, &b.settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(worker: &str, task: &str) -> Hello {
+        Hello {
+            worker: worker.into(),
+            task: task.into(),
+            ..Hello::default()
+        }
+    }
+
+    #[test]
+    fn workers_are_listed_with_their_load_and_configurations_counted_once() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        w.contact(1, "old-python-worker", t0);
+        assert!(w.hello(2, hello("a", "infer"), t0));
+        assert!(!w.hello(3, hello("b", "infer"), t0), "same configuration");
+        assert!(w.hello(4, hello("c", "judge"), t0));
+        let later = t0 + ACTIVE_WITHIN + Duration::from_secs(1);
+        w.contact(4, "c", later);
+        assert_eq!(w.counts(later), (4, 1));
+        let mut load = rustc_hash::FxHashMap::default();
+        load.insert(4, (7, 2));
+        let status = w.status(later, &load);
+        assert_eq!(status[0].worker, "c");
+        assert_eq!((status[0].lines_done, status[0].in_flight), (7, 2));
+        assert!(status
+            .iter()
+            .any(|s| s.worker == "old-python-worker" && s.hello.is_none()));
+        let tasks: Vec<String> = w.configurations().into_iter().map(|h| h.task).collect();
+        assert_eq!(tasks.len(), 2);
+        assert!(tasks.contains(&"infer".to_string()) && tasks.contains(&"judge".to_string()));
+    }
+}
