@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dispatcher_core::ledger::{LedgerConfig, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES};
+use dispatcher_core::ledger::{
+    LedgerConfig, RedoConfig, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES,
+};
 use dispatcher_core::server::{self, ServeOptions, StopReason};
 
 /// Flags of `dispatcher serve`.
@@ -92,6 +94,99 @@ pub struct ServeArgs {
     /// exits whatever is still open.
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub shutdown_timeout: f64,
+    /// Redo the failed lines of a finished (or partly finished) output: hand
+    /// out again only its error records (all, or those of the listed types,
+    /// e.g. `--redo-errors max_retries_exceeded,request_rejected`) and the
+    /// lines it lacks, and write a new output in which every other line is
+    /// kept byte for byte. The old output stays as it is until the new one is
+    /// complete (`<outfile>.redo`), then replaces it. Resumable like any job.
+    #[arg(long, value_name = "TYPES", num_args = 0..=1, default_missing_value = "", require_equals = false)]
+    pub redo_errors: Option<String>,
+}
+
+/// Where a `--redo-errors` run writes, and what it replaces when complete.
+#[derive(Debug, Clone)]
+pub struct RedoFiles {
+    /// The new output, complete or not.
+    pub new_output: PathBuf,
+    /// Its checkpoint.
+    pub new_checkpoint: PathBuf,
+    /// The output it replaces once complete.
+    pub output: PathBuf,
+    /// The checkpoint it replaces.
+    pub checkpoint: PathBuf,
+}
+
+impl RedoFiles {
+    fn of(output: &std::path::Path, checkpoint: &std::path::Path) -> RedoFiles {
+        let new_output = dispatcher_core::checkpoint::with_suffix(output, ".redo");
+        RedoFiles {
+            new_checkpoint: dispatcher_core::checkpoint::default_checkpoint(&new_output),
+            new_output,
+            output: output.to_path_buf(),
+            checkpoint: checkpoint.to_path_buf(),
+        }
+    }
+
+    /// Puts the complete new output (and its checkpoint) in place of the old.
+    /// Each rename is atomic; a crash between the two is finished by the next
+    /// `--redo-errors` run (see [`RedoFiles::finish_interrupted`]).
+    fn replace(&self) -> anyhow::Result<()> {
+        std::fs::rename(&self.new_output, &self.output).with_context(|| {
+            format!(
+                "could not move the new output {} over {}",
+                self.new_output.display(),
+                self.output.display()
+            )
+        })?;
+        self.replace_checkpoint()
+    }
+
+    fn replace_checkpoint(&self) -> anyhow::Result<()> {
+        std::fs::rename(&self.new_checkpoint, &self.checkpoint).with_context(|| {
+            format!(
+                "could not move the checkpoint {} over {}",
+                self.new_checkpoint.display(),
+                self.checkpoint.display()
+            )
+        })?;
+        if let Some(dir) = self.output.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        let _ = std::fs::remove_file(dispatcher_core::checkpoint::with_suffix(
+            &self.new_checkpoint,
+            ".lock",
+        ));
+        Ok(())
+    }
+
+    /// A redo whose new output was moved into place but not its checkpoint
+    /// (the process died between the two renames): moves the checkpoint once
+    /// it is checked against the output now in place. `Ok(true)` when it did.
+    fn finish_interrupted(&self, infile: &std::path::Path) -> anyhow::Result<bool> {
+        if self.new_output.exists() || !self.new_checkpoint.exists() {
+            return Ok(false);
+        }
+        let cp = dispatcher_core::checkpoint::Checkpoint::load(&self.new_checkpoint)?
+            .with_context(|| format!("{}: empty", self.new_checkpoint.display()))?;
+        cp.verify(&self.new_checkpoint, infile, &self.output)
+            .with_context(|| {
+                format!(
+                    "{} is left from a --redo-errors run, but does not describe {}; move it away to redo again",
+                    self.new_checkpoint.display(),
+                    self.output.display()
+                )
+            })?;
+        self.replace_checkpoint()?;
+        Ok(true)
+    }
 }
 
 /// `-1` for "never", else a count that fits in `u32`.
@@ -113,6 +208,16 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
 }
 
 impl ServeArgs {
+    /// The files of a `--redo-errors` run, when this is one.
+    pub fn redo_files(&self) -> Option<RedoFiles> {
+        self.redo_errors.as_ref()?;
+        let checkpoint = self
+            .checkpoint
+            .clone()
+            .unwrap_or_else(|| dispatcher_core::checkpoint::default_checkpoint(&self.outfile));
+        Some(RedoFiles::of(&self.outfile, &checkpoint))
+    }
+
     /// Validates the flags into the ledger's and server's configuration.
     pub fn config(&self) -> anyhow::Result<(LedgerConfig, ServeOptions)> {
         let max_retries = budget("max-retries", self.max_retries)?;
@@ -133,7 +238,30 @@ impl ServeArgs {
             .checkpoint
             .clone()
             .unwrap_or_else(|| dispatcher_core::checkpoint::default_checkpoint(&self.outfile));
+        let (outfile, checkpoint, redo) = match (&self.redo_errors, self.redo_files()) {
+            (Some(types), Some(files)) => {
+                if std::fs::metadata(&self.outfile).map_or(true, |m| m.len() == 0) {
+                    bail!(
+                        "--redo-errors: {} does not exist or is empty, so there is nothing to redo; run the job without --redo-errors",
+                        self.outfile.display()
+                    );
+                }
+                let types: Vec<String> = types
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect();
+                let redo = RedoConfig {
+                    previous: self.outfile.clone(),
+                    types: (!types.is_empty()).then_some(types),
+                };
+                (files.new_output, files.new_checkpoint, Some(redo))
+            }
+            _ => (self.outfile.clone(), checkpoint, None),
+        };
         let ledger = LedgerConfig {
+            redo,
             work_timeout: secs("work-timeout", self.work_timeout)?,
             max_retries,
             retry_secs: self.retry.max(1),
@@ -141,7 +269,7 @@ impl ServeArgs {
             max_pending_bytes: self.max_pending_mib.saturating_mul(1 << 20),
             max_backups: self.backups,
             backup_after: Duration::from_secs_f64(self.backup_after.clamp(0.0, 1e9)),
-            ..LedgerConfig::new(self.infile.clone(), self.outfile.clone(), checkpoint)
+            ..LedgerConfig::new(self.infile.clone(), outfile, checkpoint)
         };
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
@@ -169,6 +297,44 @@ impl ServeArgs {
 
 /// Runs the server until the job is complete or a signal stops it.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let redo = args.redo_files();
+    // A redo holds the old output too, so no server writes it meanwhile.
+    let _previous_job = match &redo {
+        Some(files) => {
+            if files.finish_interrupted(&args.infile)? {
+                tracing::info!(
+                    output = %files.output.display(),
+                    "a finished --redo-errors run had not moved its checkpoint into place; it is now, and the output is complete"
+                );
+                return Ok(());
+            }
+            Some(
+                dispatcher_core::checkpoint::JobLock::acquire(
+                    &args.infile,
+                    &files.output,
+                    &files.checkpoint,
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!("{e} (another server is writing the output being redone?)")
+                })?,
+            )
+        }
+        None => {
+            let files = RedoFiles::of(&args.outfile, std::path::Path::new(""));
+            for leftover in [&files.new_output, &files.new_checkpoint] {
+                if leftover.exists() {
+                    bail!(
+                        "{} is left from an unfinished --redo-errors run of {}: finish it by running again with --redo-errors (and the same types), or remove {} and {} to drop it",
+                        leftover.display(),
+                        args.outfile.display(),
+                        files.new_output.display(),
+                        files.new_checkpoint.display()
+                    );
+                }
+            }
+            None
+        }
+    };
     let (ledger, options) = args.config()?;
     match server::raise_open_file_limit() {
         Ok((before, now)) => {
@@ -188,7 +354,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush());
     }
     match server::serve_state(listener, state, options, stop_signal).await? {
-        StopReason::Complete => tracing::info!("all work complete"),
+        StopReason::Complete => match &redo {
+            Some(files) => {
+                files.replace()?;
+                tracing::info!(
+                    output = %files.output.display(),
+                    "all work complete; the redone output replaced the old one"
+                );
+            }
+            None => tracing::info!("all work complete"),
+        },
         StopReason::Shutdown => {
             tracing::info!("stopped by signal; restart with the same flags to resume")
         }

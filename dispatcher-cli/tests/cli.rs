@@ -16,6 +16,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
 #[path = "cli/hardening.rs"]
 mod hardening;
 
+// Redoing the failed lines of an output in place.
+#[path = "cli/redo.rs"]
+mod redo;
+
 struct Job {
     dir: tempfile::TempDir,
     input: Vec<String>,

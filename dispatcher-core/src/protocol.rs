@@ -469,6 +469,10 @@ pub struct StatusResponse {
     pub invalid_lines: u64,
     /// Results ignored (duplicates, unknown ids).
     pub ignored_results: u64,
+    /// Extension: lines of the previous output kept as they were, by this run
+    /// of a `--redo-errors` job.
+    #[serde(default)]
+    pub kept_lines: u64,
     /// Items issued by this run of the server, reissues included.
     #[serde(default)]
     pub issued_total: u64,

@@ -20,9 +20,19 @@
 //! (`window.rs`), and counters for its stats.
 
 mod leases;
+mod redo;
 #[cfg(test)]
 mod tests;
 mod window;
+
+pub use redo::RedoConfig;
+use redo::{Decision, Previous};
+
+/// Kept lines (`--redo-errors`) a work request reads past at most before it
+/// answers: the ledger's lock is not held for long.
+const KEEP_PER_REQUEST: u64 = 65_536;
+/// Kept lines the ticker reads past at most each second, when no worker asks.
+const KEEP_PER_TICK: u64 = 262_144;
 
 use std::collections::VecDeque;
 use std::io;
@@ -72,6 +82,9 @@ pub struct LedgerConfig {
     pub max_backups: u32,
     /// How long an item must have been in flight before it gets a backup.
     pub backup_after: Duration,
+    /// `--redo-errors`: the previous output, whose lines are kept unless they
+    /// are error records to redo. `outfile` is then the new output.
+    pub redo: Option<RedoConfig>,
 }
 
 impl LedgerConfig {
@@ -89,6 +102,7 @@ impl LedgerConfig {
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_backups: 0,
             backup_after: Duration::from_secs(60),
+            redo: None,
         }
     }
 
@@ -245,6 +259,9 @@ pub struct LedgerStats {
     pub tombstones: u64,
     /// Input lines that were not valid UTF-8.
     pub invalid_lines: u64,
+    /// Lines of the previous output kept as they were (`--redo-errors`), by
+    /// this run.
+    pub kept_lines: u64,
     /// Results ignored (duplicates, unknown ids).
     pub ignored_results: u64,
     /// Issues made by this run, reissues included.
@@ -282,6 +299,8 @@ struct Counters {
     recovered_past_checkpoint: u64,
     /// Results accepted, by the worker (key) the item was last issued to.
     done_by: rustc_hash::FxHashMap<u64, u64>,
+    /// Lines of the previous output kept as they were (`--redo-errors`).
+    kept: u64,
 }
 
 /// The state of one job: see the module docs for its invariants.
@@ -311,6 +330,8 @@ pub struct Ledger {
     leases: Leases,
     /// Lines read and not written, and the output.
     window: Window,
+    /// `--redo-errors`: the previous output, in step with the input.
+    previous: Option<Previous>,
     counters: Counters,
 }
 
@@ -446,6 +467,11 @@ impl Ledger {
                 backups_issued: 0,
                 recovered_past_checkpoint: recovered.extra_lines,
                 done_by: rustc_hash::FxHashMap::default(),
+                kept: 0,
+            },
+            previous: match &config.redo {
+                Some(redo) => Some(Previous::open(redo.clone(), lines)?),
+                None => None,
             },
             config,
         };
@@ -499,7 +525,8 @@ impl Ledger {
         let mut items = Vec::with_capacity(batch.min(1024));
         // Retries this worker asked for, left for another worker.
         let mut avoided = Vec::new();
-        while items.len() < batch {
+        let mut kept = 0;
+        while items.len() < batch && kept < KEEP_PER_REQUEST {
             if let Some(id) = self.queue.pop_front() {
                 if let Some(key) = self.key_of(id) {
                     if worker.is_some() && self.items[key].avoid == worker {
@@ -522,6 +549,13 @@ impl Ledger {
             };
             let id = self.next_work_id;
             self.next_work_id += 1;
+            if let Some(Decision::Keep(old)) =
+                self.previous.as_mut().map(Previous::take).transpose()?
+            {
+                self.keep(id, old, line.span.end)?;
+                kept += 1;
+                continue;
+            }
             match line.content {
                 Ok(content) => {
                     let key = self.items.insert(Item {
@@ -569,6 +603,9 @@ impl Ledger {
             (WorkStatus::Ok, None)
         } else if self.is_complete() {
             (WorkStatus::AllWorkComplete, None)
+        } else if kept >= KEEP_PER_REQUEST {
+            // More kept lines to read past: ask again at once.
+            (WorkStatus::Retry, Some(1))
         } else {
             (WorkStatus::Retry, Some(self.retry_in(now)))
         };
@@ -780,12 +817,46 @@ impl Ledger {
         Ok(released)
     }
 
-    /// Reissues (or tombstones) items whose work timeout has passed, and writes
-    /// what became ready.
+    /// Reissues (or tombstones) items whose work timeout has passed, reads
+    /// past kept lines (`--redo-errors`), and writes what became ready.
     pub fn tick(&mut self, now: Instant) -> io::Result<()> {
         self.expire(now)?;
+        self.keep_ahead(KEEP_PER_TICK)?;
         self.window.write_ready()?;
         self.check_eof()
+    }
+
+    /// Line `id` keeps its line of the previous output.
+    fn keep(&mut self, id: u64, old: Box<str>, input_end: u64) -> io::Result<()> {
+        self.window.push_open();
+        self.window.finish(id, old, input_end)?;
+        self.counters.kept += 1;
+        Ok(())
+    }
+
+    /// Reads past up to `max` input lines whose previous output is kept, so
+    /// that a redo with few lines to redo advances without workers asking.
+    fn keep_ahead(&mut self, max: u64) -> io::Result<()> {
+        for _ in 0..max {
+            let Some(previous) = self.previous.as_mut() else {
+                return Ok(());
+            };
+            if self.input_exhausted || !matches!(previous.peek()?, Decision::Keep(_)) {
+                return Ok(());
+            }
+            let Some(line) = self.input.next_line()? else {
+                self.input.check_unchanged()?;
+                self.input_exhausted = true;
+                return Ok(());
+            };
+            let Decision::Keep(old) = previous.take()? else {
+                unreachable!("peeked above")
+            };
+            let id = self.next_work_id;
+            self.next_work_id += 1;
+            self.keep(id, old, line.span.end)?;
+        }
+        Ok(())
     }
 
     /// Changes the work timeout. Items in flight keep their leases, which now
@@ -859,6 +930,7 @@ impl Ledger {
             reissues: c.reissues,
             tombstones: c.tombstones,
             invalid_lines: c.invalid_lines,
+            kept_lines: c.kept,
             ignored_results: c.ignored_results,
             issued_total: c.issued_total,
             completed_total: c.completed_total,

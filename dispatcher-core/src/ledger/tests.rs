@@ -1154,3 +1154,55 @@ mod interleavings {
         assert!(Path::new(&job.config.infile).exists());
     }
 }
+
+/// A redo of `job` from the previous output `previous` (written to
+/// `old.jsonl`), into the job's output.
+fn redo(job: &mut Job, previous: &str, types: Option<Vec<String>>) {
+    let old = job.path("old.jsonl");
+    std::fs::write(&old, previous).unwrap();
+    job.config.redo = Some(RedoConfig {
+        previous: old,
+        types,
+    });
+}
+
+#[test]
+fn a_redo_keeps_good_lines_without_any_worker_and_hands_out_only_the_failed_ones() {
+    let mut job = Job::new(&lines(300_000), Some(3));
+    let mut previous = String::new();
+    for i in 0..300_000 {
+        if i == 250_000 {
+            previous.push_str("{\"__ERROR__\": {\"error\": \"request_rejected\"}}\n");
+        } else {
+            previous.push_str(&format!("{{\"kept\": {i}}}\n"));
+        }
+    }
+    redo(&mut job, &previous, None);
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    // A work request reads past at most KEEP_PER_REQUEST kept lines and says
+    // to ask again at once.
+    let r = l.take_work(4, t).unwrap();
+    assert_eq!((r.status, r.retry_in), (WorkStatus::Retry, Some(1)));
+    assert_eq!(l.lines_written(), KEEP_PER_REQUEST);
+    // The ticker reads past the rest up to the failed line, with no worker asking.
+    l.tick(t).unwrap();
+    assert_eq!(l.lines_written(), 250_000);
+    let r = l.take_work(4, t).unwrap();
+    assert_eq!(ids(&r), vec![250_000]);
+    let mut done = r.items[0].clone();
+    done.result = Some("\"redone\"".into());
+    l.complete(vec![done]).unwrap();
+    l.tick(t).unwrap();
+    assert!(l.is_complete());
+    assert_eq!(l.stats(t).kept_lines, 299_999);
+    let out = job.output();
+    let expected = previous.replace(
+        "{\"__ERROR__\": {\"error\": \"request_rejected\"}}",
+        "\"redone\"",
+    );
+    assert!(
+        out == expected,
+        "the output is the previous one with the failed line redone"
+    );
+}

@@ -537,6 +537,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         tombstones: s.tombstones,
         invalid_lines: s.invalid_lines,
         ignored_results: s.ignored_results,
+        kept_lines: s.kept_lines,
         issued_total: s.issued_total,
         completed_total: s.completed_total,
         oldest_in_flight: s.oldest_in_flight.clone(),

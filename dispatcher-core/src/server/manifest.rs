@@ -62,6 +62,9 @@ pub struct Run {
     pub stop: Option<String>,
     /// Output lines written when it stopped.
     pub lines_done_at_stop: Option<u64>,
+    /// A `--redo-errors` run: the error types it redoes (`all`, or a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redo_errors: Option<String>,
 }
 
 /// How some of the lines were made.
@@ -95,7 +98,12 @@ pub struct Manifest {
 impl Manifest {
     /// Reads the manifest of `outfile` (a resume adds to it) or starts one,
     /// and adds this run to it.
-    pub fn start(infile: &Path, outfile: &Path, lines_done: u64) -> Manifest {
+    pub fn start(
+        infile: &Path,
+        outfile: &Path,
+        lines_done: u64,
+        redo: Option<&crate::ledger::RedoConfig>,
+    ) -> Manifest {
         let path = manifest_path(outfile);
         let mut doc = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -125,6 +133,11 @@ impl Manifest {
             version,
             started_at: now(),
             lines_done_at_start: lines_done,
+            redo_errors: redo.map(|r| {
+                r.types
+                    .as_ref()
+                    .map_or_else(|| "all".into(), |t| t.join(","))
+            }),
             ..Run::default()
         });
         let manifest = Manifest { path, doc };
@@ -204,7 +217,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
         std::fs::write(&input, "1\n2\n").unwrap();
-        let mut m = Manifest::start(&input, &output, 0);
+        let mut m = Manifest::start(&input, &output, 0, None);
         m.input_read(2, 0xdead_beef);
         m.configuration(&Hello {
             task: "infer".into(),
@@ -212,7 +225,7 @@ mod tests {
             ..Hello::default()
         });
         m.stop("shutdown", 1);
-        let again = Manifest::start(&input, &output, 1);
+        let again = Manifest::start(&input, &output, 1, None);
         let doc = again.doc();
         assert_eq!(doc.runs.len(), 2);
         assert_eq!(doc.runs[0].stop.as_deref(), Some("shutdown"));

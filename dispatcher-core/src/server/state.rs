@@ -69,10 +69,16 @@ impl AppState {
     /// Wraps an opened ledger.
     pub fn new(ledger: Ledger, options: &ServeOptions) -> Arc<AppState> {
         let complete = ledger.is_complete();
+        // A redo's manifest is the job's: it describes the output it replaces.
+        let config = ledger.config();
         let manifest = super::manifest::Manifest::start(
-            &ledger.config().infile,
-            &ledger.config().outfile,
+            &config.infile,
+            config
+                .redo
+                .as_ref()
+                .map_or(&config.outfile, |r| &r.previous),
             ledger.lines_written(),
+            config.redo.as_ref(),
         );
         Arc::new(AppState {
             ledger: std::sync::Mutex::new(ledger),
