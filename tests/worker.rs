@@ -431,6 +431,13 @@ async fn worker_metrics_count_requests_tokens_and_outcomes() {
         value("dispatcher_worker_engine_errors_total{engine=\"default\"}"),
         0.0
     );
+    // As vLLM names them: answers by finish reason, per engine and model.
+    assert_eq!(
+        value(
+            "dispatcher_worker_request_success_total{engine=\"default\",model_name=\"scripted\",finished_reason=\"stop\"}"
+        ),
+        40.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
