@@ -445,3 +445,108 @@ async fn input_that_does_not_fit_names_its_line_and_column() {
     assert!(message.ends_with("(at column 15)"), "{message}");
     assert!(!message.contains("line 1"), "{message}");
 }
+
+/// An engine whose answers differ every time (as at temperature > 0).
+fn random_replies() -> impl Fn(&Request) -> Result<Response, dispatcher::RequestError> + Send + Sync
+{
+    let n = std::sync::atomic::AtomicU64::new(0);
+    move |_| {
+        let k = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(reply(format!("sample {}", k * 7919 % 1000)))
+    }
+}
+
+#[tokio::test]
+async fn a_reissued_line_replays_the_requests_its_journal_has_and_sends_only_the_rest() {
+    let question = json!({"question": "Capital of France?"});
+    let first = TaskTest::new(critique_example::critique_and_revise)
+        .respond_with(random_replies())
+        .run(question.clone())
+        .await;
+    assert_eq!(first.journal.len(), 3);
+    // As if the first worker died after its second request: two entries.
+    let recorded: Vec<_> = first.journal[..2].to_vec();
+    let second = TaskTest::new(critique_example::critique_and_revise)
+        .respond_with(|_| Ok(reply("the third answer")))
+        .journal(recorded)
+        .run(question)
+        .await;
+    assert_eq!(second.replayed, 2);
+    assert_eq!(second.requests.len(), 1, "only the third request is sent");
+    // The replayed responses are the recorded ones, not new samples.
+    assert_eq!(second.output["draft"], first.output["draft"]);
+    assert_eq!(second.output["critique"], first.output["critique"]);
+    assert_eq!(second.output["answer"], "the third answer");
+    assert_eq!(second.journal.len(), 1);
+    assert_eq!(second.journal[0].seq, 2);
+}
+
+/// `critique_and_revise` with a different second request: a changed task.
+#[task]
+async fn critique_differently(input: critique_example::Question) -> Result<String, TaskError> {
+    let mut chat = Request::chat().user(&input.question).max_tokens(1024);
+    let draft = yield_request!(chat.clone())?;
+    chat.push(&draft);
+    chat.push(dispatcher::Message::user(
+        "List three flaws of your answer.",
+    ));
+    let critique = yield_request!(chat.clone())?;
+    chat.push(&critique);
+    chat.push(dispatcher::Message::user("Revise it."));
+    Ok(yield_request!(chat)?.text().to_string())
+}
+
+#[tokio::test]
+async fn a_changed_task_replays_up_to_the_change_and_runs_the_rest_live() {
+    let question = json!({"question": "Capital of France?"});
+    let first = TaskTest::new(critique_example::critique_and_revise)
+        .respond_with(random_replies())
+        .run(question.clone())
+        .await;
+    let changed = TaskTest::new(critique_differently)
+        .respond_with(|_| Ok(reply("live")))
+        .journal(first.journal.clone())
+        .run(question)
+        .await;
+    // The first request is the same and replays; the second differs: it and
+    // everything after it go to the engine, even the third, whose fingerprint
+    // could match by chance.
+    assert_eq!(changed.replayed, 1);
+    assert_eq!(changed.requests.len(), 2);
+    assert_eq!(changed.output, "live");
+}
+
+#[tokio::test]
+async fn requests_sent_together_replay_together() {
+    let input = conversation();
+    let first = TaskTest::new(compare_responses)
+        .respond_with(|r| {
+            // Two candidates in parallel, then the judge.
+            let judging = r.max_tokens == Some(8);
+            Ok(reply(if judging { "A" } else { "a candidate" }))
+        })
+        .run(input.clone())
+        .await;
+    let candidates = first.journal.iter().filter(|e| e.seq < 2).count();
+    assert_eq!(candidates, 2);
+    // Both candidates recorded, not the judge: the pair replays, the judge runs.
+    let pair: Vec<_> = first
+        .journal
+        .iter()
+        .filter(|e| e.seq < 2)
+        .cloned()
+        .collect();
+    let second = TaskTest::new(compare_responses)
+        .respond_with(|_| Ok(reply("A")))
+        .journal(pair.clone())
+        .run(input.clone())
+        .await;
+    assert_eq!((second.replayed, second.requests.len()), (2, 1));
+    // Only one of the pair recorded (a worker died between them): both run again.
+    let third = TaskTest::new(compare_responses)
+        .respond_with(|_| Ok(reply("A")))
+        .journal(pair[..1].to_vec())
+        .run(input)
+        .await;
+    assert_eq!((third.replayed, third.requests.len()), (0, 3));
+}

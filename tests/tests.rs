@@ -5,6 +5,7 @@ mod batch;
 mod examples_e2e;
 mod hosted;
 mod infer;
+mod journal;
 mod llama;
 mod own_crate;
 mod server_e2e;

@@ -52,6 +52,7 @@ impl WorkSource for Endless {
                 result: None,
                 retry_count: 0,
                 max_retries: Some(3),
+                journal: None,
             })
             .collect();
         Box::pin(std::future::ready(Ok(WorkResponse {

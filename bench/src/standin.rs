@@ -44,6 +44,7 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
                             result: None,
                             retry_count: 0,
                             max_retries: Some(3),
+                            journal: None,
                         })
                         .collect(),
                 })

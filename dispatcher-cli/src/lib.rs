@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve an input JSONL file to workers and write the output JSONL in order.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Generate responses for a prompt in each line (a built-in task).
     Infer(Box<infer::InferArgs>),
     /// Run a file in the OpenAI Batch API format (`custom_id`, `url`, `body` per line), resumably.
@@ -66,7 +66,7 @@ pub fn main() -> std::process::ExitCode {
     logging::init(&cli.log);
     run_async(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Infer(args) => infer::run(*args).await,
             Command::RunBatch(args) => batch::run(*args).await,
             Command::Status(args) => status::status(args).await,

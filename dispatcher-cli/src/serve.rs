@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use dispatcher_core::ledger::{
-    LedgerConfig, RedoConfig, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES,
+    LedgerConfig, RedoConfig, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_RELEASES,
 };
 use dispatcher_core::server::{self, ServeOptions, StopReason};
 
@@ -100,8 +101,17 @@ pub struct ServeArgs {
     /// lines it lacks, and write a new output in which every other line is
     /// kept byte for byte. The old output stays as it is until the new one is
     /// complete (`<outfile>.redo`), then replaces it. Resumable like any job.
-    #[arg(long, value_name = "TYPES", num_args = 0..=1, default_missing_value = "", require_equals = false)]
+    #[arg(long, value_name = "TYPES", num_args = 0..=1, default_missing_value = "")]
     pub redo_errors: Option<String>,
+    /// Keep no journal: a line issued again is redone from its first engine
+    /// request (by default workers hand in each request a task completes, and
+    /// a reissued line replays them; `<outfile>.journal`).
+    #[arg(long)]
+    pub no_journal: bool,
+    /// MiB of journal entries held at most; past it new entries are not
+    /// recorded (their lines are redone in full if reissued).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_JOURNAL_BYTES >> 20)]
+    pub max_journal_mib: u64,
 }
 
 /// Where a `--redo-errors` run writes, and what it replaces when complete.
@@ -262,6 +272,8 @@ impl ServeArgs {
         };
         let ledger = LedgerConfig {
             redo,
+            journal: !self.no_journal,
+            max_journal_bytes: self.max_journal_mib.saturating_mul(1 << 20),
             work_timeout: secs("work-timeout", self.work_timeout)?,
             max_retries,
             retry_secs: self.retry.max(1),

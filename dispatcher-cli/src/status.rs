@@ -180,6 +180,14 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         now.tombstones,
         now.invalid_lines,
     );
+    out.push_str(&format!(
+        "journal      {} entries, {} bytes held ({} not recorded: full)   replayed {} requests, {} engine tokens saved\n",
+        now.journal_entries,
+        now.journal_bytes,
+        now.journal_dropped,
+        now.journal_replayed,
+        now.journal_tokens_saved
+    ));
     out.push_str(&render_workers(now));
     out
 }

@@ -294,6 +294,10 @@ pub struct WorkArgs {
     /// Seconds to wait for the engine to stop before killing it.
     #[arg(long, default_value_t = 10)]
     pub engine_stop_grace: u64,
+    /// Neither replay the journal a reissued line comes with nor hand in
+    /// journal entries (local mode: keep no `<output>.journal`).
+    #[arg(long)]
+    pub no_journal: bool,
 }
 
 impl WorkArgs {
@@ -306,7 +310,12 @@ impl WorkArgs {
                 if !input.is_file() {
                     bail!("--input {}: no such file", input.display());
                 }
-                let source = FileSource::open(input, output, Some(self.max_retries))?;
+                let source = FileSource::open_with_journal(
+                    input,
+                    output,
+                    Some(self.max_retries),
+                    !self.no_journal,
+                )?;
                 if let Some(lines) = source.complete_lines() {
                     tracing::warn!(
                         "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do. To run the job again from the start, move {} and {} away",
@@ -333,6 +342,7 @@ impl WorkArgs {
             server_wait: Duration::from_secs(self.server_wait),
             vanish_wait: Duration::from_secs(self.vanish_wait),
             max_retry_wait: Duration::from_secs(self.max_retry_wait.max(1)),
+            journal: !self.no_journal,
             ..ManagerConfig::default()
         })
     }
@@ -455,6 +465,8 @@ pub async fn run_task(
         outcomes = ?summary.outcomes,
         retries = summary.retries,
         released = summary.released,
+        replayed = summary.replayed,
+        tokens_saved = summary.tokens_saved,
         engine_requests = crate::progress::engine_load(&engines),
         "worker finished: {exit:?}"
     );

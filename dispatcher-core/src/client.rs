@@ -6,9 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{
-    HeartbeatRequest, HeartbeatResponse, Hello, MessageResponse, ReleaseReason, ReleaseRequest,
-    ReleaseResponse, ResultsRequest, ResultsResponse, StatusResponse, WorkItem, WorkResponse,
-    WorkTimeoutRequest,
+    HeartbeatRequest, HeartbeatResponse, Hello, JournalRecord, JournalRequest, JournalResponse,
+    MessageResponse, ReleaseReason, ReleaseRequest, ReleaseResponse, ResultsRequest,
+    ResultsResponse, StatusResponse, WorkItem, WorkResponse, WorkTimeoutRequest,
 };
 
 /// Why a call to the server failed.
@@ -113,6 +113,26 @@ impl DispatcherClient {
     /// The `worker` this client names itself with.
     pub fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// `POST /journal` (extension): entries of lines this worker works on,
+    /// and what its journals saved since the last call.
+    pub async fn journal(
+        &self,
+        entries: Vec<JournalRecord>,
+        replayed: u64,
+        tokens_saved: u64,
+    ) -> Result<JournalResponse, ClientError> {
+        self.post(
+            "journal",
+            &JournalRequest {
+                worker: Some(self.worker_id.clone()),
+                entries,
+                replayed,
+                tokens_saved,
+            },
+        )
+        .await
     }
 
     /// `POST /hello` (extension): says who this worker is; `hello.worker` is

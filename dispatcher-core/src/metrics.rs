@@ -61,6 +61,10 @@ pub struct ServerMetrics {
     reorder_bytes: Gauge,
     workers_seen: Gauge,
     workers_active: Gauge,
+    journal_entries: Gauge,
+    journal_bytes: Gauge,
+    journal_replayed: Counter,
+    journal_tokens_saved: Counter,
     /// One histogram per endpoint, created up front (children of one family),
     /// so recording a request takes no lock or allocation.
     latency: [Histogram; Endpoint::ALL.len()],
@@ -84,6 +88,10 @@ impl Default for ServerMetrics {
             reorder_bytes: Gauge::default(),
             workers_seen: Gauge::default(),
             workers_active: Gauge::default(),
+            journal_entries: Gauge::default(),
+            journal_bytes: Gauge::default(),
+            journal_replayed: Counter::default(),
+            journal_tokens_saved: Counter::default(),
             latency: std::array::from_fn(|_| latency_histogram()),
             last: Mutex::new(None),
             registry: Registry::default(),
@@ -144,6 +152,26 @@ impl Default for ServerMetrics {
             m.reorder_bytes.clone(),
         );
         registry.register(
+            "journal_entries",
+            "Engine responses held for unfinished lines (the journal)",
+            m.journal_entries.clone(),
+        );
+        registry.register(
+            "journal_bytes",
+            "Bytes of the journal's entries",
+            m.journal_bytes.clone(),
+        );
+        registry.register(
+            "journal_replayed_requests",
+            "Engine requests workers answered from a journal instead of the engine",
+            m.journal_replayed.clone(),
+        );
+        registry.register(
+            "journal_tokens_saved",
+            "Engine tokens (prompt and completion) the replayed requests had cost",
+            m.journal_tokens_saved.clone(),
+        );
+        registry.register(
             "workers_seen",
             "Workers that made a request to this run of the server (those that name themselves)",
             m.workers_seen.clone(),
@@ -185,11 +213,15 @@ pub enum Endpoint {
     Heartbeat,
     /// `GET /health`.
     Health,
+    /// `POST /journal`.
+    Journal,
+    /// `POST /hello`.
+    Hello,
 }
 
 impl Endpoint {
     /// Every endpoint, in declaration order.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Work,
         Endpoint::Results,
         Endpoint::Release,
@@ -198,6 +230,8 @@ impl Endpoint {
         Endpoint::Metrics,
         Endpoint::Heartbeat,
         Endpoint::Health,
+        Endpoint::Journal,
+        Endpoint::Hello,
     ];
 
     /// Its path, the `endpoint` label of its latency series.
@@ -211,6 +245,8 @@ impl Endpoint {
             Endpoint::Metrics => "/metrics",
             Endpoint::Heartbeat => "/heartbeat",
             Endpoint::Health => "/health",
+            Endpoint::Journal => "/journal",
+            Endpoint::Hello => "/hello",
         }
     }
 
@@ -250,6 +286,12 @@ impl ServerMetrics {
         }
     }
 
+    /// Workers answered `replayed` requests from journals, worth `tokens` engine tokens.
+    pub fn journal_replayed(&self, replayed: u64, tokens: u64) {
+        self.journal_replayed.inc_by(replayed);
+        self.journal_tokens_saved.inc_by(tokens);
+    }
+
     /// The workers seen and active, for the next render.
     pub fn workers(&self, seen: usize, active: usize) {
         self.workers_seen.set(seen as i64);
@@ -284,6 +326,8 @@ impl ServerMetrics {
         self.queued.set(stats.queued_for_reissue as i64);
         self.reorder_lines.set(stats.reorder_lines as i64);
         self.reorder_bytes.set(stats.reorder_bytes as i64);
+        self.journal_entries.set(stats.journal.entries as i64);
+        self.journal_bytes.set(stats.journal.bytes as i64);
         *last = Some(stats.clone());
         text(&self.registry)
     }
@@ -327,6 +371,8 @@ pub struct WorkerMetrics {
     request_success: Family<SuccessLabel, Counter>,
     retries: Family<RetryLabel, Counter>,
     rate_limit_wait: Family<EngineLabel, Counter<f64>>,
+    journal_replayed: Counter,
+    journal_tokens_saved: Counter,
     outcomes: Family<KindLabel, Counter>,
 }
 
@@ -343,6 +389,8 @@ impl Default for WorkerMetrics {
             request_success: Family::default(),
             retries: Family::default(),
             rate_limit_wait: Family::default(),
+            journal_replayed: Counter::default(),
+            journal_tokens_saved: Counter::default(),
             outcomes: Family::default(),
         };
         registry.register(
@@ -384,6 +432,16 @@ impl Default for WorkerMetrics {
             "engine_rate_limit_wait_seconds",
             "Time requests waited for the client-side rate limits (--max-requests-per-minute, --max-tokens-per-minute)",
             m.rate_limit_wait.clone(),
+        );
+        registry.register(
+            "journal_replayed_requests",
+            "Engine requests answered from a line's journal instead of the engine",
+            m.journal_replayed.clone(),
+        );
+        registry.register(
+            "journal_tokens_saved",
+            "Engine tokens (prompt and completion) the replayed requests had cost",
+            m.journal_tokens_saved.clone(),
         );
         registry.register(
             "task_outcomes",
@@ -487,6 +545,12 @@ impl WorkerMetrics {
                 engine: engine.to_string(),
             })
             .inc_by(waited.as_secs_f64());
+    }
+
+    /// A request was answered from a journal; it had cost `tokens`.
+    pub fn journal_replayed(&self, tokens: u64) {
+        self.journal_replayed.inc();
+        self.journal_tokens_saved.inc_by(tokens);
     }
 
     /// A line finished as `kind`.

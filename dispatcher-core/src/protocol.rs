@@ -24,6 +24,61 @@ pub struct WorkItem {
     /// read as unlimited too).
     #[serde(default, with = "max_retries_wire")]
     pub max_retries: Option<u32>,
+    /// Extension: the engine requests an earlier issue of this line completed,
+    /// for the task to replay instead of sending them again. Absent when there
+    /// are none; workers that do not know it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<Vec<JournalEntry>>,
+}
+
+/// One engine request a task completed: its place in the task's sequence of
+/// requests, a fingerprint of the request, and the response the task got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Its position among the task's requests, from 0.
+    pub seq: u32,
+    /// A hash of the request's canonical JSON, 16 hex digits.
+    pub fingerprint: String,
+    /// The response, as the task saw it.
+    pub response: serde_json::Value,
+}
+
+/// A [`JournalEntry`] of one line, as a worker sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRecord {
+    /// The line it belongs to.
+    pub work_id: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: JournalEntry,
+}
+
+/// `POST /journal` (extension): entries of lines a worker is working on, and
+/// what its journals saved since the last call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRequest {
+    /// The `worker` of its work requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// New entries.
+    #[serde(default)]
+    pub entries: Vec<JournalRecord>,
+    /// Requests answered from a journal instead of the engine, since the last call.
+    #[serde(default)]
+    pub replayed: u64,
+    /// Engine tokens (prompt and completion) those replayed responses had cost.
+    #[serde(default)]
+    pub tokens_saved: u64,
+}
+
+/// The answer to `POST /journal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalResponse {
+    /// `"OK"`.
+    pub status: String,
+    /// Entries recorded (the rest were of lines already written, repeats, or
+    /// over `--max-journal-mib`).
+    pub recorded: u64,
 }
 
 /// `max_retries` on the wire: a count, or `-1` for unlimited.
@@ -473,6 +528,22 @@ pub struct StatusResponse {
     /// of a `--redo-errors` job.
     #[serde(default)]
     pub kept_lines: u64,
+    /// Extension: journal entries held for unfinished lines.
+    #[serde(default)]
+    pub journal_entries: u64,
+    /// Extension: bytes of those entries.
+    #[serde(default)]
+    pub journal_bytes: u64,
+    /// Extension: entries not recorded because the journal was full
+    /// (`--max-journal-mib`).
+    #[serde(default)]
+    pub journal_dropped: u64,
+    /// Extension: requests workers answered from a journal, by this run.
+    #[serde(default)]
+    pub journal_replayed: u64,
+    /// Extension: engine tokens those replayed requests had cost.
+    #[serde(default)]
+    pub journal_tokens_saved: u64,
     /// Items issued by this run of the server, reissues included.
     #[serde(default)]
     pub issued_total: u64,

@@ -39,7 +39,7 @@ pub struct RawRequest {
 }
 
 /// The engine's answer to a [`RawRequest`], whatever its status.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RawResponse {
     /// The HTTP status: 2xx, a 4xx the engine refused the request with, or
     /// the 429/5xx it still answered after the retries.

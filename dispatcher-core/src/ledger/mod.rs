@@ -19,12 +19,15 @@
 //! read and not written with the reorder buffer, its spill file and the output
 //! (`window.rs`), and counters for its stats.
 
+mod journal;
 mod leases;
 mod redo;
 #[cfg(test)]
 mod tests;
 mod window;
 
+use journal::Journal;
+pub use journal::{journal_path, JournalStats};
 pub use redo::RedoConfig;
 use redo::{Decision, Previous};
 
@@ -47,8 +50,8 @@ use crate::error::{path_error, IoContext};
 use crate::input::{InputReader, LineSpan};
 use crate::output::OutputWriter;
 use crate::protocol::{
-    check_results, error_record, tombstone, BlockingLine, OldestInFlight, RefusedResult,
-    ReissueCounts, ReleaseReason, ResultLine, WorkItem, WorkStatus,
+    check_results, error_record, tombstone, BlockingLine, JournalRecord, OldestInFlight,
+    RefusedResult, ReissueCounts, ReleaseReason, ResultLine, WorkItem, WorkStatus,
 };
 use leases::{Lease, Leases};
 use window::Window;
@@ -85,6 +88,11 @@ pub struct LedgerConfig {
     /// `--redo-errors`: the previous output, whose lines are kept unless they
     /// are error records to redo. `outfile` is then the new output.
     pub redo: Option<RedoConfig>,
+    /// Keep a journal of the engine responses of unfinished lines
+    /// (`<outfile>.journal`), handed back with a line issued again.
+    pub journal: bool,
+    /// Bytes of journal entries held at most (`--max-journal-mib`).
+    pub max_journal_bytes: u64,
 }
 
 impl LedgerConfig {
@@ -103,6 +111,8 @@ impl LedgerConfig {
             max_backups: 0,
             backup_after: Duration::from_secs(60),
             redo: None,
+            journal: true,
+            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
         }
     }
 
@@ -115,6 +125,8 @@ impl LedgerConfig {
 /// Default `--max-releases`: preemptions are not the item's fault; only an item
 /// released this often (a poison item that kills workers) is given up.
 pub const DEFAULT_MAX_RELEASES: u32 = 50;
+/// Default `--max-journal-mib`: 1 GiB of engine responses of unfinished lines.
+pub const DEFAULT_MAX_JOURNAL_BYTES: u64 = 1 << 30;
 /// Default `--max-pending-mib`: 256 MiB of results waiting for a stuck line.
 pub const DEFAULT_MAX_PENDING_BYTES: u64 = 256 << 20;
 
@@ -262,6 +274,8 @@ pub struct LedgerStats {
     /// Lines of the previous output kept as they were (`--redo-errors`), by
     /// this run.
     pub kept_lines: u64,
+    /// What the journal holds (zeros with `--no-journal`).
+    pub journal: JournalStats,
     /// Results ignored (duplicates, unknown ids).
     pub ignored_results: u64,
     /// Issues made by this run, reissues included.
@@ -332,6 +346,8 @@ pub struct Ledger {
     window: Window,
     /// `--redo-errors`: the previous output, in step with the input.
     previous: Option<Previous>,
+    /// The engine responses of unfinished lines; `None` with `--no-journal`.
+    journal: Option<Journal>,
     counters: Counters,
 }
 
@@ -342,6 +358,8 @@ pub struct Ledger {
 pub struct PendingCheckpoint {
     /// A handle on the output, for its fsync.
     output: std::fs::File,
+    /// A handle on the journal and its path, for its fsync.
+    journal: Option<(std::fs::File, PathBuf)>,
     infile: PathBuf,
     outfile: PathBuf,
     checkpoint: PathBuf,
@@ -362,6 +380,9 @@ impl PendingCheckpoint {
         self.output
             .sync_data()
             .with_path("sync the output file", &self.outfile)?;
+        if let Some((journal, path)) = &self.journal {
+            journal.sync_data().with_path("sync the journal", path)?;
+        }
         Checkpoint::capture(
             &self.infile,
             &self.outfile,
@@ -472,6 +493,15 @@ impl Ledger {
             previous: match &config.redo {
                 Some(redo) => Some(Previous::open(redo.clone(), lines)?),
                 None => None,
+            },
+            journal: if config.journal {
+                Some(Journal::open(
+                    journal_path(&config.outfile),
+                    config.max_journal_bytes,
+                    lines,
+                )?)
+            } else {
+                None
             },
             config,
         };
@@ -633,7 +663,8 @@ impl Ledger {
         self.work_item(id, span, retry_count)
     }
 
-    /// The work item of an issue of line `id`.
+    /// The work item of an issue of line `id`, with the journal of its
+    /// earlier issues.
     fn issue(&self, id: u64, content: String, retry_count: u32) -> WorkItem {
         WorkItem {
             work_id: id,
@@ -641,7 +672,25 @@ impl Ledger {
             result: None,
             retry_count,
             max_retries: self.config.max_retries,
+            journal: self.journal.as_ref().and_then(|j| j.entries(id)),
         }
+    }
+
+    /// Records journal entries of lines not written yet; returns how many.
+    pub fn record_journal(&mut self, records: Vec<JournalRecord>) -> io::Result<u64> {
+        let written = self.lines_written();
+        match &mut self.journal {
+            Some(journal) => {
+                journal.drop_written(written);
+                journal.record(records, written)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// What the journal holds; `None` with `--no-journal`.
+    pub fn journal_stats(&self) -> Option<JournalStats> {
+        self.journal.as_ref().map(Journal::stats)
     }
 
     /// [`issue`](Self::issue) of a line read again from the input.
@@ -823,6 +872,10 @@ impl Ledger {
         self.expire(now)?;
         self.keep_ahead(KEEP_PER_TICK)?;
         self.window.write_ready()?;
+        let written = self.lines_written();
+        if let Some(journal) = &mut self.journal {
+            journal.drop_written(written);
+        }
         self.check_eof()
     }
 
@@ -881,8 +934,16 @@ impl Ledger {
     pub fn begin_checkpoint(&mut self) -> io::Result<PendingCheckpoint> {
         let lines_written = self.window.next_write_id();
         let input_offset = self.window.written_input_offset();
+        let journal = match &mut self.journal {
+            Some(j) => {
+                j.drop_written(lines_written);
+                Some((j.for_checkpoint()?, j.path().to_path_buf()))
+            }
+            None => None,
+        };
         let output = self.window.output();
         Ok(PendingCheckpoint {
+            journal,
             output: output.flush_for_sync()?,
             output_offset: output.len(),
             infile: self.config.infile.clone(),
@@ -931,6 +992,7 @@ impl Ledger {
             tombstones: c.tombstones,
             invalid_lines: c.invalid_lines,
             kept_lines: c.kept,
+            journal: self.journal_stats().unwrap_or_default(),
             ignored_results: c.ignored_results,
             issued_total: c.issued_total,
             completed_total: c.completed_total,

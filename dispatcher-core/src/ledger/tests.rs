@@ -71,6 +71,7 @@ fn result(id: u64, value: &str) -> WorkItem {
         result: Some(value.to_string()),
         retry_count: 0,
         max_retries: None,
+        journal: None,
     }
 }
 

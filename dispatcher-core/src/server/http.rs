@@ -20,9 +20,9 @@ use crate::ledger::{Cause, LedgerStats};
 use crate::metrics::Endpoint;
 use crate::protocol::{
     check_result_line, invalid_result_record, ErrorResponse, HeartbeatRequest, HeartbeatResponse,
-    Hello, InvalidResult, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine,
-    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkResponse,
-    WorkTimeoutRequest,
+    Hello, InvalidResult, JournalRequest, JournalResponse, MessageResponse, ReleaseRequest,
+    ReleaseResponse, ResultLine, ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue,
+    WorkResponse, WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -39,7 +39,8 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/work_timeout", post(post_work_timeout))
         .route("/metrics", get(get_metrics))
         .route("/heartbeat", post(post_heartbeat))
-        .route("/hello", post(post_hello));
+        .route("/hello", post(post_hello))
+        .route("/journal", post(post_journal));
     if state.token.is_some() {
         router = router.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -432,11 +433,40 @@ async fn post_heartbeat(
     }))
 }
 
+/// `POST /journal` (extension): entries of lines a worker works on, and
+/// what its journals saved.
+async fn post_journal(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<JournalResponse>, ApiError> {
+    let _t = state.metrics.time(Endpoint::Journal);
+    let req: JournalRequest = parse_body(
+        &state,
+        body,
+        r#"{"entries": [{"work_id", "seq", "fingerprint", "response"}], "replayed", "tokens_saved"}"#,
+    )?;
+    contact(&state, req.worker.as_deref());
+    use std::sync::atomic::Ordering::Relaxed;
+    state.journal_replayed.fetch_add(req.replayed, Relaxed);
+    state
+        .journal_tokens_saved
+        .fetch_add(req.tokens_saved, Relaxed);
+    state
+        .metrics
+        .journal_replayed(req.replayed, req.tokens_saved);
+    let recorded = state.with_ledger(|l| l.record_journal(req.entries))?;
+    Ok(Json(JournalResponse {
+        status: "OK".into(),
+        recorded,
+    }))
+}
+
 /// `POST /hello` (extension): a worker says who it is.
 async fn post_hello(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<MessageResponse>, ApiError> {
+    let _t = state.metrics.time(Endpoint::Hello);
     let hello: Hello = parse_body(&state, body, r#"{"worker": "id", "task": "...", ...}"#)?;
     if hello.worker.is_empty() {
         return Err(ApiError::BadRequest(
@@ -485,6 +515,9 @@ async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
     stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
     let mut status = status_response(&stats);
     status.workers = state.workers().status(Instant::now(), &load);
+    use std::sync::atomic::Ordering::Relaxed;
+    status.journal_replayed = state.journal_replayed.load(Relaxed);
+    status.journal_tokens_saved = state.journal_tokens_saved.load(Relaxed);
     Ok(Json(status).into_response())
 }
 
@@ -538,6 +571,11 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         invalid_lines: s.invalid_lines,
         ignored_results: s.ignored_results,
         kept_lines: s.kept_lines,
+        journal_entries: s.journal.entries,
+        journal_bytes: s.journal.bytes,
+        journal_dropped: s.journal.dropped,
+        journal_replayed: 0,
+        journal_tokens_saved: 0,
         issued_total: s.issued_total,
         completed_total: s.completed_total,
         oldest_in_flight: s.oldest_in_flight.clone(),

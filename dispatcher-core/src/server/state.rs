@@ -41,6 +41,9 @@ pub struct AppState {
     /// Lines of the input, counted in the background at start, so that
     /// `/status` has a total before the input has been read to its end.
     pub(super) input_lines: std::sync::OnceLock<u64>,
+    /// Requests workers answered from journals, and the tokens that saved.
+    pub(super) journal_replayed: std::sync::atomic::AtomicU64,
+    pub(super) journal_tokens_saved: std::sync::atomic::AtomicU64,
     /// The workers seen. Its own lock, never held with the ledger's.
     pub(super) workers: std::sync::Mutex<super::workers::Workers>,
     /// `<outfile>.manifest.json`. Its own lock, taken after the ledger's
@@ -92,6 +95,8 @@ impl AppState {
             log_invalid_http: options.log_invalid_http,
             input_lines: std::sync::OnceLock::new(),
             workers: std::sync::Mutex::default(),
+            journal_replayed: std::sync::atomic::AtomicU64::new(0),
+            journal_tokens_saved: std::sync::atomic::AtomicU64::new(0),
             manifest: std::sync::Mutex::new(manifest),
             checkpointing: std::sync::Mutex::new(()),
         })

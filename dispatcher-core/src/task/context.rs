@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::engines::Engines;
+use super::journal::{fingerprint, Step, TaskJournal};
 use crate::engine::{BoxFuture, RawRequest, RawResponse, Request, RequestError, Response};
 use crate::metrics::Answered;
 
@@ -24,6 +25,9 @@ struct Inner {
     engines: Engines,
     /// When this task started relative to others: lower goes first.
     priority: u64,
+    /// Replays what an earlier issue of the line completed, and records
+    /// what this one completes; `None` without a journal.
+    journal: Option<Arc<TaskJournal>>,
 }
 
 impl TaskContext {
@@ -44,8 +48,57 @@ impl TaskContext {
                 max_retries,
                 engines,
                 priority,
+                journal: None,
             }),
         }
+    }
+
+    /// Replays from and records to `journal`. Call before the context is
+    /// shared (cloned).
+    pub fn with_journal(mut self, journal: Arc<TaskJournal>) -> TaskContext {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.journal = Some(journal),
+            None => tracing::warn!("a journal given to a context already shared; ignored"),
+        }
+        self
+    }
+
+    /// Requests answered from the line's journal instead of the engine so
+    /// far: an earlier issue of the line (preempted, or on a worker that
+    /// died) had completed them.
+    pub fn replayed_requests(&self) -> u32 {
+        self.inner.journal.as_ref().map_or(0, |j| j.replayed())
+    }
+
+    /// How each of `keys` (requests sent together) is answered.
+    fn steps(&self, keys: impl Iterator<Item = Value>) -> Vec<Step> {
+        match &self.inner.journal {
+            Some(j) => j.steps(keys.map(|k| fingerprint(&k)).collect()),
+            None => keys.map(|_| Step::Live(None)).collect(),
+        }
+    }
+
+    /// Records a live `response` at its step, when there is a journal.
+    fn record<T: Serialize>(&self, step: Step, response: &T) {
+        if let (Step::Live(Some((seq, fp))), Some(j)) = (step, &self.inner.journal) {
+            if let Ok(v) = serde_json::to_value(response) {
+                j.record(seq, fp, v);
+            }
+        }
+    }
+
+    /// One typed request, replayed or sent as `step` says.
+    async fn request_at(&self, request: Request, step: Step) -> Result<Response, RequestError> {
+        if let Step::Replay(recorded) = &step {
+            if let Ok(response) = serde_json::from_value::<Response>(recorded.clone()) {
+                return Ok(response);
+            }
+        }
+        let result = self.request_live(request).await;
+        if let Ok(response) = &result {
+            self.record(step, response);
+        }
+        result
     }
 
     /// The work item's id: its input line's 0-based index.
@@ -87,8 +140,17 @@ impl TaskContext {
     }
 
     /// Sends one request to the engine it names (the default one when it
-    /// names none), waiting for one of that engine's request slots.
+    /// names none), waiting for one of that engine's request slots; or
+    /// answers it from the line's journal, when an earlier issue completed it.
     pub async fn request(&self, request: Request) -> Result<Response, RequestError> {
+        let step = self
+            .steps(std::iter::once(typed_key(&request)))
+            .pop()
+            .expect("one step");
+        self.request_at(request, step).await
+    }
+
+    async fn request_live(&self, request: Request) -> Result<Response, RequestError> {
         let route = self.inner.engines.route(request.engine.as_deref())?;
         let slot = route.slot(self.inner.priority).await;
         let result = route.engine().send(request).await;
@@ -105,6 +167,24 @@ impl TaskContext {
     /// within that engine's request slots, and returns the engine's answer,
     /// error statuses included.
     pub async fn post(&self, request: RawRequest) -> Result<RawResponse, RequestError> {
+        let key = serde_json::json!({
+            "engine": request.engine, "path": request.path,
+            "body": request.body, "keep_model": request.keep_model,
+        });
+        let step = self.steps(std::iter::once(key)).pop().expect("one step");
+        if let Step::Replay(recorded) = &step {
+            if let Ok(response) = serde_json::from_value::<RawResponse>(recorded.clone()) {
+                return Ok(response);
+            }
+        }
+        let result = self.post_live(request).await;
+        if let Ok(response) = &result {
+            self.record(step, response);
+        }
+        result
+    }
+
+    async fn post_live(&self, request: RawRequest) -> Result<RawResponse, RequestError> {
         let route = self.inner.engines.route(request.engine.as_deref())?;
         let slot = route.slot(self.inner.priority).await;
         let result = route.engine().post(request).await;
@@ -175,12 +255,23 @@ impl Requests for Vec<Request> {
     type Output = Result<Vec<Response>, RequestError>;
     fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output> {
         Box::pin(async move {
-            join_all(self.into_iter().map(|r| ctx.request(r)))
-                .await
-                .into_iter()
-                .collect()
+            // One group: replayed together, or sent together.
+            let steps = ctx.steps(self.iter().map(typed_key));
+            join_all(
+                self.into_iter()
+                    .zip(steps)
+                    .map(|(r, step)| ctx.request_at(r, step)),
+            )
+            .await
+            .into_iter()
+            .collect()
         })
     }
+}
+
+/// What a typed request's fingerprint covers: the request and its engine.
+fn typed_key(request: &Request) -> Value {
+    serde_json::json!({"engine": request.engine, "request": request.to_json()})
 }
 
 impl<const N: usize> Requests for [Request; N] {

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::journal::{JournalEvent, JournalSink, TaskJournal};
 use super::source::{SourceError, WorkSource};
 use super::{DynTask, Engines, LineOutcome, OutcomeKind, TaskContext};
 use crate::engine::BoxFuture;
@@ -38,6 +39,9 @@ pub struct ManagerConfig {
     /// Longest wait after a `retry` answer, whatever `retry_in` says: the server
     /// exits shortly after the last result, and an idle worker should notice.
     pub max_retry_wait: Duration,
+    /// Replay the journal an item comes with, and hand in entries for the
+    /// requests tasks complete (`--no-journal` turns it off).
+    pub journal: bool,
 }
 
 impl Default for ManagerConfig {
@@ -48,6 +52,7 @@ impl Default for ManagerConfig {
             vanish_wait: Duration::from_secs(10),
             max_submit_batch: 1024,
             max_retry_wait: Duration::from_secs(5),
+            journal: true,
         }
     }
 }
@@ -76,6 +81,10 @@ pub struct Summary {
     pub released: u64,
     /// Items dropped because another worker finished them first (backups).
     pub dropped: u64,
+    /// Engine requests answered from journals instead of the engine.
+    pub replayed: u64,
+    /// Engine tokens those replayed requests had cost.
+    pub tokens_saved: u64,
 }
 
 impl Summary {
@@ -94,6 +103,10 @@ pub struct Progress {
     pub active: std::sync::atomic::AtomicU64,
     /// Engine requests, tokens and outcomes, for `/metrics`.
     pub metrics: Arc<WorkerMetrics>,
+    /// Requests answered from journals.
+    pub replayed: std::sync::atomic::AtomicU64,
+    /// Engine tokens those had cost.
+    pub tokens_saved: std::sync::atomic::AtomicU64,
 }
 
 /// How long a stopping worker waits for a work request already sent.
@@ -108,6 +121,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 enum Handback {
     Result(WorkItem),
     Release(u64, ReleaseReason),
+    Journal(JournalEvent),
 }
 
 /// Runs `task` over the items of `source`, sending to `engines`, until the
@@ -227,6 +241,8 @@ struct Manager {
     started: u64,
     /// Results and releases on their way to the submitter.
     handback: mpsc::UnboundedSender<Handback>,
+    /// Where tasks' journals report (to the submitter); `None` without journals.
+    journal_sink: Option<JournalSink>,
     submitter: JoinHandle<()>,
     /// Signalled after each delivery: our own results may have completed the
     /// job or made work issuable.
@@ -259,7 +275,19 @@ impl Manager {
             config.max_submit_batch,
             delivered.clone(),
         ));
+        let journal_sink = config.journal.then(|| {
+            let (tx, progress) = (handback.clone(), progress.clone());
+            Arc::new(move |event: JournalEvent| {
+                if let JournalEvent::Replayed { tokens } = &event {
+                    progress.replayed.fetch_add(1, Relaxed);
+                    progress.tokens_saved.fetch_add(*tokens, Relaxed);
+                    progress.metrics.journal_replayed(*tokens);
+                }
+                let _ = tx.send(Handback::Journal(event));
+            }) as JournalSink
+        });
         Manager {
+            journal_sink,
             task,
             batch,
             max_tasks: engines.default_limit().max(batch) + batch,
@@ -434,19 +462,28 @@ impl Manager {
     }
 
     /// Starts the task of one item.
-    fn start(&mut self, item: WorkItem) {
+    fn start(&mut self, mut item: WorkItem) {
         if self.held.contains_key(&item.work_id) {
             // A backup copy of an item this worker runs already.
             return;
         }
         self.started += 1;
-        let ctx = TaskContext::new(
+        // Not handed back with the result.
+        let recorded = item.journal.take().unwrap_or_default();
+        let mut ctx = TaskContext::new(
             item.work_id,
             item.retry_count,
             item.max_retries,
             self.engines.clone(),
             self.started,
         );
+        if let Some(sink) = &self.journal_sink {
+            ctx = ctx.with_journal(Arc::new(TaskJournal::new(
+                item.work_id,
+                recorded,
+                sink.clone(),
+            )));
+        }
         let run = self.task.run_line(item.content.clone(), ctx);
         let id = item.work_id;
         let handle = self.tasks.spawn(async move { (item, run.await) });
@@ -523,6 +560,10 @@ impl Manager {
             }
         }
         self.progress.active.store(0, Relaxed);
+        self.summary.replayed = self.progress.replayed.load(Relaxed);
+        self.summary.tokens_saved = self.progress.tokens_saved.load(Relaxed);
+        // Every sender goes, so the submitter ends once it has delivered all.
+        drop(self.journal_sink);
         drop(self.handback);
         if let Err(e) = self.submitter.await {
             tracing::error!("the result submitter failed: {e}");
@@ -567,6 +608,8 @@ async fn hand_back(
     let mut results = Vec::new();
     let mut preempted = Vec::new();
     let mut retried = Vec::new();
+    let mut entries = Vec::new();
+    let (mut replayed, mut tokens_saved) = (0, 0);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -574,10 +617,25 @@ async fn hand_back(
                 Handback::Result(item) => results.push(item),
                 Handback::Release(id, ReleaseReason::Preempted) => preempted.push(id),
                 Handback::Release(id, ReleaseReason::Retry) => retried.push(id),
+                Handback::Journal(JournalEvent::Entry(entry)) => entries.push(entry),
+                Handback::Journal(JournalEvent::Replayed { tokens }) => {
+                    replayed += 1;
+                    tokens_saved += tokens;
+                }
             }
-            if results.len() < max {
+            if results.len() < max && entries.len() < max {
                 next = rx.try_recv().ok();
             }
+        }
+        // Journal entries first: a line released next must find them on the
+        // server when it is issued again.
+        if !entries.is_empty() || replayed > 0 {
+            let batch = std::mem::take(&mut entries);
+            let (r, t) = (
+                std::mem::take(&mut replayed),
+                std::mem::take(&mut tokens_saved),
+            );
+            deliver("journal entries", || source.journal(batch.clone(), r, t)).await;
         }
         for (ids, reason) in [
             (std::mem::take(&mut retried), ReleaseReason::Retry),

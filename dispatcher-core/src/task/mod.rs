@@ -5,6 +5,7 @@
 mod context;
 pub mod engines;
 mod error;
+pub mod journal;
 pub mod limiter;
 pub mod manager;
 pub mod source;

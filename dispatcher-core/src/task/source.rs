@@ -59,6 +59,17 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
         Box::pin(std::future::ready(None))
     }
+    /// Hands in journal entries of lines this worker works on, and what its
+    /// journals saved since the last call. Sources without a journal ignore them.
+    fn journal(
+        &self,
+        entries: Vec<crate::protocol::JournalRecord>,
+        replayed: u64,
+        tokens_saved: u64,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
+        let _ = (entries, replayed, tokens_saved);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Says who this worker is (`POST /hello` to a server); nothing elsewhere.
     fn hello(&self, hello: crate::protocol::Hello) -> BoxFuture<'_, Result<(), SourceError>> {
         let _ = hello;
@@ -102,6 +113,18 @@ impl WorkSource for ServerSource {
     fn hello(&self, hello: crate::protocol::Hello) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
             self.client.hello(hello).await?;
+            Ok(())
+        })
+    }
+
+    fn journal(
+        &self,
+        entries: Vec<crate::protocol::JournalRecord>,
+        replayed: u64,
+        tokens_saved: u64,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.client.journal(entries, replayed, tokens_saved).await?;
             Ok(())
         })
     }
@@ -154,16 +177,28 @@ pub struct FileSource {
 const LOCAL_WORK_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl FileSource {
-    /// Opens (or resumes) `input` → `output`, with the checkpoint beside the output.
+    /// Opens (or resumes) `input` → `output`, with the checkpoint and the
+    /// journal beside the output.
     pub fn open(
         input: &std::path::Path,
         output: &std::path::Path,
         max_retries: Option<u32>,
     ) -> Result<FileSource, SourceError> {
+        FileSource::open_with_journal(input, output, max_retries, true)
+    }
+
+    /// [`open`](Self::open), with the journal (`<output>.journal`) or without.
+    pub fn open_with_journal(
+        input: &std::path::Path,
+        output: &std::path::Path,
+        max_retries: Option<u32>,
+        journal: bool,
+    ) -> Result<FileSource, SourceError> {
         let config = LedgerConfig {
             work_timeout: LOCAL_WORK_TIMEOUT,
             max_retries,
             retry_secs: 1,
+            journal,
             ..LedgerConfig::new(
                 input.to_owned(),
                 output.to_owned(),
@@ -240,6 +275,16 @@ impl WorkSource for FileSource {
         let cause = Cause::of_release(Some(reason));
         let r = self.with_ledger(|l| l.release(&ids, cause)).map(|_| ());
         self.changed.notify_waiters();
+        Box::pin(std::future::ready(r))
+    }
+
+    fn journal(
+        &self,
+        entries: Vec<crate::protocol::JournalRecord>,
+        _replayed: u64,
+        _tokens_saved: u64,
+    ) -> BoxFuture<'_, Result<(), SourceError>> {
+        let r = self.with_ledger(|l| l.record_journal(entries)).map(|_| ());
         Box::pin(std::future::ready(r))
     }
 

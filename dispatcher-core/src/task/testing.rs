@@ -36,8 +36,10 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use super::journal::{JournalEvent, JournalSink, TaskJournal};
 use super::{DynTask, LineOutcome, TaskContext};
 use crate::engine::{BoxFuture, Choice, Engine, Request, RequestError, Response};
+use crate::protocol::JournalEntry;
 
 type Responder = dyn Fn(&Request) -> Result<Response, RequestError> + Send + Sync;
 
@@ -116,8 +118,14 @@ pub struct TaskRun {
     pub outcome: LineOutcome,
     /// The output line parsed (`Value::Null` for a retry or a dead engine).
     pub output: Value,
-    /// The requests the task made, in order.
+    /// The requests the task sent to the engine, in order (not those
+    /// answered from the journal).
     pub requests: Vec<Request>,
+    /// The journal entries of this run's requests: give them to
+    /// [`TaskTest::journal`] to replay them in another run.
+    pub journal: Vec<JournalEntry>,
+    /// Requests answered from the journal given.
+    pub replayed: u32,
 }
 
 impl TaskRun {
@@ -135,6 +143,7 @@ pub struct TaskTest<T> {
     work_id: u64,
     retry_count: u32,
     max_retries: Option<u32>,
+    journal: Vec<JournalEntry>,
 }
 
 impl<T: DynTask> TaskTest<T> {
@@ -146,7 +155,16 @@ impl<T: DynTask> TaskTest<T> {
             work_id: 0,
             retry_count: 0,
             max_retries: Some(3),
+            journal: Vec::new(),
         }
+    }
+
+    /// Runs as an issue of a line whose earlier issue completed the requests
+    /// of `entries` (a [`TaskRun::journal`]): matching requests are answered
+    /// from them, as on a worker.
+    pub fn journal(mut self, entries: Vec<JournalEntry>) -> Self {
+        self.journal = entries;
+        self
     }
 
     /// Replies with these texts, in order.
@@ -189,14 +207,30 @@ impl<T: DynTask> TaskTest<T> {
         let engine = self
             .engine
             .unwrap_or_else(|| Arc::new(ScriptedEngine::replies(Vec::<String>::new())));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink: JournalSink = {
+            let events = events.clone();
+            Arc::new(move |e| events.lock().expect("not poisoned").push(e))
+        };
+        let journal = Arc::new(TaskJournal::new(self.work_id, self.journal, sink));
         let ctx = TaskContext::new(
             self.work_id,
             self.retry_count,
             self.max_retries,
             super::Engines::single(engine.clone()),
             0,
-        );
+        )
+        .with_journal(journal.clone());
         let outcome = self.task.run_line(line.to_string(), ctx).await;
+        let entries = events
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter_map(|e| match e {
+                JournalEvent::Entry(record) => Some(record.entry.clone()),
+                JournalEvent::Replayed { .. } => None,
+            })
+            .collect();
         let output = match &outcome {
             LineOutcome::Line { line, .. } => {
                 serde_json::from_str(line).expect("output lines are JSON")
@@ -207,6 +241,8 @@ impl<T: DynTask> TaskTest<T> {
             outcome,
             output,
             requests: engine.requests(),
+            journal: entries,
+            replayed: journal.replayed(),
         }
     }
 }
