@@ -133,3 +133,30 @@ async fn validated_response_runs_in_local_file_mode() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_steps_runs_its_chain_in_local_file_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/questions.jsonl");
+    let status = Command::new(example("five_steps"))
+        .args(["--engine", "echo", "-q", "--input", data, "--output"])
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let questions = std::fs::read_to_string(data).unwrap();
+    let out: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), questions.lines().count());
+    for line in &out {
+        // The echo engine answers each step with its last message: the step.
+        let steps = line["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 5, "{line}");
+        assert_eq!(steps[4], "Give the revised answer a short title.");
+        assert_eq!(line["replayed"], 0);
+    }
+}
