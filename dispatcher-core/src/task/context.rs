@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -87,18 +88,28 @@ impl TaskContext {
         }
     }
 
-    /// One typed request, replayed or sent as `step` says.
-    async fn request_at(&self, request: Request, step: Step) -> Result<Response, RequestError> {
+    /// The recorded response when `step` replays one, else `live`'s (which
+    /// is then recorded).
+    async fn replay_or<T: Serialize + DeserializeOwned>(
+        &self,
+        step: Step,
+        live: impl std::future::Future<Output = Result<T, RequestError>>,
+    ) -> Result<T, RequestError> {
         if let Step::Replay(recorded) = &step {
-            if let Ok(response) = serde_json::from_value::<Response>(recorded.clone()) {
+            if let Ok(response) = serde_json::from_value::<T>(recorded.clone()) {
                 return Ok(response);
             }
         }
-        let result = self.request_live(request).await;
+        let result = live.await;
         if let Ok(response) = &result {
             self.record(step, response);
         }
         result
+    }
+
+    /// One typed request, replayed or sent as `step` says.
+    async fn request_at(&self, request: Request, step: Step) -> Result<Response, RequestError> {
+        self.replay_or(step, self.request_live(request)).await
     }
 
     /// The work item's id: its input line's 0-based index.
@@ -172,16 +183,7 @@ impl TaskContext {
             "body": request.body, "keep_model": request.keep_model,
         });
         let step = self.steps(std::iter::once(key)).pop().expect("one step");
-        if let Step::Replay(recorded) = &step {
-            if let Ok(response) = serde_json::from_value::<RawResponse>(recorded.clone()) {
-                return Ok(response);
-            }
-        }
-        let result = self.post_live(request).await;
-        if let Ok(response) = &result {
-            self.record(step, response);
-        }
-        result
+        self.replay_or(step, self.post_live(request)).await
     }
 
     async fn post_live(&self, request: RawRequest) -> Result<RawResponse, RequestError> {
