@@ -483,9 +483,9 @@ async fn post_hello(
         model = hello.model.as_deref().unwrap_or("-"),
         "worker said hello"
     );
-    if state.workers().hello(key, hello.clone(), Instant::now()) {
-        state.manifest().configuration(&hello);
-    }
+    // The manifest keeps each configuration once, across runs too.
+    state.manifest().configuration(&hello);
+    state.workers().hello(key, hello, Instant::now());
     Ok(Json(MessageResponse {
         status: "OK".into(),
         message: "hello".into(),

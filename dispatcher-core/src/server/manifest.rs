@@ -152,8 +152,9 @@ impl Manifest {
         self.save();
     }
 
-    /// A worker with a configuration this run had not seen said hello; an
-    /// earlier run of the job may have seen it.
+    /// A worker said hello: its configuration (task, version, engine,
+    /// model, settings) is recorded unless a worker of this run or an
+    /// earlier one had it.
     pub fn configuration(&mut self, hello: &Hello) {
         let known = self.doc.worker_configurations.iter().any(|c| {
             (&c.task, &c.version, &c.engine, &c.model, &c.settings)
@@ -219,11 +220,23 @@ mod tests {
         std::fs::write(&input, "1\n2\n").unwrap();
         let mut m = Manifest::start(&input, &output, 0, None);
         m.input_read(2, 0xdead_beef);
-        m.configuration(&Hello {
+        let infer = Hello {
             task: "infer".into(),
             model: Some("m".into()),
             ..Hello::default()
+        };
+        m.configuration(&infer);
+        // Another worker with the same configuration, and one with another.
+        m.configuration(&Hello {
+            worker: "another".into(),
+            host: "elsewhere".into(),
+            ..infer.clone()
         });
+        m.configuration(&Hello {
+            task: "judge".into(),
+            ..infer.clone()
+        });
+        assert_eq!(m.doc().worker_configurations.len(), 2);
         m.stop("shutdown", 1);
         let again = Manifest::start(&input, &output, 1, None);
         let doc = again.doc();
@@ -238,5 +251,9 @@ mod tests {
         let on_disk: ManifestDoc =
             serde_json::from_slice(&std::fs::read(manifest_path(&output)).unwrap()).unwrap();
         assert_eq!(&on_disk, doc);
+        // A later run's worker of a known configuration adds nothing.
+        let mut again = again;
+        again.configuration(&infer);
+        assert_eq!(again.doc().worker_configurations.len(), 2);
     }
 }

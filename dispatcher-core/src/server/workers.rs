@@ -37,13 +37,8 @@ impl Workers {
             });
     }
 
-    /// The worker said hello. Returns whether its configuration (task,
-    /// version, engine, model, settings) is new to this server.
-    pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) -> bool {
-        let new_config = !self
-            .seen
-            .values()
-            .any(|s| s.hello.as_ref().is_some_and(|h| same_config(h, &hello)));
+    /// The worker said hello.
+    pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) {
         let seen = self.seen.entry(key).or_insert_with(|| Seen {
             id: hello.worker.clone(),
             hello: None,
@@ -51,7 +46,6 @@ impl Workers {
         });
         seen.last_contact = now;
         seen.hello = Some(hello);
-        new_config
     }
 
     /// Workers seen, and those heard from within [`ACTIVE_WITHIN`].
@@ -92,23 +86,6 @@ impl Workers {
         });
         out
     }
-
-    /// The distinct configurations of the workers that said hello.
-    pub fn configurations(&self) -> Vec<Hello> {
-        let mut out: Vec<Hello> = Vec::new();
-        for hello in self.seen.values().filter_map(|s| s.hello.as_ref()) {
-            if !out.iter().any(|h| same_config(h, hello)) {
-                out.push(hello.clone());
-            }
-        }
-        out
-    }
-}
-
-/// Whether two workers make lines the same way (their ids and hosts aside).
-fn same_config(a: &Hello, b: &Hello) -> bool {
-    (&a.task, &a.version, &a.engine, &a.model, &a.settings)
-        == (&b.task, &b.version, &b.engine, &b.model, &b.settings)
 }
 
 #[cfg(test)]
@@ -124,13 +101,13 @@ mod tests {
     }
 
     #[test]
-    fn workers_are_listed_with_their_load_and_configurations_counted_once() {
+    fn workers_are_listed_with_their_load() {
         let t0 = Instant::now();
         let mut w = Workers::default();
         w.contact(1, "old-python-worker", t0);
-        assert!(w.hello(2, hello("a", "infer"), t0));
-        assert!(!w.hello(3, hello("b", "infer"), t0), "same configuration");
-        assert!(w.hello(4, hello("c", "judge"), t0));
+        w.hello(2, hello("a", "infer"), t0);
+        w.hello(3, hello("b", "infer"), t0);
+        w.hello(4, hello("c", "judge"), t0);
         let later = t0 + ACTIVE_WITHIN + Duration::from_secs(1);
         w.contact(4, "c", later);
         assert_eq!(w.counts(later), (4, 1));
@@ -142,8 +119,6 @@ mod tests {
         assert!(status
             .iter()
             .any(|s| s.worker == "old-python-worker" && s.hello.is_none()));
-        let tasks: Vec<String> = w.configurations().into_iter().map(|h| h.task).collect();
-        assert_eq!(tasks.len(), 2);
-        assert!(tasks.contains(&"infer".to_string()) && tasks.contains(&"judge".to_string()));
+        assert_eq!(status.iter().filter(|s| s.hello.is_some()).count(), 3);
     }
 }
