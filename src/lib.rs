@@ -102,7 +102,9 @@
 //! - [`testing`]: running a task with scripted replies.
 //! - [`manager`], [`source`], [`engines`]: the task manager, where its items come from,
 //!   and the engines its tasks send to.
-//! - [`server`], [`ledger`], [`checkpoint`], [`input`], [`output`]: `dispatcher serve`.
+//! - [`server`], [`ledger`], [`input`], [`output`]: `dispatcher serve`.
+//! - [`job`]: a job's files (checkpoint, journal, manifest, locks, the redo's
+//!   swap); [`record`]: failure records and what an output line is.
 //! - [`protocol`], [`client`]: the work protocol and its client.
 //! - [`cli`], [`run_tasks`]: the command line, whole, for task binaries;
 //!   [`infer`]: the built-in task of `dispatcher infer`.
@@ -115,7 +117,7 @@ pub use dispatcher_core::task::{
     TaskContext, TaskError,
 };
 pub use dispatcher_core::{
-    checkpoint, client, engine, input, ledger, metrics, output, protocol, server,
+    client, engine, input, job, ledger, metrics, output, protocol, record, server,
 };
 /// Turns an `async fn` into a task: see [Writing a task](crate#writing-a-task)
 /// and [what it expands to](crate#what-task-expands-to).

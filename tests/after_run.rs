@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispatcher::client::DispatcherClient;
-use dispatcher::server::manifest::{manifest_path, ManifestDoc};
+use dispatcher::job::manifest::{manifest_path, ManifestDoc};
 use serde_json::{json, Value};
 
 use crate::support::{dispatcher_bin, example, serve, wait_exit};

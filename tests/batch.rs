@@ -206,3 +206,48 @@ fn the_error_file_needs_local_mode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--error-file needs local mode"), "{stderr}");
 }
+
+/// An `--error-file` that is the output, the input, or a link to either is
+/// refused before anything runs, and both are left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_file_that_is_the_input_or_the_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("b.jsonl"), dir.path().join("o.jsonl"));
+    std::fs::write(&input, batch(12)).unwrap();
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&input, &link).unwrap();
+    // A finished output, to show it is not wiped either.
+    let (code, stderr) = wait_exit(
+        run_batch(&[
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ]),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let output_before = std::fs::read(&output).unwrap();
+    for clash in [&output, &input, &link] {
+        let (code, stderr) = wait_exit(
+            run_batch(&[
+                "-i",
+                input.to_str().unwrap(),
+                "-o",
+                output.to_str().unwrap(),
+                "--error-file",
+                clash.to_str().unwrap(),
+            ]),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_ne!(code, 0, "--error-file {}: {stderr}", clash.display());
+        assert!(
+            stderr.contains("--error-file") && stderr.contains("name the same file"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), batch(12));
+        assert_eq!(std::fs::read(&output).unwrap(), output_before);
+    }
+}

@@ -419,3 +419,90 @@ async fn a_killed_local_run_resumes_mid_task_from_its_journal() {
         .collect();
     check_replayed(&engine, &out, before);
 }
+
+/// An engine that adds `validated_response`'s marker to every second answer
+/// it gives to the same prompt.
+async fn every_second_answer_valid() -> crate::support::HttpEngine {
+    let asked = Mutex::new(std::collections::HashMap::<String, u64>::new());
+    crate::support::HttpEngine::start(move |body| {
+        let prompt = crate::support::last_message(body);
+        let mut asked = asked.lock().unwrap();
+        let n = asked.entry(prompt.clone()).or_default();
+        *n += 1;
+        if n.is_multiple_of(2) {
+            format!("answer {n} to {prompt} DONE")
+        } else {
+            format!("answer {n} to {prompt}")
+        }
+    })
+    .await
+}
+
+fn prompts(n: usize) -> String {
+    (0..n)
+        .map(|i| json!({"prompt": format!("Question {i}?")}).to_string() + "\n")
+        .collect()
+}
+
+/// Checks that every line ended valid after one retry: twenty lines, forty
+/// engine requests (a retry that replayed its rejected answer would have
+/// sent none and ended `retries_exhausted`).
+fn check_each_line_asked_twice(output: &[Value], engine: &crate::support::HttpEngine) {
+    assert_eq!(output.len(), 20);
+    for (i, line) in output.iter().enumerate() {
+        let response = line["response"]
+            .as_str()
+            .unwrap_or_else(|| panic!("line {i}: {line}"));
+        assert!(response.ends_with("DONE"), "line {i}: {line}");
+        assert_eq!(line["task_metadata"]["retry_count"], 1, "line {i}: {line}");
+    }
+    assert_eq!(engine.answered().len(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_asks_the_engine_again_instead_of_replaying_the_answer_it_rejected() {
+    let engine = every_second_answer_valid().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), prompts(20)).unwrap();
+    let (server, addr) = crate::support::serve_process(dir.path(), &["--exit-grace", "0.5"]);
+    let worker = Command::new(example("validated_response"))
+        .args(["--dispatcher", &addr, "--engine-url", &engine.url, "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(worker, Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = wait_exit(server, Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{stderr}");
+    check_each_line_asked_twice(
+        &crate::support::jsonl(&dir.path().join("out.jsonl")),
+        &engine,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_in_local_mode_asks_the_engine_again_too() {
+    let engine = every_second_answer_valid().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    std::fs::write(&input, prompts(20)).unwrap();
+    let worker = Command::new(example("validated_response"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(["--engine-url", &engine.url, "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(worker, Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{stderr}");
+    check_each_line_asked_twice(&crate::support::jsonl(&output), &engine);
+    // A finished local job leaves its output, checkpoint and nothing else of
+    // a running job.
+    assert!(!dir.path().join("out.jsonl.journal").exists());
+    assert!(!dir.path().join("out.jsonl.checkpoint.lock").exists());
+    assert!(dir.path().join("out.jsonl.checkpoint").exists());
+}

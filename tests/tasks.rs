@@ -481,6 +481,30 @@ async fn a_reissued_line_replays_the_requests_its_journal_has_and_sends_only_the
     assert_eq!(second.journal[0].seq, 2);
 }
 
+#[tokio::test]
+async fn answers_recorded_under_another_model_are_not_replayed() {
+    let question = json!({"question": "Capital of France?"});
+    let first = TaskTest::new(critique_example::critique_and_revise)
+        .model("model-a")
+        .respond_with(random_replies())
+        .run(question.clone())
+        .await;
+    let elsewhere = TaskTest::new(critique_example::critique_and_revise)
+        .model("model-b")
+        .respond_with(|_| Ok(reply("live")))
+        .journal(first.journal.clone())
+        .run(question.clone())
+        .await;
+    assert_eq!((elsewhere.replayed, elsewhere.requests.len()), (0, 3));
+    let same = TaskTest::new(critique_example::critique_and_revise)
+        .model("model-a")
+        .respond_with(|_| Ok(reply("live")))
+        .journal(first.journal)
+        .run(question)
+        .await;
+    assert_eq!((same.replayed, same.requests.len()), (3, 0));
+}
+
 /// `critique_and_revise` with a different second request: a changed task.
 #[task]
 async fn critique_differently(input: critique_example::Question) -> Result<String, TaskError> {

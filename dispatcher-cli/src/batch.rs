@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use dispatcher_core::engine::{BoxFuture, RawRequest, RequestError};
+use dispatcher_core::job::files::check_distinct;
+use dispatcher_core::job::JobFiles;
+use dispatcher_core::record;
 use dispatcher_core::task::{DynTask, LineOutcome, OutcomeKind, TaskContext, TaskError};
 use serde_json::{json, Value};
 
@@ -34,7 +37,9 @@ pub struct RunBatchArgs {
     #[arg(long)]
     pub keep_model: bool,
     /// Local mode: also write the lines that failed (an `error`, or a
-    /// response status of 400 or more) to this file, once the output is complete.
+    /// response status of 400 or more: what `dispatcher report` counts as
+    /// failed) to this file, once the output is complete. It must be a file
+    /// of its own, not the input, the output or one of the job's files.
     #[arg(long, value_name = "PATH")]
     pub error_file: Option<PathBuf>,
     /// Where items come from: -i/--input-file and -o/--output-file (local), or
@@ -129,9 +134,7 @@ impl RunBatch {
         let id = format!("batch_req_{}", ctx.work_id());
         let (custom_id, parts) = parse_line(&content, ctx.work_id());
         let failed = |e: LineError| LineOutcome::Line {
-            line: json!({"id": id, "custom_id": custom_id, "response": null,
-                         "error": {"code": e.code, "message": e.message}})
-            .to_string(),
+            line: record::batch_line(&id, &custom_id, Value::Null, Some((e.code, &e.message))),
             kind: OutcomeKind::Failed,
         };
         let (path, body) = match parts {
@@ -152,12 +155,14 @@ impl RunBatch {
                     .and_then(Value::as_str)
                     .map_or_else(|| format!("req_{}", ctx.work_id()), String::from);
                 let ok = (200..300).contains(&answer.status);
+                let response = json!({"status_code": answer.status, "request_id": request_id, "body": answer.body});
                 LineOutcome::Line {
-                    line: json!({"id": id, "custom_id": custom_id,
-                                 "response": {"status_code": answer.status, "request_id": request_id, "body": answer.body},
-                                 "error": null})
-                    .to_string(),
-                    kind: if ok { OutcomeKind::Ok } else { OutcomeKind::Failed },
+                    line: record::batch_line(&id, &custom_id, response, None),
+                    kind: if ok {
+                        OutcomeKind::Ok
+                    } else {
+                        OutcomeKind::Failed
+                    },
                 }
             }
             // The engine is gone: the line goes back to the dispatcher (and
@@ -186,11 +191,6 @@ impl DynTask for RunBatch {
     }
 }
 
-/// Whether an output line failed: an `error`, or a response status of 400 or more.
-fn is_failed(line: &Value) -> bool {
-    !line["error"].is_null() || line["response"]["status_code"].as_u64().unwrap_or(0) >= 400
-}
-
 /// Once a local run's output is complete: writes the failed lines to
 /// `error_file` (when given) and warns about duplicate `custom_id`s (the
 /// hosted API refuses a file with them; here each line still has its own
@@ -210,8 +210,7 @@ pub fn finish_output(output: &Path, error_file: Option<&Path>) -> anyhow::Result
     let (mut failed, mut duplicates) = (0, 0);
     for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", output.display()))?;
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: not JSON", output.display(), i + 1))?;
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         if let Some(id) = v["custom_id"].as_str() {
             if !seen.insert(id.to_string()) {
                 duplicates += 1;
@@ -223,7 +222,8 @@ pub fn finish_output(output: &Path, error_file: Option<&Path>) -> anyhow::Result
                 }
             }
         }
-        if is_failed(&v) {
+        // What failed is what `report` and `--redo-errors` say failed.
+        if record::classify(line.as_bytes()).is_failure() {
             failed += 1;
             if let Some(w) = &mut errors {
                 writeln!(w, "{line}")?;
@@ -239,12 +239,34 @@ pub fn finish_output(output: &Path, error_file: Option<&Path>) -> anyhow::Result
     Ok((failed, duplicates))
 }
 
+/// Refuses an `--error-file` that is the input, the output or one of the
+/// job's files (links and other spellings included): it is created anew, so
+/// it would wipe them.
+fn check_error_file(error_file: &Path, input: &Path, output: &Path) -> anyhow::Result<()> {
+    let job = JobFiles::new(output, None);
+    let (checkpoint, journal, manifest) = (job.checkpoint(), job.journal(), job.manifest());
+    check_distinct(&[
+        ("--input-file", input),
+        ("--output-file", output),
+        ("the output's checkpoint", checkpoint),
+        ("the output's journal", &journal),
+        ("the output's manifest", &manifest),
+        ("--error-file", error_file),
+    ])?;
+    Ok(())
+}
+
 /// Runs `dispatcher run-batch`.
 pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
     if args.error_file.is_some() && args.work.output.is_none() {
         anyhow::bail!(
             "--error-file needs local mode (-i/-o): with --dispatcher the output is the server's; take the failed lines from it with `jq -c 'select(.error != null or .response.status_code >= 400)'`"
         );
+    }
+    if let (Some(error_file), Some(input), Some(output)) =
+        (&args.error_file, &args.work.input, &args.work.output)
+    {
+        check_error_file(error_file, input, output)?;
     }
     let task: &'static RunBatch = Box::leak(Box::new(RunBatch {
         keep_model: args.keep_model,

@@ -4,8 +4,9 @@
 //! how many responses stopped at the length limit (`finish_reason: "length"`,
 //! the cut-off answers users miss most often).
 //!
-//! One streaming pass; each line is read into a small struct, and serde skips
-//! the fields it does not name (prompts, responses) without allocating them.
+//! One streaming pass; each line is read into the classifier's small struct
+//! ([`dispatcher_core::record::OutputLine`]), and serde skips the fields it
+//! does not name (prompts, responses) without allocating them.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use dispatcher_core::record::{LineKind, OutputLine};
 use serde::{Deserialize, Serialize};
 
 /// Flags of `dispatcher report`.
@@ -54,98 +56,32 @@ pub struct Report {
     pub input_lines: Option<u64>,
 }
 
-/// The fields of a line the report reads; everything else is skipped.
-#[derive(Deserialize)]
-struct Line {
-    #[serde(rename = "__ERROR__")]
-    error_record: Option<ErrorRecord>,
-    /// `run-batch`: `error` is null or `{code, message}`.
-    error: Option<BatchError>,
-    /// `run-batch`: the engine's answer.
-    response: Option<BatchResponse>,
-    /// `infer --include-usage`.
-    usage: Option<Usage>,
-    /// `infer --include-usage`.
-    finish_reasons: Option<Vec<Option<String>>>,
-}
-
-#[derive(Deserialize)]
-struct ErrorRecord {
-    error: Option<String>,
-    reissues: Option<BTreeMap<String, u64>>,
-}
-
-#[derive(Deserialize)]
-struct BatchError {
-    code: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct BatchResponse {
-    status_code: Option<u64>,
-    body: Option<BatchBody>,
-}
-
-#[derive(Deserialize)]
-struct BatchBody {
-    usage: Option<Usage>,
-    choices: Option<Vec<Choice>>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
 impl Report {
-    /// Adds one output line.
+    /// Adds one output line: what it is comes from the one classifier
+    /// ([`dispatcher_core::record`]), shared with `--redo-errors` and
+    /// `run-batch --error-file`.
     pub fn add(&mut self, line: &[u8]) {
         self.lines += 1;
-        let Ok(line) = serde_json::from_slice::<Line>(line) else {
+        let Some(parsed) = OutputLine::parse(line) else {
             self.not_json += 1;
-            *self.errors.entry("not_json".into()).or_default() += 1;
+            *self
+                .errors
+                .entry(LineKind::NotJson.name().into())
+                .or_default() += 1;
             return;
         };
-        let mut failed = None;
-        if let Some(record) = &line.error_record {
-            failed = Some(record.error.clone().unwrap_or_else(|| "unknown".into()));
-            for (cause, n) in record.reissues.iter().flatten() {
-                *self.tombstone_reissues.entry(cause.clone()).or_default() += n;
-            }
-        } else if let Some(e) = &line.error {
-            failed = Some(e.code.clone().unwrap_or_else(|| "unknown".into()));
-        } else if let Some(status) = line
-            .response
-            .as_ref()
-            .and_then(|r| r.status_code)
-            .filter(|s| *s >= 400)
-        {
-            failed = Some(format!("http_{status}"));
+        match parsed.kind() {
+            LineKind::Ok => self.ok += 1,
+            kind => *self.errors.entry(kind.name().into()).or_default() += 1,
         }
-        match failed {
-            Some(kind) => *self.errors.entry(kind).or_default() += 1,
-            None => self.ok += 1,
+        for (cause, n) in parsed.reissues() {
+            *self.tombstone_reissues.entry(cause.into()).or_default() += n;
         }
-        let body = line.response.as_ref().and_then(|r| r.body.as_ref());
-        if let Some(u) = line.usage.as_ref().or(body.and_then(|b| b.usage.as_ref())) {
-            self.prompt_tokens += u.prompt_tokens;
-            self.completion_tokens += u.completion_tokens;
+        if let Some((prompt, completion)) = parsed.usage() {
+            self.prompt_tokens += prompt;
+            self.completion_tokens += completion;
         }
-        let reasons = line.finish_reasons.into_iter().flatten().chain(
-            body.and_then(|b| b.choices.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|c| c.finish_reason.clone()),
-        );
-        for reason in reasons.flatten() {
+        for reason in parsed.finish_reasons() {
             self.responses += 1;
             if reason == "length" {
                 self.finished_at_length += 1;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dispatcher_core::job::JobFiles;
 use dispatcher_core::ledger::{
     LedgerConfig, RedoConfig, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_MAX_RELEASES,
@@ -96,12 +97,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub shutdown_timeout: f64,
     /// Redo the failed lines of a finished (or partly finished) output: hand
-    /// out again only its error records (all, or those of the listed types,
-    /// e.g. `--redo-errors max_retries_exceeded,request_rejected`) and the
+    /// out again only its failures (all, or those of the listed kinds, as
+    /// `dispatcher report` names them, e.g. `--redo-errors
+    /// max_retries_exceeded,http_500`), its lines that are not JSON and the
     /// lines it lacks, and write a new output in which every other line is
-    /// kept byte for byte. The old output stays as it is until the new one is
+    /// kept byte for byte. The input must be the one the output was made from. The old output stays as it is until the new one is
     /// complete (`<outfile>.redo`), then replaces it. Resumable like any job.
-    #[arg(long, value_name = "TYPES", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, value_name = "KINDS", num_args = 0..=1, default_missing_value = "")]
     pub redo_errors: Option<String>,
     /// Keep no journal: a line issued again is redone from its first engine
     /// request (by default workers hand in each request a task completes, and
@@ -112,91 +114,6 @@ pub struct ServeArgs {
     /// recorded (their lines are redone in full if reissued).
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_JOURNAL_BYTES >> 20)]
     pub max_journal_mib: u64,
-}
-
-/// Where a `--redo-errors` run writes, and what it replaces when complete.
-#[derive(Debug, Clone)]
-pub struct RedoFiles {
-    /// The new output, complete or not.
-    pub new_output: PathBuf,
-    /// Its checkpoint.
-    pub new_checkpoint: PathBuf,
-    /// The output it replaces once complete.
-    pub output: PathBuf,
-    /// The checkpoint it replaces.
-    pub checkpoint: PathBuf,
-}
-
-impl RedoFiles {
-    fn of(output: &std::path::Path, checkpoint: &std::path::Path) -> RedoFiles {
-        let new_output = dispatcher_core::checkpoint::with_suffix(output, ".redo");
-        RedoFiles {
-            new_checkpoint: dispatcher_core::checkpoint::default_checkpoint(&new_output),
-            new_output,
-            output: output.to_path_buf(),
-            checkpoint: checkpoint.to_path_buf(),
-        }
-    }
-
-    /// Puts the complete new output (and its checkpoint) in place of the old.
-    /// Each rename is atomic; a crash between the two is finished by the next
-    /// `--redo-errors` run (see [`RedoFiles::finish_interrupted`]).
-    fn replace(&self) -> anyhow::Result<()> {
-        std::fs::rename(&self.new_output, &self.output).with_context(|| {
-            format!(
-                "could not move the new output {} over {}",
-                self.new_output.display(),
-                self.output.display()
-            )
-        })?;
-        self.replace_checkpoint()
-    }
-
-    fn replace_checkpoint(&self) -> anyhow::Result<()> {
-        std::fs::rename(&self.new_checkpoint, &self.checkpoint).with_context(|| {
-            format!(
-                "could not move the checkpoint {} over {}",
-                self.new_checkpoint.display(),
-                self.checkpoint.display()
-            )
-        })?;
-        if let Some(dir) = self.output.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        let _ = std::fs::remove_file(dispatcher_core::checkpoint::with_suffix(
-            &self.new_checkpoint,
-            ".lock",
-        ));
-        Ok(())
-    }
-
-    /// A redo whose new output was moved into place but not its checkpoint
-    /// (the process died between the two renames): moves the checkpoint once
-    /// it is checked against the output now in place. `Ok(true)` when it did.
-    fn finish_interrupted(&self, infile: &std::path::Path) -> anyhow::Result<bool> {
-        if self.new_output.exists() || !self.new_checkpoint.exists() {
-            return Ok(false);
-        }
-        let cp = dispatcher_core::checkpoint::Checkpoint::load(&self.new_checkpoint)?
-            .with_context(|| format!("{}: empty", self.new_checkpoint.display()))?;
-        cp.verify(&self.new_checkpoint, infile, &self.output)
-            .with_context(|| {
-                format!(
-                    "{} is left from a --redo-errors run, but does not describe {}; move it away to redo again",
-                    self.new_checkpoint.display(),
-                    self.output.display()
-                )
-            })?;
-        self.replace_checkpoint()?;
-        Ok(true)
-    }
 }
 
 /// `-1` for "never", else a count that fits in `u32`.
@@ -218,14 +135,25 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
 }
 
 impl ServeArgs {
-    /// The files of a `--redo-errors` run, when this is one.
-    pub fn redo_files(&self) -> Option<RedoFiles> {
-        self.redo_errors.as_ref()?;
-        let checkpoint = self
-            .checkpoint
-            .clone()
-            .unwrap_or_else(|| dispatcher_core::checkpoint::default_checkpoint(&self.outfile));
-        Some(RedoFiles::of(&self.outfile, &checkpoint))
+    /// The job's files, as the flags name them.
+    pub fn files(&self) -> JobFiles {
+        JobFiles::new(self.outfile.clone(), self.checkpoint.clone())
+    }
+
+    /// What a `--redo-errors` run redoes, when this is one.
+    pub fn redo(&self) -> Option<RedoConfig> {
+        let kinds: Vec<String> = self
+            .redo_errors
+            .as_ref()?
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect();
+        Some(RedoConfig {
+            previous: self.files(),
+            kinds: (!kinds.is_empty()).then_some(kinds),
+        })
     }
 
     /// Validates the flags into the ledger's and server's configuration.
@@ -244,31 +172,10 @@ impl ServeArgs {
                 self.infile.display()
             );
         }
-        let checkpoint = self
-            .checkpoint
-            .clone()
-            .unwrap_or_else(|| dispatcher_core::checkpoint::default_checkpoint(&self.outfile));
-        let (outfile, checkpoint, redo) = match (&self.redo_errors, self.redo_files()) {
-            (Some(types), Some(files)) => {
-                if std::fs::metadata(&self.outfile).map_or(true, |m| m.len() == 0) {
-                    bail!(
-                        "--redo-errors: {} does not exist or is empty, so there is nothing to redo; run the job without --redo-errors",
-                        self.outfile.display()
-                    );
-                }
-                let types: Vec<String> = types
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(String::from)
-                    .collect();
-                let redo = RedoConfig {
-                    previous: self.outfile.clone(),
-                    types: (!types.is_empty()).then_some(types),
-                };
-                (files.new_output, files.new_checkpoint, Some(redo))
-            }
-            _ => (self.outfile.clone(), checkpoint, None),
+        let redo = self.redo();
+        let files = match &redo {
+            Some(redo) => redo.previous.redo(),
+            None => self.files(),
         };
         let ledger = LedgerConfig {
             redo,
@@ -281,7 +188,11 @@ impl ServeArgs {
             max_pending_bytes: self.max_pending_mib.saturating_mul(1 << 20),
             max_backups: self.backups,
             backup_after: Duration::from_secs_f64(self.backup_after.clamp(0.0, 1e9)),
-            ..LedgerConfig::new(self.infile.clone(), outfile, checkpoint)
+            ..LedgerConfig::new(
+                self.infile.clone(),
+                files.output().to_owned(),
+                files.checkpoint().to_owned(),
+            )
         };
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
@@ -307,46 +218,56 @@ impl ServeArgs {
     }
 }
 
+/// Before a `--redo-errors` run: finishes a redo that died between its two
+/// renames, checks the input and the kinds asked for, and says what will be
+/// redone. `Ok(false)` when there is nothing to run.
+fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
+    let output = redo.previous.output();
+    if !redo.previous.redo().checkpoint().exists()
+        && std::fs::metadata(output).map_or(true, |m| m.len() == 0)
+    {
+        bail!(
+            "--redo-errors: {} does not exist or is empty, so there is nothing to redo; run the job without --redo-errors",
+            output.display()
+        );
+    }
+    if redo.finish_interrupted(&args.infile)? {
+        tracing::info!(
+            output = %output.display(),
+            "a finished --redo-errors run had not moved its checkpoint into place; it is now, and the output is complete"
+        );
+        return Ok(false);
+    }
+    let input_lines = dispatcher_core::input::count_lines(&args.infile)
+        .with_context(|| format!("--infile {}", args.infile.display()))?;
+    let survey = redo.prepare(&args.infile, input_lines)?;
+    let missing = input_lines - survey.lines;
+    if survey.to_redo + missing == 0 {
+        tracing::info!(
+            output = %output.display(),
+            failures = %survey.describe(),
+            "nothing to redo: no line of the output is a failure of the kinds asked for, and none is missing; the output is left as it is"
+        );
+        return Ok(false);
+    }
+    tracing::info!(
+        output = %output.display(),
+        redo = survey.to_redo,
+        missing,
+        failures = %survey.describe(),
+        "redoing lines of a previous output"
+    );
+    Ok(true)
+}
+
 /// Runs the server until the job is complete or a signal stops it.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let redo = args.redo_files();
-    // A redo holds the old output too, so no server writes it meanwhile.
-    let _previous_job = match &redo {
-        Some(files) => {
-            if files.finish_interrupted(&args.infile)? {
-                tracing::info!(
-                    output = %files.output.display(),
-                    "a finished --redo-errors run had not moved its checkpoint into place; it is now, and the output is complete"
-                );
-                return Ok(());
-            }
-            Some(
-                dispatcher_core::checkpoint::JobLock::acquire(
-                    &args.infile,
-                    &files.output,
-                    &files.checkpoint,
-                )
-                .map_err(|e| {
-                    anyhow::anyhow!("{e} (another server is writing the output being redone?)")
-                })?,
-            )
+    let redo = args.redo();
+    if let Some(redo) = &redo {
+        if !prepare_redo(&args, redo)? {
+            return Ok(());
         }
-        None => {
-            let files = RedoFiles::of(&args.outfile, std::path::Path::new(""));
-            for leftover in [&files.new_output, &files.new_checkpoint] {
-                if leftover.exists() {
-                    bail!(
-                        "{} is left from an unfinished --redo-errors run of {}: finish it by running again with --redo-errors (and the same types), or remove {} and {} to drop it",
-                        leftover.display(),
-                        args.outfile.display(),
-                        files.new_output.display(),
-                        files.new_checkpoint.display()
-                    );
-                }
-            }
-            None
-        }
-    };
+    }
     let (ledger, options) = args.config()?;
     match server::raise_open_file_limit() {
         Ok((before, now)) => {
@@ -367,13 +288,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     match server::serve_state(listener, state, options, stop_signal).await? {
         StopReason::Complete => match &redo {
-            Some(files) => {
-                files.replace()?;
-                tracing::info!(
-                    output = %files.output.display(),
-                    "all work complete; the redone output replaced the old one"
-                );
-            }
+            Some(redo) => tracing::info!(
+                output = %redo.previous.output().display(),
+                "all work complete; the redone output replaced the old one"
+            ),
             None => tracing::info!("all work complete"),
         },
         StopReason::Shutdown => {

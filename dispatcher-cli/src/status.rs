@@ -4,14 +4,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::client::{check_addr, DispatcherClient};
 use dispatcher_core::protocol::StatusResponse;
 
 /// Where the server is.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The dispatcher server, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", env = "DISPATCHER_SERVER")]
+    #[arg(long, value_name = "HOST:PORT", env = "DISPATCHER_SERVER", value_parser = check_addr)]
     pub server: String,
     /// Its access token, if it requires one.
     #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
@@ -58,12 +58,7 @@ pub async fn work_timeout(args: WorkTimeoutArgs) -> anyhow::Result<()> {
         .client()
         .set_work_timeout(args.secs)
         .await
-        .with_context(|| {
-            format!(
-                "could not change the work timeout of {}",
-                args.server.server
-            )
-        })?;
+        .context("could not change the work timeout")?;
     println!("{}", reply.message);
     Ok(())
 }
@@ -72,14 +67,9 @@ pub async fn work_timeout(args: WorkTimeoutArgs) -> anyhow::Result<()> {
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = args.server.client();
     let interval = Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
-    let fetch = || async {
-        client.status().await.with_context(|| {
-            format!(
-                "could not reach the dispatcher server at {}",
-                args.server.server
-            )
-        })
-    };
+    // The client's errors name the server, and say whether it was out of
+    // reach or refused the token.
+    let fetch = || async { client.status().await.map_err(anyhow::Error::from) };
     let mut previous = fetch().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&previous)?);

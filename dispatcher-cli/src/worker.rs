@@ -243,7 +243,8 @@ pub struct WorkArgs {
         long,
         value_name = "HOST:PORT",
         env = "DISPATCHER_SERVER",
-        conflicts_with = "input"
+        conflicts_with = "input",
+        value_parser = dispatcher_core::client::check_addr
     )]
     pub dispatcher: Option<String>,
     /// The dispatcher's access token, if it requires one.
@@ -322,7 +323,7 @@ impl WorkArgs {
                         output.display(),
                         input.display(),
                         output.display(),
-                        dispatcher_core::checkpoint::default_checkpoint(output).display()
+                        dispatcher_core::job::JobFiles::new(output, None).checkpoint().display()
                     );
                 }
                 Ok(Arc::new(source))

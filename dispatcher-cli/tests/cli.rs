@@ -20,6 +20,10 @@ mod hardening;
 #[path = "cli/redo.rs"]
 mod redo;
 
+// A job's files: nothing of one job reused by another; readers that agree.
+#[path = "cli/job_files.rs"]
+mod job_files;
+
 struct Job {
     dir: tempfile::TempDir,
     input: Vec<String>,
@@ -106,6 +110,24 @@ impl Job {
             serde_json::from_slice(&std::fs::read(self.path("out.jsonl.checkpoint")).unwrap())
                 .unwrap();
         cp["lines_written"].as_u64().unwrap()
+    }
+
+    /// Writes the checkpoint of a job that has written the first `lines`
+    /// lines of the output now on disk, as a server would have.
+    fn checkpoint_output(&self, lines: usize) {
+        let input_offset: usize = self.input[..lines].iter().map(|l| l.len() + 1).sum();
+        let output_len = std::fs::metadata(self.path("out.jsonl")).unwrap().len();
+        dispatcher_core::job::checkpoint::Checkpoint::capture(
+            "test-job",
+            &self.path("in.jsonl"),
+            &self.path("out.jsonl"),
+            lines as u64,
+            input_offset as u64,
+            output_len,
+        )
+        .unwrap()
+        .save(&self.path("out.jsonl.checkpoint"))
+        .unwrap();
     }
 
     fn expected_line(&self, i: usize) -> String {

@@ -16,12 +16,25 @@ use crate::protocol::{
 #[non_exhaustive]
 pub enum ClientError {
     /// The server could not be reached (refused, reset, timed out).
-    #[error("the dispatcher server at {url} is unavailable: {source}")]
+    #[error(
+        "could not reach the dispatcher server at {url}: {}",
+        root_cause(error)
+    )]
     Unavailable {
         /// The URL of the call, naming the server and endpoint.
         url: String,
-        /// Why it could not be reached (refused, reset, timed out).
-        source: reqwest::Error,
+        /// Why it could not be reached (refused, reset, timed out). Not a
+        /// `source`: the message says its root cause once, where the chain
+        /// of reqwest's errors would repeat the URL three times.
+        error: reqwest::Error,
+    },
+    /// The server refused the access token (or its absence).
+    #[error("the dispatcher server at {url} refused the token ({status}): pass the server's --token (or set DISPATCHER_TOKEN)")]
+    Unauthorized {
+        /// The URL of the call, naming the server and endpoint.
+        url: String,
+        /// 401 or 403.
+        status: reqwest::StatusCode,
     },
     /// The server answered with an error status.
     #[error("the dispatcher server answered {status} to {url}: {body}")]
@@ -34,12 +47,15 @@ pub enum ClientError {
         body: String,
     },
     /// The answer was not the JSON the protocol promises.
-    #[error("the dispatcher server's answer to {url} is not valid: {source}")]
+    #[error(
+        "the dispatcher server's answer to {url} is not valid: {}",
+        root_cause(error)
+    )]
     Decode {
         /// The URL of the call, naming the server and endpoint.
         url: String,
-        /// The decoding error.
-        source: reqwest::Error,
+        /// The decoding error (its root cause is in the message).
+        error: reqwest::Error,
     },
 }
 
@@ -47,6 +63,41 @@ impl ClientError {
     /// Whether the server could not be reached at all.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, ClientError::Unavailable { .. })
+    }
+}
+
+/// The innermost cause of an error ("Connection refused (os error 111)"):
+/// reqwest's own message repeats the URL the caller names already.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Checks a server address given as `HOST:PORT` (an IPv6 host in brackets)
+/// or as an `http://`/`https://` URL, so that a typo is an error naming the
+/// flag rather than a connection to port 80.
+pub fn check_addr(addr: &str) -> Result<String, String> {
+    let addr = addr.trim();
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        return match reqwest::Url::parse(addr) {
+            Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(addr.to_string()),
+            _ => Err(format!("{addr:?} is not a URL with a host")),
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} is not HOST:PORT (no port)"));
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{addr:?} is not HOST:PORT (no host)"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(addr.to_string()),
+        _ => Err(format!(
+            "{addr:?} is not HOST:PORT: the port must be a number from 1 to 65535, not {port:?}"
+        )),
     }
 }
 
@@ -219,14 +270,20 @@ impl DispatcherClient {
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<T, ClientError> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unavailable {
-                url: url.to_string(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|error| ClientError::Unavailable {
+            url: url.to_string(),
+            error,
+        })?;
         let status = resp.status();
+        if matches!(
+            status,
+            reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+        ) {
+            return Err(ClientError::Unauthorized {
+                url: url.to_string(),
+                status,
+            });
+        }
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
             return Err(ClientError::Status {
@@ -235,9 +292,39 @@ impl DispatcherClient {
                 body,
             });
         }
-        resp.json().await.map_err(|source| ClientError::Decode {
+        resp.json().await.map_err(|error| ClientError::Decode {
             url: url.to_string(),
-            source,
+            error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_without_a_port_or_a_host_are_refused() {
+        for good in [
+            "127.0.0.1:8000",
+            "head-node:80",
+            "[::1]:8000",
+            "http://h:1/",
+            "https://h",
+        ] {
+            assert!(check_addr(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:",
+            "127.0.0.1",
+            ":8000",
+            "h:0",
+            "h:99999",
+            "h:x",
+            "http://",
+        ] {
+            let e = check_addr(bad).unwrap_err();
+            assert!(e.contains(bad.trim()), "{bad}: {e}");
+        }
     }
 }

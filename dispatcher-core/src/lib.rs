@@ -4,9 +4,13 @@
 //! # Layout
 //! - [`protocol`]: the JSON of the work protocol (shared/PROTOCOL.md), and the
 //!   check that a result is one JSON value on one line.
+//! - [`record`]: failure records, and what an output line is (ok, failed
+//!   with a kind, not JSON): the one classifier every reader uses.
 //! - [`input`]: lazy, offset-addressed reading of the input JSONL.
 //! - [`output`]: the in-order output JSONL, and its repair on resume.
-//! - [`checkpoint`]: the atomic resume state and its checks against the files.
+//! - [`job`]: a job's files, owned in one place: their paths, locks, the
+//!   checkpoint (the atomic resume state and its checks), the manifest,
+//!   cleaning, and the `--redo-errors` swap.
 //! - [`ledger`]: where every line is; issue, complete, release, expire,
 //!   tombstone. Its parts: the leases of items in flight and the window of lines
 //!   read and not written (reorder buffer, spill file, output).
@@ -17,14 +21,15 @@
 //! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
 //! - [`task`]: the `Task` trait, task context and errors, the task manager, work sources.
 
-pub mod checkpoint;
 pub mod client;
 pub mod engine;
 mod error;
 pub mod input;
+pub mod job;
 pub mod ledger;
 pub mod metrics;
 pub mod output;
 pub mod protocol;
+pub mod record;
 pub mod server;
 pub mod task;

@@ -744,51 +744,6 @@ fn without_python_constants(text: &str) -> Option<String> {
     changed.then_some(out)
 }
 
-/// The output line written for a submitted result that is not one JSON value:
-/// retrying cannot fix a worker's encoding bug, so the line records it at once.
-pub fn invalid_result_record(work_id: u64, reason: &str, result: &str) -> String {
-    let mut head_len = result.len().min(200);
-    while !result.is_char_boundary(head_len) {
-        head_len -= 1;
-    }
-    let mut f = serde_json::Map::new();
-    f.insert("error".into(), "invalid_result".into());
-    f.insert("work_id".into(), work_id.into());
-    f.insert(
-        "message".into(),
-        format!("work_id {work_id}: the worker's result was not written: {reason}").into(),
-    );
-    f.insert("result_head".into(), result[..head_len].into());
-    error_record(f)
-}
-
-/// Builds the output line of a failure record: `{"__ERROR__": {...}}`.
-pub fn error_record(fields: serde_json::Map<String, serde_json::Value>) -> String {
-    let mut outer = serde_json::Map::with_capacity(1);
-    outer.insert("__ERROR__".into(), serde_json::Value::Object(fields));
-    serde_json::Value::Object(outer).to_string()
-}
-
-/// The tombstone the server writes for an item it gives up on: `error` is
-/// `max_retries_exceeded` (failures) or `max_releases_exceeded` (releases), and
-/// `reissues` is the attempt history by cause.
-pub fn tombstone(
-    error: &str,
-    work_id: u64,
-    original_content: &str,
-    reissues: ReissueCounts,
-) -> String {
-    let mut f = serde_json::Map::new();
-    f.insert("error".into(), error.into());
-    f.insert("work_id".into(), work_id.into());
-    f.insert("original_content".into(), original_content.into());
-    f.insert(
-        "reissues".into(),
-        serde_json::to_value(reissues).expect("counts serialize"),
-    );
-    error_record(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,25 +772,5 @@ mod tests {
             assert_eq!(serde_json::to_string(&s).unwrap(), text);
             assert_eq!(format!("\"{}\"", s.as_str()), text);
         }
-    }
-
-    #[test]
-    fn tombstone_has_the_protocol_shape() {
-        let t: serde_json::Value = serde_json::from_str(&tombstone(
-            "max_retries_exceeded",
-            4,
-            "line \"four\"",
-            ReissueCounts {
-                timeout: 3,
-                release: 1,
-                retry: 0,
-            },
-        ))
-        .unwrap();
-        let e = &t["__ERROR__"];
-        assert_eq!(e["error"], "max_retries_exceeded");
-        assert_eq!(e["work_id"], 4);
-        assert_eq!(e["original_content"], "line \"four\"");
-        assert_eq!(e["reissues"]["timeout"], 3);
     }
 }

@@ -7,7 +7,7 @@ use super::*;
 /// A previous output of `job`'s first `lines` lines: lines 3, 5 and 7 of each
 /// ten are error records of three kinds; the others are odd-looking (spacing
 /// no serializer writes) so that a rewritten line would show.
-fn previous_output(job: &Job, lines: usize) -> Vec<String> {
+pub(super) fn previous_output(job: &Job, lines: usize) -> Vec<String> {
     let out: Vec<String> = (0..lines)
         .map(|i| match i % 10 {
             3 => format!(r#"{{"__ERROR__": {{"error": "request_rejected", "message": "too long", "task_data": {{"n": {i}}}}}}}"#),
@@ -17,6 +17,7 @@ fn previous_output(job: &Job, lines: usize) -> Vec<String> {
         })
         .collect();
     std::fs::write(job.path("out.jsonl"), out.join("\n") + "\n").unwrap();
+    job.checkpoint_output(lines);
     out
 }
 

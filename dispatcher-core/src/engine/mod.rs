@@ -58,6 +58,12 @@ pub trait Engine: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The model requests that name none get, asking the engine when it is
+    /// not known yet (the journal keys replayed answers by it).
+    fn resolve_model(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(std::future::ready(self.model_name()))
+    }
+
     /// Posts a body as it is and returns the engine's answer, error answers
     /// included. Engines that only take typed requests refuse it.
     fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {

@@ -490,6 +490,10 @@ impl Engine for OpenAiEngine {
         self.model().map(String::from)
     }
 
+    fn resolve_model(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(self.default_model())
+    }
+
     fn post(&self, request: RawRequest) -> BoxFuture<'_, Result<RawResponse, RequestError>> {
         Box::pin(async move {
             let mut body = request.body;

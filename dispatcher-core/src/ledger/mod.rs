@@ -26,9 +26,9 @@ mod redo;
 mod tests;
 mod window;
 
+pub use crate::job::redo::RedoConfig;
 use journal::Journal;
-pub use journal::{journal_path, JournalStats};
-pub use redo::RedoConfig;
+pub use journal::JournalStats;
 use redo::{Decision, Previous};
 
 /// Kept lines (`--redo-errors`) a work request reads past at most before it
@@ -39,19 +39,21 @@ const KEEP_PER_TICK: u64 = 262_144;
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use slab::Slab;
 use tokio::time::Instant;
 
-use crate::checkpoint::{Checkpoint, JobLock, ResumeError};
 use crate::error::{path_error, IoContext};
 use crate::input::{InputReader, LineSpan};
+use crate::job::checkpoint::{Checkpoint, ResumeError};
+use crate::job::files::JobLock;
+use crate::job::JobFiles;
 use crate::output::OutputWriter;
 use crate::protocol::{
-    check_results, error_record, tombstone, BlockingLine, JournalRecord, OldestInFlight,
-    RefusedResult, ReissueCounts, ReleaseReason, ResultLine, WorkItem, WorkStatus,
+    check_results, BlockingLine, JournalRecord, OldestInFlight, RefusedResult, ReissueCounts,
+    ReleaseReason, ResultLine, WorkItem, WorkStatus,
 };
 use leases::{Lease, Leases};
 use window::Window;
@@ -116,9 +118,14 @@ impl LedgerConfig {
         }
     }
 
+    /// The files of the job this ledger writes.
+    pub fn files(&self) -> JobFiles {
+        JobFiles::new(self.outfile.clone(), Some(self.checkpoint.clone()))
+    }
+
     /// Where results past `max_pending_bytes` go.
     pub fn spill_path(&self) -> PathBuf {
-        crate::checkpoint::with_suffix(&self.outfile, ".pending")
+        self.files().pending()
     }
 }
 
@@ -321,8 +328,17 @@ struct Counters {
 #[derive(Debug)]
 pub struct Ledger {
     config: LedgerConfig,
-    /// Held while the ledger lives: no second process touches these files.
-    _lock: JobLock,
+    /// Held while the ledger lives (no second process touches these files),
+    /// and released by [`finish`](Self::finish).
+    lock: Option<JobLock>,
+    /// `--redo-errors`: the lock of the job whose output is redone, so that
+    /// no server writes it meanwhile.
+    previous_lock: Option<JobLock>,
+    /// The job's identity (its checkpoint's), which its journal carries.
+    job_id: String,
+    /// Whether the job started without a checkpoint (this run or an earlier
+    /// one): false on a resume.
+    fresh: bool,
     /// Sequential reader positioned at line `next_work_id`.
     input: InputReader,
     /// Whether the reader has seen the end of the input.
@@ -360,6 +376,7 @@ pub struct PendingCheckpoint {
     output: std::fs::File,
     /// A handle on the journal and its path, for its fsync.
     journal: Option<(std::fs::File, PathBuf)>,
+    job_id: String,
     infile: PathBuf,
     outfile: PathBuf,
     checkpoint: PathBuf,
@@ -384,6 +401,7 @@ impl PendingCheckpoint {
             journal.sync_data().with_path("sync the journal", path)?;
         }
         Checkpoint::capture(
+            &self.job_id,
             &self.infile,
             &self.outfile,
             self.lines_written,
@@ -398,37 +416,30 @@ impl Ledger {
     /// Opens the job's files, resuming from the checkpoint and the output file
     /// when there is one. See [`ResumeError`] for what is refused.
     pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
-        let lock = JobLock::acquire(&config.infile, &config.outfile, &config.checkpoint)?;
-        // Results spilled by an earlier run were never written: those lines are
-        // redone, so the file is stale.
-        match std::fs::remove_file(config.spill_path()) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(path_error(
-                    e,
-                    "remove the stale pending-results file",
-                    &config.spill_path(),
-                )
-                .into())
+        let files = config.files();
+        // A redo holds the old job's lock too, and checks that the input is
+        // the one its output was made from; a plain run refuses to start over
+        // a half-done redo.
+        let previous_lock = match &config.redo {
+            Some(redo) => {
+                let lock = JobLock::acquire(
+                    &config.infile,
+                    redo.previous.output(),
+                    redo.previous.checkpoint(),
+                )?;
+                redo.check_input(&config.infile)?;
+                Some(lock)
             }
-            _ => {}
-        }
-        let loaded = Checkpoint::load(&config.checkpoint)?;
-        let (lines, input_offset, output_offset) = match &loaded {
-            Some(cp) => {
-                cp.verify(&config.checkpoint, &config.infile, &config.outfile)?;
-                (cp.lines_written, cp.input_offset, cp.output_offset)
+            None => {
+                crate::job::redo::refuse_unfinished(&files)?;
+                None
             }
-            None => match std::fs::metadata(&config.outfile) {
-                Ok(m) if m.len() > 0 => {
-                    return Err(ResumeError::OutputWithoutCheckpoint {
-                        output: config.outfile.clone(),
-                        checkpoint: config.checkpoint.clone(),
-                        len: m.len(),
-                    })
-                }
-                _ => (0, 0, 0),
-            },
         };
+        let opened = files.open(&config.infile)?;
+        let loaded = opened.checkpoint;
+        let (lines, input_offset, output_offset) = loaded.as_ref().map_or((0, 0, 0), |cp| {
+            (cp.lines_written, cp.input_offset, cp.output_offset)
+        });
         let input_offset = resume_offset(&config, input_offset)?;
         let (recovered, output) = OutputWriter::recover(&config.outfile, output_offset)?;
         if recovered.torn_bytes > 0 {
@@ -466,7 +477,9 @@ impl Ledger {
             config.max_pending_bytes,
         );
         let mut ledger = Ledger {
-            _lock: lock,
+            lock: Some(opened.lock),
+            previous_lock,
+            fresh: loaded.is_none(),
             leases: Leases::new(config.work_timeout),
             input,
             input_exhausted: false,
@@ -496,13 +509,15 @@ impl Ledger {
             },
             journal: if config.journal {
                 Some(Journal::open(
-                    journal_path(&config.outfile),
+                    files.journal(),
                     config.max_journal_bytes,
                     lines,
+                    &opened.job_id,
                 )?)
             } else {
                 None
             },
+            job_id: opened.job_id,
             config,
         };
         // A checkpoint exists from the start, so an output without one is
@@ -606,7 +621,12 @@ impl Ledger {
                 Err(bytes) => {
                     self.counters.invalid_lines += 1;
                     self.window.push_open();
-                    let record = invalid_utf8_record(id, line.span, &self.config.infile, &bytes);
+                    let record = crate::record::invalid_utf8(
+                        id,
+                        line.span.offset,
+                        &self.config.infile,
+                        &bytes,
+                    );
                     self.window.finish(id, record.into(), line.span.end)?;
                 }
             }
@@ -923,8 +943,12 @@ impl Ledger {
         self.leases.set_timeout(timeout, live);
     }
 
-    /// Makes the output durable and records it in the checkpoint.
+    /// Makes the output durable and records it in the checkpoint (nothing
+    /// once the job is [finished](Self::finish)).
     pub fn checkpoint(&mut self) -> io::Result<()> {
+        if self.lock.is_none() {
+            return Ok(());
+        }
         self.begin_checkpoint()?.commit()
     }
 
@@ -932,6 +956,11 @@ impl Ledger {
     /// part, [`PendingCheckpoint::commit`], needs no access to the ledger, so
     /// a server runs it without holding the ledger's lock.
     pub fn begin_checkpoint(&mut self) -> io::Result<PendingCheckpoint> {
+        if self.lock.is_none() {
+            // After `finish` the files may have moved (a redo's swap): a
+            // checkpoint now would bring back a file the job removed.
+            return Err(io::Error::other("a bug: a checkpoint of a finished job"));
+        }
         let lines_written = self.window.next_write_id();
         let input_offset = self.window.written_input_offset();
         let journal = match &mut self.journal {
@@ -944,6 +973,7 @@ impl Ledger {
         let output = self.window.output();
         Ok(PendingCheckpoint {
             journal,
+            job_id: self.job_id.clone(),
             output: output.flush_for_sync()?,
             output_offset: output.len(),
             infile: self.config.infile.clone(),
@@ -952,6 +982,32 @@ impl Ledger {
             lines_written,
             input_offset,
         })
+    }
+
+    /// Whether the job started without a checkpoint (false on a resume).
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Once the job is complete and its last checkpoint written: removes what
+    /// only a running job needs (journal, spilled results, lock file), and,
+    /// for a redo, puts the new output in place of the old. Does nothing
+    /// before the job is complete, or a second time.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !self.is_complete() {
+            return Ok(());
+        }
+        let Some(lock) = self.lock.take() else {
+            return Ok(());
+        };
+        if let Some(redo) = &self.config.redo {
+            redo.replace()?;
+        }
+        self.config.files().finish(lock)?;
+        if let Some(previous) = self.previous_lock.take() {
+            previous.release();
+        }
+        Ok(())
     }
 
     /// Output lines the last run wrote after its last checkpoint, found in the
@@ -1110,7 +1166,7 @@ impl Ledger {
             let content = self.input.read_span(item.span)?;
             self.counters.tombstones += 1;
             tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
-            let record = tombstone(error, id, &content, item.reissues);
+            let record = crate::record::tombstone(error, id, &content, item.reissues);
             self.window.finish(id, record.into(), item.span.end)?;
             return Ok(false);
         }
@@ -1121,6 +1177,11 @@ impl Ledger {
         }
         if cause == Cause::Retry {
             item.avoid = item.holder;
+            // The attempt rejected what it got: the next one must ask the
+            // engine again, not replay it.
+            if let Some(journal) = &mut self.journal {
+                journal.forget_line(id)?;
+            }
         }
         item.state = ItemState::Queued;
         self.queued += 1;
@@ -1169,25 +1230,4 @@ fn resume_offset(config: &LedgerConfig, offset: u64) -> Result<u64, ResumeError>
             ),
         }),
     }
-}
-
-/// The error record of an input line that is not UTF-8.
-fn invalid_utf8_record(id: u64, span: LineSpan, infile: &Path, bytes: &[u8]) -> String {
-    let mut f = serde_json::Map::new();
-    f.insert("error".into(), "invalid_utf8".into());
-    f.insert("work_id".into(), id.into());
-    f.insert(
-        "message".into(),
-        format!(
-            "input line {id} (byte offset {}) of {} is not valid UTF-8; it was not sent to any worker",
-            span.offset,
-            infile.display()
-        )
-        .into(),
-    );
-    f.insert(
-        "original_content".into(),
-        String::from_utf8_lossy(bytes).into_owned().into(),
-    );
-    error_record(f)
 }

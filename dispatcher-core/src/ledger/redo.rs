@@ -5,19 +5,9 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
-use std::path::PathBuf;
 
 use crate::error::IoContext;
-
-/// What to redo, and from which output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedoConfig {
-    /// The previous output, whose lines are kept or redone.
-    pub previous: PathBuf,
-    /// The error types to redo (`__ERROR__.error`, or a batch line's
-    /// `error.code`); `None`: every error record.
-    pub types: Option<Vec<String>>,
-}
+use crate::job::redo::RedoConfig;
 
 /// The fate of one line of the previous output.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,8 +31,8 @@ impl Previous {
     /// Opens the previous output past its first `skip` lines (those the new
     /// output has already).
     pub(super) fn open(config: RedoConfig, skip: u64) -> io::Result<Previous> {
-        let file =
-            File::open(&config.previous).with_path("open the previous output", &config.previous)?;
+        let path = config.previous.output();
+        let file = File::open(path).with_path("open the previous output", path)?;
         let mut p = Previous {
             reader: BufReader::with_capacity(1 << 20, file),
             config,
@@ -76,14 +66,14 @@ impl Previous {
         let n = self
             .reader
             .read_until(b'\n', &mut self.buf)
-            .with_path("read the previous output", &self.config.previous)?;
+            .with_path("read the previous output", self.config.previous.output())?;
         // Past its end (a partly complete output), or a last line without its
         // newline (torn when the writer died): redone.
         if n == 0 || self.buf.last() != Some(&b'\n') {
             return Ok(Decision::Redo);
         }
         let line = &self.buf[..n - 1];
-        if redo_line(line, self.config.types.as_deref()) {
+        if self.config.redoes(&crate::record::classify(line)) {
             return Ok(Decision::Redo);
         }
         match std::str::from_utf8(line) {
@@ -93,35 +83,20 @@ impl Previous {
     }
 }
 
-/// Whether an output line is an error record to redo: `{"__ERROR__": {"error":
-/// TYPE}}`, or a batch line with `"error": {"code": TYPE}`, of one of `types`
-/// (any type when `None`). A line that is not JSON is redone too.
-pub(super) fn redo_line(line: &[u8], types: Option<&[String]>) -> bool {
-    // Most lines are not errors: only those that name one are parsed.
-    if memchr::memmem::find(line, b"\"__ERROR__\"").is_none()
-        && memchr::memmem::find(line, b"\"error\"").is_none()
-    {
-        return serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err();
-    }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
-        return true;
-    };
-    let kind = match (v.get("__ERROR__"), v.get("error")) {
-        (Some(record), _) => record.get("error").and_then(|e| e.as_str()).unwrap_or(""),
-        (None, Some(serde_json::Value::Object(e))) => {
-            e.get("code").and_then(|c| c.as_str()).unwrap_or("")
-        }
-        _ => return false,
-    };
-    types.is_none_or(|types| types.iter().any(|t| t == kind))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobFiles;
 
     #[test]
     fn error_records_of_the_types_asked_for_are_redone_and_the_rest_kept() {
+        let redo_line = |line: &[u8], kinds: Option<&[String]>| {
+            RedoConfig {
+                previous: JobFiles::new("out", None),
+                kinds: kinds.map(<[String]>::to_vec),
+            }
+            .redoes(&crate::record::classify(line))
+        };
         let types = ["request_rejected".to_string()];
         let rejected = br#"{"__ERROR__": {"error": "request_rejected", "message": "x"}}"#;
         let tombstone = br#"{"__ERROR__": {"error": "max_retries_exceeded", "work_id": 1}}"#;
@@ -156,8 +131,8 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "1\n{\"__ERROR__\": {\"error\": \"x\"}}\n3\n4").unwrap();
         let config = RedoConfig {
-            previous: path,
-            types: None,
+            previous: JobFiles::new(path, None),
+            kinds: None,
         };
         let mut p = Previous::open(config.clone(), 0).unwrap();
         assert_eq!(p.peek().unwrap(), &Decision::Keep("1".into()));

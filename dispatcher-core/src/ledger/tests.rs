@@ -1156,14 +1156,27 @@ mod interleavings {
     }
 }
 
-/// A redo of `job` from the previous output `previous` (written to
-/// `old.jsonl`), into the job's output.
-fn redo(job: &mut Job, previous: &str, types: Option<Vec<String>>) {
-    let old = job.path("old.jsonl");
-    std::fs::write(&old, previous).unwrap();
+/// A redo of `job` from the previous output `previous` of its whole input
+/// (written to `old.jsonl`, with the checkpoint of a finished job), into the
+/// job's output.
+fn redo(job: &mut Job, previous: &str, kinds: Option<Vec<String>>) {
+    let old = crate::job::JobFiles::new(job.path("old.jsonl"), None);
+    std::fs::write(old.output(), previous).unwrap();
+    let input_len = std::fs::metadata(&job.config.infile).unwrap().len();
+    crate::job::checkpoint::Checkpoint::capture(
+        "old-job",
+        &job.config.infile,
+        old.output(),
+        previous.lines().count() as u64,
+        input_len,
+        previous.len() as u64,
+    )
+    .unwrap()
+    .save(old.checkpoint())
+    .unwrap();
     job.config.redo = Some(RedoConfig {
         previous: old,
-        types,
+        kinds,
     });
 }
 

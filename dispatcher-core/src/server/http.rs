@@ -19,10 +19,10 @@ use super::state::AppState;
 use crate::ledger::{Cause, LedgerStats};
 use crate::metrics::Endpoint;
 use crate::protocol::{
-    check_result_line, invalid_result_record, ErrorResponse, HeartbeatRequest, HeartbeatResponse,
-    Hello, InvalidResult, JournalRequest, JournalResponse, MessageResponse, ReleaseRequest,
-    ReleaseResponse, ResultLine, ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue,
-    WorkResponse, WorkTimeoutRequest,
+    check_result_line, ErrorResponse, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult,
+    JournalRequest, JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine,
+    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkResponse,
+    WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -371,7 +371,7 @@ async fn post_results(
                 invalid.push(work_id);
                 lines.push(ResultLine {
                     work_id,
-                    line: invalid_result_record(work_id, &e.reason, &e.text),
+                    line: crate::record::invalid_result(work_id, &e.reason, &e.text),
                 });
             }
         }

@@ -9,7 +9,6 @@
 
 mod connections;
 mod http;
-pub mod manifest;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -24,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::checkpoint::ResumeError;
+use crate::job::checkpoint::ResumeError;
 use crate::ledger::{Ledger, LedgerConfig};
 use connections::{serve_connections, ConnectionLimits};
 
@@ -222,6 +221,22 @@ pub async fn serve_state(
         return Err(ServerError::Io(message));
     }
     let reason = stop.reason().unwrap_or(StopReason::Shutdown);
+    if reason == StopReason::Complete {
+        // What only a running job needs goes; a redo's output takes the
+        // old one's place.
+        let finished = state
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish();
+        if let Err(e) = finished {
+            let message = e.to_string();
+            state
+                .manifest()
+                .stop(&format!("failed: {message}"), lines_done());
+            return Err(ServerError::Io(message));
+        }
+    }
     let lines = lines_done();
     state.manifest().stop(
         match reason {

@@ -48,7 +48,7 @@ pub struct AppState {
     pub(super) workers: std::sync::Mutex<super::workers::Workers>,
     /// `<outfile>.manifest.json`. Its own lock, taken after the ledger's
     /// lock is released (never while holding it).
-    pub(super) manifest: std::sync::Mutex<super::manifest::Manifest>,
+    pub(super) manifest: std::sync::Mutex<crate::job::manifest::Manifest>,
     /// Held while a checkpoint is taken and written, so that checkpoints are
     /// written one at a time, in the order their state was taken. Taken before
     /// the ledger's lock, never while holding it.
@@ -74,14 +74,15 @@ impl AppState {
         let complete = ledger.is_complete();
         // A redo's manifest is the job's: it describes the output it replaces.
         let config = ledger.config();
-        let manifest = super::manifest::Manifest::start(
+        let manifest = crate::job::manifest::Manifest::start(
             &config.infile,
             config
                 .redo
                 .as_ref()
-                .map_or(&config.outfile, |r| &r.previous),
+                .map_or(config.outfile.as_path(), |r| r.previous.output()),
             ledger.lines_written(),
             config.redo.as_ref(),
+            ledger.is_fresh() && config.redo.is_none(),
         );
         Arc::new(AppState {
             ledger: std::sync::Mutex::new(ledger),
@@ -109,7 +110,7 @@ impl AppState {
     }
 
     /// The manifest, locked.
-    pub(super) fn manifest(&self) -> std::sync::MutexGuard<'_, super::manifest::Manifest> {
+    pub(super) fn manifest(&self) -> std::sync::MutexGuard<'_, crate::job::manifest::Manifest> {
         self.manifest.lock().unwrap_or_else(|e| e.into_inner())
     }
 

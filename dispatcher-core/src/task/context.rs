@@ -71,12 +71,23 @@ impl TaskContext {
         self.inner.journal.as_ref().map_or(0, |j| j.replayed())
     }
 
-    /// How each of `keys` (requests sent together) is answered.
-    fn steps(&self, keys: impl Iterator<Item = Value>) -> Vec<Step> {
-        match &self.inner.journal {
-            Some(j) => j.steps(keys.map(|k| fingerprint(&k)).collect()),
-            None => keys.map(|_| Step::Live(None)).collect(),
+    /// How each of `keys` (requests sent together, with the engine each
+    /// goes to) is answered. A key covers the model the engine serves, so
+    /// that an answer is never replayed to a worker on another model.
+    async fn steps(&self, keys: impl Iterator<Item = (Option<&str>, Value)>) -> Vec<Step> {
+        let Some(journal) = &self.inner.journal else {
+            return keys.map(|_| Step::Live(None)).collect();
+        };
+        let mut fingerprints = Vec::new();
+        for (engine, mut key) in keys {
+            let model = match self.inner.engines.route(engine) {
+                Ok(route) => route.engine().resolve_model().await,
+                Err(_) => None,
+            };
+            key["model"] = model.into();
+            fingerprints.push(fingerprint(&key));
         }
+        journal.steps(fingerprints)
     }
 
     /// Records a live `response` at its step, when there is a journal.
@@ -156,6 +167,7 @@ impl TaskContext {
     pub async fn request(&self, request: Request) -> Result<Response, RequestError> {
         let step = self
             .steps(std::iter::once(typed_key(&request)))
+            .await
             .pop()
             .expect("one step");
         self.request_at(request, step).await
@@ -182,7 +194,11 @@ impl TaskContext {
             "engine": request.engine, "path": request.path,
             "body": request.body, "keep_model": request.keep_model,
         });
-        let step = self.steps(std::iter::once(key)).pop().expect("one step");
+        let step = self
+            .steps(std::iter::once((request.engine.as_deref(), key)))
+            .await
+            .pop()
+            .expect("one step");
         self.replay_or(step, self.post_live(request)).await
     }
 
@@ -258,7 +274,7 @@ impl Requests for Vec<Request> {
     fn send_all(self, ctx: &TaskContext) -> BoxFuture<'_, Self::Output> {
         Box::pin(async move {
             // One group: replayed together, or sent together.
-            let steps = ctx.steps(self.iter().map(typed_key));
+            let steps = ctx.steps(self.iter().map(typed_key)).await;
             join_all(
                 self.into_iter()
                     .zip(steps)
@@ -271,9 +287,13 @@ impl Requests for Vec<Request> {
     }
 }
 
-/// What a typed request's fingerprint covers: the request and its engine.
-fn typed_key(request: &Request) -> Value {
-    serde_json::json!({"engine": request.engine, "request": request.to_json()})
+/// What a typed request's fingerprint covers: the request and its engine
+/// (and, added by [`TaskContext::steps`], the engine's model).
+fn typed_key(request: &Request) -> (Option<&str>, Value) {
+    (
+        request.engine.as_deref(),
+        serde_json::json!({"engine": request.engine, "request": request.to_json()}),
+    )
 }
 
 impl<const N: usize> Requests for [Request; N] {

@@ -24,7 +24,6 @@ pub use engines::Engines;
 pub use error::{OrFail, TaskError, TaskErrorKind};
 
 use crate::engine::BoxFuture;
-use crate::protocol::error_record;
 
 /// A task: turns one input line into one output line, sending requests to the
 /// model on the way. `#[task]` writes this impl for an `async fn`; writing it by
@@ -148,7 +147,7 @@ impl<T: Task> DynTask for T {
                     .rsplit_once(" at line ")
                     .map_or(what.as_str(), |(w, _)| w);
                 let id = ctx.work_id();
-                let line = failure_line(
+                let line = crate::record::task_failure(
                     "invalid_input",
                     &format!(
                         "input line {} (work_id {id}) does not fit the task's input type: {what} (at column {})",
@@ -188,7 +187,7 @@ pub fn line_outcome_of<O: Serialize + Send + 'static>(
                     kind: OutcomeKind::Ok,
                 },
                 Err(e) => LineOutcome::Line {
-                    line: failure_line(
+                    line: crate::record::task_failure(
                         "output_not_serializable",
                         &format!("the task's output could not be written as JSON: {e}"),
                         &content,
@@ -201,11 +200,11 @@ pub fn line_outcome_of<O: Serialize + Send + 'static>(
                     error_type,
                     message,
                 } => LineOutcome::Line {
-                    line: failure_line(&error_type, &message, &content),
+                    line: crate::record::task_failure(&error_type, &message, &content),
                     kind: OutcomeKind::Failed,
                 },
                 TaskErrorKind::Retry { message } if last_attempt => LineOutcome::Line {
-                    line: failure_line(
+                    line: crate::record::task_failure(
                         "retries_exhausted",
                         &format!("the task asked for a retry on its last attempt: {message}"),
                         &content,
@@ -222,21 +221,9 @@ pub fn line_outcome_of<O: Serialize + Send + 'static>(
     })
 }
 
-/// The failure record of PROTOCOL.md: `{"__ERROR__": {"error", "message", "task_data"}}`,
-/// where `task_data` is the input line as JSON (or as a string when it is not JSON).
-pub fn failure_line(error_type: &str, message: &str, content: &str) -> String {
-    let task_data = serde_json::from_str::<Value>(content)
-        .unwrap_or_else(|_| Value::String(content.to_string()));
-    let mut f = Map::new();
-    f.insert("error".into(), error_type.into());
-    f.insert("message".into(), message.into());
-    f.insert("task_data".into(), task_data);
-    error_record(f)
-}
-
 fn panicked_line(panic: &(dyn std::any::Any + Send), content: &str) -> LineOutcome {
     LineOutcome::Line {
-        line: failure_line(
+        line: crate::record::task_failure(
             "task_panicked",
             &format!("the task panicked: {}", panic_message(panic)),
             content,

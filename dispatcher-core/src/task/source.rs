@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::checkpoint::ResumeError;
 use crate::client::{ClientError, DispatcherClient};
 use crate::engine::BoxFuture;
+use crate::job::checkpoint::ResumeError;
 use crate::ledger::{Cause, Ledger, LedgerConfig};
 use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
 
@@ -202,7 +202,9 @@ impl FileSource {
             ..LedgerConfig::new(
                 input.to_owned(),
                 output.to_owned(),
-                crate::checkpoint::default_checkpoint(output),
+                crate::job::JobFiles::new(output, None)
+                    .checkpoint()
+                    .to_owned(),
             )
         };
         let ledger = Ledger::open(config, Instant::now())?;
@@ -289,7 +291,10 @@ impl WorkSource for FileSource {
     }
 
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(std::future::ready(self.with_ledger(|l| l.checkpoint())))
+        Box::pin(std::future::ready(self.with_ledger(|l| {
+            l.checkpoint()?;
+            l.finish()
+        })))
     }
 
     fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {

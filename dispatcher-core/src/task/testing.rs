@@ -60,6 +60,7 @@ pub fn reply(text: impl Into<String>) -> Response {
 pub struct ScriptedEngine {
     responder: Box<Responder>,
     requests: Mutex<Vec<Request>>,
+    model: Option<String>,
 }
 
 impl std::fmt::Debug for ScriptedEngine {
@@ -94,7 +95,14 @@ impl ScriptedEngine {
         ScriptedEngine {
             responder: Box::new(f),
             requests: Mutex::new(Vec::new()),
+            model: None,
         }
+    }
+
+    /// Says it serves `model` (the journal keys replayed answers by it).
+    pub fn with_model(mut self, model: impl Into<String>) -> ScriptedEngine {
+        self.model = Some(model.into());
+        self
     }
 
     /// The requests received so far, in order.
@@ -104,6 +112,10 @@ impl ScriptedEngine {
 }
 
 impl Engine for ScriptedEngine {
+    fn model_name(&self) -> Option<String> {
+        self.model.clone()
+    }
+
     fn send(&self, request: Request) -> BoxFuture<'_, Result<Response, RequestError>> {
         let answer = (self.responder)(&request);
         self.requests.lock().expect("not poisoned").push(request);
@@ -139,7 +151,8 @@ impl TaskRun {
 #[derive(Debug)]
 pub struct TaskTest<T> {
     task: T,
-    engine: Option<Arc<ScriptedEngine>>,
+    engine: Option<ScriptedEngine>,
+    model: Option<String>,
     work_id: u64,
     retry_count: u32,
     max_retries: Option<u32>,
@@ -152,6 +165,7 @@ impl<T: DynTask> TaskTest<T> {
         TaskTest {
             task,
             engine: None,
+            model: None,
             work_id: 0,
             retry_count: 0,
             max_retries: Some(3),
@@ -169,7 +183,14 @@ impl<T: DynTask> TaskTest<T> {
 
     /// Replies with these texts, in order.
     pub fn replies<I: IntoIterator<Item = S>, S: Into<String>>(mut self, texts: I) -> Self {
-        self.engine = Some(Arc::new(ScriptedEngine::replies(texts)));
+        self.engine = Some(ScriptedEngine::replies(texts));
+        self
+    }
+
+    /// The engine says it serves `model`: answers recorded under another
+    /// model are not replayed.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
         self
     }
 
@@ -179,7 +200,7 @@ impl<T: DynTask> TaskTest<T> {
         mut self,
         f: impl Fn(&Request) -> Result<Response, RequestError> + Send + Sync + 'static,
     ) -> Self {
-        self.engine = Some(Arc::new(ScriptedEngine::from_fn(f)));
+        self.engine = Some(ScriptedEngine::from_fn(f));
         self
     }
 
@@ -204,9 +225,11 @@ impl<T: DynTask> TaskTest<T> {
 
     /// Runs the task on a raw input line.
     pub async fn run_line(self, line: &str) -> TaskRun {
-        let engine = self
+        let mut engine = self
             .engine
-            .unwrap_or_else(|| Arc::new(ScriptedEngine::replies(Vec::<String>::new())));
+            .unwrap_or_else(|| ScriptedEngine::replies(Vec::<String>::new()));
+        engine.model = self.model;
+        let engine = Arc::new(engine);
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink: JournalSink = {
             let events = events.clone();

@@ -5,12 +5,13 @@
 //! directory) only after the output it names has been synced, so the output is
 //! never shorter than its checkpoint says unless someone changed it by hand.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::files::write_atomically;
 use crate::error::{path_error, IoContext};
 use crate::input::{count_line_breaks, read_exact_at};
 
@@ -26,6 +27,11 @@ const TAIL_BYTES: u64 = 4 * 1024;
 pub struct Checkpoint {
     /// Format version.
     pub version: u32,
+    /// The job's identity, made at its fresh start: the journal beside the
+    /// output must carry the same. Empty in checkpoints written before it was
+    /// introduced.
+    #[serde(default)]
+    pub job_id: String,
     /// The input path the checkpoint was made for (informational).
     pub infile: String,
     /// The output path the checkpoint was made for (informational).
@@ -109,6 +115,28 @@ pub enum ResumeError {
         /// The path given to the second.
         path: PathBuf,
     },
+    /// `--redo-errors` names a kind that no line has and dispatcher never writes.
+    #[error("--redo-errors {kind}: no line of {output} failed with that kind, and it is none of the kinds dispatcher writes (the failures in it: {found}); `dispatcher report {output}` lists them")]
+    UnknownKind {
+        /// The kind asked for.
+        kind: String,
+        /// The output to redo.
+        output: PathBuf,
+        /// The failures the output holds, by kind.
+        found: String,
+    },
+    /// A plain run over a job whose `--redo-errors` run is unfinished.
+    #[error("{leftover} is left from an unfinished --redo-errors run of {output}: finish it by running again with --redo-errors (and the same kinds), or remove {redo_output} and {redo_checkpoint} to drop it")]
+    UnfinishedRedo {
+        /// The file found.
+        leftover: PathBuf,
+        /// The job's output.
+        output: PathBuf,
+        /// The redo's output.
+        redo_output: PathBuf,
+        /// The redo's checkpoint.
+        redo_checkpoint: PathBuf,
+    },
     /// The output has more lines than the input.
     #[error("the output {output} has {output_lines} lines but the input {input} has only {input_lines}: they do not belong together; move the output and checkpoint away to start over")]
     OutputLongerThanInput {
@@ -128,6 +156,7 @@ impl Checkpoint {
     /// `output_offset` bytes of `outfile`, and line `lines_written` starts at
     /// `input_offset` of `infile`", with fingerprints of both files.
     pub fn capture(
+        job_id: &str,
         infile: &Path,
         outfile: &Path,
         lines_written: u64,
@@ -150,6 +179,7 @@ impl Checkpoint {
         };
         Ok(Checkpoint {
             version: VERSION,
+            job_id: job_id.to_string(),
             infile: infile.display().to_string(),
             outfile: outfile.display().to_string(),
             lines_written,
@@ -279,150 +309,9 @@ impl Checkpoint {
     /// Writes the checkpoint atomically: temporary file, fsync, rename, fsync of
     /// the directory.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let tmp = tmp_path(path);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)
-            .with_path("create the checkpoint", &tmp)?;
         let json = serde_json::to_vec_pretty(self).expect("checkpoint serializes");
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .with_path("write the checkpoint", &tmp)?;
-        drop(file);
-        std::fs::rename(&tmp, path).with_path("rename the checkpoint into place at", path)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_path("sync the checkpoint's directory", dir)
+        write_atomically(path, &json, "the checkpoint")
     }
-}
-
-/// Exclusive locks on `<checkpoint>.lock` and on the output file itself,
-/// held for as long as a ledger has the job's files open, so that two servers
-/// (or a server and a restart that came too early) never write the same
-/// output: not with the same checkpoint, not with another `--checkpoint`, not
-/// through a link to the output. The OS drops them when the process dies,
-/// however it dies.
-#[derive(Debug)]
-pub struct JobLock {
-    _checkpoint: File,
-    _output: File,
-}
-
-impl JobLock {
-    /// Takes the locks of the job that writes `outfile` and checkpoints to
-    /// `checkpoint`, after checking that the job's three files are three
-    /// different files.
-    pub fn acquire(
-        infile: &Path,
-        outfile: &Path,
-        checkpoint: &Path,
-    ) -> Result<JobLock, ResumeError> {
-        check_distinct(&[
-            ("--infile", infile),
-            ("--outfile", outfile),
-            ("--checkpoint", checkpoint),
-        ])?;
-        let lock = with_suffix(checkpoint, ".lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .with_path("create the lock file", &lock)?;
-        let locked = |holder: &Path| ResumeError::Locked {
-            checkpoint: checkpoint.to_owned(),
-            lock: holder.to_owned(),
-        };
-        try_lock(&file, &lock).map_err(|e| e.unwrap_or_else(|| locked(&lock)))?;
-        let output = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .append(true)
-            .open(outfile)
-            .with_path("open the output file", outfile)?;
-        try_lock(&output, outfile).map_err(|e| e.unwrap_or_else(|| locked(outfile)))?;
-        Ok(JobLock {
-            _checkpoint: file,
-            _output: output,
-        })
-    }
-}
-
-/// Locks `file`; `Err(None)` when another holds the lock.
-fn try_lock(file: &File, path: &Path) -> Result<(), Option<ResumeError>> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(Some(path_error(e, "lock", path).into())),
-    }
-}
-
-/// Refuses two flags that name one file: the same path, a link to it (hard
-/// or symbolic), or two spellings of one path.
-fn check_distinct(files: &[(&'static str, &Path)]) -> Result<(), ResumeError> {
-    let keys: Vec<FileKey> = files.iter().map(|(_, p)| FileKey::of(p)).collect();
-    for (i, a) in keys.iter().enumerate() {
-        for (j, b) in keys.iter().enumerate().skip(i + 1) {
-            if a == b {
-                return Err(ResumeError::SameFile {
-                    first: files[i].0,
-                    second: files[j].0,
-                    path: files[j].1.to_owned(),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// What makes two paths one file.
-#[derive(Debug, PartialEq, Eq)]
-enum FileKey {
-    /// An existing file, by device and inode.
-    Inode(u64, u64),
-    /// A file not created yet, by its absolute path (links resolved in its
-    /// directory).
-    Path(PathBuf),
-}
-
-impl FileKey {
-    fn of(path: &Path) -> FileKey {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            return FileKey::Inode(meta.dev(), meta.ino());
-        }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        FileKey::Path(dir.join(path.file_name().unwrap_or_default()))
-    }
-}
-
-/// `<path>.tmp`, beside the checkpoint so the rename stays on one file system.
-fn tmp_path(path: &Path) -> PathBuf {
-    with_suffix(path, ".tmp")
-}
-
-/// `path` with `suffix` appended to its file name (`out.jsonl` ->
-/// `out.jsonl.checkpoint`): a job's own files sit beside the file they serve.
-pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// Where the checkpoint of `outfile` goes unless one is named:
-/// `<outfile>.checkpoint`.
-pub fn default_checkpoint(outfile: &Path) -> PathBuf {
-    with_suffix(outfile, ".checkpoint")
 }
 
 fn crc_at(file: &File, offset: u64, len: u64, path: &Path) -> io::Result<u32> {
@@ -449,9 +338,9 @@ mod tests {
         );
         std::fs::write(&inp, b"a\nb\nc\n").unwrap();
         std::fs::write(&out, b"1\n2\n").unwrap();
-        let c = Checkpoint::capture(&inp, &out, 2, 4, 4).unwrap();
+        let c = Checkpoint::capture("job", &inp, &out, 2, 4, 4).unwrap();
         c.save(&cp).unwrap();
-        assert!(!tmp_path(&cp).exists());
+        assert!(!super::super::files::with_suffix(&cp, ".tmp").exists());
         let loaded = Checkpoint::load(&cp).unwrap().unwrap();
         assert_eq!(loaded, c);
         loaded.verify(&cp, &inp, &out).unwrap();

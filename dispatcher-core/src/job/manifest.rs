@@ -14,7 +14,7 @@ use crate::protocol::Hello;
 
 /// The manifest's path for `outfile`.
 pub fn manifest_path(outfile: &Path) -> PathBuf {
-    crate::checkpoint::with_suffix(outfile, ".manifest.json")
+    super::JobFiles::new(outfile, None).manifest()
 }
 
 /// The manifest as written.
@@ -96,16 +96,26 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Reads the manifest of `outfile` (a resume adds to it) or starts one,
-    /// and adds this run to it.
+    /// Reads the manifest of `outfile` (a resume or a redo adds to it) or
+    /// starts one, and adds this run to it. A `fresh` job (one that started
+    /// without a checkpoint) starts a new manifest whatever an earlier job
+    /// left at its path.
     pub fn start(
         infile: &Path,
         outfile: &Path,
         lines_done: u64,
         redo: Option<&crate::ledger::RedoConfig>,
+        fresh: bool,
     ) -> Manifest {
         let path = manifest_path(outfile);
         let mut doc = match std::fs::read(&path) {
+            Ok(_) if fresh => {
+                tracing::info!(
+                    manifest = %path.display(),
+                    "a fresh start: the manifest left beside the output describes an earlier job and is replaced"
+                );
+                ManifestDoc::default()
+            }
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::warn!(
                     "{}: not a manifest this server can read ({e}); starting a new one",
@@ -134,7 +144,7 @@ impl Manifest {
             started_at: now(),
             lines_done_at_start: lines_done,
             redo_errors: redo.map(|r| {
-                r.types
+                r.kinds
                     .as_ref()
                     .map_or_else(|| "all".into(), |t| t.join(","))
             }),
@@ -198,11 +208,9 @@ impl Manifest {
     /// Writes it beside and renames it into place. A manifest that cannot be
     /// written is logged, not fatal: the output is what the job is for.
     fn save(&self) {
-        let tmp = crate::checkpoint::with_suffix(&self.path, ".tmp");
         let written = serde_json::to_vec_pretty(&self.doc)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|bytes| super::files::write_atomically(&self.path, &bytes, "the manifest"));
         if let Err(e) = written {
             tracing::warn!("could not write {}: {e}", self.path.display());
         }
@@ -218,7 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
         std::fs::write(&input, "1\n2\n").unwrap();
-        let mut m = Manifest::start(&input, &output, 0, None);
+        let mut m = Manifest::start(&input, &output, 0, None, true);
         m.input_read(2, 0xdead_beef);
         let infer = Hello {
             task: "infer".into(),
@@ -238,7 +246,7 @@ mod tests {
         });
         assert_eq!(m.doc().worker_configurations.len(), 2);
         m.stop("shutdown", 1);
-        let again = Manifest::start(&input, &output, 1, None);
+        let again = Manifest::start(&input, &output, 1, None, false);
         let doc = again.doc();
         assert_eq!(doc.runs.len(), 2);
         assert_eq!(doc.runs[0].stop.as_deref(), Some("shutdown"));
@@ -255,5 +263,9 @@ mod tests {
         let mut again = again;
         again.configuration(&infer);
         assert_eq!(again.doc().worker_configurations.len(), 2);
+        // A fresh job at the same path starts its own.
+        let fresh = Manifest::start(&input, &output, 0, None, true);
+        assert_eq!(fresh.doc().runs.len(), 1);
+        assert!(fresh.doc().worker_configurations.is_empty());
     }
 }
