@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// new connections wait until one closes.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Seconds a request may take from its headers to its answer: its body
+    /// must arrive in full within it (a body trickled a byte at a time keeps
+    /// a connection busy past any idle timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub request_timeout: f64,
     /// Seconds connections may take to finish once the server stops; then it
     /// exits whatever is still open.
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
@@ -213,6 +218,7 @@ impl ServeArgs {
             idle_timeout: secs("idle-timeout", self.idle_timeout)?,
             max_connections: self.max_connections,
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.0, 3600.0)),
+            request_timeout: secs("request-timeout", self.request_timeout)?,
         };
         Ok((ledger, options))
     }

@@ -178,6 +178,12 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         now.journal_replayed,
         now.journal_tokens_saved
     ));
+    if !now.failed_by_kind.is_empty() {
+        let mut by_count: Vec<(&String, &u64)> = now.failed_by_kind.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let kinds: Vec<String> = by_count.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push_str(&format!("failed       {}\n", kinds.join(", ")));
+    }
     out.push_str(&render_workers(now));
     out
 }

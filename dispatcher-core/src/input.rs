@@ -256,9 +256,46 @@ pub fn count_lines(path: &Path) -> io::Result<u64> {
 
 /// [`count_lines`] and the file's CRC-32 (of every byte), in the one read.
 pub fn count_lines_and_crc32(path: &Path) -> io::Result<(u64, u32)> {
-    let mut crc = crc32fast::Hasher::new();
-    let lines = count_lines_with(path, &mut |chunk| crc.update(chunk))?;
-    Ok((lines, crc.finalize()))
+    count_lines_and_crc32_after(path, &InputPrefix::default())
+}
+
+/// What one read of the first `len` bytes of the input found: its line
+/// breaks and CRC-32. A resume's check of its checkpoint reads this prefix
+/// anyway; the count of the whole input goes on from there instead of
+/// reading it again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InputPrefix {
+    /// Bytes read.
+    pub len: u64,
+    /// Line breaks in them.
+    pub line_breaks: u64,
+    /// CRC-32 of them.
+    pub crc32: u32,
+}
+
+/// [`count_lines_and_crc32`] of a file whose first bytes were read already
+/// (`prefix`): reads only the rest.
+pub fn count_lines_and_crc32_after(path: &Path, prefix: &InputPrefix) -> io::Result<(u64, u32)> {
+    let file = File::open(path).with_path("open the input file", path)?;
+    let len = file
+        .metadata()
+        .with_path("stat the input file", path)?
+        .len();
+    let mut crc = crc32fast::Hasher::new_with_initial_len(prefix.crc32, prefix.len);
+    let (breaks, ends_in_newline) = scan_line_breaks(&file, prefix.len, len, &mut |chunk| {
+        crc.update(chunk)
+    })
+    .with_path("read the input file", path)?;
+    // Past the prefix, nothing read: the prefix's own last byte says.
+    let ends_in_newline = if len == prefix.len {
+        prefix.len == 0 || read_exact_at(&file, len - 1, 1)?.first() == Some(&b'\n')
+    } else {
+        ends_in_newline
+    };
+    Ok((
+        prefix.line_breaks + breaks + u64::from(!ends_in_newline),
+        crc.finalize(),
+    ))
 }
 
 fn count_lines_with(path: &Path, visit: &mut dyn FnMut(&[u8])) -> io::Result<u64> {
@@ -268,7 +305,7 @@ fn count_lines_with(path: &Path, visit: &mut dyn FnMut(&[u8])) -> io::Result<u64
         .with_path("stat the input file", path)?
         .len();
     let (breaks, ends_in_newline) =
-        scan_line_breaks(&file, len, visit).with_path("read the input file", path)?;
+        scan_line_breaks(&file, 0, len, visit).with_path("read the input file", path)?;
     Ok(breaks + u64::from(!ends_in_newline))
 }
 
@@ -276,17 +313,30 @@ fn count_lines_with(path: &Path, visit: &mut dyn FnMut(&[u8])) -> io::Result<u64
 /// end with one (or are none). Reads them once, in 1 MiB chunks; a file
 /// shorter than `len` is an error.
 pub(crate) fn count_line_breaks(file: &File, len: u64) -> io::Result<(u64, bool)> {
-    scan_line_breaks(file, len, &mut |_| {})
+    scan_line_breaks(file, 0, len, &mut |_| {})
 }
 
-/// [`count_line_breaks`], showing `visit` each chunk read.
+/// [`count_line_breaks`] that also takes the CRC-32 of those bytes.
+pub(crate) fn scan_prefix(file: &File, len: u64) -> io::Result<(InputPrefix, bool)> {
+    let mut crc = crc32fast::Hasher::new();
+    let (line_breaks, ends_in_newline) = scan_line_breaks(file, 0, len, &mut |c| crc.update(c))?;
+    let prefix = InputPrefix {
+        len,
+        line_breaks,
+        crc32: crc.finalize(),
+    };
+    Ok((prefix, ends_in_newline))
+}
+
+/// [`count_line_breaks`] of bytes `from..len`, showing `visit` each chunk read.
 fn scan_line_breaks(
     file: &File,
+    from: u64,
     len: u64,
     visit: &mut dyn FnMut(&[u8]),
 ) -> io::Result<(u64, bool)> {
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    let (mut at, mut breaks, mut last) = (0u64, 0u64, b'\n');
+    let mut buf = vec![0u8; (1 << 20).min(len.saturating_sub(from) as usize)];
+    let (mut at, mut breaks, mut last) = (from, 0u64, b'\n');
     while at < len {
         let want = buf.len().min((len - at) as usize);
         let n = match file.read_at(&mut buf[..want], at) {
@@ -385,6 +435,27 @@ fn content_len(line: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resume's count goes on from the checkpointed part and finds what a
+    /// count of the whole file finds, wherever the part ends.
+    #[test]
+    fn a_count_after_a_prefix_equals_a_count_of_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for content in [&b"a\nbb\n\nccc"[..], b"a\nbb\n", b"", b"x"] {
+            let path = dir.path().join("in");
+            std::fs::write(&path, content).unwrap();
+            let whole = count_lines_and_crc32(&path).unwrap();
+            let file = File::open(&path).unwrap();
+            for len in 0..=content.len() as u64 {
+                let (prefix, _) = scan_prefix(&file, len).unwrap();
+                assert_eq!(
+                    count_lines_and_crc32_after(&path, &prefix).unwrap(),
+                    whole,
+                    "{content:?} after {len} bytes"
+                );
+            }
+        }
+    }
     use std::io::Write;
 
     fn input(bytes: &[u8]) -> (tempfile::NamedTempFile, InputReader) {

@@ -53,6 +53,7 @@ pub struct ServerMetrics {
     completed: Counter,
     reissues: Family<CauseLabel, Counter>,
     tombstones: Counter,
+    failed: Family<KindLabel, Counter>,
     ignored: Counter,
     lines_done: Gauge,
     in_flight: Gauge,
@@ -80,6 +81,7 @@ impl Default for ServerMetrics {
             completed: Counter::default(),
             reissues: Family::default(),
             tombstones: Counter::default(),
+            failed: Family::default(),
             ignored: Counter::default(),
             lines_done: Gauge::default(),
             in_flight: Gauge::default(),
@@ -124,6 +126,11 @@ impl Default for ServerMetrics {
             "tombstones",
             "Items given up after --max-retries reissues",
             m.tombstones.clone(),
+        );
+        registry.register(
+            "failed_lines",
+            "Failed output lines written by this run (results, tombstones, invalid input lines), by kind",
+            m.failed.clone(),
         );
         registry.register(
             "ignored_results",
@@ -321,6 +328,12 @@ impl ServerMetrics {
         self.reissues
             .get_or_create(&cause("release"))
             .inc_by(delta(stats.reissues.release, |s| s.reissues.release));
+        for (kind, &n) in &stats.failed_by_kind {
+            let then = before.and_then(|b| b.failed_by_kind.get(kind)).copied();
+            self.failed
+                .get_or_create(&KindLabel { kind: kind.clone() })
+                .inc_by(n.saturating_sub(then.unwrap_or(0)));
+        }
         self.lines_done.set(stats.lines_written as i64);
         self.in_flight.set(stats.in_flight as i64);
         self.queued.set(stats.queued_for_reissue as i64);

@@ -528,6 +528,11 @@ pub struct StatusResponse {
     /// of a `--redo-errors` job.
     #[serde(default)]
     pub kept_lines: u64,
+    /// Extension: failed lines this run of the server wrote (results,
+    /// tombstones, invalid input lines), by kind, as `dispatcher report`
+    /// names them.
+    #[serde(default)]
+    pub failed_by_kind: std::collections::BTreeMap<String, u64>,
     /// Extension: journal entries held for unfinished lines.
     #[serde(default)]
     pub journal_entries: u64,

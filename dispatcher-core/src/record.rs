@@ -171,6 +171,22 @@ pub fn classify(line: &[u8]) -> LineKind<'static> {
     }
 }
 
+/// The kind of failure of `line`, known to be one JSON value (a result the
+/// server checked): [`classify`] without checking the JSON again, for the
+/// server's counts. `None` for a line that did not fail.
+pub fn failure_of_json(line: &str) -> Option<String> {
+    let bytes = line.as_bytes();
+    if memchr::memmem::find(bytes, ERROR_KEY.as_bytes()).is_none()
+        && memchr::memmem::find(bytes, b"\"custom_id\"").is_none()
+    {
+        return None;
+    }
+    match classify(bytes) {
+        LineKind::Failed(kind) => Some(kind.into_owned()),
+        LineKind::Ok | LineKind::NotJson => None,
+    }
+}
+
 /// A key that may be absent, `null`, or hold a value.
 #[derive(Debug, Default)]
 enum Field<T> {
@@ -464,6 +480,17 @@ mod tests {
             assert_eq!(classify(line.as_bytes()).name(), kind, "{line}");
             let full = OutputLine::parse(line.as_bytes()).map(|l| l.kind().name().to_string());
             assert_eq!(full.as_deref().unwrap_or(NOT_JSON), kind, "{line}");
+        }
+    }
+
+    #[test]
+    fn the_servers_count_sees_the_same_failures() {
+        for (line, kind) in every_kind_of_line() {
+            if kind == NOT_JSON {
+                continue;
+            }
+            let failed = failure_of_json(&line);
+            assert_eq!(failed.as_deref().unwrap_or("ok"), kind, "{line}");
         }
     }
 

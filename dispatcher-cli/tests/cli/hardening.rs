@@ -408,3 +408,38 @@ async fn half_opener(addr: Arc<Mutex<String>>, done: Arc<AtomicBool>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A body trickled one byte at a time makes progress forever, so the idle
+/// timeout never ends it; `--request-timeout` does, with a 408, and the
+/// server is fine afterwards.
+#[test]
+fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_request_timeout() {
+    let job = Job::new(5);
+    let server = job.serve(&["--idle-timeout", "5", "--request-timeout", "1"]);
+    let mut conn = TcpStream::connect(&server.addr).unwrap();
+    conn.write_all(b"POST /results HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{")
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    // One byte every 100 ms, each well within the idle timeout, until the
+    // server answers or 30 s pass (a million bytes would take a day).
+    while start.elapsed() < Duration::from_secs(30) {
+        if conn.write_all(b" ").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-timeout"), "{answer}");
+    // The server serves the next worker as before.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(server.answer_batch(&rt, 5).len(), 5);
+}

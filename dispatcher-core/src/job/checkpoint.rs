@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::files::write_atomically;
 use crate::error::{path_error, IoContext};
-use crate::input::{count_line_breaks, read_exact_at};
+use crate::input::{count_line_breaks, read_exact_at, scan_prefix, InputPrefix};
 
 /// The checkpoint file format's version.
 const VERSION: u32 = 1;
@@ -214,13 +214,14 @@ impl Checkpoint {
     }
 
     /// Checks that `infile` and `outfile` are still the files this checkpoint
-    /// describes.
+    /// describes. Returns what the one read of the input's checkpointed part
+    /// found (its lines and CRC-32), so that nothing reads it again.
     pub fn verify(
         &self,
         checkpoint: &Path,
         infile: &Path,
         outfile: &Path,
-    ) -> Result<(), ResumeError> {
+    ) -> Result<InputPrefix, ResumeError> {
         let input_mismatch = |reason: String| ResumeError::InputMismatch {
             input: infile.to_owned(),
             checkpoint: checkpoint.to_owned(),
@@ -275,7 +276,7 @@ impl Checkpoint {
         // or damaged in a way its fingerprints do not cover would shift every
         // later work id. The two files are counted side by side.
         let (input_lines, output_lines) = std::thread::scope(|scope| {
-            let input_lines = scope.spawn(|| count_line_breaks(&input, self.input_offset));
+            let input_lines = scope.spawn(|| scan_prefix(&input, self.input_offset));
             let output_lines = match &output {
                 Some(output) => count_line_breaks(output, self.output_offset),
                 None => Ok((0, true)),
@@ -294,16 +295,15 @@ impl Checkpoint {
         }
         // The line before the input offset may lack its newline: the input's
         // last line.
-        let (input_lines, ends_in_newline) =
-            input_lines.with_path("read the input file", infile)?;
-        let input_lines = input_lines + u64::from(!ends_in_newline);
+        let (prefix, ends_in_newline) = input_lines.with_path("read the input file", infile)?;
+        let input_lines = prefix.line_breaks + u64::from(!ends_in_newline);
         if input_lines != self.lines_written {
             return Err(input_mismatch(format!(
                 "its first {} bytes hold {input_lines} lines, but the checkpoint says {} were done",
                 self.input_offset, self.lines_written
             )));
         }
-        Ok(())
+        Ok(prefix)
     }
 
     /// Writes the checkpoint atomically: temporary file, fsync, rename, fsync of
@@ -343,7 +343,9 @@ mod tests {
         assert!(!super::super::files::with_suffix(&cp, ".tmp").exists());
         let loaded = Checkpoint::load(&cp).unwrap().unwrap();
         assert_eq!(loaded, c);
-        loaded.verify(&cp, &inp, &out).unwrap();
+        let prefix = loaded.verify(&cp, &inp, &out).unwrap();
+        assert_eq!((prefix.len, prefix.line_breaks), (4, 2));
+        assert_eq!(prefix.crc32, crc32fast::hash(b"a\nb\n"));
 
         std::fs::write(&out, b"1\n").unwrap();
         let e = loaded.verify(&cp, &inp, &out).unwrap_err();

@@ -47,6 +47,9 @@ pub struct OpenedJob {
     pub checkpoint: Option<Checkpoint>,
     /// The job's identity: the checkpoint's, or a new one for a fresh start.
     pub job_id: String,
+    /// What checking the checkpoint read of the input (nothing for a fresh
+    /// start), so that counting the input goes on from there.
+    pub input_prefix: crate::input::InputPrefix,
 }
 
 impl JobFiles {
@@ -99,9 +102,10 @@ impl JobFiles {
         // are redone, so the file is stale.
         remove_if_present(&self.pending())?;
         let checkpoint = Checkpoint::load(&self.checkpoint)?;
+        let mut input_prefix = crate::input::InputPrefix::default();
         let job_id = match &checkpoint {
             Some(cp) => {
-                cp.verify(&self.checkpoint, input, &self.output)?;
+                input_prefix = cp.verify(&self.checkpoint, input, &self.output)?;
                 cp.job_id.clone()
             }
             None => {
@@ -129,6 +133,7 @@ impl JobFiles {
             lock,
             checkpoint,
             job_id,
+            input_prefix,
         })
     }
 

@@ -103,7 +103,7 @@ impl RedoConfig {
     pub fn check_input(&self, input: &Path) -> Result<(), ResumeError> {
         let (output, checkpoint) = (self.previous.output(), self.previous.checkpoint());
         match Checkpoint::load(checkpoint)? {
-            Some(cp) => cp.verify(checkpoint, input, output),
+            Some(cp) => cp.verify(checkpoint, input, output).map(drop),
             None => Err(ResumeError::OutputWithoutCheckpoint {
                 output: output.to_owned(),
                 checkpoint: checkpoint.to_owned(),

@@ -281,6 +281,9 @@ pub struct LedgerStats {
     /// Lines of the previous output kept as they were (`--redo-errors`), by
     /// this run.
     pub kept_lines: u64,
+    /// Failed lines this run finished (results, tombstones, invalid input
+    /// lines), by kind ([`crate::record`]).
+    pub failed_by_kind: std::collections::BTreeMap<String, u64>,
     /// What the journal holds (zeros with `--no-journal`).
     pub journal: JournalStats,
     /// Results ignored (duplicates, unknown ids).
@@ -322,6 +325,17 @@ struct Counters {
     done_by: rustc_hash::FxHashMap<u64, u64>,
     /// Lines of the previous output kept as they were (`--redo-errors`).
     kept: u64,
+    /// Failed lines finished by this run, by kind.
+    failed_by_kind: std::collections::BTreeMap<String, u64>,
+}
+
+impl Counters {
+    /// Counts `line` (one JSON value) when it is a failure.
+    fn finished(&mut self, line: &str) {
+        if let Some(kind) = crate::record::failure_of_json(line) {
+            *self.failed_by_kind.entry(kind).or_default() += 1;
+        }
+    }
 }
 
 /// The state of one job: see the module docs for its invariants.
@@ -339,6 +353,8 @@ pub struct Ledger {
     /// Whether the job started without a checkpoint (this run or an earlier
     /// one): false on a resume.
     fresh: bool,
+    /// What the check of the checkpoint read of the input.
+    input_prefix: crate::input::InputPrefix,
     /// Sequential reader positioned at line `next_work_id`.
     input: InputReader,
     /// Whether the reader has seen the end of the input.
@@ -480,6 +496,7 @@ impl Ledger {
             lock: Some(opened.lock),
             previous_lock,
             fresh: loaded.is_none(),
+            input_prefix: opened.input_prefix,
             leases: Leases::new(config.work_timeout),
             input,
             input_exhausted: false,
@@ -502,6 +519,7 @@ impl Ledger {
                 recovered_past_checkpoint: recovered.extra_lines,
                 done_by: rustc_hash::FxHashMap::default(),
                 kept: 0,
+                failed_by_kind: std::collections::BTreeMap::new(),
             },
             previous: match &config.redo {
                 Some(redo) => Some(Previous::open(redo.clone(), lines)?),
@@ -627,6 +645,7 @@ impl Ledger {
                         &self.config.infile,
                         &bytes,
                     );
+                    self.counters.finished(&record);
                     self.window.finish(id, record.into(), line.span.end)?;
                 }
             }
@@ -799,6 +818,7 @@ impl Ledger {
                     if item.backed_up {
                         self.backups_out -= 1;
                     }
+                    self.counters.finished(&line);
                     self.window
                         .finish(id, line.into_boxed_str(), item.span.end)?;
                     reply.accepted += 1;
@@ -989,6 +1009,13 @@ impl Ledger {
         self.fresh
     }
 
+    /// The input's checkpointed part, as the check of the checkpoint read it
+    /// at open (empty for a fresh start): a count of the whole input goes on
+    /// from there.
+    pub fn input_prefix(&self) -> crate::input::InputPrefix {
+        self.input_prefix
+    }
+
     /// Once the job is complete and its last checkpoint written: removes what
     /// only a running job needs (journal, spilled results, lock file), and,
     /// for a redo, puts the new output in place of the old. Does nothing
@@ -1048,6 +1075,7 @@ impl Ledger {
             tombstones: c.tombstones,
             invalid_lines: c.invalid_lines,
             kept_lines: c.kept,
+            failed_by_kind: c.failed_by_kind.clone(),
             journal: self.journal_stats().unwrap_or_default(),
             ignored_results: c.ignored_results,
             issued_total: c.issued_total,
@@ -1167,6 +1195,7 @@ impl Ledger {
             self.counters.tombstones += 1;
             tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
             let record = crate::record::tombstone(error, id, &content, item.reissues);
+            self.counters.finished(&record);
             self.window.finish(id, record.into(), item.span.end)?;
             return Ok(false);
         }

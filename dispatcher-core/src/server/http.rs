@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::state::AppState;
+use super::ServeOptions;
 use crate::ledger::{Cause, LedgerStats};
 use crate::metrics::Endpoint;
 use crate::protocol::{
@@ -30,7 +31,7 @@ use crate::protocol::{
 /// Middleware costs a few microseconds per request, so layers are added only
 /// when their option is on (the token check, `--log-invalid-http`); latencies
 /// are recorded in the handlers themselves.
-pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+pub fn app(state: Arc<AppState>, options: &ServeOptions) -> Router {
     let mut router = Router::new()
         .route("/work", get(get_work))
         .route("/results", post(post_results))
@@ -58,8 +59,41 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         router = router.layer(axum::middleware::from_fn(log_invalid));
     }
     router
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            options.request_timeout,
+            request_deadline,
+        ))
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .with_state(state)
+}
+
+/// Bounds the time a request's body may take to arrive and be answered
+/// (`--request-timeout`): the idle timeout closes a connection that stops
+/// making progress, but a body trickled one byte at a time makes progress
+/// forever. One timer per request; the answer is a JSON 408, and the
+/// connection is closed (the rest of the body is never read).
+async fn request_deadline(
+    State(limit): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::debug!(%path, "a request took longer than --request-timeout; closed");
+            let mut response = ApiError::Timeout(format!(
+                "the request to {path} did not arrive in full within {} s (--request-timeout)",
+                limit.as_secs_f64()
+            ))
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 /// With `--log-invalid-http`: logs the peer and first bytes of requests
@@ -176,6 +210,8 @@ pub(super) enum ApiError {
     },
     /// The body is over `--max-request-mib`.
     TooLarge(String),
+    /// The request took longer than `--request-timeout` to arrive.
+    Timeout(String),
     /// The server stopped after a failure; nothing was changed.
     Stopped,
 }
@@ -203,6 +239,15 @@ impl IntoResponse for ApiError {
                     error,
                     work_ids,
                     count: Some(count),
+                },
+            ),
+            ApiError::Timeout(error) => (
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorResponse {
+                    status: "error".into(),
+                    error,
+                    work_ids: Vec::new(),
+                    count: None,
                 },
             ),
             ApiError::TooLarge(error) => (
@@ -571,6 +616,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         invalid_lines: s.invalid_lines,
         ignored_results: s.ignored_results,
         kept_lines: s.kept_lines,
+        failed_by_kind: s.failed_by_kind.clone(),
         journal_entries: s.journal.entries,
         journal_bytes: s.journal.bytes,
         journal_dropped: s.journal.dropped,

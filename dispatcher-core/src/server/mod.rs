@@ -58,6 +58,9 @@ pub struct ServeOptions {
     /// How long connections may take to finish once the server stops; then
     /// it exits whatever is still open.
     pub shutdown_timeout: Duration,
+    /// Longest a request may take from its headers to its answer: its body
+    /// must arrive in full within it, however steadily it trickles.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -72,6 +75,7 @@ impl Default for ServeOptions {
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
             shutdown_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -125,19 +129,25 @@ pub fn open(config: LedgerConfig, options: &ServeOptions) -> Result<Arc<AppState
     let infile = config.infile.clone();
     let ledger = Ledger::open(config, opening)?;
     tracing::info!(took_ms = opening.elapsed().as_millis(), "job files opened");
+    let prefix = ledger.input_prefix();
     let state = AppState::new(ledger, options);
-    count_input_lines(&state, infile);
+    count_input_lines(&state, infile, prefix);
     Ok(state)
 }
 
 /// Counts the input's lines and takes its checksum on a thread of its own
 /// (one pass with memchr and crc32fast, while requests are served), for the
-/// total in `/status` and the manifest.
-fn count_input_lines(state: &Arc<AppState>, infile: std::path::PathBuf) {
+/// total in `/status` and the manifest. A resume read the checkpointed part
+/// already (`prefix`): only the rest is read.
+fn count_input_lines(
+    state: &Arc<AppState>,
+    infile: std::path::PathBuf,
+    prefix: crate::input::InputPrefix,
+) {
     let state = Arc::downgrade(state);
     let spawned = std::thread::Builder::new()
         .name("count-input".into())
-        .spawn(move || match crate::input::count_lines_and_crc32(&infile) {
+        .spawn(move || match crate::input::count_lines_and_crc32_after(&infile, &prefix) {
             Ok((lines, crc32)) => {
                 if let Some(state) = state.upgrade() {
                     let _ = state.input_lines.set(lines);
@@ -179,7 +189,7 @@ pub async fn serve_state(
             stop.request(StopReason::Shutdown);
         }
     });
-    let router = app(state.clone(), options.max_body_bytes);
+    let router = app(state.clone(), &options);
     let (stopping_tx, stopping) = watch::channel(false);
     tasks.spawn({
         let (stop, mut failure) = (stop.clone(), state.failure.subscribe());

@@ -32,7 +32,7 @@ fn fixture(input: &str, options: ServeOptions) -> Fixture {
     };
     let ledger = Ledger::open(config, Instant::now()).unwrap();
     let state = AppState::new(ledger, &options);
-    let router = app(state.clone(), options.max_body_bytes);
+    let router = app(state.clone(), &options);
     Fixture {
         _dir: dir,
         outfile,
@@ -430,7 +430,7 @@ async fn drop_in_details_of_the_python_server() {
         ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
-    let router = app(state, options.max_body_bytes);
+    let router = app(state, &options);
     // A batch_size above --max-batch-size gets that many, with 200.
     let (code, r) = call(&router, "GET", "/work?batch_size=500", "").await;
     assert_eq!(code, StatusCode::OK, "{r}");
@@ -505,7 +505,7 @@ async fn a_release_from_a_worker_that_no_longer_holds_the_item_is_ignored() {
         ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
-    let router = app(state, options.max_body_bytes);
+    let router = app(state, &options);
     let (_, r) = call(&router, "GET", "/work?worker=a", "").await;
     assert_eq!(r["items"][0]["work_id"], 0);
     // A's lease runs out; B gets the item.
@@ -551,7 +551,7 @@ async fn the_total_is_known_before_the_input_is_read_to_its_end() {
     let options = ServeOptions::default();
     let config = LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"));
     let state = open(config, &options).unwrap();
-    let router = app(state, options.max_body_bytes);
+    let router = app(state, &options);
     call(&router, "GET", "/work?batch_size=3", "").await;
     let start = std::time::Instant::now();
     let status = loop {
@@ -563,4 +563,29 @@ async fn the_total_is_known_before_the_input_is_read_to_its_end() {
     };
     assert_eq!(status["lines_total"], 1000, "{status}");
     assert_eq!(status["next_work_id"], 3, "only three lines were read");
+}
+
+/// The server counts the failed lines it writes by kind, with the classifier
+/// `report` uses: results that are error records, and invalid results.
+#[tokio::test]
+async fn failed_lines_are_counted_by_kind_in_status_and_metrics() {
+    let f = fixture("a\nb\nc\nd\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=4", "").await;
+    let rejected = serde_json::json!({"__ERROR__": {"error": "request_rejected", "message": "too long"}}).to_string();
+    let own_error_field = serde_json::json!({"error": "a task's own field"}).to_string();
+    let body = serde_json::json!({"items": [
+        {"work_id": 0, "content": "", "result": rejected},
+        {"work_id": 1, "content": "", "result": own_error_field},
+        {"work_id": 2, "content": "", "result": "{not json"},
+    ]});
+    call(&f.router, "POST", "/results", &body.to_string()).await;
+    let (_, status) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(
+        status["failed_by_kind"],
+        serde_json::json!({"invalid_result": 1, "request_rejected": 1})
+    );
+    let (_, text) = call(&f.router, "GET", "/metrics", "").await;
+    let m = series(text.as_str().unwrap());
+    assert_eq!(m["dispatcher_failed_lines_total{kind=\"request_rejected\"}"], 1.0);
+    assert_eq!(m["dispatcher_failed_lines_total{kind=\"invalid_result\"}"], 1.0);
 }
