@@ -282,10 +282,9 @@ pub fn count_lines_and_crc32_after(path: &Path, prefix: &InputPrefix) -> io::Res
         .with_path("stat the input file", path)?
         .len();
     let mut crc = crc32fast::Hasher::new_with_initial_len(prefix.crc32, prefix.len);
-    let (breaks, ends_in_newline) = scan_line_breaks(&file, prefix.len, len, &mut |chunk| {
-        crc.update(chunk)
-    })
-    .with_path("read the input file", path)?;
+    let (breaks, ends_in_newline) =
+        scan_line_breaks(&file, prefix.len, len, &mut |chunk| crc.update(chunk))
+            .with_path("read the input file", path)?;
     // Past the prefix, nothing read: the prefix's own last byte says.
     let ends_in_newline = if len == prefix.len {
         prefix.len == 0 || read_exact_at(&file, len - 1, 1)?.first() == Some(&b'\n')

@@ -421,6 +421,11 @@ pub struct HeartbeatResponse {
     pub done: Vec<u64>,
     /// The lease length in seconds: heartbeat well within it.
     pub lease_secs: f64,
+    /// Extension: a heartbeat that names its `worker` renews every lease
+    /// that worker holds, listed or not, so later heartbeats need not list
+    /// them (an older server leaves it out: list them all).
+    #[serde(default)]
+    pub renews_held: bool,
 }
 
 /// The answer to `POST /release`.

@@ -419,7 +419,8 @@ fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_request_timeout() {
     let mut conn = TcpStream::connect(&server.addr).unwrap();
     conn.write_all(b"POST /results HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{")
         .unwrap();
-    conn.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let start = Instant::now();
     let mut answer = Vec::new();
     // One byte every 100 ms, each well within the idle timeout, until the
@@ -432,7 +433,9 @@ fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_request_timeout() {
         match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => break,
         }
     }

@@ -195,6 +195,9 @@ struct Item {
     first_issued: Instant,
     /// Whether a backup copy of it is out.
     backed_up: bool,
+    /// The worker the backup copy went to, when it says who it is: its
+    /// heartbeats keep the lease too, and it learns when the other copy wins.
+    backup_holder: Option<u64>,
     /// The worker of its current issue, when the worker says who it is.
     holder: Option<u64>,
     /// The worker whose task asked for another attempt: another worker gets
@@ -380,6 +383,12 @@ pub struct Ledger {
     previous: Option<Previous>,
     /// The engine responses of unfinished lines; `None` with `--no-journal`.
     journal: Option<Journal>,
+    /// Workers whose heartbeats renew every lease they hold: the last
+    /// heartbeat of each (by key). One entry per worker the job has seen.
+    alive: rustc_hash::FxHashMap<u64, Instant>,
+    /// Lines a worker held (or held a backup of) that another copy finished,
+    /// told at its next heartbeat (by key).
+    finished_elsewhere: rustc_hash::FxHashMap<u64, Vec<u64>>,
     counters: Counters,
 }
 
@@ -536,6 +545,8 @@ impl Ledger {
                 None
             },
             job_id: opened.job_id,
+            alive: rustc_hash::FxHashMap::default(),
+            finished_elsewhere: rustc_hash::FxHashMap::default(),
             config,
         };
         // A checkpoint exists from the start, so an output without one is
@@ -629,6 +640,7 @@ impl Ledger {
                         reissues: ReissueCounts::default(),
                         first_issued: now,
                         backed_up: false,
+                        backup_holder: None,
                         holder: worker,
                         avoid: None,
                         state: ItemState::InFlight(self.leases.grant(id, now)),
@@ -766,6 +778,7 @@ impl Ledger {
         for (_, id, key) in candidates.into_iter().take(allowed) {
             let item = &mut self.items[key];
             item.backed_up = true;
+            item.backup_holder = worker;
             let (span, retry_count) = (item.span, item.retry_count);
             self.backups_out += 1;
             self.counters.backups_issued += 1;
@@ -778,8 +791,26 @@ impl Ledger {
     /// work timeout from `now`. Returns how many were extended and which ids
     /// are already done (the worker may drop them).
     pub fn heartbeat(&mut self, ids: &[u64], now: Instant) -> (u64, Vec<u64>) {
+        self.heartbeat_from(ids, None, now)
+    }
+
+    /// [`heartbeat`](Self::heartbeat) from a worker that says who it is (a
+    /// hash of its id): every lease it holds, or holds a backup of, is
+    /// renewed from `now` as well, named in `ids` or not (lazily: when the
+    /// lease would end, see [`expire`](Self::expire)). The ids done include
+    /// those of its lines another copy finished since its last heartbeat.
+    pub fn heartbeat_from(
+        &mut self,
+        ids: &[u64],
+        worker: Option<u64>,
+        now: Instant,
+    ) -> (u64, Vec<u64>) {
         let mut extended = 0;
         let mut done = Vec::new();
+        if let Some(worker) = worker {
+            self.alive.insert(worker, now);
+            done.extend(self.finished_elsewhere.remove(&worker).unwrap_or_default());
+        }
         for &id in ids {
             match self.key_of(id) {
                 Some(key) => {
@@ -817,6 +848,14 @@ impl Ledger {
                     }
                     if item.backed_up {
                         self.backups_out -= 1;
+                        // One copy won: the other's worker may drop it (the
+                        // winner's own notice is harmless).
+                        for worker in [item.holder, item.backup_holder].into_iter().flatten() {
+                            let told = self.finished_elsewhere.entry(worker).or_default();
+                            if told.len() < MAX_FINISHED_ELSEWHERE {
+                                told.push(id);
+                            }
+                        }
                     }
                     self.counters.finished(&line);
                     self.window
@@ -1131,8 +1170,27 @@ impl Ledger {
             self.next_input_check = now + INPUT_CHECK_EVERY;
         }
         while let Some((id, seq)) = self.leases.pop_expired(now) {
-            let current = self.lease_of(id).is_some_and(|l| l.is_current(seq));
-            if current && self.requeue(id, Cause::Timeout)? {
+            let Some(key) = self.key_of(id) else {
+                continue;
+            };
+            let item = &mut self.items[key];
+            let ItemState::InFlight(lease) = &mut item.state else {
+                continue;
+            };
+            if !lease.is_current(seq) {
+                continue;
+            }
+            // A worker that heartbeats keeps every lease it holds: renewed
+            // from its last heartbeat, and expired only if that is too old.
+            let heard = [item.holder, item.backup_holder]
+                .into_iter()
+                .flatten()
+                .filter_map(|w| self.alive.get(&w).copied())
+                .max();
+            if heard.is_some_and(|at| self.leases.renew_from(id, lease, at)) {
+                continue;
+            }
+            if self.requeue(id, Cause::Timeout)? {
                 self.queue.push_back(id);
             }
         }
@@ -1173,6 +1231,7 @@ impl Ledger {
         if item.backed_up {
             // The copy may still answer; the item is open to a new backup.
             item.backed_up = false;
+            item.backup_holder = None;
             self.backups_out -= 1;
         }
         cause.tally(&mut item.reissues);
@@ -1230,6 +1289,10 @@ impl Ledger {
         Ok(())
     }
 }
+
+/// Lines told to one worker at its next heartbeat at most: a worker that
+/// never comes back must not make the list grow without bound.
+const MAX_FINISHED_ELSEWHERE: usize = 4096;
 
 /// How often the ledger checks that its input has not changed.
 const INPUT_CHECK_EVERY: Duration = Duration::from_secs(1);

@@ -452,6 +452,59 @@ fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
 }
 
 #[test]
+fn a_worker_that_names_itself_keeps_every_item_it_holds_without_listing_them() {
+    let mut job = Job::new(&lines(6), Some(3));
+    job.config.max_backups = 1;
+    job.config.backup_after = Duration::ZERO;
+    let mut t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (a, b, c) = (Some(1), Some(2), Some(3));
+    assert_eq!(ids(&l.take_work_for(3, t, a).unwrap()), vec![0, 1, 2]);
+    assert_eq!(ids(&l.take_work_for(3, t, b).unwrap()), vec![3, 4, 5]);
+    // A heartbeat that lists nothing renews all of a's items; b is silent.
+    for _ in 0..9 {
+        t += TIMEOUT / 3;
+        assert_eq!(l.heartbeat_from(&[], a, t), (0, vec![]));
+        l.tick(t).unwrap();
+    }
+    let s = l.stats(t);
+    assert_eq!(
+        (s.in_flight, s.queued_for_reissue),
+        (3, 3),
+        "b's items expired"
+    );
+    assert_eq!(ids(&l.take_work_for(5, t, c).unwrap()), vec![3, 4, 5]);
+    // Once a stops heartbeating, its items expire a lease after its last one.
+    t += TIMEOUT - Duration::from_millis(1);
+    l.heartbeat_from(&[], c, t);
+    l.tick(t).unwrap();
+    assert_eq!(l.stats(t).queued_for_reissue, 0);
+    t += Duration::from_millis(2);
+    l.heartbeat_from(&[], c, t);
+    l.tick(t).unwrap();
+    assert_eq!(l.stats(t).queued_for_reissue, 3, "a's items expired");
+    // c holds 3..6 and takes a's items too; an idle worker d gets a backup of
+    // the oldest, and its heartbeats keep that item's lease when c is silent.
+    let d = Some(4);
+    assert_eq!(ids(&l.take_work_for(5, t, c).unwrap()), vec![0, 1, 2]);
+    l.complete(vec![result(0, "0"), result(1, "1"), result(2, "2")])
+        .unwrap();
+    l.complete(vec![result(4, "4"), result(5, "5")]).unwrap();
+    assert_eq!(ids(&l.take_work_for(5, t, d).unwrap()), vec![3]);
+    for _ in 0..6 {
+        t += TIMEOUT / 3;
+        l.heartbeat_from(&[], d, t);
+        l.tick(t).unwrap();
+    }
+    assert_eq!(l.stats(t).in_flight, 1, "the backup's worker kept line 3");
+    // d's copy wins: c, the holder, learns at its next heartbeat.
+    l.complete(vec![result(3, "3")]).unwrap();
+    assert_eq!(l.heartbeat_from(&[], c, t), (0, vec![3]));
+    assert_eq!(l.heartbeat_from(&[], c, t), (0, vec![]), "told once");
+    assert!(l.is_complete());
+}
+
+#[test]
 fn a_live_timeout_change_never_expires_a_heartbeated_item() {
     // The case: --work-timeout 3, a heartbeat every second, then a
     // raise to 5 s after 7 s: the item's lease runs from its last heartbeat.

@@ -465,9 +465,9 @@ async fn post_heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Heartbeat);
     let req: HeartbeatRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
-    contact(&state, req.worker.as_deref());
+    let worker = contact(&state, req.worker.as_deref());
     let (extended, done, lease) = state.with_ledger(|l| {
-        let (extended, done) = l.heartbeat(&req.work_ids, Instant::now());
+        let (extended, done) = l.heartbeat_from(&req.work_ids, worker, Instant::now());
         Ok((extended, done, l.work_timeout()))
     })?;
     Ok(Json(HeartbeatResponse {
@@ -475,6 +475,7 @@ async fn post_heartbeat(
         extended,
         done,
         lease_secs: lease.as_secs_f64(),
+        renews_held: worker.is_some(),
     }))
 }
 

@@ -147,16 +147,22 @@ fn count_input_lines(
     let state = Arc::downgrade(state);
     let spawned = std::thread::Builder::new()
         .name("count-input".into())
-        .spawn(move || match crate::input::count_lines_and_crc32_after(&infile, &prefix) {
-            Ok((lines, crc32)) => {
-                if let Some(state) = state.upgrade() {
-                    let _ = state.input_lines.set(lines);
-                    state.manifest().input_read(lines, crc32);
-                    tracing::info!(lines, crc32 = format!("{crc32:08x}"), "input lines counted");
+        .spawn(
+            move || match crate::input::count_lines_and_crc32_after(&infile, &prefix) {
+                Ok((lines, crc32)) => {
+                    if let Some(state) = state.upgrade() {
+                        let _ = state.input_lines.set(lines);
+                        state.manifest().input_read(lines, crc32);
+                        tracing::info!(
+                            lines,
+                            crc32 = format!("{crc32:08x}"),
+                            "input lines counted"
+                        );
+                    }
                 }
-            }
-            Err(e) => tracing::warn!("could not count the input's lines: {e}"),
-        });
+                Err(e) => tracing::warn!("could not count the input's lines: {e}"),
+            },
+        );
     if let Err(e) = spawned {
         tracing::warn!("could not start counting the input's lines: {e}");
     }

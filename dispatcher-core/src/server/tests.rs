@@ -571,7 +571,9 @@ async fn the_total_is_known_before_the_input_is_read_to_its_end() {
 async fn failed_lines_are_counted_by_kind_in_status_and_metrics() {
     let f = fixture("a\nb\nc\nd\n", ServeOptions::default());
     call(&f.router, "GET", "/work?batch_size=4", "").await;
-    let rejected = serde_json::json!({"__ERROR__": {"error": "request_rejected", "message": "too long"}}).to_string();
+    let rejected =
+        serde_json::json!({"__ERROR__": {"error": "request_rejected", "message": "too long"}})
+            .to_string();
     let own_error_field = serde_json::json!({"error": "a task's own field"}).to_string();
     let body = serde_json::json!({"items": [
         {"work_id": 0, "content": "", "result": rejected},
@@ -586,6 +588,12 @@ async fn failed_lines_are_counted_by_kind_in_status_and_metrics() {
     );
     let (_, text) = call(&f.router, "GET", "/metrics", "").await;
     let m = series(text.as_str().unwrap());
-    assert_eq!(m["dispatcher_failed_lines_total{kind=\"request_rejected\"}"], 1.0);
-    assert_eq!(m["dispatcher_failed_lines_total{kind=\"invalid_result\"}"], 1.0);
+    assert_eq!(
+        m["dispatcher_failed_lines_total{kind=\"request_rejected\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["dispatcher_failed_lines_total{kind=\"invalid_result\"}"],
+        1.0
+    );
 }

@@ -17,7 +17,7 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::journal::{JournalEvent, JournalSink, TaskJournal};
-use super::source::{SourceError, WorkSource};
+use super::source::{Heartbeat, SourceError, WorkSource};
 use super::{DynTask, Engines, LineOutcome, OutcomeKind, TaskContext};
 use crate::engine::BoxFuture;
 use crate::metrics::WorkerMetrics;
@@ -152,7 +152,7 @@ enum Event {
     /// The wait before the next work request is over (or cut short).
     MayFetch,
     HeartbeatDue,
-    Heartbeat(Result<Option<Vec<u64>>, SourceError>),
+    Heartbeat(Result<Option<Heartbeat>, SourceError>),
 }
 
 /// Whether the server answers, and how long to wait before calling again.
@@ -254,6 +254,9 @@ struct Manager {
     server: Reachability,
     /// The server's lease, once it told one: heartbeats keep held items.
     lease: Option<Duration>,
+    /// The last heartbeat's answer said the server renews every item this
+    /// worker holds: heartbeats list none (an older server needs them all).
+    renews_held: bool,
     next_heartbeat: Instant,
     summary: Summary,
 }
@@ -305,6 +308,7 @@ impl Manager {
             no_more_work: false,
             server: Reachability::new(),
             lease: None,
+            renews_held: false,
             next_heartbeat: Instant::now(),
             summary: Summary::default(),
         }
@@ -318,7 +322,7 @@ impl Manager {
         let mut shutdown = pin!(shutdown);
         let mut engine_died = pin!(engine_died);
         let mut fetch: Option<Call<WorkResponse>> = None;
-        let mut heartbeat: Option<Call<Option<Vec<u64>>>> = None;
+        let mut heartbeat: Option<Call<Option<Heartbeat>>> = None;
         let exit = loop {
             if self.no_more_work && self.tasks.is_empty() {
                 break if self.server.is_unreachable() {
@@ -491,12 +495,18 @@ impl Manager {
     }
 
     /// A heartbeat is due: the call that sends it, when anything is held.
-    fn heartbeat_due(&mut self) -> Option<Call<Option<Vec<u64>>>> {
+    fn heartbeat_due(&mut self) -> Option<Call<Option<Heartbeat>>> {
         if self.held.is_empty() {
             self.schedule_heartbeat();
             return None;
         }
-        let ids: Vec<u64> = self.held.keys().copied().collect();
+        // A source that renews what this worker holds needs no list: the
+        // heartbeat stays a few bytes however many items are held.
+        let ids: Vec<u64> = if self.renews_held {
+            Vec::new()
+        } else {
+            self.held.keys().copied().collect()
+        };
         let source = self.source.clone();
         Some(Box::pin(async move { source.heartbeat(ids).await }))
     }
@@ -507,10 +517,11 @@ impl Manager {
     }
 
     /// The answer to a heartbeat: drops the items finished elsewhere.
-    fn on_heartbeat(&mut self, answer: Result<Option<Vec<u64>>, SourceError>) {
+    fn on_heartbeat(&mut self, answer: Result<Option<Heartbeat>, SourceError>) {
         self.schedule_heartbeat();
         match answer {
-            Ok(Some(done)) => {
+            Ok(Some(Heartbeat { done, renews_held })) => {
+                self.renews_held = renews_held;
                 for id in done {
                     if let Some(handle) = self.held.remove(&id) {
                         handle.abort();

@@ -48,9 +48,10 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
         ids: Vec<u64>,
         reason: ReleaseReason,
     ) -> BoxFuture<'_, Result<(), SourceError>>;
-    /// Extends the leases of `ids`; answers the ids already done elsewhere.
+    /// Extends the leases of `ids` (and, where the answer says so, of every
+    /// item this worker holds); answers the ids already done elsewhere.
     /// `None` where the source has no leases.
-    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>> {
+    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Heartbeat>, SourceError>> {
         let _ = ids;
         Box::pin(std::future::ready(Ok(None)))
     }
@@ -79,6 +80,16 @@ pub trait WorkSource: Send + Sync + std::fmt::Debug {
     fn finish(&self) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(std::future::ready(Ok(())))
     }
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Items already done elsewhere: drop them.
+    pub done: Vec<u64>,
+    /// The source renews every item this worker holds at each heartbeat, so
+    /// the next ones need not list them.
+    pub renews_held: bool,
 }
 
 /// How far the whole job is, for a worker's progress line.
@@ -147,8 +158,14 @@ impl WorkSource for ServerSource {
         })
     }
 
-    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Vec<u64>>, SourceError>> {
-        Box::pin(async move { Ok(Some(self.client.heartbeat(ids).await?.done)) })
+    fn heartbeat(&self, ids: Vec<u64>) -> BoxFuture<'_, Result<Option<Heartbeat>, SourceError>> {
+        Box::pin(async move {
+            let answer = self.client.heartbeat(ids).await?;
+            Ok(Some(Heartbeat {
+                done: answer.done,
+                renews_held: answer.renews_held,
+            }))
+        })
     }
 
     fn progress(&self) -> BoxFuture<'_, Option<JobProgress>> {
