@@ -319,7 +319,7 @@ async fn a_vllm_killed_mid_run_makes_the_worker_release_and_fail_and_a_new_worke
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_releases_the_items_exits_0_and_leaves_no_engine_process() {
+async fn sigterm_releases_the_items_exits_0_and_leaves_no_engine_process_nor_file() {
     let Some((bin, model)) = vllm() else {
         return;
     };
@@ -336,7 +336,17 @@ async fn sigterm_releases_the_items_exits_0_and_leaves_no_engine_process() {
         "8",
     ]);
     args.extend(engine_flags(&bin, &model, 512));
-    let child = worker(&dispatcher_bin(), &args);
+    // The worker's own TMPDIR, to see what the engine leaves in it.
+    let tmpdir = tempfile::tempdir().unwrap();
+    let child = Command::new(dispatcher_bin())
+        .args(&args)
+        .arg("-q")
+        .envs(VLLM_ENV)
+        .env("TMPDIR", tmpdir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let engine = engine_of(&child);
     wait_for_progress(&client).await;
     assert!(!processes_in_group(engine).is_empty());
@@ -354,6 +364,11 @@ async fn sigterm_releases_the_items_exits_0_and_leaves_no_engine_process() {
         Vec::<i32>::new(),
         "no engine process is left"
     );
+    let left: Vec<_> = std::fs::read_dir(tmpdir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the engine left {left:?} in TMPDIR");
     drop(served);
 }
 

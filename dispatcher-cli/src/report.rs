@@ -205,10 +205,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     if let Some(input) = &args.input {
-        report.input_lines = Some(
-            dispatcher_core::input::count_lines(input)
-                .with_context(|| format!("--input {}", input.display()))?,
-        );
+        report.input_lines = Some(dispatcher_core::input::count_lines(input).context("--input")?);
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -244,8 +244,8 @@ fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
         );
         return Ok(false);
     }
-    let input_lines = dispatcher_core::input::count_lines(&args.infile)
-        .with_context(|| format!("--infile {}", args.infile.display()))?;
+    // The error names the file; the flag is what the user gave.
+    let input_lines = dispatcher_core::input::count_lines(&args.infile).context("--infile")?;
     let survey = redo.prepare(&args.infile, input_lines)?;
     let missing = input_lines - survey.lines;
     if survey.to_redo + missing == 0 {

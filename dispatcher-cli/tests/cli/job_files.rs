@@ -283,3 +283,57 @@ fn status_names_a_refused_token_and_a_server_address_without_a_port_is_refused()
     assert_eq!(stderr.matches("127.0.0.1:9").count(), 1, "{stderr}");
     assert!(stderr.contains("refused"), "{stderr}");
 }
+
+fn files_in(job: &Job) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(job.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A finished job, and a finished redo of it, leave the output, its
+/// checkpoint and the manifest beside the input, and nothing else.
+#[test]
+fn a_finished_job_and_a_finished_redo_leave_only_the_output_its_checkpoint_and_manifest() {
+    let job = Job::new(40);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = job.serve(&["--exit-grace", "0.2", "--checkpoint-interval", "0.1"]);
+    let client = DispatcherClient::new(&server.addr);
+    let items = take(&server.addr, &rt, 40);
+    let ids: Vec<u64> = items.iter().map(|i| i.work_id).collect();
+    hand_in_journal(&server.addr, &rt, &ids);
+    // Line 7 fails, so that a redo has something to do.
+    let results = items
+        .iter()
+        .map(|item| match item.work_id {
+            7 => WorkItem {
+                result: Some(r#"{"__ERROR__": {"error": "request_rejected"}}"#.into()),
+                ..item.clone()
+            },
+            _ => answer(item),
+        })
+        .collect();
+    rt.block_on(client.submit(results)).unwrap();
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let left = [
+        "in.jsonl",
+        "out.jsonl",
+        "out.jsonl.checkpoint",
+        "out.jsonl.manifest.json",
+    ];
+    assert_eq!(files_in(&job), left);
+
+    let server = job.serve(&["--redo-errors", "--exit-grace", "0.2"]);
+    let items = take(&server.addr, &rt, 10);
+    assert_eq!(items.iter().map(|i| i.work_id).collect::<Vec<_>>(), [7]);
+    hand_in_journal(&server.addr, &rt, &[7]);
+    rt.block_on(DispatcherClient::new(&server.addr).submit(items.iter().map(answer).collect()))
+        .unwrap();
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(files_in(&job), left);
+    job.check_output();
+}

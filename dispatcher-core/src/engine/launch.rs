@@ -277,6 +277,10 @@ pub struct RunningEngine {
     log: LogTail,
     /// The in-process echo server and the sender that stops it.
     echo: Option<(JoinHandle<std::io::Result<()>>, oneshot::Sender<()>)>,
+    /// The engine's `TMPDIR`: a directory of its own under the worker's,
+    /// removed (with what the engine left there, such as vLLM's
+    /// `vllm_dist_*` rendezvous files) when the engine is stopped or dropped.
+    tmp: Option<tempfile::TempDir>,
 }
 
 impl RunningEngine {
@@ -331,6 +335,15 @@ impl RunningEngine {
                 signal_group(pid, libc::SIGKILL);
             }
             let _ = child.kill().await;
+        }
+        if let Some(tmp) = self.tmp.take() {
+            let path = tmp.path().to_owned();
+            if let Err(e) = tmp.close() {
+                tracing::warn!(
+                    "could not remove the engine's temporary directory {}: {e}",
+                    path.display()
+                );
+            }
         }
     }
 }
@@ -450,6 +463,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
             child: None,
             log: LogTail::None,
             echo: Some((task, tx)),
+            tmp: None,
         });
     }
     let port = if config.port == 0 {
@@ -485,8 +499,21 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         EngineLog::Inherit => (Stdio::inherit(), Stdio::inherit(), LogTail::Inherited),
     };
     tracing::info!(engine = config.kind.name(), command = ?argv, "starting the engine");
+    let tmp = tempfile::Builder::new()
+        .prefix("dispatcher-engine-")
+        .tempdir()
+        .map_err(|source| LaunchError::Spawn {
+            kind: config.kind.name(),
+            program: format!(
+                "{} (its temporary directory in {})",
+                argv[0],
+                std::env::temp_dir().display()
+            ),
+            source,
+        })?;
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
+        .env("TMPDIR", tmp.path())
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -512,6 +539,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         child: Some(child),
         log,
         echo: None,
+        tmp: Some(tmp),
     };
     let health = format!("{}/health", engine.base_url);
     let http = reqwest::Client::builder()
@@ -574,6 +602,7 @@ pub fn connect_url(url: &str) -> RunningEngine {
         child: None,
         log: LogTail::None,
         echo: None,
+        tmp: None,
     }
 }
 

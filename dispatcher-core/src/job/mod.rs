@@ -99,8 +99,12 @@ impl JobFiles {
     pub fn open(&self, input: &Path) -> Result<OpenedJob, ResumeError> {
         let lock = JobLock::acquire(input, &self.output, &self.checkpoint)?;
         // Results spilled by an earlier run were never written: those lines
-        // are redone, so the file is stale.
+        // are redone, so the file is stale. So are the temporary files of a
+        // replacement the last run died in the middle of.
         remove_if_present(&self.pending())?;
+        for replaced in [self.checkpoint.clone(), self.journal(), self.manifest()] {
+            remove_if_present(&with_suffix(&replaced, ".tmp"))?;
+        }
         let checkpoint = Checkpoint::load(&self.checkpoint)?;
         let mut input_prefix = crate::input::InputPrefix::default();
         let job_id = match &checkpoint {
