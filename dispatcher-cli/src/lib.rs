@@ -1,29 +1,29 @@
 //! The `dispatcher` command line, reused by task binaries.
 //!
 //! # Layout
-//! - [`serve`]: `dispatcher serve`, the head-node server.
-//! - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and its
-//!   built-in task ([`infer::Infer`]).
-//! - [`batch`]: `dispatcher run-batch`, OpenAI batch files as a built-in task.
-//! - [`report`]: `dispatcher report`, the figures of a job's output.
-//! - [`status`]: `dispatcher status` and `dispatcher work-timeout`.
-//! - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
-//! - [`worker`]: engine, work and manager flags; running a task with them.
-//! - [`engines`]: engines given by URL (hosted, named), their keys and limits.
+//! - `commands/`: one module per subcommand, re-exported here:
+//!   - [`serve`]: `dispatcher serve`, the head-node server;
+//!   - [`infer`]: `dispatcher infer`, prompt in, responses out: its flags and
+//!     its built-in task ([`infer::Infer`]);
+//!   - [`batch`]: `dispatcher run-batch`, OpenAI batch files as a built-in task;
+//!   - [`report`]: `dispatcher report`, the figures of a job's output;
+//!   - [`status`]: `dispatcher status` and `dispatcher work-timeout`;
+//!   - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
+//! - [`worker`]: the worker runtime that task binaries, `infer` and
+//!   `run-batch` share: engine, work and manager flags, running a task with
+//!   them; [`worker::engines`]: the engines as specs (launched, by URL,
+//!   named), their keys and limits.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`logging`]: tracing set-up shared by every subcommand.
-//! - [`run_tasks`]: the whole CLI of a task binary in one call.
+//! - here: the command line's types and [`run_tasks`], the whole CLI of a
+//!   task binary in one call.
 
-pub mod batch;
-pub mod engines;
-pub mod infer;
+mod commands;
 pub mod logging;
 pub mod progress;
-pub mod report;
-pub mod serve;
-pub mod slurm;
-pub mod status;
 pub mod worker;
+
+pub use commands::{batch, infer, report, serve, slurm, status};
 
 use clap::{Parser, Subcommand};
 use dispatcher_core::task::DynTask;
@@ -236,6 +236,24 @@ mod tests {
             "{e}"
         );
         assert_eq!(select_task(&both[..1], None).unwrap().name(), "first");
+    }
+
+    /// `--workers` on `infer` and `run-batch` was always requests in flight;
+    /// `--max-in-flight` says so, and the old name still works.
+    #[test]
+    fn max_in_flight_and_its_old_name_workers_are_one_flag() {
+        let in_flight = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Infer(a) => a.work.max_in_flight,
+            Command::RunBatch(a) => a.work.max_in_flight,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            in_flight(&["dispatcher", "infer", "--max-in-flight", "8"]),
+            8
+        );
+        assert_eq!(in_flight(&["dispatcher", "infer", "--workers", "8"]), 8);
+        assert_eq!(in_flight(&["dispatcher", "run-batch", "--workers", "3"]), 3);
+        assert_eq!(in_flight(&["dispatcher", "run-batch"]), 64);
     }
 
     #[test]

@@ -31,6 +31,28 @@ pub struct WorkItem {
     pub journal: Option<Vec<JournalEntry>>,
 }
 
+impl WorkItem {
+    /// The work item of line `work_id` handed out on its `retry_count`-th
+    /// reissue, with the server's `max_retries` and the journal of its
+    /// earlier issues.
+    pub fn issued(
+        work_id: u64,
+        content: String,
+        retry_count: u32,
+        max_retries: Option<u32>,
+        journal: Option<Vec<JournalEntry>>,
+    ) -> WorkItem {
+        WorkItem {
+            work_id,
+            content,
+            result: None,
+            retry_count,
+            max_retries,
+            journal,
+        }
+    }
+}
+
 /// One engine request a task completed: its place in the task's sequence of
 /// requests, a fingerprint of the request, and the response the task got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +159,38 @@ pub struct WorkResponse {
     /// lose them when it runs out. Absent from the Python server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_secs: Option<f64>,
+}
+
+impl WorkResponse {
+    /// `OK` with `items`.
+    pub fn ok(items: Vec<WorkItem>, lease_secs: Option<f64>) -> WorkResponse {
+        WorkResponse {
+            status: WorkStatus::Ok,
+            retry_in: None,
+            items,
+            lease_secs,
+        }
+    }
+
+    /// `retry` in `secs` seconds.
+    pub fn retry(secs: u64, lease_secs: Option<f64>) -> WorkResponse {
+        WorkResponse {
+            status: WorkStatus::Retry,
+            retry_in: Some(secs),
+            items: Vec::new(),
+            lease_secs,
+        }
+    }
+
+    /// `all_work_complete`.
+    pub fn complete(lease_secs: Option<f64>) -> WorkResponse {
+        WorkResponse {
+            status: WorkStatus::AllWorkComplete,
+            retry_in: None,
+            items: Vec::new(),
+            lease_secs,
+        }
+    }
 }
 
 /// The body of `POST /results`.

@@ -14,22 +14,38 @@
 //! A result is accepted only for an id whose slot holds an item, so the first
 //! result wins and nothing in the reorder buffer is ever reissued.
 //!
-//! `Ledger` composes its parts: the input cursor and the items issued from it
-//! (here), the leases of items in flight (`leases.rs`), the window of lines
-//! read and not written with the reorder buffer, its spill file and the output
-//! (`window.rs`), and counters for its stats.
+//! Where what lives:
+//! - here: [`Ledger`] and the calls the server and the local source make
+//!   (take work, complete, release, heartbeat, tick), and its configuration;
+//! - `open.rs`: opening or resuming the job's files, checkpoints, finishing;
+//! - `items.rs`: the issued lines without a result, why they go back to the
+//!   queue, and the counts that follow from their states;
+//! - `leases.rs`: the lease of every item in flight, in deadline order;
+//! - `window.rs`: the lines read and not written (the reorder buffer, its
+//!   spill file) and the output;
+//! - `journal.rs`: the engine responses of unfinished lines;
+//! - `redo.rs`: the previous output of a `--redo-errors` run, read in step;
+//! - `stats.rs`: [`LedgerStats`] and the counters behind it.
 
+mod items;
 mod journal;
 mod leases;
+mod open;
 mod redo;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod window;
 
 pub use crate::job::redo::RedoConfig;
+pub use items::Cause;
+use items::{Item, Items};
 use journal::Journal;
 pub use journal::JournalStats;
+pub use open::PendingCheckpoint;
 use redo::{Decision, Previous};
+use stats::Counters;
+pub use stats::LedgerStats;
 
 /// Kept lines (`--redo-errors`) a work request reads past at most before it
 /// answers: the ledger's lock is not held for long.
@@ -37,25 +53,17 @@ const KEEP_PER_REQUEST: u64 = 65_536;
 /// Kept lines the ticker reads past at most each second, when no worker asks.
 const KEEP_PER_TICK: u64 = 262_144;
 
-use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use slab::Slab;
 use tokio::time::Instant;
 
-use crate::error::{path_error, IoContext};
 use crate::input::{InputReader, LineSpan};
-use crate::job::checkpoint::{Checkpoint, ResumeError};
 use crate::job::files::JobLock;
 use crate::job::JobFiles;
-use crate::output::OutputWriter;
-use crate::protocol::{
-    check_results, BlockingLine, JournalRecord, OldestInFlight, RefusedResult, ReissueCounts,
-    ReleaseReason, ResultLine, WorkItem, WorkStatus,
-};
-use leases::{Lease, Leases};
+use crate::protocol::{JournalEntry, JournalRecord, ResultLine};
+use leases::Leases;
 use window::Window;
 
 /// What the ledger needs to know about the job.
@@ -137,101 +145,77 @@ pub const DEFAULT_MAX_JOURNAL_BYTES: u64 = 1 << 30;
 /// Default `--max-pending-mib`: 256 MiB of results waiting for a stuck line.
 pub const DEFAULT_MAX_PENDING_BYTES: u64 = 256 << 20;
 
-/// Why an item went back to the queue.
+/// Who asks for work, and how much: a work request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// Its lease (work timeout) expired: a failure.
-    Timeout,
-    /// Its worker released it unprocessed (preemption): not a failure.
-    Release,
-    /// Its task asked for another attempt: a failure.
-    Retry,
-    /// A release that gives no reason (a worker written for the Python
-    /// server): counted as a release, but on the `max_retries` budget and in
-    /// `retry_count`, exactly as that server did.
-    LegacyRelease,
+pub struct Ask {
+    /// Items wanted at most.
+    pub batch: usize,
+    /// The worker asking, when it says who it is (a hash of its id): it is
+    /// never handed a backup of an item it holds itself, and a retry its own
+    /// task asked for goes to another worker when one asks.
+    pub worker: Option<u64>,
 }
 
-impl Cause {
-    /// The cause of a `POST /release`, from its (optional) reason.
-    pub fn of_release(reason: Option<ReleaseReason>) -> Cause {
-        match reason {
-            Some(ReleaseReason::Retry) => Cause::Retry,
-            Some(ReleaseReason::Preempted) => Cause::Release,
-            None => Cause::LegacyRelease,
+impl Ask {
+    /// A request for up to `batch` items from a worker that does not say who
+    /// it is.
+    pub fn batch(batch: usize) -> Ask {
+        Ask {
+            batch,
+            worker: None,
         }
     }
 
-    /// Whether it draws on the `max_retries` budget (and `retry_count`) rather
-    /// than on `max_releases`.
-    fn is_failure(self) -> bool {
-        !matches!(self, Cause::Release)
-    }
-
-    /// Counts one reissue by this cause in `counts`.
-    fn tally(self, counts: &mut ReissueCounts) {
-        match self {
-            Cause::Timeout => counts.timeout += 1,
-            Cause::Release | Cause::LegacyRelease => counts.release += 1,
-            Cause::Retry => counts.retry += 1,
-        }
+    /// The same request, from `worker`.
+    pub fn by(self, worker: Option<u64>) -> Ask {
+        Ask { worker, ..self }
     }
 }
 
-/// An issued line that has no result yet.
-#[derive(Debug)]
-struct Item {
-    /// Its work id.
-    id: u64,
-    span: LineSpan,
-    /// Failures so far (expiries, task retries): the `retry_count` of its next
-    /// issue, checked against `max_retries`.
-    retry_count: u32,
-    /// Releases so far, checked against `max_releases`.
-    releases: u32,
-    /// Reissues by cause, for the tombstone's history.
-    reissues: ReissueCounts,
-    /// When it was first issued, for the blocking line's age.
-    first_issued: Instant,
-    /// Whether a backup copy of it is out.
-    backed_up: bool,
-    /// The worker the backup copy went to, when it says who it is: its
-    /// heartbeats keep the lease too, and it learns when the other copy wins.
-    backup_holder: Option<u64>,
-    /// The worker of its current issue, when the worker says who it is.
-    holder: Option<u64>,
-    /// The worker whose task asked for another attempt: another worker gets
-    /// the retry when one asks.
-    avoid: Option<u64>,
-    state: ItemState,
-}
-
-#[derive(Debug)]
-enum ItemState {
-    /// With a worker, under a lease.
-    InFlight(Lease),
-    /// Waiting in `queue` to be issued again.
-    Queued,
-}
-
-impl Item {
-    fn lease(&self) -> Option<&Lease> {
-        match &self.state {
-            ItemState::InFlight(lease) => Some(lease),
-            ItemState::Queued => None,
-        }
-    }
+/// One line handed out, in the ledger's terms (the HTTP layer and the local
+/// source make a work item of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The line's work id: its 0-based index in the input.
+    pub work_id: u64,
+    /// The line, without its newline.
+    pub content: String,
+    /// Failures (lease expiries, task retries) before this issue.
+    pub retry_count: u32,
+    /// The engine responses earlier issues of the line completed.
+    pub journal: Option<Vec<JournalEntry>>,
 }
 
 /// The answer to a work request.
 #[derive(Debug, PartialEq, Eq)]
-pub struct WorkReply {
-    /// What the worker should do.
-    pub status: WorkStatus,
-    /// Seconds to wait, with [`WorkStatus::Retry`].
-    pub retry_in: Option<u64>,
-    /// Items issued, with [`WorkStatus::Ok`].
-    pub items: Vec<WorkItem>,
+pub enum WorkReply {
+    /// Lines to work on.
+    Issued(Vec<Issue>),
+    /// Nothing to hand out now: ask again in this many seconds.
+    Retry {
+        /// Seconds to wait (at least 1).
+        after_secs: u64,
+    },
+    /// Every line has its output line.
+    Complete,
+}
+
+impl WorkReply {
+    /// The lines issued (none unless [`WorkReply::Issued`]).
+    pub fn items(&self) -> &[Issue] {
+        match self {
+            WorkReply::Issued(items) => items,
+            _ => &[],
+        }
+    }
+
+    /// The lines issued, owned.
+    pub fn into_items(self) -> Vec<Issue> {
+        match self {
+            WorkReply::Issued(items) => items,
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The outcome of submitting results.
@@ -245,100 +229,6 @@ pub struct CompleteReply {
     pub already_done: Vec<u64>,
     /// Ids among the ignored that were never issued.
     pub never_issued: Vec<u64>,
-    /// Results refused; their items stay in flight.
-    pub refused: Vec<RefusedResult>,
-}
-
-/// Where the job stands: what `GET /status` and the metrics report, in the
-/// ledger's own terms (the server maps it to the wire).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LedgerStats {
-    /// Output lines written.
-    pub lines_written: u64,
-    /// The work id the next new input line will get.
-    pub next_work_id: u64,
-    /// Input lines in all, once the whole input has been read.
-    pub lines_total: Option<u64>,
-    /// Input bytes read so far.
-    pub input_bytes_consumed: u64,
-    /// Size of the input file when it was opened.
-    pub input_bytes_total: u64,
-    /// Items issued and without a result.
-    pub in_flight: u64,
-    /// Items waiting to be issued again.
-    pub queued_for_reissue: u64,
-    /// Finished lines waiting for an earlier one.
-    pub reorder_lines: u64,
-    /// Bytes of those results held in memory.
-    pub reorder_bytes: u64,
-    /// Of those lines, how many are spilled to disk.
-    pub reorder_spilled: u64,
-    /// Entries of the lease deadline queue, stale ones included.
-    pub lease_entries: u64,
-    /// Reissues by cause.
-    pub reissues: ReissueCounts,
-    /// Lines given up (tombstoned).
-    pub tombstones: u64,
-    /// Input lines that were not valid UTF-8.
-    pub invalid_lines: u64,
-    /// Lines of the previous output kept as they were (`--redo-errors`), by
-    /// this run.
-    pub kept_lines: u64,
-    /// Failed lines this run finished (results, tombstones, invalid input
-    /// lines), by kind ([`crate::record`]).
-    pub failed_by_kind: std::collections::BTreeMap<String, u64>,
-    /// What the journal holds (zeros with `--no-journal`).
-    pub journal: JournalStats,
-    /// Results ignored (duplicates, unknown ids).
-    pub ignored_results: u64,
-    /// Issues made by this run, reissues included.
-    pub issued_total: u64,
-    /// Results accepted by this run.
-    pub completed_total: u64,
-    /// Backup copies handed out by this run.
-    pub backups_issued: u64,
-    /// The oldest item in flight.
-    pub oldest_in_flight: Option<OldestInFlight>,
-    /// The unfinished line that later finished lines wait for.
-    pub blocking: Option<BlockingLine>,
-    /// The current work timeout.
-    pub work_timeout: Duration,
-    /// `--max-retries`.
-    pub max_retries: Option<u32>,
-    /// Whether every input line has its output line.
-    pub complete: bool,
-    /// Time since the ledger was opened.
-    pub uptime: Duration,
-}
-
-/// Counts kept for [`LedgerStats`]; nothing reads them to decide anything.
-#[derive(Debug)]
-struct Counters {
-    started: Instant,
-    reissues: ReissueCounts,
-    tombstones: u64,
-    invalid_lines: u64,
-    ignored_results: u64,
-    issued_total: u64,
-    completed_total: u64,
-    backups_issued: u64,
-    /// Output lines found past the checkpoint at open.
-    recovered_past_checkpoint: u64,
-    /// Results accepted, by the worker (key) the item was last issued to.
-    done_by: rustc_hash::FxHashMap<u64, u64>,
-    /// Lines of the previous output kept as they were (`--redo-errors`).
-    kept: u64,
-    /// Failed lines finished by this run, by kind.
-    failed_by_kind: std::collections::BTreeMap<String, u64>,
-}
-
-impl Counters {
-    /// Counts `line` (one JSON value) when it is a failure.
-    fn finished(&mut self, line: &str) {
-        if let Some(kind) = crate::record::failure_of_json(line) {
-            *self.failed_by_kind.entry(kind).or_default() += 1;
-        }
-    }
 }
 
 /// The state of one job: see the module docs for its invariants.
@@ -366,15 +256,9 @@ pub struct Ledger {
     next_work_id: u64,
     /// When to check next that the input has not changed.
     next_input_check: Instant,
-    /// Issued lines without a result, addressed by their window slot.
-    items: Slab<Item>,
-    /// Ids waiting to be reissued, in order; may hold ids finished meanwhile,
-    /// which are skipped.
-    queue: VecDeque<u64>,
-    /// How many `items` are [`ItemState::Queued`].
-    queued: u64,
-    /// Backup copies out (items with `backed_up`).
-    backups_out: u32,
+    /// Issued lines without a result (addressed by their window slot), and
+    /// the queue of those waiting to be issued again.
+    items: Items,
     /// The lease of every item in flight.
     leases: Leases,
     /// Lines read and not written, and the output.
@@ -392,176 +276,7 @@ pub struct Ledger {
     counters: Counters,
 }
 
-/// A checkpoint whose state was taken by [`Ledger::begin_checkpoint`] and
-/// which is not written yet.
-#[derive(Debug)]
-#[must_use = "nothing is written until `commit`"]
-pub struct PendingCheckpoint {
-    /// A handle on the output, for its fsync.
-    output: std::fs::File,
-    /// A handle on the journal and its path, for its fsync.
-    journal: Option<(std::fs::File, PathBuf)>,
-    job_id: String,
-    infile: PathBuf,
-    outfile: PathBuf,
-    checkpoint: PathBuf,
-    lines_written: u64,
-    input_offset: u64,
-    output_offset: u64,
-}
-
-impl PendingCheckpoint {
-    /// Makes the output durable (at least up to the length taken; lines
-    /// appended since are synced too, harmlessly) and then writes the
-    /// checkpoint that names it. The output only grows past the length taken
-    /// while this runs, so the checkpoint's fingerprint of it stays true.
-    ///
-    /// The checkpoints of one job must be committed one at a time and in the
-    /// order they were begun, or an older one could replace a newer one.
-    pub fn commit(self) -> io::Result<()> {
-        self.output
-            .sync_data()
-            .with_path("sync the output file", &self.outfile)?;
-        if let Some((journal, path)) = &self.journal {
-            journal.sync_data().with_path("sync the journal", path)?;
-        }
-        Checkpoint::capture(
-            &self.job_id,
-            &self.infile,
-            &self.outfile,
-            self.lines_written,
-            self.input_offset,
-            self.output_offset,
-        )?
-        .save(&self.checkpoint)
-    }
-}
-
 impl Ledger {
-    /// Opens the job's files, resuming from the checkpoint and the output file
-    /// when there is one. See [`ResumeError`] for what is refused.
-    pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
-        let files = config.files();
-        // A redo holds the old job's lock too, and checks that the input is
-        // the one its output was made from; a plain run refuses to start over
-        // a half-done redo.
-        let previous_lock = match &config.redo {
-            Some(redo) => {
-                let lock = JobLock::acquire(
-                    &config.infile,
-                    redo.previous.output(),
-                    redo.previous.checkpoint(),
-                )?;
-                redo.check_input(&config.infile)?;
-                Some(lock)
-            }
-            None => {
-                crate::job::redo::refuse_unfinished(&files)?;
-                None
-            }
-        };
-        let opened = files.open(&config.infile)?;
-        let loaded = opened.checkpoint;
-        let (lines, input_offset, output_offset) = loaded.as_ref().map_or((0, 0, 0), |cp| {
-            (cp.lines_written, cp.input_offset, cp.output_offset)
-        });
-        let input_offset = resume_offset(&config, input_offset)?;
-        let (recovered, output) = OutputWriter::recover(&config.outfile, output_offset)?;
-        if recovered.torn_bytes > 0 {
-            tracing::warn!(
-                output = %config.outfile.display(),
-                bytes = recovered.torn_bytes,
-                "cut off a torn last output line; its input line will be redone"
-            );
-        }
-        if let Some(bad) = &recovered.invalid {
-            tracing::warn!(
-                output = %config.outfile.display(),
-                line = lines + recovered.extra_lines,
-                bytes_cut = bad.bytes_cut,
-                reason = %bad.reason,
-                "the output past the last checkpoint holds a line that is not one JSON value (a page the file system never wrote?); cut it off there, and those lines will be redone"
-            );
-        }
-        let mut input = InputReader::open(&config.infile, input_offset)?;
-        let skipped = input.skip_lines(recovered.extra_lines)?;
-        if skipped < recovered.extra_lines {
-            return Err(ResumeError::OutputLongerThanInput {
-                input: config.infile.clone(),
-                output: config.outfile.clone(),
-                output_lines: lines + recovered.extra_lines,
-                input_lines: lines + skipped,
-            });
-        }
-        let lines = lines + recovered.extra_lines;
-        let window = Window::new(
-            output,
-            lines,
-            input.next_offset(),
-            config.spill_path(),
-            config.max_pending_bytes,
-        );
-        let mut ledger = Ledger {
-            lock: Some(opened.lock),
-            previous_lock,
-            fresh: loaded.is_none(),
-            input_prefix: opened.input_prefix,
-            leases: Leases::new(config.work_timeout),
-            input,
-            input_exhausted: false,
-            next_work_id: lines,
-            next_input_check: now,
-            items: Slab::new(),
-            queue: VecDeque::new(),
-            queued: 0,
-            backups_out: 0,
-            window,
-            counters: Counters {
-                started: now,
-                reissues: ReissueCounts::default(),
-                tombstones: 0,
-                invalid_lines: 0,
-                ignored_results: 0,
-                issued_total: 0,
-                completed_total: 0,
-                backups_issued: 0,
-                recovered_past_checkpoint: recovered.extra_lines,
-                done_by: rustc_hash::FxHashMap::default(),
-                kept: 0,
-                failed_by_kind: std::collections::BTreeMap::new(),
-            },
-            previous: match &config.redo {
-                Some(redo) => Some(Previous::open(redo.clone(), lines)?),
-                None => None,
-            },
-            journal: if config.journal {
-                Some(Journal::open(
-                    files.journal(),
-                    config.max_journal_bytes,
-                    lines,
-                    &opened.job_id,
-                )?)
-            } else {
-                None
-            },
-            job_id: opened.job_id,
-            alive: rustc_hash::FxHashMap::default(),
-            finished_elsewhere: rustc_hash::FxHashMap::default(),
-            config,
-        };
-        // A checkpoint exists from the start, so an output without one is
-        // foreign. Otherwise the one on disk stays true: it names a prefix of
-        // the output (a torn tail was cut off past it). Lines recovered past it
-        // are named by the next checkpoint, which a server takes right away
-        // (see `recovered_past_checkpoint`) but without making the restart
-        // wait for the fsync of everything the last run wrote.
-        if loaded.is_none() {
-            ledger.checkpoint()?;
-        }
-        ledger.check_eof()?;
-        Ok(ledger)
-    }
-
     /// The job's configuration.
     pub fn config(&self) -> &LedgerConfig {
         &self.config
@@ -582,26 +297,17 @@ impl Ledger {
         self.input_exhausted && self.window.next_write_id() == self.next_work_id
     }
 
-    /// Hands out up to `batch` items: queued reissues first, then new lines.
-    pub fn take_work(&mut self, batch: usize, now: Instant) -> io::Result<WorkReply> {
-        self.take_work_for(batch, now, None)
-    }
-
-    /// [`take_work`](Self::take_work) for a worker that says who it is (a hash
-    /// of its id): it is never handed a backup of an item it holds itself.
-    pub fn take_work_for(
-        &mut self,
-        batch: usize,
-        now: Instant,
-        worker: Option<u64>,
-    ) -> io::Result<WorkReply> {
+    /// Hands out up to `ask.batch` items: queued reissues first, then new
+    /// lines, then (to an idle worker, when configured) backup copies.
+    pub fn take_work(&mut self, ask: Ask, now: Instant) -> io::Result<WorkReply> {
+        let Ask { batch, worker } = ask;
         self.expire(now)?;
         let mut items = Vec::with_capacity(batch.min(1024));
         // Retries this worker asked for, left for another worker.
         let mut avoided = Vec::new();
         let mut kept = 0;
         while items.len() < batch && kept < KEEP_PER_REQUEST {
-            if let Some(id) = self.queue.pop_front() {
+            if let Some(id) = self.items.pop_queued() {
                 if let Some(key) = self.key_of(id) {
                     if worker.is_some() && self.items[key].avoid == worker {
                         avoided.push(id);
@@ -632,19 +338,10 @@ impl Ledger {
             }
             match line.content {
                 Ok(content) => {
-                    let key = self.items.insert(Item {
-                        id,
-                        span: line.span,
-                        retry_count: 0,
-                        releases: 0,
-                        reissues: ReissueCounts::default(),
-                        first_issued: now,
-                        backed_up: false,
-                        backup_holder: None,
-                        holder: worker,
-                        avoid: None,
-                        state: ItemState::InFlight(self.leases.grant(id, now)),
-                    });
+                    let lease = self.leases.grant(id, now);
+                    let key = self
+                        .items
+                        .insert(Item::issued(id, line.span, worker, lease));
                     self.window.push_issued(key);
                     items.push(self.issue(id, content, 0));
                 }
@@ -662,38 +359,33 @@ impl Ledger {
                 }
             }
         }
-        for &id in avoided.iter().rev() {
-            self.queue.push_front(id);
-        }
+        self.items.queue_front(&avoided);
         // Nothing else is left for this worker: it gets its own retries back
         // rather than wait for another worker that may never come.
         if items.is_empty() {
             for _ in 0..avoided.len().min(batch) {
-                let id = self.queue.pop_front().expect("put back above");
+                let id = self.items.pop_queued().expect("put back above");
                 let key = self.key_of(id).expect("still queued");
                 items.push(self.reissue(key, id, now, worker)?);
             }
         }
-        if items.is_empty() && self.queued == 0 && self.input_exhausted {
+        if items.is_empty() && self.items.queued() == 0 && self.input_exhausted {
             self.issue_backups(batch, now, worker, &mut items)?;
         }
         self.window.write_ready()?;
         self.check_eof()?;
         self.counters.issued_total += items.len() as u64;
-        let (status, retry_in) = if !items.is_empty() {
-            (WorkStatus::Ok, None)
+        Ok(if !items.is_empty() {
+            WorkReply::Issued(items)
         } else if self.is_complete() {
-            (WorkStatus::AllWorkComplete, None)
+            WorkReply::Complete
         } else if kept >= KEEP_PER_REQUEST {
             // More kept lines to read past: ask again at once.
-            (WorkStatus::Retry, Some(1))
+            WorkReply::Retry { after_secs: 1 }
         } else {
-            (WorkStatus::Retry, Some(self.retry_in(now)))
-        };
-        Ok(WorkReply {
-            status,
-            retry_in,
-            items,
+            WorkReply::Retry {
+                after_secs: self.retry_in(now),
+            }
         })
     }
 
@@ -704,25 +396,19 @@ impl Ledger {
         id: u64,
         now: Instant,
         worker: Option<u64>,
-    ) -> io::Result<WorkItem> {
-        let item = &mut self.items[key];
-        debug_assert!(matches!(item.state, ItemState::Queued));
-        item.holder = worker;
-        item.state = ItemState::InFlight(self.leases.grant(id, now));
-        self.queued -= 1;
+    ) -> io::Result<Issue> {
+        let lease = self.leases.grant(id, now);
+        let item = self.items.reissue(key, worker, lease);
         let (span, retry_count) = (item.span, item.retry_count);
         self.work_item(id, span, retry_count)
     }
 
-    /// The work item of an issue of line `id`, with the journal of its
-    /// earlier issues.
-    fn issue(&self, id: u64, content: String, retry_count: u32) -> WorkItem {
-        WorkItem {
+    /// An issue of line `id`, with the journal of its earlier issues.
+    fn issue(&self, id: u64, content: String, retry_count: u32) -> Issue {
+        Issue {
             work_id: id,
             content,
-            result: None,
             retry_count,
-            max_retries: self.config.max_retries,
             journal: self.journal.as_ref().and_then(|j| j.entries(id)),
         }
     }
@@ -739,13 +425,8 @@ impl Ledger {
         }
     }
 
-    /// What the journal holds; `None` with `--no-journal`.
-    pub fn journal_stats(&self) -> Option<JournalStats> {
-        self.journal.as_ref().map(Journal::stats)
-    }
-
     /// [`issue`](Self::issue) of a line read again from the input.
-    fn work_item(&self, id: u64, span: LineSpan, retry_count: u32) -> io::Result<WorkItem> {
+    fn work_item(&self, id: u64, span: LineSpan, retry_count: u32) -> io::Result<Issue> {
         Ok(self.issue(id, self.input.read_span(span)?, retry_count))
     }
 
@@ -757,9 +438,13 @@ impl Ledger {
         room: usize,
         now: Instant,
         worker: Option<u64>,
-        items: &mut Vec<WorkItem>,
+        items: &mut Vec<Issue>,
     ) -> io::Result<()> {
-        let allowed = (self.config.max_backups.saturating_sub(self.backups_out) as usize).min(room);
+        let allowed = (self
+            .config
+            .max_backups
+            .saturating_sub(self.items.backups_out()) as usize)
+            .min(room);
         if allowed == 0 {
             return Ok(());
         }
@@ -767,7 +452,7 @@ impl Ledger {
         let mut candidates: Vec<(Instant, u64, usize)> = self
             .items
             .iter()
-            .filter(|(_, item)| !item.backed_up && (worker.is_none() || item.holder != worker))
+            .filter(|(_, item)| !item.backed_up() && (worker.is_none() || item.holder != worker))
             .filter_map(|(key, item)| {
                 let issued_at = item.lease()?.issued_at;
                 (now.saturating_duration_since(issued_at) >= backup_after)
@@ -776,11 +461,9 @@ impl Ledger {
             .collect();
         candidates.sort_unstable();
         for (_, id, key) in candidates.into_iter().take(allowed) {
-            let item = &mut self.items[key];
-            item.backed_up = true;
-            item.backup_holder = worker;
+            self.items.back_up(key, worker);
+            let item = &self.items[key];
             let (span, retry_count) = (item.span, item.retry_count);
-            self.backups_out += 1;
             self.counters.backups_issued += 1;
             items.push(self.work_item(id, span, retry_count)?);
         }
@@ -790,21 +473,13 @@ impl Ledger {
     /// A worker is alive and still working on `ids`: their leases run for the
     /// work timeout from `now`. Returns how many were extended and which ids
     /// are already done (the worker may drop them).
-    pub fn heartbeat(&mut self, ids: &[u64], now: Instant) -> (u64, Vec<u64>) {
-        self.heartbeat_from(ids, None, now)
-    }
-
-    /// [`heartbeat`](Self::heartbeat) from a worker that says who it is (a
-    /// hash of its id): every lease it holds, or holds a backup of, is
-    /// renewed from `now` as well, named in `ids` or not (lazily: when the
-    /// lease would end, see [`expire`](Self::expire)). The ids done include
-    /// those of its lines another copy finished since its last heartbeat.
-    pub fn heartbeat_from(
-        &mut self,
-        ids: &[u64],
-        worker: Option<u64>,
-        now: Instant,
-    ) -> (u64, Vec<u64>) {
+    ///
+    /// A worker that says who it is (`worker`, a hash of its id) keeps every
+    /// lease it holds, or holds a backup of, named in `ids` or not (lazily:
+    /// renewed from this heartbeat when the lease would end, see
+    /// `expire`); its done ids include those of its lines
+    /// another copy finished since its last heartbeat.
+    pub fn heartbeat(&mut self, ids: &[u64], worker: Option<u64>, now: Instant) -> (u64, Vec<u64>) {
         let mut extended = 0;
         let mut done = Vec::new();
         if let Some(worker) = worker {
@@ -814,7 +489,7 @@ impl Ledger {
         for &id in ids {
             match self.key_of(id) {
                 Some(key) => {
-                    if let ItemState::InFlight(lease) = &mut self.items[key].state {
+                    if let Some(lease) = self.items[key].lease_mut() {
                         self.leases.renew(id, lease, now);
                         extended += 1;
                     }
@@ -827,30 +502,18 @@ impl Ledger {
         (extended, done)
     }
 
-    /// Records results; the first result of an item wins. A result must be one
-    /// JSON value on one line, else it is refused and its item stays in flight.
-    pub fn complete(&mut self, results: Vec<WorkItem>) -> io::Result<CompleteReply> {
-        let (valid, refused) = check_results(results.into_iter().map(|r| (r.work_id, r.result)));
-        let mut reply = self.complete_checked(valid)?;
-        reply.refused = refused;
-        Ok(reply)
-    }
-
-    /// [`complete`](Self::complete) for results already checked with
-    /// [`check_results`] (the HTTP layer checks outside the ledger's lock).
-    pub fn complete_checked(&mut self, results: Vec<ResultLine>) -> io::Result<CompleteReply> {
+    /// Records results, each one JSON value on one line: checked beforehand
+    /// with [`check_results`](crate::protocol::check_results), which the HTTP
+    /// layer runs outside the ledger's lock. The first result of an item wins.
+    pub fn complete(&mut self, results: Vec<ResultLine>) -> io::Result<CompleteReply> {
         let mut reply = CompleteReply::default();
         for ResultLine { work_id: id, line } in results {
             match self.take_item(id) {
                 Some(item) => {
-                    if matches!(item.state, ItemState::Queued) {
-                        self.queued -= 1;
-                    }
-                    if item.backed_up {
-                        self.backups_out -= 1;
+                    if item.backed_up() {
                         // One copy won: the other's worker may drop it (the
                         // winner's own notice is harmless).
-                        for worker in [item.holder, item.backup_holder].into_iter().flatten() {
+                        for worker in item.holders() {
                             let told = self.finished_elsewhere.entry(worker).or_default();
                             if told.len() < MAX_FINISHED_ELSEWHERE {
                                 told.push(id);
@@ -882,41 +545,16 @@ impl Ledger {
         Ok(reply)
     }
 
-    /// Per worker (the key of the `worker` its requests name): results
-    /// accepted by this run of the ledger and items in flight with it.
-    pub fn load_by_worker(&self) -> rustc_hash::FxHashMap<u64, (u64, u64)> {
-        let mut load: rustc_hash::FxHashMap<u64, (u64, u64)> = self
-            .counters
-            .done_by
-            .iter()
-            .map(|(&w, &done)| (w, (done, 0)))
-            .collect();
-        for (_, item) in &self.items {
-            if let (Some(w), ItemState::InFlight(_)) = (item.holder, &item.state) {
-                load.entry(w).or_default().1 += 1;
-            }
-        }
-        load
-    }
-
     /// Puts in-flight items back at the front of the queue, in the given order.
     /// Returns how many were in flight. `cause` is one of the release causes
     /// ([`Cause::Release`], [`Cause::Retry`], [`Cause::LegacyRelease`]).
-    pub fn release(&mut self, ids: &[u64], cause: Cause) -> io::Result<u64> {
-        self.release_from(ids, cause, None)
-    }
-
-    /// [`release`](Self::release) by a worker that says who it is (a hash of
-    /// its id): an item reissued to another worker since it was handed to
-    /// this one stays with its current holder. A stale worker (its lease
-    /// expired, the item went to another) cannot take the item back from
-    /// under the worker that now runs it.
-    pub fn release_from(
-        &mut self,
-        ids: &[u64],
-        cause: Cause,
-        worker: Option<u64>,
-    ) -> io::Result<u64> {
+    ///
+    /// From a worker that says who it is (`worker`, a hash of its id), an item
+    /// reissued to another worker since it was handed to this one stays with
+    /// its current holder: a stale worker (its lease expired, the item went
+    /// to another) cannot take the item back from under the worker that now
+    /// runs it.
+    pub fn release(&mut self, ids: &[u64], cause: Cause, worker: Option<u64>) -> io::Result<u64> {
         let mut released = 0;
         let mut front = Vec::new();
         for &id in ids {
@@ -938,9 +576,7 @@ impl Ledger {
                 }
             }
         }
-        for &id in front.iter().rev() {
-            self.queue.push_front(id);
-        }
+        self.items.queue_front(&front);
         self.window.write_ready()?;
         Ok(released)
     }
@@ -1002,143 +638,6 @@ impl Ledger {
         self.leases.set_timeout(timeout, live);
     }
 
-    /// Makes the output durable and records it in the checkpoint (nothing
-    /// once the job is [finished](Self::finish)).
-    pub fn checkpoint(&mut self) -> io::Result<()> {
-        if self.lock.is_none() {
-            return Ok(());
-        }
-        self.begin_checkpoint()?.commit()
-    }
-
-    /// Takes the state a checkpoint records (flushing the output); its slow
-    /// part, [`PendingCheckpoint::commit`], needs no access to the ledger, so
-    /// a server runs it without holding the ledger's lock.
-    pub fn begin_checkpoint(&mut self) -> io::Result<PendingCheckpoint> {
-        if self.lock.is_none() {
-            // After `finish` the files may have moved (a redo's swap): a
-            // checkpoint now would bring back a file the job removed.
-            return Err(io::Error::other("a bug: a checkpoint of a finished job"));
-        }
-        let lines_written = self.window.next_write_id();
-        let input_offset = self.window.written_input_offset();
-        let journal = match &mut self.journal {
-            Some(j) => {
-                j.drop_written(lines_written);
-                Some((j.for_checkpoint()?, j.path().to_path_buf()))
-            }
-            None => None,
-        };
-        let output = self.window.output();
-        Ok(PendingCheckpoint {
-            journal,
-            job_id: self.job_id.clone(),
-            output: output.flush_for_sync()?,
-            output_offset: output.len(),
-            infile: self.config.infile.clone(),
-            outfile: self.config.outfile.clone(),
-            checkpoint: self.config.checkpoint.clone(),
-            lines_written,
-            input_offset,
-        })
-    }
-
-    /// Whether the job started without a checkpoint (false on a resume).
-    pub fn is_fresh(&self) -> bool {
-        self.fresh
-    }
-
-    /// The input's checkpointed part, as the check of the checkpoint read it
-    /// at open (empty for a fresh start): a count of the whole input goes on
-    /// from there.
-    pub fn input_prefix(&self) -> crate::input::InputPrefix {
-        self.input_prefix
-    }
-
-    /// Once the job is complete and its last checkpoint written: removes what
-    /// only a running job needs (journal, spilled results, lock file), and,
-    /// for a redo, puts the new output in place of the old. Does nothing
-    /// before the job is complete, or a second time.
-    pub fn finish(&mut self) -> io::Result<()> {
-        if !self.is_complete() {
-            return Ok(());
-        }
-        let Some(lock) = self.lock.take() else {
-            return Ok(());
-        };
-        if let Some(redo) = &self.config.redo {
-            redo.replace()?;
-        }
-        self.config.files().finish(lock)?;
-        if let Some(previous) = self.previous_lock.take() {
-            previous.release();
-        }
-        Ok(())
-    }
-
-    /// Output lines the last run wrote after its last checkpoint, found in the
-    /// output when this ledger was opened (after a crash). Until the next
-    /// checkpoint names them, another crash recounts them.
-    pub fn recovered_past_checkpoint(&self) -> u64 {
-        self.counters.recovered_past_checkpoint
-    }
-
-    /// Where the job stands.
-    pub fn stats(&self, now: Instant) -> LedgerStats {
-        let in_flight = self.items.len() as u64 - self.queued;
-        let oldest_in_flight = self
-            .items
-            .iter()
-            .filter_map(|(_, item)| Some((item.lease()?.issued_at, item.id, item.retry_count)))
-            .min()
-            .map(|(issued_at, work_id, retry_count)| OldestInFlight {
-                work_id,
-                age_secs: now.saturating_duration_since(issued_at).as_secs_f64(),
-                retry_count,
-            });
-        let next_write_id = self.window.next_write_id();
-        let c = &self.counters;
-        LedgerStats {
-            lines_written: next_write_id,
-            next_work_id: self.next_work_id,
-            lines_total: self.input_exhausted.then_some(self.next_work_id),
-            input_bytes_consumed: self.input.next_offset(),
-            input_bytes_total: self.input.len_when_opened(),
-            in_flight,
-            queued_for_reissue: self.queued,
-            reorder_lines: self.window.finished(),
-            reorder_bytes: self.window.mem_bytes(),
-            reorder_spilled: self.window.spilled(),
-            lease_entries: self.leases.entries() as u64,
-            reissues: c.reissues,
-            tombstones: c.tombstones,
-            invalid_lines: c.invalid_lines,
-            kept_lines: c.kept,
-            failed_by_kind: c.failed_by_kind.clone(),
-            journal: self.journal_stats().unwrap_or_default(),
-            ignored_results: c.ignored_results,
-            issued_total: c.issued_total,
-            completed_total: c.completed_total,
-            backups_issued: c.backups_issued,
-            oldest_in_flight,
-            blocking: self.item(next_write_id).map(|item| BlockingLine {
-                work_id: next_write_id,
-                age_secs: now
-                    .saturating_duration_since(item.first_issued)
-                    .as_secs_f64(),
-                state: match item.state {
-                    ItemState::InFlight(_) => "in_flight".into(),
-                    ItemState::Queued => "queued".into(),
-                },
-                waiting_lines: self.window.finished(),
-            }),
-            work_timeout: self.leases.timeout(),
-            max_retries: self.config.max_retries,
-            complete: self.is_complete(),
-            uptime: now.saturating_duration_since(c.started),
-        }
-    }
-
     /// Seconds a worker should wait when nothing is issuable: `--retry`, or less
     /// when an in-flight item expires sooner.
     fn retry_in(&self, now: Instant) -> u64 {
@@ -1152,7 +651,7 @@ impl Ledger {
     }
 
     fn compact_leases(&mut self) {
-        let live = self.items.len() - self.queued as usize;
+        let live = self.items.in_flight() as usize;
         let (items, window) = (&self.items, &self.window);
         self.leases.compact(live, |id, seq| {
             window
@@ -1174,107 +673,23 @@ impl Ledger {
                 continue;
             };
             let item = &mut self.items[key];
-            let ItemState::InFlight(lease) = &mut item.state else {
-                continue;
-            };
-            if !lease.is_current(seq) {
-                continue;
-            }
             // A worker that heartbeats keeps every lease it holds: renewed
             // from its last heartbeat, and expired only if that is too old.
-            let heard = [item.holder, item.backup_holder]
-                .into_iter()
-                .flatten()
+            let heard = item
+                .holders()
                 .filter_map(|w| self.alive.get(&w).copied())
                 .max();
+            let Some(lease) = item.lease_mut().filter(|l| l.is_current(seq)) else {
+                continue;
+            };
             if heard.is_some_and(|at| self.leases.renew_from(id, lease, at)) {
                 continue;
             }
             if self.requeue(id, Cause::Timeout)? {
-                self.queue.push_back(id);
+                self.items.queue_back(id);
             }
         }
         Ok(())
-    }
-
-    /// The lease of line `id`, when it is in flight.
-    fn lease_of(&self, id: u64) -> Option<&Lease> {
-        self.item(id)?.lease()
-    }
-
-    /// The slab key of line `id`'s item, when it is issued or queued without a
-    /// result. A key rather than a reference, so that callers can borrow the
-    /// item (`&mut self.items[key]`) beside the ledger's other fields.
-    fn key_of(&self, id: u64) -> Option<usize> {
-        self.window.issued(id).map(|(_, key)| key)
-    }
-
-    /// The item of line `id`, when it is issued or queued without a result.
-    fn item(&self, id: u64) -> Option<&Item> {
-        self.key_of(id).map(|key| &self.items[key])
-    }
-
-    /// Takes the item of line `id` out, leaving its slot open for the window's
-    /// `finish`.
-    fn take_item(&mut self, id: u64) -> Option<Item> {
-        let (slot, key) = self.window.issued(id)?;
-        self.window.open(slot);
-        Some(self.items.remove(key))
-    }
-
-    /// Marks an in-flight item as queued for reissue (the caller puts it in the
-    /// queue, at the front or the back) and returns true, or tombstones it when
-    /// its reissues are used up and returns false.
-    fn requeue(&mut self, id: u64, cause: Cause) -> io::Result<bool> {
-        let key = self.key_of(id).expect("requeue of an issued item");
-        let item = &mut self.items[key];
-        if item.backed_up {
-            // The copy may still answer; the item is open to a new backup.
-            item.backed_up = false;
-            item.backup_holder = None;
-            self.backups_out -= 1;
-        }
-        cause.tally(&mut item.reissues);
-        let (used, budget, error) = if cause.is_failure() {
-            (
-                item.retry_count,
-                self.config.max_retries,
-                "max_retries_exceeded",
-            )
-        } else {
-            (
-                item.releases,
-                self.config.max_releases,
-                "max_releases_exceeded",
-            )
-        };
-        if budget.is_some_and(|max| used >= max) {
-            let item = self.take_item(id).expect("present");
-            let content = self.input.read_span(item.span)?;
-            self.counters.tombstones += 1;
-            tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
-            let record = crate::record::tombstone(error, id, &content, item.reissues);
-            self.counters.finished(&record);
-            self.window.finish(id, record.into(), item.span.end)?;
-            return Ok(false);
-        }
-        if cause.is_failure() {
-            item.retry_count += 1;
-        } else {
-            item.releases += 1;
-        }
-        if cause == Cause::Retry {
-            item.avoid = item.holder;
-            // The attempt rejected what it got: the next one must ask the
-            // engine again, not replay it.
-            if let Some(journal) = &mut self.journal {
-                journal.forget_line(id)?;
-            }
-        }
-        item.state = ItemState::Queued;
-        self.queued += 1;
-        cause.tally(&mut self.counters.reissues);
-        Ok(true)
     }
 
     /// Notices the end of the input once everything read is written, so that
@@ -1296,30 +711,3 @@ const MAX_FINISHED_ELSEWHERE: usize = 4096;
 
 /// How often the ledger checks that its input has not changed.
 const INPUT_CHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// Where to resume reading the input: the checkpoint's `offset`, unless the
-/// line before it had no newline (it was the input's last line) and lines
-/// were appended since, starting with the newline it lacked: then just past
-/// that newline. Appending to that line itself changes a line already
-/// written, and is refused.
-fn resume_offset(config: &LedgerConfig, offset: u64) -> Result<u64, ResumeError> {
-    if offset == 0 {
-        return Ok(0);
-    }
-    let file = std::fs::File::open(&config.infile)
-        .map_err(|e| path_error(e, "open the input file", &config.infile))?;
-    let around = crate::input::read_exact_at(&file, offset - 1, 3)
-        .map_err(|e| path_error(e, "read the input file", &config.infile))?;
-    match around.as_slice() {
-        [b'\n', ..] | [_] => Ok(offset),
-        [_, b'\n', ..] => Ok(offset + 1),
-        [_, b'\r', b'\n'] => Ok(offset + 2),
-        _ => Err(ResumeError::InputMismatch {
-            input: config.infile.clone(),
-            checkpoint: config.checkpoint.clone(),
-            reason: format!(
-                "its line ending at byte {offset} had no newline (it was the last line) and has since been extended; lines appended to an input must start on a new line. Restore that line (cut what was appended to it, then add a newline before the new lines)"
-            ),
-        }),
-    }
-}

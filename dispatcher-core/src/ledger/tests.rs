@@ -2,6 +2,8 @@
 //! property test that interleaves crashes, torn writes, spills and checkpoints.
 
 use super::*;
+use crate::job::checkpoint::{Checkpoint, ResumeError};
+use crate::protocol::{ReissueCounts, WorkItem};
 use std::path::Path;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,19 +51,54 @@ fn lines(n: u64) -> Vec<u8> {
 }
 
 fn ids(reply: &WorkReply) -> Vec<u64> {
-    reply.items.iter().map(|i| i.work_id).collect()
+    reply.items().iter().map(|i| i.work_id).collect()
 }
 
 /// Takes up to `n` items and answers each with its own content.
 fn answer(l: &mut Ledger, n: usize, t: Instant) -> WorkReply {
-    let r = l.take_work(n, t).unwrap();
+    let r = l.take_work(Ask::batch(n), t).unwrap();
     let done = r
-        .items
+        .items()
         .iter()
         .map(|i| result(i.work_id, &i.content))
         .collect();
-    l.complete(done).unwrap();
+    l.submit(done).unwrap();
     r
+}
+
+/// Results as a worker sends them, checked as the HTTP layer checks them:
+/// the ledger records the valid ones, and the refused ones are returned.
+trait Submit {
+    fn submit(&mut self, results: Vec<WorkItem>) -> io::Result<Submitted>;
+}
+
+impl Submit for Ledger {
+    fn submit(&mut self, results: Vec<WorkItem>) -> io::Result<Submitted> {
+        let (valid, refused) =
+            crate::protocol::check_results(results.into_iter().map(|r| (r.work_id, r.result)));
+        Ok(Submitted {
+            reply: self.complete(valid)?,
+            refused,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Submitted {
+    reply: CompleteReply,
+    refused: Vec<crate::protocol::RefusedResult>,
+}
+
+impl std::ops::Deref for Submitted {
+    type Target = CompleteReply;
+    fn deref(&self) -> &CompleteReply {
+        &self.reply
+    }
+}
+
+/// An issue as the worker receives it.
+fn wire(i: Issue) -> WorkItem {
+    WorkItem::issued(i.work_id, i.content, i.retry_count, None, i.journal)
 }
 
 fn result(id: u64, value: &str) -> WorkItem {
@@ -80,13 +117,15 @@ fn issues_in_order_and_writes_results_in_input_order() {
     let job = Job::new(&lines(3), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    let r = l.take_work(2, t).unwrap();
-    assert_eq!((r.status, ids(&r)), (WorkStatus::Ok, vec![0, 1]));
-    assert_eq!(r.items[1].content, r#"{"i":1}"#);
-    assert_eq!(r.items[0].max_retries, Some(3));
-    let r = l.take_work(5, t).unwrap();
+    let r = l.take_work(Ask::batch(2), t).unwrap();
+    assert_eq!(ids(&r), vec![0, 1]);
+    assert_eq!(r.items()[1].content, r#"{"i":1}"#);
+    // On the wire, each item carries the server's max_retries.
+    let wire = crate::server::work_response(r, l.config().max_retries, None);
+    assert_eq!(wire.items[0].max_retries, Some(3));
+    let r = l.take_work(Ask::batch(5), t).unwrap();
     assert_eq!(ids(&r), vec![2]);
-    let done = l.complete(vec![result(2, "2"), result(1, "1")]).unwrap();
+    let done = l.submit(vec![result(2, "2"), result(1, "1")]).unwrap();
     assert_eq!(done.accepted, 2);
     assert_eq!(
         job.output(),
@@ -94,15 +133,12 @@ fn issues_in_order_and_writes_results_in_input_order() {
         "line 0 is not done: nothing may be written"
     );
     assert_eq!(l.stats(t).reorder_lines, 2);
-    let r = l.take_work(1, t).unwrap();
-    assert_eq!((r.status, r.retry_in.is_some()), (WorkStatus::Retry, true));
-    l.complete(vec![result(0, "0")]).unwrap();
+    let r = l.take_work(Ask::batch(1), t).unwrap();
+    assert!(matches!(r, WorkReply::Retry { .. }), "{r:?}");
+    l.submit(vec![result(0, "0")]).unwrap();
     assert_eq!(job.output(), "0\n1\n2\n");
     assert!(l.is_complete());
-    assert_eq!(
-        l.take_work(1, t).unwrap().status,
-        WorkStatus::AllWorkComplete
-    );
+    assert_eq!(l.take_work(Ask::batch(1), t).unwrap(), WorkReply::Complete);
 }
 
 #[test]
@@ -110,18 +146,21 @@ fn first_result_wins_and_unknown_ids_are_ignored() {
     let job = Job::new(&lines(2), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
+    l.take_work(Ask::batch(1), t).unwrap();
     let r = l
-        .complete(vec![
+        .submit(vec![
             result(0, "\"first\""),
             result(0, "\"second\""),
             result(1, "1"),
             result(99, "9"),
         ])
         .unwrap();
-    assert_eq!((r.accepted, r.ignored, r.already_done), (1, 3, vec![0]));
-    l.take_work(1, t).unwrap();
-    l.complete(vec![result(1, "\"one\"")]).unwrap();
+    assert_eq!(
+        (r.accepted, r.ignored, r.already_done.clone()),
+        (1, 3, vec![0])
+    );
+    l.take_work(Ask::batch(1), t).unwrap();
+    l.submit(vec![result(1, "\"one\"")]).unwrap();
     assert_eq!(job.output(), "\"first\"\n\"one\"\n");
     assert_eq!(l.stats(t).ignored_results, 3);
 }
@@ -131,10 +170,13 @@ fn timeout_reissues_with_the_same_id_and_then_tombstones() {
     let job = Job::new(b"{\"i\":0}\n", Some(1));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    assert_eq!(l.take_work(1, t).unwrap().items[0].retry_count, 0);
+    assert_eq!(
+        l.take_work(Ask::batch(1), t).unwrap().items()[0].retry_count,
+        0
+    );
     let t = t + TIMEOUT;
-    let r = l.take_work(1, t).unwrap();
-    assert_eq!((ids(&r), r.items[0].retry_count), (vec![0], 1));
+    let r = l.take_work(Ask::batch(1), t).unwrap();
+    assert_eq!((ids(&r), r.items()[0].retry_count), (vec![0], 1));
     assert_eq!(l.stats(t).reissues.timeout, 1);
     l.tick(t + TIMEOUT).unwrap();
     let out: serde_json::Value = serde_json::from_str(job.output().trim_end()).unwrap();
@@ -151,8 +193,8 @@ fn unlimited_retries_never_tombstone() {
     let mut t = Instant::now();
     let mut l = job.open(t).unwrap();
     for round in 0..50 {
-        let r = l.take_work(1, t).unwrap();
-        assert_eq!(r.items[0].retry_count, round);
+        let r = l.take_work(Ask::batch(1), t).unwrap();
+        assert_eq!(r.items()[0].retry_count, round);
         t += TIMEOUT;
     }
     assert_eq!(l.stats(t).tombstones, 0);
@@ -163,18 +205,18 @@ fn released_items_go_first_in_the_order_given() {
     let job = Job::new(&lines(6), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(4, t).unwrap();
+    l.take_work(Ask::batch(4), t).unwrap();
     assert_eq!(
-        l.release(&[2, 0, 7, 2], Cause::Release).unwrap(),
+        l.release(&[2, 0, 7, 2], Cause::Release, None).unwrap(),
         2,
         "only items in flight count"
     );
-    let r = l.take_work(3, t).unwrap();
+    let r = l.take_work(Ask::batch(3), t).unwrap();
     assert_eq!(ids(&r), vec![2, 0, 4]);
-    assert_eq!(r.items[0].retry_count, 0, "a preemption is not a failure");
-    l.release(&[2], Cause::Retry).unwrap();
+    assert_eq!(r.items()[0].retry_count, 0, "a preemption is not a failure");
+    l.release(&[2], Cause::Retry, None).unwrap();
     assert_eq!(
-        l.take_work(1, t).unwrap().items[0].retry_count,
+        l.take_work(Ask::batch(1), t).unwrap().items()[0].retry_count,
         1,
         "a task retry is"
     );
@@ -193,10 +235,10 @@ fn a_result_for_a_queued_item_is_accepted_and_not_reissued() {
     let job = Job::new(&lines(2), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
-    l.release(&[0], Cause::Release).unwrap();
-    assert_eq!(l.complete(vec![result(0, "0")]).unwrap().accepted, 1);
-    assert_eq!(ids(&l.take_work(5, t).unwrap()), vec![1]);
+    l.take_work(Ask::batch(1), t).unwrap();
+    l.release(&[0], Cause::Release, None).unwrap();
+    assert_eq!(l.submit(vec![result(0, "0")]).unwrap().accepted, 1);
+    assert_eq!(ids(&l.take_work(Ask::batch(5), t).unwrap()), vec![1]);
 }
 
 #[test]
@@ -204,9 +246,9 @@ fn finished_items_in_the_reorder_buffer_are_never_reissued() {
     let job = Job::new(&lines(2), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(2, t).unwrap();
-    l.complete(vec![result(1, "1")]).unwrap();
-    let r = l.take_work(5, t + TIMEOUT).unwrap();
+    l.take_work(Ask::batch(2), t).unwrap();
+    l.submit(vec![result(1, "1")]).unwrap();
+    let r = l.take_work(Ask::batch(5), t + TIMEOUT).unwrap();
     assert_eq!(ids(&r), vec![0], "only the unfinished item comes back");
 }
 
@@ -215,17 +257,17 @@ fn results_that_are_not_json_are_refused_and_stay_in_flight() {
     let job = Job::new(&lines(1), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
+    l.take_work(Ask::batch(1), t).unwrap();
     for bad in ["{\"a\":\n", "not json", "1 2", "", "{\"a\": NaNa}"] {
-        let r = l.complete(vec![result(0, bad)]).unwrap();
+        let r = l.submit(vec![result(0, bad)]).unwrap();
         assert_eq!((r.accepted, r.refused.len()), (0, 1), "{bad:?}");
     }
     let mut null = result(0, "");
     null.result = None;
-    assert_eq!(l.complete(vec![null]).unwrap().refused.len(), 1);
+    assert_eq!(l.submit(vec![null]).unwrap().refused.len(), 1);
     assert_eq!(l.stats(t).in_flight, 1);
     assert_eq!(
-        l.complete(vec![result(0, " {\"ok\": true} ")])
+        l.submit(vec![result(0, " {\"ok\": true} ")])
             .unwrap()
             .accepted,
         1
@@ -238,11 +280,11 @@ fn blank_lines_invalid_utf8_and_a_missing_last_newline_keep_alignment() {
     let job = Job::new(b"a\n\n\xc3\x28\nlast", Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    let r = l.take_work(10, t).unwrap();
+    let r = l.take_work(Ask::batch(10), t).unwrap();
     assert_eq!(ids(&r), vec![0, 1, 3]);
-    assert_eq!(r.items[1].content, "");
-    assert_eq!(r.items[2].content, "last");
-    l.complete(vec![result(0, "0"), result(1, "1"), result(3, "3")])
+    assert_eq!(r.items()[1].content, "");
+    assert_eq!(r.items()[2].content, "last");
+    l.submit(vec![result(0, "0"), result(1, "1"), result(3, "3")])
         .unwrap();
     let out: Vec<String> = job.output().lines().map(String::from).collect();
     assert_eq!(out.len(), 4);
@@ -268,11 +310,11 @@ fn a_checkpoint_names_the_state_when_begun_while_lines_are_written_before_commit
     let job = Job::new(&lines(6), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(6, t).unwrap();
-    l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+    l.take_work(Ask::batch(6), t).unwrap();
+    l.submit(vec![result(0, "0"), result(1, "1")]).unwrap();
     let pending = l.begin_checkpoint().unwrap();
     // Requests go on while the checkpoint's fsyncs run.
-    l.complete(vec![result(2, "2"), result(3, "3")]).unwrap();
+    l.submit(vec![result(2, "2"), result(3, "3")]).unwrap();
     pending.commit().unwrap();
     drop(l);
     let cp = Checkpoint::load(&job.config.checkpoint).unwrap().unwrap();
@@ -288,10 +330,10 @@ fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
     let job = Job::new(&lines(5), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(5, t).unwrap();
-    l.complete(vec![result(0, "0")]).unwrap();
+    l.take_work(Ask::batch(5), t).unwrap();
+    l.submit(vec![result(0, "0")]).unwrap();
     l.checkpoint().unwrap();
-    l.complete(vec![result(1, "1"), result(2, "2")]).unwrap();
+    l.submit(vec![result(1, "1"), result(2, "2")]).unwrap();
     drop(l);
     // A crash in the middle of writing line 3.
     let mut out = job.output();
@@ -306,10 +348,10 @@ fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
     drop(l);
     let mut l = job.open(t).unwrap();
     assert_eq!((l.lines_written(), l.recovered_past_checkpoint()), (3, 2));
-    let r = l.take_work(5, t).unwrap();
+    let r = l.take_work(Ask::batch(5), t).unwrap();
     assert_eq!(ids(&r), vec![3, 4]);
-    assert_eq!(r.items[0].content, "{\"i\":3}");
-    l.complete(vec![result(4, "4"), result(3, "3")]).unwrap();
+    assert_eq!(r.items()[0].content, "{\"i\":3}");
+    l.submit(vec![result(4, "4"), result(3, "3")]).unwrap();
     assert_eq!(job.output(), "0\n1\n2\n3\n4\n");
 }
 
@@ -318,8 +360,8 @@ fn resume_refuses_a_truncated_output_a_foreign_output_and_a_different_input() {
     let job = Job::new(&lines(3), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(2, t).unwrap();
-    l.complete(vec![result(0, "0"), result(1, "1")]).unwrap();
+    l.take_work(Ask::batch(2), t).unwrap();
+    l.submit(vec![result(0, "0"), result(1, "1")]).unwrap();
     l.checkpoint().unwrap();
     drop(l);
 
@@ -383,11 +425,13 @@ fn changing_the_work_timeout_applies_to_items_in_flight() {
     let job = Job::new(&lines(2), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
+    l.take_work(Ask::batch(1), t).unwrap();
     l.set_work_timeout(Duration::from_secs(1));
-    let r = l.take_work(2, t + Duration::from_secs(1)).unwrap();
+    let r = l
+        .take_work(Ask::batch(2), t + Duration::from_secs(1))
+        .unwrap();
     assert_eq!(ids(&r), vec![0, 1]);
-    assert_eq!(r.items[0].retry_count, 1);
+    assert_eq!(r.items()[0].retry_count, 1);
 }
 
 #[test]
@@ -396,9 +440,9 @@ fn the_timeout_heap_stays_proportional_to_what_is_in_flight() {
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     for _ in 0..2_000 {
-        let r = l.take_work(10, t).unwrap();
-        let done = r.items.iter().map(|i| result(i.work_id, "0")).collect();
-        l.complete(done).unwrap();
+        let r = l.take_work(Ask::batch(10), t).unwrap();
+        let done = r.items().iter().map(|i| result(i.work_id, "0")).collect();
+        l.submit(done).unwrap();
     }
     let s = l.stats(t);
     assert_eq!(s.lines_written, 20_000);
@@ -414,8 +458,9 @@ fn status_names_the_oldest_item_in_flight() {
     let job = Job::new(&lines(3), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
-    l.take_work(1, t + Duration::from_secs(2)).unwrap();
+    l.take_work(Ask::batch(1), t).unwrap();
+    l.take_work(Ask::batch(1), t + Duration::from_secs(2))
+        .unwrap();
     let s = l.stats(t + Duration::from_secs(5));
     let oldest = s.oldest_in_flight.unwrap();
     assert_eq!((oldest.work_id, oldest.age_secs), (0, 5.0));
@@ -429,11 +474,11 @@ fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
     let job = Job::new(&lines(2), Some(3));
     let mut t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(2, t).unwrap();
+    l.take_work(Ask::batch(2), t).unwrap();
     // Item 0's worker heartbeats every third of the lease; item 1's is silent.
     for _ in 0..9 {
         t += TIMEOUT / 3;
-        assert_eq!(l.heartbeat(&[0], t), (1, vec![]));
+        assert_eq!(l.heartbeat(&[0], None, t), (1, vec![]));
         l.tick(t).unwrap();
     }
     let s = l.stats(t);
@@ -441,11 +486,11 @@ fn heartbeats_keep_leases_and_silent_workers_lose_their_items() {
         (s.in_flight, s.queued_for_reissue, s.reissues.timeout),
         (1, 1, 1)
     );
-    let r = l.take_work(5, t).unwrap();
+    let r = l.take_work(Ask::batch(5), t).unwrap();
     assert_eq!(ids(&r), vec![1], "only the silent worker's item comes back");
-    l.complete(vec![result(0, "0")]).unwrap();
+    l.submit(vec![result(0, "0")]).unwrap();
     assert_eq!(
-        l.heartbeat(&[0, 1, 9], t),
+        l.heartbeat(&[0, 1, 9], None, t),
         (1, vec![0]),
         "0 is done: drop it"
     );
@@ -459,12 +504,18 @@ fn a_worker_that_names_itself_keeps_every_item_it_holds_without_listing_them() {
     let mut t = Instant::now();
     let mut l = job.open(t).unwrap();
     let (a, b, c) = (Some(1), Some(2), Some(3));
-    assert_eq!(ids(&l.take_work_for(3, t, a).unwrap()), vec![0, 1, 2]);
-    assert_eq!(ids(&l.take_work_for(3, t, b).unwrap()), vec![3, 4, 5]);
+    assert_eq!(
+        ids(&l.take_work(Ask::batch(3).by(a), t).unwrap()),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        ids(&l.take_work(Ask::batch(3).by(b), t).unwrap()),
+        vec![3, 4, 5]
+    );
     // A heartbeat that lists nothing renews all of a's items; b is silent.
     for _ in 0..9 {
         t += TIMEOUT / 3;
-        assert_eq!(l.heartbeat_from(&[], a, t), (0, vec![]));
+        assert_eq!(l.heartbeat(&[], a, t), (0, vec![]));
         l.tick(t).unwrap();
     }
     let s = l.stats(t);
@@ -473,34 +524,40 @@ fn a_worker_that_names_itself_keeps_every_item_it_holds_without_listing_them() {
         (3, 3),
         "b's items expired"
     );
-    assert_eq!(ids(&l.take_work_for(5, t, c).unwrap()), vec![3, 4, 5]);
+    assert_eq!(
+        ids(&l.take_work(Ask::batch(5).by(c), t).unwrap()),
+        vec![3, 4, 5]
+    );
     // Once a stops heartbeating, its items expire a lease after its last one.
     t += TIMEOUT - Duration::from_millis(1);
-    l.heartbeat_from(&[], c, t);
+    l.heartbeat(&[], c, t);
     l.tick(t).unwrap();
     assert_eq!(l.stats(t).queued_for_reissue, 0);
     t += Duration::from_millis(2);
-    l.heartbeat_from(&[], c, t);
+    l.heartbeat(&[], c, t);
     l.tick(t).unwrap();
     assert_eq!(l.stats(t).queued_for_reissue, 3, "a's items expired");
     // c holds 3..6 and takes a's items too; an idle worker d gets a backup of
     // the oldest, and its heartbeats keep that item's lease when c is silent.
     let d = Some(4);
-    assert_eq!(ids(&l.take_work_for(5, t, c).unwrap()), vec![0, 1, 2]);
-    l.complete(vec![result(0, "0"), result(1, "1"), result(2, "2")])
+    assert_eq!(
+        ids(&l.take_work(Ask::batch(5).by(c), t).unwrap()),
+        vec![0, 1, 2]
+    );
+    l.submit(vec![result(0, "0"), result(1, "1"), result(2, "2")])
         .unwrap();
-    l.complete(vec![result(4, "4"), result(5, "5")]).unwrap();
-    assert_eq!(ids(&l.take_work_for(5, t, d).unwrap()), vec![3]);
+    l.submit(vec![result(4, "4"), result(5, "5")]).unwrap();
+    assert_eq!(ids(&l.take_work(Ask::batch(5).by(d), t).unwrap()), vec![3]);
     for _ in 0..6 {
         t += TIMEOUT / 3;
-        l.heartbeat_from(&[], d, t);
+        l.heartbeat(&[], d, t);
         l.tick(t).unwrap();
     }
     assert_eq!(l.stats(t).in_flight, 1, "the backup's worker kept line 3");
     // d's copy wins: c, the holder, learns at its next heartbeat.
-    l.complete(vec![result(3, "3")]).unwrap();
-    assert_eq!(l.heartbeat_from(&[], c, t), (0, vec![3]));
-    assert_eq!(l.heartbeat_from(&[], c, t), (0, vec![]), "told once");
+    l.submit(vec![result(3, "3")]).unwrap();
+    assert_eq!(l.heartbeat(&[], c, t), (0, vec![3]));
+    assert_eq!(l.heartbeat(&[], c, t), (0, vec![]), "told once");
     assert!(l.is_complete());
 }
 
@@ -512,10 +569,10 @@ fn a_live_timeout_change_never_expires_a_heartbeated_item() {
     job.config.work_timeout = Duration::from_secs(3);
     let mut t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(1, t).unwrap();
+    l.take_work(Ask::batch(1), t).unwrap();
     for _ in 0..7 {
         t += Duration::from_secs(1);
-        assert_eq!(l.heartbeat(&[0], t).0, 1);
+        assert_eq!(l.heartbeat(&[0], None, t).0, 1);
         l.tick(t).unwrap();
     }
     l.set_work_timeout(Duration::from_secs(5));
@@ -547,12 +604,12 @@ mod timeout_changes {
             let start = Instant::now();
             let mut t = start;
             let mut l = job.open(t).unwrap();
-            l.take_work(2, t).unwrap();
+            l.take_work(Ask::batch(2), t).unwrap();
             let mut timeout = Duration::from_secs(30);
             for (gap_tenths, change) in steps {
                 t += Duration::from_millis(gap_tenths * 100).min(timeout / 2);
                 l.tick(t).unwrap();
-                prop_assert_eq!(l.heartbeat(&[0], t).0, 1, "item 0 expired");
+                prop_assert_eq!(l.heartbeat(&[0], None, t).0, 1, "item 0 expired");
                 if let Some(secs) = change {
                     timeout = Duration::from_secs(secs);
                     l.set_work_timeout(timeout);
@@ -576,18 +633,18 @@ fn a_retry_goes_to_another_worker_when_one_asks() {
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     let (a, b) = (Some(1), Some(2));
-    assert_eq!(ids(&l.take_work_for(1, t, a).unwrap()), vec![0]);
+    assert_eq!(ids(&l.take_work(Ask::batch(1).by(a), t).unwrap()), vec![0]);
     // A's task asks for another attempt at line 0.
-    assert_eq!(l.release_from(&[0], Cause::Retry, a).unwrap(), 1);
+    assert_eq!(l.release(&[0], Cause::Retry, a).unwrap(), 1);
     // A asks again: it gets a new line, not its own retry.
-    assert_eq!(ids(&l.take_work_for(1, t, a).unwrap()), vec![1]);
+    assert_eq!(ids(&l.take_work(Ask::batch(1).by(a), t).unwrap()), vec![1]);
     // B gets the retry.
-    let r = l.take_work_for(1, t, b).unwrap();
-    assert_eq!((ids(&r), r.items[0].retry_count), (vec![0], 1));
+    let r = l.take_work(Ask::batch(1).by(b), t).unwrap();
+    assert_eq!((ids(&r), r.items()[0].retry_count), (vec![0], 1));
     // Alone, a worker gets its own retry back rather than nothing.
-    assert_eq!(l.release_from(&[0], Cause::Retry, b).unwrap(), 1);
-    assert_eq!(ids(&l.take_work_for(5, t, b).unwrap()), vec![2]);
-    assert_eq!(ids(&l.take_work_for(5, t, b).unwrap()), vec![0]);
+    assert_eq!(l.release(&[0], Cause::Retry, b).unwrap(), 1);
+    assert_eq!(ids(&l.take_work(Ask::batch(5).by(b), t).unwrap()), vec![2]);
+    assert_eq!(ids(&l.take_work(Ask::batch(5).by(b), t).unwrap()), vec![0]);
 }
 
 #[test]
@@ -597,19 +654,19 @@ fn a_stale_workers_release_does_not_take_the_item_from_its_new_holder() {
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     let (a, b) = (Some(1), Some(2));
-    l.take_work_for(1, t, a).unwrap();
+    l.take_work(Ask::batch(1).by(a), t).unwrap();
     // A's lease runs out; B gets the item.
     let t = t + TIMEOUT;
-    assert_eq!(ids(&l.take_work_for(1, t, b).unwrap()), vec![0]);
+    assert_eq!(ids(&l.take_work(Ask::batch(1).by(b), t).unwrap()), vec![0]);
     // A, back from a stall, releases what it thinks it holds: ignored.
-    assert_eq!(l.release_from(&[0], Cause::Release, a).unwrap(), 0);
-    assert_eq!(l.release_from(&[0], Cause::Retry, a).unwrap(), 0);
+    assert_eq!(l.release(&[0], Cause::Release, a).unwrap(), 0);
+    assert_eq!(l.release(&[0], Cause::Retry, a).unwrap(), 0);
     let s = l.stats(t);
     assert_eq!((s.in_flight, s.queued_for_reissue, s.tombstones), (1, 0, 0));
     // B's own release, and a release that names nobody (an old worker), count.
-    assert_eq!(l.release_from(&[0], Cause::Release, b).unwrap(), 1);
-    l.take_work_for(1, t, b).unwrap();
-    assert_eq!(l.release(&[0], Cause::Release).unwrap(), 1);
+    assert_eq!(l.release(&[0], Cause::Release, b).unwrap(), 1);
+    l.take_work(Ask::batch(1).by(b), t).unwrap();
+    assert_eq!(l.release(&[0], Cause::Release, None).unwrap(), 1);
 }
 
 #[test]
@@ -629,7 +686,7 @@ fn appending_to_an_input_whose_last_line_had_no_newline_resumes_exactly() {
     let mut l = job.open(t).unwrap();
     let r = answer(&mut l, 5, t);
     assert_eq!(ids(&r), vec![3, 4], "no phantom line between 2 and 3");
-    assert_eq!(r.items[0].content, "{\"i\":3}");
+    assert_eq!(r.items()[0].content, "{\"i\":3}");
     let out: Vec<String> = job.output().lines().map(String::from).collect();
     assert_eq!(out.len(), 5);
     assert_eq!(out[3], "{\"i\":3}");
@@ -682,10 +739,10 @@ fn lines_recovered_past_the_checkpoint_are_cut_at_the_first_that_is_not_json() {
         "lines 2 and 3 recovered, 4 and 5 redone"
     );
     assert_eq!(job.output(), "{\"i\":0}\n{\"i\":1}\n{\"i\":2}\n{\"i\":3}\n");
-    let r = l.take_work(10, t).unwrap();
+    let r = l.take_work(Ask::batch(10), t).unwrap();
     assert_eq!(ids(&r), vec![4, 5, 6, 7]);
-    l.complete(
-        r.items
+    l.submit(
+        r.items()
             .iter()
             .map(|i| result(i.work_id, &i.content))
             .collect(),
@@ -701,7 +758,7 @@ fn an_input_changed_during_the_run_stops_the_job_before_anything_wrong_is_handed
         let job = Job::new(&lines(40), Some(3));
         let t = Instant::now();
         let mut l = job.open(t).unwrap();
-        l.take_work(10, t).unwrap();
+        l.take_work(Ask::batch(10), t).unwrap();
         let path = &job.config.infile;
         match change {
             0 => std::fs::OpenOptions::new()
@@ -724,7 +781,9 @@ fn an_input_changed_during_the_run_stops_the_job_before_anything_wrong_is_handed
                 std::fs::rename(&other, path).unwrap();
             }
         }
-        let e = l.take_work(10, t + Duration::from_secs(2)).unwrap_err();
+        let e = l
+            .take_work(Ask::batch(10), t + Duration::from_secs(2))
+            .unwrap_err();
         assert!(
             e.to_string().contains(&path.display().to_string()),
             "{change}: {e}"
@@ -735,7 +794,7 @@ fn an_input_changed_during_the_run_stops_the_job_before_anything_wrong_is_handed
     let job = Job::new(&lines(4), Some(3));
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(2, t).unwrap();
+    l.take_work(Ask::batch(2), t).unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -744,8 +803,8 @@ fn an_input_changed_during_the_run_stops_the_job_before_anything_wrong_is_handed
             .unwrap();
         f.write_all_at(b"{\"i\":0,\"", 0).unwrap();
     }
-    l.release(&[0], Cause::Release).unwrap();
-    let e = l.take_work(1, t).unwrap_err();
+    l.release(&[0], Cause::Release, None).unwrap();
+    let e = l.take_work(Ask::batch(1), t).unwrap_err();
     assert!(
         e.to_string().contains("changed since it was first read"),
         "{e}"
@@ -826,19 +885,19 @@ fn preemptions_draw_on_their_own_budget_and_the_tombstone_has_the_history() {
     let mut l = job.open(t).unwrap();
     // Forty preemptions of both items: far over --max-retries 1, no tombstone.
     for _ in 0..40 {
-        let r = l.take_work(2, t).unwrap();
-        assert_eq!(r.items.len(), 2);
-        assert!(r.items.iter().all(|i| i.retry_count == 0));
-        assert_eq!(l.release(&[0, 1], Cause::Release).unwrap(), 2);
+        let r = l.take_work(Ask::batch(2), t).unwrap();
+        assert_eq!(r.items().len(), 2);
+        assert!(r.items().iter().all(|i| i.retry_count == 0));
+        assert_eq!(l.release(&[0, 1], Cause::Release, None).unwrap(), 2);
     }
     assert_eq!(l.stats(t).tombstones, 0);
     // Item 0 then fails twice (an expiry, a task retry): over --max-retries 1.
-    l.take_work(2, t).unwrap();
-    l.complete(vec![result(1, "1")]).unwrap();
+    l.take_work(Ask::batch(2), t).unwrap();
+    l.submit(vec![result(1, "1")]).unwrap();
     t += TIMEOUT;
-    let r = l.take_work(1, t).unwrap();
-    assert_eq!(r.items[0].retry_count, 1);
-    l.release(&[0], Cause::Retry).unwrap();
+    let r = l.take_work(Ask::batch(1), t).unwrap();
+    assert_eq!(r.items()[0].retry_count, 1);
+    l.release(&[0], Cause::Retry, None).unwrap();
     let out: Vec<serde_json::Value> = job
         .output()
         .lines()
@@ -856,8 +915,8 @@ fn preemptions_draw_on_their_own_budget_and_the_tombstone_has_the_history() {
     job.config.max_releases = Some(3);
     let mut l = job.open(t).unwrap();
     for _ in 0..4 {
-        l.take_work(1, t).unwrap();
-        l.release(&[0], Cause::Release).unwrap();
+        l.take_work(Ask::batch(1), t).unwrap();
+        l.release(&[0], Cause::Release, None).unwrap();
     }
     assert!(job.output().contains("max_releases_exceeded"));
 }
@@ -874,22 +933,22 @@ fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     // Line 0 goes to a worker that never answers.
-    assert_eq!(ids(&l.take_work(1, t).unwrap()), vec![0]);
+    assert_eq!(ids(&l.take_work(Ask::batch(1), t).unwrap()), vec![0]);
     let mut peak = 0;
     loop {
-        let r = l.take_work(10_000, t).unwrap();
-        if r.items.is_empty() {
+        let r = l.take_work(Ask::batch(10_000), t).unwrap();
+        if r.items().is_empty() {
             break;
         }
         let done = r
-            .items
+            .items()
             .iter()
             .map(|i| ResultLine {
                 work_id: i.work_id,
                 line: format!("\"result {}\"", i.content),
             })
             .collect();
-        l.complete_checked(done).unwrap();
+        l.complete(done).unwrap();
         let s = l.stats(t);
         peak = peak.max(s.reorder_bytes);
         assert!(
@@ -916,7 +975,7 @@ fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
     assert!(peak > CAP / 2, "the memory was used up to the cap first");
     assert!(job.config.spill_path().metadata().unwrap().len() > 0);
     // The stuck line finally comes back: everything is written, in order.
-    l.complete(vec![result(0, "\"result 0\"")]).unwrap();
+    l.submit(vec![result(0, "\"result 0\"")]).unwrap();
     assert!(l.is_complete());
     let out = job.output();
     let mut n = 0;
@@ -940,40 +999,47 @@ fn idle_workers_get_backups_of_stragglers_and_the_first_result_wins() {
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
     let (a, b) = (Some(1), Some(2));
-    assert_eq!(ids(&l.take_work_for(2, t, a).unwrap()), vec![0, 1]);
     assert_eq!(
-        ids(&l.take_work_for(5, t, b).unwrap()),
+        ids(&l.take_work(Ask::batch(2).by(a), t).unwrap()),
+        vec![0, 1]
+    );
+    assert_eq!(
+        ids(&l.take_work(Ask::batch(5).by(b), t).unwrap()),
         vec![2],
         "no backups beside new lines"
     );
     let later = t + Duration::from_secs(1);
-    assert_eq!(
-        l.take_work_for(5, later, b).unwrap().status,
-        WorkStatus::Retry,
+    assert!(
+        matches!(
+            l.take_work(Ask::batch(5).by(b), later).unwrap(),
+            WorkReply::Retry { .. }
+        ),
         "too young for a backup"
     );
     let later = t + Duration::from_secs(6);
     assert_eq!(
-        ids(&l.take_work_for(5, later, a).unwrap()),
+        ids(&l.take_work(Ask::batch(5).by(a), later).unwrap()),
         vec![2],
         "never one's own items"
     );
     assert_eq!(
-        ids(&l.take_work_for(5, later, b).unwrap()),
+        ids(&l.take_work(Ask::batch(5).by(b), later).unwrap()),
         vec![0],
         "the oldest straggler"
     );
-    assert_eq!(
-        l.take_work_for(5, later, None).unwrap().status,
-        WorkStatus::Retry,
+    assert!(
+        matches!(
+            l.take_work(Ask::batch(5), later).unwrap(),
+            WorkReply::Retry { .. }
+        ),
         "two backups at most"
     );
-    l.complete(vec![result(2, "2"), result(0, "\"from B\"")])
+    l.submit(vec![result(2, "2"), result(0, "\"from B\"")])
         .unwrap();
     let r = l
-        .complete(vec![result(0, "\"from A\""), result(1, "1")])
+        .submit(vec![result(0, "\"from A\""), result(1, "1")])
         .unwrap();
-    assert_eq!((r.accepted, r.already_done), (1, vec![0]));
+    assert_eq!((r.accepted, r.already_done.clone()), (1, vec![0]));
     assert_eq!(job.output(), "\"from B\"\n1\n2\n");
     assert_eq!(l.stats(t).backups_issued, 2);
 }
@@ -984,17 +1050,17 @@ fn a_restart_while_results_are_spilled_resumes_exactly() {
     job.config.max_pending_bytes = 10;
     let t = Instant::now();
     let mut l = job.open(t).unwrap();
-    l.take_work(50, t).unwrap();
-    l.complete((1..50).map(|i| result(i, &i.to_string())).collect())
+    l.take_work(Ask::batch(50), t).unwrap();
+    l.submit((1..50).map(|i| result(i, &i.to_string())).collect())
         .unwrap();
     assert!(l.stats(t).reorder_spilled >= 40);
     drop(l); // a crash: line 0 was never answered
     let mut l = job.open(t).unwrap();
     assert_eq!(l.lines_written(), 0);
-    let r = l.take_work(100, t).unwrap();
-    assert_eq!(r.items.len(), 50, "unwritten lines are redone");
-    l.complete(
-        r.items
+    let r = l.take_work(Ask::batch(100), t).unwrap();
+    assert_eq!(r.items().len(), 50, "unwritten lines are redone");
+    l.submit(
+        r.items()
             .iter()
             .map(|i| result(i.work_id, &i.work_id.to_string()))
             .collect(),
@@ -1107,14 +1173,20 @@ mod interleavings {
         let mut pending: Option<PendingCheckpoint> = None;
         for op in ops {
             match op {
-                Op::Take(b) => held.extend(l.take_work(b, t).unwrap().items),
+                Op::Take(b) => held.extend(
+                    l.take_work(Ask::batch(b), t)
+                        .unwrap()
+                        .into_items()
+                        .into_iter()
+                        .map(wire),
+                ),
                 Op::Complete(k) if !held.is_empty() => {
                     let item = held.swap_remove(k % held.len());
-                    l.complete(vec![answer(&item)]).unwrap();
+                    l.submit(vec![answer(&item)]).unwrap();
                     sent.push(item);
                 }
                 Op::Duplicate(k) if !sent.is_empty() => {
-                    let r = l.complete(vec![answer(&sent[k % sent.len()])]).unwrap();
+                    let r = l.submit(vec![answer(&sent[k % sent.len()])]).unwrap();
                     assert_eq!(r.accepted + r.ignored, 1);
                 }
                 Op::Release(k) if !held.is_empty() => {
@@ -1124,11 +1196,11 @@ mod interleavings {
                     } else {
                         Cause::Retry
                     };
-                    l.release(&[item.work_id], cause).unwrap();
+                    l.release(&[item.work_id], cause, None).unwrap();
                 }
                 Op::Heartbeat => {
                     let ids: Vec<u64> = held.iter().map(|i| i.work_id).collect();
-                    l.heartbeat(&ids, t);
+                    l.heartbeat(&ids, None, t);
                 }
                 Op::Expire => {
                     t += TIMEOUT;
@@ -1164,15 +1236,16 @@ mod interleavings {
         }
         // Drain: stale holders finish first, then fresh workers take the rest.
         let stale: Vec<WorkItem> = held.iter().map(answer).collect();
-        l.complete(stale).unwrap();
+        l.submit(stale).unwrap();
         for _ in 0..(n * 10 + 10) {
             if l.is_complete() {
                 break;
             }
-            let r = l.take_work(7, t).unwrap();
-            match r.status {
-                WorkStatus::Ok => {
-                    l.complete(r.items.iter().map(answer).collect()).unwrap();
+            let r = l.take_work(Ask::batch(7), t).unwrap();
+            match r {
+                WorkReply::Issued(items) => {
+                    let done = items.into_iter().map(|i| answer(&wire(i))).collect();
+                    l.submit(done).unwrap();
                 }
                 _ => {
                     t += TIMEOUT;
@@ -1249,17 +1322,17 @@ fn a_redo_keeps_good_lines_without_any_worker_and_hands_out_only_the_failed_ones
     let mut l = job.open(t).unwrap();
     // A work request reads past at most KEEP_PER_REQUEST kept lines and says
     // to ask again at once.
-    let r = l.take_work(4, t).unwrap();
-    assert_eq!((r.status, r.retry_in), (WorkStatus::Retry, Some(1)));
+    let r = l.take_work(Ask::batch(4), t).unwrap();
+    assert_eq!(r, WorkReply::Retry { after_secs: 1 });
     assert_eq!(l.lines_written(), KEEP_PER_REQUEST);
     // The ticker reads past the rest up to the failed line, with no worker asking.
     l.tick(t).unwrap();
     assert_eq!(l.lines_written(), 250_000);
-    let r = l.take_work(4, t).unwrap();
+    let r = l.take_work(Ask::batch(4), t).unwrap();
     assert_eq!(ids(&r), vec![250_000]);
-    let mut done = r.items[0].clone();
+    let mut done = wire(r.items()[0].clone());
     done.result = Some("\"redone\"".into());
-    l.complete(vec![done]).unwrap();
+    l.submit(vec![done]).unwrap();
     l.tick(t).unwrap();
     assert!(l.is_complete());
     assert_eq!(l.stats(t).kept_lines, 299_999);

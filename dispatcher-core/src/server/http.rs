@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,14 +14,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::error::ApiError;
 use super::state::AppState;
-use super::ServeOptions;
-use crate::ledger::{Cause, LedgerStats};
+use crate::ledger::{Ask, Cause, LedgerStats, WorkReply};
 use crate::metrics::Endpoint;
 use crate::protocol::{
     check_result_line, ErrorResponse, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult,
     JournalRequest, JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine,
-    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkResponse,
+    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkItem, WorkResponse,
     WorkTimeoutRequest,
 };
 
@@ -31,7 +30,7 @@ use crate::protocol::{
 /// Middleware costs a few microseconds per request, so layers are added only
 /// when their option is on (the token check, `--log-invalid-http`); latencies
 /// are recorded in the handlers themselves.
-pub fn app(state: Arc<AppState>, options: &ServeOptions) -> Router {
+pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/work", get(get_work))
         .route("/results", post(post_results))
@@ -58,42 +57,7 @@ pub fn app(state: Arc<AppState>, options: &ServeOptions) -> Router {
     if state.log_invalid_http {
         router = router.layer(axum::middleware::from_fn(log_invalid));
     }
-    router
-        .layer(axum::middleware::from_fn_with_state(
-            options.request_timeout,
-            request_deadline,
-        ))
-        .layer(DefaultBodyLimit::max(options.max_body_bytes))
-        .with_state(state)
-}
-
-/// Bounds the time a request's body may take to arrive and be answered
-/// (`--request-timeout`): the idle timeout closes a connection that stops
-/// making progress, but a body trickled one byte at a time makes progress
-/// forever. One timer per request; the answer is a JSON 408, and the
-/// connection is closed (the rest of the body is never read).
-async fn request_deadline(
-    State(limit): State<Duration>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = request.uri().path().to_string();
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            tracing::debug!(%path, "a request took longer than --request-timeout; closed");
-            let mut response = ApiError::Timeout(format!(
-                "the request to {path} did not arrive in full within {} s (--request-timeout)",
-                limit.as_secs_f64()
-            ))
-            .into_response();
-            response.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-            response
-        }
-    }
+    router.with_state(state)
 }
 
 /// With `--log-invalid-http`: logs the peer and first bytes of requests
@@ -197,105 +161,58 @@ fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     std::hint::black_box(differ) == 0
 }
 
-/// The one error type of the HTTP layer.
-#[derive(Debug)]
-pub(super) enum ApiError {
-    /// The request is malformed or asks for something absurd.
-    BadRequest(String),
-    /// Some results were refused (others may have been accepted).
-    Refused {
-        error: String,
-        work_ids: Vec<u64>,
-        count: u64,
-    },
-    /// The body is over `--max-request-mib`.
-    TooLarge(String),
-    /// The request took longer than `--request-timeout` to arrive.
-    Timeout(String),
-    /// The server stopped after a failure; nothing was changed.
-    Stopped,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (code, body) = match self {
-            ApiError::BadRequest(error) => (
-                StatusCode::BAD_REQUEST,
-                ErrorResponse {
-                    status: "error".into(),
-                    error,
-                    work_ids: Vec::new(),
-                    count: None,
-                },
-            ),
-            ApiError::Refused {
-                error,
-                work_ids,
-                count,
-            } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorResponse {
-                    status: "error".into(),
-                    error,
-                    work_ids,
-                    count: Some(count),
-                },
-            ),
-            ApiError::Timeout(error) => (
-                StatusCode::REQUEST_TIMEOUT,
-                ErrorResponse {
-                    status: "error".into(),
-                    error,
-                    work_ids: Vec::new(),
-                    count: None,
-                },
-            ),
-            ApiError::TooLarge(error) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorResponse {
-                    status: "error".into(),
-                    error,
-                    work_ids: Vec::new(),
-                    count: None,
-                },
-            ),
-            // The cause is in the server's log; it names paths a client has no
-            // business seeing.
-            ApiError::Stopped => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorResponse {
-                    status: "error".into(),
-                    error: "the server is stopping after an internal failure; see its log".into(),
-                    work_ids: Vec::new(),
-                    count: None,
-                },
-            ),
-        };
-        (code, Json(body)).into_response()
-    }
-}
-
 /// The body as JSON of type `T` (described as `shape` in the 400 when it is
 /// not), or a JSON 413 that names `--max-request-mib` when it is too large.
-fn parse_body<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    shape: &str,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge(format!(
-                "the request body is over the server's limit of {} MiB (--max-request-mib); send fewer results per request, or raise the limit",
-                state.max_body_bytes >> 20
-            ))
-        } else {
-            ApiError::BadRequest(format!("the body could not be read: {rejection}"))
-        }
-    })?;
+fn parse_body<T: serde::de::DeserializeOwned>(body: Body, shape: &str) -> Result<T, ApiError> {
+    let body = body.0?;
     // The content type is not checked: scripts that post JSON without it worked
     // with the Python server.
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
+}
+
+/// A request's body, read in full within `--request-timeout` and at most
+/// `--max-request-mib` long, or why it was not. The idle timeout closes a
+/// connection that stops making progress, but a body trickled one byte at a
+/// time makes progress forever: its own deadline ends it (one timer per
+/// request that has a body).
+pub(super) struct Body(Result<Bytes, ApiError>);
+
+impl axum::extract::FromRequest<Arc<AppState>> for Body {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &Arc<AppState>,
+    ) -> Result<Body, Self::Rejection> {
+        let read = axum::body::to_bytes(request.into_body(), state.max_body_bytes);
+        Ok(Body(match tokio::time::timeout(state.request_timeout, read).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "the request body did not arrive in full within {} s (--request-timeout)",
+                state.request_timeout.as_secs_f64()
+            ))),
+            Ok(Err(e)) if is_over_limit(&e) => Err(ApiError::TooLarge(format!(
+                "the request body is over the server's limit of {} MiB (--max-request-mib); send fewer results per request, or raise the limit",
+                state.max_body_bytes >> 20
+            ))),
+            Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+                "the body could not be read: {e}"
+            ))),
+        }))
+    }
+}
+
+/// Whether reading a body failed because it is longer than allowed.
+fn is_over_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Notes that the worker a request names made contact; returns its key.
@@ -346,27 +263,23 @@ async fn get_work(
         },
     };
     let worker = contact(&state, query.worker.as_deref());
-    let (reply, lease) = state.with_ledger(|l| {
+    let (reply, lease, max_retries) = state.with_ledger(|l| {
         Ok((
-            l.take_work_for(batch, Instant::now(), worker)?,
+            l.take_work(Ask::batch(batch).by(worker), Instant::now())?,
             l.work_timeout(),
+            l.config().max_retries,
         ))
     })?;
     // Sized up front: a batch of prompts is tens of kilobytes, which axum's
     // `Json` would reach by doubling a 128-byte buffer, copying at each step.
     let capacity = 96
         + reply
-            .items
+            .items()
             .iter()
             .map(|i| 96 + i.content.len() + i.content.len() / 8)
             .sum::<usize>();
     let mut body = Vec::with_capacity(capacity);
-    let response = WorkResponse {
-        status: reply.status,
-        retry_in: reply.retry_in,
-        items: reply.items,
-        lease_secs: Some(lease.as_secs_f64()),
-    };
+    let response = work_response(reply, max_retries, Some(lease.as_secs_f64()));
     serde_json::to_writer(&mut body, &response).expect("a work response serializes");
     Ok((
         [(
@@ -380,11 +293,10 @@ async fn get_work(
 
 async fn post_results(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<ResultsResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Results);
     let req: SubmittedResults = parse_body(
-        &state,
         body,
         r#"{"items": [work items with "work_id" and "result"]}"#,
     )?;
@@ -421,7 +333,7 @@ async fn post_results(
             }
         }
     }
-    let reply = state.with_ledger(|l| l.complete_checked(lines))?;
+    let reply = state.with_ledger(|l| l.complete(lines))?;
     // Only results the ledger took as the first of their item became records.
     invalid.retain(|id| !reply.already_done.contains(id) && !reply.never_issued.contains(id));
     if let Some(&first) = unattributed.first() {
@@ -446,13 +358,13 @@ async fn post_results(
 
 async fn post_release(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Release);
-    let req: ReleaseRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
+    let req: ReleaseRequest = parse_body(body, r#"{"work_ids": [integers]}"#)?;
     let cause = Cause::of_release(req.reason);
     let worker = contact(&state, req.worker.as_deref());
-    let released = state.with_ledger(|l| l.release_from(&req.work_ids, cause, worker))?;
+    let released = state.with_ledger(|l| l.release(&req.work_ids, cause, worker))?;
     Ok(Json(ReleaseResponse {
         status: "OK".into(),
         released_count: released,
@@ -461,13 +373,13 @@ async fn post_release(
 
 async fn post_heartbeat(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Heartbeat);
-    let req: HeartbeatRequest = parse_body(&state, body, r#"{"work_ids": [integers]}"#)?;
+    let req: HeartbeatRequest = parse_body(body, r#"{"work_ids": [integers]}"#)?;
     let worker = contact(&state, req.worker.as_deref());
     let (extended, done, lease) = state.with_ledger(|l| {
-        let (extended, done) = l.heartbeat_from(&req.work_ids, worker, Instant::now());
+        let (extended, done) = l.heartbeat(&req.work_ids, worker, Instant::now());
         Ok((extended, done, l.work_timeout()))
     })?;
     Ok(Json(HeartbeatResponse {
@@ -483,11 +395,10 @@ async fn post_heartbeat(
 /// what its journals saved.
 async fn post_journal(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<JournalResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Journal);
     let req: JournalRequest = parse_body(
-        &state,
         body,
         r#"{"entries": [{"work_id", "seq", "fingerprint", "response"}], "replayed", "tokens_saved"}"#,
     )?;
@@ -510,10 +421,10 @@ async fn post_journal(
 /// `POST /hello` (extension): a worker says who it is.
 async fn post_hello(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Hello);
-    let hello: Hello = parse_body(&state, body, r#"{"worker": "id", "task": "...", ...}"#)?;
+    let hello: Hello = parse_body(body, r#"{"worker": "id", "task": "...", ...}"#)?;
     if hello.worker.is_empty() {
         return Err(ApiError::BadRequest(
             "\"worker\" must name the worker, as its work requests do".into(),
@@ -569,10 +480,10 @@ async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
 
 async fn post_work_timeout(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::WorkTimeout);
-    let req: WorkTimeoutRequest = parse_body(&state, body, r#"{"timeout": seconds}"#)?;
+    let req: WorkTimeoutRequest = parse_body(body, r#"{"timeout": seconds}"#)?;
     if !(req.timeout.is_finite() && (1.0..1e9).contains(&req.timeout)) {
         return Err(ApiError::BadRequest(format!(
             "timeout must be a number of seconds of at least 1, not {}",
@@ -592,6 +503,28 @@ async fn post_work_timeout(
             req.timeout
         ),
     }))
+}
+
+/// The wire form of the ledger's answer to a work request: each issue a work
+/// item carrying the server's `max_retries`, as the Python server's did.
+pub fn work_response(
+    reply: WorkReply,
+    max_retries: Option<u32>,
+    lease_secs: Option<f64>,
+) -> WorkResponse {
+    match reply {
+        WorkReply::Issued(items) => WorkResponse::ok(
+            items
+                .into_iter()
+                .map(|i| {
+                    WorkItem::issued(i.work_id, i.content, i.retry_count, max_retries, i.journal)
+                })
+                .collect(),
+            lease_secs,
+        ),
+        WorkReply::Retry { after_secs } => WorkResponse::retry(after_secs, lease_secs),
+        WorkReply::Complete => WorkResponse::complete(lease_secs),
+    }
 }
 
 /// The `GET /status` answer: the protocol's fields (some of them the Python

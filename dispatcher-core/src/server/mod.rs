@@ -3,11 +3,16 @@
 //! I/O failure).
 //!
 //! - `state.rs`: [`AppState`], the state the handlers share, and its lock rule;
-//! - `http.rs`: the router, the handlers, their errors and middleware;
+//! - `http.rs`: the router, the handlers and middleware; the wire format of
+//!   the ledger's answers is built there;
+//! - `error.rs`: the HTTP layer's one error type and its JSON answer;
+//! - `connections.rs`: the accept loop, per-connection timeouts and the cap;
+//! - `workers.rs`: the workers seen;
 //! - here: the lifecycle: [`serve`], the ticker, the checkpointer, the
 //!   completion watcher and the shutdown.
 
 mod connections;
+mod error;
 mod http;
 mod state;
 #[cfg(test)]
@@ -28,7 +33,7 @@ use crate::ledger::{Ledger, LedgerConfig};
 use connections::{serve_connections, ConnectionLimits};
 
 pub use connections::{default_max_connections, raise_open_file_limit, RESERVED_FDS};
-pub use http::{app, status_response};
+pub use http::{app, status_response, work_response};
 pub use state::AppState;
 
 /// How the server runs, beyond the job itself.
@@ -195,7 +200,7 @@ pub async fn serve_state(
             stop.request(StopReason::Shutdown);
         }
     });
-    let router = app(state.clone(), &options);
+    let router = app(state.clone());
     let (stopping_tx, stopping) = watch::channel(false);
     tasks.spawn({
         let (stop, mut failure) = (stop.clone(), state.failure.subscribe());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::http::ApiError;
+use super::error::ApiError;
 use super::ServeOptions;
 use crate::error::is_descriptor_shortage;
 use crate::ledger::Ledger;
@@ -27,6 +27,8 @@ pub struct AppState {
     pub(super) max_batch_size: usize,
     /// `--max-request-mib`, in bytes.
     pub(super) max_body_bytes: usize,
+    /// `--request-timeout`: how long a request body may take to arrive.
+    pub(super) request_timeout: std::time::Duration,
     /// The first fatal I/O error. Once set, every request gets 503 and the server
     /// stops; it is never cleared.
     pub(super) failure: watch::Sender<Option<String>>,
@@ -89,6 +91,7 @@ impl AppState {
             stopped: AtomicBool::new(false),
             max_batch_size: options.max_batch_size,
             max_body_bytes: options.max_body_bytes,
+            request_timeout: options.request_timeout,
             failure: watch::channel(None).0,
             complete: watch::channel(complete).0,
             token: options.token.clone(),

@@ -32,7 +32,7 @@ fn fixture(input: &str, options: ServeOptions) -> Fixture {
     };
     let ledger = Ledger::open(config, Instant::now()).unwrap();
     let state = AppState::new(ledger, &options);
-    let router = app(state.clone(), &options);
+    let router = app(state.clone());
     Fixture {
         _dir: dir,
         outfile,
@@ -430,7 +430,7 @@ async fn drop_in_details_of_the_python_server() {
         ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
-    let router = app(state, &options);
+    let router = app(state);
     // A batch_size above --max-batch-size gets that many, with 200.
     let (code, r) = call(&router, "GET", "/work?batch_size=500", "").await;
     assert_eq!(code, StatusCode::OK, "{r}");
@@ -505,7 +505,7 @@ async fn a_release_from_a_worker_that_no_longer_holds_the_item_is_ignored() {
         ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
-    let router = app(state, &options);
+    let router = app(state);
     let (_, r) = call(&router, "GET", "/work?worker=a", "").await;
     assert_eq!(r["items"][0]["work_id"], 0);
     // A's lease runs out; B gets the item.
@@ -551,7 +551,7 @@ async fn the_total_is_known_before_the_input_is_read_to_its_end() {
     let options = ServeOptions::default();
     let config = LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"));
     let state = open(config, &options).unwrap();
-    let router = app(state, &options);
+    let router = app(state);
     call(&router, "GET", "/work?batch_size=3", "").await;
     let start = std::time::Instant::now();
     let status = loop {

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use crate::client::{ClientError, DispatcherClient};
 use crate::engine::BoxFuture;
 use crate::job::checkpoint::ResumeError;
-use crate::ledger::{Cause, Ledger, LedgerConfig};
-use crate::protocol::{ReleaseReason, WorkItem, WorkResponse, WorkStatus};
+use crate::ledger::{Ask, Cause, Ledger, LedgerConfig, WorkReply};
+use crate::protocol::{ReleaseReason, WorkItem, WorkResponse};
 
 /// Why a source call failed.
 #[derive(Debug, thiserror::Error)]
@@ -255,16 +255,16 @@ impl WorkSource for FileSource {
                 let changed = self.changed.notified();
                 let mut changed = std::pin::pin!(changed);
                 changed.as_mut().enable();
-                let r = self.with_ledger(|l| l.take_work(batch, Instant::now()))?;
+                let (reply, max_retries) = self.with_ledger(|l| {
+                    Ok((
+                        l.take_work(Ask::batch(batch), Instant::now())?,
+                        l.config().max_retries,
+                    ))
+                })?;
                 // Only this process holds items: nothing is issuable until one
                 // of its own results or releases comes in.
-                if r.status != WorkStatus::Retry {
-                    return Ok(WorkResponse {
-                        status: r.status,
-                        retry_in: r.retry_in,
-                        items: r.items,
-                        lease_secs: None,
-                    });
+                if !matches!(reply, WorkReply::Retry { .. }) {
+                    return Ok(crate::server::work_response(reply, max_retries, None));
                 }
                 changed.await;
             }
@@ -272,17 +272,19 @@ impl WorkSource for FileSource {
     }
 
     fn submit(&self, items: Vec<WorkItem>) -> BoxFuture<'_, Result<(), SourceError>> {
-        let r = self.with_ledger(|l| l.complete(items)).and_then(|reply| {
-            self.changed.notify_waiters();
-            match reply.refused.first() {
+        let (valid, refused) =
+            crate::protocol::check_results(items.into_iter().map(|r| (r.work_id, r.result)));
+        let r = self
+            .with_ledger(|l| l.complete(valid))
+            .and_then(|_| match refused.first() {
                 // Our own worker serializes results: a refusal is a bug, not input.
                 Some(refused) => Err(SourceError::Io(std::io::Error::other(format!(
                     "work_id {}: {}",
                     refused.work_id, refused.reason
                 )))),
                 None => Ok(()),
-            }
-        });
+            });
+        self.changed.notify_waiters();
         Box::pin(std::future::ready(r))
     }
 
@@ -292,7 +294,9 @@ impl WorkSource for FileSource {
         reason: ReleaseReason,
     ) -> BoxFuture<'_, Result<(), SourceError>> {
         let cause = Cause::of_release(Some(reason));
-        let r = self.with_ledger(|l| l.release(&ids, cause)).map(|_| ());
+        let r = self
+            .with_ledger(|l| l.release(&ids, cause, None))
+            .map(|_| ());
         self.changed.notify_waiters();
         Box::pin(std::future::ready(r))
     }

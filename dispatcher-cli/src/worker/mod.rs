@@ -1,6 +1,11 @@
 //! The worker side of the command line: engine flags, source flags, task
-//! manager flags, and running a task with them. Task binaries and
-//! `dispatcher infer` share all of it.
+//! manager flags, and running a task with them. Task binaries,
+//! `dispatcher infer` and `dispatcher run-batch` share all of it.
+//!
+//! Here: the flags and [`run_task`]; [`engines`]: the engines given by URL
+//! (hosted, named), their keys, limits and backends.
+
+pub mod engines;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
 use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
 use dispatcher_core::task::{DynTask, Engines};
 
-use crate::engines::EngineUrlArgs;
+use engines::EngineUrlArgs;
 
 /// The engine to run (`--engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -274,10 +279,11 @@ pub struct WorkArgs {
     /// Items asked for per work request.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Requests in flight to the default engine at most (size it to the engine's
-    /// batch); named engines have --engine-workers.
-    #[arg(long, default_value_t = 64)]
-    pub workers: usize,
+    /// Requests in flight to the default engine at most (size it to the
+    /// engine's batch); named engines have --engine-max-in-flight. `--workers`
+    /// is its older name, kept as an alias: it never meant worker processes.
+    #[arg(long, visible_alias = "workers", default_value_t = 64)]
+    pub max_in_flight: usize,
     /// Seconds to keep trying a dispatcher that has not answered yet (it may be starting).
     #[arg(long, default_value_t = 120)]
     pub server_wait: u64,
@@ -335,8 +341,8 @@ impl WorkArgs {
     }
 
     fn manager_config(&self) -> anyhow::Result<ManagerConfig> {
-        if self.batch_size == 0 || self.workers == 0 {
-            bail!("--batch-size and --workers must be at least 1");
+        if self.batch_size == 0 || self.max_in_flight == 0 {
+            bail!("--batch-size and --max-in-flight (--workers) must be at least 1");
         }
         Ok(ManagerConfig {
             batch_size: self.batch_size,
@@ -427,7 +433,7 @@ pub async fn run_task(
     let mut stop = std::pin::pin!(crate::termination_signal());
     let progress = Arc::new(Progress::default());
     let (mut engine, engines) = tokio::select! {
-        started = engine_args.start(work.workers, &progress.metrics) => started?,
+        started = engine_args.start(work.max_in_flight, &progress.metrics) => started?,
         () = &mut stop => {
             tracing::info!("stopped before the engine was ready; no work was taken");
             return Ok(());

@@ -26,9 +26,9 @@ pub struct SlurmScriptArgs {
     pub kind: ScriptKind,
 }
 
-const INFER: &str = include_str!("../../examples/slurm/infer.sbatch");
-const TASK: &str = include_str!("../../examples/slurm/task.sbatch");
-const BODY: &str = include_str!("../../examples/slurm/job.sh");
+const INFER: &str = include_str!("../../../examples/slurm/infer.sbatch");
+const TASK: &str = include_str!("../../../examples/slurm/task.sbatch");
+const BODY: &str = include_str!("../../../examples/slurm/job.sh");
 
 /// The script of `kind`, with the job body inlined and `dispatcher_bin` as the
 /// default `DISPATCHER_BIN`.

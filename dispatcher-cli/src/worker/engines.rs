@@ -30,9 +30,10 @@ pub struct EngineUrlArgs {
     /// gets `/v1`. Repeatable.
     #[arg(long, value_name = "[NAME=]URL")]
     pub engine_url: Vec<String>,
-    /// Requests in flight at most to a named engine (default: --workers). Repeatable.
-    #[arg(long, value_name = "NAME=N")]
-    pub engine_workers: Vec<String>,
+    /// Requests in flight at most to a named engine (default:
+    /// --max-in-flight). Repeatable. `--engine-workers` is its older name.
+    #[arg(long, visible_alias = "engine-workers", value_name = "NAME=N")]
+    pub engine_max_in_flight: Vec<String>,
     /// The model requests to a named engine ask for when they name none
     /// (default: the first the engine lists at /models). Repeatable.
     #[arg(long, value_name = "NAME=MODEL")]
@@ -153,7 +154,7 @@ fn positive<T: FromStr + PartialOrd + Default>(v: &str) -> Result<T, String> {
 pub struct UrlEngines {
     /// The default engine's URL, when it is not launched.
     pub default_url: Option<String>,
-    /// Named engines: name, URL, concurrency limit (`None`: --workers).
+    /// Named engines: name, URL, concurrency limit (`None`: --max-in-flight).
     named: Vec<(String, String, Option<usize>)>,
     models: BTreeMap<String, String>,
     keys: PerEngine<Option<ApiKey>>,
@@ -199,8 +200,8 @@ impl EngineUrlArgs {
         }
         let names: Vec<String> = named.iter().map(|(n, ..)| n.clone()).collect();
         let workers = PerEngine::parse(
-            "engine-workers",
-            &self.engine_workers,
+            "engine-max-in-flight",
+            &self.engine_max_in_flight,
             &names,
             false,
             positive::<usize>,
@@ -317,7 +318,7 @@ impl UrlEngines {
     }
 
     /// The named engines: name, backend builder, concurrency limit (`None`:
-    /// --workers).
+    /// --max-in-flight).
     pub fn named(&self) -> impl Iterator<Item = (&str, OpenAiEngineBuilder, Option<usize>)> {
         self.named
             .iter()
@@ -346,7 +347,7 @@ mod tests {
                 "https://api.example.com/v1".into(),
                 "judge=http://node7:8000".into(),
             ];
-            a.engine_workers = vec!["judge=32".into()];
+            a.engine_max_in_flight = vec!["judge=32".into()];
             a.max_requests_per_minute = vec!["600".into(), "judge=60".into()];
         })
         .check()
@@ -367,7 +368,7 @@ mod tests {
         );
         let e = error(args(|a| {
             a.engine_url = vec!["judge=http://x:1".into()];
-            a.engine_workers = vec!["jugde=4".into()];
+            a.engine_max_in_flight = vec!["jugde=4".into()];
         }));
         assert!(
             e.contains("no engine is named \"jugde\"") && e.contains("judge"),
@@ -375,13 +376,13 @@ mod tests {
         );
         let e = error(args(|a| {
             a.engine_url = vec!["judge=http://x:1".into()];
-            a.engine_workers = vec!["judge=0".into()];
+            a.engine_max_in_flight = vec!["judge=0".into()];
         }));
         assert!(
-            e.contains("--engine-workers judge=0: must be a whole number above 0"),
+            e.contains("--engine-max-in-flight judge=0: must be a whole number above 0"),
             "{e}"
         );
-        let e = error(args(|a| a.engine_workers = vec!["8".into()]));
+        let e = error(args(|a| a.engine_max_in_flight = vec!["8".into()]));
         assert!(e.contains("name the engine"), "{e}");
         let e = error(args(|a| {
             a.engine_url = vec!["http://a:1".into(), "http://b:1".into()];
