@@ -33,11 +33,9 @@ fn batch(n: usize) -> String {
 
 /// The output lines without what differs from run to run (the engine's own ids).
 fn stable(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
+    crate::support::jsonl(path)
+        .into_iter()
+        .map(|mut v| {
             if let Some(r) = v["response"].as_object_mut() {
                 r.remove("request_id");
                 if let Some(b) = r.get_mut("body").and_then(Value::as_object_mut) {
@@ -96,11 +94,7 @@ async fn a_batch_killed_halfway_resumes_to_the_output_of_an_uninterrupted_run() 
     assert_eq!(whole[6]["error"]["code"], "invalid_json");
     assert_eq!(whole[7]["custom_id"], "img");
     assert_eq!(whole[7]["error"]["code"], "unsupported_url");
-    let errors: Vec<String> = std::fs::read_to_string(path("errors.jsonl"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let errors = crate::support::lines(path("errors.jsonl"));
     assert_eq!(errors.len(), 2);
     // Killed (SIGKILL, no chance to clean up) once some lines are written,
     // then run again with the same flags.
@@ -126,7 +120,7 @@ async fn a_batch_killed_halfway_resumes_to_the_output_of_an_uninterrupted_run() 
             .collect::<Vec<_>>(),
     );
     let start = Instant::now();
-    while std::fs::read_to_string(path("resumed.jsonl")).map_or(0, |s| s.lines().count()) < 20 {
+    while crate::support::lines(path("resumed.jsonl")).len() < 20 {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

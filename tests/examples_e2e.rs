@@ -112,16 +112,8 @@ async fn validated_response_runs_in_local_file_mode() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out: Vec<serde_json::Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let prompts: Vec<serde_json::Value> = std::fs::read_to_string(data)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<serde_json::Value> = crate::support::jsonl(&output);
+    let prompts: Vec<serde_json::Value> = crate::support::jsonl(data);
     assert_eq!(out.len(), prompts.len());
     for (line, prompt) in out.iter().zip(&prompts) {
         let has_marker = prompt["prompt"].as_str().unwrap().contains("DONE");
@@ -146,11 +138,7 @@ async fn five_steps_runs_its_chain_in_local_file_mode() {
         .unwrap();
     assert!(status.success());
     let questions = std::fs::read_to_string(data).unwrap();
-    let out: Vec<serde_json::Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<serde_json::Value> = crate::support::jsonl(&output);
     assert_eq!(out.len(), questions.lines().count());
     for line in &out {
         // The echo engine answers each step with its last message: the step.

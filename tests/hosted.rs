@@ -349,11 +349,7 @@ async fn infer_runs_on_a_hosted_engine_with_the_key_from_the_environment_and_nev
     let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains(KEY), "the key is in the log:\n{stderr}");
-    let out: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<Value> = crate::support::jsonl(&output);
     assert_eq!(out.len(), 5);
     for (line, q) in out.iter().zip(&qs) {
         assert_eq!(line["responses"][0], format!("Score: 7. You said: {q}"));
@@ -395,11 +391,7 @@ async fn a_task_generates_on_the_launched_engine_and_judges_on_a_named_one_withi
         .unwrap();
     let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{stderr}");
-    let out: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<Value> = crate::support::jsonl(&output);
     assert_eq!(out.len(), 12);
     for (line, q) in out.iter().zip(&qs) {
         // The answer is the echo engine's; the verdict the judge's, on that answer.

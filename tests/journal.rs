@@ -4,7 +4,6 @@
 //! the engine: a test engine whose answers differ every time (as at
 //! temperature > 0), so a replayed answer is visibly the recorded one.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +14,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{json, Value};
 
-use crate::support::{dispatcher_bin, example, send_signal, wait_exit};
+use crate::support::{
+    example, jsonl, last_message, lines, send_signal, serve_process, wait_exit, HttpEngine,
+    ServerProcess,
+};
 
 /// The third turn of `critique_and_revise`.
 const REVISE: &str = "Now write the improved answer";
@@ -113,31 +115,18 @@ async fn answer(
     }))
 }
 
-/// `dispatcher serve` in `dir` with a 2 s work timeout, and its address.
-fn serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(dispatcher_bin())
-        .arg("serve")
-        .arg("--infile")
-        .arg(dir.join("in.jsonl"))
-        .arg("--outfile")
-        .arg(dir.join("out.jsonl"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--work-timeout", "2"])
-        .args(["--checkpoint-interval", "0.2", "--exit-grace", "1"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    (child, addr)
+/// `dispatcher serve` in `dir` with a 2 s work timeout.
+fn serve(dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+    let mut flags = vec![
+        "--work-timeout",
+        "2",
+        "--checkpoint-interval",
+        "0.2",
+        "--exit-grace",
+        "1",
+    ];
+    flags.extend(extra);
+    serve_process(dir, &flags)
 }
 
 fn worker(addr: &str, engine: &Engine) -> Child {
@@ -200,8 +189,8 @@ async fn interrupted_job(how: Interruption, serve_flags: &[&str]) -> (Engine, Ve
     std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
     let engine = Engine::start().await;
     engine.state.hold.store(true, Ordering::SeqCst);
-    let (mut server, addr) = serve(dir.path(), serve_flags);
-    let first = worker(&addr, &engine);
+    let mut server = serve(dir.path(), serve_flags);
+    let first = worker(&server.addr, &engine);
     // Both first requests of every line answered; every third one waits.
     let start = Instant::now();
     while engine.answered().len() < 2 * LINES {
@@ -214,9 +203,8 @@ async fn interrupted_job(how: Interruption, serve_flags: &[&str]) -> (Engine, Ve
     if serve_flags.contains(&"--max-journal-mib") {
         tokio::time::sleep(Duration::from_millis(500)).await;
     } else {
-        wait_entries(&addr, 2 * LINES as u64).await;
+        wait_entries(&server.addr, 2 * LINES as u64).await;
     }
-    let mut addr = addr;
     match how {
         Interruption::Killed => {
             send_signal(first.id() as i32, libc::SIGKILL);
@@ -231,27 +219,20 @@ async fn interrupted_job(how: Interruption, serve_flags: &[&str]) -> (Engine, Ve
             // A checkpoint (every 0.2 s) has made the entries durable.
             tokio::time::sleep(Duration::from_millis(600)).await;
             send_signal(first.id() as i32, libc::SIGKILL);
-            send_signal(server.id() as i32, libc::SIGKILL);
+            server.signal(libc::SIGKILL);
             wait_exit(first, Duration::from_secs(10)).await;
-            let _ = server.wait();
-            let (restarted, new_addr) = serve(dir.path(), serve_flags);
-            server = restarted;
-            addr = new_addr;
+            let _ = server.wait(Duration::from_secs(10));
+            server = serve(dir.path(), serve_flags);
         }
     }
     let before = engine.answered().len();
     engine.state.hold.store(false, Ordering::SeqCst);
-    let second = worker(&addr, &engine);
+    let second = worker(&server.addr, &engine);
     let (code, stderr) = wait_exit(second, Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{stderr}");
-    let status = server.wait().unwrap();
-    assert!(status.success(), "the server failed");
-    let output: Vec<Value> = std::fs::read_to_string(dir.path().join("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (engine, output, before)
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "the server failed: {stderr}");
+    (engine, jsonl(dir.path().join("out.jsonl")), before)
 }
 
 /// Each line's draft and critique are the answers the first worker got, and
@@ -316,7 +297,8 @@ async fn a_full_journal_records_nothing_more_and_the_job_still_completes_exactly
 async fn a_worker_that_knows_no_journal_works_unchanged_against_a_server_with_one() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.jsonl"), "{\"q\": 0}\n{\"q\": 1}\n").unwrap();
-    let (mut server, addr) = serve(dir.path(), &[]);
+    let server = serve(dir.path(), &[]);
+    let addr = server.addr.clone();
     let client = DispatcherClient::new(&addr);
     let http = reqwest::Client::new();
     // Entries for line 0, as one of our workers would have handed in.
@@ -362,24 +344,24 @@ async fn a_worker_that_knows_no_journal_works_unchanged_against_a_server_with_on
         .await
         .unwrap();
     assert_eq!(answer["status"], "OK", "{answer}");
-    assert!(server.wait().unwrap().success());
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
         "{\"answer\":0}\n{\"answer\":1}\n"
     );
-    // Line 0 is written: its entries are gone from the journal file.
-    let journal = std::fs::read_to_string(dir.path().join("out.jsonl.journal")).unwrap_or_default();
-    assert!(journal.is_empty(), "{journal}");
+    // The job is complete: its journal is gone.
+    assert!(!dir.path().join("out.jsonl.journal").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_local_run_resumes_mid_task_from_its_journal() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-    let lines: String = (0..LINES)
+    let questions: String = (0..LINES)
         .map(|i| json!({"question": format!("Question {i}?")}).to_string() + "\n")
         .collect();
-    std::fs::write(&input, lines).unwrap();
+    std::fs::write(&input, questions).unwrap();
     let engine = Engine::start().await;
     engine.state.hold.store(true, Ordering::SeqCst);
     let run = || {
@@ -400,9 +382,16 @@ async fn a_killed_local_run_resumes_mid_task_from_its_journal() {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The entries reach the journal file beside the output as they complete.
+    // The entries reach the journal file beside the output as they complete
+    // (after its first line, which names the job).
     let journal = dir.path().join("out.jsonl.journal");
-    while std::fs::read_to_string(&journal).map_or(0, |j| j.lines().count()) < 2 * LINES {
+    let entries = || {
+        lines(&journal)
+            .iter()
+            .filter(|l| l.contains("\"seq\""))
+            .count()
+    };
+    while entries() < 2 * LINES {
         assert!(start.elapsed() < Duration::from_secs(60), "no journal");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -412,20 +401,15 @@ async fn a_killed_local_run_resumes_mid_task_from_its_journal() {
     engine.state.hold.store(false, Ordering::SeqCst);
     let (code, stderr) = wait_exit(run(), Duration::from_secs(60)).await;
     assert_eq!(code, 0, "{stderr}");
-    let out: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    check_replayed(&engine, &out, before);
+    check_replayed(&engine, &jsonl(&output), before);
 }
 
 /// An engine that adds `validated_response`'s marker to every second answer
 /// it gives to the same prompt.
-async fn every_second_answer_valid() -> crate::support::HttpEngine {
+async fn every_second_answer_valid() -> HttpEngine {
     let asked = Mutex::new(std::collections::HashMap::<String, u64>::new());
-    crate::support::HttpEngine::start(move |body| {
-        let prompt = crate::support::last_message(body);
+    HttpEngine::start(move |body| {
+        let prompt = last_message(body);
         let mut asked = asked.lock().unwrap();
         let n = asked.entry(prompt.clone()).or_default();
         *n += 1;
@@ -447,7 +431,7 @@ fn prompts(n: usize) -> String {
 /// Checks that every line ended valid after one retry: twenty lines, forty
 /// engine requests (a retry that replayed its rejected answer would have
 /// sent none and ended `retries_exhausted`).
-fn check_each_line_asked_twice(output: &[Value], engine: &crate::support::HttpEngine) {
+fn check_each_line_asked_twice(output: &[Value], engine: &HttpEngine) {
     assert_eq!(output.len(), 20);
     for (i, line) in output.iter().enumerate() {
         let response = line["response"]
@@ -464,21 +448,24 @@ async fn a_retry_asks_the_engine_again_instead_of_replaying_the_answer_it_reject
     let engine = every_second_answer_valid().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.jsonl"), prompts(20)).unwrap();
-    let (server, addr) = crate::support::serve_process(dir.path(), &["--exit-grace", "0.5"]);
+    let server = serve_process(dir.path(), &["--exit-grace", "0.5"]);
     let worker = Command::new(example("validated_response"))
-        .args(["--dispatcher", &addr, "--engine-url", &engine.url, "-q"])
+        .args([
+            "--dispatcher",
+            &server.addr,
+            "--engine-url",
+            &engine.url,
+            "-q",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (code, stderr) = wait_exit(worker, Duration::from_secs(60)).await;
     assert_eq!(code, 0, "{stderr}");
-    let (code, stderr) = wait_exit(server, Duration::from_secs(30)).await;
+    let (code, stderr) = server.wait(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
-    check_each_line_asked_twice(
-        &crate::support::jsonl(&dir.path().join("out.jsonl")),
-        &engine,
-    );
+    check_each_line_asked_twice(&jsonl(dir.path().join("out.jsonl")), &engine);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,7 +486,7 @@ async fn a_retry_in_local_mode_asks_the_engine_again_too() {
         .unwrap();
     let (code, stderr) = wait_exit(worker, Duration::from_secs(60)).await;
     assert_eq!(code, 0, "{stderr}");
-    check_each_line_asked_twice(&crate::support::jsonl(&output), &engine);
+    check_each_line_asked_twice(&jsonl(&output), &engine);
     // A finished local job leaves its output, checkpoint and nothing else of
     // a running job.
     assert!(!dir.path().join("out.jsonl.journal").exists());

@@ -270,11 +270,7 @@ async fn run_batch_runs_a_batch_file_on_llama_cpp() {
     let (code, stderr) =
         wait_exit(worker(&dispatcher_bin(), &args), Duration::from_secs(300)).await;
     assert_eq!(code, 0, "{stderr}");
-    let out: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out: Vec<Value> = crate::support::jsonl(&output);
     let ids: Vec<&str> = out
         .iter()
         .map(|l| l["custom_id"].as_str().unwrap())

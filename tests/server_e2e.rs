@@ -123,11 +123,9 @@ async fn concurrent_misbehaving_workers_produce_exactly_one_line_per_input_in_or
         .unwrap();
     assert_eq!(reason, StopReason::Complete);
 
-    let out = std::fs::read_to_string(&outfile).unwrap();
-    let lines: Vec<&str> = out.lines().collect();
+    let lines = crate::support::jsonl(&outfile);
     assert_eq!(lines.len(), LINES);
-    for (i, line) in lines.iter().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for (i, v) in lines.iter().enumerate() {
         assert_eq!(v["id"], i, "line {i}");
         assert_eq!(v["echo"], input[i], "line {i}");
     }

@@ -118,11 +118,7 @@ impl SlurmJob {
     }
 
     fn output(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.path("out.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        crate::support::jsonl(self.path("out.jsonl"))
     }
 
     /// Every line answered by the echo engine, in order, no failure records.

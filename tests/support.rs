@@ -83,11 +83,7 @@ impl Served {
             .unwrap()
             .unwrap();
         assert_eq!(reason, StopReason::Complete);
-        std::fs::read_to_string(self.dir.path().join("out.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        jsonl(self.dir.path().join("out.jsonl"))
     }
 }
 
@@ -117,11 +113,7 @@ pub async fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
     }
 }
 
-#[allow(unsafe_code)]
-pub fn send_signal(pid: i32, sig: i32) -> i32 {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid, sig) }
-}
+pub use dispatcher_testkit::{jsonl, last_message, lines, send_signal, HttpEngine, ServerProcess};
 
 /// The `dispatcher` binary.
 pub fn dispatcher_bin() -> PathBuf {
@@ -285,133 +277,17 @@ pub async fn infer_in_both_modes_with_an_over_long_prompt(
     }
 }
 
-/// An OpenAI-compatible engine on 127.0.0.1 whose chat answers come from a
-/// function of the request's body, counting what it answered.
-pub struct HttpEngine {
-    pub url: String,
-    answered: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-}
-
-/// How an [`HttpEngine`] answers: the text of its reply to a chat request.
-pub type Answer = dyn Fn(&serde_json::Value) -> String + Send + Sync;
-
-impl HttpEngine {
-    /// Starts the engine; it serves `/v1/models` (one model, `test-model`)
-    /// and answers chat requests with `answer(body)`.
-    pub async fn start(
-        answer: impl Fn(&serde_json::Value) -> String + Send + Sync + 'static,
-    ) -> HttpEngine {
-        use http_body_util::{BodyExt, Full};
-        use hyper::body::Bytes;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let answer: std::sync::Arc<Answer> = std::sync::Arc::new(answer);
-        let seen = answered.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (answer, seen) = (answer.clone(), seen.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let (answer, seen) = (answer.clone(), seen.clone());
-                            async move {
-                                let path = req.uri().path().to_string();
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let body: serde_json::Value =
-                                    serde_json::from_slice(&body).unwrap_or_default();
-                                let reply = if path.ends_with("/models") {
-                                    serde_json::json!({"data": [{"id": "test-model"}]})
-                                } else {
-                                    let text = answer(&body);
-                                    seen.lock().unwrap().push(body);
-                                    serde_json::json!({
-                                        "model": "test-model",
-                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
-                                    })
-                                };
-                                Ok::<_, std::convert::Infallible>(
-                                    hyper::Response::builder()
-                                        .header("content-type", "application/json")
-                                        .body(Full::new(Bytes::from(reply.to_string())))
-                                        .unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        HttpEngine { url, answered }
-    }
-
-    /// The bodies of the chat requests answered so far.
-    pub fn answered(&self) -> Vec<serde_json::Value> {
-        self.answered.lock().unwrap().clone()
-    }
-}
-
-/// The last message's content of a chat request body.
-pub fn last_message(body: &serde_json::Value) -> String {
-    body["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The lines of a JSONL file, parsed.
-pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
-        .collect()
-}
-
 /// `dispatcher serve` of `dir/in.jsonl` into `dir/out.jsonl` as a process on
-/// 127.0.0.1, with `extra` flags; returns it with its address.
-pub fn serve_process(dir: &Path, extra: &[&str]) -> (Child, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(dispatcher_bin())
+/// 127.0.0.1, with `extra` flags.
+pub fn serve_process(dir: &Path, extra: &[&str]) -> ServerProcess {
+    let mut command = Command::new(dispatcher_bin());
+    command
         .arg("serve")
         .arg("--infile")
         .arg(dir.join("in.jsonl"))
         .arg("--outfile")
         .arg(dir.join("out.jsonl"))
         .args(["--host", "127.0.0.1", "--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = match line.trim().strip_prefix("listening on ") {
-        Some(addr) => addr.to_string(),
-        None => {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the server did not start: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    };
-    (child, addr)
+        .args(extra);
+    ServerProcess::start(command)
 }

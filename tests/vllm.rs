@@ -571,13 +571,9 @@ fn batch_file(n: usize, model: &str, completions: bool) -> String {
 }
 
 fn by_custom_id(path: &std::path::Path) -> Vec<(String, Value)> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["custom_id"].as_str().unwrap_or("").to_string(), v)
-        })
+    crate::support::jsonl(path)
+        .into_iter()
+        .map(|v| (v["custom_id"].as_str().unwrap_or("").to_string(), v))
         .collect()
 }
 

@@ -156,11 +156,7 @@ impl Job {
     }
 
     fn check_output(&self) {
-        let out = std::fs::read_to_string(self.path("out.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = out
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = crate::support::jsonl(self.path("out.jsonl"));
         assert_eq!(lines.len(), self.lines);
         for (i, v) in lines.iter().enumerate() {
             assert_eq!(

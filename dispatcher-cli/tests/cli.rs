@@ -3,12 +3,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::protocol::{WorkItem, WorkStatus};
+use dispatcher_testkit::{jsonl, lines, ServerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
 
@@ -55,17 +56,18 @@ impl Job {
 
     /// The output lines, parsed.
     fn output_values(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path("out.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        jsonl(self.path("out.jsonl"))
+    }
+
+    /// The output lines, as written.
+    fn output_lines(&self) -> Vec<String> {
+        lines(self.path("out.jsonl"))
     }
 
     fn serve(&self, extra: &[&str]) -> Server {
         let mut cmd = self.serve_command();
         cmd.args(extra);
-        Server::start(cmd)
+        ServerProcess::start(cmd)
     }
 
     /// [`serve`](Self::serve) with at most `nofile` open files (soft and hard
@@ -78,28 +80,7 @@ impl Job {
             .arg(serve.get_program())
             .args(serve.get_args())
             .args(extra);
-        Server::start(cmd)
-    }
-}
-
-impl Server {
-    /// Starts `cmd` (a `dispatcher serve`) and reads the address it listens on.
-    fn start(mut cmd: Command) -> Server {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("no address line, got {line:?}: {}", stderr_of(&mut child)))
-            .to_string();
-        Server { child, addr }
+        ServerProcess::start(cmd)
     }
 }
 
@@ -136,8 +117,7 @@ impl Job {
 
     /// Checks the output is exactly one right line per input line.
     fn check_output(&self) {
-        let out = std::fs::read_to_string(self.path("out.jsonl")).unwrap();
-        let lines: Vec<&str> = out.lines().collect();
+        let lines = self.output_lines();
         assert_eq!(
             lines.len(),
             self.input.len(),
@@ -149,32 +129,17 @@ impl Job {
     }
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+/// A `dispatcher serve` process (see [`ServerProcess`]).
+type Server = ServerProcess;
 
-impl Server {
-    fn wait(mut self, limit: Duration) -> (i32, String) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), stderr_of(&mut self.child));
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the server did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        assert_eq!(send_signal(self.child.id() as i32, sig), 0);
-    }
-
+/// What a test's fake worker does against a server.
+trait AnswerBatch {
     /// A worker's round: takes up to `batch` items and answers them all.
     /// Returns the work ids it took.
+    fn answer_batch(&self, rt: &tokio::runtime::Runtime, batch: usize) -> Vec<u64>;
+}
+
+impl AnswerBatch for ServerProcess {
     fn answer_batch(&self, rt: &tokio::runtime::Runtime, batch: usize) -> Vec<u64> {
         let client = DispatcherClient::new(&self.addr);
         rt.block_on(async {
@@ -186,30 +151,6 @@ impl Server {
             work.items.iter().map(|i| i.work_id).collect()
         })
     }
-}
-
-/// A test that fails half-way must not leave its server running.
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: i32, sig: i32) -> i32 {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid, sig) }
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    let mut s = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut s).unwrap();
-    }
-    s
 }
 
 fn answer(item: &WorkItem) -> WorkItem {
@@ -281,12 +222,7 @@ fn sigkill_during_a_run_and_restarts_lose_and_duplicate_nothing() {
         std::thread::sleep(Duration::from_millis(120 + 37 * round));
         server.signal(libc::SIGKILL);
         let _ = server.wait(Duration::from_secs(10));
-        lines_at_kill.push(
-            std::fs::read_to_string(job.path("out.jsonl"))
-                .unwrap_or_default()
-                .lines()
-                .count(),
-        );
+        lines_at_kill.push(job.output_lines().len());
         server = job.serve(&flags);
         *addr.lock().unwrap() = server.addr.clone();
     }
@@ -385,18 +321,16 @@ fn a_checkpoint_that_does_not_match_the_output_is_refused() {
     server.answer_batch(&rt, 10);
     assert_eq!(server.wait(Duration::from_secs(10)).0, 0);
     // Someone truncates the output by hand.
-    let out = std::fs::read_to_string(job.path("out.jsonl")).unwrap();
-    let half: String = out.lines().take(5).map(|l| format!("{l}\n")).collect();
+    let half: String = job
+        .output_lines()
+        .iter()
+        .take(5)
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(job.path("out.jsonl"), half).unwrap();
-    let mut child = job
-        .serve_command()
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = child.wait().unwrap();
-    let stderr = stderr_of(&mut child);
-    assert_eq!(status.code(), Some(1));
+    let out = job.serve_command().output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr.contains("out.jsonl") && stderr.contains("truncated"),
         "{stderr}"

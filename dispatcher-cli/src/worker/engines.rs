@@ -1,7 +1,9 @@
-//! Engines given by URL: a hosted or already running default engine
-//! (`--engine-url URL`) and named engines beside the launched one
-//! (`--engine-url judge=URL`), with their request limits, models, API keys,
-//! client-side rate limits and TLS roots.
+//! A worker's engines as specs, one [`EngineSpec`] per engine (where it is,
+//! its model, request slots, API key and rate limits), built once from the
+//! flags and handed to the launcher and the task manager
+//! ([`EngineSpecs::start`]). The flags of engines given by URL live here: a
+//! hosted or already running default engine (`--engine-url URL`) and named
+//! engines beside the launched one (`--engine-url judge=URL`).
 //!
 //! Everything here is checked before any engine is launched, so a typo in a
 //! flag fails the job at once rather than after vLLM loaded for minutes.
@@ -10,11 +12,18 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::{bail, Context};
 use clap::Args;
-use dispatcher_core::engine::OpenAiEngine;
-use dispatcher_core::engine::{api_base, ApiKey, OpenAiEngineBuilder, RateLimit};
-use dispatcher_core::task::engines::is_engine_name;
+use dispatcher_core::engine::launch::{self, LaunchConfig, RunningEngine};
+use dispatcher_core::engine::{
+    api_base, ApiKey, OpenAiEngine, OpenAiEngineBuilder, RateLimit, RetryPolicy,
+};
+use dispatcher_core::metrics::WorkerMetrics;
+use dispatcher_core::task::engines::{is_engine_name, DEFAULT_ENGINE};
+use dispatcher_core::task::Engines;
 
 /// The variable an engine given by URL takes its API key from, unless
 /// `--api-key-env` names another.
@@ -148,20 +157,146 @@ fn positive<T: FromStr + PartialOrd + Default>(v: &str) -> Result<T, String> {
     }
 }
 
-/// The engines the flags describe, checked; [`UrlEngines::default_backend`]
-/// and [`UrlEngines::named`] make their backends.
+/// Where an engine is.
+#[derive(Debug, Clone)]
+pub enum Place {
+    /// Launched by this worker.
+    Launch(Box<LaunchConfig>),
+    /// Already running at this address (`--no-launch`).
+    Running {
+        /// Its host.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+    /// At this URL (`--engine-url`): hosted, or elsewhere.
+    Url(String),
+}
+
+/// One engine as the flags describe it: checked once, then handed to the
+/// launcher (where it is launched) and to the task manager (its backend and
+/// its request slots).
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    /// Its name; `None` for the default engine.
+    pub name: Option<String>,
+    /// Where it is.
+    pub place: Place,
+    /// The model requests that name none get; `None`: the first the engine
+    /// lists at `/models`, asked once it runs.
+    pub model: Option<String>,
+    /// Requests in flight to it at most; `None`: `--max-in-flight`.
+    pub max_in_flight: Option<usize>,
+    /// Its API key (a sensitive header, never logged).
+    pub api_key: Option<ApiKey>,
+    /// Client-side rate limits.
+    pub rate: RateLimit,
+}
+
+/// Every engine of a worker, and what their backends share.
 #[derive(Debug)]
-pub struct UrlEngines {
-    /// The default engine's URL, when it is not launched.
-    pub default_url: Option<String>,
-    /// Named engines: name, URL, concurrency limit (`None`: --max-in-flight).
-    named: Vec<(String, String, Option<usize>)>,
-    models: BTreeMap<String, String>,
-    keys: PerEngine<Option<ApiKey>>,
-    default_key: Option<ApiKey>,
-    rpm: PerEngine<u32>,
-    tpm: PerEngine<u64>,
-    ca_cert: Option<Vec<u8>>,
+pub struct EngineSpecs {
+    /// The default engine: requests that name none go to it.
+    pub default: EngineSpec,
+    /// The named engines (`--engine-url NAME=URL`).
+    pub named: Vec<EngineSpec>,
+    /// How long one request may take.
+    pub request_timeout: Duration,
+    /// Retries after a connection error, a 429 or a 5xx.
+    pub retry: RetryPolicy,
+    /// A PEM certificate to trust beside the system's roots.
+    pub ca_cert: Option<Vec<u8>>,
+}
+
+impl EngineSpecs {
+    /// The backend of `spec`, whose API is at `url`.
+    fn backend(&self, spec: &EngineSpec, url: &str) -> OpenAiEngineBuilder {
+        let mut builder = OpenAiEngine::builder(url)
+            .api_key(spec.api_key.clone())
+            .rate_limit(spec.rate)
+            .timeout(self.request_timeout)
+            .retry(self.retry.clone());
+        if let Some(pem) = &self.ca_cert {
+            builder = builder.ca_cert_pem(pem.clone());
+        }
+        if spec.name.is_some() {
+            builder = builder.model(spec.model.clone()).discover_model(true);
+        }
+        builder
+    }
+
+    /// Builds the backend of every engine given by URL once, so that a bad
+    /// certificate or key fails before any engine is launched.
+    pub(super) fn check_backends(&self) -> anyhow::Result<()> {
+        for spec in std::iter::once(&self.default).chain(&self.named) {
+            if let Place::Url(url) = &spec.place {
+                let flag = match &spec.name {
+                    Some(name) => format!("--engine-url {name}={url}"),
+                    None => format!("--engine-url {url}"),
+                };
+                self.backend(spec, url).build().context(flag)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches (or connects to) the default engine and builds the backends
+    /// of every engine, each with its request slots (`max_in_flight` where
+    /// its spec names none); requests are counted in `metrics`.
+    pub async fn start(
+        &self,
+        max_in_flight: usize,
+        metrics: &Arc<WorkerMetrics>,
+    ) -> anyhow::Result<(RunningEngine, Engines)> {
+        let engine = match &self.default.place {
+            Place::Url(url) => launch::connect_url(url),
+            Place::Running { host, port } => launch::connect(host, *port),
+            Place::Launch(config) => launch::launch(config).await?,
+        };
+        let backend = self
+            .backend(&self.default, engine.base_url())
+            .build()?
+            .with_metrics(metrics.clone(), DEFAULT_ENGINE);
+        let model = match &self.default.model {
+            Some(model) => Some(model.clone()),
+            None => backend.discover_model().await,
+        };
+        tracing::info!(url = engine.base_url(), model = ?model, "engine ready");
+        let slots = self.default.max_in_flight.unwrap_or(max_in_flight);
+        let mut engines = Engines::new(Arc::new(backend.with_model(model)), slots, metrics);
+        for spec in &self.named {
+            let (Some(name), Place::Url(url)) = (&spec.name, &spec.place) else {
+                unreachable!("named engines are given by URL")
+            };
+            let backend = self
+                .backend(spec, url)
+                .build()?
+                .with_metrics(metrics.clone(), name);
+            tracing::info!(
+                engine = %name,
+                url = backend.api_base(),
+                model = backend.model().unwrap_or("(the first at /models)"),
+                "named engine"
+            );
+            let slots = spec.max_in_flight.unwrap_or(max_in_flight);
+            engines = engines.with_named(name, Arc::new(backend), slots, metrics)?;
+        }
+        Ok((engine, engines))
+    }
+}
+
+/// What the URL flags describe: the default engine when it is given by URL,
+/// and the named engines.
+#[derive(Debug)]
+pub struct UrlSpecs {
+    /// The default engine, when given by URL.
+    pub default: Option<EngineSpec>,
+    /// The named engines.
+    pub named: Vec<EngineSpec>,
+    /// The unnamed rate limits, which are the default engine's wherever it is.
+    pub default_rate: RateLimit,
+    /// `--ca-cert`, read.
+    pub ca_cert: Option<Vec<u8>>,
 }
 
 /// The API key in `var`: `Ok(None)` when unset and not asked for by name.
@@ -176,11 +311,11 @@ fn read_key(var: &str, asked: bool) -> Result<Option<ApiKey>, String> {
 }
 
 impl EngineUrlArgs {
-    /// Checks the flags: URLs, names, numbers, the API keys' variables and
-    /// the CA certificate.
-    pub fn check(&self) -> anyhow::Result<UrlEngines> {
+    /// Checks the flags (URLs, names, numbers, the API keys' variables and
+    /// the CA certificate) into one spec per engine given by URL.
+    pub fn specs(&self) -> anyhow::Result<UrlSpecs> {
         let mut default_url = None;
-        let mut named: Vec<(String, String, Option<usize>)> = Vec::new();
+        let mut named: Vec<(String, String)> = Vec::new();
         for v in &self.engine_url {
             let (name, url) = split_named(v);
             api_base(url).with_context(|| format!("--engine-url {v}"))?;
@@ -192,14 +327,14 @@ impl EngineUrlArgs {
                 Some("default") => bail!(
                     "--engine-url {v}: \"default\" is the default engine's name; give its URL without a name"
                 ),
-                Some(name) if named.iter().any(|(n, ..)| n == name) => {
+                Some(name) if named.iter().any(|(n, _)| n == name) => {
                     bail!("--engine-url {v}: two engines are named {name:?}")
                 }
-                Some(name) => named.push((name.to_string(), url.to_string(), None)),
+                Some(name) => named.push((name.to_string(), url.to_string())),
             }
         }
-        let names: Vec<String> = named.iter().map(|(n, ..)| n.clone()).collect();
-        let workers = PerEngine::parse(
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let in_flight = PerEngine::parse(
             "engine-max-in-flight",
             &self.engine_max_in_flight,
             &names,
@@ -216,6 +351,20 @@ impl EngineUrlArgs {
                 Ok(v.to_string())
             }
         })?;
+        let rpm = PerEngine::parse(
+            "max-requests-per-minute",
+            &self.max_requests_per_minute,
+            &names,
+            true,
+            positive::<u32>,
+        )?;
+        let tpm = PerEngine::parse(
+            "max-tokens-per-minute",
+            &self.max_tokens_per_minute,
+            &names,
+            true,
+            positive::<u64>,
+        )?;
         // Each engine's variable: its own, else the unnamed one, else
         // OPENAI_API_KEY (which may be unset: then no key is sent).
         let key_of = |name: Option<&str>| -> anyhow::Result<Option<ApiKey>> {
@@ -225,20 +374,34 @@ impl EngineUrlArgs {
             };
             read_key(var, asked).map_err(|why| anyhow::anyhow!("--api-key-env {var}: {why}"))
         };
-        let mut keys = PerEngine {
-            unnamed: None,
-            named: BTreeMap::new(),
+        let rate = |name: Option<&str>| RateLimit {
+            requests_per_minute: rpm.get(name).copied(),
+            tokens_per_minute: tpm.get(name).copied(),
         };
-        for (name, ..) in &named {
-            keys.named.insert(name.clone(), key_of(Some(name))?);
-        }
-        let default_key = match default_url {
-            Some(_) => key_of(None)?,
+        let default = match default_url {
+            Some(url) => Some(EngineSpec {
+                name: None,
+                place: Place::Url(url),
+                model: None,
+                max_in_flight: None,
+                api_key: key_of(None)?,
+                rate: rate(None),
+            }),
             None => None,
         };
-        for entry in &mut named {
-            entry.2 = workers.named.get(&entry.0).copied();
-        }
+        let named = named
+            .into_iter()
+            .map(|(name, url)| {
+                Ok(EngineSpec {
+                    model: models.named.get(&name).cloned(),
+                    max_in_flight: in_flight.named.get(&name).copied(),
+                    api_key: key_of(Some(&name))?,
+                    rate: rate(Some(&name)),
+                    place: Place::Url(url),
+                    name: Some(name),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let ca_cert = match &self.ca_cert {
             Some(path) => Some(
                 std::fs::read(path)
@@ -246,83 +409,12 @@ impl EngineUrlArgs {
             ),
             None => None,
         };
-        let engines = UrlEngines {
-            default_url,
+        Ok(UrlSpecs {
+            default,
             named,
-            models: models.named,
-            keys,
-            default_key,
-            rpm: PerEngine::parse(
-                "max-requests-per-minute",
-                &self.max_requests_per_minute,
-                &names,
-                true,
-                positive::<u32>,
-            )?,
-            tpm: PerEngine::parse(
-                "max-tokens-per-minute",
-                &self.max_tokens_per_minute,
-                &names,
-                true,
-                positive::<u64>,
-            )?,
+            default_rate: rate(None),
             ca_cert,
-        };
-        // Build each backend once now, so a bad certificate or key fails
-        // before any engine is launched.
-        if let Some(url) = &engines.default_url {
-            engines
-                .builder(None, url)
-                .build()
-                .with_context(|| format!("--engine-url {url}"))?;
-        }
-        for (name, url, _) in &engines.named {
-            engines
-                .builder(Some(name), url)
-                .build()
-                .with_context(|| format!("--engine-url {name}={url}"))?;
-        }
-        Ok(engines)
-    }
-}
-
-impl UrlEngines {
-    /// The backend builder of the engine `name` (`None`: the default) at `url`.
-    fn builder(&self, name: Option<&str>, url: &str) -> OpenAiEngineBuilder {
-        let key = match name {
-            Some(name) => self.keys.named.get(name).cloned().flatten(),
-            // The launched engine gets no key; one given by URL does.
-            None if self.default_url.is_some() => self.default_key.clone(),
-            None => None,
-        };
-        let mut builder = OpenAiEngine::builder(url)
-            .api_key(key)
-            .rate_limit(RateLimit {
-                requests_per_minute: self.rpm.get(name).copied(),
-                tokens_per_minute: self.tpm.get(name).copied(),
-            });
-        if let Some(pem) = &self.ca_cert {
-            builder = builder.ca_cert_pem(pem.clone());
-        }
-        if let Some(name) = name {
-            builder = builder
-                .model(self.models.get(name).cloned())
-                .discover_model(true);
-        }
-        builder
-    }
-
-    /// The default engine's backend builder, at `url` (launched, or given).
-    pub fn default_backend(&self, url: &str) -> OpenAiEngineBuilder {
-        self.builder(None, url)
-    }
-
-    /// The named engines: name, backend builder, concurrency limit (`None`:
-    /// --max-in-flight).
-    pub fn named(&self) -> impl Iterator<Item = (&str, OpenAiEngineBuilder, Option<usize>)> {
-        self.named
-            .iter()
-            .map(|(name, url, limit)| (name.as_str(), self.builder(Some(name), url), *limit))
+        })
     }
 }
 
@@ -336,8 +428,30 @@ mod tests {
         a
     }
 
+    /// The error of the flags, from reading them or from building the
+    /// backends, as a worker does before launching anything.
     fn error(a: EngineUrlArgs) -> String {
-        format!("{:#}", a.check().unwrap_err())
+        let checked = a.specs().and_then(|urls| {
+            let specs = EngineSpecs {
+                default: urls.default.unwrap_or(EngineSpec {
+                    name: None,
+                    place: Place::Running {
+                        host: "127.0.0.1".into(),
+                        port: 1,
+                    },
+                    model: None,
+                    max_in_flight: None,
+                    api_key: None,
+                    rate: urls.default_rate,
+                }),
+                named: urls.named,
+                request_timeout: Duration::from_secs(1),
+                retry: RetryPolicy::default(),
+                ca_cert: urls.ca_cert,
+            };
+            specs.check_backends()
+        });
+        format!("{:#}", checked.unwrap_err())
     }
 
     #[test]
@@ -350,13 +464,23 @@ mod tests {
             a.engine_max_in_flight = vec!["judge=32".into()];
             a.max_requests_per_minute = vec!["600".into(), "judge=60".into()];
         })
-        .check()
+        .specs()
         .unwrap();
-        assert_eq!(e.default_url.as_deref(), Some("https://api.example.com/v1"));
-        let named: Vec<_> = e.named().map(|(n, _, l)| (n.to_string(), l)).collect();
-        assert_eq!(named, vec![("judge".to_string(), Some(32))]);
-        assert_eq!(e.rpm.get(None), Some(&600));
-        assert_eq!(e.rpm.get(Some("judge")), Some(&60));
+        let default = e.default.unwrap();
+        assert!(matches!(&default.place, Place::Url(u) if u == "https://api.example.com/v1"));
+        assert_eq!(default.rate.requests_per_minute, Some(600));
+        let named: Vec<_> = e
+            .named
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone().unwrap(),
+                    s.max_in_flight,
+                    s.rate.requests_per_minute,
+                )
+            })
+            .collect();
+        assert_eq!(named, vec![("judge".to_string(), Some(32), Some(60))]);
     }
 
     #[test]

@@ -15,15 +15,13 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::engine::echo::EchoOptions;
-use dispatcher_core::engine::launch::{self, EngineKind, EngineLog, LaunchConfig, RunningEngine};
+use dispatcher_core::engine::launch::{EngineKind, EngineLog, LaunchConfig, RunningEngine};
 use dispatcher_core::engine::RetryPolicy;
-use dispatcher_core::metrics::WorkerMetrics;
-use dispatcher_core::task::engines::DEFAULT_ENGINE;
 use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
 use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
 use dispatcher_core::task::{DynTask, Engines};
 
-use engines::EngineUrlArgs;
+use engines::{EngineSpec, EngineSpecs, EngineUrlArgs, Place};
 
 /// The engine to run (`--engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,7 +128,7 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     /// Validates the flags into a launch configuration.
-    pub fn launch_config(&self) -> anyhow::Result<LaunchConfig> {
+    fn launch_config(&self) -> anyhow::Result<LaunchConfig> {
         let split = |flag: &str, v: &Option<String>| -> anyhow::Result<Vec<String>> {
             v.as_deref()
                 .map(shell_words::split)
@@ -182,60 +180,54 @@ impl EngineArgs {
         })
     }
 
-    /// Launches (or connects to) the default engine and builds the backends
-    /// of every engine: the default one with at most `workers` requests in
-    /// flight, the named ones with theirs; requests are counted in `metrics`.
-    pub async fn start(
-        &self,
-        workers: usize,
-        metrics: &Arc<WorkerMetrics>,
-    ) -> anyhow::Result<(RunningEngine, Engines)> {
+    /// Checks every engine flag into one spec per engine, before anything
+    /// is launched.
+    pub fn specs(&self) -> anyhow::Result<EngineSpecs> {
         let config = self.launch_config()?;
-        // Every flag is checked before an engine is launched.
-        let urls = self.urls.check()?;
-        let engine = match &urls.default_url {
+        let urls = self.urls.specs()?;
+        // The name requests use: --served-model-name, else --model as given
+        // (llama.cpp serves its model under an alias: asked at /models).
+        let model = match (&self.served_model_name, &self.model) {
+            (Some(name), _) => Some(name.clone()),
+            (None, Some(m)) if self.no_launch || config.kind != EngineKind::Llamacpp => {
+                Some(m.clone())
+            }
+            _ => None,
+        };
+        let default = match urls.default {
             Some(_) if self.no_launch => bail!(
                 "--engine-url URL and --no-launch both say where the default engine is: give one"
             ),
-            Some(url) => launch::connect_url(url),
-            None if self.no_launch => launch::connect(&self.host, self.port),
-            None => launch::launch(&config).await?,
+            Some(spec) => EngineSpec { model, ..spec },
+            None => EngineSpec {
+                name: None,
+                place: if self.no_launch {
+                    Place::Running {
+                        host: self.host.clone(),
+                        port: self.port,
+                    }
+                } else {
+                    Place::Launch(Box::new(config))
+                },
+                model,
+                max_in_flight: None,
+                // The launched engine gets no key; one given by URL does.
+                api_key: None,
+                rate: urls.default_rate,
+            },
         };
-        let retry = RetryPolicy {
-            retries: self.engine_retries,
-            ..RetryPolicy::default()
+        let specs = EngineSpecs {
+            default,
+            named: urls.named,
+            request_timeout: Duration::from_secs_f64(self.request_timeout),
+            retry: RetryPolicy {
+                retries: self.engine_retries,
+                ..RetryPolicy::default()
+            },
+            ca_cert: urls.ca_cert,
         };
-        let timeout = Duration::from_secs_f64(self.request_timeout);
-        let backend = urls
-            .default_backend(engine.base_url())
-            .timeout(timeout)
-            .retry(retry.clone())
-            .build()?
-            .with_metrics(metrics.clone(), DEFAULT_ENGINE);
-        let model = match (&self.served_model_name, &self.model) {
-            (Some(name), _) => Some(name.clone()),
-            // llama.cpp serves its model under the alias; vLLM under the path or id.
-            (None, Some(m)) if engine.kind() != EngineKind::Llamacpp => Some(m.clone()),
-            _ => backend.discover_model().await,
-        };
-        tracing::info!(url = engine.base_url(), model = ?model, "engine ready");
-        let mut engines = Engines::new(Arc::new(backend.with_model(model)), workers, metrics);
-        for (name, builder, limit) in urls.named() {
-            let backend = builder
-                .timeout(timeout)
-                .retry(retry.clone())
-                .build()?
-                .with_metrics(metrics.clone(), name);
-            tracing::info!(
-                engine = name,
-                url = backend.api_base(),
-                model = backend.model().unwrap_or("(the first at /models)"),
-                "named engine"
-            );
-            engines =
-                engines.with_named(name, Arc::new(backend), limit.unwrap_or(workers), metrics)?;
-        }
-        Ok((engine, engines))
+        specs.check_backends()?;
+        Ok(specs)
     }
 }
 
@@ -427,13 +419,16 @@ pub async fn run_task(
     work: &WorkArgs,
 ) -> anyhow::Result<()> {
     let config = work.manager_config()?;
+    // Every engine flag is checked before the job's files are opened or an
+    // engine is launched.
+    let engine_specs = engine_args.specs()?;
     let source = work.source()?;
     // Listening from before the engine starts: a job preempted while vLLM still
     // loads (a minute or more) stops at once, and the engine with it.
     let mut stop = std::pin::pin!(crate::termination_signal());
     let progress = Arc::new(Progress::default());
     let (mut engine, engines) = tokio::select! {
-        started = engine_args.start(work.max_in_flight, &progress.metrics) => started?,
+        started = engine_specs.start(work.max_in_flight, &progress.metrics) => started?,
         () = &mut stop => {
             tracing::info!("stopped before the engine was ready; no work was taken");
             return Ok(());

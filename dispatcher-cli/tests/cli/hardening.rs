@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::protocol::WorkStatus;
 
-use super::{answer, Job, Server, BIN};
+use super::{answer, AnswerBatch, Job, Server, BIN};
 
 /// A connection that sent `bytes` and then nothing more, like a worker node
 /// that died mid-request.

@@ -229,9 +229,8 @@ fn report_redo_and_the_error_file_agree_on_every_kind_of_line() {
 
     let error_file = job.path("errors.jsonl");
     dispatcher_cli::batch::finish_output(&job.path("out.jsonl"), Some(&error_file)).unwrap();
-    let in_error_file: Vec<u64> = std::fs::read_to_string(&error_file)
-        .unwrap()
-        .lines()
+    let in_error_file: Vec<u64> = dispatcher_testkit::lines(&error_file)
+        .iter()
         .map(|l| lines.iter().position(|(x, _)| x == l).unwrap() as u64)
         .collect();
     assert_eq!(in_error_file, failed, "--error-file");

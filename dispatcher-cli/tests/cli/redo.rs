@@ -47,11 +47,7 @@ fn work_until_done(server: &Server, rt: &tokio::runtime::Runtime) -> Vec<u64> {
 }
 
 fn output_lines(job: &Job) -> Vec<String> {
-    std::fs::read_to_string(job.path("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
+    job.output_lines()
 }
 
 #[test]

@@ -1,0 +1,208 @@
+//! What the tests of the workspace share, so that each test says only what
+//! it proves: reading a JSONL output ([`jsonl`], [`lines`]), signals
+//! ([`send_signal`]), a server process and its address ([`ServerProcess`]),
+//! and an OpenAI-compatible test engine whose answers a test scripts
+//! ([`HttpEngine`]). Every address is on 127.0.0.1.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The lines of a file, without their newlines; a missing file has none.
+pub fn lines(path: impl AsRef<Path>) -> Vec<String> {
+    let path = path.as_ref();
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().map(String::from).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
+/// The lines of a JSONL file, parsed; a line that is not JSON fails the test
+/// naming the file and the line.
+pub fn jsonl(path: impl AsRef<Path>) -> Vec<Value> {
+    let path = path.as_ref();
+    lines(path)
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{} line {}: {e}: {l}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Sends `sig` to process `pid`; kill(2)'s result.
+#[allow(unsafe_code)]
+pub fn send_signal(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, sig) }
+}
+
+/// A `dispatcher serve` process (any command that prints `listening on
+/// ADDR` once its job is open), killed when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    /// The process; its stderr is piped.
+    pub child: Child,
+    /// `HOST:PORT` it listens on.
+    pub addr: String,
+}
+
+impl ServerProcess {
+    /// Starts `command` and waits for its address; a process that exits
+    /// first fails the test with its stderr.
+    pub fn start(mut command: Command) -> ServerProcess {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("the server's stdout reads");
+        match line.trim().strip_prefix("listening on ") {
+            Some(addr) => ServerProcess {
+                addr: addr.to_string(),
+                child,
+            },
+            None => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("the server is reaped");
+                panic!(
+                    "the server did not start (its first line: {line:?}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    /// Sends `sig` to it.
+    pub fn signal(&self, sig: i32) {
+        assert_eq!(send_signal(self.child.id() as i32, sig), 0);
+    }
+
+    /// Waits at most `limit` for it to exit: its exit code and stderr.
+    pub fn wait(mut self, limit: Duration) -> (i32, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waits") {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                }
+                return (status.code().unwrap_or(-1), stderr);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A test that fails half-way must not leave its server running.
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An OpenAI-compatible engine on 127.0.0.1 whose chat answers come from a
+/// function of the request's body, counting what it answered.
+#[derive(Debug)]
+pub struct HttpEngine {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    answered: Arc<Mutex<Vec<Value>>>,
+}
+
+/// How an [`HttpEngine`] answers: the text of its reply to a chat request.
+pub type Answer = dyn Fn(&Value) -> String + Send + Sync;
+
+impl HttpEngine {
+    /// Starts the engine on the current tokio runtime; it serves
+    /// `/v1/models` (one model, `test-model`) and answers chat requests with
+    /// `answer(body)`.
+    pub async fn start(answer: impl Fn(&Value) -> String + Send + Sync + 'static) -> HttpEngine {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds 127.0.0.1");
+        let url = format!("http://{}", listener.local_addr().expect("has an address"));
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let answer: Arc<Answer> = Arc::new(answer);
+        let seen = answered.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (answer, seen) = (answer.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (answer, seen) = (answer.clone(), seen.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+                                let reply = if path.ends_with("/models") {
+                                    serde_json::json!({"data": [{"id": "test-model"}]})
+                                } else {
+                                    let text = answer(&body);
+                                    seen.lock().expect("not poisoned").push(body);
+                                    serde_json::json!({
+                                        "model": "test-model",
+                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                                        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+                                    })
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(Bytes::from(reply.to_string())))
+                                        .expect("a response builds"),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        HttpEngine { url, answered }
+    }
+
+    /// The bodies of the chat requests answered so far.
+    pub fn answered(&self) -> Vec<Value> {
+        self.answered.lock().expect("not poisoned").clone()
+    }
+}
+
+/// The last message's content of a chat request body.
+pub fn last_message(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
