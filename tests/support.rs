@@ -113,7 +113,9 @@ pub async fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
     }
 }
 
-pub use dispatcher_testkit::{jsonl, last_message, lines, send_signal, HttpEngine, ServerProcess};
+pub use dispatcher_testkit::{
+    jsonl, last_message, lines, send_signal, HttpEngine, JobDir, ServerProcess,
+};
 
 /// The `dispatcher` binary.
 pub fn dispatcher_bin() -> PathBuf {

@@ -11,7 +11,7 @@ use dispatcher::engine::{BoxFuture, Engine, RequestError, Response};
 use dispatcher::ledger::LedgerConfig;
 use dispatcher::manager::{self, Exit, ManagerConfig, Progress};
 
-use crate::support;
+use crate::support::{self, JobDir};
 use dispatcher::server;
 use dispatcher::source::{FileSource, ServerSource, WorkSource};
 use dispatcher::testing::reply;
@@ -116,21 +116,19 @@ async fn two_steps(
     Ok(json!({"n": n, "work_id": ctx.work_id(), "texts": [first.text(), second.text()]}))
 }
 
-struct Job {
-    dir: tempfile::TempDir,
-    lines: usize,
+/// A job's directory (see [`JobDir`]), served in-process.
+struct Job(JobDir);
+
+impl std::ops::Deref for Job {
+    type Target = JobDir;
+    fn deref(&self) -> &JobDir {
+        &self.0
+    }
 }
 
 impl Job {
     fn new(lines: usize) -> Job {
-        let dir = tempfile::tempdir().unwrap();
-        let input: String = (0..lines).map(|n| format!("{{\"n\": {n}}}\n")).collect();
-        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
-        Job { dir, lines }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
+        Job(JobDir::new(lines))
     }
 
     async fn serve(
@@ -156,8 +154,8 @@ impl Job {
     }
 
     fn check_output(&self) {
-        let lines = crate::support::jsonl(self.path("out.jsonl"));
-        assert_eq!(lines.len(), self.lines);
+        let lines = self.output_values();
+        assert_eq!(lines.len(), self.input.len());
         for (i, v) in lines.iter().enumerate() {
             assert_eq!(
                 v,
@@ -362,10 +360,7 @@ async fn local_file_mode_writes_in_order_and_resumes_after_an_interruption() {
     )
     .await;
     assert_eq!(exit, Exit::Interrupted);
-    let written = std::fs::read_to_string(job.path("out.jsonl"))
-        .unwrap()
-        .lines()
-        .count();
+    let written = job.output_lines().len();
     assert!(
         written > 0 && written < 40,
         "{written} lines after the first run"

@@ -2,14 +2,14 @@
 //! (SIGKILL and restart, signals, exit codes, messages on stderr).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::protocol::{WorkItem, WorkStatus};
-use dispatcher_testkit::{jsonl, lines, ServerProcess};
+use dispatcher_testkit::{JobDir, ServerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dispatcher");
 
@@ -25,21 +25,19 @@ mod redo;
 #[path = "cli/job_files.rs"]
 mod job_files;
 
-struct Job {
-    dir: tempfile::TempDir,
-    input: Vec<String>,
+/// A job's directory (see [`JobDir`]), with what these tests do with it.
+struct Job(JobDir);
+
+impl std::ops::Deref for Job {
+    type Target = JobDir;
+    fn deref(&self) -> &JobDir {
+        &self.0
+    }
 }
 
 impl Job {
     fn new(lines: usize) -> Job {
-        let dir = tempfile::tempdir().unwrap();
-        let input: Vec<String> = (0..lines).map(|i| format!("{{\"n\": {i}}}")).collect();
-        std::fs::write(dir.path().join("in.jsonl"), input.join("\n") + "\n").unwrap();
-        Job { dir, input }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        Job(JobDir::new(lines))
     }
 
     /// `dispatcher serve` on this job's files, on 127.0.0.1 with a free port.
@@ -52,16 +50,6 @@ impl Job {
             .arg(self.path("out.jsonl"))
             .args(["--host", "127.0.0.1", "--port", "0"]);
         cmd
-    }
-
-    /// The output lines, parsed.
-    fn output_values(&self) -> Vec<serde_json::Value> {
-        jsonl(self.path("out.jsonl"))
-    }
-
-    /// The output lines, as written.
-    fn output_lines(&self) -> Vec<String> {
-        lines(self.path("out.jsonl"))
     }
 
     fn serve(&self, extra: &[&str]) -> Server {

@@ -1,16 +1,53 @@
 //! What the tests of the workspace share, so that each test says only what
-//! it proves: reading a JSONL output ([`jsonl`], [`lines`]), signals
-//! ([`send_signal`]), a server process and its address ([`ServerProcess`]),
-//! and an OpenAI-compatible test engine whose answers a test scripts
-//! ([`HttpEngine`]). Every address is on 127.0.0.1.
+//! it proves: a job's directory with its input ([`JobDir`]), reading a JSONL
+//! output ([`jsonl`], [`lines`]), signals ([`send_signal`]), a server process
+//! and its address ([`ServerProcess`]), and an OpenAI-compatible test engine
+//! whose answers a test scripts ([`HttpEngine`]). Every address is on
+//! 127.0.0.1.
 
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// A job in a temporary directory: `in.jsonl` holds `{"n": i}` for each of
+/// its lines; the job's files go beside it.
+#[derive(Debug)]
+pub struct JobDir {
+    /// The directory, removed when the fixture is dropped.
+    pub dir: tempfile::TempDir,
+    /// The input's lines, without newlines.
+    pub input: Vec<String>,
+}
+
+impl JobDir {
+    /// A job of `lines` input lines.
+    pub fn new(lines: usize) -> JobDir {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let input: Vec<String> = (0..lines).map(|i| format!("{{\"n\": {i}}}")).collect();
+        let text: String = input.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.path().join("in.jsonl"), text).expect("the input is written");
+        JobDir { dir, input }
+    }
+
+    /// A file of the job: `path("out.jsonl")`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The output's lines, as written (none while there is no output).
+    pub fn output_lines(&self) -> Vec<String> {
+        lines(self.path("out.jsonl"))
+    }
+
+    /// The output's lines, parsed.
+    pub fn output_values(&self) -> Vec<Value> {
+        jsonl(self.path("out.jsonl"))
+    }
+}
 
 /// The lines of a file, without their newlines; a missing file has none.
 pub fn lines(path: impl AsRef<Path>) -> Vec<String> {

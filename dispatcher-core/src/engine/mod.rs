@@ -1,6 +1,11 @@
 //! Inference engines: the [`Engine`] trait tasks send requests through, the
 //! OpenAI-compatible HTTP backend, the built-in echo engine, and the launcher
 //! that starts and stops vLLM, SGLang or llama.cpp.
+//!
+//! Where what lives: here the [`Engine`] trait and raw requests; `request.rs`
+//! and `response.rs` the typed request and response; `openai.rs` the HTTP
+//! backend (retries, keys, TLS); [`rate`] client-side rate limits; [`echo`]
+//! the echo engine; [`launch`] starting and stopping a local engine.
 
 pub mod echo;
 pub mod launch;

@@ -1,6 +1,14 @@
 //! Typed tasks: the [`Task`] trait that `#[task]` implements, the context a task
 //! runs in, how its outcome becomes an output line, and the task manager that
 //! runs many tasks at once against one engine.
+//!
+//! Where what lives: here the [`Task`] and [`DynTask`] traits and a line's
+//! outcome; `context.rs` the [`TaskContext`] (sending, replaying from the
+//! journal); `error.rs` [`TaskError`]; [`engines`] the engines a worker sends
+//! to, with their request slots; [`limiter`] those slots; [`journal`] a
+//! task's journal on the worker; [`manager`] the task manager; [`source`]
+//! where items come from (a server, or a local file pair); [`testing`]
+//! running a task with scripted replies.
 
 mod context;
 pub mod engines;
