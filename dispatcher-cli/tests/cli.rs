@@ -129,25 +129,25 @@ trait AnswerBatch {
 
 impl AnswerBatch for ServerProcess {
     fn answer_batch(&self, rt: &tokio::runtime::Runtime, batch: usize) -> Vec<u64> {
-        let client = DispatcherClient::new(&self.addr);
-        rt.block_on(async {
-            let work = client.get_work(batch).await.unwrap();
-            client
-                .submit(work.items.iter().map(answer).collect())
-                .await
-                .unwrap();
-            work.items.iter().map(|i| i.work_id).collect()
-        })
+        rt.block_on(dispatcher_testkit::answer_batch(
+            &self.addr, batch, result_of,
+        ))
     }
 }
 
-fn answer(item: &WorkItem) -> WorkItem {
-    let mut done = item.clone();
-    let n: usize = serde_json::from_str::<serde_json::Value>(&item.content).unwrap()["n"]
+/// The result these tests' workers give an item: its `n` and the line seen.
+fn result_of(item: &WorkItem) -> String {
+    let n = serde_json::from_str::<serde_json::Value>(&item.content).unwrap()["n"]
         .as_u64()
-        .unwrap() as usize;
-    done.result = Some(serde_json::json!({"n": n, "seen": item.content}).to_string());
-    done
+        .unwrap();
+    serde_json::json!({"n": n, "seen": item.content}).to_string()
+}
+
+fn answer(item: &WorkItem) -> WorkItem {
+    WorkItem {
+        result: Some(result_of(item)),
+        ..item.clone()
+    }
 }
 
 /// Workers that follow the server wherever the test restarts it (`addr`), and

@@ -1,9 +1,9 @@
 //! What the tests of the workspace share, so that each test says only what
 //! it proves: a job's directory with its input ([`JobDir`]), reading a JSONL
 //! output ([`jsonl`], [`lines`]), signals ([`send_signal`]), a server process
-//! and its address ([`ServerProcess`]), and an OpenAI-compatible test engine
-//! whose answers a test scripts ([`HttpEngine`]). Every address is on
-//! 127.0.0.1.
+//! and its address ([`ServerProcess`]), a fake worker ([`answer_batch`],
+//! [`work_until_done`]), and an OpenAI-compatible test engine whose answers
+//! a test scripts ([`HttpEngine`]). Every address is on 127.0.0.1.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::protocol::{WorkItem, WorkStatus};
 use serde_json::Value;
 
 /// A job in a temporary directory: `in.jsonl` holds `{"n": i}` for each of
@@ -150,6 +152,62 @@ impl Drop for ServerProcess {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fake worker's round against the server at `addr`: takes up to `batch`
+/// items and answers each with `answer(item)` as its result. Returns the
+/// work ids it took.
+pub async fn answer_batch(
+    addr: &str,
+    batch: usize,
+    answer: impl Fn(&WorkItem) -> String,
+) -> Vec<u64> {
+    let client = DispatcherClient::new(addr);
+    let work = client.get_work(batch).await.expect("the server answers");
+    let results = work
+        .items
+        .iter()
+        .map(|item| WorkItem {
+            result: Some(answer(item)),
+            ..item.clone()
+        })
+        .collect();
+    client.submit(results).await.expect("the results are taken");
+    work.items.iter().map(|i| i.work_id).collect()
+}
+
+/// A fake worker that answers every item the server at `addr` hands out
+/// (`answer(item)` is its result), `batch` at a time, until the server says
+/// all work is complete or is gone. Returns the work ids it was given, in
+/// order.
+pub async fn work_until_done(
+    addr: &str,
+    batch: usize,
+    answer: impl Fn(&WorkItem) -> String,
+) -> Vec<u64> {
+    let client = DispatcherClient::new(addr);
+    let mut ids = Vec::new();
+    loop {
+        let Ok(work) = client.get_work(batch).await else {
+            return ids;
+        };
+        match work.status {
+            WorkStatus::Ok => {
+                ids.extend(work.items.iter().map(|i| i.work_id));
+                let results = work
+                    .items
+                    .iter()
+                    .map(|item| WorkItem {
+                        result: Some(answer(item)),
+                        ..item.clone()
+                    })
+                    .collect();
+                client.submit(results).await.expect("the results are taken");
+            }
+            WorkStatus::AllWorkComplete => return ids,
+            WorkStatus::Retry => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }

@@ -24,26 +24,11 @@ pub(super) fn previous_output(job: &Job, lines: usize) -> Vec<String> {
 /// Answers every item the server hands out until it says all work is
 /// complete (or is gone); returns the work ids it was given.
 fn work_until_done(server: &Server, rt: &tokio::runtime::Runtime) -> Vec<u64> {
-    let client = DispatcherClient::new(&server.addr);
-    rt.block_on(async {
-        let mut ids = Vec::new();
-        loop {
-            let Ok(work) = client.get_work(8).await else {
-                return ids;
-            };
-            match work.status {
-                WorkStatus::Ok => {
-                    ids.extend(work.items.iter().map(|i| i.work_id));
-                    client
-                        .submit(work.items.iter().map(answer).collect())
-                        .await
-                        .unwrap();
-                }
-                WorkStatus::AllWorkComplete => return ids,
-                WorkStatus::Retry => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
+    rt.block_on(dispatcher_testkit::work_until_done(
+        &server.addr,
+        8,
+        result_of,
+    ))
 }
 
 fn output_lines(job: &Job) -> Vec<String> {
