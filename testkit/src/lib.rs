@@ -166,16 +166,22 @@ pub async fn answer_batch(
 ) -> Vec<u64> {
     let client = DispatcherClient::new(addr);
     let work = client.get_work(batch).await.expect("the server answers");
-    let results = work
-        .items
+    client
+        .submit(answered(&work.items, &answer))
+        .await
+        .expect("the results are taken");
+    work.items.iter().map(|i| i.work_id).collect()
+}
+
+/// `items` with `answer(item)` as each one's result.
+fn answered(items: &[WorkItem], answer: &impl Fn(&WorkItem) -> String) -> Vec<WorkItem> {
+    items
         .iter()
         .map(|item| WorkItem {
             result: Some(answer(item)),
             ..item.clone()
         })
-        .collect();
-    client.submit(results).await.expect("the results are taken");
-    work.items.iter().map(|i| i.work_id).collect()
+        .collect()
 }
 
 /// A fake worker that answers every item the server at `addr` hands out
@@ -196,15 +202,10 @@ pub async fn work_until_done(
         match work.status {
             WorkStatus::Ok => {
                 ids.extend(work.items.iter().map(|i| i.work_id));
-                let results = work
-                    .items
-                    .iter()
-                    .map(|item| WorkItem {
-                        result: Some(answer(item)),
-                        ..item.clone()
-                    })
-                    .collect();
-                client.submit(results).await.expect("the results are taken");
+                client
+                    .submit(answered(&work.items, &answer))
+                    .await
+                    .expect("the results are taken");
             }
             WorkStatus::AllWorkComplete => return ids,
             WorkStatus::Retry => tokio::time::sleep(Duration::from_millis(20)).await,

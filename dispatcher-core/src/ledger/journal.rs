@@ -180,10 +180,21 @@ impl Journal {
             candidates.push((record, bytes));
         }
         // Room is made before the new entries are held, so that a rewrite
-        // writes only the entries already in the file.
-        let total: usize = candidates.iter().map(|(_, b)| b.len()).sum();
-        self.make_room(total as u64)?;
-        let mut buf = Vec::with_capacity(total);
+        // writes only the entries already in the file; and only for what can
+        // be held (a full journal, or --max-journal-mib 0, rewrites nothing).
+        let mut room = (self.max_bytes / 2).saturating_sub(self.stats.bytes);
+        let mut total = 0u64;
+        for (_, bytes) in &candidates {
+            let len = bytes.len() as u64;
+            if len <= room {
+                room -= len;
+                total += len;
+            }
+        }
+        if total > 0 {
+            self.make_room(total)?;
+        }
+        let mut buf = Vec::with_capacity(total as usize);
         let mut recorded = 0;
         for (record, bytes) in candidates {
             if self.admit(record, bytes.len() as u64) {
