@@ -256,6 +256,27 @@ mod tests {
         assert_eq!(in_flight(&["dispatcher", "run-batch"]), 64);
     }
 
+    /// `serve` takes `--input`/`--output` as every other subcommand does.
+    #[test]
+    fn serve_takes_input_and_output_as_aliases() {
+        let cli = Cli::try_parse_from([
+            "dispatcher",
+            "serve",
+            "--input",
+            "b.jsonl",
+            "--output",
+            "r.jsonl",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            (args.infile.to_str(), args.outfile.to_str()),
+            (Some("b.jsonl"), Some("r.jsonl"))
+        );
+    }
+
     #[test]
     fn the_cli_definitions_are_consistent() {
         use clap::CommandFactory;

@@ -669,3 +669,59 @@ fn a_rerun_of_a_finished_local_job_says_so_and_names_the_files_to_move() {
     }
     assert_eq!(std::fs::read(job.path("out.jsonl")).unwrap(), before);
 }
+
+/// A rerun of a finished local job starts no engine (an engine that cannot
+/// start would fail the rerun); with `--overwrite` the old output and its
+/// files are moved aside first, nothing is lost, and the job runs again.
+#[test]
+fn a_rerun_starts_no_engine_and_overwrite_moves_the_old_job_aside_first() {
+    let job = Job::new(3);
+    let run = |engine: &[&str], extra: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("infer")
+            .arg("--input")
+            .arg(job.path("in.jsonl"))
+            .arg("--output")
+            .arg(job.path("out.jsonl"))
+            .args(["--prompt-path", ".n|tostring", "-q"])
+            .args(engine)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = run(&["--engine", "echo"], &[]);
+    assert!(ok, "{stderr}");
+    let first = std::fs::read(job.path("out.jsonl")).unwrap();
+    let broken = [
+        "--engine",
+        "vllm",
+        "--engine-bin",
+        "/bin/false",
+        "--model",
+        "m",
+    ];
+    let (ok, stderr) = run(&broken, &[]);
+    assert!(ok && stderr.contains("no engine was started"), "{stderr}");
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+    let (ok, stderr) = run(&["--engine", "echo"], &["--overwrite"]);
+    assert!(ok, "{stderr}");
+    let aside: Vec<String> = std::fs::read_dir(job.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("out.jsonl.") && n.ends_with('Z'))
+        .collect();
+    let old_output = aside
+        .iter()
+        .find(|n| n.len() == "out.jsonl.20261204T000000Z".len())
+        .unwrap_or_else(|| panic!("the old output is kept: {aside:?}"));
+    assert_eq!(std::fs::read(job.path(old_output)).unwrap(), first);
+    assert!(
+        aside.iter().any(|n| n.starts_with("out.jsonl.checkpoint.")),
+        "{aside:?}"
+    );
+    assert_eq!(job.output_lines().len(), 3, "the job ran again");
+}

@@ -15,11 +15,13 @@ use dispatcher_core::server::{self, ServeOptions, StopReason};
 /// Flags of `dispatcher serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Input JSONL: line i is work item i (0-based).
-    #[arg(long, value_name = "PATH")]
+    /// Input JSONL: line i is work item i (0-based). `--input` is an alias,
+    /// as on every other subcommand.
+    #[arg(long, visible_alias = "input", value_name = "PATH")]
     pub infile: PathBuf,
-    /// Output JSONL: line i is the result for input line i.
-    #[arg(long, value_name = "PATH")]
+    /// Output JSONL: line i is the result for input line i. `--output` is
+    /// an alias.
+    #[arg(long, visible_alias = "output", value_name = "PATH")]
     pub outfile: PathBuf,
     /// Resume state (default: `<outfile>.checkpoint`).
     #[arg(long, value_name = "PATH")]

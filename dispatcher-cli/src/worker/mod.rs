@@ -297,17 +297,37 @@ pub struct WorkArgs {
     /// journal entries (local mode: keep no `<output>.journal`).
     #[arg(long)]
     pub no_journal: bool,
+    /// Local mode: run the job again from the start, moving its output and
+    /// every file beside it aside first (renamed `<file>.<time>`, nothing is
+    /// deleted).
+    #[arg(long, requires = "output")]
+    pub overwrite: bool,
 }
 
 impl WorkArgs {
-    fn source(&self) -> anyhow::Result<Arc<dyn WorkSource>> {
+    /// Where items come from; `None` for a local job whose output is
+    /// already complete (nothing to do: no engine is started for it).
+    async fn source(&self) -> anyhow::Result<Option<Arc<dyn WorkSource>>> {
         match (&self.dispatcher, &self.input, &self.output) {
-            (Some(addr), None, None) => {
-                Ok(Arc::new(ServerSource::new(DispatcherClient::new(addr))))
-            }
+            (Some(addr), None, None) => Ok(Some(Arc::new(ServerSource::new(
+                DispatcherClient::new(addr),
+            )))),
             (None, Some(input), Some(output)) => {
                 if !input.is_file() {
                     bail!("--input {}: no such file", input.display());
+                }
+                let files = dispatcher_core::job::JobFiles::new(output, None);
+                if self.overwrite {
+                    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        .to_string()
+                        .replace(['-', ':'], "");
+                    for moved in files.move_aside(input, &stamp)? {
+                        tracing::info!(
+                            "--overwrite: moved {} aside to {}.{stamp}",
+                            moved.display(),
+                            moved.display()
+                        );
+                    }
                 }
                 let source = FileSource::open_with_journal(
                     input,
@@ -317,14 +337,16 @@ impl WorkArgs {
                 )?;
                 if let Some(lines) = source.complete_lines() {
                     tracing::warn!(
-                        "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do. To run the job again from the start, move {} and {} away",
+                        "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do, and no engine was started. To run the job again from the start, pass --overwrite (or move {} and {} away)",
                         output.display(),
                         input.display(),
                         output.display(),
-                        dispatcher_core::job::JobFiles::new(output, None).checkpoint().display()
+                        files.checkpoint().display()
                     );
+                    source.finish().await?;
+                    return Ok(None);
                 }
-                Ok(Arc::new(source))
+                Ok(Some(Arc::new(source)))
             }
             _ => bail!(
                 "pass --dispatcher HOST:PORT, or --input PATH and --output PATH for local mode"
@@ -422,7 +444,9 @@ pub async fn run_task(
     // Every engine flag is checked before the job's files are opened or an
     // engine is launched.
     let engine_specs = engine_args.specs()?;
-    let source = work.source()?;
+    let Some(source) = work.source().await? else {
+        return Ok(());
+    };
     // Listening from before the engine starts: a job preempted while vLLM still
     // loads (a minute or more) stops at once, and the engine with it.
     let mut stop = std::pin::pin!(crate::termination_signal());

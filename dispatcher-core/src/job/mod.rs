@@ -141,6 +141,40 @@ impl JobFiles {
         })
     }
 
+    /// Moves every file of the job that exists (the output, its checkpoint,
+    /// manifest, journal, spilled results, and a redo's files) aside, each
+    /// renamed `<file>.<stamp>` (`stamp`: the time, e.g. `20261204T042600Z`),
+    /// so that the job starts over without losing anything; the job's lock is
+    /// held meanwhile, so a running job is refused. Returns the files moved.
+    pub fn move_aside(&self, input: &Path, stamp: &str) -> Result<Vec<PathBuf>, ResumeError> {
+        let lock = JobLock::acquire(input, &self.output, &self.checkpoint)?;
+        let redo = self.redo();
+        let files = [
+            self.output.clone(),
+            self.checkpoint.clone(),
+            self.manifest(),
+            self.journal(),
+            self.pending(),
+            redo.output.clone(),
+            redo.checkpoint.clone(),
+            redo.journal(),
+        ];
+        let mut moved = Vec::new();
+        for file in files {
+            // The output was created by taking the lock; an empty one is no job.
+            let empty = std::fs::metadata(&file).map_or(true, |m| m.len() == 0);
+            if file == self.output && empty {
+                continue;
+            }
+            if file.exists() {
+                files::rename_durably(&file, &with_suffix(&file, &format!(".{stamp}")))?;
+                moved.push(file);
+            }
+        }
+        lock.release();
+        Ok(moved)
+    }
+
     /// The job is complete: removes what only a running job needs (the
     /// journal, spilled results) and releases the lock, leaving the output,
     /// its checkpoint and the manifest.
@@ -185,6 +219,32 @@ mod tests {
         );
         let named = JobFiles::new("out.jsonl", Some("/ckpt/job.cp".into()));
         assert_eq!(named.checkpoint(), Path::new("/ckpt/job.cp"));
+    }
+
+    #[test]
+    fn moving_a_job_aside_keeps_every_file_under_a_stamped_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, "1\n").unwrap();
+        let job = JobFiles::new(dir.path().join("out.jsonl"), None);
+        std::fs::write(job.output(), "one\n").unwrap();
+        std::fs::write(job.checkpoint(), "{}").unwrap();
+        std::fs::write(job.manifest(), "{}").unwrap();
+        let moved = job.move_aside(&input, "20261204T000000Z").unwrap();
+        assert_eq!(moved.len(), 3);
+        assert!(!job.output().exists() || std::fs::metadata(job.output()).unwrap().len() == 0);
+        assert!(!job.checkpoint().exists());
+        let kept = dir.path().join("out.jsonl.20261204T000000Z");
+        assert_eq!(std::fs::read_to_string(kept).unwrap(), "one\n");
+        assert!(dir
+            .path()
+            .join("out.jsonl.manifest.json.20261204T000000Z")
+            .exists());
+        // A job held by another process is not moved.
+        let _running = JobLock::acquire(&input, job.output(), job.checkpoint()).unwrap();
+        std::fs::write(job.checkpoint(), "{}").unwrap();
+        assert!(job.move_aside(&input, "later").is_err());
+        assert!(job.checkpoint().exists());
     }
 
     #[test]
