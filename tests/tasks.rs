@@ -574,3 +574,31 @@ async fn requests_sent_together_replay_together() {
         .await;
     assert_eq!((third.replayed, third.requests.len()), (0, 3));
 }
+
+/// A task that parses its answer with serde_json directly.
+#[task]
+async fn parse_score(input: critique_example::Question) -> Result<u32, TaskError> {
+    use dispatcher::OrFail;
+    let answer = yield_request!(Request::chat().user(&input.question))?;
+    let parsed: serde_json::Value = serde_json::from_str(answer.text())?;
+    parsed["score"]
+        .as_u64()
+        .map(|s| s as u32)
+        .or_fail("no_score")
+}
+
+/// `?` on a `serde_json::Error` compiles and fails the line with its own kind.
+#[tokio::test]
+async fn a_serde_json_error_fails_the_line_as_json_error() {
+    let question = json!({"question": "Rate it."});
+    let good = TaskTest::new(parse_score)
+        .replies([r#"{"score": 7}"#])
+        .run(question.clone())
+        .await;
+    assert_eq!(good.output, 7);
+    let bad = TaskTest::new(parse_score)
+        .replies(["seven"])
+        .run(question)
+        .await;
+    assert_eq!(bad.error_type(), Some("json_error"));
+}

@@ -72,6 +72,10 @@ pub const KINDS: &[(&str, &str)] = &[
         "the task read an answer as JSON (`r.json()?`) and it was not",
     ),
     (
+        "json_error",
+        "the task's own JSON failed (`?` on a `serde_json::Error`)",
+    ),
+    (
         "prompt_path_error",
         "`infer`: `--prompt-path` finds no usable prompt in the line",
     ),

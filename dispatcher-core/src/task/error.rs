@@ -106,6 +106,16 @@ impl From<JsonError> for TaskError {
     }
 }
 
+/// `?` on a [`serde_json::Error`] (a task parsing an answer with
+/// `serde_json::from_str`, or building a value): fails the line with
+/// `json_error`. Other foreign errors name their kind with
+/// [`.or_fail("kind")?`](OrFail::or_fail).
+impl From<serde_json::Error> for TaskError {
+    fn from(e: serde_json::Error) -> TaskError {
+        TaskError::failed("json_error", format!("JSON: {e}"))
+    }
+}
+
 /// `.or_fail("error_type")?`: turns an `Err` or a `None` into a failure of
 /// the line, with a record of type `error_type`.
 ///
