@@ -378,13 +378,19 @@ fn bad_flags_fail_before_any_work_with_the_flag_named() {
 
 /// Runs `dispatcher infer` on local files with the echo engine.
 fn infer_local(job: &Job, extra: &[&str]) -> (bool, String) {
+    infer_local_on(job, &["--engine", "echo"], extra)
+}
+
+/// `dispatcher infer` in local mode on `job`'s files, with `engine`'s flags.
+fn infer_local_on(job: &Job, engine: &[&str], extra: &[&str]) -> (bool, String) {
     let out = Command::new(BIN)
         .arg("infer")
         .arg("--input")
         .arg(job.path("in.jsonl"))
         .arg("--output")
         .arg(job.path("out.jsonl"))
-        .args(["--engine", "echo", "-q"])
+        .arg("-q")
+        .args(engine)
         .args(extra)
         .output()
         .unwrap();
@@ -677,21 +683,8 @@ fn a_rerun_of_a_finished_local_job_says_so_and_names_the_files_to_move() {
 fn a_rerun_starts_no_engine_and_overwrite_moves_the_old_job_aside_first() {
     let job = Job::new(3);
     let run = |engine: &[&str], extra: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("infer")
-            .arg("--input")
-            .arg(job.path("in.jsonl"))
-            .arg("--output")
-            .arg(job.path("out.jsonl"))
-            .args(["--prompt-path", ".n|tostring", "-q"])
-            .args(engine)
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let prompt = [&["--prompt-path", ".n|tostring"], extra].concat();
+        infer_local_on(&job, engine, &prompt)
     };
     let (ok, stderr) = run(&["--engine", "echo"], &[]);
     assert!(ok, "{stderr}");

@@ -161,9 +161,7 @@ impl LineKind<'_> {
 /// What `line` (without its newline) is. Most lines name neither a record
 /// nor a batch line's keys, and are only checked to be JSON.
 pub fn classify(line: &[u8]) -> LineKind<'static> {
-    let names_a_record = memchr::memmem::find(line, ERROR_KEY.as_bytes()).is_some();
-    let names_batch_keys = memchr::memmem::find(line, b"\"custom_id\"").is_some();
-    if !names_a_record && !names_batch_keys {
+    if !may_fail(line) {
         return match serde_json::from_slice::<IgnoredAny>(line) {
             Ok(_) => LineKind::Ok,
             Err(_) => LineKind::NotJson,
@@ -179,16 +177,20 @@ pub fn classify(line: &[u8]) -> LineKind<'static> {
 /// server checked): [`classify`] without checking the JSON again, for the
 /// server's counts. `None` for a line that did not fail.
 pub fn failure_of_json(line: &str) -> Option<String> {
-    let bytes = line.as_bytes();
-    if memchr::memmem::find(bytes, ERROR_KEY.as_bytes()).is_none()
-        && memchr::memmem::find(bytes, b"\"custom_id\"").is_none()
-    {
+    if !may_fail(line.as_bytes()) {
         return None;
     }
-    match classify(bytes) {
+    match OutputLine::parse(line.as_bytes())?.kind() {
         LineKind::Failed(kind) => Some(kind.into_owned()),
         LineKind::Ok | LineKind::NotJson => None,
     }
+}
+
+/// Whether `line` names a failure record's or a batch line's key: only such
+/// lines can be failures (most lines are not, and are not parsed further).
+fn may_fail(line: &[u8]) -> bool {
+    memchr::memmem::find(line, ERROR_KEY.as_bytes()).is_some()
+        || memchr::memmem::find(line, b"\"custom_id\"").is_some()
 }
 
 /// A key that may be absent, `null`, or hold a value.

@@ -117,8 +117,9 @@ pub struct ServeArgs {
     /// a reissued line replays them; `<outfile>.journal`).
     #[arg(long)]
     pub no_journal: bool,
-    /// MiB of journal entries held at most; past it new entries are not
-    /// recorded (their lines are redone in full if reissued).
+    /// MiB the journal file may take on disk; entries are held (in memory
+    /// too) up to half of it, and past that new entries are not recorded
+    /// (their lines are redone in full if reissued).
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_JOURNAL_BYTES >> 20)]
     pub max_journal_mib: u64,
 }

@@ -162,8 +162,7 @@ impl JobFiles {
         let mut moved = Vec::new();
         for file in files {
             // The output was created by taking the lock; an empty one is no job.
-            let empty = std::fs::metadata(&file).map_or(true, |m| m.len() == 0);
-            if file == self.output && empty {
+            if file == self.output && std::fs::metadata(&file).map_or(true, |m| m.len() == 0) {
                 continue;
             }
             if file.exists() {
