@@ -65,7 +65,11 @@
 //! - A mistake in the signature is one compile error, on the mistake.
 //!
 //! # What `#[task]` expands to
-//! The function becomes a unit struct of the same name implementing [`Task`]:
+//! The function becomes a struct of the same name implementing [`Task`], and a
+//! function of that name that makes one. The struct has braces so that it is a
+//! type only; the value `answer` is the function, which is a task too (`Task`
+//! is implemented for every `Fn() -> T` where `T: Task`), and which a `let
+//! answer = ..` elsewhere shadows, as it would any function:
 //!
 //! ```
 //! # use dispatcher::{Request, Task, TaskContext, TaskError};
@@ -73,7 +77,7 @@
 //! # #[derive(serde::Serialize)] struct Out { answer: String }
 //! #[allow(non_camel_case_types)]
 //! #[derive(Debug, Clone, Copy, Default)]
-//! struct answer;
+//! struct answer {}
 //!
 //! impl Task for answer {
 //!     type Input = In;
@@ -90,6 +94,12 @@
 //!         body(input, ctx)
 //!     }
 //! }
+//!
+//! /// The task `answer` as a value: `run_tasks(&[&answer])`, `TaskTest::new(answer)`.
+//! const fn answer() -> answer {
+//!     answer {}
+//! }
+//! # let _: &dyn dispatcher::DynTask = &answer;
 //! ```
 //!
 //! # Testing a task

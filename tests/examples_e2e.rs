@@ -35,9 +35,17 @@ async fn compare_responses_runs_end_to_end_through_the_server() {
     assert_eq!(out.len(), 40);
     for (i, line) in out.iter().enumerate() {
         assert_eq!(line["messages"][0]["content"], questions[i], "line {i}");
+        // The echo engine answers with the prompt, each sample marked with
+        // its seed; the echoed judge prompt names A first.
         assert_eq!(
-            line["preferred_text"], questions[i],
-            "the echo engine answers with the prompt"
+            line["preferred_text"],
+            format!("{} #1", questions[i]),
+            "line {i}"
+        );
+        assert_eq!(
+            line["dispreferred_text"],
+            format!("{} #2", questions[i]),
+            "line {i}"
         );
         assert_eq!(line["judge_model"], "echo");
     }

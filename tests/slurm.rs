@@ -252,7 +252,13 @@ fn a_job_with_two_worker_tasks_processes_every_line() {
     let out = job.output();
     assert_eq!(out.len(), 100);
     for (i, line) in out.iter().enumerate() {
-        assert_eq!(line["preferred_text"], format!("question {i}"), "line {i}");
+        // The echo engine's sample of seed 1, which the echoed judge prompt
+        // (naming A first) prefers.
+        assert_eq!(
+            line["preferred_text"],
+            format!("question {i} #1"),
+            "line {i}"
+        );
     }
 
     // The same script with COMMAND=run-batch, on an OpenAI batch file.

@@ -602,3 +602,99 @@ async fn a_serde_json_error_fails_the_line_as_json_error() {
         .await;
     assert_eq!(bad.error_type(), Some("json_error"));
 }
+
+/// A judge as a user writes it before any GPU is at hand: three samples, the
+/// longest kept, graded by the same model, the grade parsed from its answer.
+#[task]
+async fn best_of_three_judged(
+    input: critique_example::Question,
+) -> Result<serde_json::Value, TaskError> {
+    use dispatcher::OrFail;
+    let samples: Vec<Request> = (0..3)
+        .map(|seed| {
+            Request::chat()
+                .user(format!("Question: {}", input.question))
+                .seed(seed)
+        })
+        .collect();
+    let answers = yield_request!(samples)?;
+    let best = answers
+        .iter()
+        .map(|r| r.text())
+        .max_by_key(|t| t.len())
+        .unwrap_or_default()
+        .to_string();
+    let verdict = yield_request!(Request::chat().user(format!("Rate this answer: {best}")))?;
+    let score: u8 = verdict
+        .text()
+        .split_once("Score: ")
+        .and_then(|(_, rest)| rest.split('/').next()?.trim().parse().ok())
+        .or_fail("no_score")?;
+    Ok(json!({"best": best, "score": score}))
+}
+
+/// `--echo-script` drives a task's parsing in a dry run: samples that differ
+/// by seed, a judge's answer in the shape the task parses, a known score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_script_drives_a_judge_task_to_a_known_score() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let (script, input, output) = (
+        dir.path().join("replies.txt"),
+        dir.path().join("in.jsonl"),
+        dir.path().join("out.jsonl"),
+    );
+    std::fs::write(
+        &script,
+        "# Samples of varying length, by seed.\n\
+         match: ^Question: (?P<q>.*)\n\
+         reply: {pick:Short.|A much longer answer about {q}.|Medium answer.}\n\
+         \n\
+         # The judge, in the shape the task parses.\n\
+         match: ^Rate this answer\n\
+         reply: Fine.\\nScore: 7/10\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &input,
+        "{\"question\": \"cats\"}\n{\"question\": \"dogs\"}\n",
+    )
+    .unwrap();
+    let run = |script_flag: &str, script: &std::path::Path| {
+        dispatcher::cli::TaskCli::try_parse_from([
+            "judge".as_ref(),
+            "--engine".as_ref(),
+            "echo".as_ref(),
+            script_flag.as_ref(),
+            script.as_os_str(),
+            "--input".as_ref(),
+            input.as_os_str(),
+            "--output".as_ref(),
+            output.as_os_str(),
+        ])
+        .unwrap()
+    };
+    let cli = run("--echo-script", &script);
+    dispatcher::cli::worker::run_task(&best_of_three_judged, &cli.engine, &cli.work)
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = crate::support::jsonl(&output);
+    assert_eq!(
+        lines,
+        [
+            json!({"best": "A much longer answer about cats.", "score": 7}),
+            json!({"best": "A much longer answer about dogs.", "score": 7}),
+        ]
+    );
+
+    // A mistake in the script stops the run before it starts, naming the line.
+    std::fs::write(&script, "match: ^Rate\nreply: Score: {score}\n").unwrap();
+    std::fs::remove_file(&output).unwrap();
+    let cli = run("--echo-script", &script);
+    let error = dispatcher::cli::worker::run_task(&best_of_three_judged, &cli.engine, &cli.work)
+        .await
+        .unwrap_err();
+    let expected = format!("{}:2: unknown placeholder {{score}}", script.display());
+    assert!(format!("{error:#}").contains(&expected), "{error:#}");
+    assert!(!output.exists());
+}

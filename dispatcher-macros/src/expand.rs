@@ -7,7 +7,7 @@
 //! // Output:
 //! #[allow(non_camel_case_types)]
 //! #[derive(Debug, Clone, Copy, Default)]
-//! pub struct judge;
+//! pub struct judge {}
 //! impl ::dispatcher::Task for judge {
 //!     type Input = In;
 //!     type Output = Out;
@@ -23,7 +23,13 @@
 //!         async move { __dispatcher_task_body(input, ctx).await.map_err(Into::into) }
 //!     }
 //! }
+//! /// The task `judge`, as a value (a task itself: `impl Task for F: Fn() -> T`).
+//! pub const fn judge() -> judge { judge {} }
 //! ```
+//!
+//! The struct has braces so that it lives in the type namespace only: the
+//! value `judge` is the function, and a `let judge = ..` elsewhere shadows it
+//! (a unit struct would make that `let` a pattern that fails to compile).
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
@@ -31,7 +37,7 @@ use syn::spanned::Spanned;
 use syn::visit_mut::VisitMut;
 
 use crate::parse::{self, Args, TaskFn};
-use crate::rewrite::{Rewriter, Stripper};
+use crate::rewrite::{self, Rewriter, Stripper};
 
 pub fn task(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = match syn::parse2::<Args>(args) {
@@ -83,12 +89,15 @@ fn expand(args: &Args, mut f: TaskFn) -> syn::Result<TokenStream> {
         },
         None => quote! { __dispatcher_task_body(input, ctx) },
     };
+    let cfgs = cfg_attrs(&attrs);
+    let value = value_fn(&attrs, &vis, &name);
     Ok(quote! {
         #(#attrs)*
         #[allow(non_camel_case_types)]
         #[derive(Debug, Clone, Copy, Default)]
-        #vis struct #name;
+        #vis struct #name {}
 
+        #(#cfgs)*
         impl #krate::Task for #name {
             type Input = #input_ty;
             type Output = #output_ty;
@@ -111,7 +120,35 @@ fn expand(args: &Args, mut f: TaskFn) -> syn::Result<TokenStream> {
                 #run_body
             }
         }
+
+        #value
     })
+}
+
+/// The attributes that decide whether an item exists, for every item written.
+fn cfg_attrs(attrs: &[syn::Attribute]) -> Vec<&syn::Attribute> {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"))
+        .collect()
+}
+
+/// `fn name() -> name`: what the task is referred to by as a value.
+fn value_fn(attrs: &[syn::Attribute], vis: &syn::Visibility, name: &syn::Ident) -> TokenStream {
+    let cfgs = cfg_attrs(attrs);
+    let doc = format!(
+        "The task `{name}` as a value, to pass to `run_tasks(&[&{name}])` or `TaskTest::new({name})`: \
+         a fn that makes a task is that task."
+    );
+    quote! {
+        #(#cfgs)*
+        #[doc = #doc]
+        #[allow(dead_code)]
+        #[inline]
+        #vis const fn #name() -> #name {
+            #name {}
+        }
+    }
 }
 
 /// After an error: the error, the task type with an unreachable `impl Task`
@@ -131,6 +168,13 @@ fn fallback(error: syn::Error, args: &Args, item: TokenStream) -> TokenStream {
         let mut sig = f.sig.clone();
         sig.ident = format_ident!("__dispatcher_stand_in_for_{}", name);
         sig.asyncness = Some(Default::default());
+        // A return type that was refused is reported already: a body written
+        // for the right one (`?`, `Ok(..)`) must not add errors of its own.
+        if !parse::returns_result(&sig.output) && rewrite::produces_result(&f.block) {
+            sig.output = syn::parse_quote! {
+                -> ::core::result::Result<impl ::core::marker::Sized, #krate::TaskError>
+            };
+        }
         let mut body = f.block.clone();
         Stripper { krate }.visit_block_mut(&mut body);
         quote! {
@@ -138,13 +182,16 @@ fn fallback(error: syn::Error, args: &Args, item: TokenStream) -> TokenStream {
             #sig #body
         }
     });
+    let cfgs = cfg_attrs(attrs);
+    let value = value_fn(attrs, vis, name);
     quote! {
         #error
         #(#attrs)*
         #[allow(non_camel_case_types, dead_code)]
         #[derive(Debug, Clone, Copy, Default)]
-        #vis struct #name;
+        #vis struct #name {}
 
+        #(#cfgs)*
         impl #krate::Task for #name {
             type Input = ();
             type Output = ();
@@ -160,6 +207,8 @@ fn fallback(error: syn::Error, args: &Args, item: TokenStream) -> TokenStream {
                 async { ::core::unreachable!("`{}` did not compile", #name_str) }
             }
         }
+
+        #value
 
         #stand_in
     }

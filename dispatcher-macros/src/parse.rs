@@ -164,6 +164,11 @@ pub fn task_fn(item: TokenStream) -> syn::Result<TaskFn> {
     })
 }
 
+/// Whether `output` declares a `Result` a task may return.
+pub fn returns_result(output: &ReturnType) -> bool {
+    matches!(output, ReturnType::Type(_, ty) if result_types(ty).is_some())
+}
+
 /// `Out` and `E` of `Result<Out, E>`, or `Out` of an alias `Result<Out>`
 /// (any path ending in `Result`).
 fn result_types(ty: &Type) -> Option<(Type, Option<Type>)> {

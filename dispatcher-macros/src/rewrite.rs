@@ -19,6 +19,8 @@ use syn::punctuated::Punctuated;
 use syn::visit_mut::{self, VisitMut};
 use syn::{Expr, Macro, Path, Stmt, Token};
 
+const CLOSURE: &str = "a closure";
+
 pub struct Rewriter<'a> {
     pub krate: &'a Path,
     pub errors: Vec<syn::Error>,
@@ -37,10 +39,17 @@ impl<'a> Rewriter<'a> {
 
     fn replacement(&mut self, mac: &Macro) -> Option<Expr> {
         if let Some(place) = self.inside {
+            // In a closure the likely intent is one request per item of an
+            // iterator: the simplest fix comes first.
+            let first = if place == CLOSURE {
+                "to send one request per item, build the requests in the closure and send them all at once from the task's body: `let responses = yield_request!(requests)?;` with `requests: Vec<Request>` gives a `Vec<Response>` in the same order. Otherwise "
+            } else {
+                ""
+            };
             self.errors.push(syn::Error::new_spanned(
                 mac,
                 format!(
-                    "`yield_request!` cannot be used inside {place}; move the request into the body of the `#[task]` fn itself, or send it from an `async fn helper(ctx: &TaskContext, ..)` with `ctx.send(request).await` (run several with `tokio::join!`)"
+                    "`yield_request!` cannot be used inside {place}; {first}move the request into the body of the `#[task]` fn itself, or send it from an `async fn helper(ctx: &TaskContext, ..)` with `ctx.send(request).await` (run several with `tokio::join!`)"
                 ),
             ));
             return None;
@@ -121,7 +130,7 @@ impl VisitMut for Rewriter<'_> {
                     *expr = new;
                 }
             }
-            Expr::Closure(_) => self.within("a closure", |v| visit_mut::visit_expr_mut(v, expr)),
+            Expr::Closure(_) => self.within(CLOSURE, |v| visit_mut::visit_expr_mut(v, expr)),
             Expr::Async(_) => {
                 self.within("an `async` block", |v| visit_mut::visit_expr_mut(v, expr))
             }
@@ -204,4 +213,29 @@ impl VisitMut for Stripper<'_> {
     fn visit_macro_mut(&mut self, mac: &mut Macro) {
         visit_macro_args(mac, self);
     }
+}
+
+/// Whether `body` is written to return a `Result`: it uses `?`, or calls
+/// `Ok(..)` or `Err(..)`, outside closures, `async` blocks and nested items.
+pub fn produces_result(body: &syn::Block) -> bool {
+    // A look, not a change: `visit-mut` is the syn feature at hand.
+    struct Finder(bool);
+    impl VisitMut for Finder {
+        fn visit_expr_mut(&mut self, expr: &mut Expr) {
+            match expr {
+                Expr::Try(_) => self.0 = true,
+                Expr::Call(call) if is_ok_or_err(&call.func) => self.0 = true,
+                Expr::Closure(_) | Expr::Async(_) => {}
+                _ => visit_mut::visit_expr_mut(self, expr),
+            }
+        }
+
+        fn visit_item_mut(&mut self, _item: &mut syn::Item) {}
+    }
+    fn is_ok_or_err(func: &Expr) -> bool {
+        matches!(func, Expr::Path(p) if p.path.is_ident("Ok") || p.path.is_ident("Err"))
+    }
+    let mut finder = Finder(false);
+    finder.visit_block_mut(&mut body.clone());
+    finder.0
 }

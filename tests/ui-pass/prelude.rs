@@ -1,6 +1,7 @@
 //! One import serves a task file: no unused-import warning whatever it uses,
 //! `yield_request!` in other macros' arguments, a helper that sends with the
-//! context, an error type of the task's own, `.or_fail`.
+//! context, an error type of the task's own, `.or_fail`, `?` on a
+//! `serde_json::Error`.
 #![deny(warnings)]
 
 use dispatcher::prelude::*;
@@ -31,6 +32,8 @@ async fn ask(input: String, ctx: TaskContext) -> Result<Vec<String>, TaskError> 
     let (a, b) = tokio::join!(helper(&ctx, input.clone()), helper(&ctx, input.clone()));
     let first = format!("{} {}", yield_request!(Request::chat().user(&input))?.text(), a?);
     let n: u32 = b?.len().to_string().parse().or_fail("not_a_number")?;
+    // `?` on serde_json's error fails the line as `json_error`.
+    let _parsed: Vec<u32> = serde_json::from_str(&input)?;
     Ok(vec![first, n.to_string()])
 }
 

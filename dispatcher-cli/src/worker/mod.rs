@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::engine::echo::script::EchoScript;
 use dispatcher_core::engine::echo::EchoOptions;
 use dispatcher_core::engine::launch::{EngineKind, EngineLog, LaunchConfig, RunningEngine};
 use dispatcher_core::engine::RetryPolicy;
@@ -121,6 +122,14 @@ pub struct EngineArgs {
     /// Echo engine: share of requests answered with a 500 (0-1).
     #[arg(long, default_value_t = 0.0)]
     pub echo_error_rate: f64,
+    /// Echo engine: answer every request with TEXT, a template ({prompt},
+    /// {seed}, {index}, {variant}, {request}, {pick:a|b|c}; see the README).
+    #[arg(long, value_name = "TEXT", conflicts_with = "echo_script")]
+    pub echo_reply: Option<String>,
+    /// Echo engine: scripted replies, rules of `match: REGEX` (on the last
+    /// message) and `reply: TEMPLATE`; unmatched requests are echoed.
+    #[arg(long, value_name = "FILE")]
+    pub echo_script: Option<PathBuf>,
     /// Engines given by URL: hosted, or several in one task.
     #[command(flatten)]
     pub urls: EngineUrlArgs,
@@ -147,6 +156,14 @@ impl EngineArgs {
         }
         if self.no_launch && self.port == 0 {
             bail!("--no-launch needs the --port of the running engine");
+        }
+        let script = match (&self.echo_reply, &self.echo_script) {
+            (Some(text), _) => Some(EchoScript::reply(text)?),
+            (None, Some(path)) => Some(EchoScript::load(path)?),
+            (None, None) => None,
+        };
+        if script.is_some() && self.engine != EngineChoice::Echo {
+            bail!("--echo-reply and --echo-script script the echo engine: add --engine echo");
         }
         let log = match self.engine_log.as_str() {
             "none" => EngineLog::Silent,
@@ -176,6 +193,7 @@ impl EngineArgs {
                 latency: Duration::from_millis(self.echo_latency_ms),
                 max_concurrency: self.echo_max_concurrency,
                 error_rate: self.echo_error_rate,
+                script: script.map(Arc::new),
             },
         })
     }

@@ -82,6 +82,31 @@ pub trait Task: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send + 'static;
 }
 
+/// A fn that makes a task is that task. `#[task] async fn answer` defines a
+/// struct `answer` (in the type namespace only) and `fn answer() -> answer`,
+/// so the value `answer` that `run_tasks(&[&answer])` and
+/// `TaskTest::new(answer)` take is a function, which a local binding of the
+/// same name may shadow (`let answer = yield_request!(..)?;`), where a unit
+/// struct would be a pattern and fail to compile.
+impl<F, T> Task for F
+where
+    F: Fn() -> T + Send + Sync + 'static,
+    T: Task,
+{
+    type Input = T::Input;
+    type Output = T::Output;
+    const NAME: &'static str = T::NAME;
+
+    fn run(
+        &self,
+        input: Self::Input,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Self::Output, TaskError>> + Send + 'static {
+        let task = self();
+        async move { task.run(input, ctx).await }
+    }
+}
+
 /// What became of one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LineOutcome {

@@ -3,9 +3,15 @@
 //!
 //! Deterministic: the answer is the last chat message (or the completion
 //! prompt), cut to `max_tokens` words (finish reason `length`) or at the first
-//! stop sequence (finish reason `stop`); choice `i > 0` gets ` #i` appended so
-//! that `n` choices differ. Usage counts words. With an error rate `r`, exactly
-//! every `1/r`-th request gets a 500.
+//! stop sequence (finish reason `stop`). Samples differ as a model's would:
+//! the variant `seed + i` of choice `i` (seed 0 without one) is appended as
+//! ` #variant` when it is not 0, so `n` choices differ, and so do requests with
+//! different seeds. A [`script`] replaces the echo with scripted replies. A
+//! `json_schema` request without a scripted reply gets the smallest value the
+//! schema allows. Usage counts words. With an error rate `r`, exactly every
+//! `1/r`-th request gets a 500.
+
+pub mod script;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +27,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use script::{EchoScript, ReplyContext};
+
 /// How the echo engine behaves.
 #[derive(Debug, Clone)]
 pub struct EchoOptions {
@@ -32,6 +40,8 @@ pub struct EchoOptions {
     pub max_concurrency: Option<usize>,
     /// Share of requests answered with a 500, from 0 to 1.
     pub error_rate: f64,
+    /// Scripted replies instead of the echo, where a rule matches.
+    pub script: Option<Arc<EchoScript>>,
 }
 
 impl Default for EchoOptions {
@@ -41,6 +51,7 @@ impl Default for EchoOptions {
             latency: Duration::ZERO,
             max_concurrency: None,
             error_rate: 0.0,
+            script: None,
         }
     }
 }
@@ -145,24 +156,32 @@ async fn answer(state: &EchoState, body: &Value, prompt: String, chat: bool) -> 
         Value::String(t) if t == "json_object" => Some("{}".to_string()),
         _ => None,
     };
+    let seed = body["seed"].as_u64().unwrap_or(0);
     let choices: Vec<Value> = (0..n)
-        .map(|i| {
-            let (text, reason) = match &structured {
-                Some(value) => (value.clone(), "stop"),
-                None => {
-                    let full = if i == 0 {
-                        prompt.clone()
-                    } else {
-                        format!("{prompt} #{i}")
+        .map(|index| {
+            let context = ReplyContext {
+                seed,
+                index,
+                request: k,
+            };
+            let scripted = (state.options.script.as_deref())
+                .and_then(|script| script.answer(&prompt, context));
+            let (text, reason) = match (scripted, &structured) {
+                (Some(reply), _) => cut(&reply, max_tokens, &stops),
+                (None, Some(value)) => (value.clone(), "stop"),
+                (None, None) => {
+                    let full = match context.variant() {
+                        0 => prompt.clone(),
+                        v => format!("{prompt} #{v}"),
                     };
                     cut(&full, max_tokens, &stops)
                 }
             };
             completion_words += text.split_whitespace().count() as u64;
             if chat {
-                json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason})
             } else {
-                json!({"index": i, "text": text, "finish_reason": reason})
+                json!({"index": index, "text": text, "finish_reason": reason})
             }
         })
         .collect();
@@ -287,6 +306,59 @@ mod tests {
                 label: String::new()
             }
         );
+    }
+
+    async fn texts(options: EchoOptions, body: Value) -> Vec<String> {
+        use http_body_util::BodyExt;
+        let http = axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let answer = tower::ServiceExt::oneshot(app(options), http)
+            .await
+            .unwrap();
+        let bytes = answer.into_body().collect().await.unwrap().to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap();
+        (value["choices"].as_array().unwrap().iter())
+            .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn samples_differ_by_seed_and_by_choice_as_a_model_s_would() {
+        let ask = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "Name a prime."}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            texts(EchoOptions::default(), body)
+        };
+        assert_eq!(ask(json!({})).await, ["Name a prime."]);
+        assert_eq!(
+            ask(json!({"n": 3})).await,
+            ["Name a prime.", "Name a prime. #1", "Name a prime. #2"]
+        );
+        assert_eq!(ask(json!({"seed": 2})).await, ["Name a prime. #2"]);
+        assert_eq!(
+            ask(json!({"seed": 5, "n": 2})).await,
+            ["Name a prime. #5", "Name a prime. #6"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_scripted_reply_is_cut_like_an_echo_and_wins_over_a_schema() {
+        let options = EchoOptions {
+            script: Some(Arc::new(
+                script::EchoScript::reply("{pick:one two three|x} end").unwrap(),
+            )),
+            ..EchoOptions::default()
+        };
+        let body = json!({
+            "messages": [{"role": "user", "content": "q"}],
+            "n": 2, "max_tokens": 2,
+            "response_format": {"type": "json_object"},
+        });
+        assert_eq!(texts(options, body).await, ["one two", "x end"]);
     }
 
     #[test]
