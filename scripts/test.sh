@@ -3,6 +3,8 @@
 #   - a one-node Slurm cluster (Debian's slurmctld/slurmd/munge), stopped at the end;
 #   - llama.cpp's llama-server and a tiny generated model (built once, cached);
 #   - vLLM's CPU backend and a tiny generated model (installed once, cached);
+#   - pyarrow and Hugging Face `datasets` in a venv, and zstd, to write the
+#     dataset tests' files as users' tools do (installed once, cached);
 #   - then every test of the workspace, with those three required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,11 @@ done < <(scripts/setup-llama.sh)
 while IFS='=' read -r key value; do
   case "$key" in VLLM_BIN|TINY_HF_MODEL) export "$key=$value" ;; esac
 done < <(scripts/setup-vllm.sh)
+while IFS='=' read -r key value; do
+  case "$key" in DATASETS_PYTHON) export "$key=$value" ;; esac
+done < <(scripts/setup-datasets.sh)
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1
+export DISPATCHER_REQUIRE_DATASETS=1
 
 # The end-to-end tests run the `dispatcher` binary and the example task binaries as
 # worker processes; `cargo test` alone builds examples only as test targets.

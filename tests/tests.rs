@@ -2,6 +2,7 @@
 
 mod after_run;
 mod batch;
+mod datasets;
 mod examples_e2e;
 mod hosted;
 mod infer;

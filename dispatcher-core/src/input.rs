@@ -45,6 +45,8 @@ pub struct InputReader {
     next_offset: u64,
     /// What the file was when opened, to notice it changing under us.
     identity: FileIdentity,
+    /// The dataset shards the file was staged from, watched with it.
+    sources: Option<std::sync::Arc<crate::dataset::Sources>>,
 }
 
 /// What identifies a file's content without reading it: which file it is
@@ -88,7 +90,14 @@ impl InputReader {
             random,
             next_offset: offset,
             identity,
+            sources: None,
         })
+    }
+
+    /// Watches the dataset shards the input was staged from: a change to
+    /// one fails [`check_unchanged`](Self::check_unchanged) too.
+    pub fn watch(&mut self, sources: Option<std::sync::Arc<crate::dataset::Sources>>) {
+        self.sources = sources;
     }
 
     /// Fails, naming the file and what changed, when the input is no longer
@@ -118,7 +127,10 @@ impl InputReader {
         if now.modified != self.identity.modified {
             return Err(changed("was modified".into()));
         }
-        Ok(())
+        match &self.sources {
+            Some(sources) => sources.check(),
+            None => Ok(()),
+        }
     }
 
     /// The input's path.

@@ -22,6 +22,7 @@
 //! - [`task`]: the `Task` trait, task context and errors, the task manager, work sources.
 
 pub mod client;
+pub mod dataset;
 pub mod engine;
 mod error;
 pub mod input;

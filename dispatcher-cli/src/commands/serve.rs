@@ -16,9 +16,14 @@ use dispatcher_core::server::{self, ServeOptions, StopReason};
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Input JSONL: line i is work item i (0-based). `--input` is an alias,
-    /// as on every other subcommand.
+    /// as on every other subcommand. Also a dataset: `.jsonl.gz`/`.zst`,
+    /// Parquet, Arrow, or a folder or quoted glob of them, staged once as
+    /// `<outfile>.input.jsonl` (README: "Datasets").
     #[arg(long, visible_alias = "input", value_name = "PATH")]
     pub infile: PathBuf,
+    /// The split of a dataset input that has several (`train`).
+    #[arg(long, value_name = "NAME")]
+    pub split: Option<String>,
     /// Output JSONL: line i is the result for input line i. `--output` is
     /// an alias.
     #[arg(long, visible_alias = "output", value_name = "PATH")]
@@ -271,13 +276,22 @@ fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
 
 /// Runs the server until the job is complete or a signal stops it.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // A dataset is staged (or its staged copy found) before anything else
+    // reads the input: from here on the job's input is one JSONL file.
+    let prepared =
+        dispatcher_core::dataset::prepare(&args.infile, args.split.as_deref(), &args.files())?;
+    let args = ServeArgs {
+        infile: prepared.path.clone(),
+        ..args
+    };
     let redo = args.redo();
     if let Some(redo) = &redo {
         if !prepare_redo(&args, redo)? {
             return Ok(());
         }
     }
-    let (ledger, options) = args.config()?;
+    let (mut ledger, options) = args.config()?;
+    ledger.sources = prepared.sources;
     match server::raise_open_file_limit() {
         Ok((before, now)) => {
             tracing::info!(soft_before = before, soft_now = now, "open-file limit")

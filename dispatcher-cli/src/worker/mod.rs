@@ -265,7 +265,10 @@ pub struct WorkArgs {
     /// The dispatcher's access token, if it requires one.
     #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Local mode: read this input JSONL (no server).
+    /// Local mode: read this input (no server): a JSONL file, plain or
+    /// `.gz`/`.zst`, a Parquet or Arrow file, or a folder or quoted glob of
+    /// them (a Hugging Face snapshot, a `save_to_disk` folder); see the
+    /// README's "Datasets".
     #[arg(
         short = 'i',
         long,
@@ -274,6 +277,9 @@ pub struct WorkArgs {
         requires = "output"
     )]
     pub input: Option<PathBuf>,
+    /// Local mode: the split of a dataset input that has several (`train`).
+    #[arg(long, value_name = "NAME", requires = "input")]
+    pub split: Option<String>,
     /// Local mode: write this output JSONL, in input order; rerun to resume.
     #[arg(
         short = 'o',
@@ -331,9 +337,6 @@ impl WorkArgs {
                 DispatcherClient::new(addr),
             )))),
             (None, Some(input), Some(output)) => {
-                if !input.is_file() {
-                    bail!("--input {}: no such file", input.display());
-                }
                 let files = dispatcher_core::job::JobFiles::new(output, None);
                 if self.overwrite {
                     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -347,8 +350,10 @@ impl WorkArgs {
                         );
                     }
                 }
-                let source = FileSource::open_with_journal(
-                    input,
+                let prepared =
+                    dispatcher_core::dataset::prepare(input, self.split.as_deref(), &files)?;
+                let source = FileSource::open_prepared(
+                    &prepared,
                     output,
                     Some(self.max_retries),
                     !self.no_journal,

@@ -12,6 +12,7 @@
 //! | `out.jsonl.checkpoint.lock` | the lock of a running job | when the job stops |
 //! | `out.jsonl.journal` | engine responses of unfinished lines; bound to the job's `job_id` | when the job is complete; a fresh start removes a stale one |
 //! | `out.jsonl.pending` | results spilled past `--max-pending-mib` | when nothing waits, and at every start |
+//! | `out.jsonl.input.jsonl`, `out.jsonl.input.json` | a dataset input (compressed, Parquet, Arrow, shards) staged as JSONL, and what it was made from | never: a resume, a redo and an `--overwrite` rerun of the same shards reuse it; delete it with the job |
 //! | `out.jsonl.redo` (+ `.checkpoint`, `.journal`, ...) | a `--redo-errors` run's new output and its files | moved over the old ones when the redo is complete |
 //!
 //! Layout: [`checkpoint`] (the resume state and its checks), [`files`]
@@ -84,6 +85,17 @@ impl JobFiles {
     /// The manifest.
     pub fn manifest(&self) -> PathBuf {
         with_suffix(&self.output, ".manifest.json")
+    }
+
+    /// A dataset input staged as JSONL (see [`crate::dataset`]).
+    pub fn staged_input(&self) -> PathBuf {
+        with_suffix(&self.output, ".input.jsonl")
+    }
+
+    /// What the staged input was made from: the dataset's shards, their
+    /// sizes and times, their lines.
+    pub fn staged_record(&self) -> PathBuf {
+        with_suffix(&self.output, ".input.json")
     }
 
     /// The files of a `--redo-errors` run of this job: `<output>.redo` and

@@ -103,6 +103,10 @@ pub struct LedgerConfig {
     pub journal: bool,
     /// Bytes of journal entries held at most (`--max-journal-mib`).
     pub max_journal_bytes: u64,
+    /// The dataset shards `infile` was staged from
+    /// ([`crate::dataset::prepare`]): watched with the input, so that a shard
+    /// changed while the job runs stops it, naming the shard.
+    pub sources: Option<std::sync::Arc<crate::dataset::Sources>>,
 }
 
 impl LedgerConfig {
@@ -123,6 +127,7 @@ impl LedgerConfig {
             redo: None,
             journal: true,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
+            sources: None,
         }
     }
 

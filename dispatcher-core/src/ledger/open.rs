@@ -113,6 +113,7 @@ impl Ledger {
             );
         }
         let mut input = InputReader::open(&config.infile, input_offset)?;
+        input.watch(config.sources.clone());
         let skipped = input.skip_lines(recovered.extra_lines)?;
         if skipped < recovered.extra_lines {
             return Err(ResumeError::OutputLongerThanInput {

@@ -211,13 +211,30 @@ impl FileSource {
         max_retries: Option<u32>,
         journal: bool,
     ) -> Result<FileSource, SourceError> {
+        let input = crate::dataset::Prepared {
+            path: input.to_owned(),
+            sources: None,
+        };
+        FileSource::open_prepared(&input, output, max_retries, journal)
+    }
+
+    /// [`open_with_journal`](Self::open_with_journal) of an input that
+    /// [`crate::dataset::prepare`] made ready: the staged copy of a dataset
+    /// is read, and its shards watched.
+    pub fn open_prepared(
+        input: &crate::dataset::Prepared,
+        output: &std::path::Path,
+        max_retries: Option<u32>,
+        journal: bool,
+    ) -> Result<FileSource, SourceError> {
         let config = LedgerConfig {
             work_timeout: LOCAL_WORK_TIMEOUT,
             max_retries,
             retry_secs: 1,
             journal,
+            sources: input.sources.clone(),
             ..LedgerConfig::new(
-                input.to_owned(),
+                input.path.clone(),
                 output.to_owned(),
                 crate::job::JobFiles::new(output, None)
                     .checkpoint()

@@ -1,0 +1,419 @@
+//! Datasets in: files written by the tools users have (pyarrow, `datasets`,
+//! `gzip`, `zstd`), run through the `dispatcher` binary, locally and through
+//! a server: rows as lines in the dataset's order, splits, a run killed and
+//! resumed exact, a shard changed between runs or while the job runs.
+//!
+//! pyarrow and `datasets` come from the venv `scripts/setup-datasets.sh`
+//! makes (its python in `DATASETS_PYTHON`); without it these tests say so and
+//! do nothing, unless `DISPATCHER_REQUIRE_DATASETS=1` (scripts/test.sh sets
+//! it), which makes it a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{dispatcher_bin, jsonl, ServerProcess};
+
+/// The python with pyarrow and `datasets`, if there is one here.
+fn python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("DATASETS_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    assert!(
+        std::env::var_os("DISPATCHER_REQUIRE_DATASETS").is_none(),
+        "DATASETS_PYTHON is not set: run scripts/setup-datasets.sh"
+    );
+    eprintln!("SKIPPED: no python with pyarrow and datasets; run scripts/setup-datasets.sh and set DATASETS_PYTHON");
+    None
+}
+
+/// Runs a python script with `args`; fails the test with its stderr.
+fn run_python(python: &Path, script: &str, args: &[&Path]) {
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `dispatcher infer` on local files with the echo engine.
+fn infer(args: &[&str]) -> Output {
+    Command::new(dispatcher_bin())
+        .arg("infer")
+        .args(["--engine", "echo"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Three Parquet shards of a train split (7 rows each, row groups of 3) and
+/// a test split, in a Hugging Face snapshot's layout, with nested messages,
+/// nulls, a timestamp, binary and floats; and the rows as JSON the way the
+/// README says they are read.
+const PARQUET_SNAPSHOT: &str = r#"
+import base64, datetime, json, os, sys
+import pyarrow as pa, pyarrow.parquet as pq
+root = sys.argv[1]
+os.makedirs(f"{root}/data")
+open(f"{root}/README.md", "w").write("---\nlicense: mit\n---\n")
+schema = pa.schema([
+    ("id", pa.int64()),
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("note", pa.string()),
+    ("created", pa.timestamp("ms", tz="UTC")),
+    ("blob", pa.binary()),
+    ("score", pa.float32()),
+    ("tags", pa.list_(pa.string())),
+])
+expected = []
+for shard in range(3):
+    rows = []
+    for j in range(7):
+        i = shard * 7 + j
+        created = datetime.datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=datetime.timezone.utc) + datetime.timedelta(days=i)
+        row = {
+            "id": i,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}],
+            "note": None if i % 3 == 0 else f"note {i}",
+            "created": created,
+            "blob": bytes([i, 0, 255]),
+            "score": None if i % 4 == 0 else i / 4,
+            "tags": ["a", "b"][: i % 3],
+        }
+        rows.append(row)
+        as_json = dict(row)
+        as_json["created"] = created.strftime("%Y-%m-%dT%H:%M:%S.") + f"{created.microsecond // 1000:03d}Z"
+        as_json["blob"] = base64.b64encode(row["blob"]).decode()
+        expected.append(as_json)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, f"{root}/data/train-{shard:05d}-of-00003.parquet", row_group_size=3)
+test = [{"id": 100, "messages": [{"role": "user", "content": "A test question?"}]}]
+pq.write_table(pa.Table.from_pylist(test), f"{root}/data/test-00000-of-00001.parquet")
+with open(sys.argv[2], "w") as f:
+    for e in expected:
+        f.write(json.dumps(e) + "\n")
+"#;
+
+#[test]
+fn a_parquet_snapshot_s_split_runs_as_one_job_of_its_rows_in_order() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (snapshot, expected, output) = (
+        dir.path().join("snapshot"),
+        dir.path().join("expected.jsonl"),
+        dir.path().join("out.jsonl"),
+    );
+    run_python(&python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
+
+    let refused = infer(&["--input", path(&snapshot), "--output", path(&output)]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("holds several splits (test, train); pick one with --split"),
+        "{stderr}"
+    );
+
+    let run = infer(&[
+        "--input",
+        path(&snapshot),
+        "--split",
+        "train",
+        "--prompt-path",
+        ".messages",
+        "--output",
+        path(&output),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let out = jsonl(&output);
+    let expected = jsonl(&expected);
+    assert_eq!(out.len(), 21);
+    for (i, (line, row)) in out.iter().zip(&expected).enumerate() {
+        let mut line = line.clone();
+        let responses = line.as_object_mut().unwrap().remove("responses");
+        assert_eq!(
+            &line, row,
+            "line {i}: the row as JSON, every column in place"
+        );
+        assert_eq!(
+            responses,
+            Some(json!([format!("Question {i}?")])),
+            "line {i}"
+        );
+    }
+    // The job's input was staged beside the output, and says from what.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.jsonl.input.json")).unwrap())
+            .unwrap();
+    let lines: Vec<u64> = (record["shards"].as_array().unwrap().iter())
+        .map(|s| s["lines"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [7, 7, 7]);
+}
+
+#[test]
+fn a_save_to_disk_dataset_dict_runs_by_split() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved");
+    run_python(
+        &python,
+        r#"
+import sys
+from datasets import Dataset, DatasetDict
+train = Dataset.from_dict({"prompt": [f"p{i}" for i in range(10)], "n": list(range(10))})
+test = Dataset.from_dict({"prompt": ["t0", "t1"], "n": [0, 1]})
+DatasetDict({"train": train, "test": test}).save_to_disk(sys.argv[1], num_shards={"train": 3, "test": 1})
+"#,
+        &[&saved],
+    );
+    for (split, expected, prefix) in [("train", 10, "p"), ("test", 2, "t")] {
+        let output = dir.path().join(format!("{split}.jsonl"));
+        let run = infer(&[
+            "--input",
+            path(&saved),
+            "--split",
+            split,
+            "--prompt-path",
+            ".prompt",
+            "--output",
+            path(&output),
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = jsonl(&output);
+        assert_eq!(out.len(), expected);
+        for (i, line) in out.iter().enumerate() {
+            assert_eq!(line["prompt"], format!("{prefix}{i}"), "{split} line {i}");
+            assert_eq!(line["n"], i, "{split} line {i}");
+            assert_eq!(line["responses"], json!([format!("{prefix}{i}")]));
+        }
+    }
+}
+
+/// `n` JSONL lines `{"id": first + i, "prompt": ...}`.
+fn prompts(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| json!({"id": i, "prompt": format!("prompt {i}")}).to_string() + "\n")
+        .collect()
+}
+
+/// A folder of shards as a datatrove-style pipeline leaves them: gzip,
+/// zstd (several frames) and plain, one without its last newline.
+fn compressed_shards(dir: &Path, per_shard: usize) -> PathBuf {
+    let shards = dir.join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    std::fs::write(shards.join("00000.jsonl"), prompts(0, per_shard)).unwrap();
+    std::fs::write(shards.join("00001.jsonl"), prompts(per_shard, per_shard)).unwrap();
+    let third = prompts(2 * per_shard, per_shard);
+    std::fs::write(shards.join("00002.jsonl"), third.trim_end()).unwrap();
+    let status = Command::new("gzip")
+        .arg(shards.join("00000.jsonl"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Two zstd frames, as a file appended to by two writers.
+    let half = per_shard / 2;
+    let frame = |text: String| {
+        let mut child = Command::new("zstd")
+            .args(["-q", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("zstd is installed (scripts/setup-datasets.sh)");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        child.wait_with_output().unwrap().stdout
+    };
+    let mut zst = frame(prompts(per_shard, half));
+    zst.extend(frame(prompts(per_shard + half, per_shard - half)));
+    std::fs::write(shards.join("00001.jsonl.zst"), zst).unwrap();
+    std::fs::remove_file(shards.join("00001.jsonl")).unwrap();
+    shards
+}
+
+fn assert_in_order(out: &[Value], n: usize) {
+    assert_eq!(out.len(), n);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["id"], i, "line {i}");
+        assert_eq!(
+            line["responses"],
+            json!([format!("prompt {i}")]),
+            "line {i}"
+        );
+    }
+}
+
+#[test]
+fn gzip_and_zstd_shards_run_in_order_and_a_killed_run_resumes_exact() {
+    if python().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shards = compressed_shards(dir.path(), 400);
+    let output = dir.path().join("out.jsonl");
+    let args = [
+        "--input",
+        path(&shards),
+        "--prompt-path",
+        ".prompt",
+        "--output",
+        path(&output),
+        "--echo-latency-ms",
+        "5",
+        "--max-in-flight",
+        "4",
+    ];
+    // Killed (SIGKILL: no checkpoint at exit) once part of the output is written.
+    let mut first = Command::new(dispatcher_bin())
+        .args(["infer", "--engine", "echo"])
+        .args(args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while crate::support::lines(&output).len() < 100 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended by itself"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let staged = dir.path().join("out.jsonl.input.jsonl");
+    let staged_at = std::fs::metadata(&staged).unwrap().modified().unwrap();
+    let written = crate::support::lines(&output).len();
+    assert!(written < 1200, "killed mid-way ({written} lines)");
+
+    let second = infer(&args);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(stderr.contains("the input was staged already"), "{stderr}");
+    assert_eq!(
+        std::fs::metadata(&staged).unwrap().modified().unwrap(),
+        staged_at
+    );
+    assert_in_order(&jsonl(&output), 1200);
+
+    // A shard changed after the job: a rerun (to resume, or a redo) refuses
+    // it by name, and the output stays as it is.
+    let before = std::fs::read(&output).unwrap();
+    std::fs::write(shards.join("00002.jsonl"), prompts(0, 3)).unwrap();
+    let third = infer(&args);
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "the input shard {} changed size",
+            shards.join("00002.jsonl").display()
+        )) && stderr.contains("since this job staged its input"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), before);
+}
+
+#[test]
+fn a_server_serves_a_dataset_and_stops_when_a_shard_changes_under_it() {
+    if python().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shards = compressed_shards(dir.path(), 100);
+    let output = dir.path().join("out.jsonl");
+    let serve = |extra: &[&str]| {
+        let mut command = Command::new(dispatcher_bin());
+        command
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--exit-grace",
+                "0",
+            ])
+            .args(["--infile", path(&shards), "--outfile", path(&output)])
+            .args(extra);
+        ServerProcess::start(command)
+    };
+    let worker = |addr: &str, latency: &str| {
+        Command::new(dispatcher_bin())
+            .args([
+                "infer",
+                "--engine",
+                "echo",
+                "--prompt-path",
+                ".prompt",
+                "-q",
+            ])
+            .args([
+                "--dispatcher",
+                addr,
+                "--echo-latency-ms",
+                latency,
+                "--max-in-flight",
+                "2",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // A slow worker; a shard rewritten while the job runs stops the server.
+    let server = serve(&[]);
+    let mut slow = worker(&server.addr, "100");
+    let start = Instant::now();
+    while crate::support::lines(&output).len() < 10 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(shards.join("00002.jsonl"), prompts(0, 5)).unwrap();
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    let _ = slow.kill();
+    let _ = slow.wait();
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the input shard {} changed size",
+            shards.join("00002.jsonl").display()
+        )),
+        "{stderr}"
+    );
+
+    // Restored (same content, so the same size; a new time, so a fresh
+    // start is needed): with the output moved away, the job starts over and
+    // completes through the server.
+    std::fs::write(shards.join("00002.jsonl"), prompts(200, 100).trim_end()).unwrap();
+    for file in ["out.jsonl", "out.jsonl.checkpoint"] {
+        std::fs::remove_file(dir.path().join(file)).unwrap();
+    }
+    let server = serve(&[]);
+    let mut fast = worker(&server.addr, "0");
+    let (code, stderr) = server.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("staging it again") || stderr.contains("a fresh start stages it again"),
+        "{stderr}"
+    );
+    fast.wait().unwrap();
+    assert_in_order(&jsonl(&output), 300);
+}
