@@ -164,6 +164,74 @@ fn a_parquet_snapshot_s_split_runs_as_one_job_of_its_rows_in_order() {
         .map(|s| s["lines"].as_u64().unwrap())
         .collect();
     assert_eq!(lines, [7, 7, 7]);
+
+    // The same job with its output as zstd shards named after the input's
+    // (and the job's own output in the folder's `.job/`), read back by pyarrow.
+    let outdir = dir.path().join("sharded");
+    let run = infer(&[
+        "--input",
+        path(&snapshot),
+        "--split",
+        "train",
+        "--prompt-path",
+        ".messages",
+        "--outdir",
+        path(&outdir),
+        "--compress",
+        "zstd",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["complete"], true);
+    let names: Vec<&str> = (manifest["shards"].as_array().unwrap().iter())
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "train-00000-of-00003.jsonl.zst",
+            "train-00001-of-00003.jsonl.zst",
+            "train-00002-of-00003.jsonl.zst"
+        ]
+    );
+    let read_back = Command::new(&python)
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys
+import pyarrow as pa, pyarrow.json as pj
+for name in sys.argv[2:]:
+    table = pj.read_json(pa.input_stream(f"{sys.argv[1]}/{name}", compression="zstd"))
+    print(json.dumps(table.column("id").to_pylist()))
+"#,
+        )
+        .arg(&outdir)
+        .args(&names)
+        .output()
+        .unwrap();
+    assert!(
+        read_back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read_back.stderr)
+    );
+    let ids: Vec<Vec<u64>> = String::from_utf8_lossy(&read_back.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (0..7).collect::<Vec<_>>(),
+            (7..14).collect(),
+            (14..21).collect()
+        ]
+    );
+    assert_eq!(jsonl(outdir.join(".job/output.jsonl")).len(), 21);
 }
 
 #[test]
@@ -269,6 +337,7 @@ fn gzip_and_zstd_shards_run_in_order_and_a_killed_run_resumes_exact() {
     let dir = tempfile::tempdir().unwrap();
     let shards = compressed_shards(dir.path(), 400);
     let output = dir.path().join("out.jsonl");
+    let outdir = dir.path().join("sharded");
     let args = [
         "--input",
         path(&shards),
@@ -280,6 +349,8 @@ fn gzip_and_zstd_shards_run_in_order_and_a_killed_run_resumes_exact() {
         "5",
         "--max-in-flight",
         "4",
+        "--outdir",
+        path(&outdir),
     ];
     // Killed (SIGKILL: no checkpoint at exit) once part of the output is written.
     let mut first = Command::new(dispatcher_bin())
@@ -313,6 +384,14 @@ fn gzip_and_zstd_shards_run_in_order_and_a_killed_run_resumes_exact() {
         staged_at
     );
     assert_in_order(&jsonl(&output), 1200);
+    // Its output shards, cut from the resumed output: exactly its lines.
+    let mut joined = Vec::new();
+    for name in ["00000.jsonl", "00001.jsonl", "00002.jsonl"] {
+        let shard = crate::support::lines(outdir.join(name));
+        assert_eq!(shard.len(), 400, "{name}");
+        joined.extend(shard);
+    }
+    assert_eq!(joined, crate::support::lines(&output));
 
     // A shard changed after the job: a rerun (to resume, or a redo) refuses
     // it by name, and the output stays as it is.
@@ -416,4 +495,166 @@ fn a_server_serves_a_dataset_and_stops_when_a_shard_changes_under_it() {
     );
     fast.wait().unwrap();
     assert_in_order(&jsonl(&output), 300);
+}
+
+/// Checks with pyarrow and `datasets` that a Parquet file holds exactly the
+/// JSON lines of `jsonl` (a field a line lacks is null in its row).
+const SAME_ROWS: &str = r#"
+import json, os, sys
+import pyarrow.parquet as pq
+parquet, jsonl = sys.argv[1], sys.argv[2]
+rows = pq.read_table(parquet).to_pylist()
+lines = [json.loads(l) for l in open(jsonl)]
+def same(row, line, at):
+    if isinstance(row, dict):
+        assert isinstance(line, dict) or line is None, (at, row, line)
+        line = line or {}
+        assert set(line) <= set(row), (at, set(line) - set(row))
+        for k in row:
+            same(row[k], line.get(k), f"{at}.{k}")
+    elif isinstance(row, list):
+        assert isinstance(line, list) and len(row) == len(line), (at, row, line)
+        for i, (r, l) in enumerate(zip(row, line)):
+            same(r, l, f"{at}[{i}]")
+    else:
+        assert row == line, (at, row, line)
+assert len(rows) == len(lines), (len(rows), len(lines))
+for i, (row, line) in enumerate(zip(rows, lines)):
+    same(row, line, f"line {i}")
+import datasets
+os.environ["HF_HUB_OFFLINE"] = "1"
+loaded = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=sys.argv[3])
+assert loaded.num_rows == len(lines)
+for i in range(loaded.num_rows):
+    assert loaded[i] == rows[i], (i, loaded[i], rows[i])
+print(len(rows))
+"#;
+
+fn assert_same_rows(python: &Path, parquet: &Path, jsonl: &Path, cache: &Path) {
+    let out = Command::new(python)
+        .env("HF_HUB_OFFLINE", "1")
+        .arg("-c")
+        .arg(SAME_ROWS)
+        .args([parquet, jsonl, cache])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn export_writes_parquet_that_pyarrow_and_datasets_read_back_equal_to_the_json() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (snapshot, expected, outdir) = (
+        dir.path().join("snapshot"),
+        dir.path().join("expected.jsonl"),
+        dir.path().join("sharded"),
+    );
+    run_python(&python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
+    let run = infer(&[
+        "--input",
+        path(&snapshot),
+        "--split",
+        "train",
+        "--prompt-path",
+        ".messages",
+        "--outdir",
+        path(&outdir),
+        "--compress",
+        "zstd",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let export = |args: &[&str]| {
+        Command::new(dispatcher_bin())
+            .arg("export")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The folder of zstd shards, in small row groups: nested messages, nulls,
+    // lists of varying length, floats.
+    let parquet = dir.path().join("out.parquet");
+    let done = export(&[
+        path(&outdir),
+        "--parquet",
+        path(&parquet),
+        "--row-group-rows",
+        "4",
+    ]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_same_rows(
+        &python,
+        &parquet,
+        &outdir.join(".job/output.jsonl"),
+        dir.path(),
+    );
+
+    // A task's output without the input's columns, joined with its input:
+    // each row has both, the output's field winning.
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("task.jsonl"));
+    std::fs::write(
+        &input,
+        (0..5)
+            .map(|i| {
+                json!({"id": i, "question": format!("q{i}"), "answer": "old"}).to_string() + "\n"
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        &output,
+        (0..5)
+            .map(|i| json!({"answer": format!("a{i}"), "score": i}).to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let joined = dir.path().join("joined.parquet");
+    let done = export(&[
+        path(&output),
+        "--parquet",
+        path(&joined),
+        "--join-input",
+        path(&input),
+    ]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let expected_joined = dir.path().join("joined.jsonl");
+    std::fs::write(
+        &expected_joined,
+        (0..5)
+            .map(|i| {
+                json!({"id": i, "question": format!("q{i}"), "answer": format!("a{i}"), "score": i})
+                    .to_string()
+                    + "\n"
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    assert_same_rows(&python, &joined, &expected_joined, dir.path());
+
+    // An unfinished folder is refused, saying how far it is.
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
+    manifest["complete"] = json!(false);
+    manifest["shards"][2]["complete"] = json!(false);
+    std::fs::write(outdir.join("manifest.json"), manifest.to_string()).unwrap();
+    let refused = export(&[path(&outdir), "--parquet", path(&parquet)]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("2 of 3 shards are complete"), "{stderr}");
 }

@@ -8,22 +8,25 @@
 //!   - [`batch`]: `dispatcher run-batch`, OpenAI batch files as a built-in task;
 //!   - [`report`]: `dispatcher report`, the figures of a job's output;
 //!   - [`status`]: `dispatcher status` and `dispatcher work-timeout`;
-//!   - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script.
+//!   - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script;
+//!   - [`export`]: `dispatcher export`, a finished output as Parquet.
 //! - [`worker`]: the worker runtime that task binaries, `infer` and
 //!   `run-batch` share: engine, work and manager flags, running a task with
 //!   them; [`worker::engines`]: the engines as specs (launched, by URL,
 //!   named), their keys and limits.
 //! - [`progress`]: periodic progress lines of a worker.
+//! - [`outdir`]: `--outdir`, the output as shards cut while the job runs.
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - here: the command line's types and [`run_tasks`], the whole CLI of a
 //!   task binary in one call.
 
 mod commands;
 pub mod logging;
+pub mod outdir;
 pub mod progress;
 pub mod worker;
 
-pub use commands::{batch, infer, report, serve, slurm, status};
+pub use commands::{batch, export, infer, report, serve, slurm, status};
 
 use clap::{Parser, Subcommand};
 use dispatcher_core::task::DynTask;
@@ -57,6 +60,8 @@ pub enum Command {
     WorkTimeout(status::WorkTimeoutArgs),
     /// Print a self-contained sbatch script (`infer` or `task`) to submit from any directory.
     SlurmScript(slurm::SlurmScriptArgs),
+    /// Write a finished output (a JSONL file or an --outdir folder) as one Parquet file.
+    Export(export::ExportArgs),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -73,6 +78,7 @@ pub fn main() -> std::process::ExitCode {
             Command::Report(args) => report::run(args),
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
+            Command::Export(args) => export::run(args),
         }
     })
 }
@@ -272,7 +278,10 @@ mod tests {
             panic!("not serve")
         };
         assert_eq!(
-            (args.infile.to_str(), args.outfile.to_str()),
+            (
+                args.infile.to_str(),
+                args.outfile.as_deref().and_then(|o| o.to_str())
+            ),
             (Some("b.jsonl"), Some("r.jsonl"))
         );
     }

@@ -258,13 +258,14 @@ fn check_error_file(error_file: &Path, input: &Path, output: &Path) -> anyhow::R
 
 /// Runs `dispatcher run-batch`.
 pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
-    if args.error_file.is_some() && args.work.output.is_none() {
+    let output = args.work.outdir.output(args.work.output.as_deref());
+    if args.error_file.is_some() && output.is_none() {
         anyhow::bail!(
             "--error-file needs local mode (-i/-o): with --dispatcher the output is the server's; take the failed lines from it with `jq -c 'select(.error != null or .response.status_code >= 400)'`"
         );
     }
     if let (Some(error_file), Some(input), Some(output)) =
-        (&args.error_file, &args.work.input, &args.work.output)
+        (&args.error_file, &args.work.input, &output)
     {
         check_error_file(error_file, input, output)?;
     }
@@ -272,7 +273,7 @@ pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
         keep_model: args.keep_model,
     }));
     worker::run_task(task, &args.engine, &args.work).await?;
-    if let (Some(input), Some(output)) = (&args.work.input, &args.work.output) {
+    if let (Some(input), Some(output)) = (&args.work.input, &output) {
         // A dataset input was staged by the run: its staged copy is found again.
         let input = dispatcher_core::dataset::prepare(
             input,

@@ -25,9 +25,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub split: Option<String>,
     /// Output JSONL: line i is the result for input line i. `--output` is
-    /// an alias.
-    #[arg(long, visible_alias = "output", value_name = "PATH")]
-    pub outfile: PathBuf,
+    /// an alias. Optional with --outdir (then `DIR/.job/output.jsonl`).
+    #[arg(
+        long,
+        visible_alias = "output",
+        value_name = "PATH",
+        required_unless_present = "outdir"
+    )]
+    pub outfile: Option<PathBuf>,
+    /// Sharded output.
+    #[command(flatten)]
+    pub outdir: crate::outdir::OutdirArgs,
     /// Resume state (default: `<outfile>.checkpoint`).
     #[arg(long, value_name = "PATH")]
     pub checkpoint: Option<PathBuf>,
@@ -150,7 +158,10 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
 impl ServeArgs {
     /// The job's files, as the flags name them.
     pub fn files(&self) -> JobFiles {
-        JobFiles::new(self.outfile.clone(), self.checkpoint.clone())
+        let output = (self.outdir)
+            .output(self.outfile.as_deref())
+            .expect("clap requires --outfile or --outdir");
+        JobFiles::new(output, self.checkpoint.clone())
     }
 
     /// What a `--redo-errors` run redoes, when this is one.
@@ -278,8 +289,10 @@ fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // A dataset is staged (or its staged copy found) before anything else
     // reads the input: from here on the job's input is one JSONL file.
+    args.outdir.create_job_dir(args.files().output())?;
     let prepared =
         dispatcher_core::dataset::prepare(&args.infile, args.split.as_deref(), &args.files())?;
+    let mut follower = args.outdir.plan(&args.files(), &prepared)?;
     let args = ServeArgs {
         infile: prepared.path.clone(),
         ..args
@@ -287,6 +300,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let redo = args.redo();
     if let Some(redo) = &redo {
         if !prepare_redo(&args, redo)? {
+            if let Some(follower) = follower {
+                follower.finish().await?;
+            }
             return Ok(());
         }
     }
@@ -309,7 +325,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush());
     }
-    match server::serve_state(listener, state, options, stop_signal).await? {
+    if let Some(f) = &mut follower {
+        f.start();
+    }
+    let stopped = server::serve_state(listener, state, options, stop_signal).await;
+    if let Some(follower) = follower {
+        follower.finish().await?;
+    }
+    match stopped? {
         StopReason::Complete => match &redo {
             Some(redo) => tracing::info!(
                 output = %redo.previous.output().display(),

@@ -269,13 +269,7 @@ pub struct WorkArgs {
     /// `.gz`/`.zst`, a Parquet or Arrow file, or a folder or quoted glob of
     /// them (a Hugging Face snapshot, a `save_to_disk` folder); see the
     /// README's "Datasets".
-    #[arg(
-        short = 'i',
-        long,
-        visible_alias = "input-file",
-        value_name = "PATH",
-        requires = "output"
-    )]
+    #[arg(short = 'i', long, visible_alias = "input-file", value_name = "PATH")]
     pub input: Option<PathBuf>,
     /// Local mode: the split of a dataset input that has several (`train`).
     #[arg(long, value_name = "NAME", requires = "input")]
@@ -324,19 +318,31 @@ pub struct WorkArgs {
     /// Local mode: run the job again from the start, moving its output and
     /// every file beside it aside first (renamed `<file>.<time>`, nothing is
     /// deleted).
-    #[arg(long, requires = "output")]
+    #[arg(long, requires = "input")]
     pub overwrite: bool,
+    /// Local mode: sharded output.
+    #[command(flatten)]
+    pub outdir: crate::outdir::OutdirArgs,
 }
+
+/// A local job's source, and the follower cutting its output shards.
+type LocalSource = (Arc<dyn WorkSource>, Option<crate::outdir::Follower>);
 
 impl WorkArgs {
     /// Where items come from; `None` for a local job whose output is
     /// already complete (nothing to do: no engine is started for it).
-    async fn source(&self) -> anyhow::Result<Option<Arc<dyn WorkSource>>> {
-        match (&self.dispatcher, &self.input, &self.output) {
-            (Some(addr), None, None) => Ok(Some(Arc::new(ServerSource::new(
-                DispatcherClient::new(addr),
-            )))),
+    async fn source(&self) -> anyhow::Result<Option<LocalSource>> {
+        if self.dispatcher.is_some() && self.outdir.outdir.is_some() {
+            bail!("--outdir needs local mode (-i/-o): with --dispatcher the output is the server's; give --outdir to `dispatcher serve`");
+        }
+        match (&self.dispatcher, &self.input, self.outdir.output(self.output.as_deref())) {
+            (Some(addr), None, None) => Ok(Some((
+                Arc::new(ServerSource::new(DispatcherClient::new(addr))),
+                None,
+            ))),
             (None, Some(input), Some(output)) => {
+                let output = &output;
+                self.outdir.create_job_dir(output)?;
                 let files = dispatcher_core::job::JobFiles::new(output, None);
                 if self.overwrite {
                     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -358,6 +364,7 @@ impl WorkArgs {
                     Some(self.max_retries),
                     !self.no_journal,
                 )?;
+                let follower = self.outdir.plan(&files, &prepared)?;
                 if let Some(lines) = source.complete_lines() {
                     tracing::warn!(
                         "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do, and no engine was started. To run the job again from the start, pass --overwrite (or move {} and {} away)",
@@ -367,12 +374,15 @@ impl WorkArgs {
                         files.checkpoint().display()
                     );
                     source.finish().await?;
+                    if let Some(follower) = follower {
+                        follower.finish().await?;
+                    }
                     return Ok(None);
                 }
-                Ok(Some(Arc::new(source)))
+                Ok(Some((Arc::new(source), follower)))
             }
             _ => bail!(
-                "pass --dispatcher HOST:PORT, or --input PATH and --output PATH for local mode"
+                "pass --dispatcher HOST:PORT, or --input PATH and --output PATH (or --outdir DIR) for local mode"
             ),
         }
     }
@@ -467,9 +477,12 @@ pub async fn run_task(
     // Every engine flag is checked before the job's files are opened or an
     // engine is launched.
     let engine_specs = engine_args.specs()?;
-    let Some(source) = work.source().await? else {
+    let Some((source, mut follower)) = work.source().await? else {
         return Ok(());
     };
+    if let Some(f) = &mut follower {
+        f.start();
+    }
     // Listening from before the engine starts: a job preempted while vLLM still
     // loads (a minute or more) stops at once, and the engine with it.
     let mut stop = std::pin::pin!(crate::termination_signal());
@@ -508,6 +521,9 @@ pub async fn run_task(
     engine
         .stop(Duration::from_secs(work.engine_stop_grace))
         .await;
+    if let Some(follower) = follower {
+        follower.finish().await?;
+    }
     tracing::info!(
         task = task.name(),
         lines = summary.lines(),

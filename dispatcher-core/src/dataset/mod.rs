@@ -11,6 +11,8 @@
 //! resume, the input checks) holds unchanged, and a resume reads nothing
 //! again. [`rows`] says how a row becomes a line.
 
+pub mod export;
+pub mod outdir;
 pub mod rows;
 mod stage;
 

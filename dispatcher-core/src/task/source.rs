@@ -188,7 +188,13 @@ pub struct FileSource {
     /// Woken when a result or release may have made work issuable, so that a
     /// work request waits for that instead of sleeping `retry_in`.
     changed: Notify,
+    /// When results next take a checkpoint: what is durable is what a
+    /// follower of the job (`--outdir`'s shards) may use.
+    next_checkpoint: Mutex<Instant>,
 }
+
+/// How often a local job checkpoints while results come in.
+const LOCAL_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 /// Items are never lost inside one process: no reissue by timeout.
 const LOCAL_WORK_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -245,6 +251,7 @@ impl FileSource {
         Ok(FileSource {
             ledger: Mutex::new(ledger),
             changed: Notify::new(),
+            next_checkpoint: Mutex::new(Instant::now() + LOCAL_CHECKPOINT_EVERY),
         })
     }
 
@@ -292,7 +299,18 @@ impl WorkSource for FileSource {
         let (valid, refused) =
             crate::protocol::check_results(items.into_iter().map(|r| (r.work_id, r.result)));
         let r = self
-            .with_ledger(|l| l.complete(valid))
+            .with_ledger(|l| {
+                l.complete(valid)?;
+                let mut next = self
+                    .next_checkpoint
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if Instant::now() >= *next {
+                    *next = Instant::now() + LOCAL_CHECKPOINT_EVERY;
+                    l.checkpoint()?;
+                }
+                Ok(())
+            })
             .and_then(|_| match refused.first() {
                 // Our own worker serializes results: a refusal is a bug, not input.
                 Some(refused) => Err(SourceError::Io(std::io::Error::other(format!(
