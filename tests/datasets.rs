@@ -392,6 +392,16 @@ fn gzip_and_zstd_shards_run_in_order_and_a_killed_run_resumes_exact() {
         joined.extend(shard);
     }
     assert_eq!(joined, crate::support::lines(&output));
+    // `report --input` counts the dataset's lines from its staging record.
+    let report = Command::new(dispatcher_bin())
+        .args(["report", path(&output), "--input", path(&shards)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        text.contains("1200 lines: every one has its output line"),
+        "{text}"
+    );
 
     // A shard changed after the job: a rerun (to resume, or a redo) refuses
     // it by name, and the output stays as it is.

@@ -22,9 +22,13 @@ use serde::{Deserialize, Serialize};
 pub struct ReportArgs {
     /// The output JSONL of a job (finished or not).
     pub output: PathBuf,
-    /// The job's input: also say how many of its lines have no output line yet.
+    /// The job's input: also say how many of its lines have no output line
+    /// yet. A dataset's lines are those its staged copy was made with.
     #[arg(long, value_name = "PATH")]
     pub input: Option<PathBuf>,
+    /// The split of a dataset --input that has several.
+    #[arg(long, value_name = "NAME", requires = "input")]
+    pub split: Option<String>,
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -205,7 +209,10 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     if let Some(input) = &args.input {
-        report.input_lines = Some(dispatcher_core::input::count_lines(input).context("--input")?);
+        let files = dispatcher_core::job::JobFiles::new(&args.output, None);
+        let lines = dispatcher_core::dataset::input_lines(input, args.split.as_deref(), &files)
+            .context("--input")?;
+        report.input_lines = Some(lines);
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

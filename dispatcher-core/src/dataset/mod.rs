@@ -19,7 +19,7 @@ mod stage;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub use stage::{prepare, Prepared, Sources, StagedShard};
+pub use stage::{input_lines, prepare, Prepared, Sources, StagedShard};
 
 /// How a shard is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

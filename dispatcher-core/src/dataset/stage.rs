@@ -210,6 +210,37 @@ pub fn prepare(
     })
 }
 
+/// The lines of `input` as the job at `files` reads them, without staging
+/// anything: a plain JSONL file's lines, or the lines its staged copy was made
+/// with (refused when the shards changed since, or it was never staged).
+pub fn input_lines(
+    input: &Path,
+    split: Option<&str>,
+    files: &JobFiles,
+) -> Result<u64, DatasetError> {
+    let shards = resolve(input, split)?;
+    if let [only] = shards.as_slice() {
+        if only.format == Format::Jsonl {
+            return crate::input::count_lines(&only.path)
+                .map_err(|e| DatasetError::shard(&only.path, e));
+        }
+    }
+    let record_path = files.staged_record();
+    let record = read_record(&record_path).ok_or_else(|| {
+        DatasetError::shard(
+            &record_path,
+            format!(
+                "is missing: {} is a dataset, and this job never staged it (run the job first)",
+                input.display()
+            ),
+        )
+    })?;
+    match compare(&record, &shards) {
+        None => Ok(record.lines),
+        Some((path, what)) => Err(DatasetError::Changed { path, what }),
+    }
+}
+
 impl Sources {
     fn new(shards: Vec<StagedShard>) -> Sources {
         Sources {
