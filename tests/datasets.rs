@@ -58,6 +58,27 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `infer` over the snapshot's train split into zstd shards in `outdir`.
+fn run_sharded(snapshot: &Path, outdir: &Path) {
+    let run = infer(&[
+        "--input",
+        path(snapshot),
+        "--split",
+        "train",
+        "--prompt-path",
+        ".messages",
+        "--outdir",
+        path(outdir),
+        "--compress",
+        "zstd",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 /// Three Parquet shards of a train split (7 rows each, row groups of 3) and
 /// a test split, in a Hugging Face snapshot's layout, with nested messages,
 /// nulls, a timestamp, binary and floats; and the rows as JSON the way the
@@ -168,23 +189,7 @@ fn a_parquet_snapshot_s_split_runs_as_one_job_of_its_rows_in_order() {
     // The same job with its output as zstd shards named after the input's
     // (and the job's own output in the folder's `.job/`), read back by pyarrow.
     let outdir = dir.path().join("sharded");
-    let run = infer(&[
-        "--input",
-        path(&snapshot),
-        "--split",
-        "train",
-        "--prompt-path",
-        ".messages",
-        "--outdir",
-        path(&outdir),
-        "--compress",
-        "zstd",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_sharded(&snapshot, &outdir);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(outdir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["complete"], true);
@@ -565,23 +570,7 @@ fn export_writes_parquet_that_pyarrow_and_datasets_read_back_equal_to_the_json()
         dir.path().join("sharded"),
     );
     run_python(&python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
-    let run = infer(&[
-        "--input",
-        path(&snapshot),
-        "--split",
-        "train",
-        "--prompt-path",
-        ".messages",
-        "--outdir",
-        path(&outdir),
-        "--compress",
-        "zstd",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_sharded(&snapshot, &outdir);
     let export = |args: &[&str]| {
         Command::new(dispatcher_bin())
             .arg("export")

@@ -230,17 +230,7 @@ fn resolve_dir(dir: &Path, shown: &str, split: Option<&str>) -> Result<Vec<Shard
     // `DatasetDict.save_to_disk`: one folder per split, listed.
     let dict = dir.join("dataset_dict.json");
     if dict.is_file() {
-        let text = std::fs::read_to_string(&dict).map_err(|e| DatasetError::shard(&dict, e))?;
-        let splits: Vec<String> = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v["splits"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-            })
-            .unwrap_or_default();
+        let splits = json_list(&dict, "splits", |s| s.as_str().map(String::from))?;
         let chosen = match (split, splits.as_slice()) {
             (Some(s), _) if splits.iter().any(|x| x == s) => s.to_string(),
             (Some(s), _) => {
@@ -263,17 +253,9 @@ fn resolve_dir(dir: &Path, shown: &str, split: Option<&str>) -> Result<Vec<Shard
     // `Dataset.save_to_disk`: its Arrow files, in the order it recorded.
     let state = dir.join("state.json");
     if state.is_file() {
-        let text = std::fs::read_to_string(&state).map_err(|e| DatasetError::shard(&state, e))?;
-        let recorded: Vec<PathBuf> = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v["_data_files"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|f| f["filename"].as_str().map(|n| dir.join(n)))
-                        .collect()
-                })
-            })
-            .unwrap_or_default();
+        let recorded = json_list(&state, "_data_files", |f| {
+            f["filename"].as_str().map(|n| dir.join(n))
+        })?;
         if !recorded.is_empty() {
             return Ok(recorded
                 .into_iter()
@@ -299,6 +281,21 @@ fn resolve_dir(dir: &Path, shown: &str, split: Option<&str>) -> Result<Vec<Shard
         });
     }
     filter_split(shards, dir, shown, split)
+}
+
+/// The items of the list `key` of the JSON file at `path`, as `item` reads
+/// them (nothing where the file has no such list).
+fn json_list<T>(
+    path: &Path,
+    key: &str,
+    item: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Vec<T>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DatasetError::shard(path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    Ok(value[key]
+        .as_array()
+        .map(|a| a.iter().filter_map(&item).collect())
+        .unwrap_or_default())
 }
 
 /// Every file under `dir`, hidden ones (`.git`, `.cache`) left out.

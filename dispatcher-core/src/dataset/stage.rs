@@ -137,13 +137,11 @@ pub fn prepare(
     files: &JobFiles,
 ) -> Result<Prepared, DatasetError> {
     let shards = resolve(input, split)?;
-    if let [only] = shards.as_slice() {
-        if only.format == Format::Jsonl {
-            return Ok(Prepared {
-                path: only.path.clone(),
-                sources: None,
-            });
-        }
+    if let Some(plain) = plain_jsonl(&shards) {
+        return Ok(Prepared {
+            path: plain.to_owned(),
+            sources: None,
+        });
     }
     if input.is_dir() {
         let output_dir = files
@@ -219,11 +217,8 @@ pub fn input_lines(
     files: &JobFiles,
 ) -> Result<u64, DatasetError> {
     let shards = resolve(input, split)?;
-    if let [only] = shards.as_slice() {
-        if only.format == Format::Jsonl {
-            return crate::input::count_lines(&only.path)
-                .map_err(|e| DatasetError::shard(&only.path, e));
-        }
+    if let Some(plain) = plain_jsonl(&shards) {
+        return crate::input::count_lines(plain).map_err(|e| DatasetError::shard(plain, e));
     }
     let record_path = files.staged_record();
     let record = read_record(&record_path).ok_or_else(|| {
@@ -247,6 +242,14 @@ impl Sources {
             shards,
             next: AtomicUsize::new(0),
         }
+    }
+}
+
+/// The one plain JSONL file a job reads as it is, when the input is that.
+fn plain_jsonl(shards: &[Shard]) -> Option<&Path> {
+    match shards {
+        [only] if only.format == Format::Jsonl => Some(&only.path),
+        _ => None,
     }
 }
 
