@@ -333,6 +333,21 @@ impl RunningEngine {
                 // is still running (processes it forked and did not wait for)
                 // would outlive the worker.
                 signal_group(pid, libc::SIGKILL);
+                // SIGKILL is delivered, not awaited: a process of the group
+                // may still be running (in the middle of a write to disk, say)
+                // when kill(2) returns. The worker must not exit before it is
+                // gone, or it would outlive the worker.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while group_running(pid) {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(
+                            pid,
+                            "processes of the engine's group are still running 5 s after SIGKILL"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             let _ = child.kill().await;
         }
@@ -440,6 +455,33 @@ fn signal_group(pid: u32, sig: i32) {
     unsafe {
         libc::kill(-(pid as i32), sig);
     }
+}
+
+/// Whether a process of the group `pgid` is running: one that has not ended.
+/// A zombie has ended (it waits only for its parent or init to reap it),
+/// so it does not count; `/proc` tells them apart where `kill(2)` does not.
+fn group_running(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 1)..].split_whitespace();
+        let state = fields.next();
+        let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+        state != Some("Z") && group == Some(pgid)
+    })
 }
 
 /// A free port on `host`, for an engine launched with port 0.
