@@ -127,16 +127,20 @@ with open(sys.argv[2], "w") as f:
         f.write(json.dumps(e) + "\n")
 "#;
 
+/// [`PARQUET_SNAPSHOT`] written in `dir`: the snapshot folder and the rows
+/// as JSON.
+fn parquet_snapshot(python: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let (snapshot, expected) = (dir.join("snapshot"), dir.join("expected.jsonl"));
+    run_python(python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
+    (snapshot, expected)
+}
+
 #[test]
 fn a_parquet_snapshot_s_split_runs_as_one_job_of_its_rows_in_order() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (snapshot, expected, output) = (
-        dir.path().join("snapshot"),
-        dir.path().join("expected.jsonl"),
-        dir.path().join("out.jsonl"),
-    );
-    run_python(&python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
+    let (snapshot, expected) = parquet_snapshot(&python, dir.path());
+    let output = dir.path().join("out.jsonl");
 
     let refused = infer(&["--input", path(&snapshot), "--output", path(&output)]);
     assert!(!refused.status.success());
@@ -536,8 +540,8 @@ def same(row, line, at):
 assert len(rows) == len(lines), (len(rows), len(lines))
 for i, (row, line) in enumerate(zip(rows, lines)):
     same(row, line, f"line {i}")
+os.environ["HF_HUB_OFFLINE"] = "1"  # read when `datasets` is imported
 import datasets
-os.environ["HF_HUB_OFFLINE"] = "1"
 loaded = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=sys.argv[3])
 assert loaded.num_rows == len(lines)
 for i in range(loaded.num_rows):
@@ -546,30 +550,15 @@ print(len(rows))
 "#;
 
 fn assert_same_rows(python: &Path, parquet: &Path, jsonl: &Path, cache: &Path) {
-    let out = Command::new(python)
-        .env("HF_HUB_OFFLINE", "1")
-        .arg("-c")
-        .arg(SAME_ROWS)
-        .args([parquet, jsonl, cache])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(python, SAME_ROWS, &[parquet, jsonl, cache]);
 }
 
 #[test]
 fn export_writes_parquet_that_pyarrow_and_datasets_read_back_equal_to_the_json() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (snapshot, expected, outdir) = (
-        dir.path().join("snapshot"),
-        dir.path().join("expected.jsonl"),
-        dir.path().join("sharded"),
-    );
-    run_python(&python, PARQUET_SNAPSHOT, &[&snapshot, &expected]);
+    let (snapshot, _) = parquet_snapshot(&python, dir.path());
+    let outdir = dir.path().join("sharded");
     run_sharded(&snapshot, &outdir);
     let export = |args: &[&str]| {
         Command::new(dispatcher_bin())

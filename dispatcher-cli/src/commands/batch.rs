@@ -274,15 +274,14 @@ pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
     }));
     worker::run_task(task, &args.engine, &args.work).await?;
     if let (Some(input), Some(output)) = (&args.work.input, &output) {
-        // A dataset input was staged by the run: its staged copy is found again.
-        let input = dispatcher_core::dataset::prepare(
+        // A dataset's lines are counted in its staging record.
+        let lines = dispatcher_core::dataset::input_lines(
             input,
             args.work.split.as_deref(),
             &JobFiles::new(output, None),
-        )?
-        .path;
+        )?;
         let done = dispatcher_core::input::count_lines(output).unwrap_or(0);
-        if done == dispatcher_core::input::count_lines(&input).unwrap_or(u64::MAX) {
+        if done == lines {
             let (failed, duplicates) = finish_output(output, args.error_file.as_deref())?;
             tracing::info!(
                 lines = done,

@@ -289,10 +289,10 @@ fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // A dataset is staged (or its staged copy found) before anything else
     // reads the input: from here on the job's input is one JSONL file.
-    args.outdir.create_job_dir(args.files().output())?;
-    let prepared =
-        dispatcher_core::dataset::prepare(&args.infile, args.split.as_deref(), &args.files())?;
-    let mut follower = args.outdir.plan(&args.files(), &prepared)?;
+    let files = args.files();
+    args.outdir.create_job_dir(files.output())?;
+    let prepared = dispatcher_core::dataset::prepare(&args.infile, args.split.as_deref(), &files)?;
+    let mut follower = args.outdir.plan(&files, &prepared)?;
     let args = ServeArgs {
         infile: prepared.path.clone(),
         ..args

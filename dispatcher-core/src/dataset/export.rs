@@ -114,19 +114,10 @@ impl<'a> OutputLines<'a> {
     }
 
     fn open(path: &Path) -> Result<Decoded, DatasetError> {
-        let file = File::open(path).with_path("open the output", path)?;
-        let reader: Box<dyn Read> = match Format::of(path, true)
+        let format = Format::of(path, true)
             .map_err(|e| DatasetError::shard(path, e))?
-        {
-            Some(Format::JsonlZst) => Box::new(
-                zstd::stream::read::Decoder::new(file).map_err(|e| DatasetError::shard(path, e))?,
-            ),
-            Some(Format::JsonlGz) => {
-                Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
-            }
-            _ => Box::new(file),
-        };
-        Ok(BufReader::with_capacity(1 << 20, reader))
+            .unwrap_or(Format::Jsonl);
+        super::open_jsonl(path, format)
     }
 
     /// The next line into `line` (without its terminator): its file and

@@ -91,6 +91,25 @@ impl Format {
     }
 }
 
+/// A JSONL file's content, decompressed by its format (`Jsonl`, `JsonlGz`,
+/// `JsonlZst`), buffered: for staging a shard and for reading an output back.
+pub(crate) fn open_jsonl(
+    path: &Path,
+    format: Format,
+) -> Result<std::io::BufReader<Box<dyn Read>>, DatasetError> {
+    let file = std::fs::File::open(path).map_err(|e| DatasetError::shard(path, e))?;
+    let reader: Box<dyn Read> = match format {
+        Format::JsonlGz => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        ))),
+        Format::JsonlZst => Box::new(
+            zstd::stream::read::Decoder::new(file).map_err(|e| DatasetError::shard(path, e))?,
+        ),
+        _ => Box::new(file),
+    };
+    Ok(std::io::BufReader::with_capacity(1 << 20, reader))
+}
+
 /// One file of a dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {

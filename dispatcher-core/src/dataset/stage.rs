@@ -12,7 +12,7 @@
 //! time whatever the dataset's size.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -401,22 +401,12 @@ impl<W: Write> Write for Counter<W> {
 fn copy_shard<W: Write>(shard: &Shard, out: &mut Counter<W>) -> Result<(), DatasetError> {
     let path = &shard.path;
     let fail = |e: &dyn std::fmt::Display| DatasetError::shard(path, e);
-    let file = File::open(path).map_err(|e| fail(&e))?;
     match shard.format {
-        Format::Jsonl => copy(BufReader::with_capacity(1 << 20, file), out, path),
-        Format::JsonlGz => copy(
-            BufReader::with_capacity(
-                1 << 20,
-                flate2::read::MultiGzDecoder::new(BufReader::new(file)),
-            ),
-            out,
-            path,
-        ),
-        Format::JsonlZst => {
-            let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| fail(&e))?;
-            copy(BufReader::with_capacity(1 << 20, decoder), out, path)
+        Format::Jsonl | Format::JsonlGz | Format::JsonlZst => {
+            copy(super::open_jsonl(path, shard.format)?, out, path)
         }
         Format::Parquet => {
+            let file = File::open(path).map_err(|e| fail(&e))?;
             let builder =
                 parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
                     .map_err(|e| fail(&format!("not a Parquet file that can be read: {e}")))?;
@@ -428,9 +418,10 @@ fn copy_shard<W: Write>(shard: &Shard, out: &mut Counter<W>) -> Result<(), Datas
             write_batches(reader.map(|b| b.map_err(|e| e.to_string())), out, path)
         }
         Format::Arrow => {
+            let mut file = File::open(path).map_err(|e| fail(&e))?;
             let mut magic = [0u8; 6];
-            let is_file_format = (&file).read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
-            let file = File::open(path).map_err(|e| fail(&e))?;
+            let is_file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
+            file.rewind().map_err(|e| fail(&e))?;
             if is_file_format {
                 let reader = arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None)
                     .map_err(|e| fail(&format!("not an Arrow file that can be read: {e}")))?;
