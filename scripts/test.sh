@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/slurm/up.sh
+# Eight CPU slots on any machine: `dispatcher launch`'s tests run four worker
+# jobs at once beside the job that holds the server.
+SLURM_CI_CPUS=${SLURM_CI_CPUS:-8} scripts/slurm/up.sh
 trap 'scripts/slurm/down.sh >/dev/null' EXIT
 
 while IFS='=' read -r key value; do

@@ -127,7 +127,7 @@ pub use dispatcher_core::task::{
     TaskContext, TaskError,
 };
 pub use dispatcher_core::{
-    client, engine, input, job, ledger, metrics, output, protocol, record, server,
+    client, engine, input, job, ledger, metrics, output, process, protocol, record, server,
 };
 /// Turns an `async fn` into a task: see [Writing a task](crate#writing-a-task)
 /// and [what it expands to](crate#what-task-expands-to).

@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 use crate::support::{built_binary, example};
 
 /// The cluster has one node: its tests run one at a time.
-static CLUSTER: Mutex<()> = Mutex::new(());
+pub(crate) static CLUSTER: Mutex<()> = Mutex::new(());
 
-fn slurm_up() -> bool {
+pub(crate) fn slurm_up() -> bool {
     let up = Command::new("sinfo")
         .arg("-h")
         .output()

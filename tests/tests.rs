@@ -7,6 +7,7 @@ mod examples_e2e;
 mod hosted;
 mod infer;
 mod journal;
+mod launch;
 mod llama;
 mod own_crate;
 mod server_e2e;

@@ -60,6 +60,7 @@ impl WorkSource for Endless {
             retry_in: None,
             items,
             lease_secs: None,
+            drained: false,
         })))
     }
 

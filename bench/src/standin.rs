@@ -37,6 +37,7 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
                     status: WorkStatus::Ok,
                     retry_in: None,
                     lease_secs: Some(1200.0),
+                    drained: false,
                     items: (first..first + n)
                         .map(|i| WorkItem {
                             work_id: i,

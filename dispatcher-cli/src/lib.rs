@@ -9,7 +9,9 @@
 //!   - [`report`]: `dispatcher report`, the figures of a job's output;
 //!   - [`status`]: `dispatcher status` and `dispatcher work-timeout`;
 //!   - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script;
-//!   - [`export`]: `dispatcher export`, a finished output as Parquet.
+//!   - [`export`]: `dispatcher export`, a finished output as Parquet;
+//!   - [`launch`]: `dispatcher launch`, the server and its workers as Slurm
+//!     jobs (or local processes), sized by the backlog.
 //! - [`worker`]: the worker runtime that task binaries, `infer` and
 //!   `run-batch` share: engine, work and manager flags, running a task with
 //!   them; [`worker::engines`]: the engines as specs (launched, by URL,
@@ -26,9 +28,9 @@ pub mod outdir;
 pub mod progress;
 pub mod worker;
 
-pub use commands::{batch, export, infer, report, serve, slurm, status};
+pub use commands::{batch, export, infer, launch, report, serve, slurm, status};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use dispatcher_core::task::DynTask;
 
 /// Batch LLM inference on HPC clusters.
@@ -62,12 +64,15 @@ pub enum Command {
     SlurmScript(slurm::SlurmScriptArgs),
     /// Write a finished output (a JSONL file or an --outdir folder) as one Parquet file.
     Export(export::ExportArgs),
+    /// Run a job on Slurm: the server, and worker jobs as many as its backlog deserves, to the report.
+    Launch(Box<launch::LaunchArgs>),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
 /// process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(&cli.log);
     run_async(async move {
         match cli.command {
@@ -79,6 +84,12 @@ pub fn main() -> std::process::ExitCode {
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
             Command::Export(args) => export::run(args),
+            Command::Launch(args) => {
+                let own = matches
+                    .subcommand_matches("launch")
+                    .expect("clap matched the launch subcommand");
+                launch::run(*args, own).await
+            }
         }
     })
 }
@@ -165,6 +176,10 @@ pub fn run_async(
     };
     match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Said already: only the status is left to set.
+        Err(e) if e.downcast_ref::<launch::Exit>().is_some() => {
+            std::process::ExitCode::from(e.downcast_ref::<launch::Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             print_error(format_args!("{e:#}"));
             std::process::ExitCode::FAILURE

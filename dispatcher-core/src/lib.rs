@@ -8,6 +8,7 @@
 //!   with a kind, not JSON): the one classifier every reader uses.
 //! - [`input`]: lazy, offset-addressed reading of the input JSONL.
 //! - [`output`]: the in-order output JSONL, and its repair on resume.
+//! - [`process`]: signals to, and liveness of, the processes started here.
 //! - [`job`]: a job's files, owned in one place: their paths, locks, the
 //!   checkpoint (the atomic resume state and its checks), the manifest,
 //!   cleaning, and the `--redo-errors` swap.
@@ -30,6 +31,7 @@ pub mod job;
 pub mod ledger;
 pub mod metrics;
 pub mod output;
+pub mod process;
 pub mod protocol;
 pub mod record;
 pub mod server;

@@ -159,6 +159,13 @@ pub struct WorkResponse {
     /// lose them when it runs out. Absent from the Python server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_secs: Option<f64>,
+    /// Extension, with [`WorkStatus::Retry`]: no unissued line remains (every
+    /// line is done or in flight with a worker, none is queued for reissue),
+    /// so this worker will get nothing more unless one comes back. Workers
+    /// run with `--exit-when-drained` (as `dispatcher launch` starts them)
+    /// exit once they hold nothing; others ignore it. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 impl WorkResponse {
@@ -169,6 +176,7 @@ impl WorkResponse {
             retry_in: None,
             items,
             lease_secs,
+            drained: false,
         }
     }
 
@@ -179,7 +187,13 @@ impl WorkResponse {
             retry_in: Some(secs),
             items: Vec::new(),
             lease_secs,
+            drained: false,
         }
+    }
+
+    /// This answer, saying whether no unissued line remains.
+    pub fn with_drained(self, drained: bool) -> WorkResponse {
+        WorkResponse { drained, ..self }
     }
 
     /// `all_work_complete`.
@@ -189,6 +203,7 @@ impl WorkResponse {
             retry_in: None,
             items: Vec::new(),
             lease_secs,
+            drained: false,
         }
     }
 }
@@ -664,6 +679,10 @@ pub struct Hello {
     /// What else decides its output: `infer`'s sampling settings, named engines.
     #[serde(default)]
     pub settings: serde_json::Map<String, serde_json::Value>,
+    /// The batch job it runs in: the id `dispatcher launch` gave it
+    /// (`DISPATCHER_LAUNCH_JOB`), else Slurm's `SLURM_JOB_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// One worker in `/status`.

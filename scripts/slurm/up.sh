@@ -75,6 +75,8 @@ SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+# Lets SLURM_CI_CPUS declare more CPUs than the machine has (several small jobs at once).
+SlurmdParameters=config_overrides
 KillWait=$KILLWAIT
 MinJobAge=300
 InactiveLimit=0

@@ -2,12 +2,14 @@
 //! head-node server), [`infer`] (prompt in, responses out), [`batch`]
 //! (`run-batch`, OpenAI batch files), [`report`] (a job's output, counted),
 //! [`status`] (`status` and `work-timeout` of a running server), [`slurm`]
-//! (`slurm-script`), [`export`] (an output as Parquet). Each holds its flags and its `run`; the worker runtime
+//! (`slurm-script`), [`export`] (an output as Parquet), [`launch`] (a job
+//! that runs itself on Slurm). Each holds its flags and its `run`; the worker runtime
 //! they share is [`crate::worker`].
 
 pub mod batch;
 pub mod export;
 pub mod infer;
+pub mod launch;
 pub mod report;
 pub mod serve;
 pub mod slurm;

@@ -305,6 +305,12 @@ pub struct WorkArgs {
     /// retry_in): idle workers notice the end of the job this soon.
     #[arg(long, default_value_t = 5)]
     pub max_retry_wait: u64,
+    /// Exit once the dispatcher says no unissued line is left and this
+    /// worker holds none, instead of waiting while others finish the last
+    /// lines (`dispatcher launch` sets it, and starts a worker again if a
+    /// line comes back). Servers without the hint never trigger it.
+    #[arg(long, env = "DISPATCHER_EXIT_WHEN_DRAINED", value_parser = clap::builder::BoolishValueParser::new())]
+    pub exit_when_drained: bool,
     /// Serve this worker's Prometheus metrics on this port (0 picks one; the log says which).
     #[arg(long)]
     pub metrics_port: Option<u16>,
@@ -397,6 +403,7 @@ impl WorkArgs {
             vanish_wait: Duration::from_secs(self.vanish_wait),
             max_retry_wait: Duration::from_secs(self.max_retry_wait.max(1)),
             journal: !self.no_journal,
+            exit_when_drained: self.exit_when_drained,
             ..ManagerConfig::default()
         })
     }
@@ -451,6 +458,9 @@ async fn say_hello(
             .map_or_else(|| engine.kind().name().to_string(), String::from),
         model: engines.default_model(),
         settings,
+        job: ["DISPATCHER_LAUNCH_JOB", "SLURM_JOB_ID"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|id| !id.is_empty())),
     };
     match tokio::time::timeout(Duration::from_secs(10), source.hello(hello)).await {
         Ok(Ok(())) => {}

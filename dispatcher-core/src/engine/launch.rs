@@ -325,20 +325,20 @@ impl RunningEngine {
         }
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
-                signal_group(pid, libc::SIGTERM);
+                crate::process::signal_group(pid, libc::SIGTERM);
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     tracing::warn!(pid, "the engine ignored SIGTERM; killing it");
                 }
                 // The engine is gone or ignored SIGTERM: whatever of its group
                 // is still running (processes it forked and did not wait for)
                 // would outlive the worker.
-                signal_group(pid, libc::SIGKILL);
+                crate::process::signal_group(pid, libc::SIGKILL);
                 // SIGKILL is delivered, not awaited: a process of the group
                 // may still be running (in the middle of a write to disk, say)
                 // when kill(2) returns. The worker must not exit before it is
                 // gone, or it would outlive the worker.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while group_running(pid) {
+                while crate::process::group_running(pid) {
                     if tokio::time::Instant::now() >= deadline {
                         tracing::warn!(
                             pid,
@@ -366,7 +366,7 @@ impl RunningEngine {
 impl Drop for RunningEngine {
     fn drop(&mut self) {
         if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            signal_group(pid, libc::SIGKILL);
+            crate::process::signal_group(pid, libc::SIGKILL);
         }
     }
 }
@@ -444,44 +444,6 @@ async fn keep_tail(output: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<Ve
         }
         tail.push_back(line);
     }
-}
-
-/// Sends `sig` to the process group led by `pid`.
-#[allow(unsafe_code)]
-fn signal_group(pid: u32, sig: i32) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours. The
-    // group was created by us (process_group(0)), so it holds only the engine
-    // and what it forked.
-    unsafe {
-        libc::kill(-(pid as i32), sig);
-    }
-}
-
-/// Whether a process of the group `pgid` is running: one that has not ended.
-/// A zombie has ended (it waits only for its parent or init to reap it),
-/// so it does not count; `/proc` tells them apart where `kill(2)` does not.
-fn group_running(pgid: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            return false;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            return false;
-        };
-        // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
-        let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 1)..].split_whitespace();
-        let state = fields.next();
-        let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
-        state != Some("Z") && group == Some(pgid)
-    })
 }
 
 /// A free port on `host`, for an engine launched with port 0.

@@ -200,6 +200,11 @@ pub enum WorkReply {
     Retry {
         /// Seconds to wait (at least 1).
         after_secs: u64,
+        /// No unissued line remains: every line is done or in flight, none
+        /// is queued for reissue, and no backup copy may be handed out
+        /// (`--backups 0`). Only a line that comes back (a lease expiry, a
+        /// release) is left to hand out.
+        drained: bool,
     },
     /// Every line has its output line.
     Complete,
@@ -386,10 +391,16 @@ impl Ledger {
             WorkReply::Complete
         } else if kept >= KEEP_PER_REQUEST {
             // More kept lines to read past: ask again at once.
-            WorkReply::Retry { after_secs: 1 }
+            WorkReply::Retry {
+                after_secs: 1,
+                drained: false,
+            }
         } else {
             WorkReply::Retry {
                 after_secs: self.retry_in(now),
+                drained: self.input_exhausted
+                    && self.items.queued() == 0
+                    && self.config.max_backups == 0,
             }
         })
     }

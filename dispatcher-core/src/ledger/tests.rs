@@ -141,6 +141,49 @@ fn issues_in_order_and_writes_results_in_input_order() {
     assert_eq!(l.take_work(Ask::batch(1), t).unwrap(), WorkReply::Complete);
 }
 
+/// The tail hint of `dispatcher launch`'s workers: `drained` only once no
+/// line is left to hand out, and no longer once one comes back.
+#[test]
+fn retry_says_drained_only_when_no_unissued_line_remains() {
+    let drained = |r: &WorkReply| match r {
+        WorkReply::Retry { drained, .. } => *drained,
+        other => panic!("not a retry: {other:?}"),
+    };
+    let job = Job::new(&lines(3), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    assert_eq!(ids(&l.take_work(Ask::batch(2), t).unwrap()), vec![0, 1]);
+    // Line 2 is unread: a full batch elsewhere must not look drained.
+    assert_eq!(ids(&l.take_work(Ask::batch(1), t).unwrap()), vec![2]);
+    let r = l.take_work(Ask::batch(4), t).unwrap();
+    assert!(drained(&r), "every line is in flight: {r:?}");
+    // A released line is unissued again: not drained until it is out.
+    l.release(&[1], Cause::Release, None).unwrap();
+    assert_eq!(ids(&l.take_work(Ask::batch(4), t).unwrap()), vec![1]);
+    l.release(&[0], Cause::Release, None).unwrap();
+    l.submit(vec![result(2, "2")]).unwrap();
+    let wire = crate::server::work_response(l.take_work(Ask::batch(1), t).unwrap(), None, None);
+    assert_eq!(wire.items.len(), 1);
+    let wire = crate::server::work_response(l.take_work(Ask::batch(1), t).unwrap(), None, None);
+    assert!(wire.drained);
+    let json = serde_json::to_value(&wire).unwrap();
+    assert_eq!(json["drained"], true, "{json}");
+
+    // With backup copies on, an idle worker may still get one: no hint.
+    let mut job = Job::new(&lines(1), Some(3));
+    job.config.max_backups = 1;
+    job.config.backup_after = Duration::from_secs(3600);
+    let mut l = job.open(t).unwrap();
+    assert_eq!(ids(&l.take_work(Ask::batch(1), t).unwrap()), vec![0]);
+    assert!(!drained(&l.take_work(Ask::batch(1), t).unwrap()));
+    // Not drained on the wire means no field at all (older workers' view).
+    let wire = crate::server::work_response(l.take_work(Ask::batch(1), t).unwrap(), None, None);
+    assert!(serde_json::to_value(&wire)
+        .unwrap()
+        .get("drained")
+        .is_none());
+}
+
 #[test]
 fn first_result_wins_and_unknown_ids_are_ignored() {
     let job = Job::new(&lines(2), Some(3));
@@ -1323,7 +1366,13 @@ fn a_redo_keeps_good_lines_without_any_worker_and_hands_out_only_the_failed_ones
     // A work request reads past at most KEEP_PER_REQUEST kept lines and says
     // to ask again at once.
     let r = l.take_work(Ask::batch(4), t).unwrap();
-    assert_eq!(r, WorkReply::Retry { after_secs: 1 });
+    assert_eq!(
+        r,
+        WorkReply::Retry {
+            after_secs: 1,
+            drained: false
+        }
+    );
     assert_eq!(l.lines_written(), KEEP_PER_REQUEST);
     // The ticker reads past the rest up to the failed line, with no worker asking.
     l.tick(t).unwrap();

@@ -522,7 +522,10 @@ pub fn work_response(
                 .collect(),
             lease_secs,
         ),
-        WorkReply::Retry { after_secs } => WorkResponse::retry(after_secs, lease_secs),
+        WorkReply::Retry {
+            after_secs,
+            drained,
+        } => WorkResponse::retry(after_secs, lease_secs).with_drained(drained),
         WorkReply::Complete => WorkResponse::complete(lease_secs),
     }
 }

@@ -42,6 +42,11 @@ pub struct ManagerConfig {
     /// Replay the journal an item comes with, and hand in entries for the
     /// requests tasks complete (`--no-journal` turns it off).
     pub journal: bool,
+    /// Exit once the server says no unissued line remains (`drained` on a
+    /// `retry` answer) and this worker holds nothing, instead of polling
+    /// while other workers finish the last lines: `dispatcher launch`
+    /// starts its workers so, and starts another if a line comes back.
+    pub exit_when_drained: bool,
 }
 
 impl Default for ManagerConfig {
@@ -53,6 +58,7 @@ impl Default for ManagerConfig {
             max_submit_batch: 1024,
             max_retry_wait: Duration::from_secs(5),
             journal: true,
+            exit_when_drained: false,
         }
     }
 }
@@ -455,6 +461,14 @@ impl Manager {
                     self.start(item);
                 }
                 self.progress.active.store(self.tasks.len() as u64, Relaxed);
+            }
+            WorkStatus::Retry
+                if response.drained && self.config.exit_when_drained && self.tasks.is_empty() =>
+            {
+                tracing::info!(
+                    "no unissued line is left and this worker holds none: exiting while other workers finish theirs (--exit-when-drained)"
+                );
+                self.no_more_work = true;
             }
             WorkStatus::Retry => {
                 let wait = Duration::from_secs(response.retry_in.unwrap_or(1).max(1))

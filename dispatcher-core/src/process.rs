@@ -1,0 +1,85 @@
+//! Signals and liveness of the processes this crate and the CLI start (an
+//! engine, `launch`'s server and local workers), each in a process group of
+//! its own: the one place that calls kill(2).
+
+/// Sends `sig` to the process group led by `pid` (a process started with
+/// `process_group(0)`: the group holds only it and what it forked).
+#[allow(unsafe_code)]
+pub fn signal_group(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+/// Sends `sig` to the process `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// The state letter and process group of `/proc/<pid>/stat`.
+fn stat(pid: &str) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+    let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 1)..].split_whitespace();
+    let state = fields.next()?.to_string();
+    let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok())?;
+    Some((state, group))
+}
+
+/// Whether `pid` is a process that has not ended. A zombie has ended (it
+/// waits only for its parent to reap it), so it does not count; `/proc`
+/// tells them apart where `kill(2)` does not.
+pub fn alive(pid: u32) -> bool {
+    stat(&pid.to_string()).is_some_and(|(state, _)| state != "Z" && state != "X")
+}
+
+/// Whether a process of the group `pgid` has not ended (zombies excluded).
+pub fn group_running(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        name.bytes().all(|b| b.is_ascii_digit())
+            && stat(&name).is_some_and(|(state, group)| state != "Z" && group == pgid)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reaped_child_is_gone_and_a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(alive(pid));
+        signal(pid, libc::SIGKILL);
+        // Not reaped yet: a zombie, which has ended.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !alive(pid),
+            "a killed child is not alive before it is reaped"
+        );
+        child.wait().unwrap();
+        assert!(!alive(pid));
+    }
+}
