@@ -634,8 +634,9 @@ mod on_slurm {
         assert!(our_jobs(job.dir.path()).is_empty(), "jobs left in squeue");
     }
 
-    /// Ctrl-C of launch on Slurm: every worker job is cancelled, the server
-    /// stops after a checkpoint, and the same command resumes to the end.
+    /// A second launch on a running job watches it; Ctrl-C of the first:
+    /// every worker job is cancelled, the server stops after a checkpoint,
+    /// and the same command resumes to the end.
     #[test]
     fn ctrl_c_cancels_every_worker_job_and_the_job_resumes() {
         let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -646,6 +647,16 @@ mod on_slurm {
         let job = LaunchJob::new(400);
         let mut launch = job.start(0, &slurm_flags(), &args(&echo_worker(400)));
         job.wait_lines(&rt, 30);
+        // A second launch on the same output watches; it submits nothing.
+        let mut second = job.start(2, &slurm_flags(), &args(&echo_worker(400)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !job.said(2).contains("another launch runs this job") {
+            assert!(Instant::now() < deadline, "{}", job.said(2));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(job.state()["jobs"].as_array().unwrap().len() <= 3);
+        send_signal(i32::try_from(second.id()).unwrap(), libc::SIGINT);
+        assert_eq!(wait(&mut second, Duration::from_secs(10)), 130);
         send_signal(i32::try_from(launch.id()).unwrap(), libc::SIGINT);
         let code = wait(&mut launch, Duration::from_secs(120));
         assert_eq!(code, 130, "{}", job.said(0));
