@@ -4,6 +4,7 @@ mod after_run;
 mod batch;
 mod datasets;
 mod examples_e2e;
+mod grouping;
 mod hosted;
 mod infer;
 mod journal;

@@ -18,11 +18,15 @@
 //!   named), their keys and limits.
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`outdir`]: `--outdir`, the output as shards cut while the job runs.
+//! - [`grouping`]: `--group-by`, prefix affinity; [`jq`]: the jq filters
+//!   it and `infer`'s `--prompt-path` run on input lines.
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - here: the command line's types and [`run_tasks`], the whole CLI of a
 //!   task binary in one call.
 
 mod commands;
+pub mod grouping;
+pub mod jq;
 pub mod logging;
 pub mod outdir;
 pub mod progress;

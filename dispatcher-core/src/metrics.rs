@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::ledger::LedgerStats;
+use crate::ledger::{GroupStats, LedgerStats};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
@@ -66,6 +66,9 @@ pub struct ServerMetrics {
     journal_bytes: Gauge,
     journal_replayed: Counter,
     journal_tokens_saved: Counter,
+    group_waiting: Gauge,
+    group_keys: Gauge,
+    group_issued: Family<GroupLabel, Counter>,
     /// One histogram per endpoint, created up front (children of one family),
     /// so recording a request takes no lock or allocation.
     latency: [Histogram; Endpoint::ALL.len()],
@@ -94,6 +97,9 @@ impl Default for ServerMetrics {
             journal_bytes: Gauge::default(),
             journal_replayed: Counter::default(),
             journal_tokens_saved: Counter::default(),
+            group_waiting: Gauge::default(),
+            group_keys: Gauge::default(),
+            group_issued: Family::default(),
             latency: std::array::from_fn(|_| latency_histogram()),
             last: Mutex::new(None),
             registry: Registry::default(),
@@ -187,6 +193,21 @@ impl Default for ServerMetrics {
             "workers_active",
             "Workers heard from in the last 60 s",
             m.workers_active.clone(),
+        );
+        registry.register(
+            "group_lookahead_lines",
+            "Lines read ahead by group key (--group-by) and not issued yet",
+            m.group_waiting.clone(),
+        );
+        registry.register(
+            "group_keys",
+            "Group keys the server keeps (--group-by)",
+            m.group_keys.clone(),
+        );
+        registry.register(
+            "group_lines_issued",
+            "Lines with a group key issued: to a worker that had the key (owner), opening a key for a worker (new), or shared out of another worker's large group (spread)",
+            m.group_issued.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
@@ -341,9 +362,30 @@ impl ServerMetrics {
         self.reorder_bytes.set(stats.reorder_bytes as i64);
         self.journal_entries.set(stats.journal.entries as i64);
         self.journal_bytes.set(stats.journal.bytes as i64);
+        if let Some(g) = stats.groups {
+            let then = before.and_then(|b| b.groups).unwrap_or_default();
+            let to = |to: &str| GroupLabel { to: to.to_string() };
+            let new = |g: GroupStats| g.issued - g.to_owner - g.spread;
+            self.group_issued
+                .get_or_create(&to("owner"))
+                .inc_by(g.to_owner.saturating_sub(then.to_owner));
+            self.group_issued
+                .get_or_create(&to("new"))
+                .inc_by(new(g).saturating_sub(new(then)));
+            self.group_issued
+                .get_or_create(&to("spread"))
+                .inc_by(g.spread.saturating_sub(then.spread));
+            self.group_waiting.set(g.waiting as i64);
+            self.group_keys.set(g.keys as i64);
+        }
         *last = Some(stats.clone());
         text(&self.registry)
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabel {
+    to: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

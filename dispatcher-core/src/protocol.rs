@@ -652,6 +652,26 @@ pub struct StatusResponse {
     /// hello (`POST /hello`) with who they are.
     #[serde(default)]
     pub workers: Vec<WorkerStatus>,
+    /// Extension: prefix affinity (`--group-by`), absent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupStatus>,
+}
+
+/// `/status`'s `groups`: lines read ahead by group key and where they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Lines read ahead (`--lookahead`) and not issued yet: unissued lines
+    /// besides those past `next_work_id`.
+    pub waiting: u64,
+    /// Group keys the server keeps (with waiting lines, or seen lately).
+    pub keys: u64,
+    /// Lines with a key issued by this run (first issues).
+    pub issued: u64,
+    /// Of those, lines issued to a worker that had their key already.
+    pub to_owner: u64,
+    /// Of those, lines of a key other workers had, shared out to an idle
+    /// worker (a large group spread over several workers).
+    pub spread: u64,
 }
 
 /// `POST /hello` (an extension): a worker says who it is when it starts, so

@@ -135,6 +135,9 @@ pub struct ServeArgs {
     /// (their lines are redone in full if reissued).
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_JOURNAL_BYTES >> 20)]
     pub max_journal_mib: u64,
+    /// Prefix affinity.
+    #[command(flatten)]
+    pub group: crate::grouping::GroupArgs,
 }
 
 /// `-1` for "never", else a count that fits in `u32`.
@@ -212,6 +215,9 @@ impl ServeArgs {
             max_pending_bytes: self.max_pending_mib.saturating_mul(1 << 20),
             max_backups: self.backups,
             backup_after: Duration::from_secs_f64(self.backup_after.clamp(0.0, 1e9)),
+            grouping: self
+                .group
+                .grouping(self.max_pending_mib.saturating_mul(1 << 20))?,
             ..LedgerConfig::new(
                 self.infile.clone(),
                 files.output().to_owned(),

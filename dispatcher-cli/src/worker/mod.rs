@@ -329,6 +329,9 @@ pub struct WorkArgs {
     /// Local mode: sharded output.
     #[command(flatten)]
     pub outdir: crate::outdir::OutdirArgs,
+    /// Local mode: prefix affinity (with --dispatcher, the server's flags).
+    #[command(flatten)]
+    pub group: crate::grouping::GroupArgs,
 }
 
 /// A local job's source, and the follower cutting its output shards.
@@ -338,6 +341,9 @@ impl WorkArgs {
     /// Where items come from; `None` for a local job whose output is
     /// already complete (nothing to do: no engine is started for it).
     async fn source(&self) -> anyhow::Result<Option<LocalSource>> {
+        if self.dispatcher.is_some() && self.group.group_by.is_some() {
+            bail!("--group-by needs local mode (-i/-o): with --dispatcher the server hands out the lines; give --group-by to `dispatcher serve`");
+        }
         if self.dispatcher.is_some() && self.outdir.outdir.is_some() {
             bail!("--outdir needs local mode (-i/-o): with --dispatcher the output is the server's; give --outdir to `dispatcher serve`");
         }
@@ -369,6 +375,8 @@ impl WorkArgs {
                     output,
                     Some(self.max_retries),
                     !self.no_journal,
+                    self.group
+                        .grouping(dispatcher_core::ledger::DEFAULT_MAX_PENDING_BYTES)?,
                 )?;
                 let follower = self.outdir.plan(&files, &prepared)?;
                 if let Some(lines) = source.complete_lines() {

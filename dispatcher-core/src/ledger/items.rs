@@ -90,6 +90,9 @@ pub(super) enum ItemState {
     InFlight(Lease),
     /// Waiting in the queue to be issued again.
     Queued,
+    /// Read ahead with grouping on (`--group-by`), not issued yet: its
+    /// key's lines wait in [`super::groups`] for the worker that has it.
+    Waiting,
 }
 
 impl Item {
@@ -109,6 +112,22 @@ impl Item {
         }
     }
 
+    /// A line read ahead at `now`, not issued yet (grouping).
+    pub(super) fn waiting(id: u64, span: LineSpan, now: Instant) -> Item {
+        Item {
+            id,
+            span,
+            retry_count: 0,
+            releases: 0,
+            reissues: ReissueCounts::default(),
+            first_issued: now,
+            holder: None,
+            avoid: None,
+            backup: None,
+            state: ItemState::Waiting,
+        }
+    }
+
     /// Where it is.
     pub(super) fn state(&self) -> &ItemState {
         &self.state
@@ -118,7 +137,7 @@ impl Item {
     pub(super) fn lease(&self) -> Option<&Lease> {
         match &self.state {
             ItemState::InFlight(lease) => Some(lease),
-            ItemState::Queued => None,
+            ItemState::Queued | ItemState::Waiting => None,
         }
     }
 
@@ -126,7 +145,7 @@ impl Item {
     pub(super) fn lease_mut(&mut self) -> Option<&mut Lease> {
         match &mut self.state {
             ItemState::InFlight(lease) => Some(lease),
-            ItemState::Queued => None,
+            ItemState::Queued | ItemState::Waiting => None,
         }
     }
 
@@ -152,22 +171,41 @@ pub(super) struct Items {
     queue: VecDeque<u64>,
     /// Items in [`ItemState::Queued`].
     queued: u64,
+    /// Items in [`ItemState::Waiting`].
+    waiting: u64,
     /// Items with a backup copy out.
     backups_out: u32,
 }
 
 impl Items {
-    /// Adds an item; returns its key.
+    /// Adds an item, issued or waiting; returns its key.
     pub(super) fn insert(&mut self, item: Item) -> usize {
-        debug_assert!(matches!(item.state, ItemState::InFlight(_)) && item.backup.is_none());
+        debug_assert!(!matches!(item.state, ItemState::Queued) && item.backup.is_none());
+        if matches!(item.state, ItemState::Waiting) {
+            self.waiting += 1;
+        }
         self.slab.insert(item)
+    }
+
+    /// Waiting item `key` is issued for the first time, to `holder`, under
+    /// `lease`.
+    pub(super) fn issue_waiting(&mut self, key: usize, holder: Option<u64>, lease: Lease) -> &Item {
+        let item = &mut self.slab[key];
+        debug_assert!(matches!(item.state, ItemState::Waiting));
+        item.holder = holder;
+        item.first_issued = lease.issued_at;
+        item.state = ItemState::InFlight(lease);
+        self.waiting -= 1;
+        item
     }
 
     /// Takes item `key` out, for good.
     pub(super) fn remove(&mut self, key: usize) -> Item {
         let item = self.slab.remove(key);
-        if matches!(item.state, ItemState::Queued) {
-            self.queued -= 1;
+        match item.state {
+            ItemState::Queued => self.queued -= 1,
+            ItemState::Waiting => self.waiting -= 1,
+            ItemState::InFlight(_) => {}
         }
         if item.backup.is_some() {
             self.backups_out -= 1;
@@ -233,7 +271,7 @@ impl Items {
 
     /// Items in flight.
     pub(super) fn in_flight(&self) -> u64 {
-        self.slab.len() as u64 - self.queued
+        self.slab.len() as u64 - self.queued - self.waiting
     }
 
     /// Backup copies out.

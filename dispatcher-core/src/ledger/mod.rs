@@ -25,8 +25,11 @@
 //!   spill file) and the output;
 //! - `journal.rs`: the engine responses of unfinished lines;
 //! - `redo.rs`: the previous output of a `--redo-errors` run, read in step;
+//! - `groups.rs`: prefix affinity (`--group-by`): lines read ahead by group
+//!   key, and the worker each key went to;
 //! - `stats.rs`: [`LedgerStats`] and the counters behind it.
 
+mod groups;
 mod items;
 mod journal;
 mod leases;
@@ -38,8 +41,10 @@ mod tests;
 mod window;
 
 pub use crate::job::redo::RedoConfig;
+use groups::Groups;
+pub use groups::{GroupStats, Grouping, KeyFn};
 pub use items::Cause;
-use items::{Item, Items};
+use items::{Item, ItemState, Items};
 use journal::Journal;
 pub use journal::JournalStats;
 pub use open::PendingCheckpoint;
@@ -107,6 +112,10 @@ pub struct LedgerConfig {
     /// ([`crate::dataset::prepare`]): watched with the input, so that a shard
     /// changed while the job runs stops it, naming the shard.
     pub sources: Option<std::sync::Arc<crate::dataset::Sources>>,
+    /// Prefix affinity (`--group-by`): lines are read ahead and handed to
+    /// the worker that had their group key; `None` hands lines out in input
+    /// order to whoever asks.
+    pub grouping: Option<Grouping>,
 }
 
 impl LedgerConfig {
@@ -128,6 +137,7 @@ impl LedgerConfig {
             journal: true,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
             sources: None,
+            grouping: None,
         }
     }
 
@@ -283,6 +293,8 @@ pub struct Ledger {
     /// Lines a worker held (or held a backup of) that another copy finished,
     /// told at its next heartbeat (by key).
     finished_elsewhere: rustc_hash::FxHashMap<u64, Vec<u64>>,
+    /// Lines read ahead by group key, with grouping on.
+    groups: Option<Groups>,
     counters: Counters,
 }
 
@@ -327,7 +339,7 @@ impl Ledger {
                 }
                 continue;
             }
-            if self.input_exhausted {
+            if self.input_exhausted || self.groups.is_some() {
                 break;
             }
             let Some(line) = self.input.next_line()? else {
@@ -355,18 +367,21 @@ impl Ledger {
                     self.window.push_issued(key);
                     items.push(self.issue(id, content, 0));
                 }
-                Err(bytes) => {
-                    self.counters.invalid_lines += 1;
-                    self.window.push_open();
-                    let record = crate::record::invalid_utf8(
-                        id,
-                        line.span.offset,
-                        &self.config.infile,
-                        &bytes,
-                    );
-                    self.counters.finished(&record);
-                    self.window.finish(id, record.into(), line.span.end)?;
-                }
+                Err(bytes) => self.invalid_line(id, line.span, &bytes)?,
+            }
+        }
+        if self.groups.is_some() && items.len() < batch {
+            kept += self.read_ahead(now)?;
+            let ids = self
+                .groups
+                .as_mut()
+                .map(|g| g.take(worker, batch - items.len(), now))
+                .unwrap_or_default();
+            for id in ids {
+                let key = self.key_of(id).expect("a waiting line has its item");
+                let lease = self.leases.grant(id, now);
+                let span = self.items.issue_waiting(key, worker, lease).span;
+                items.push(self.work_item(id, span, 0)?);
             }
         }
         self.items.queue_front(&avoided);
@@ -400,9 +415,63 @@ impl Ledger {
                 after_secs: self.retry_in(now),
                 drained: self.input_exhausted
                     && self.items.queued() == 0
+                    && self.groups.as_ref().is_none_or(|g| g.waiting() == 0)
                     && self.config.max_backups == 0,
             }
         })
+    }
+
+    /// With grouping on: reads lines ahead until `lookahead` wait (or the
+    /// input ends), each keyed by the group filter; returns how many kept
+    /// lines (`--redo-errors`) it read past.
+    fn read_ahead(&mut self, now: Instant) -> io::Result<u64> {
+        let Some(grouping) = self.config.grouping.clone() else {
+            return Ok(0);
+        };
+        let mut kept = 0;
+        while !self.input_exhausted
+            && kept < KEEP_PER_REQUEST
+            && self
+                .groups
+                .as_ref()
+                .is_some_and(|g| g.waiting() < grouping.lookahead)
+        {
+            let Some(line) = self.input.next_line()? else {
+                self.input.check_unchanged()?;
+                self.input_exhausted = true;
+                break;
+            };
+            let id = self.next_work_id;
+            self.next_work_id += 1;
+            if let Some(Decision::Keep(old)) =
+                self.previous.as_mut().map(Previous::take).transpose()?
+            {
+                self.keep(id, old, line.span.end)?;
+                kept += 1;
+                continue;
+            }
+            match line.content {
+                Ok(content) => {
+                    let group = (grouping.key)(&content);
+                    let key = self.items.insert(Item::waiting(id, line.span, now));
+                    self.window.push_issued(key);
+                    if let Some(groups) = &mut self.groups {
+                        groups.push(id, group);
+                    }
+                }
+                Err(bytes) => self.invalid_line(id, line.span, &bytes)?,
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Line `id` is not UTF-8: its error record, at once.
+    fn invalid_line(&mut self, id: u64, span: LineSpan, bytes: &[u8]) -> io::Result<()> {
+        self.counters.invalid_lines += 1;
+        self.window.push_open();
+        let record = crate::record::invalid_utf8(id, span.offset, &self.config.infile, bytes);
+        self.counters.finished(&record);
+        self.window.finish(id, record.into(), span.end)
     }
 
     /// Issues queued item `key` (line `id`) again, to `worker`.
@@ -524,7 +593,12 @@ impl Ledger {
     pub fn complete(&mut self, results: Vec<ResultLine>) -> io::Result<CompleteReply> {
         let mut reply = CompleteReply::default();
         for ResultLine { work_id: id, line } in results {
-            match self.take_item(id) {
+            // A line read ahead but not issued takes no result.
+            let waiting = self
+                .item(id)
+                .is_some_and(|item| matches!(item.state(), ItemState::Waiting));
+            let taken = if waiting { None } else { self.take_item(id) };
+            match taken {
                 Some(item) => {
                     if item.backed_up() {
                         // One copy won: the other's worker may drop it (the
@@ -546,7 +620,7 @@ impl Ledger {
                 }
                 None => {
                     reply.ignored += 1;
-                    if id < self.next_work_id {
+                    if id < self.next_work_id && !waiting {
                         reply.already_done.push(id);
                     } else {
                         reply.never_issued.push(id);
@@ -601,6 +675,17 @@ impl Ledger {
     /// past kept lines (`--redo-errors`), and writes what became ready.
     pub fn tick(&mut self, now: Instant) -> io::Result<()> {
         self.expire(now)?;
+        if let (Some(groups), Some(grouping)) = (&mut self.groups, &self.config.grouping) {
+            // Keys not seen in the last few lookaheads' worth of lines are
+            // forgotten; workers silent for a work timeout lose theirs.
+            let horizon = 4 * grouping.lookahead as u64;
+            groups.tidy(
+                now,
+                self.leases.timeout(),
+                self.next_work_id.saturating_sub(horizon),
+                &self.alive,
+            );
+        }
         self.keep_ahead(KEEP_PER_TICK)?;
         self.window.write_ready()?;
         let written = self.lines_written();

@@ -14,7 +14,7 @@ use super::leases::Leases;
 use super::redo::Previous;
 use super::stats::Counters;
 use super::window::Window;
-use super::{Items, Ledger, LedgerConfig};
+use super::{Groups, Items, Ledger, LedgerConfig};
 use crate::error::{path_error, IoContext};
 use crate::input::InputReader;
 use crate::job::checkpoint::{Checkpoint, ResumeError};
@@ -161,6 +161,7 @@ impl Ledger {
             job_id: opened.job_id,
             alive: rustc_hash::FxHashMap::default(),
             finished_elsewhere: rustc_hash::FxHashMap::default(),
+            groups: config.grouping.as_ref().map(|_| Groups::default()),
             config,
         };
         // A checkpoint exists from the start, so an output without one is

@@ -72,6 +72,9 @@ pub struct LedgerStats {
     pub complete: bool,
     /// Time since the ledger was opened.
     pub uptime: Duration,
+    /// Grouping (`--group-by`): lines read ahead and where they went;
+    /// `None` without it.
+    pub groups: Option<super::GroupStats>,
 }
 
 /// Counts kept for [`LedgerStats`]; nothing reads them to decide anything.
@@ -170,6 +173,7 @@ impl Ledger {
                 state: match item.state() {
                     ItemState::InFlight(_) => "in_flight".into(),
                     ItemState::Queued => "queued".into(),
+                    ItemState::Waiting => "lookahead".into(),
                 },
                 waiting_lines: self.window.finished(),
             }),
@@ -177,6 +181,7 @@ impl Ledger {
             max_retries: self.config.max_retries,
             complete: self.is_complete(),
             uptime: now.saturating_duration_since(c.started),
+            groups: self.groups.as_ref().map(super::groups::Groups::stats),
         }
     }
 

@@ -1183,6 +1183,8 @@ mod interleavings {
         /// Tiny caps make the reorder buffer spill constantly.
         max_pending_bytes: u64,
         max_backups: u32,
+        /// Grouping: the lookahead, and lines keyed by `i % modulus`.
+        grouping: Option<(usize, u64)>,
     }
 
     fn limits() -> impl Strategy<Value = Limits> {
@@ -1191,13 +1193,15 @@ mod interleavings {
             prop_oneof![Just(None), (0u32..3).prop_map(Some)],
             prop_oneof![Just(u64::MAX), 0u64..40],
             0u32..3,
+            prop_oneof![Just(None), (1usize..8, 1u64..4).prop_map(Some)],
         )
             .prop_map(
-                |(max_retries, max_releases, max_pending_bytes, max_backups)| Limits {
+                |(max_retries, max_releases, max_pending_bytes, max_backups, grouping)| Limits {
                     max_retries,
                     max_releases,
                     max_pending_bytes,
                     max_backups,
+                    grouping,
                 },
             )
     }
@@ -1208,6 +1212,15 @@ mod interleavings {
         job.config.max_pending_bytes = limits.max_pending_bytes;
         job.config.max_backups = limits.max_backups;
         job.config.backup_after = Duration::ZERO;
+        if let Some((lookahead, modulus)) = limits.grouping {
+            job.config.grouping = Some(Grouping {
+                key: std::sync::Arc::new(move |line: &str| {
+                    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                    Some(v["i"].as_u64()? % modulus)
+                }),
+                lookahead,
+            });
+        }
         let mut t = Instant::now();
         let mut l = job.open(t).unwrap();
         // Items held by workers, which outlive server restarts.
@@ -1216,8 +1229,9 @@ mod interleavings {
         let mut pending: Option<PendingCheckpoint> = None;
         for op in ops {
             match op {
+                // Three workers that name themselves, and anonymous ones.
                 Op::Take(b) => held.extend(
-                    l.take_work(Ask::batch(b), t)
+                    l.take_work(Ask::batch(b).by((b % 4 != 0).then_some(b as u64 % 4)), t)
                         .unwrap()
                         .into_items()
                         .into_iter()
@@ -1394,4 +1408,115 @@ fn a_redo_keeps_good_lines_without_any_worker_and_hands_out_only_the_failed_ones
         out == expected,
         "the output is the previous one with the failed line redone"
     );
+}
+
+/// Grouping on `{"g": ..}` of each line, with a lookahead of `lookahead`.
+fn grouped(job: &mut Job, lookahead: usize) {
+    job.config.grouping = Some(Grouping {
+        key: std::sync::Arc::new(|line: &str| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            v.get("g")?.as_u64()
+        }),
+        lookahead,
+    });
+}
+
+fn group_lines(keys: &[u64]) -> Vec<u8> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, g)| format!("{{\"i\":{i},\"g\":{g}}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// Answers every item of `r` with its content.
+fn answer_all(l: &mut Ledger, r: &WorkReply) {
+    let done = r
+        .items()
+        .iter()
+        .map(|i| result(i.work_id, &i.content))
+        .collect();
+    l.submit(done).unwrap();
+}
+
+#[test]
+fn grouped_lines_stick_to_the_worker_that_opened_their_key_and_the_output_stays_in_order() {
+    let keys = [1, 2, 1, 2, 3, 1, 2, 3];
+    let mut job = Job::new(&group_lines(&keys), Some(3));
+    grouped(&mut job, 64);
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (a, b) = (Some(1), Some(2));
+    // A opens key 1 (lines 0, 2, 5 together), B key 2.
+    let ra = l.take_work(Ask::batch(3).by(a), t).unwrap();
+    assert_eq!(ids(&ra), vec![0, 2, 5]);
+    let rb = l.take_work(Ask::batch(3).by(b), t).unwrap();
+    assert_eq!(ids(&rb), vec![1, 3, 6]);
+    // Read ahead but not issued: line 4 takes no result.
+    let s = l.submit(vec![result(4, "4")]).unwrap();
+    assert_eq!((s.accepted, s.never_issued.clone()), (0, vec![4]));
+    let stats = l.stats(t).groups.unwrap();
+    assert_eq!((stats.waiting, stats.issued), (2, 6));
+    // Not drained while read-ahead lines wait.
+    answer_all(&mut l, &rb);
+    let r = l.take_work(Ask::batch(8).by(b), t).unwrap();
+    assert_eq!(ids(&r), vec![4, 7], "B opens key 3");
+    answer_all(&mut l, &r);
+    let r = l.take_work(Ask::batch(8).by(b), t).unwrap();
+    assert!(
+        matches!(r, WorkReply::Retry { drained: true, .. }),
+        "all out: {r:?}"
+    );
+    answer_all(&mut l, &ra);
+    assert!(l.is_complete());
+    let expected: String = String::from_utf8(group_lines(&keys)).unwrap();
+    assert_eq!(job.output(), expected, "every line, in input order");
+}
+
+#[test]
+fn a_silent_workers_keys_move_and_the_lookahead_bounds_what_is_read() {
+    let keys: Vec<u64> = (0..40).map(|i| i % 2).collect();
+    let mut job = Job::new(&group_lines(&keys), Some(3));
+    grouped(&mut job, 10);
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    // Ten lines read ahead: A opens key 0 (its five), B key 1.
+    let ra = l.take_work(Ask::batch(2).by(Some(1)), t).unwrap();
+    assert_eq!(ids(&ra), vec![0, 2]);
+    assert_eq!(
+        l.stats(t).next_work_id,
+        10,
+        "no more than the lookahead is read"
+    );
+    let rb = l.take_work(Ask::batch(2).by(Some(2)), t).unwrap();
+    assert_eq!(ids(&rb), vec![1, 3]);
+    // A goes silent past the work timeout (its items expire and come back
+    // as reissues); B, asking since, gets them and then A's key.
+    let later = t + TIMEOUT + Duration::from_secs(1);
+    answer_all(&mut l, &rb);
+    l.heartbeat(&[], Some(2), t + TIMEOUT / 2);
+    l.tick(later).unwrap();
+    let r = l.take_work(Ask::batch(4).by(Some(2)), later).unwrap();
+    assert_eq!(
+        ids(&r),
+        vec![0, 2, 5, 7],
+        "A's expired lines first, then its own key 1"
+    );
+    answer_all(&mut l, &r);
+    // B alone finishes the job: key 0 is no longer A's, so B gets it too
+    // (its own key 1 first each time).
+    let mut got = Vec::new();
+    while !l.is_complete() {
+        let r = l.take_work(Ask::batch(6).by(Some(2)), later).unwrap();
+        assert!(!r.items().is_empty(), "B is never left waiting: {r:?}");
+        got.extend(ids(&r));
+        answer_all(&mut l, &r);
+    }
+    assert!(got.contains(&4), "A's key moved to B: {got:?}");
+    assert_eq!(
+        l.stats(later).groups.unwrap().spread,
+        0,
+        "moved, not shared out of a live worker's group"
+    );
+    assert_eq!(job.output(), String::from_utf8(group_lines(&keys)).unwrap());
 }

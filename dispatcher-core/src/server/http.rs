@@ -570,5 +570,12 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         complete: s.complete,
         uptime_secs: s.uptime.as_secs_f64(),
         workers: Vec::new(),
+        groups: s.groups.map(|g| crate::protocol::GroupStatus {
+            waiting: g.waiting,
+            keys: g.keys,
+            issued: g.issued,
+            to_owner: g.to_owner,
+            spread: g.spread,
+        }),
     }
 }

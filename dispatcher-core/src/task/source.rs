@@ -221,17 +221,19 @@ impl FileSource {
             path: input.to_owned(),
             sources: None,
         };
-        FileSource::open_prepared(&input, output, max_retries, journal)
+        FileSource::open_prepared(&input, output, max_retries, journal, None)
     }
 
     /// [`open_with_journal`](Self::open_with_journal) of an input that
     /// [`crate::dataset::prepare`] made ready: the staged copy of a dataset
-    /// is read, and its shards watched.
+    /// is read, and its shards watched; with `grouping`, lines are handed
+    /// out by group key (`--group-by`).
     pub fn open_prepared(
         input: &crate::dataset::Prepared,
         output: &std::path::Path,
         max_retries: Option<u32>,
         journal: bool,
+        grouping: Option<crate::ledger::Grouping>,
     ) -> Result<FileSource, SourceError> {
         let config = LedgerConfig {
             work_timeout: LOCAL_WORK_TIMEOUT,
@@ -239,6 +241,7 @@ impl FileSource {
             retry_secs: 1,
             journal,
             sources: input.sources.clone(),
+            grouping,
             ..LedgerConfig::new(
                 input.path.clone(),
                 output.to_owned(),

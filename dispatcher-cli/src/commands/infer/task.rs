@@ -5,8 +5,7 @@
 
 use std::sync::Arc;
 
-use jaq_core::load::{Arena, File, Loader};
-use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
+use jaq_core::{data, unwrap_valr, Ctx, Vars};
 use jaq_json::Val;
 use serde_json::{Map, Value};
 
@@ -85,7 +84,7 @@ impl Default for InferConfig {
     }
 }
 
-type Filter = jaq_core::Filter<data::JustLut<Val>>;
+use crate::jq::{compile, Filter};
 
 /// The built-in inference task.
 #[derive(Clone)]
@@ -100,39 +99,6 @@ impl std::fmt::Debug for Infer {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Compiles a jq filter with jq's standard library.
-fn compile(code: &str) -> Result<Filter, String> {
-    let defs = jaq_core::defs()
-        .chain(jaq_std::defs())
-        .chain(jaq_json::defs());
-    let funs = jaq_core::funs()
-        .chain(jaq_std::funs())
-        .chain(jaq_json::funs());
-    let loader = Loader::new(defs);
-    let arena = Arena::default();
-    let modules = loader
-        .load(&arena, File { code, path: () })
-        .map_err(|errs| {
-            format!(
-                "it does not parse ({} error(s); check brackets and quotes)",
-                errs.len()
-            )
-        })?;
-    Compiler::default()
-        .with_funs(funs)
-        .compile(modules)
-        .map_err(|errs| {
-            let names: Vec<String> = errs
-                .into_iter()
-                .flat_map(|(_, e)| e.into_iter().map(|(name, _)| name.to_string()))
-                .collect();
-            format!(
-                "it names undefined filters or variables: {}",
-                names.join(", ")
-            )
-        })
 }
 
 /// What the prompt path selected in one line.

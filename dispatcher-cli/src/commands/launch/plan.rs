@@ -28,9 +28,11 @@ impl Backlog {
             None if status.input_bytes_consumed >= status.input_bytes_total => Some(0),
             None => None,
         };
+        // Lines read ahead for grouping are past `next_work_id` but unissued.
+        let waiting = status.groups.map_or(0, |g| g.waiting);
         Backlog {
             complete: status.complete,
-            unissued: unread.map(|n| n + status.queued_for_reissue),
+            unissued: unread.map(|n| n + status.queued_for_reissue + waiting),
             in_flight: status.in_flight,
         }
     }

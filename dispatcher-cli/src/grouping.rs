@@ -1,0 +1,140 @@
+//! `--group-by`, `--group-by-prefix`, `--lookahead`: prefix affinity, for
+//! `serve` and for local jobs. The key of a line is a hash of what a jq
+//! filter selects in it (or of its first N bytes); the ledger does the rest
+//! ([`dispatcher_core::ledger::Grouping`]).
+
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::Args;
+use dispatcher_core::ledger::Grouping;
+
+/// Lines read ahead per MiB of `--max-pending-mib` by default: results of
+/// 16 KiB on average fill it.
+const LOOKAHEAD_PER_MIB: u64 = 64;
+
+/// The grouping flags.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Grouping (prefix affinity)")]
+pub struct GroupArgs {
+    /// Hand lines whose jq filter selects the same value to the same
+    /// worker, together, so its engine computes their shared prompt prefix
+    /// once: `.messages[0].content` (a system prompt), `.doc_id` (questions
+    /// on one document). Off by default; see the README for when it helps.
+    #[arg(long, value_name = "JQ")]
+    pub group_by: Option<String>,
+    /// Group by the first N bytes of what --group-by selects (a few-shot
+    /// template before distinct questions).
+    #[arg(long, value_name = "N", requires = "group_by")]
+    pub group_by_prefix: Option<usize>,
+    /// Lines read ahead of issue to group at most (default: 64 per MiB of
+    /// --max-pending-mib, 16,384 by default, so that the results they may
+    /// hold back fit in it).
+    #[arg(long, value_name = "LINES", requires = "group_by")]
+    pub lookahead: Option<usize>,
+}
+
+impl GroupArgs {
+    /// The ledger's grouping, checked; `None` without --group-by.
+    pub fn grouping(&self, max_pending_bytes: u64) -> anyhow::Result<Option<Grouping>> {
+        let Some(code) = &self.group_by else {
+            return Ok(None);
+        };
+        let filter = crate::jq::compile(code).map_err(|why| {
+            anyhow::anyhow!("--group-by {code:?} is not a valid jq filter: {why}")
+        })?;
+        if self.group_by_prefix == Some(0) {
+            bail!("--group-by-prefix must be at least 1 byte");
+        }
+        let lookahead = match self.lookahead {
+            Some(0) => bail!("--lookahead must be at least 1 line"),
+            Some(n) => n,
+            None => usize::try_from(((max_pending_bytes >> 20) * LOOKAHEAD_PER_MIB).max(64))
+                .unwrap_or(usize::MAX),
+        };
+        let prefix = self.group_by_prefix;
+        let filter = Arc::new(filter);
+        let key = move |line: &str| -> Option<u64> {
+            let value = crate::jq::first_value(&filter, line)?;
+            let text = match value {
+                jaq_json::Val::TStr(s) | jaq_json::Val::BStr(s) => s.to_vec(),
+                jaq_json::Val::Null => return None,
+                other => other.to_string().into_bytes(),
+            };
+            let bytes = match prefix {
+                Some(n) => &text[..n.min(text.len())],
+                None => &text[..],
+            };
+            let mut hasher = std::hash::DefaultHasher::new();
+            bytes.hash(&mut hasher);
+            Some(hasher.finish())
+        };
+        Ok(Some(Grouping {
+            key: Arc::new(key),
+            lookahead,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(args: &GroupArgs, line: &str) -> Option<u64> {
+        (args.grouping(256 << 20).unwrap().unwrap().key)(line)
+    }
+
+    #[test]
+    fn the_key_is_what_the_filter_selects_or_its_prefix() {
+        let by = |code: &str, prefix: Option<usize>| GroupArgs {
+            group_by: Some(code.into()),
+            group_by_prefix: prefix,
+            lookahead: None,
+        };
+        let system = by(".messages[0].content", None);
+        let a = r#"{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "a?"}]}"#;
+        let b = r#"{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "b?"}]}"#;
+        let c = r#"{"messages": [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "a?"}]}"#;
+        assert_eq!(key(&system, a), key(&system, b));
+        assert_ne!(key(&system, a), key(&system, c));
+        assert!(key(&system, a).is_some());
+        // Nothing selected, null, or not JSON: no key (handed out in order).
+        assert_eq!(key(&system, r#"{"prompt": "x"}"#), None);
+        assert_eq!(key(&system, "not json"), None);
+        // Numbers and objects are keys by their JSON text.
+        let doc = by(".doc", None);
+        assert_eq!(
+            key(&doc, r#"{"doc": 7, "q": 1}"#),
+            key(&doc, r#"{"doc": 7, "q": 2}"#)
+        );
+        // The first N bytes: a shared template, distinct questions.
+        let prefix = by(".prompt", Some(9));
+        assert_eq!(
+            key(&prefix, r#"{"prompt": "Examples: 1+1=2. Q: 3+4?"}"#),
+            key(&prefix, r#"{"prompt": "Examples: 2+2=4. Q: 5+6?"}"#)
+        );
+        assert_ne!(
+            key(&prefix, r#"{"prompt": "Examples: 1"}"#),
+            key(&prefix, r#"{"prompt": "Samples: 1"}"#)
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_refused_by_name_and_lookahead_follows_the_pending_cap() {
+        let e = GroupArgs {
+            group_by: Some(".messages[".into()),
+            ..GroupArgs::default()
+        }
+        .grouping(1 << 20)
+        .unwrap_err();
+        assert!(e.to_string().contains("--group-by \".messages[\""), "{e}");
+        let g = GroupArgs {
+            group_by: Some(".doc".into()),
+            ..GroupArgs::default()
+        };
+        assert_eq!(g.grouping(256 << 20).unwrap().unwrap().lookahead, 16_384);
+        assert_eq!(g.grouping(0).unwrap().unwrap().lookahead, 64);
+        assert!(GroupArgs::default().grouping(1).unwrap().is_none());
+    }
+}
