@@ -356,6 +356,40 @@ fn workers_that_never_reach_the_server_stop_the_job() {
     assert!(said.contains("3 worker jobs failed in a row"), "{said}");
 }
 
+/// A job with an access token: launch's server requires it, and its
+/// workers (given it through their environment, never a file) send it.
+#[test]
+fn a_job_with_a_token_runs_its_workers_with_it() {
+    let job = LaunchJob::new(40);
+    let mut launch = job.start(
+        0,
+        &[
+            "--backend",
+            "local",
+            "--max-workers",
+            "2",
+            "--token",
+            "s3cret-token",
+        ],
+        &args(&echo_worker(5)),
+    );
+    assert_eq!(
+        wait(&mut launch, Duration::from_secs(60)),
+        0,
+        "{}",
+        job.said(0)
+    );
+    job.check_output();
+    let files: Vec<String> = std::fs::read_dir(job.path("out.jsonl.launch"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert!(
+        files.iter().all(|text| !text.contains("s3cret-token")),
+        "the token is in no file of the launch folder"
+    );
+}
+
 /// Ctrl-C stops the workers (they release their lines) and then the
 /// server; the same command then resumes and completes the job exactly. A
 /// second launch on the same output while the first runs watches it

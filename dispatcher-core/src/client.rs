@@ -113,6 +113,8 @@ pub struct DispatcherClient {
     /// of an item it holds itself (an extension the Python server ignores).
     worker_id: String,
     http: reqwest::Client,
+    /// Its engine's prefix cache counters, sent with heartbeats.
+    prefix_cache: Option<std::sync::Arc<crate::engine::cache::PrefixCacheMeter>>,
 }
 
 impl DispatcherClient {
@@ -153,6 +155,18 @@ impl DispatcherClient {
             base,
             http,
             worker_id,
+            prefix_cache: None,
+        }
+    }
+
+    /// The same client, sending `meter`'s counters with its heartbeats.
+    pub fn with_prefix_cache(
+        self,
+        meter: std::sync::Arc<crate::engine::cache::PrefixCacheMeter>,
+    ) -> DispatcherClient {
+        DispatcherClient {
+            prefix_cache: Some(meter),
+            ..self
         }
     }
 
@@ -239,6 +253,7 @@ impl DispatcherClient {
             &HeartbeatRequest {
                 work_ids,
                 worker: Some(self.worker_id.clone()),
+                prefix_cache: self.prefix_cache.as_ref().and_then(|m| m.get()),
             },
         )
         .await

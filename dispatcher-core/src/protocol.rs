@@ -476,6 +476,32 @@ pub struct HeartbeatRequest {
     /// Extension: who holds them (the `worker` of its work requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// Extension: the prefix cache counters of the worker's engine, where
+    /// the engine reports them (vLLM), as read lately.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<PrefixCache>,
+}
+
+/// An engine's prefix cache counters (vLLM's `prefix_cache_queries` and
+/// `prefix_cache_hits`): prompt tokens looked up, and those found cached,
+/// since the engine started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixCache {
+    /// Prompt tokens looked up in the cache.
+    pub queries: u64,
+    /// Of those, tokens found cached (not computed again).
+    pub hits: u64,
+}
+
+impl PrefixCache {
+    /// `hits / queries`, 0 before any query.
+    pub fn hit_rate(&self) -> f64 {
+        if self.queries == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.queries as f64
+        }
+    }
 }
 
 /// The answer to `POST /heartbeat`.
@@ -655,6 +681,10 @@ pub struct StatusResponse {
     /// Extension: prefix affinity (`--group-by`), absent without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<GroupStatus>,
+    /// Extension: the engines' prefix cache counters, summed over the
+    /// workers that report them (absent when none does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<PrefixCache>,
 }
 
 /// `/status`'s `groups`: lines read ahead by group key and where they went.
@@ -718,6 +748,9 @@ pub struct WorkerStatus {
     pub lines_done: u64,
     /// Items in flight with it.
     pub in_flight: u64,
+    /// Its engine's prefix cache counters, when it reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<PrefixCache>,
 }
 
 /// The body of every 4xx/5xx answer of this server.

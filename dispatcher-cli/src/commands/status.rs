@@ -184,6 +184,30 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         let kinds: Vec<String> = by_count.iter().map(|(k, n)| format!("{k} {n}")).collect();
         out.push_str(&format!("failed       {}\n", kinds.join(", ")));
     }
+    if let Some(g) = &now.groups {
+        let share = |n: u64| {
+            if g.issued == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / g.issued as f64
+            }
+        };
+        out.push_str(&format!(
+            "groups       {} keys, {} lines read ahead; of {} issued, {:.1}% to the worker that had the key, {:.1}% shared out of a large group\n",
+            g.keys,
+            g.waiting,
+            g.issued,
+            share(g.to_owner),
+            share(g.spread)
+        ));
+    }
+    if let Some(c) = &now.prefix_cache {
+        out.push_str(&format!(
+            "prefix cache {:.1}% of {} prompt tokens found cached by the engines that report it\n",
+            100.0 * c.hit_rate(),
+            c.queries
+        ));
+    }
     out.push_str(&render_workers(now));
     out
 }
@@ -209,8 +233,11 @@ fn render_workers(now: &StatusResponse) -> String {
                 )
             },
         );
+        let cache = w.prefix_cache.map_or_else(String::new, |c| {
+            format!(", prefix cache {:.1}% hit", 100.0 * c.hit_rate())
+        });
         out.push_str(&format!(
-            "  {:<28} {who}: last contact {} ago, {} lines done, {} in flight\n",
+            "  {:<28} {who}: last contact {} ago, {} lines done, {} in flight{cache}\n",
             w.worker,
             human_secs(w.last_contact_secs),
             w.lines_done,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::engine::cache::PrefixCacheMeter;
 use dispatcher_core::engine::echo::script::EchoScript;
 use dispatcher_core::engine::echo::EchoOptions;
 use dispatcher_core::engine::launch::{EngineKind, EngineLog, LaunchConfig, RunningEngine};
@@ -340,7 +341,10 @@ type LocalSource = (Arc<dyn WorkSource>, Option<crate::outdir::Follower>);
 impl WorkArgs {
     /// Where items come from; `None` for a local job whose output is
     /// already complete (nothing to do: no engine is started for it).
-    async fn source(&self) -> anyhow::Result<Option<LocalSource>> {
+    async fn source(
+        &self,
+        prefix_cache: Arc<PrefixCacheMeter>,
+    ) -> anyhow::Result<Option<LocalSource>> {
         if self.dispatcher.is_some() && self.group.group_by.is_some() {
             bail!("--group-by needs local mode (-i/-o): with --dispatcher the server hands out the lines; give --group-by to `dispatcher serve`");
         }
@@ -349,7 +353,10 @@ impl WorkArgs {
         }
         match (&self.dispatcher, &self.input, self.outdir.output(self.output.as_deref())) {
             (Some(addr), None, None) => Ok(Some((
-                Arc::new(ServerSource::new(DispatcherClient::new(addr))),
+                Arc::new(ServerSource::new(
+                    DispatcherClient::with_token(addr, self.token.as_deref())
+                        .with_prefix_cache(prefix_cache),
+                )),
                 None,
             ))),
             (None, Some(input), Some(output)) => {
@@ -495,7 +502,8 @@ pub async fn run_task(
     // Every engine flag is checked before the job's files are opened or an
     // engine is launched.
     let engine_specs = engine_args.specs()?;
-    let Some((source, mut follower)) = work.source().await? else {
+    let prefix_cache = Arc::new(PrefixCacheMeter::default());
+    let Some((source, mut follower)) = work.source(prefix_cache.clone()).await? else {
         return Ok(());
     };
     if let Some(f) = &mut follower {
@@ -513,6 +521,16 @@ pub async fn run_task(
         }
     };
     say_hello(task, engine_args, &engine, &engines, &source).await;
+    // The engine's own prefix cache counters, for the heartbeats (vLLM
+    // reports them; others are left after three reads).
+    let cache_watch = (engine.kind() != EngineKind::Echo).then(|| {
+        let base = engine.base_url().trim_end_matches('/');
+        dispatcher_core::engine::cache::watch(
+            format!("{}/metrics", base.strip_suffix("/v1").unwrap_or(base)),
+            prefix_cache,
+            Duration::from_secs(10),
+        )
+    });
     let reporter = tokio::spawn(crate::progress::report(
         progress.clone(),
         source.clone(),
@@ -533,6 +551,9 @@ pub async fn run_task(
     )
     .await;
     reporter.abort();
+    if let Some(w) = cache_watch {
+        w.abort();
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }

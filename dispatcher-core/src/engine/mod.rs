@@ -5,8 +5,10 @@
 //! Where what lives: here the [`Engine`] trait and raw requests; `request.rs`
 //! and `response.rs` the typed request and response; `openai.rs` the HTTP
 //! backend (retries, keys, TLS); [`rate`] client-side rate limits; [`echo`]
-//! the echo engine; [`launch`] starting and stopping a local engine.
+//! the echo engine; [`launch`] starting and stopping a local engine;
+//! [`cache`] the engine's own prefix cache counters.
 
+pub mod cache;
 pub mod echo;
 pub mod launch;
 mod openai;

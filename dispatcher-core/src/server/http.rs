@@ -378,6 +378,9 @@ async fn post_heartbeat(
     let _t = state.metrics.time(Endpoint::Heartbeat);
     let req: HeartbeatRequest = parse_body(body, r#"{"work_ids": [integers]}"#)?;
     let worker = contact(&state, req.worker.as_deref());
+    if let (Some(key), Some(counts)) = (worker, req.prefix_cache) {
+        state.workers().prefix_cache(key, counts);
+    }
     let (extended, done, lease) = state.with_ledger(|l| {
         let (extended, done) = l.heartbeat(&req.work_ids, worker, Instant::now());
         Ok((extended, done, l.work_timeout()))
@@ -471,7 +474,11 @@ async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
     // Until the ledger has read the input to its end, the count made at start.
     stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
     let mut status = status_response(&stats);
-    status.workers = state.workers().status(Instant::now(), &load);
+    {
+        let workers = state.workers();
+        status.workers = workers.status(Instant::now(), &load);
+        status.prefix_cache = workers.prefix_cache_total();
+    }
     use std::sync::atomic::Ordering::Relaxed;
     status.journal_replayed = state.journal_replayed.load(Relaxed);
     status.journal_tokens_saved = state.journal_tokens_saved.load(Relaxed);
@@ -570,6 +577,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         complete: s.complete,
         uptime_secs: s.uptime.as_secs_f64(),
         workers: Vec::new(),
+        prefix_cache: None,
         groups: s.groups.map(|g| crate::protocol::GroupStatus {
             waiting: g.waiting,
             keys: g.keys,

@@ -597,3 +597,47 @@ async fn failed_lines_are_counted_by_kind_in_status_and_metrics() {
         1.0
     );
 }
+
+/// Workers report their engine's prefix cache counters with heartbeats;
+/// `/status` lists them per worker and summed, and leaves them out while
+/// no worker reports any.
+#[tokio::test]
+async fn heartbeats_carry_the_engines_prefix_cache_counters_into_status() {
+    let f = fixture("a\nb\nc\n", ServeOptions::default());
+    let (_, s) = call(&f.router, "GET", "/status", "").await;
+    assert!(s.get("prefix_cache").is_none(), "{s}");
+    for (worker, queries, hits) in [("w1", 1000, 900), ("w2", 500, 100)] {
+        call(
+            &f.router,
+            "GET",
+            &format!("/work?batch_size=1&worker={worker}"),
+            "",
+        )
+        .await;
+        let body = format!(
+            r#"{{"work_ids": [], "worker": "{worker}", "prefix_cache": {{"queries": {queries}, "hits": {hits}}}}}"#
+        );
+        let (code, r) = call(&f.router, "POST", "/heartbeat", &body).await;
+        assert_eq!(code, StatusCode::OK, "{r}");
+    }
+    // A heartbeat without counters (an older worker) changes nothing.
+    call(
+        &f.router,
+        "POST",
+        "/heartbeat",
+        r#"{"work_ids": [], "worker": "w1"}"#,
+    )
+    .await;
+    let (_, s) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(
+        s["prefix_cache"],
+        serde_json::json!({"queries": 1500, "hits": 1000})
+    );
+    let w1 = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"] == "w1")
+        .unwrap();
+    assert_eq!(w1["prefix_cache"]["hits"], 900, "{s}");
+}

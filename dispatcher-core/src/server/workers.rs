@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::protocol::{Hello, WorkerStatus};
+use crate::protocol::{Hello, PrefixCache, WorkerStatus};
 
 /// A worker not heard from for this long is not counted as active.
 pub const ACTIVE_WITHIN: Duration = Duration::from_secs(60);
@@ -22,6 +22,7 @@ struct Seen {
     id: String,
     hello: Option<Hello>,
     last_contact: Instant,
+    prefix_cache: Option<PrefixCache>,
 }
 
 impl Workers {
@@ -34,7 +35,26 @@ impl Workers {
                 id: id.to_string(),
                 hello: None,
                 last_contact: now,
+                prefix_cache: None,
             });
+    }
+
+    /// The worker's engine reported its prefix cache counters.
+    pub fn prefix_cache(&mut self, key: u64, counts: PrefixCache) {
+        if let Some(seen) = self.seen.get_mut(&key) {
+            seen.prefix_cache = Some(counts);
+        }
+    }
+
+    /// The prefix cache counters of every worker that reports them, summed.
+    pub fn prefix_cache_total(&self) -> Option<PrefixCache> {
+        self.seen
+            .values()
+            .filter_map(|s| s.prefix_cache)
+            .reduce(|a, b| PrefixCache {
+                queries: a.queries + b.queries,
+                hits: a.hits + b.hits,
+            })
     }
 
     /// The worker said hello.
@@ -43,6 +63,7 @@ impl Workers {
             id: hello.worker.clone(),
             hello: None,
             last_contact: now,
+            prefix_cache: None,
         });
         seen.last_contact = now;
         seen.hello = Some(hello);
@@ -76,6 +97,7 @@ impl Workers {
                     last_contact_secs: now.saturating_duration_since(s.last_contact).as_secs_f64(),
                     lines_done,
                     in_flight,
+                    prefix_cache: s.prefix_cache,
                 }
             })
             .collect();

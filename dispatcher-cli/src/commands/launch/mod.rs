@@ -470,7 +470,12 @@ async fn start_or_attach(
 
     // Start `dispatcher serve` in its own process group (a Ctrl-C reaches
     // launch, which stops it after the workers), logging to server.log.
-    let mut argv = serve_argv(matches);
+    // The token reaches the server through its environment, as the
+    // workers': not in a command line any user of the node can list.
+    let mut argv: Vec<OsString> = serve_argv(matches)
+        .into_iter()
+        .filter(|a| !a.to_str().is_some_and(|a| a.starts_with("--token=")))
+        .collect();
     let given = |argv: &[OsString], flag: &str| {
         argv.iter().any(|a| {
             a.to_str()
@@ -500,6 +505,9 @@ async fn start_or_attach(
     let exe =
         std::env::current_exe().context("could not find the dispatcher binary to run `serve`")?;
     let mut cmd = std::process::Command::new(&exe);
+    if let Some(token) = token {
+        cmd.env("DISPATCHER_TOKEN", token);
+    }
     cmd.arg("serve")
         .args(&argv)
         .stdin(std::process::Stdio::null())
