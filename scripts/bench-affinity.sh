@@ -3,9 +3,7 @@
 # few-shot prefixes of ~1,000 tokens in shuffled order, a short distinct question
 # each, through two engines, once ungrouped and once with
 #   --group-by '.messages[0].content' --group-by-prefix 64
-# (the first 64 bytes name the prefix), and grouped without the warm-up of new
-# keys (--group-warmup 0: a key's lines go out together with its first),
-# alternating, RUNS times each. Engines:
+# (the first 64 bytes name the prefix), alternating, RUNS times each. Engines:
 #   vllm   two `vllm serve` of the tiny model (scripts/setup-vllm.sh), automatic
 #          prefix caching, a KV cache of 12 MiB (~17 prefixes);
 #   llama  two `llama-server` of the tiny GGUF (scripts/setup-llama.sh), 4 slots
@@ -138,7 +136,6 @@ for engine in $engines; do
   for r in $(seq "$runs"); do
     start_engines "$engine"; run "shared-$engine.jsonl" plain; stop_engines
     start_engines "$engine"; run "shared-$engine.jsonl" grouped "${group[@]}"; stop_engines
-    start_engines "$engine"; run "shared-$engine.jsonl" grouped-nowarm "${group[@]}" --group-warmup 0; stop_engines
   done
   if [ "$engine" = llama ]; then
     for r in $(seq "$runs"); do

@@ -33,11 +33,6 @@ pub struct GroupArgs {
     /// hold back fit in it).
     #[arg(long, value_name = "LINES", requires = "group_by")]
     pub lookahead: Option<usize>,
-    /// Seconds a newly opened key's other lines wait for the result of its
-    /// first line, so that they find its prefix cached instead of computing
-    /// it beside it (0: they go out with it).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, requires = "group_by")]
-    pub group_warmup: f64,
 }
 
 impl GroupArgs {
@@ -58,12 +53,6 @@ impl GroupArgs {
             None => usize::try_from(((max_pending_bytes >> 20) * LOOKAHEAD_PER_MIB).max(64))
                 .unwrap_or(usize::MAX),
         };
-        if !(self.group_warmup.is_finite() && (0.0..=3600.0).contains(&self.group_warmup)) {
-            bail!(
-                "--group-warmup must be between 0 and 3600 seconds, not {}",
-                self.group_warmup
-            );
-        }
         let prefix = self.group_by_prefix;
         let filter = Arc::new(filter);
         let key = move |line: &str| -> Option<u64> {
@@ -84,7 +73,6 @@ impl GroupArgs {
         Ok(Some(Grouping {
             key: Arc::new(key),
             lookahead,
-            warmup: std::time::Duration::from_secs_f64(self.group_warmup),
         }))
     }
 }
@@ -103,7 +91,6 @@ mod tests {
             group_by: Some(code.into()),
             group_by_prefix: prefix,
             lookahead: None,
-            group_warmup: 10.0,
         };
         let system = by(".messages[0].content", None);
         let a = r#"{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "a?"}]}"#;

@@ -34,18 +34,12 @@ pub struct Grouping {
     pub key: KeyFn,
     /// Lines read ahead of issue at most.
     pub lookahead: usize,
-    /// How long a newly opened key's other lines wait for the result of
-    /// its first (zero: they go out with it). The first request computes
-    /// the prefix; the rest, sent after it, find it cached instead of
-    /// computing it again in the same engine step.
-    pub warmup: Duration,
 }
 
 impl fmt::Debug for Grouping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grouping")
             .field("lookahead", &self.lookahead)
-            .field("warmup", &self.warmup)
             .finish_non_exhaustive()
     }
 }
@@ -88,38 +82,11 @@ pub(super) struct Groups {
     loose: VecDeque<u64>,
     /// When each worker last asked for work.
     last_ask: FxHashMap<u64, Instant>,
-    /// Keys just opened: their first line and until when the others wait.
-    warming: FxHashMap<u64, (u64, Instant)>,
-    /// The first lines of warming keys, and their keys.
-    leaders: FxHashMap<u64, u64>,
-    /// See [`Grouping::warmup`].
-    warmup: Duration,
     waiting: usize,
     stats: GroupStats,
 }
 
 impl Groups {
-    /// Empty, with `warmup` (see [`Grouping::warmup`]).
-    pub(super) fn new(warmup: Duration) -> Groups {
-        Groups {
-            warmup,
-            ..Groups::default()
-        }
-    }
-
-    /// Line `id` has its result: if it opened a key, the key's other lines
-    /// go out from now on.
-    pub(super) fn done(&mut self, id: u64) {
-        if let Some(k) = self.leaders.remove(&id) {
-            self.warming.remove(&k);
-        }
-    }
-
-    /// When the next warming key stops waiting, if one does.
-    pub(super) fn next_warm(&self) -> Option<Instant> {
-        self.warming.values().map(|(_, until)| *until).min()
-    }
-
     /// Lines waiting (read ahead, not issued).
     pub(super) fn waiting(&self) -> usize {
         self.waiting
@@ -160,24 +127,11 @@ impl Groups {
     /// give), recorded as issued to it.
     pub(super) fn take(&mut self, worker: Option<u64>, n: usize, now: Instant) -> Vec<u64> {
         let mut out = Vec::with_capacity(n.min(self.waiting));
-        let leaders = &mut self.leaders;
-        self.warming.retain(|_, (id, until)| {
-            let keep = now < *until;
-            if !keep {
-                leaders.remove(id);
-            }
-            keep
-        });
         if let Some(w) = worker {
             self.last_ask.insert(w, now);
-            // Its own keys, oldest line first (but not those warming up).
+            // Its own keys, oldest line first.
             while out.len() < n {
-                let warming = &self.warming;
-                let Some(k) = self.ready.get(&w).and_then(|r| {
-                    r.iter()
-                        .map(|&(_, k)| k)
-                        .find(|k| !warming.contains_key(k))
-                }) else {
+                let Some(&(_, k)) = self.ready.get(&w).and_then(|r| r.first()) else {
                     break;
                 };
                 self.take_from(k, n - out.len(), &mut out, Took::Own);
@@ -195,18 +149,7 @@ impl Groups {
             match (key, worker) {
                 (Some(k), Some(w)) => {
                     self.claim(k, w);
-                    if self.warmup.is_zero() {
-                        self.take_from(k, n - out.len(), &mut out, Took::New);
-                    } else {
-                        // Its first line alone; the rest after its result.
-                        let first = out.len();
-                        self.take_from(k, 1, &mut out, Took::New);
-                        let more = self.keys.get(&k).is_some_and(|key| !key.waiting.is_empty());
-                        if let (true, Some(&id)) = (more, out.get(first)) {
-                            self.warming.insert(k, (id, now + self.warmup));
-                            self.leaders.insert(id, k);
-                        }
-                    }
+                    self.take_from(k, n - out.len(), &mut out, Took::New);
                 }
                 // A worker that does not say who it is owns nothing.
                 (Some(k), None) => self.take_anonymous(k, n - out.len(), &mut out),
@@ -240,7 +183,7 @@ impl Groups {
     fn largest_share(&self, worker: Option<u64>) -> Option<(u64, usize)> {
         self.keys
             .iter()
-            .filter(|(k, key)| !key.waiting.is_empty() && !self.warming.contains_key(*k))
+            .filter(|(_, key)| !key.waiting.is_empty())
             .filter(|(_, key)| worker.is_none_or(|w| !key.owners.contains(&w)))
             .max_by_key(|(k, key)| (key.waiting.len(), std::cmp::Reverse(**k)))
             .map(|(k, key)| (*k, key.waiting.len().div_ceil(key.owners.len() + 1)))
@@ -440,28 +383,6 @@ mod tests {
         g.push(101, Some(1));
         let left = g.waiting();
         assert_eq!(g.take(Some(10), 1000, t).len(), left);
-    }
-
-    #[test]
-    fn a_new_keys_other_lines_wait_for_its_first_result_or_the_warmup() {
-        let t = Instant::now();
-        let warmup = Duration::from_secs(5);
-        let mut g = Groups::new(warmup);
-        for (id, key) in [(0, 7), (1, 7), (2, 8), (3, 7), (4, 8), (5, 9)] {
-            g.push(id, Some(key));
-        }
-        // Four free places: the first line of each key, not key 7's others.
-        assert_eq!(g.take(Some(1), 4, t), vec![0, 2, 5]);
-        assert_eq!(g.next_warm(), Some(t + warmup));
-        // Nothing for anyone while they warm up (no share of them either).
-        assert_eq!(g.take(Some(1), 4, t), Vec::<u64>::new());
-        assert_eq!(g.take(Some(2), 4, t), Vec::<u64>::new());
-        // Line 0's result: key 7's lines go out, to its owner.
-        g.done(0);
-        assert_eq!(g.take(Some(1), 4, t), vec![1, 3]);
-        // Key 8 waited past the warm-up without a result: out anyway.
-        assert_eq!(g.take(Some(1), 4, t + warmup), vec![4]);
-        assert_eq!(g.waiting(), 0);
     }
 
     #[test]

@@ -613,9 +613,6 @@ impl Ledger {
                     self.counters.finished(&line);
                     self.window
                         .finish(id, line.into_boxed_str(), item.span.end)?;
-                    if let Some(groups) = &mut self.groups {
-                        groups.done(id);
-                    }
                     reply.accepted += 1;
                     if let Some(worker) = item.holder {
                         *self.counters.done_by.entry(worker).or_default() += 1;
@@ -745,12 +742,9 @@ impl Ledger {
     /// Seconds a worker should wait when nothing is issuable: `--retry`, or less
     /// when an in-flight item expires sooner.
     fn retry_in(&self, now: Instant) -> u64 {
-        // Whichever comes first: a lease ends, or a group's warm-up.
-        let warm = self.groups.as_ref().and_then(Groups::next_warm);
-        let until_expiry = [self.leases.next_deadline(), warm]
-            .into_iter()
-            .flatten()
-            .min()
+        let until_expiry = self
+            .leases
+            .next_deadline()
             .map(|deadline| deadline.saturating_duration_since(now).as_secs() + 1);
         until_expiry
             .map_or(self.config.retry_secs, |s| s.min(self.config.retry_secs))

@@ -1219,8 +1219,6 @@ mod interleavings {
                     Some(v["i"].as_u64()? % modulus)
                 }),
                 lookahead,
-                // Odd lookaheads warm new keys up for a few seconds.
-                warmup: Duration::from_secs(lookahead as u64 % 2 * 15),
             });
         }
         let mut t = Instant::now();
@@ -1420,7 +1418,6 @@ fn grouped(job: &mut Job, lookahead: usize) {
             v.get("g")?.as_u64()
         }),
         lookahead,
-        warmup: Duration::ZERO,
     });
 }
 
