@@ -7,9 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispatcher::client::DispatcherClient;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::support::{dispatcher_bin, example, jsonl, send_signal};
+use crate::support::{
+    check_echo_answers, dispatcher_bin, example, jsonl, question_lines, send_signal,
+};
 
 /// A job directory with `lines` chat lines and the `launch` runs on it.
 struct LaunchJob {
@@ -20,14 +22,7 @@ struct LaunchJob {
 impl LaunchJob {
     fn new(lines: usize) -> LaunchJob {
         let dir = tempfile::tempdir().unwrap();
-        let input: String = (0..lines)
-            .map(|i| {
-                json!({"id": i, "messages": [{"role": "user", "content": format!("question {i}")}]})
-                    .to_string()
-                    + "\n"
-            })
-            .collect();
-        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), question_lines(lines)).unwrap();
         LaunchJob { dir, lines }
     }
 
@@ -108,16 +103,7 @@ impl LaunchJob {
 
     /// Every line answered by the echo engine, in order, none failed.
     fn check_output(&self) {
-        let out = jsonl(self.path("out.jsonl"));
-        assert_eq!(out.len(), self.lines);
-        for (i, line) in out.iter().enumerate() {
-            assert_eq!(line["id"], i, "line {i}: {line}");
-            assert_eq!(
-                line["responses"],
-                json!([format!("question {i}")]),
-                "line {i}"
-            );
-        }
+        check_echo_answers(&self.path("out.jsonl"), self.lines);
     }
 }
 

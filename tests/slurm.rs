@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dispatcher::client::DispatcherClient;
 use serde_json::{json, Value};
 
-use crate::support::{built_binary, example};
+use crate::support::{built_binary, check_echo_answers, example, question_lines};
 
 /// The cluster has one node: its tests run one at a time.
 pub(crate) static CLUSTER: Mutex<()> = Mutex::new(());
@@ -45,14 +45,7 @@ struct SlurmJob {
 impl SlurmJob {
     fn new(lines: usize) -> SlurmJob {
         let dir = tempfile::tempdir().unwrap();
-        let input: String = (0..lines)
-            .map(|i| {
-                json!({"id": i, "messages": [{"role": "user", "content": format!("question {i}")}]})
-                    .to_string()
-                    + "\n"
-            })
-            .collect();
-        std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), question_lines(lines)).unwrap();
         SlurmJob { dir, lines }
     }
 
@@ -123,16 +116,7 @@ impl SlurmJob {
 
     /// Every line answered by the echo engine, in order, no failure records.
     fn check_infer_output(&self) {
-        let out = self.output();
-        assert_eq!(out.len(), self.lines);
-        for (i, line) in out.iter().enumerate() {
-            assert_eq!(line["id"], i, "line {i}: {line}");
-            assert_eq!(
-                line["responses"],
-                json!([format!("question {i}")]),
-                "line {i}"
-            );
-        }
+        check_echo_answers(&self.path("out.jsonl"), self.lines);
     }
 }
 

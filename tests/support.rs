@@ -127,6 +127,32 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// `n` chat lines `{"id": i, "messages": [user "question i"]}`.
+pub fn question_lines(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"id": i, "messages": [{"role": "user", "content": format!("question {i}")}]})
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// The output of [`question_lines`] through `dispatcher infer` on the echo
+/// engine: every line answered with its question, in order, none failed.
+pub fn check_echo_answers(output: &Path, n: usize) {
+    let out = jsonl(output);
+    assert_eq!(out.len(), n);
+    for (i, line) in out.iter().enumerate() {
+        assert_eq!(line["id"], i, "line {i}: {line}");
+        assert_eq!(
+            line["responses"],
+            serde_json::json!([format!("question {i}")]),
+            "line {i}"
+        );
+    }
+}
+
 /// `n` chat lines `{"id", "messages"}`, and their questions.
 pub fn chat_lines(n: usize) -> (String, Vec<String>) {
     let qs: Vec<String> = (0..n)

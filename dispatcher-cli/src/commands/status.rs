@@ -247,7 +247,8 @@ fn render_workers(now: &StatusResponse) -> String {
     out
 }
 
-fn human_secs(s: f64) -> String {
+/// Seconds as people read them: `42s`, `3m 05s`, `2h 10m`.
+pub(crate) fn human_secs(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
     match s {
         0..=59 => format!("{s}s"),

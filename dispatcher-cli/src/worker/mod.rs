@@ -521,9 +521,10 @@ pub async fn run_task(
         }
     };
     say_hello(task, engine_args, &engine, &engines, &source).await;
-    // The engine's own prefix cache counters, for the heartbeats (vLLM
-    // reports them; others are left after three reads).
-    let cache_watch = (engine.kind() != EngineKind::Echo).then(|| {
+    // The prefix cache counters of a vLLM this worker launched, for the
+    // heartbeats. An engine given by URL is not asked: it may be a hosted
+    // API, or an engine other workers share.
+    let cache_watch = (engine.pid().is_some() && engine.kind() == EngineKind::Vllm).then(|| {
         let base = engine.base_url().trim_end_matches('/');
         dispatcher_core::engine::cache::watch(
             format!("{}/metrics", base.strip_suffix("/v1").unwrap_or(base)),

@@ -206,60 +206,50 @@ impl Groups {
 
     /// Takes up to `n` waiting lines of key `k` for one of its owners.
     fn take_from(&mut self, k: u64, n: usize, out: &mut Vec<u64>, how: Took) {
-        let key = self.keys.get_mut(&k).expect("a key with waiting lines");
-        let Some(&before) = key.waiting.front() else {
-            return;
-        };
-        let take = n.min(key.waiting.len());
-        out.extend(key.waiting.drain(..take));
-        self.waiting -= take;
-        self.stats.issued += take as u64;
+        let took = self.take_lines(k, n, out);
         match how {
-            Took::Own => self.stats.to_owner += take as u64,
-            Took::New => {
-                // The first line opens the key; the rest go to its owner.
-                self.stats.to_owner += take.saturating_sub(1) as u64;
-            }
-            Took::Spread => self.stats.spread += take as u64,
-        }
-        let after = key.waiting.front().copied();
-        for w in &key.owners {
-            if let Some(ready) = self.ready.get_mut(w) {
-                ready.remove(&(before, k));
-                if let Some(a) = after {
-                    ready.insert((a, k));
-                }
-            }
+            Took::Own => self.stats.to_owner += took,
+            // The first line opens the key; the rest go to its owner.
+            Took::New => self.stats.to_owner += took.saturating_sub(1),
+            Took::Spread => self.stats.spread += took,
         }
     }
 
-    /// Lines of unowned key `k` for a worker that does not say who it is:
-    /// the key stays unowned.
+    /// Lines of key `k` for a worker that does not say who it is: the key
+    /// stays as it is (unowned, or its owners').
     fn take_anonymous(&mut self, k: u64, n: usize, out: &mut Vec<u64>) {
+        self.take_lines(k, n, out);
+    }
+
+    /// Moves up to `n` waiting lines of key `k` to `out`, and the key to its
+    /// new oldest line in the sets that order keys (its owners' ready sets,
+    /// or the unowned one); returns how many.
+    fn take_lines(&mut self, k: u64, n: usize, out: &mut Vec<u64>) -> u64 {
         let key = self.keys.get_mut(&k).expect("a key with waiting lines");
         let Some(&before) = key.waiting.front() else {
-            return;
+            return 0;
         };
         let take = n.min(key.waiting.len());
         out.extend(key.waiting.drain(..take));
         self.waiting -= take;
         self.stats.issued += take as u64;
         let after = key.waiting.front().copied();
-        if key.owners.is_empty() {
-            self.unowned.remove(&(before, k));
+        let moved = |set: &mut BTreeSet<(u64, u64)>| {
+            set.remove(&(before, k));
             if let Some(a) = after {
-                self.unowned.insert((a, k));
+                set.insert((a, k));
             }
+        };
+        if key.owners.is_empty() {
+            moved(&mut self.unowned);
         } else {
             for w in &key.owners {
-                if let Some(ready) = self.ready.get_mut(w) {
-                    ready.remove(&(before, k));
-                    if let Some(a) = after {
-                        ready.insert((a, k));
-                    }
+                if let Some(set) = self.ready.get_mut(w) {
+                    moved(set);
                 }
             }
         }
+        take as u64
     }
 
     /// Workers that asked for no work for `silence` lose their keys (they

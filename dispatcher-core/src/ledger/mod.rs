@@ -342,32 +342,16 @@ impl Ledger {
             if self.input_exhausted || self.groups.is_some() {
                 break;
             }
-            let Some(line) = self.input.next_line()? else {
-                // A file cut short under us also ends here: make sure this is
-                // its real end before the job can complete on it.
-                self.input.check_unchanged()?;
-                self.input_exhausted = true;
-                break;
-            };
-            let id = self.next_work_id;
-            self.next_work_id += 1;
-            if let Some(Decision::Keep(old)) =
-                self.previous.as_mut().map(Previous::take).transpose()?
-            {
-                self.keep(id, old, line.span.end)?;
-                kept += 1;
-                continue;
-            }
-            match line.content {
-                Ok(content) => {
+            match self.read_next()? {
+                None => break,
+                Some(Read::Kept) => kept += 1,
+                Some(Read::Invalid) => {}
+                Some(Read::Line(id, span, content)) => {
                     let lease = self.leases.grant(id, now);
-                    let key = self
-                        .items
-                        .insert(Item::issued(id, line.span, worker, lease));
+                    let key = self.items.insert(Item::issued(id, span, worker, lease));
                     self.window.push_issued(key);
                     items.push(self.issue(id, content, 0));
                 }
-                Err(bytes) => self.invalid_line(id, line.span, &bytes)?,
             }
         }
         if self.groups.is_some() && items.len() < batch {
@@ -436,33 +420,47 @@ impl Ledger {
                 .as_ref()
                 .is_some_and(|g| g.waiting() < grouping.lookahead)
         {
-            let Some(line) = self.input.next_line()? else {
-                self.input.check_unchanged()?;
-                self.input_exhausted = true;
-                break;
-            };
-            let id = self.next_work_id;
-            self.next_work_id += 1;
-            if let Some(Decision::Keep(old)) =
-                self.previous.as_mut().map(Previous::take).transpose()?
-            {
-                self.keep(id, old, line.span.end)?;
-                kept += 1;
-                continue;
-            }
-            match line.content {
-                Ok(content) => {
+            match self.read_next()? {
+                None => break,
+                Some(Read::Kept) => kept += 1,
+                Some(Read::Invalid) => {}
+                Some(Read::Line(id, span, content)) => {
                     let group = (grouping.key)(&content);
-                    let key = self.items.insert(Item::waiting(id, line.span, now));
+                    let key = self.items.insert(Item::waiting(id, span, now));
                     self.window.push_issued(key);
                     if let Some(groups) = &mut self.groups {
                         groups.push(id, group);
                     }
                 }
-                Err(bytes) => self.invalid_line(id, line.span, &bytes)?,
             }
         }
         Ok(kept)
+    }
+
+    /// Reads the next input line and takes its id: `None` at the end of the
+    /// input. A line whose previous output is kept (`--redo-errors`) is
+    /// kept, and one that is not UTF-8 gets its error record, here.
+    fn read_next(&mut self) -> io::Result<Option<Read>> {
+        let Some(line) = self.input.next_line()? else {
+            // A file cut short under us also ends here: make sure this is
+            // its real end before the job can complete on it.
+            self.input.check_unchanged()?;
+            self.input_exhausted = true;
+            return Ok(None);
+        };
+        let id = self.next_work_id;
+        self.next_work_id += 1;
+        if let Some(Decision::Keep(old)) = self.previous.as_mut().map(Previous::take).transpose()? {
+            self.keep(id, old, line.span.end)?;
+            return Ok(Some(Read::Kept));
+        }
+        match line.content {
+            Ok(content) => Ok(Some(Read::Line(id, line.span, content))),
+            Err(bytes) => {
+                self.invalid_line(id, line.span, &bytes)?;
+                Ok(Some(Read::Invalid))
+            }
+        }
     }
 
     /// Line `id` is not UTF-8: its error record, at once.
@@ -804,6 +802,16 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+/// What [`Ledger::read_next`] read.
+enum Read {
+    /// A line whose previous output is kept: written (or waiting) already.
+    Kept,
+    /// A line that is not UTF-8: its error record is written (or waiting).
+    Invalid,
+    /// A line to hand out: its id, where it is, its content.
+    Line(u64, LineSpan, String),
 }
 
 /// Lines told to one worker at its next heartbeat at most: a worker that

@@ -27,6 +27,7 @@ use dispatcher_core::protocol::StatusResponse;
 
 use super::report::Report;
 use super::serve::ServeArgs;
+use super::status::human_secs;
 use backend::{Backend, EndKind, JobState, Local, Slurm, WorkerSpec};
 use plan::{Backlog, Fleet};
 use state::{unix_now, JobRecord, LaunchDir, LaunchState, ServerRecord};
@@ -1128,15 +1129,6 @@ impl Ui {
             self.last_plain = Some(Instant::now());
             let _ = writeln!(std::io::stderr(), "launch: {line}");
         }
-    }
-}
-
-fn human_secs(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
-        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
     }
 }
 
