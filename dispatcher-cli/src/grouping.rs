@@ -57,10 +57,11 @@ impl GroupArgs {
         let filter = Arc::new(filter);
         let key = move |line: &str| -> Option<u64> {
             let value = crate::jq::first_value(&filter, line)?;
-            let text = match value {
-                jaq_json::Val::TStr(s) | jaq_json::Val::BStr(s) => s.to_vec(),
+            // A string is hashed where it lies; other values by their JSON.
+            let text: std::borrow::Cow<'_, [u8]> = match &value {
+                jaq_json::Val::TStr(s) | jaq_json::Val::BStr(s) => std::borrow::Cow::Borrowed(s),
                 jaq_json::Val::Null => return None,
-                other => other.to_string().into_bytes(),
+                other => std::borrow::Cow::Owned(other.to_string().into_bytes()),
             };
             let bytes = match prefix {
                 Some(n) => &text[..n.min(text.len())],

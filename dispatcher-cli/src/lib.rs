@@ -180,14 +180,14 @@ pub fn run_async(
     };
     match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // Said already: only the status is left to set.
-        Err(e) if e.downcast_ref::<launch::Exit>().is_some() => {
-            std::process::ExitCode::from(e.downcast_ref::<launch::Exit>().map_or(1, |x| x.0))
-        }
-        Err(e) => {
-            print_error(format_args!("{e:#}"));
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<launch::Exit>() {
+            // Said already: only the status is left to set.
+            Some(launch::Exit(code)) => std::process::ExitCode::from(*code),
+            None => {
+                print_error(format_args!("{e:#}"));
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }
 

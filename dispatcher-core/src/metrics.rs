@@ -11,7 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::ledger::{GroupStats, LedgerStats};
+use crate::ledger::LedgerStats;
+use crate::protocol::GroupStatus;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
@@ -365,7 +366,7 @@ impl ServerMetrics {
         if let Some(g) = stats.groups {
             let then = before.and_then(|b| b.groups).unwrap_or_default();
             let to = |to: &str| GroupLabel { to: to.to_string() };
-            let new = |g: GroupStats| g.issued - g.to_owner - g.spread;
+            let new = |g: GroupStatus| g.issued - g.to_owner - g.spread;
             self.group_issued
                 .get_or_create(&to("owner"))
                 .inc_by(g.to_owner.saturating_sub(then.to_owner));

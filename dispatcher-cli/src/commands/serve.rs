@@ -151,7 +151,8 @@ fn budget(flag: &str, v: i64) -> anyhow::Result<Option<u32>> {
     }
 }
 
-fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+/// A positive number of seconds given to `--flag`.
+pub(crate) fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
     if !(v.is_finite() && v > 0.0 && v < 1e9) {
         bail!("--{flag} must be a positive number of seconds, not {v}");
     }

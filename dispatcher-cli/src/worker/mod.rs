@@ -484,8 +484,9 @@ async fn say_hello(
     }
 }
 
-/// This machine's name, for the hello.
-fn hostname() -> String {
+/// This machine's name, for the hello (and launch's records); empty when
+/// neither /proc nor HOSTNAME says.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .or_else(|_| std::env::var("HOSTNAME"))

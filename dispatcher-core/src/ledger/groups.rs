@@ -20,8 +20,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::Instant;
+
+use crate::protocol::GroupStatus;
 
 /// A line's group key: a hash of what the group filter selects, or `None`
 /// for a line that has none (it is handed out like any line, in order).
@@ -44,21 +46,6 @@ impl fmt::Debug for Grouping {
     }
 }
 
-/// What grouping did, for `/status` and the metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GroupStats {
-    /// Lines read ahead and waiting to be issued.
-    pub waiting: u64,
-    /// Keys the ledger knows (waiting lines or an owner).
-    pub keys: u64,
-    /// Lines with a key issued (first issues).
-    pub issued: u64,
-    /// Of those, lines issued to a worker that had the key already.
-    pub to_owner: u64,
-    /// Of those, lines taken from a key other workers had (a group spread).
-    pub spread: u64,
-}
-
 /// Who has a key, and where its waiting lines are.
 #[derive(Debug, Default)]
 struct Key {
@@ -71,8 +58,9 @@ struct Key {
 }
 
 /// Lines read ahead, by key, and the keys' workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Groups {
+    grouping: Grouping,
     keys: FxHashMap<u64, Key>,
     /// Keys with waiting lines and no owner, by their oldest waiting line.
     unowned: BTreeSet<(u64, u64)>,
@@ -83,26 +71,51 @@ pub(super) struct Groups {
     /// When each worker last asked for work.
     last_ask: FxHashMap<u64, Instant>,
     waiting: usize,
-    stats: GroupStats,
+    stats: GroupStatus,
 }
 
 impl Groups {
+    /// Nothing read ahead yet.
+    pub(super) fn new(grouping: Grouping) -> Groups {
+        Groups {
+            grouping,
+            keys: FxHashMap::default(),
+            unowned: BTreeSet::new(),
+            ready: FxHashMap::default(),
+            loose: VecDeque::new(),
+            last_ask: FxHashMap::default(),
+            waiting: 0,
+            stats: GroupStatus::default(),
+        }
+    }
+
     /// Lines waiting (read ahead, not issued).
     pub(super) fn waiting(&self) -> usize {
         self.waiting
     }
 
+    /// Whether fewer than `lookahead` lines wait: another may be read ahead.
+    pub(super) fn has_room(&self) -> bool {
+        self.waiting < self.grouping.lookahead
+    }
+
     /// What grouping did so far.
-    pub(super) fn stats(&self) -> GroupStats {
-        GroupStats {
+    pub(super) fn stats(&self) -> GroupStatus {
+        GroupStatus {
             waiting: self.waiting as u64,
             keys: self.keys.len() as u64,
             ..self.stats
         }
     }
 
+    /// Line `id`, `content`, was read ahead: it waits under its key.
+    pub(super) fn push_line(&mut self, id: u64, content: &str) {
+        let key = (self.grouping.key)(content);
+        self.push(id, key);
+    }
+
     /// Line `id` was read ahead, with its key.
-    pub(super) fn push(&mut self, id: u64, key: Option<u64>) {
+    fn push(&mut self, id: u64, key: Option<u64>) {
         self.waiting += 1;
         let Some(k) = key else {
             self.loose.push_back(id);
@@ -254,9 +267,9 @@ impl Groups {
 
     /// Workers that asked for no work for `silence` lose their keys (they
     /// died, or finished); keys that were only theirs are open again.
-    /// Keys without waiting lines last seen before line `forget_before`
-    /// are forgotten, so that the map stays as large as the recent input's
-    /// distinct keys.
+    /// Keys without waiting lines not seen in the last four lookaheads'
+    /// worth of lines (before `next_work_id`) are forgotten, so that the
+    /// map stays as large as the recent input's distinct keys.
     ///
     /// `heard` is when each worker last sent a heartbeat: a worker busy
     /// with long lines asks for no work, and keeps its keys.
@@ -264,10 +277,12 @@ impl Groups {
         &mut self,
         now: Instant,
         silence: Duration,
-        forget_before: u64,
+        next_work_id: u64,
         heard: &FxHashMap<u64, Instant>,
     ) {
-        let gone: Vec<u64> = self
+        let horizon = (self.grouping.lookahead as u64).saturating_mul(4);
+        let forget_before = next_work_id.saturating_sub(horizon);
+        let gone: FxHashSet<u64> = self
             .last_ask
             .iter()
             .filter(|(w, at)| {
@@ -280,7 +295,6 @@ impl Groups {
             self.last_ask.remove(w);
             self.ready.remove(w);
         }
-        let gone: rustc_hash::FxHashSet<u64> = gone.into_iter().collect();
         let unowned = &mut self.unowned;
         self.keys.retain(|k, key| {
             if !gone.is_empty() && key.owners.iter().any(|w| gone.contains(w)) {
@@ -311,8 +325,17 @@ enum Took {
 mod tests {
     use super::*;
 
+    /// Groups with a lookahead of one line (so keys are forgotten four
+    /// lines after they were last seen); the tests push keys themselves.
+    fn empty() -> Groups {
+        Groups::new(Grouping {
+            key: Arc::new(|_| None),
+            lookahead: 1,
+        })
+    }
+
     fn groups(lines: &[(u64, Option<u64>)]) -> Groups {
-        let mut g = Groups::default();
+        let mut g = empty();
         for &(id, key) in lines {
             g.push(id, key);
         }
@@ -386,7 +409,7 @@ mod tests {
         g.tidy(
             t + Duration::from_secs(30),
             silence,
-            0,
+            2,
             &FxHashMap::default(),
         );
         g.push(2, Some(7));
@@ -397,7 +420,7 @@ mod tests {
         g.tidy(
             t + Duration::from_secs(61),
             silence,
-            0,
+            4,
             &FxHashMap::default(),
         );
         assert_eq!(g.take(Some(2), 8, t + Duration::from_secs(61)), vec![2, 3]);
@@ -406,15 +429,23 @@ mod tests {
         g.tidy(
             t + Duration::from_secs(200),
             silence,
-            0,
+            5,
             &FxHashMap::default(),
         );
         assert_eq!(g.take(Some(3), 8, t + Duration::from_secs(200)), vec![4]);
-        // Keys without waiting lines, last seen long ago, are forgotten.
+        // Keys without waiting lines, last seen over four lookaheads (of
+        // one line here) ago, are forgotten; not before.
         g.tidy(
             t + Duration::from_secs(200),
             silence,
-            5,
+            8,
+            &FxHashMap::default(),
+        );
+        assert_eq!(g.stats().keys, 1);
+        g.tidy(
+            t + Duration::from_secs(200),
+            silence,
+            9,
             &FxHashMap::default(),
         );
         assert_eq!(g.stats().keys, 0);

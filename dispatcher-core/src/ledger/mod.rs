@@ -42,7 +42,7 @@ mod window;
 
 pub use crate::job::redo::RedoConfig;
 use groups::Groups;
-pub use groups::{GroupStats, Grouping, KeyFn};
+pub use groups::{Grouping, KeyFn};
 pub use items::Cause;
 use items::{Item, ItemState, Items};
 use journal::Journal;
@@ -409,27 +409,20 @@ impl Ledger {
     /// input ends), each keyed by the group filter; returns how many kept
     /// lines (`--redo-errors`) it read past.
     fn read_ahead(&mut self, now: Instant) -> io::Result<u64> {
-        let Some(grouping) = self.config.grouping.clone() else {
-            return Ok(0);
-        };
         let mut kept = 0;
         while !self.input_exhausted
             && kept < KEEP_PER_REQUEST
-            && self
-                .groups
-                .as_ref()
-                .is_some_and(|g| g.waiting() < grouping.lookahead)
+            && self.groups.as_ref().is_some_and(Groups::has_room)
         {
             match self.read_next()? {
                 None => break,
                 Some(Read::Kept) => kept += 1,
                 Some(Read::Invalid) => {}
                 Some(Read::Line(id, span, content)) => {
-                    let group = (grouping.key)(&content);
                     let key = self.items.insert(Item::waiting(id, span, now));
                     self.window.push_issued(key);
                     if let Some(groups) = &mut self.groups {
-                        groups.push(id, group);
+                        groups.push_line(id, &content);
                     }
                 }
             }
@@ -673,16 +666,9 @@ impl Ledger {
     /// past kept lines (`--redo-errors`), and writes what became ready.
     pub fn tick(&mut self, now: Instant) -> io::Result<()> {
         self.expire(now)?;
-        if let (Some(groups), Some(grouping)) = (&mut self.groups, &self.config.grouping) {
-            // Keys not seen in the last few lookaheads' worth of lines are
-            // forgotten; workers silent for a work timeout lose theirs.
-            let horizon = 4 * grouping.lookahead as u64;
-            groups.tidy(
-                now,
-                self.leases.timeout(),
-                self.next_work_id.saturating_sub(horizon),
-                &self.alive,
-            );
+        if let Some(groups) = &mut self.groups {
+            // Workers silent for a work timeout lose their keys.
+            groups.tidy(now, self.leases.timeout(), self.next_work_id, &self.alive);
         }
         self.keep_ahead(KEEP_PER_TICK)?;
         self.window.write_ready()?;

@@ -161,7 +161,7 @@ impl Ledger {
             job_id: opened.job_id,
             alive: rustc_hash::FxHashMap::default(),
             finished_elsewhere: rustc_hash::FxHashMap::default(),
-            groups: config.grouping.as_ref().map(|_| Groups::default()),
+            groups: config.grouping.clone().map(Groups::new),
             config,
         };
         // A checkpoint exists from the start, so an output without one is

@@ -74,7 +74,7 @@ pub struct LedgerStats {
     pub uptime: Duration,
     /// Grouping (`--group-by`): lines read ahead and where they went;
     /// `None` without it.
-    pub groups: Option<super::GroupStats>,
+    pub groups: Option<crate::protocol::GroupStatus>,
 }
 
 /// Counts kept for [`LedgerStats`]; nothing reads them to decide anything.

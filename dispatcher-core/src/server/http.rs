@@ -578,12 +578,6 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         uptime_secs: s.uptime.as_secs_f64(),
         workers: Vec::new(),
         prefix_cache: None,
-        groups: s.groups.map(|g| crate::protocol::GroupStatus {
-            waiting: g.waiting,
-            keys: g.keys,
-            issued: g.issued,
-            to_owner: g.to_owner,
-            spread: g.spread,
-        }),
+        groups: s.groups,
     }
 }

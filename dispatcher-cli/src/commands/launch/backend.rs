@@ -197,13 +197,8 @@ impl Slurm {
             .args(&self.sbatch_args)
             .arg(&self.script)
             .env("DISPATCHER_LAUNCH_WORKER", ordinal.to_string())
-            .envs(spec.secret_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(SLURM_TIMEOUT, cmd.output())
-            .await
-            .context("sbatch did not answer within 60 s: is slurmctld up?")?
-            .context("could not run sbatch: is Slurm installed here? (--backend local runs the workers on this machine)")?;
+            .envs(spec.secret_env.iter().map(|(k, v)| (k, v)));
+        let out = run_slurm_command("sbatch", cmd).await?;
         if !out.status.success() {
             bail!(
                 "sbatch refused the worker job: {} (--sbatch-args {})",
@@ -230,11 +225,20 @@ async fn run_slurm<'a>(
     args: impl IntoIterator<Item = &'a str>,
 ) -> anyhow::Result<std::process::Output> {
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.args(args);
+    run_slurm_command(program, cmd).await
+}
+
+/// Runs `cmd` (Slurm's `program`) with [`SLURM_TIMEOUT`], without input.
+async fn run_slurm_command(
+    program: &str,
+    mut cmd: tokio::process::Command,
+) -> anyhow::Result<std::process::Output> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     tokio::time::timeout(SLURM_TIMEOUT, cmd.output())
         .await
         .with_context(|| format!("{program} did not answer within 60 s: is slurmctld up?"))?
-        .with_context(|| format!("could not run {program}"))
+        .with_context(|| format!("could not run {program}: is Slurm installed here? (--backend local runs the workers on this machine)"))
 }
 
 /// The state of Slurm jobs: `squeue` for those it knows (ended ones stay
@@ -372,7 +376,7 @@ impl Local {
             };
         }
         match self.adopted.get(id) {
-            Some(&pid) if process_alive(pid) => JobState::Running,
+            Some(&pid) if dispatcher_core::process::alive(pid) => JobState::Running,
             Some(_) => JobState::Ended(
                 EndKind::Lost,
                 "ended while no launch watched it; its exit status is unknown".into(),
@@ -392,13 +396,11 @@ impl Local {
             })
             .collect();
         signal_groups(&pids, libc::SIGTERM);
+        // Zombies count as ended: they need not be reaped to be seen gone.
         let deadline = tokio::time::Instant::now() + grace;
-        while pids.iter().any(|&p| process_alive(p)) && tokio::time::Instant::now() < deadline {
-            for id in ids {
-                if let Some(child) = self.children.get_mut(id) {
-                    let _ = child.try_wait();
-                }
-            }
+        while pids.iter().any(|&p| dispatcher_core::process::alive(p))
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         signal_groups(&pids, libc::SIGKILL);
@@ -420,11 +422,6 @@ fn signal_groups(pids: &[u32], signal: i32) {
     for &pid in pids {
         dispatcher_core::process::signal_group(pid, signal);
     }
-}
-
-/// Whether `pid` is a process that has not exited (zombies count as exited).
-pub fn process_alive(pid: u32) -> bool {
-    dispatcher_core::process::alive(pid)
 }
 
 /// The last `n` lines of a log, for an error message.

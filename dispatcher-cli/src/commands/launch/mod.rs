@@ -301,9 +301,7 @@ fn check_options(args: &LaunchArgs) -> anyhow::Result<()> {
         ("pending-timeout", o.pending_timeout),
         ("failure-backoff", o.failure_backoff),
     ] {
-        if !(v.is_finite() && v > 0.0 && v < 1e9) {
-            bail!("--{flag} must be a positive number of seconds, not {v}");
-        }
+        super::serve::secs(flag, v)?;
     }
     if o.max_worker_failures == 0 {
         bail!("--max-worker-failures must be at least 1");
@@ -393,7 +391,7 @@ impl ServerHandle {
             return child.try_wait().ok().flatten().map(|s| s.success());
         }
         match self.record.pid {
-            Some(pid) if self.owned && !backend::process_alive(pid) => Some(true),
+            Some(pid) if self.owned && !dispatcher_core::process::alive(pid) => Some(true),
             _ => None,
         }
     }
@@ -418,12 +416,6 @@ enum Started {
     Server(Box<ServerHandle>),
     AlreadyComplete,
     Interrupted,
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// Attaches to `--server`, to the server an earlier launch started, or
@@ -454,7 +446,8 @@ async fn start_or_attach(
         })));
     }
     if let Some(saved) = state.server.clone() {
-        let ours = saved.host == hostname() && saved.pid.is_some_and(backend::process_alive);
+        let ours = saved.host == crate::worker::hostname()
+            && saved.pid.is_some_and(dispatcher_core::process::alive);
         let client = DispatcherClient::with_token(&saved.addr, token);
         if ours || client.status().await.is_ok() {
             ui.event(&format!(
@@ -557,7 +550,9 @@ async fn start_or_attach(
             bind_host.to_string()
         }
         (None, true) => "127.0.0.1".into(),
-        (None, false) => hostname(),
+        (None, false) => Some(crate::worker::hostname())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into()),
     };
     let addr = if host.contains(':') {
         format!("[{host}]:{port}")
@@ -568,7 +563,7 @@ async fn start_or_attach(
         record: ServerRecord {
             addr,
             pid,
-            host: hostname(),
+            host: crate::worker::hostname(),
         },
         owned: true,
         child: Some(child),
@@ -782,9 +777,7 @@ impl Loop<'_> {
                     }
                 }
                 Some(JobState::Ended(kind, detail)) => {
-                    job.ended = Some(now);
-                    job.end = Some(*kind);
-                    job.end_detail = Some(detail.clone());
+                    job.ended_as(now, *kind, detail);
                     changed = true;
                     match kind {
                         EndKind::Done => {
@@ -956,11 +949,7 @@ async fn wind_down(
         let mut pending = Vec::new();
         for job in state.jobs.iter_mut().filter(|j| j.alive()) {
             match states.get(&job.id) {
-                Some(JobState::Ended(kind, detail)) => {
-                    job.ended = Some(now);
-                    job.end = Some(*kind);
-                    job.end_detail = Some(detail.clone());
-                }
+                Some(JobState::Ended(kind, detail)) => job.ended_as(now, *kind, detail),
                 Some(JobState::Pending(_)) => pending.push(job.id.clone()),
                 _ => {}
             }
@@ -1036,8 +1025,11 @@ fn finish(args: &LaunchArgs, state: &LaunchState, ui: &mut Ui) -> anyhow::Result
 /// seconds that tail lasted: what workers idling at the tail cost.
 fn tail_figures(state: &LaunchState) -> Option<String> {
     let drained = state.drained_at?;
-    let ends: Vec<f64> = state.jobs.iter().filter_map(|j| j.ended).collect();
-    let end = ends.iter().copied().fold(f64::NAN, f64::max);
+    let end = state
+        .jobs
+        .iter()
+        .filter_map(|j| j.ended)
+        .fold(f64::NAN, f64::max);
     if !end.is_finite() || end < drained {
         return None;
     }

@@ -53,6 +53,13 @@ impl JobRecord {
     pub fn alive(&self) -> bool {
         self.ended.is_none()
     }
+
+    /// Seen ended at `now`, so, in words `detail`.
+    pub fn ended_as(&mut self, now: f64, kind: EndKind, detail: &str) {
+        self.ended = Some(now);
+        self.end = Some(kind);
+        self.end_detail = Some(detail.to_string());
+    }
 }
 
 /// The state file.
