@@ -5,7 +5,8 @@
 #   - vLLM's CPU backend and a tiny generated model (installed once, cached);
 #   - pyarrow and Hugging Face `datasets` in a venv, and zstd, to write the
 #     dataset tests' files as users' tools do (installed once, cached);
-#   - then every test of the workspace, with those three required, not skipped.
+#   - Debian's chromium and chromedriver, for the job page's tests;
+#   - then every test of the workspace, with all of those required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +24,9 @@ done < <(scripts/setup-vllm.sh)
 while IFS='=' read -r key value; do
   case "$key" in DATASETS_PYTHON) export "$key=$value" ;; esac
 done < <(scripts/setup-datasets.sh)
+scripts/setup-browser.sh
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1
-export DISPATCHER_REQUIRE_DATASETS=1
+export DISPATCHER_REQUIRE_DATASETS=1 DISPATCHER_REQUIRE_BROWSER=1
 
 # The end-to-end tests run the `dispatcher` binary and the example task binaries as
 # worker processes; `cargo test` alone builds examples only as test targets.

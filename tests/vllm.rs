@@ -659,3 +659,217 @@ async fn run_batch_answers_a_batch_file_as_vllm_run_batch_does_line_by_line() {
         .collect();
     assert_eq!(failed, ["embedding", "too-long"]);
 }
+
+/// `dispatcher estimate` counts prompt tokens as vLLM does (the model's
+/// tokenizer and chat template: the same count for every line the engine
+/// reports), finds the lines over the context, and measures the engine; and
+/// `infer --skip-over-length` fails exactly those lines without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_counts_prompt_tokens_as_vllm_does_and_skip_over_length_skips_what_it_refuses() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = LaunchConfig {
+        kind: EngineKind::Vllm,
+        model: Some(model.clone()),
+        engine_bin: Some(bin.clone()),
+        port,
+        max_model_len: Some(512),
+        enforce_eager: true,
+        extra_args: strings(&["--kv-cache-memory-bytes", "64M"]),
+        engine_cmd: std::iter::once("env".to_string())
+            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect(),
+        startup_timeout: Duration::from_secs(300),
+        log: EngineLog::Silent,
+        ..LaunchConfig::default()
+    };
+    let running = launch::launch(&config).await.unwrap();
+
+    // Prompts of all lengths, several turns, a system message of the
+    // line's own, text that is not ASCII; two far over the 512 tokens of
+    // context; one line without messages.
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines: Vec<Value> = (0..30)
+        .map(|i| {
+            let mut messages = Vec::new();
+            if i % 3 == 0 {
+                messages.push(json!({"role": "system", "content": format!("You are helper number {i}.")}));
+            }
+            messages.push(json!({"role": "user", "content": format!("question {i}: {}", "why is the sky blue? ".repeat(i % 7))}));
+            if i % 4 == 0 {
+                messages.push(json!({"role": "assistant", "content": "Because of Rayleigh scattering."}));
+                messages.push(json!({"role": "user", "content": "Und auf Deutsch, bitte? Ça va — 日本語も"}));
+            }
+            json!({"id": i, "messages": messages})
+        })
+        .collect();
+    for id in ["long-1", "long-2"] {
+        lines.push(json!({"id": id, "messages": [{"role": "user", "content": "hello world ".repeat(400)}]}));
+    }
+    lines.push(json!({"id": "none"}));
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let common = strings(&[
+        "--prompt-path",
+        ".messages",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "4",
+    ]);
+    let engine = strings(&[
+        "--no-launch",
+        "--port",
+        &port.to_string(),
+        "--model",
+        &model,
+        "--max-model-len",
+        "512",
+    ]);
+
+    // What vLLM counts, line by line.
+    let run_infer = |output: &str, extra: &[&str]| {
+        let out = Command::new(dispatcher_bin())
+            .arg("infer")
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join(output))
+            .args(&common)
+            .args(&engine)
+            .args(["--include-usage", "-q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::support::jsonl(dir.path().join(output))
+    };
+    let plain = run_infer("plain.jsonl", &[]);
+    let engine_counts: Vec<u64> = plain[..30]
+        .iter()
+        .map(|l| {
+            l["usage"]["prompt_tokens"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{l}"))
+        })
+        .collect();
+    for i in [30, 31] {
+        assert_eq!(
+            plain[i]["__ERROR__"]["error"], "request_rejected",
+            "{}",
+            plain[i]
+        );
+    }
+
+    // The estimate of the lines vLLM answered: the same tokens in all.
+    let answered = dir.path().join("answered.jsonl");
+    std::fs::write(
+        &answered,
+        lines[..30]
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let estimate = |file: &std::path::Path, extra: &[&str]| -> Value {
+        let out = Command::new(dispatcher_bin())
+            .arg("estimate")
+            .arg("--input")
+            .arg(file)
+            .args(["--tokenizer", &model, "--json"])
+            .args(&common)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let e = estimate(&answered, &[]);
+    assert_eq!(e["prompt_tokens"], engine_counts.iter().sum::<u64>(), "{e}");
+    assert_eq!(
+        e["prompt_tokens_max"],
+        *engine_counts.iter().max().unwrap(),
+        "{e}"
+    );
+    assert_eq!(
+        e["max_model_len"], 2048,
+        "the model's own context, from its config.json"
+    );
+
+    // The whole input against the context vLLM runs with, and every line
+    // sampled to the engine: it counts each sampled prompt as the tokenizer.
+    let url = format!("http://127.0.0.1:{port}");
+    let e = estimate(
+        &input,
+        &[
+            "--max-model-len",
+            "512",
+            "--engine-url",
+            &url,
+            "--sample",
+            "40",
+            "--workers",
+            "4",
+        ],
+    );
+    assert_eq!(
+        (e["lines"].as_u64(), e["counted"].as_u64()),
+        (Some(33), Some(32)),
+        "{e}"
+    );
+    assert_eq!(e["failing"], json!({"prompt_missing": 1}));
+    assert_eq!(e["over_length"], 2, "{e}");
+    let sample = &e["sample"];
+    assert_eq!(sample["lines"], 30, "the lines that fit: {e}");
+    assert_eq!(
+        sample["engine_prompt_tokens"], sample["counted_prompt_tokens"],
+        "{e}"
+    );
+    assert!(sample["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(sample["projected_secs"].as_f64().unwrap() > 0.0);
+
+    // --skip-over-length: the two long lines fail at once, the rest as before.
+    let skipped = run_infer(
+        "skipped.jsonl",
+        &["--skip-over-length", "--tokenizer", &model],
+    );
+    for i in [30, 31] {
+        let err = &skipped[i]["__ERROR__"];
+        assert_eq!(err["error"], "prompt_too_long", "{}", skipped[i]);
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("(--max-model-len)"),
+            "{err}"
+        );
+    }
+    for i in 0..30 {
+        assert_eq!(
+            skipped[i]["usage"]["prompt_tokens"], engine_counts[i],
+            "line {i}"
+        );
+    }
+    running.stop(Duration::from_secs(10)).await;
+}

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use dispatcher_core::protocol::{ResultsRequest, WorkResponse, WorkStatus};
+use dispatcher_core::protocol::{ResultsRequest, TokenCounts, WorkResponse, WorkStatus};
 
 use crate::http::Conn;
 
@@ -32,6 +32,44 @@ pub struct LoadArgs {
     /// server's --idle-timeout).
     #[arg(long, default_value_t = 20.0)]
     idle_every: f64,
+    /// Workers name themselves (`worker=bench-N`) and report tokens with
+    /// their results, as dispatcher's own workers do: the server keeps a
+    /// row per worker, which `/status` lists.
+    #[arg(long)]
+    named: bool,
+    /// Open job pages besides the workers: each loads the page and polls
+    /// `/status` as the page does (once a second with `max_age=1`, with the
+    /// history every 15th time).
+    #[arg(long, default_value_t = 0)]
+    pages: usize,
+}
+
+/// One open job page: the page and its script, then `/status` as the page
+/// polls it, until `end`. The latencies of its status requests, in µs.
+async fn page(addr: String, end: Instant) -> anyhow::Result<Vec<u32>> {
+    let mut conn = Conn::connect(&addr).await?;
+    for path in ["/", "/page.js"] {
+        let (status, _) = conn.request("GET", path, b"").await?;
+        anyhow::ensure!(status == 200, "GET {path} answered {status}");
+    }
+    let mut latencies = Vec::new();
+    for poll in 0_u64.. {
+        let next = Instant::now() + Duration::from_secs(1);
+        if next >= end {
+            break;
+        }
+        let path = if poll % 15 == 0 {
+            "/status?max_age=1&history=1"
+        } else {
+            "/status?max_age=1"
+        };
+        let t0 = Instant::now();
+        let (status, _) = conn.request("GET", path, b"").await?;
+        anyhow::ensure!(status == 200, "GET {path} answered {status}");
+        latencies.push(t0.elapsed().as_micros() as u32);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    Ok(latencies)
 }
 
 /// One idle connection: `GET /health` now and every `every`, until `end`.
@@ -65,10 +103,19 @@ struct Tally {
     post_us: Vec<u32>,
 }
 
-async fn worker(addr: String, batch: usize, warm: Instant, end: Instant) -> anyhow::Result<Tally> {
+async fn worker(
+    addr: String,
+    batch: usize,
+    name: Option<String>,
+    warm: Instant,
+    end: Instant,
+) -> anyhow::Result<Tally> {
     let mut conn = Conn::connect(&addr).await?;
     let mut t = Tally::default();
-    let path = format!("/work?batch_size={batch}");
+    let path = match &name {
+        Some(name) => format!("/work?batch_size={batch}&worker={name}"),
+        None => format!("/work?batch_size={batch}"),
+    };
     while Instant::now() < end {
         let t0 = Instant::now();
         let (status, body) = conn.request("GET", &path, b"").await?;
@@ -87,7 +134,17 @@ async fn worker(addr: String, batch: usize, warm: Instant, end: Instant) -> anyh
         for item in &mut work.items {
             item.result = Some(std::mem::take(&mut item.content));
         }
-        let body = serde_json::to_vec(&ResultsRequest { items: work.items })?;
+        // A named worker reports what its engine used, as dispatcher's do.
+        let usage = name.as_ref().map(|_| TokenCounts {
+            requests: n,
+            prompt_tokens: 100 * n,
+            completion_tokens: 20 * n,
+        });
+        let body = serde_json::to_vec(&ResultsRequest {
+            items: work.items,
+            worker: name.clone(),
+            usage,
+        })?;
         let t2 = Instant::now();
         let (status, _) = conn.request("POST", "/results", &body).await?;
         let t3 = Instant::now();
@@ -128,7 +185,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let warm = start + Duration::from_secs(1);
     let end = warm + Duration::from_secs_f64(args.secs);
     let handles: Vec<_> = (0..args.workers)
-        .map(|_| tokio::spawn(worker(args.addr.clone(), args.batch, warm, end)))
+        .map(|i| {
+            let name = args.named.then(|| format!("bench-{i}"));
+            tokio::spawn(worker(args.addr.clone(), args.batch, name, warm, end))
+        })
+        .collect();
+    let pages: Vec<_> = (0..args.pages)
+        .map(|_| tokio::spawn(page(args.addr.clone(), end)))
         .collect();
     let mut all = Tally::default();
     for h in handles {
@@ -137,6 +200,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         all.get_us.extend(t.get_us);
         all.post_us.extend(t.post_us);
     }
+    let mut page_us = Vec::new();
+    for p in pages {
+        page_us.extend(p.await??);
+    }
+    page_us.sort_unstable();
     // Every idle connection must still be open and answered.
     let idle_open = idle.len();
     while let Some(joined) = idle.try_join_next() {
@@ -149,8 +217,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .max(1e-9);
     all.get_us.sort_unstable();
     all.post_us.sort_unstable();
+    let pages = if args.pages > 0 {
+        format!(
+            " pages={} status_polls={} status_p50_ms={:.2} status_p99_ms={:.2}",
+            args.pages,
+            page_us.len(),
+            pct(&page_us, 0.5),
+            pct(&page_us, 0.99)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{} workers={} batch={} idle={idle_open} items_per_sec={:.0} get_p50_ms={:.2} get_p99_ms={:.2} post_p50_ms={:.2} post_p99_ms={:.2}",
+        "{} workers={} batch={} idle={idle_open} items_per_sec={:.0} get_p50_ms={:.2} get_p99_ms={:.2} post_p50_ms={:.2} post_p99_ms={:.2}{pages}",
         args.label,
         args.workers,
         args.batch,

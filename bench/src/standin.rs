@@ -54,7 +54,7 @@ pub async fn run(args: StandinArgs) -> anyhow::Result<()> {
         .route(
             "/results",
             post(|body: Bytes| async move {
-                let req: ResultsRequest = serde_json::from_slice(&body).unwrap_or(ResultsRequest { items: Vec::new() });
+                let req: ResultsRequest = serde_json::from_slice(&body).unwrap_or(ResultsRequest { items: Vec::new(), worker: None, usage: None });
                 Json(ResultsResponse {
                     status: "OK".into(),
                     count: req.items.len() as u64,

@@ -30,9 +30,10 @@ pub mod jq;
 pub mod logging;
 pub mod outdir;
 pub mod progress;
+pub mod tokenize;
 pub mod worker;
 
-pub use commands::{batch, export, infer, launch, report, serve, slurm, status};
+pub use commands::{batch, estimate, export, infer, launch, report, serve, slurm, status};
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use dispatcher_core::task::DynTask;
@@ -70,6 +71,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Run a job on Slurm: the server, and worker jobs as many as its backlog deserves, to the report.
     Launch(Box<launch::LaunchArgs>),
+    /// Before a job: its prompt tokens (with the model's tokenizer), lines over the context, worst-case tokens and cost, and with --engine-url its wall time.
+    Estimate(Box<estimate::EstimateArgs>),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -88,6 +91,7 @@ pub fn main() -> std::process::ExitCode {
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
             Command::Export(args) => export::run(args),
+            Command::Estimate(args) => estimate::run(*args).await,
             Command::Launch(args) => {
                 let own = matches
                     .subcommand_matches("launch")

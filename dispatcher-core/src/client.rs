@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::protocol::{
     HeartbeatRequest, HeartbeatResponse, Hello, JournalRecord, JournalRequest, JournalResponse,
     MessageResponse, ReleaseReason, ReleaseRequest, ReleaseResponse, ResultsRequest,
-    ResultsResponse, StatusResponse, WorkItem, WorkResponse, WorkTimeoutRequest,
+    ResultsResponse, StatusResponse, TokenCounts, WorkItem, WorkResponse, WorkTimeoutRequest,
 };
 
 /// Why a call to the server failed.
@@ -115,6 +115,8 @@ pub struct DispatcherClient {
     http: reqwest::Client,
     /// Its engine's prefix cache counters, sent with heartbeats.
     prefix_cache: Option<std::sync::Arc<crate::engine::cache::PrefixCacheMeter>>,
+    /// Engine tokens to report with results and heartbeats.
+    usage: Option<std::sync::Arc<crate::engine::usage::UsageMeter>>,
 }
 
 impl DispatcherClient {
@@ -156,6 +158,7 @@ impl DispatcherClient {
             http,
             worker_id,
             prefix_cache: None,
+            usage: None,
         }
     }
 
@@ -168,6 +171,43 @@ impl DispatcherClient {
             prefix_cache: Some(meter),
             ..self
         }
+    }
+
+    /// The same client, reporting the tokens `meter` counts with its
+    /// results and heartbeats.
+    pub fn with_usage(
+        self,
+        meter: std::sync::Arc<crate::engine::usage::UsageMeter>,
+    ) -> DispatcherClient {
+        DispatcherClient {
+            usage: Some(meter),
+            ..self
+        }
+    }
+
+    /// Runs `call` with the tokens not reported yet; puts them back unless
+    /// the server read them: it did when it answered 200 (however the answer
+    /// reads) or 422 (results without a work id are refused after the rest
+    /// was taken); a request without an answer, or refused whole, is sent
+    /// again with the next.
+    async fn reporting_usage<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Option<TokenCounts>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let usage = self.usage.as_ref().and_then(|m| m.take());
+        let answer = call(usage).await;
+        let read = match &answer {
+            Ok(_) | Err(ClientError::Decode { .. }) => true,
+            Err(ClientError::Status { status, .. }) => {
+                *status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Err(_) => false,
+        };
+        if let (false, Some(meter), Some(usage)) = (read, &self.usage, usage) {
+            meter.put_back(usage);
+        }
+        answer
     }
 
     /// The server's base URL.
@@ -219,7 +259,18 @@ impl DispatcherClient {
 
     /// `POST /results`.
     pub async fn submit(&self, items: Vec<WorkItem>) -> Result<ResultsResponse, ClientError> {
-        self.post("results", &ResultsRequest { items }).await
+        self.reporting_usage(|usage| async move {
+            self.post(
+                "results",
+                &ResultsRequest {
+                    items,
+                    worker: Some(self.worker_id.clone()),
+                    usage,
+                },
+            )
+            .await
+        })
+        .await
     }
 
     /// `POST /release`: returns how many items went back to the queue.
@@ -248,14 +299,18 @@ impl DispatcherClient {
 
     /// `POST /heartbeat` (extension): extends the leases of `work_ids`.
     pub async fn heartbeat(&self, work_ids: Vec<u64>) -> Result<HeartbeatResponse, ClientError> {
-        self.post(
-            "heartbeat",
-            &HeartbeatRequest {
-                work_ids,
-                worker: Some(self.worker_id.clone()),
-                prefix_cache: self.prefix_cache.as_ref().and_then(|m| m.get()),
-            },
-        )
+        self.reporting_usage(|usage| async move {
+            self.post(
+                "heartbeat",
+                &HeartbeatRequest {
+                    work_ids,
+                    worker: Some(self.worker_id.clone()),
+                    prefix_cache: self.prefix_cache.as_ref().and_then(|m| m.get()),
+                    usage,
+                },
+            )
+            .await
+        })
         .await
     }
 

@@ -246,11 +246,13 @@ pub enum Endpoint {
     Journal,
     /// `POST /hello`.
     Hello,
+    /// `GET /` and `/page.js`: the job page.
+    Page,
 }
 
 impl Endpoint {
     /// Every endpoint, in declaration order.
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::Work,
         Endpoint::Results,
         Endpoint::Release,
@@ -261,6 +263,7 @@ impl Endpoint {
         Endpoint::Health,
         Endpoint::Journal,
         Endpoint::Hello,
+        Endpoint::Page,
     ];
 
     /// Its path, the `endpoint` label of its latency series.
@@ -276,6 +279,7 @@ impl Endpoint {
             Endpoint::Health => "/health",
             Endpoint::Journal => "/journal",
             Endpoint::Hello => "/hello",
+            Endpoint::Page => "/",
         }
     }
 
@@ -430,6 +434,8 @@ pub struct WorkerMetrics {
     journal_replayed: Counter,
     journal_tokens_saved: Counter,
     outcomes: Family<KindLabel, Counter>,
+    /// Tokens used and not reported to the server yet.
+    usage: std::sync::Arc<crate::engine::usage::UsageMeter>,
 }
 
 impl Default for WorkerMetrics {
@@ -448,6 +454,7 @@ impl Default for WorkerMetrics {
             journal_replayed: Counter::default(),
             journal_tokens_saved: Counter::default(),
             outcomes: Family::default(),
+            usage: std::sync::Arc::default(),
         };
         registry.register(
             "engine_requests_in_flight",
@@ -518,6 +525,7 @@ pub struct EngineSeries {
     prompt_tokens: Family<ModelLabel, Counter>,
     generation_tokens: Family<ModelLabel, Counter>,
     request_success: Family<SuccessLabel, Counter>,
+    usage: std::sync::Arc<crate::engine::usage::UsageMeter>,
 }
 
 /// What the engine answered, for the metrics.
@@ -557,6 +565,10 @@ impl EngineSeries {
         if let Some(n) = a.completion_tokens {
             self.generation_tokens.get_or_create(&model).inc_by(n);
         }
+        self.usage.add(
+            a.prompt_tokens.unwrap_or(0),
+            a.completion_tokens.unwrap_or(0),
+        );
         self.request_success
             .get_or_create(&SuccessLabel {
                 engine: model.engine,
@@ -581,7 +593,14 @@ impl WorkerMetrics {
             prompt_tokens: self.prompt_tokens.clone(),
             generation_tokens: self.generation_tokens.clone(),
             request_success: self.request_success.clone(),
+            usage: self.usage.clone(),
         }
+    }
+
+    /// The tokens engines answered with and not reported yet: a client
+    /// that reports them to its server takes them from here.
+    pub fn usage(&self) -> std::sync::Arc<crate::engine::usage::UsageMeter> {
+        self.usage.clone()
     }
 
     /// A request to `engine` is sent again because of `cause`.

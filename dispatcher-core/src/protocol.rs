@@ -213,6 +213,12 @@ impl WorkResponse {
 pub struct ResultsRequest {
     /// Items with `result` set.
     pub items: Vec<WorkItem>,
+    /// Extension: who sends them (the `worker` of its work requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Extension: engine tokens the worker used since its last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenCounts>,
 }
 
 /// What the server reads of a `POST /results` body: `{"items": [...]}` where
@@ -225,6 +231,19 @@ pub struct ResultsRequest {
 pub struct SubmittedResults {
     /// The results.
     pub items: Vec<SubmittedResult>,
+    /// Extension: who sends them.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// Extension: engine tokens the worker used since its last report. A
+    /// malformed one is ignored: counts never cost a batch of results.
+    #[serde(default, deserialize_with = "lenient_usage")]
+    pub usage: Option<TokenCounts>,
+}
+
+/// Reads an optional [`TokenCounts`], taking anything else as none.
+fn lenient_usage<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TokenCounts>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 /// One item of [`SubmittedResults`], as sent.
@@ -480,6 +499,53 @@ pub struct HeartbeatRequest {
     /// the engine reports them (vLLM), as read lately.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache: Option<PrefixCache>,
+    /// Extension: engine tokens the worker used since its last report.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_usage"
+    )]
+    pub usage: Option<TokenCounts>,
+}
+
+/// Engine requests answered and the tokens they took, as the engine's
+/// `usage` says. Workers report what they used since their last report
+/// that was answered (with results and heartbeats), so a server adds each
+/// report once and a restarted server loses nothing a worker had not sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCounts {
+    /// Engine requests answered.
+    #[serde(default)]
+    pub requests: u64,
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Generated tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+impl TokenCounts {
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        *self == TokenCounts::default()
+    }
+}
+
+impl std::ops::AddAssign for TokenCounts {
+    fn add_assign(&mut self, other: TokenCounts) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+impl std::ops::Add for TokenCounts {
+    type Output = TokenCounts;
+    fn add(mut self, other: TokenCounts) -> TokenCounts {
+        self += other;
+        self
+    }
 }
 
 /// An engine's prefix cache counters (vLLM's `prefix_cache_queries` and
@@ -685,6 +751,112 @@ pub struct StatusResponse {
     /// workers that report them (absent when none does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache: Option<PrefixCache>,
+    /// Extension: engine tokens the workers reported, over every run of the
+    /// job (earlier runs' from the manifest).
+    #[serde(default)]
+    pub tokens: TokenCounts,
+    /// Extension: lines and tokens per second over the last minute.
+    #[serde(default)]
+    pub rates: Rates,
+    /// Extension: seconds until every line is done at the last minute's
+    /// rate, once the total is known and lines are being done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<f64>,
+    /// Extension: the first failed line of each kind this run wrote: its
+    /// work id and its first bytes.
+    #[serde(default)]
+    pub failure_examples: std::collections::BTreeMap<String, FailureExample>,
+    /// Extension: with `?history=1`, the job's progress sampled every
+    /// [`HISTORY_EVERY_SECS`] over the last hours of this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<HistorySample>>,
+    /// Extension: the prices given (`--price-per-mtok-in/out`) and what the
+    /// tokens so far cost at them; absent without prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+/// Prices per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Prices {
+    /// Per million prompt tokens.
+    pub per_mtok_in: f64,
+    /// Per million generated tokens.
+    pub per_mtok_out: f64,
+}
+
+impl Prices {
+    /// What `tokens` cost.
+    pub fn of(&self, tokens: &TokenCounts) -> f64 {
+        (tokens.prompt_tokens as f64 * self.per_mtok_in
+            + tokens.completion_tokens as f64 * self.per_mtok_out)
+            / 1e6
+    }
+}
+
+/// `/status`'s `cost`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// The prices.
+    pub prices: Prices,
+    /// What the tokens so far cost.
+    pub so_far: f64,
+    /// What the whole job will cost if the lines left cost what the lines
+    /// done did (absent until lines are done and the total is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projected: Option<f64>,
+}
+
+/// How often the server samples its progress for `/status?history=1`.
+pub const HISTORY_EVERY_SECS: u64 = 5;
+
+/// Lines and tokens per second (over the last minute, in `/status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Output lines written per second.
+    pub lines_per_sec: f64,
+    /// Prompt tokens per second.
+    pub prompt_tokens_per_sec: f64,
+    /// Generated tokens per second.
+    pub completion_tokens_per_sec: f64,
+}
+
+/// One point of `/status`'s `history`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistorySample {
+    /// Seconds since the server started.
+    pub secs: f64,
+    /// Output lines written (resumed lines included).
+    pub lines_done: u64,
+    /// Engine tokens reported so far (all runs).
+    pub tokens: TokenCounts,
+}
+
+/// An example of a failure kind (`/status`'s `failure_examples`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureExample {
+    /// The line's work id.
+    pub work_id: u64,
+    /// The output line's first bytes (at most [`FailureExample::MAX_BYTES`]).
+    pub line: String,
+}
+
+impl FailureExample {
+    /// How much of a failed line an example keeps.
+    pub const MAX_BYTES: usize = 400;
+
+    /// An example of line `work_id`, cut to [`Self::MAX_BYTES`] at a
+    /// character boundary.
+    pub fn of(work_id: u64, line: &str) -> FailureExample {
+        let mut end = line.len().min(Self::MAX_BYTES);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        FailureExample {
+            work_id,
+            line: line[..end].to_string(),
+        }
+    }
 }
 
 /// `/status`'s `groups`: lines read ahead by group key and where they went.
@@ -751,6 +923,18 @@ pub struct WorkerStatus {
     /// Its engine's prefix cache counters, when it reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache: Option<PrefixCache>,
+    /// Engine tokens it reported to this run of the server.
+    #[serde(default)]
+    pub tokens: TokenCounts,
+    /// Its prompt and generated tokens per second lately (absent until two
+    /// reports are far enough apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
+    /// `active` (holds lines), `idle` (holds none), `silent` (not heard
+    /// from for a minute) or `gone` (not heard from for a work timeout: its
+    /// lines were or will be reissued).
+    #[serde(default)]
+    pub state: String,
 }
 
 /// The body of every 4xx/5xx answer of this server.

@@ -76,10 +76,26 @@ pub const KINDS: &[(&str, &str)] = &[
         "the task's own JSON failed (`?` on a `serde_json::Error`)",
     ),
     (
-        "prompt_path_error",
-        "`infer`: `--prompt-path` finds no usable prompt in the line",
+        "prompt_missing",
+        "`infer`: `--prompt-path` selects nothing, or null, in the line",
     ),
-    ("invalid_json", "`run-batch`: the input line is not JSON"),
+    (
+        "prompt_not_string",
+        "`infer`: `--prompt-path` selects something that is not a prompt (a number, an object, ...)",
+    ),
+    (
+        "prompt_path_error",
+        "`infer`: `--prompt-path` fails on the line (a jq error)",
+    ),
+    (
+        "prompt_too_long",
+        "`infer --skip-over-length`: the prompt leaves no room in the model's context; it was sent to no engine",
+    ),
+    (
+        "prompt_not_tokenized",
+        "`infer --skip-over-length`: the prompt could not be counted (the chat template refused its messages)",
+    ),
+    ("invalid_json", "`run-batch`, `infer`: the input line is not JSON"),
     (
         "invalid_request",
         "`run-batch`: the input line is not a JSON object",
@@ -242,6 +258,9 @@ pub struct OutputLine {
     /// `infer --include-usage`.
     #[serde(default)]
     finish_reasons: Field<Value>,
+    /// `infer --include-usage`: seconds the line's engine requests took.
+    #[serde(default)]
+    latency_secs: Field<Value>,
 }
 
 impl OutputLine {
@@ -335,6 +354,15 @@ impl OutputLine {
         usage
             .is_object()
             .then(|| (count("prompt_tokens"), count("completion_tokens")))
+    }
+
+    /// Seconds the line's engine requests took, where it says
+    /// (`latency_secs` of an `infer --include-usage` line).
+    pub fn latency_secs(&self) -> Option<f64> {
+        self.latency_secs
+            .value()?
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0)
     }
 
     /// The finish reasons of the line's responses, where it says them.

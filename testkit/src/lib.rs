@@ -3,7 +3,10 @@
 //! output ([`jsonl`], [`lines`]), signals ([`send_signal`]), a server process
 //! and its address ([`ServerProcess`]), a fake worker ([`answer_batch`],
 //! [`work_until_done`]), and an OpenAI-compatible test engine whose answers
-//! a test scripts ([`HttpEngine`]). Every address is on 127.0.0.1.
+//! a test scripts ([`HttpEngine`]), a headless browser ([`browser`]). Every
+//! address is on 127.0.0.1.
+
+pub mod browser;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -3,10 +3,11 @@
 //! (`run-batch`, OpenAI batch files), [`report`] (a job's output, counted),
 //! [`status`] (`status` and `work-timeout` of a running server), [`slurm`]
 //! (`slurm-script`), [`export`] (an output as Parquet), [`launch`] (a job
-//! that runs itself on Slurm). Each holds its flags and its `run`; the worker runtime
+//! that runs itself on Slurm), [`estimate`] (a job's tokens and cost before it runs). Each holds its flags and its `run`; the worker runtime
 //! they share is [`crate::worker`].
 
 pub mod batch;
+pub mod estimate;
 pub mod export;
 pub mod infer;
 pub mod launch;

@@ -35,7 +35,7 @@ pub struct ReportArgs {
 }
 
 /// The figures of one output.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Output lines.
     pub lines: u64,
@@ -58,7 +58,137 @@ pub struct Report {
     pub finished_at_length: u64,
     /// Input lines, with `--input`.
     pub input_lines: Option<u64>,
+    /// The first line of each failure kind: its line number (from 1) and
+    /// first bytes.
+    #[serde(default)]
+    pub examples: BTreeMap<String, Example>,
+    /// Seconds lines' engine requests took, where lines say
+    /// (`infer --include-usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
+    /// Engine tokens the job's workers reported to its server, and the
+    /// seconds its runs took, from the manifest beside the output (absent
+    /// without one, or when no worker reported tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Reported>,
+    /// The latencies read, kept as a histogram (fixed memory however many
+    /// lines).
+    #[serde(skip)]
+    latencies: LatencyHistogram,
 }
+
+/// What the job's workers reported to its server (the manifest's runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reported {
+    /// Engine requests and tokens, over every run.
+    pub tokens: dispatcher_core::protocol::TokenCounts,
+    /// Seconds of the runs that recorded their stop.
+    pub run_secs: f64,
+}
+
+impl Reported {
+    /// From the manifest of the job whose output is `output`, if any.
+    fn of_job(output: &Path) -> Option<Reported> {
+        let path = dispatcher_core::job::manifest::manifest_path(output);
+        let doc: dispatcher_core::job::manifest::ManifestDoc =
+            serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let mut reported = Reported::default();
+        for run in &doc.runs {
+            reported.tokens += run.tokens;
+            let time = |t: &str| humantime::parse_rfc3339(t).ok();
+            if let (Some(start), Some(stop)) = (
+                time(&run.started_at),
+                run.stopped_at.as_deref().and_then(time),
+            ) {
+                reported.run_secs += stop.duration_since(start).map_or(0.0, |d| d.as_secs_f64());
+            }
+        }
+        (!reported.tokens.is_empty()).then_some(reported)
+    }
+}
+
+/// A line of a failure kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    /// Its line number in the output, from 1.
+    pub line: u64,
+    /// Its first bytes.
+    pub head: String,
+}
+
+/// Latency figures, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Lines that said theirs.
+    pub lines: u64,
+    /// Their mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// The longest.
+    pub max: f64,
+}
+
+/// Latencies in buckets 2% wide (log scale) from a millisecond up: a
+/// percentile read from it is within 2% of the exact one.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct LatencyHistogram {
+    counts: Vec<u64>,
+    n: u64,
+    sum: f64,
+    max: f64,
+}
+
+impl LatencyHistogram {
+    const BASE: f64 = 1.02;
+    const FLOOR_SECS: f64 = 0.001;
+
+    fn add(&mut self, secs: f64) {
+        let bucket = if secs <= Self::FLOOR_SECS {
+            0
+        } else {
+            ((secs / Self::FLOOR_SECS).ln() / Self::BASE.ln()).ceil() as usize
+        };
+        if self.counts.len() <= bucket {
+            self.counts.resize(bucket + 1, 0);
+        }
+        self.counts[bucket] += 1;
+        self.n += 1;
+        self.sum += secs;
+        self.max = self.max.max(secs);
+    }
+
+    /// The upper edge of the bucket holding quantile `q`, at most the max.
+    fn quantile(&self, q: f64) -> f64 {
+        let rank = ((q * self.n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bucket, &count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return (Self::FLOOR_SECS * Self::BASE.powi(bucket as i32)).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    fn summary(&self) -> Option<Latency> {
+        (self.n > 0).then(|| Latency {
+            lines: self.n,
+            mean: self.sum / self.n as f64,
+            p50: self.quantile(0.5),
+            p90: self.quantile(0.9),
+            p99: self.quantile(0.99),
+            max: self.max,
+        })
+    }
+}
+
+/// Bytes of a failed line an example keeps.
+const EXAMPLE_BYTES: usize = 300;
 
 impl Report {
     /// Adds one output line: what it is comes from the one classifier
@@ -68,15 +198,15 @@ impl Report {
         self.lines += 1;
         let Some(parsed) = OutputLine::parse(line) else {
             self.not_json += 1;
-            *self
-                .errors
-                .entry(LineKind::NotJson.name().into())
-                .or_default() += 1;
+            self.failed(LineKind::NotJson.name(), line);
             return;
         };
         match parsed.kind() {
             LineKind::Ok => self.ok += 1,
-            kind => *self.errors.entry(kind.name().into()).or_default() += 1,
+            kind => self.failed(kind.name(), line),
+        }
+        if let Some(secs) = parsed.latency_secs() {
+            self.latencies.add(secs);
         }
         for (cause, n) in parsed.reissues() {
             *self.tombstone_reissues.entry(cause.into()).or_default() += n;
@@ -91,6 +221,23 @@ impl Report {
                 self.finished_at_length += 1;
             }
         }
+    }
+
+    /// Counts the current line, `line`, as failed with `kind`; the first
+    /// of its kind is its example.
+    fn failed(&mut self, kind: &str, line: &[u8]) {
+        if !self.examples.contains_key(kind) {
+            let head = String::from_utf8_lossy(&line[..line.len().min(EXAMPLE_BYTES)]);
+            self.examples.insert(
+                kind.to_string(),
+                Example {
+                    line: self.lines,
+                    // A character cut in two at the end is dropped.
+                    head: head.trim_end_matches('\u{fffd}').to_string(),
+                },
+            );
+        }
+        *self.errors.entry(kind.to_string()).or_default() += 1;
     }
 
     /// Reads the output at `path`, calling `progress` with the bytes read so far.
@@ -116,6 +263,7 @@ impl Report {
             }
         }
         progress(read);
+        report.latency = report.latencies.summary();
         Ok(report)
     }
 
@@ -141,6 +289,13 @@ impl Report {
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (kind, n) in by_count {
             out.push_str(&format!("  {kind:<30} {n}\n"));
+            if let Some(e) = self.examples.get(kind) {
+                let mut head: String = e.head.chars().take(110).collect();
+                if head.len() < e.head.len() {
+                    head.push_str("...");
+                }
+                out.push_str(&format!("    e.g. line {}: {head}\n", e.line));
+            }
         }
         if !self.tombstone_reissues.is_empty() {
             let causes: Vec<String> = self
@@ -157,6 +312,28 @@ impl Report {
             out.push_str(&format!(
                 "tokens           prompt {}, completion {}\n",
                 self.prompt_tokens, self.completion_tokens
+            ));
+        }
+        if let Some(r) = &self.reported {
+            let t = &r.tokens;
+            let rate = if r.run_secs > 0.0 {
+                format!(
+                    " over {} of runs: {:.0} tokens/s",
+                    super::status::human_secs(r.run_secs),
+                    (t.prompt_tokens + t.completion_tokens) as f64 / r.run_secs
+                )
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "engine           prompt {}, completion {} in {} requests, as the workers reported them{rate}\n",
+                t.prompt_tokens, t.completion_tokens, t.requests
+            ));
+        }
+        if let Some(l) = &self.latency {
+            out.push_str(&format!(
+                "latency          {} lines: mean {:.2}s, p50 {:.2}s, p90 {:.2}s, p99 {:.2}s, max {:.2}s\n",
+                l.lines, l.mean, l.p50, l.p90, l.p99, l.max
             ));
         }
         if self.responses > 0 {
@@ -208,6 +385,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    report.reported = Reported::of_job(&args.output);
     if let Some(input) = &args.input {
         let files = dispatcher_core::job::JobFiles::new(&args.output, None);
         let lines = dispatcher_core::dataset::input_lines(input, args.split.as_deref(), &files)
@@ -265,5 +443,31 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("max_retries_exceeded           2"), "{text}");
+        // The first line of each kind is its example.
+        assert_eq!(r.examples["max_retries_exceeded"].line, 3);
+        assert_eq!(r.examples["not_json"].head, "{cut off");
+        assert!(text.contains("    e.g. line 3: {\"__ERROR__\""), "{text}");
+    }
+
+    #[test]
+    fn latency_percentiles_are_within_two_percent() {
+        let mut r = Report::default();
+        // 1..=1000 ms, in a shuffled order, and a line without a latency.
+        for i in 0..1000u64 {
+            let ms = (i * 7919) % 1000 + 1;
+            r.add(
+                json!({"responses": ["a"], "latency_secs": ms as f64 / 1000.0})
+                    .to_string()
+                    .as_bytes(),
+            );
+        }
+        r.add(br#"{"responses": ["a"]}"#);
+        let l = r.latencies.summary().unwrap();
+        assert_eq!(l.lines, 1000);
+        assert!((l.mean - 0.5005).abs() < 1e-9, "{l:?}");
+        for (got, exact) in [(l.p50, 0.5), (l.p90, 0.9), (l.p99, 0.99)] {
+            assert!((got - exact).abs() <= 0.02 * exact, "{got} vs {exact}");
+        }
+        assert_eq!(l.max, 1.0);
     }
 }

@@ -138,6 +138,43 @@ pub struct ServeArgs {
     /// Prefix affinity.
     #[command(flatten)]
     pub group: crate::grouping::GroupArgs,
+    /// Prices, for the cost shown by `/status`, the page and `dispatcher status`.
+    #[command(flatten)]
+    pub prices: PriceArgs,
+}
+
+/// `--price-per-mtok-in/out`: what a million tokens cost.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PriceArgs {
+    /// Price of a million prompt tokens (in any currency: it is only
+    /// multiplied); with it, the cost of the tokens so far is shown.
+    #[arg(long, value_name = "PRICE")]
+    pub price_per_mtok_in: Option<f64>,
+    /// Price of a million generated tokens.
+    #[arg(long, value_name = "PRICE")]
+    pub price_per_mtok_out: Option<f64>,
+}
+
+impl PriceArgs {
+    /// The prices given (one alone counts the other as free); `None`
+    /// without either.
+    pub fn prices(&self) -> anyhow::Result<Option<dispatcher_core::protocol::Prices>> {
+        for (flag, v) in [
+            ("price-per-mtok-in", self.price_per_mtok_in),
+            ("price-per-mtok-out", self.price_per_mtok_out),
+        ] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                bail!("--{flag} must be a price of 0 or more, not {v}");
+            }
+        }
+        if self.price_per_mtok_in.is_none() && self.price_per_mtok_out.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(dispatcher_core::protocol::Prices {
+            per_mtok_in: self.price_per_mtok_in.unwrap_or(0.0),
+            per_mtok_out: self.price_per_mtok_out.unwrap_or(0.0),
+        }))
+    }
 }
 
 /// `-1` for "never", else a count that fits in `u32`.
@@ -245,6 +282,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.0, 3600.0)),
             request_timeout: secs("request-timeout", self.request_timeout)?,
+            prices: self.prices.prices()?,
         };
         Ok((ledger, options))
     }

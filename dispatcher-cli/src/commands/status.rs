@@ -170,6 +170,24 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         now.tombstones,
         now.invalid_lines,
     );
+    let tokens_rate = |now_n: u64, before_n: u64| now_n.saturating_sub(before_n) as f64 / secs;
+    out.push_str(&format!(
+        "tokens       {} prompt ({:.0}/s), {} generated ({:.0}/s) in {} engine requests{}\n",
+        now.tokens.prompt_tokens,
+        tokens_rate(now.tokens.prompt_tokens, before.tokens.prompt_tokens),
+        now.tokens.completion_tokens,
+        tokens_rate(
+            now.tokens.completion_tokens,
+            before.tokens.completion_tokens
+        ),
+        now.tokens.requests,
+        now.cost.map_or_else(String::new, |c| {
+            let projected = c
+                .projected
+                .map_or_else(String::new, |p| format!(" of ~{p:.2} projected"));
+            format!("; cost so far {:.4}{projected}", c.so_far)
+        }),
+    ));
     out.push_str(&format!(
         "journal      {} entries, {} bytes held ({} not recorded: full)   replayed {} requests, {} engine tokens saved\n",
         now.journal_entries,
@@ -183,6 +201,15 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         let kinds: Vec<String> = by_count.iter().map(|(k, n)| format!("{k} {n}")).collect();
         out.push_str(&format!("failed       {}\n", kinds.join(", ")));
+        for (kind, _) in by_count {
+            if let Some(e) = now.failure_examples.get(kind) {
+                out.push_str(&format!(
+                    "  {kind:<26} e.g. work_id {}: {}\n",
+                    e.work_id,
+                    one_line(&e.line, 100)
+                ));
+            }
+        }
     }
     if let Some(g) = &now.groups {
         let share = |n: u64| {
@@ -236,15 +263,27 @@ fn render_workers(now: &StatusResponse) -> String {
         let cache = w.prefix_cache.map_or_else(String::new, |c| {
             format!(", prefix cache {:.1}% hit", 100.0 * c.hit_rate())
         });
+        let rate = w
+            .tokens_per_sec
+            .map_or_else(String::new, |r| format!(", {r:.0} tokens/s"));
         out.push_str(&format!(
-            "  {:<28} {who}: last contact {} ago, {} lines done, {} in flight{cache}\n",
+            "  {:<28} {who}: {}, last contact {} ago, {} lines done, {} in flight{rate}{cache}\n",
             w.worker,
+            if w.state.is_empty() { "?" } else { &w.state },
             human_secs(w.last_contact_secs),
             w.lines_done,
             w.in_flight
         ));
     }
     out
+}
+
+/// The first `max` characters of `text`, `...` when there were more.
+fn one_line(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 /// Seconds as people read them: `42s`, `3m 05s`, `2h 10m`.

@@ -344,6 +344,7 @@ impl WorkArgs {
     async fn source(
         &self,
         prefix_cache: Arc<PrefixCacheMeter>,
+        usage: Arc<dispatcher_core::engine::usage::UsageMeter>,
     ) -> anyhow::Result<Option<LocalSource>> {
         if self.dispatcher.is_some() && self.group.group_by.is_some() {
             bail!("--group-by needs local mode (-i/-o): with --dispatcher the server hands out the lines; give --group-by to `dispatcher serve`");
@@ -355,7 +356,8 @@ impl WorkArgs {
             (Some(addr), None, None) => Ok(Some((
                 Arc::new(ServerSource::new(
                     DispatcherClient::with_token(addr, self.token.as_deref())
-                        .with_prefix_cache(prefix_cache),
+                        .with_prefix_cache(prefix_cache)
+                        .with_usage(usage),
                 )),
                 None,
             ))),
@@ -504,7 +506,11 @@ pub async fn run_task(
     // engine is launched.
     let engine_specs = engine_args.specs()?;
     let prefix_cache = Arc::new(PrefixCacheMeter::default());
-    let Some((source, mut follower)) = work.source(prefix_cache.clone()).await? else {
+    let progress = Arc::new(Progress::default());
+    let Some((source, mut follower)) = work
+        .source(prefix_cache.clone(), progress.metrics.usage())
+        .await?
+    else {
         return Ok(());
     };
     if let Some(f) = &mut follower {
@@ -513,7 +519,6 @@ pub async fn run_task(
     // Listening from before the engine starts: a job preempted while vLLM still
     // loads (a minute or more) stops at once, and the engine with it.
     let mut stop = std::pin::pin!(crate::termination_signal());
-    let progress = Arc::new(Progress::default());
     let (mut engine, engines) = tokio::select! {
         started = engine_specs.start(work.max_in_flight, &progress.metrics) => started?,
         () = &mut stop => {

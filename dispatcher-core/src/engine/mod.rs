@@ -6,7 +6,8 @@
 //! and `response.rs` the typed request and response; `openai.rs` the HTTP
 //! backend (retries, keys, TLS); [`rate`] client-side rate limits; [`echo`]
 //! the echo engine; [`launch`] starting and stopping a local engine;
-//! [`cache`] the engine's own prefix cache counters.
+//! [`cache`] the engine's own prefix cache counters; [`usage`] the tokens a
+//! worker reports to its server.
 
 pub mod cache;
 pub mod echo;
@@ -15,6 +16,7 @@ mod openai;
 pub mod rate;
 mod request;
 mod response;
+pub mod usage;
 
 use std::fmt;
 use std::future::Future;

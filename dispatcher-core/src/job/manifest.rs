@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Hello;
+use crate::protocol::{Hello, TokenCounts};
 
 /// The manifest's path for `outfile`.
 pub fn manifest_path(outfile: &Path) -> PathBuf {
@@ -65,6 +65,10 @@ pub struct Run {
     /// A `--redo-errors` run: the error types it redoes (`all`, or a list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redo_errors: Option<String>,
+    /// Engine tokens its workers reported, as of its last checkpoint (or
+    /// its stop).
+    #[serde(default, skip_serializing_if = "TokenCounts::is_empty")]
+    pub tokens: TokenCounts,
 }
 
 /// How some of the lines were made.
@@ -198,6 +202,23 @@ impl Manifest {
             run.lines_done_at_stop = Some(lines_done);
         }
         self.save();
+    }
+
+    /// This run's workers reported `tokens` so far: written when they
+    /// changed since the last time.
+    pub fn save_tokens(&mut self, tokens: TokenCounts) {
+        if let Some(run) = self.doc.runs.last_mut().filter(|r| r.tokens != tokens) {
+            run.tokens = tokens;
+            self.save();
+        }
+    }
+
+    /// Tokens of the job's earlier runs.
+    pub fn earlier_tokens(&self) -> TokenCounts {
+        let runs = &self.doc.runs;
+        runs[..runs.len().saturating_sub(1)]
+            .iter()
+            .fold(TokenCounts::default(), |sum, r| sum + r.tokens)
     }
 
     /// What it says now.

@@ -353,7 +353,7 @@ impl Ledger {
             self.counters.tombstones += 1;
             tracing::warn!(work_id = id, error, history = ?item.reissues, "tombstoned");
             let record = crate::record::tombstone(error, id, &content, item.reissues);
-            self.counters.finished(&record);
+            self.counters.finished(id, &record);
             self.window.finish(id, record.into(), item.span.end)?;
             return Ok(false);
         }

@@ -461,7 +461,7 @@ impl Ledger {
         self.counters.invalid_lines += 1;
         self.window.push_open();
         let record = crate::record::invalid_utf8(id, span.offset, &self.config.infile, bytes);
-        self.counters.finished(&record);
+        self.counters.finished(id, &record);
         self.window.finish(id, record.into(), span.end)
     }
 
@@ -601,7 +601,7 @@ impl Ledger {
                             }
                         }
                     }
-                    self.counters.finished(&line);
+                    self.counters.finished(id, &line);
                     self.window
                         .finish(id, line.into_boxed_str(), item.span.end)?;
                     reply.accepted += 1;

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::items::ItemState;
 use super::journal::JournalStats;
 use super::Ledger;
-use crate::protocol::{BlockingLine, OldestInFlight, ReissueCounts};
+use crate::protocol::{BlockingLine, FailureExample, OldestInFlight, ReissueCounts};
 
 /// Where the job stands: what `GET /status` and the metrics report, in the
 /// ledger's own terms (the server maps it to the wire).
@@ -50,6 +50,8 @@ pub struct LedgerStats {
     /// Failed lines this run finished (results, tombstones, invalid input
     /// lines), by kind ([`crate::record`]).
     pub failed_by_kind: BTreeMap<String, u64>,
+    /// The first failed line of each kind this run finished.
+    pub failure_examples: BTreeMap<String, FailureExample>,
     /// What the journal holds (zeros with `--no-journal`).
     pub journal: JournalStats,
     /// Results ignored (duplicates, unknown ids).
@@ -96,6 +98,8 @@ pub(super) struct Counters {
     pub(super) kept: u64,
     /// Failed lines finished by this run, by kind.
     pub(super) failed_by_kind: BTreeMap<String, u64>,
+    /// The first of them of each kind.
+    pub(super) failure_examples: BTreeMap<String, FailureExample>,
 }
 
 impl Counters {
@@ -115,12 +119,18 @@ impl Counters {
             done_by: rustc_hash::FxHashMap::default(),
             kept: 0,
             failed_by_kind: BTreeMap::new(),
+            failure_examples: BTreeMap::new(),
         }
     }
 
-    /// Counts `line` (one JSON value) when it is a failure.
-    pub(super) fn finished(&mut self, line: &str) {
+    /// Counts line `id`'s output `line` (one JSON value) when it is a
+    /// failure; the first of its kind is kept as an example.
+    pub(super) fn finished(&mut self, id: u64, line: &str) {
         if let Some(kind) = crate::record::failure_of_json(line) {
+            if !self.failure_examples.contains_key(&kind) {
+                self.failure_examples
+                    .insert(kind.clone(), FailureExample::of(id, line));
+            }
             *self.failed_by_kind.entry(kind).or_default() += 1;
         }
     }
@@ -159,6 +169,7 @@ impl Ledger {
             invalid_lines: c.invalid_lines,
             kept_lines: c.kept,
             failed_by_kind: c.failed_by_kind.clone(),
+            failure_examples: c.failure_examples.clone(),
             journal: self.journal_stats().unwrap_or_default(),
             ignored_results: c.ignored_results,
             issued_total: c.issued_total,

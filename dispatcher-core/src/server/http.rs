@@ -47,6 +47,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             require_token,
         ));
     }
+    // The page holds nothing of the job (it asks /status, with the token
+    // when one is set), so it is served to anyone.
+    router = router
+        .route("/", get(page_html))
+        .route("/page.js", get(page_js));
     router = router.route(
         "/health",
         get(|State(state): State<Arc<AppState>>| async move {
@@ -58,6 +63,35 @@ pub fn app(state: Arc<AppState>) -> Router {
         router = router.layer(axum::middleware::from_fn(log_invalid));
     }
     router.with_state(state)
+}
+
+/// The job page: one HTML file and its script, embedded in the binary.
+const PAGE_HTML: &str = include_str!("page/index.html");
+const PAGE_JS: &str = include_str!("page/page.js");
+
+/// Headers of the page: it may load nothing but its own script and talk to
+/// nothing but this server, whatever a worker's name or a failed line holds.
+fn page_headers(content_type: &'static str) -> [(axum::http::HeaderName, &'static str); 4] {
+    use axum::http::header;
+    [
+        (header::CONTENT_TYPE, content_type),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ]
+}
+
+async fn page_html(State(state): State<Arc<AppState>>) -> Response {
+    let _t = state.metrics.time(Endpoint::Page);
+    (page_headers("text/html; charset=utf-8"), PAGE_HTML).into_response()
+}
+
+async fn page_js(State(state): State<Arc<AppState>>) -> Response {
+    let _t = state.metrics.time(Endpoint::Page);
+    (page_headers("text/javascript; charset=utf-8"), PAGE_JS).into_response()
 }
 
 /// With `--log-invalid-http`: logs the peer and first bytes of requests
@@ -217,11 +251,28 @@ fn is_over_limit(e: &axum::Error) -> bool {
 
 /// Notes that the worker a request names made contact; returns its key.
 fn contact(state: &AppState, worker: Option<&str>) -> Option<u64> {
-    let key = worker_key(worker)?;
-    state
-        .workers()
-        .contact(key, worker.unwrap_or_default(), Instant::now());
-    Some(key)
+    contact_with(state, worker, None)
+}
+
+/// [`contact`], adding the tokens the request reports.
+fn contact_with(
+    state: &AppState,
+    worker: Option<&str>,
+    usage: Option<crate::protocol::TokenCounts>,
+) -> Option<u64> {
+    let key = worker_key(worker);
+    if key.is_none() && usage.is_none() {
+        return None;
+    }
+    let now = Instant::now();
+    let mut workers = state.workers();
+    if let Some(key) = key {
+        workers.contact(key, worker.unwrap_or_default(), now);
+    }
+    if let Some(usage) = usage {
+        workers.tokens(key, usage, now);
+    }
+    key
 }
 
 /// The worker id a request names, hashed: what the ledger remembers of it.
@@ -300,6 +351,9 @@ async fn post_results(
         body,
         r#"{"items": [work items with "work_id" and "result"]}"#,
     )?;
+    // Counts are taken whatever becomes of the results (the client puts
+    // them back only when the whole body was refused).
+    contact_with(&state, req.worker.as_deref(), req.usage);
     // Checking every result is the costliest per-item step: done here,
     // outside the ledger's lock, on whichever core is free.
     let mut lines = Vec::with_capacity(req.items.len());
@@ -377,7 +431,7 @@ async fn post_heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Heartbeat);
     let req: HeartbeatRequest = parse_body(body, r#"{"work_ids": [integers]}"#)?;
-    let worker = contact(&state, req.worker.as_deref());
+    let worker = contact_with(&state, req.worker.as_deref(), req.usage);
     if let (Some(key), Some(counts)) = (worker, req.prefix_cache) {
         state.workers().prefix_cache(key, counts);
     }
@@ -467,8 +521,48 @@ async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         .into_response())
 }
 
-async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+/// `GET /status`'s options.
+#[derive(Debug, Default, Deserialize)]
+struct StatusQuery {
+    /// `1` (or `true`): include the progress history.
+    history: Option<String>,
+    /// An answer made up to this many seconds ago will do (the page asks
+    /// with 1, so that any number of open pages cost one answer a second).
+    max_age: Option<f64>,
+}
+
+async fn get_status(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Status);
+    let history = matches!(query.history.as_deref(), Some("1" | "true"));
+    let max_age = query
+        .max_age
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(60.0)));
+    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    let slot = usize::from(history);
+    if let Some(max_age) = max_age {
+        let cache = state.status_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((made, body)) = &cache[slot] {
+            if made.elapsed() <= max_age {
+                return Ok((json, body.clone()).into_response());
+            }
+        }
+    }
+    let body = Bytes::from(
+        serde_json::to_vec(&status_now(&state, history)?).expect("the status serializes"),
+    );
+    if max_age.is_some() {
+        state.status_cache.lock().unwrap_or_else(|e| e.into_inner())[slot] =
+            Some((Instant::now(), body.clone()));
+    }
+    Ok((json, body).into_response())
+}
+
+/// The status now; with the progress history when `history`.
+fn status_now(state: &AppState, history: bool) -> Result<StatusResponse, ApiError> {
     let (mut stats, load) =
         state.with_ledger(|l| Ok((l.stats(Instant::now()), l.load_by_worker())))?;
     // Until the ledger has read the input to its end, the count made at start.
@@ -476,13 +570,43 @@ async fn get_status(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
     let mut status = status_response(&stats);
     {
         let workers = state.workers();
-        status.workers = workers.status(Instant::now(), &load);
+        status.workers = workers.status(Instant::now(), &load, stats.work_timeout);
         status.prefix_cache = workers.prefix_cache_total();
     }
     use std::sync::atomic::Ordering::Relaxed;
     status.journal_replayed = state.journal_replayed.load(Relaxed);
     status.journal_tokens_saved = state.journal_tokens_saved.load(Relaxed);
-    Ok(Json(status).into_response())
+    let now = state.progress(stats.lines_written);
+    status.tokens = now.tokens;
+    {
+        let kept = state.history.lock().unwrap_or_else(|e| e.into_inner());
+        status.rates = kept.rates(&now);
+        if history {
+            let mut samples = kept.samples();
+            samples.push(now);
+            status.history = Some(samples);
+        }
+    }
+    status.cost = state.prices.map(|prices| {
+        let so_far = prices.of(&status.tokens);
+        // Tokens of every run (the manifest's) over lines of every run.
+        let projected = stats
+            .lines_total
+            .filter(|_| stats.lines_written > 0)
+            .map(|total| so_far * total as f64 / stats.lines_written as f64);
+        crate::protocol::Cost {
+            prices,
+            so_far,
+            projected,
+        }
+    });
+    status.eta_secs = stats
+        .lines_total
+        .filter(|_| !stats.complete)
+        .and_then(|total| {
+            super::history::eta_secs(total.saturating_sub(stats.lines_written), &status.rates)
+        });
+    Ok(status)
 }
 
 async fn post_work_timeout(
@@ -561,6 +685,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         ignored_results: s.ignored_results,
         kept_lines: s.kept_lines,
         failed_by_kind: s.failed_by_kind.clone(),
+        failure_examples: s.failure_examples.clone(),
         journal_entries: s.journal.entries,
         journal_bytes: s.journal.bytes,
         journal_dropped: s.journal.dropped,
@@ -579,5 +704,10 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         workers: Vec::new(),
         prefix_cache: None,
         groups: s.groups,
+        tokens: crate::protocol::TokenCounts::default(),
+        rates: crate::protocol::Rates::default(),
+        eta_secs: None,
+        history: None,
+        cost: None,
     }
 }

@@ -13,6 +13,7 @@
 
 mod connections;
 mod error;
+mod history;
 mod http;
 mod state;
 #[cfg(test)]
@@ -66,6 +67,9 @@ pub struct ServeOptions {
     /// Longest a request may take from its headers to its answer: its body
     /// must arrive in full within it, however steadily it trickles.
     pub request_timeout: Duration,
+    /// Prices per million tokens (`--price-per-mtok-in/out`), for the cost
+    /// `/status` and the page show.
+    pub prices: Option<crate::protocol::Prices>,
 }
 
 impl Default for ServeOptions {
@@ -79,6 +83,7 @@ impl Default for ServeOptions {
             log_invalid_http: false,
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
+            prices: None,
             shutdown_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(120),
         }
@@ -222,6 +227,7 @@ pub async fn serve_state(
     tracing::debug!(?limits, "connection limits");
     serve_connections(listener, router, limits, stopping).await;
     tasks.shutdown().await;
+    state.save_tokens();
 
     let lines_done = || {
         state
@@ -319,14 +325,21 @@ async fn watch_completion(state: Arc<AppState>, grace: Duration, stop: Stop) {
 }
 
 /// Expires items once a second, so tombstones and completion do not wait for a
-/// work request.
+/// work request; samples the job's progress every
+/// [`HISTORY_EVERY_SECS`](crate::protocol::HISTORY_EVERY_SECS).
 async fn ticker(state: Arc<AppState>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for second in 0_u64.. {
         interval.tick().await;
-        if state.with_ledger(|l| l.tick(Instant::now())).is_err() {
+        let Ok(lines_done) = state.with_ledger(|l| {
+            l.tick(Instant::now())?;
+            Ok(l.lines_written())
+        }) else {
             return;
+        };
+        if second % crate::protocol::HISTORY_EVERY_SECS == 0 {
+            state.sample_progress(lines_done);
         }
     }
 }
@@ -348,6 +361,7 @@ async fn checkpointer(state: Arc<AppState>, every: Duration) {
         if state.checkpoint().await.is_err() {
             return;
         }
+        state.save_tokens();
     }
 }
 

@@ -55,6 +55,17 @@ pub struct AppState {
     /// written one at a time, in the order their state was taken. Taken before
     /// the ledger's lock, never while holding it.
     checkpointing: std::sync::Mutex<()>,
+    /// Engine tokens of the job's earlier runs (from the manifest).
+    pub(super) earlier_tokens: crate::protocol::TokenCounts,
+    /// Progress over time. Its own lock, never held with another.
+    pub(super) history: std::sync::Mutex<super::history::History>,
+    /// `/status` answers kept for `?max_age`: without and with the history.
+    pub(super) status_cache:
+        std::sync::Mutex<[Option<(tokio::time::Instant, axum::body::Bytes)>; 2]>,
+    /// When the server started.
+    pub(super) started: tokio::time::Instant,
+    /// `--price-per-mtok-in/out`.
+    pub(super) prices: Option<crate::protocol::Prices>,
 }
 
 impl AppState {
@@ -86,6 +97,7 @@ impl AppState {
             config.redo.as_ref(),
             ledger.is_fresh() && config.redo.is_none(),
         );
+        let earlier_tokens = manifest.earlier_tokens();
         Arc::new(AppState {
             ledger: std::sync::Mutex::new(ledger),
             stopped: AtomicBool::new(false),
@@ -103,7 +115,41 @@ impl AppState {
             journal_tokens_saved: std::sync::atomic::AtomicU64::new(0),
             manifest: std::sync::Mutex::new(manifest),
             checkpointing: std::sync::Mutex::new(()),
+            earlier_tokens,
+            history: std::sync::Mutex::default(),
+            status_cache: std::sync::Mutex::default(),
+            started: tokio::time::Instant::now(),
+            prices: options.prices,
         })
+    }
+
+    /// Engine tokens reported over every run of the job.
+    pub(super) fn tokens(&self) -> crate::protocol::TokenCounts {
+        self.earlier_tokens + self.workers().tokens_total()
+    }
+
+    /// The progress now, with `lines_done` written.
+    pub(super) fn progress(&self, lines_done: u64) -> crate::protocol::HistorySample {
+        crate::protocol::HistorySample {
+            secs: self.started.elapsed().as_secs_f64(),
+            lines_done,
+            tokens: self.tokens(),
+        }
+    }
+
+    /// Adds the progress now to the history.
+    pub(super) fn sample_progress(&self, lines_done: u64) {
+        let sample = self.progress(lines_done);
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sample);
+    }
+
+    /// Writes the tokens this run's workers reported into the manifest.
+    pub(super) fn save_tokens(&self) {
+        let tokens = self.workers().tokens_total();
+        self.manifest().save_tokens(tokens);
     }
 
     /// The worker registry (its lock recovers from poisoning: nothing under

@@ -641,3 +641,160 @@ async fn heartbeats_carry_the_engines_prefix_cache_counters_into_status() {
         .unwrap();
     assert_eq!(w1["prefix_cache"]["hits"], 900, "{s}");
 }
+
+/// Workers report the tokens they used since their last report with
+/// results and heartbeats; `/status` adds each report once, per worker and
+/// over all, prices them, and a malformed report costs none of the results
+/// it came with.
+#[tokio::test]
+async fn tokens_reported_with_results_and_heartbeats_add_up_in_status() {
+    let options = ServeOptions {
+        prices: Some(crate::protocol::Prices {
+            per_mtok_in: 1.0,
+            per_mtok_out: 4.0,
+        }),
+        ..ServeOptions::default()
+    };
+    let f = fixture("a\nb\nc\nd\n", options);
+    f.state.input_lines.set(4).unwrap();
+    call(&f.router, "GET", "/work?batch_size=2&worker=w1", "").await;
+    call(&f.router, "GET", "/work?batch_size=2&worker=w2", "").await;
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 0, "result": "1"}], "worker": "w1",
+            "usage": {"requests": 2, "prompt_tokens": 1000, "completion_tokens": 100}}"#,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/heartbeat",
+        r#"{"work_ids": [], "worker": "w2",
+            "usage": {"requests": 1, "prompt_tokens": 500, "completion_tokens": 50}}"#,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    // A malformed report: the result is taken, the counts are not.
+    let (code, r) = call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 2, "result": "3"}], "worker": "w2", "usage": "lots"}"#,
+    )
+    .await;
+    assert_eq!((code, &r["count"]), (StatusCode::OK, &1.into()), "{r}");
+    let (_, s) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(
+        s["tokens"],
+        serde_json::json!({"requests": 3, "prompt_tokens": 1500, "completion_tokens": 150})
+    );
+    let worker = |id: &str| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["worker"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(worker("w1")["tokens"]["prompt_tokens"], 1000);
+    assert_eq!(worker("w2")["tokens"]["completion_tokens"], 50);
+    assert_eq!(worker("w1")["state"], "active", "it holds line 1");
+    // 1500 prompt tokens at 1 and 150 generated at 4 per million; one line
+    // in four is written (line 0: line 2 waits for line 1).
+    assert_eq!(s["cost"]["so_far"], 0.0021);
+    assert_eq!(s["cost"]["projected"], 0.0084);
+    // The manifest keeps this run's tokens once they are saved (at each
+    // checkpoint and at the stop).
+    f.state.save_tokens();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(crate::job::manifest::manifest_path(&f.outfile)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["runs"][0]["tokens"], s["tokens"]);
+}
+
+/// The first failed line of each kind is kept as its example.
+#[tokio::test]
+async fn status_keeps_the_first_failed_line_of_each_kind() {
+    let f = fixture("a\nb\nc\n", ServeOptions::default());
+    call(&f.router, "GET", "/work?batch_size=3", "").await;
+    let record = |n: u32| {
+        serde_json::json!({"__ERROR__": {"error": "request_rejected", "message": format!("too long {n}")}})
+            .to_string()
+    };
+    let body = serde_json::json!({"items": [
+        {"work_id": 2, "result": record(2)},
+        {"work_id": 0, "result": record(0)},
+        {"work_id": 1, "result": "{not json"},
+    ]});
+    call(&f.router, "POST", "/results", &body.to_string()).await;
+    let (_, s) = call(&f.router, "GET", "/status", "").await;
+    let examples = &s["failure_examples"];
+    assert_eq!(examples["request_rejected"]["work_id"], 2, "{s}");
+    assert!(examples["request_rejected"]["line"]
+        .as_str()
+        .unwrap()
+        .contains("too long 2"));
+    assert_eq!(examples["invalid_result"]["work_id"], 1);
+}
+
+/// `?max_age` lets any number of pages share one answer a second; without
+/// it every answer is made fresh. `?history=1` adds the samples.
+#[tokio::test]
+async fn status_answers_from_its_cache_only_when_asked_and_adds_the_history() {
+    let f = fixture("a\nb\nc\n", ServeOptions::default());
+    f.state.sample_progress(0);
+    let (_, cached) = call(&f.router, "GET", "/status?max_age=30", "").await;
+    assert_eq!(cached["lines_done"], 0);
+    call(&f.router, "GET", "/work?batch_size=1", "").await;
+    call(
+        &f.router,
+        "POST",
+        "/results",
+        r#"{"items": [{"work_id": 0, "result": "1"}]}"#,
+    )
+    .await;
+    let (_, again) = call(&f.router, "GET", "/status?max_age=30", "").await;
+    assert_eq!(again["lines_done"], 0, "an answer up to 30 s old will do");
+    let (_, fresh) = call(&f.router, "GET", "/status", "").await;
+    assert_eq!(fresh["lines_done"], 1);
+    assert!(fresh.get("history").is_none());
+    let (_, with_history) = call(&f.router, "GET", "/status?history=1", "").await;
+    let samples = with_history["history"].as_array().unwrap();
+    // The sample taken, and now.
+    assert_eq!(samples.len(), 2, "{with_history}");
+    assert_eq!(samples[0]["lines_done"], 0);
+    assert_eq!(samples[1]["lines_done"], 1);
+}
+
+/// The page is served to anyone (it holds nothing of the job) and may load
+/// nothing from elsewhere; the job itself stays behind the token.
+#[tokio::test]
+async fn the_page_is_served_without_the_token_and_confined_to_this_server() {
+    let options = ServeOptions {
+        token: Some("s3cret".into()),
+        ..ServeOptions::default()
+    };
+    let f = fixture("a\n", options);
+    for path in ["/", "/page.js"] {
+        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let resp = f.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        // No address but the SVG namespace (a name, never fetched).
+        let text = text.replace("\"http://www.w3.org/2000/svg\"", "");
+        assert!(
+            !text.contains("http://") && !text.contains("https://"),
+            "{path}"
+        );
+    }
+    let (code, _) = call(&f.router, "GET", "/status?max_age=1", "").await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+}

@@ -6,15 +6,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::protocol::{Hello, PrefixCache, WorkerStatus};
+use crate::protocol::{Hello, PrefixCache, TokenCounts, WorkerStatus};
 
 /// A worker not heard from for this long is not counted as active.
 pub const ACTIVE_WITHIN: Duration = Duration::from_secs(60);
+
+/// A worker's tokens per second are measured over at least this long.
+const RATE_OVER: Duration = Duration::from_secs(30);
 
 /// The workers seen, by the key of their `worker` id (see `worker_key`).
 #[derive(Debug, Default)]
 pub struct Workers {
     seen: HashMap<u64, Seen>,
+    /// Tokens reported to this run, by every worker.
+    tokens: TokenCounts,
 }
 
 #[derive(Debug)]
@@ -23,6 +28,48 @@ struct Seen {
     hello: Option<Hello>,
     last_contact: Instant,
     prefix_cache: Option<PrefixCache>,
+    tokens: TokenCounts,
+    /// Tokens (prompt and generated) at two reports at least [`RATE_OVER`]
+    /// apart, when it reported twice: the older one and the last.
+    rate: Option<[(Instant, u64); 2]>,
+}
+
+impl Seen {
+    fn new(id: &str, now: Instant) -> Seen {
+        Seen {
+            id: id.to_string(),
+            hello: None,
+            last_contact: now,
+            prefix_cache: None,
+            tokens: TokenCounts::default(),
+            rate: None,
+        }
+    }
+
+    /// Tokens per second between its rate's two reports; 0 once it has
+    /// reported none for [`ACTIVE_WITHIN`].
+    fn tokens_per_sec(&self, now: Instant) -> Option<f64> {
+        let [(t0, n0), (t1, n1)] = self.rate?;
+        if now.saturating_duration_since(t1) >= ACTIVE_WITHIN {
+            return Some(0.0);
+        }
+        let secs = t1.saturating_duration_since(t0).as_secs_f64();
+        (secs > 0.0).then(|| (n1 - n0) as f64 / secs)
+    }
+
+    /// `active`, `idle`, `silent` or `gone` (see [`WorkerStatus::state`]).
+    fn state(&self, now: Instant, in_flight: u64, work_timeout: Duration) -> &'static str {
+        let quiet = now.saturating_duration_since(self.last_contact);
+        if quiet >= work_timeout.max(ACTIVE_WITHIN) {
+            "gone"
+        } else if quiet >= ACTIVE_WITHIN {
+            "silent"
+        } else if in_flight > 0 {
+            "active"
+        } else {
+            "idle"
+        }
+    }
 }
 
 impl Workers {
@@ -31,12 +78,31 @@ impl Workers {
         self.seen
             .entry(key)
             .and_modify(|s| s.last_contact = now)
-            .or_insert_with(|| Seen {
-                id: id.to_string(),
-                hello: None,
-                last_contact: now,
-                prefix_cache: None,
-            });
+            .or_insert_with(|| Seen::new(id, now));
+    }
+
+    /// A worker (`key`, when it named itself) reported `tokens` used since
+    /// its last report.
+    pub fn tokens(&mut self, key: Option<u64>, tokens: TokenCounts, now: Instant) {
+        self.tokens += tokens;
+        let Some(seen) = key.and_then(|k| self.seen.get_mut(&k)) else {
+            return;
+        };
+        seen.tokens += tokens;
+        let total = seen.tokens.prompt_tokens + seen.tokens.completion_tokens;
+        seen.rate = Some(match seen.rate {
+            // What the first report counts was used over an unknown time.
+            None => [(now, total), (now, total)],
+            Some([base, last]) if now.saturating_duration_since(base.0) >= 2 * RATE_OVER => {
+                [last, (now, total)]
+            }
+            Some([base, _]) => [base, (now, total)],
+        });
+    }
+
+    /// Tokens reported to this run of the server.
+    pub fn tokens_total(&self) -> TokenCounts {
+        self.tokens
     }
 
     /// The worker's engine reported its prefix cache counters.
@@ -59,12 +125,10 @@ impl Workers {
 
     /// The worker said hello.
     pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) {
-        let seen = self.seen.entry(key).or_insert_with(|| Seen {
-            id: hello.worker.clone(),
-            hello: None,
-            last_contact: now,
-            prefix_cache: None,
-        });
+        let seen = self
+            .seen
+            .entry(key)
+            .or_insert_with(|| Seen::new(&hello.worker, now));
         seen.last_contact = now;
         seen.hello = Some(hello);
     }
@@ -80,11 +144,13 @@ impl Workers {
     }
 
     /// Every worker seen, with its load from `load` (key -> (lines done,
-    /// in flight)), most recently heard from first.
+    /// in flight)), most recently heard from first; gone after
+    /// `work_timeout` without a word.
     pub fn status(
         &self,
         now: Instant,
         load: &rustc_hash::FxHashMap<u64, (u64, u64)>,
+        work_timeout: Duration,
     ) -> Vec<WorkerStatus> {
         let mut out: Vec<WorkerStatus> = self
             .seen
@@ -98,6 +164,9 @@ impl Workers {
                     lines_done,
                     in_flight,
                     prefix_cache: s.prefix_cache,
+                    tokens: s.tokens,
+                    tokens_per_sec: s.tokens_per_sec(now),
+                    state: s.state(now, in_flight, work_timeout).into(),
                 }
             })
             .collect();
@@ -113,6 +182,50 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tokens(prompt: u64, completion: u64) -> TokenCounts {
+        TokenCounts {
+            requests: 1,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        }
+    }
+
+    #[test]
+    fn tokens_are_summed_per_worker_and_over_all() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        w.hello(1, hello("a", "infer"), t0);
+        w.contact(2, "b", t0);
+        w.tokens(Some(1), tokens(100, 10), t0);
+        // A report of a worker that never named itself still counts.
+        w.tokens(None, tokens(1, 1), t0);
+        let t1 = t0 + Duration::from_secs(10);
+        w.tokens(Some(1), tokens(200, 20), t1);
+        w.tokens(Some(2), tokens(5, 5), t1);
+        assert_eq!(
+            w.tokens_total(),
+            TokenCounts {
+                requests: 4,
+                prompt_tokens: 306,
+                completion_tokens: 36
+            }
+        );
+        let status = w.status(t1, &Default::default(), Duration::from_secs(1200));
+        let a = status.iter().find(|s| s.worker == "a").unwrap();
+        assert_eq!(
+            (a.tokens.prompt_tokens, a.tokens.completion_tokens),
+            (300, 30)
+        );
+        // 220 tokens over the 10 s between its two reports.
+        assert_eq!(a.tokens_per_sec, Some(22.0));
+        assert_eq!(a.state, "idle");
+        // Quiet for a minute: its rate is 0, and it is silent.
+        let quiet = t1 + ACTIVE_WITHIN;
+        let status = w.status(quiet, &Default::default(), Duration::from_secs(1200));
+        let a = status.iter().find(|s| s.worker == "a").unwrap();
+        assert_eq!((a.tokens_per_sec, a.state.as_str()), (Some(0.0), "silent"));
+    }
 
     fn hello(worker: &str, task: &str) -> Hello {
         Hello {
@@ -135,8 +248,19 @@ mod tests {
         assert_eq!(w.counts(later), (4, 1));
         let mut load = rustc_hash::FxHashMap::default();
         load.insert(4, (7, 2));
-        let status = w.status(later, &load);
+        let status = w.status(later, &load, Duration::from_secs(1200));
         assert_eq!(status[0].worker, "c");
+        assert_eq!(status[0].state, "active");
+        let state_of = |name: &str| {
+            status
+                .iter()
+                .find(|s| s.worker == name)
+                .map(|s| s.state.clone())
+        };
+        assert_eq!(state_of("a").as_deref(), Some("silent"));
+        let much_later = t0 + Duration::from_secs(1300);
+        let status = w.status(much_later, &load, Duration::from_secs(1200));
+        assert!(status.iter().all(|s| s.state == "gone"), "{status:?}");
         assert_eq!((status[0].lines_done, status[0].in_flight), (7, 2));
         assert!(status
             .iter()

@@ -4,6 +4,7 @@
 
 mod task;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 pub use task::{Infer, InferConfig, InputFormat, Mode};
@@ -74,6 +75,17 @@ pub struct InferArgs {
     /// --extra-body '{"ignore_eos": true, "repetition_penalty": 1.1}'.
     #[arg(long, value_name = "JSON")]
     pub extra_body: Option<String>,
+    /// Fail a line whose prompt leaves no room for one generated token in
+    /// the model's context (--max-model-len, else the model's config.json)
+    /// at once, as `prompt_too_long`, without sending it: counted with the
+    /// model's own tokenizer and chat template (--tokenizer).
+    #[arg(long)]
+    pub skip_over_length: bool,
+    /// The tokenizer --skip-over-length counts with: a model directory
+    /// (tokenizer.json, tokenizer_config.json) or a tokenizer.json (default:
+    /// --model, when it is a directory).
+    #[arg(long, value_name = "PATH", requires = "skip_over_length")]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Where items come from.
     #[command(flatten)]
     pub work: WorkArgs,
@@ -129,6 +141,48 @@ impl InferArgs {
             },
         })
         .map_err(anyhow::Error::msg)
+        .and_then(|task| match self.length_limit()? {
+            Some(limit) => Ok(task.with_length_limit(limit)),
+            None => Ok(task),
+        })
+    }
+
+    /// With --skip-over-length: the tokenizer and context length prompts
+    /// are checked against.
+    fn length_limit(&self) -> anyhow::Result<Option<task::LengthLimit>> {
+        if !self.skip_over_length {
+            return Ok(None);
+        }
+        let path = match (&self.tokenizer, &self.engine.model) {
+            (Some(path), _) => path.clone(),
+            (None, Some(model)) if std::path::Path::new(model).is_dir() => model.into(),
+            _ => anyhow::bail!(
+                "--skip-over-length counts prompts with the model's tokenizer: give --tokenizer (a model directory or its tokenizer.json), or a --model that is a local directory"
+            ),
+        };
+        let chat_template = self
+            .engine
+            .chat_template
+            .as_deref()
+            .map(std::path::Path::new);
+        let tokenizer = crate::tokenize::PromptTokenizer::load(&path, chat_template)
+            .context("--skip-over-length")?;
+        let max_model_len = self.engine.max_model_len.or(tokenizer.context_len()).with_context(|| {
+            format!(
+                "--skip-over-length needs the model's context length: give --max-model-len ({} has no config.json saying max_position_embeddings)",
+                path.display()
+            )
+        })?;
+        if self.mode == ModeArg::Chat && !tokenizer.has_chat_template() {
+            anyhow::bail!(
+                "--skip-over-length: {} has no chat template to count chat prompts with; give --chat-template FILE (as the engine gets it) or --mode completion",
+                path.display()
+            );
+        }
+        Ok(Some(task::LengthLimit {
+            tokenizer,
+            max_model_len,
+        }))
     }
 }
 

@@ -9,6 +9,8 @@ use jaq_core::{data, unwrap_valr, Ctx, Vars};
 use jaq_json::Val;
 use serde_json::{Map, Value};
 
+pub use crate::tokenize::EnginePrompt;
+use crate::tokenize::PromptTokenizer;
 use dispatcher_core::engine::{BoxFuture, Message, Request, Response, Usage};
 use dispatcher_core::task::{line_outcome_of, DynTask, LineOutcome, TaskContext, TaskError};
 
@@ -91,6 +93,39 @@ use crate::jq::{compile, Filter};
 pub struct Infer {
     config: Arc<InferConfig>,
     filter: Arc<Filter>,
+    /// `--skip-over-length`: prompts the engine would refuse are failed
+    /// here, without a request.
+    length_limit: Option<Arc<LengthLimit>>,
+}
+
+/// The engine's context length, and the tokenizer that counts prompts
+/// against it.
+#[derive(Debug)]
+pub struct LengthLimit {
+    /// The model's tokenizer and chat template.
+    pub tokenizer: PromptTokenizer,
+    /// Tokens of context per request (`--max-model-len`, or the model's).
+    pub max_model_len: u32,
+}
+
+impl LengthLimit {
+    /// Fails a prompt that leaves no room for one generated token: the
+    /// engine would answer it with a 400.
+    fn check(&self, prompt: &EnginePrompt) -> Result<(), TaskError> {
+        let tokens = self.tokenizer.count(prompt).map_err(|e| {
+            TaskError::failed("prompt_not_tokenized", format!("--skip-over-length: {e:#}"))
+        })?;
+        if tokens >= self.max_model_len as usize {
+            return Err(TaskError::failed(
+                "prompt_too_long",
+                format!(
+                    "the prompt is {tokens} tokens and the model's context is {} (--max-model-len): skipped without a request (--skip-over-length)",
+                    self.max_model_len
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Infer {
@@ -122,7 +157,16 @@ impl Infer {
         Ok(Infer {
             config: Arc::new(config),
             filter: Arc::new(filter),
+            length_limit: None,
         })
+    }
+
+    /// The same task, failing prompts over `limit` without a request.
+    pub fn with_length_limit(self, limit: LengthLimit) -> Infer {
+        Infer {
+            length_limit: Some(Arc::new(limit)),
+            ..self
+        }
     }
 
     /// Runs the prompt path on a line.
@@ -170,28 +214,44 @@ impl Infer {
         }
     }
 
-    fn request(&self, prompt: &Prompt, n: u32) -> Request {
+    /// What a selected prompt sends to the engine: the messages of a chat
+    /// request (the system message first), or the text to complete.
+    fn engine_prompt(&self, prompt: &Prompt) -> EnginePrompt {
         let c = &self.config;
-        let mut req = match (c.mode, prompt) {
+        let system = || c.system.iter().map(|s| Message::new("system", s.clone()));
+        match (c.mode, prompt) {
             (Mode::Chat, Prompt::Text(text)) => {
-                let mut r = Request::chat();
-                if let Some(s) = &c.system {
-                    r = r.system(s.clone());
-                }
-                r.user(text.clone())
+                EnginePrompt::Chat(system().chain([Message::user(text.clone())]).collect())
             }
             (Mode::Chat, Prompt::Messages(m)) => {
-                let mut messages = Vec::with_capacity(m.len() + 1);
-                if let Some(s) = &c.system {
-                    messages.push(Message::new("system", s.clone()));
-                }
-                messages.extend(m.iter().cloned());
-                Request::chat_messages(messages)
+                EnginePrompt::Chat(system().chain(m.iter().cloned()).collect())
             }
-            (Mode::Completion, Prompt::Text(text)) => Request::completion(text.clone()),
+            (Mode::Completion, Prompt::Text(text)) => EnginePrompt::Completion(text.clone()),
             (Mode::Completion, Prompt::Messages(_)) => {
                 unreachable!("only chat mode selects messages")
             }
+        }
+    }
+
+    /// What line `line` sends to the engine, or why it sends nothing.
+    pub fn engine_prompt_of(&self, line: &str) -> Result<EnginePrompt, TaskError> {
+        let prompt = match self.config.input_format {
+            InputFormat::Text => Prompt::Text(line.to_string()),
+            InputFormat::Jsonl => self.select(line)?,
+        };
+        Ok(self.engine_prompt(&prompt))
+    }
+
+    /// The request `infer` sends for `prompt` (all its generations at once).
+    pub fn sample_request(&self, prompt: &EnginePrompt) -> Request {
+        self.request(prompt, self.config.num_generations)
+    }
+
+    fn request(&self, prompt: &EnginePrompt, n: u32) -> Request {
+        let c = &self.config;
+        let mut req = match prompt {
+            EnginePrompt::Chat(messages) => Request::chat_messages(messages.clone()),
+            EnginePrompt::Completion(text) => Request::completion(text.clone()),
         }
         .temperature(c.temperature)
         .top_p(c.top_p)
@@ -221,10 +281,15 @@ impl Infer {
                 Some(serde_json::from_str::<Value>(&line).unwrap_or(Value::Null)),
             ),
         };
+        let prompt = self.engine_prompt(&prompt);
+        if let Some(limit) = &self.length_limit {
+            limit.check(&prompt)?;
+        }
         let wanted = c.num_generations;
         let mut responses: Vec<String> = Vec::with_capacity(wanted as usize);
         let mut usage = Usage::default();
         let mut finish_reasons: Vec<Value> = Vec::with_capacity(wanted as usize);
+        let started = std::time::Instant::now();
         let first: Response = ctx.send(self.request(&prompt, wanted)).await?;
         add_usage(&mut usage, &first);
         responses.extend(first.texts().into_iter().map(String::from));
@@ -255,6 +320,10 @@ impl Infer {
                 serde_json::to_value(usage).expect("usage serializes"),
             );
             out.insert("finish_reasons".into(), finish_reasons.into());
+            // Milliseconds are enough: a line's requests take tens of them
+            // at the least.
+            let secs = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+            out.insert("latency_secs".into(), secs.into());
         }
         Ok(Value::Object(out))
     }
