@@ -281,40 +281,14 @@ fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
 mod tests {
     use super::*;
 
-    /// A word-level tokenizer of a few words, and a chat template in the
-    /// style of the tiny test model's.
+    /// A copy of the word-level test model (tests/data/word-model: nine
+    /// words, a chat template in the style of the tiny test model's).
     fn model_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let tokenizer = serde_json::json!({
-            "version": "1.0",
-            "truncation": null, "padding": null,
-            "added_tokens": [
-                {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-                {"id": 1, "content": "<|im_start|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-                {"id": 2, "content": "<|im_end|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-            ],
-            "normalizer": null,
-            "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": {"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
-            "decoder": null,
-            "model": {"type": "WordLevel", "vocab": {"<s>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3,
-                "user": 4, "assistant": 5, "system": 6, "hello": 7, "world": 8}, "unk_token": "[UNK]"}
-        });
-        std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
-        let config = serde_json::json!({
-            "bos_token": "<s>",
-            "eos_token": {"content": "<|im_end|>"},
-            "chat_template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' + message['content'].strip() + '<|im_end|>' }}\n{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
-        });
-        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"max_position_embeddings": 2048}"#,
-        )
-        .unwrap();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/word-model");
+        for file in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+            std::fs::copy(model.join(file), dir.path().join(file)).unwrap();
+        }
         dir
     }
 

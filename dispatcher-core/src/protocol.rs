@@ -231,13 +231,21 @@ pub struct ResultsRequest {
 pub struct SubmittedResults {
     /// The results.
     pub items: Vec<SubmittedResult>,
-    /// Extension: who sends them.
-    #[serde(default)]
+    /// Extension: who sends them (anything but a string is taken as no one).
+    #[serde(default, deserialize_with = "lenient_string")]
     pub worker: Option<String>,
     /// Extension: engine tokens the worker used since its last report. A
     /// malformed one is ignored: counts never cost a batch of results.
     #[serde(default, deserialize_with = "lenient_usage")]
     pub usage: Option<TokenCounts>,
+}
+
+/// Reads an optional string, taking anything else as none.
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// Reads an optional [`TokenCounts`], taking anything else as none.
@@ -532,11 +540,14 @@ impl TokenCounts {
     }
 }
 
+/// Saturating: counts come from workers, and a broken one may send anything.
 impl std::ops::AddAssign for TokenCounts {
     fn add_assign(&mut self, other: TokenCounts) {
-        self.requests += other.requests;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
     }
 }
 

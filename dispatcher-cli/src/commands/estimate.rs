@@ -280,7 +280,8 @@ impl Counter<'_> {
         let mut per_line = Vec::new();
         let mut reservoir: Vec<(EnginePrompt, u32)> = Vec::new();
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut chunk: Vec<String> = Vec::with_capacity(CHUNK);
+        // `None`: a line that is not UTF-8.
+        let mut chunk: Vec<Option<String>> = Vec::with_capacity(CHUNK);
         let mut done = false;
         while !done {
             chunk.clear();
@@ -296,11 +297,16 @@ impl Counter<'_> {
                 if bytes.ends_with(b"\n") {
                     bytes.pop();
                 }
-                // A line that is not UTF-8 gets its own error record from the
-                // server, without a request.
-                chunk.push(String::from_utf8(bytes).unwrap_or_default());
+                chunk.push(String::from_utf8(bytes).ok());
             }
-            let counted: Vec<LineCount> = chunk.par_iter().map(|l| self.count_line(l)).collect();
+            let counted: Vec<LineCount> = chunk
+                .par_iter()
+                .map(|line| match line {
+                    Some(line) => self.count_line(line),
+                    // The server writes its error record, sending it nowhere.
+                    None => Err("invalid_utf8".to_string()),
+                })
+                .collect();
             for result in counted {
                 estimate.lines += 1;
                 let (prompt, tokens) = match result {

@@ -528,7 +528,8 @@ struct StatusQuery {
     history: Option<String>,
     /// An answer made up to this many seconds ago will do (the page asks
     /// with 1, so that any number of open pages cost one answer a second).
-    max_age: Option<f64>,
+    /// Not a number: a fresh answer.
+    max_age: Option<String>,
 }
 
 async fn get_status(
@@ -539,6 +540,7 @@ async fn get_status(
     let history = matches!(query.history.as_deref(), Some("1" | "true"));
     let max_age = query
         .max_age
+        .and_then(|s| s.parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(|s| Duration::from_secs_f64(s.min(60.0)));
     let json = [(axum::http::header::CONTENT_TYPE, "application/json")];

@@ -54,7 +54,7 @@ impl Seen {
             return Some(0.0);
         }
         let secs = t1.saturating_duration_since(t0).as_secs_f64();
-        (secs > 0.0).then(|| (n1 - n0) as f64 / secs)
+        (secs > 0.0).then(|| n1.saturating_sub(n0) as f64 / secs)
     }
 
     /// `active`, `idle`, `silent` or `gone` (see [`WorkerStatus::state`]).
@@ -89,7 +89,10 @@ impl Workers {
             return;
         };
         seen.tokens += tokens;
-        let total = seen.tokens.prompt_tokens + seen.tokens.completion_tokens;
+        let total = seen
+            .tokens
+            .prompt_tokens
+            .saturating_add(seen.tokens.completion_tokens);
         seen.rate = Some(match seen.rate {
             // What the first report counts was used over an unknown time.
             None => [(now, total), (now, total)],
