@@ -646,3 +646,59 @@ fn export_writes_parquet_that_pyarrow_and_datasets_read_back_equal_to_the_json()
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("2 of 3 shards are complete"), "{stderr}");
 }
+
+/// A sharded input's progress is shown per shard: `/status` lists each shard
+/// in the job's order with the lines of it written (plain JSONL shards in a
+/// folder: nothing to install).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_lines_written_of_each_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    for (i, first) in [0, 50, 100].into_iter().enumerate() {
+        std::fs::write(shards.join(format!("{i:05}.jsonl")), prompts(first, 50)).unwrap();
+    }
+    let output = dir.path().join("out.jsonl");
+    let mut command = Command::new(dispatcher_bin());
+    command
+        .args(["serve", "--port", "0", "--host", "127.0.0.1"])
+        .args(["--infile", path(&shards), "--outfile", path(&output)]);
+    let server = ServerProcess::start(command);
+    let answered =
+        dispatcher_testkit::answer_batch(&server.addr, 60, |item| item.content.clone()).await;
+    assert_eq!(answered.len(), 60);
+    let status = dispatcher::client::DispatcherClient::new(&server.addr)
+        .status()
+        .await
+        .unwrap();
+    let shown: Vec<(String, u64, u64)> = status
+        .shards
+        .iter()
+        .map(|s| {
+            let name = Path::new(&s.path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (name, s.lines, s.done)
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("00000.jsonl".to_string(), 50, 50),
+            ("00001.jsonl".to_string(), 50, 10),
+            ("00002.jsonl".to_string(), 50, 0),
+        ]
+    );
+    let text = Command::new(dispatcher_bin())
+        .args(["status", "--interval", "0.1", "--server", &server.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("shards       1 of 3 complete; writing "),
+        "{text}"
+    );
+    assert!(text.contains("00001.jsonl (10 / 50)"), "{text}");
+}

@@ -781,10 +781,25 @@ pub struct StatusResponse {
     /// [`HISTORY_EVERY_SECS`] over the last hours of this run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<HistorySample>>,
+    /// Extension: a sharded input's shards (a dataset of several files), in
+    /// the job's order, with the lines of each written; absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardProgress>,
     /// Extension: the prices given (`--price-per-mtok-in/out`) and what the
     /// tokens so far cost at them; absent without prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
+}
+
+/// One shard of a sharded input in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardProgress {
+    /// Its path.
+    pub path: String,
+    /// Its input lines.
+    pub lines: u64,
+    /// Of those, lines written to the output.
+    pub done: u64,
 }
 
 /// Prices per million tokens.

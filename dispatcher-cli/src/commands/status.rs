@@ -211,6 +211,20 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
             }
         }
     }
+    if !now.shards.is_empty() {
+        let complete = now.shards.iter().filter(|s| s.done == s.lines).count();
+        let writing = now
+            .shards
+            .iter()
+            .find(|s| s.done < s.lines)
+            .map_or_else(String::new, |s| {
+                format!("; writing {} ({} / {})", s.path, s.done, s.lines)
+            });
+        out.push_str(&format!(
+            "shards       {complete} of {} complete{writing}\n",
+            now.shards.len()
+        ));
+    }
     if let Some(g) = &now.groups {
         let share = |n: u64| {
             if g.issued == 0 {

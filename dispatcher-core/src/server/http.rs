@@ -565,11 +565,19 @@ async fn get_status(
 
 /// The status now; with the progress history when `history`.
 fn status_now(state: &AppState, history: bool) -> Result<StatusResponse, ApiError> {
-    let (mut stats, load) =
-        state.with_ledger(|l| Ok((l.stats(Instant::now()), l.load_by_worker())))?;
+    let (mut stats, load, sources) = state.with_ledger(|l| {
+        Ok((
+            l.stats(Instant::now()),
+            l.load_by_worker(),
+            l.config().sources.clone(),
+        ))
+    })?;
     // Until the ledger has read the input to its end, the count made at start.
     stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
     let mut status = status_response(&stats);
+    if let Some(sources) = sources.filter(|s| s.shards().len() > 1) {
+        status.shards = shard_progress(sources.shards(), stats.lines_written);
+    }
     {
         let workers = state.workers();
         status.workers = workers.status(Instant::now(), &load, stats.work_timeout);
@@ -636,6 +644,27 @@ async fn post_work_timeout(
             req.timeout
         ),
     }))
+}
+
+/// Each shard's lines written, when the first `lines_written` lines of the
+/// input (the shards' lines one after the other) are.
+fn shard_progress(
+    shards: &[crate::dataset::StagedShard],
+    lines_written: u64,
+) -> Vec<crate::protocol::ShardProgress> {
+    let mut start = 0_u64;
+    shards
+        .iter()
+        .map(|shard| {
+            let done = lines_written.saturating_sub(start).min(shard.lines);
+            start += shard.lines;
+            crate::protocol::ShardProgress {
+                path: shard.path.display().to_string(),
+                lines: shard.lines,
+                done,
+            }
+        })
+        .collect()
 }
 
 /// The wire form of the ledger's answer to a work request: each issue a work
@@ -711,5 +740,6 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         eta_secs: None,
         history: None,
         cost: None,
+        shards: Vec::new(),
     }
 }

@@ -117,6 +117,7 @@ function render(s) {
   text("journal", `${fmtInt(s.journal_replayed)} requests · ${fmtInt(s.journal_tokens_saved)} tokens saved`);
 
   renderChart();
+  renderShards(s.shards || []);
   renderWorkers(s.workers || []);
   renderFailures(s.failed_by_kind || {}, s.failure_examples || {});
 
@@ -127,7 +128,8 @@ function render(s) {
   text("tombstones", fmtInt(s.tombstones));
   text("backups", fmtInt(s.backups_issued));
   const b = s.blocking;
-  text("blocking", b ? `line ${b.work_id} (${b.state}, ${fmtDuration(b.age_secs)}) holds back ${fmtInt(b.waiting_lines)} lines` : "none");
+  const waiting = b && b.waiting_lines === 1 ? "1 line" : b && `${fmtInt(b.waiting_lines)} lines`;
+  text("blocking", b ? `line ${b.work_id} (${b.state}, ${fmtDuration(b.age_secs)}) holds back ${waiting}` : "none");
 }
 
 function cell(row, value, className) {
@@ -160,6 +162,41 @@ function renderWorkers(workers) {
   $("workers").replaceWith(body);
   const summary = Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ");
   text("worker-count", workers.length ? `(${summary})` : "(none yet)");
+}
+
+// Shards being written first, then those not started, then finished ones;
+// at most SHARD_ROWS rows.
+const SHARD_ROWS = 100;
+
+function renderShards(shards) {
+  $("shards-section").hidden = shards.length === 0;
+  if (shards.length === 0) return;
+  const rank = (sh) => (sh.done === sh.lines ? 2 : sh.done > 0 ? 0 : 1);
+  const shown = shards
+    .map((sh, i) => ({ ...sh, i }))
+    .sort((a, b) => rank(a) - rank(b) || a.i - b.i)
+    .slice(0, SHARD_ROWS);
+  const body = document.createElement("tbody");
+  body.id = "shards";
+  for (const sh of shown) {
+    const row = document.createElement("tr");
+    cell(row, sh.path);
+    cell(row, fmtInt(sh.done), "num");
+    cell(row, fmtInt(sh.lines), "num");
+    const td = document.createElement("td");
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.style.width = `${sh.lines ? (100 * sh.done) / sh.lines : 100}%`;
+    bar.appendChild(fill);
+    td.appendChild(bar);
+    row.appendChild(td);
+    body.appendChild(row);
+  }
+  $("shards").replaceWith(body);
+  const complete = shards.filter((sh) => sh.done === sh.lines).length;
+  const more = shards.length > SHARD_ROWS ? `; ${shards.length - SHARD_ROWS} not listed` : "";
+  text("shard-count", `(${complete} of ${shards.length} complete${more})`);
 }
 
 function renderFailures(byKind, examples) {
