@@ -24,6 +24,17 @@ fn usage_of_lines(lines: &[Value]) -> (u64, u64) {
     })
 }
 
+/// `dispatcher infer` on the echo engine against the server at `addr`.
+fn echo_worker(addr: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(dispatcher_bin())
+        .args(["infer", "--dispatcher", addr, "--engine", "echo", "-q"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn manifest_runs(dir: &std::path::Path) -> Vec<Value> {
     let text = std::fs::read(dir.join("out.jsonl.manifest.json")).unwrap();
     let doc: Value = serde_json::from_slice(&text).unwrap();
@@ -43,26 +54,16 @@ async fn reported_tokens_add_up_to_the_lines_usage_across_a_restart() {
         &["--exit-grace", "1", "--checkpoint-interval", "1"],
     );
     let port = server.addr.rsplit_once(':').unwrap().1.to_string();
-    let worker = Command::new(dispatcher_bin())
-        .args([
-            "infer",
-            "--dispatcher",
-            &server.addr,
-            "--engine",
-            "echo",
+    let worker = echo_worker(
+        &server.addr,
+        &[
             "--include-usage",
-        ])
-        .args([
             "--echo-latency-ms",
             "20",
             "--echo-max-concurrency",
             "8",
-            "-q",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let client = DispatcherClient::new(&server.addr);
     loop {
         let s = client.status().await.unwrap();
@@ -158,19 +159,7 @@ async fn status_shows_tokens_cost_workers_and_failure_examples() {
             "15",
         ],
     );
-    let worker = Command::new(dispatcher_bin())
-        .args([
-            "infer",
-            "--dispatcher",
-            &server.addr,
-            "--engine",
-            "echo",
-            "-q",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let worker = echo_worker(&server.addr, &[]);
     let client = DispatcherClient::new(&server.addr);
     while !client.status().await.unwrap().complete {
         tokio::time::sleep(Duration::from_millis(50)).await;

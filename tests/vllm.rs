@@ -88,6 +88,33 @@ fn engine_flags(bin: &str, model: &str, ctx: u32) -> Vec<String> {
     .collect()
 }
 
+/// `vllm serve` of the tiny model on a free port, context 512, started by
+/// the test itself (as a running engine workers are pointed at): the engine
+/// and its port.
+async fn launch_vllm(bin: &str, model: &str) -> (launch::RunningEngine, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = LaunchConfig {
+        kind: EngineKind::Vllm,
+        model: Some(model.to_string()),
+        engine_bin: Some(bin.to_string()),
+        port,
+        max_model_len: Some(512),
+        enforce_eager: true,
+        extra_args: strings(&["--kv-cache-memory-bytes", "64M"]),
+        engine_cmd: std::iter::once("env".to_string())
+            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect(),
+        startup_timeout: Duration::from_secs(300),
+        log: EngineLog::Silent,
+        ..LaunchConfig::default()
+    };
+    (launch::launch(&config).await.unwrap(), port)
+}
+
 /// A worker process (a task binary or `dispatcher`) with vLLM's environment.
 fn worker(binary: &PathBuf, args: &[String]) -> std::process::Child {
     Command::new(binary)
@@ -445,27 +472,7 @@ async fn no_launch_against_a_running_vllm_and_engine_cmd_with_a_chat_template() 
     let Some((bin, model)) = vllm() else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = LaunchConfig {
-        kind: EngineKind::Vllm,
-        model: Some(model.clone()),
-        engine_bin: Some(bin.clone()),
-        port,
-        max_model_len: Some(512),
-        enforce_eager: true,
-        extra_args: strings(&["--kv-cache-memory-bytes", "64M"]),
-        engine_cmd: std::iter::once("env".to_string())
-            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
-            .collect(),
-        startup_timeout: Duration::from_secs(300),
-        log: EngineLog::Silent,
-        ..LaunchConfig::default()
-    };
-    let running = launch::launch(&config).await.unwrap();
+    let (running, port) = launch_vllm(&bin, &model).await;
 
     let prompt = json!({"messages": [{"role": "user", "content": "say hello"}]}).to_string() + "\n";
     let run_infer = |extra: Vec<String>| {
@@ -669,27 +676,7 @@ async fn estimate_counts_prompt_tokens_as_vllm_does_and_skip_over_length_skips_w
     let Some((bin, model)) = vllm() else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = LaunchConfig {
-        kind: EngineKind::Vllm,
-        model: Some(model.clone()),
-        engine_bin: Some(bin.clone()),
-        port,
-        max_model_len: Some(512),
-        enforce_eager: true,
-        extra_args: strings(&["--kv-cache-memory-bytes", "64M"]),
-        engine_cmd: std::iter::once("env".to_string())
-            .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
-            .collect(),
-        startup_timeout: Duration::from_secs(300),
-        log: EngineLog::Silent,
-        ..LaunchConfig::default()
-    };
-    let running = launch::launch(&config).await.unwrap();
+    let (running, port) = launch_vllm(&bin, &model).await;
 
     // Prompts of all lengths, several turns, a system message of the
     // line's own, text that is not ASCII; two far over the 512 tokens of

@@ -151,19 +151,27 @@ impl PromptTokenizer {
         self.context_len
     }
 
-    /// Whether there is a chat template (the model's or one given).
-    pub fn has_chat_template(&self) -> bool {
-        self.template.is_some()
+    /// Whether it can count the prompts of chat requests (`chat`), or of
+    /// completions: chat needs a chat template.
+    pub fn check_mode(&self, chat: bool) -> anyhow::Result<()> {
+        match (chat, &self.template) {
+            (true, None) => Err(self.no_template()),
+            _ => Ok(()),
+        }
+    }
+
+    fn no_template(&self) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{} has no chat template to count chat prompts with (no chat_template in tokenizer_config.json, no chat_template.jinja): give --chat-template FILE (what the engine is given), or --mode completion",
+            self.source.display()
+        )
     }
 
     /// The text a chat request's messages become, as the engine renders
     /// them for the model (with the generation prompt).
     pub fn render(&self, messages: &[Message]) -> anyhow::Result<String> {
         let Some(env) = &self.template else {
-            bail!(
-                "{} has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): give --chat-template FILE, or count completion prompts (--mode completion)",
-                self.source.display()
-            );
+            return Err(self.no_template());
         };
         let template = env.get_template(TEMPLATE).expect("added at load");
         let mut context = self.specials.clone();

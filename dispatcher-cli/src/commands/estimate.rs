@@ -16,7 +16,7 @@ use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::infer::{FormatArg, Infer, InferConfig, InputFormat, Mode, ModeArg};
+use super::infer::{Infer, InferConfig, ModeArg, PromptArgs};
 use super::serve::PriceArgs;
 use crate::tokenize::{EnginePrompt, PromptTokenizer};
 
@@ -39,18 +39,9 @@ pub struct EstimateArgs {
     /// engine is given with --chat-template).
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
-    /// jq filter selecting each line's prompt, as `infer` takes it.
-    #[arg(long, default_value = ".messages[0].content")]
-    pub prompt_path: String,
-    /// How input lines are read.
-    #[arg(long, value_enum, default_value = "jsonl")]
-    pub input_format: FormatArg,
-    /// Chat (the template applied) or text completion.
-    #[arg(long, value_enum, default_value = "chat")]
-    pub mode: ModeArg,
-    /// A system message (chat mode), as `infer --system`.
-    #[arg(long)]
-    pub system: Option<String>,
+    /// How a line becomes a prompt, as `infer` takes it.
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Tokens per response at most, as `infer --max-tokens`.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: u32,
@@ -152,36 +143,15 @@ const CHUNK: usize = 16_384;
 /// Runs `dispatcher estimate`.
 pub async fn run(args: EstimateArgs) -> anyhow::Result<()> {
     let prices = args.prices.prices()?;
-    if args.num_generations == 0 {
-        bail!("--num-generations must be at least 1");
-    }
-    if args.system.is_some() && args.mode == ModeArg::Completion {
-        bail!("--system needs --mode chat");
-    }
     let infer = Infer::new(InferConfig {
-        prompt_path: args.prompt_path.clone(),
-        input_format: match args.input_format {
-            FormatArg::Jsonl => InputFormat::Jsonl,
-            FormatArg::Text => InputFormat::Text,
-        },
-        mode: match args.mode {
-            ModeArg::Chat => Mode::Chat,
-            ModeArg::Completion => Mode::Completion,
-        },
-        system: args.system.clone(),
         num_generations: args.num_generations,
         max_tokens: args.max_tokens,
-        ..InferConfig::default()
+        ..args.prompt.config()?
     })
     .map_err(anyhow::Error::msg)?;
     let tokenizer = PromptTokenizer::load(&args.tokenizer, args.chat_template.as_deref())
         .context("--tokenizer")?;
-    if args.mode == ModeArg::Chat && !tokenizer.has_chat_template() {
-        bail!(
-            "{} has no chat template to count chat prompts with: give --chat-template FILE (what the engine is given), or --mode completion",
-            args.tokenizer.display()
-        );
-    }
+    tokenizer.check_mode(args.prompt.mode == ModeArg::Chat)?;
     let max_model_len = args.max_model_len.or(tokenizer.context_len());
 
     // A dataset is staged as JSONL in a scratch directory (a JSONL file is
@@ -455,7 +425,7 @@ fn render(e: &Estimate, args: &EstimateArgs) -> String {
         args.input.display(),
         n(e.lines)
     );
-    let how = match args.mode {
+    let how = match args.prompt.mode {
         ModeArg::Chat => "the chat template applied",
         ModeArg::Completion => "as completion prompts",
     };

@@ -29,9 +29,9 @@ pub enum FormatArg {
     Text,
 }
 
-/// Flags of `dispatcher infer`.
+/// How a line becomes a prompt: the flags `infer` and `estimate` share.
 #[derive(Debug, Clone, Args)]
-pub struct InferArgs {
+pub struct PromptArgs {
     /// jq filter selecting each line's prompt: `.prompt`, `.a.b[2]`, or any jq
     /// expression (`.messages | last | .content`). In chat mode it may select an
     /// array of {role, content} messages.
@@ -46,6 +46,36 @@ pub struct InferArgs {
     /// A system message (chat mode).
     #[arg(long)]
     pub system: Option<String>,
+}
+
+impl PromptArgs {
+    /// The configuration these flags set (the rest at `infer`'s defaults).
+    pub fn config(&self) -> anyhow::Result<InferConfig> {
+        if self.system.is_some() && self.mode == ModeArg::Completion {
+            anyhow::bail!("--system needs --mode chat");
+        }
+        Ok(InferConfig {
+            prompt_path: self.prompt_path.clone(),
+            input_format: match self.input_format {
+                FormatArg::Jsonl => InputFormat::Jsonl,
+                FormatArg::Text => InputFormat::Text,
+            },
+            mode: match self.mode {
+                ModeArg::Chat => Mode::Chat,
+                ModeArg::Completion => Mode::Completion,
+            },
+            system: self.system.clone(),
+            ..InferConfig::default()
+        })
+    }
+}
+
+/// Flags of `dispatcher infer`.
+#[derive(Debug, Clone, Args)]
+pub struct InferArgs {
+    /// How a line becomes a prompt.
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Responses per line.
     #[arg(long, default_value_t = 1)]
     pub num_generations: u32,
@@ -97,20 +127,7 @@ pub struct InferArgs {
 impl InferArgs {
     /// The built-in task these flags describe.
     pub fn task(&self) -> anyhow::Result<Infer> {
-        if self.system.is_some() && self.mode == ModeArg::Completion {
-            anyhow::bail!("--system needs --mode chat");
-        }
         Infer::new(InferConfig {
-            prompt_path: self.prompt_path.clone(),
-            input_format: match self.input_format {
-                FormatArg::Jsonl => InputFormat::Jsonl,
-                FormatArg::Text => InputFormat::Text,
-            },
-            mode: match self.mode {
-                ModeArg::Chat => Mode::Chat,
-                ModeArg::Completion => Mode::Completion,
-            },
-            system: self.system.clone(),
             num_generations: self.num_generations,
             temperature: self.temperature,
             top_p: self.top_p,
@@ -139,6 +156,7 @@ impl InferArgs {
                     ),
                 },
             },
+            ..self.prompt.config()?
         })
         .map_err(anyhow::Error::msg)
         .and_then(|task| match self.length_limit()? {
@@ -173,12 +191,9 @@ impl InferArgs {
                 path.display()
             )
         })?;
-        if self.mode == ModeArg::Chat && !tokenizer.has_chat_template() {
-            anyhow::bail!(
-                "--skip-over-length: {} has no chat template to count chat prompts with; give --chat-template FILE (as the engine gets it) or --mode completion",
-                path.display()
-            );
-        }
+        tokenizer
+            .check_mode(self.prompt.mode == ModeArg::Chat)
+            .context("--skip-over-length")?;
         Ok(Some(task::LengthLimit {
             tokenizer,
             max_model_len,
