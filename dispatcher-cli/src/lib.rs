@@ -30,10 +30,13 @@ pub mod jq;
 pub mod logging;
 pub mod outdir;
 pub mod progress;
+#[cfg(feature = "tokenizer")]
 pub mod tokenize;
 pub mod worker;
 
-pub use commands::{batch, estimate, export, infer, launch, report, serve, slurm, status};
+#[cfg(feature = "tokenizer")]
+pub use commands::estimate;
+pub use commands::{batch, export, infer, launch, report, serve, slurm, status};
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use dispatcher_core::task::DynTask;
@@ -71,6 +74,7 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Run a job on Slurm: the server, and worker jobs as many as its backlog deserves, to the report.
     Launch(Box<launch::LaunchArgs>),
+    #[cfg(feature = "tokenizer")]
     /// Before a job: its prompt tokens (with the model's tokenizer), lines over the context, worst-case tokens and cost, and with --engine-url its wall time.
     Estimate(Box<estimate::EstimateArgs>),
 }
@@ -91,6 +95,7 @@ pub fn main() -> std::process::ExitCode {
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
             Command::Export(args) => export::run(args),
+            #[cfg(feature = "tokenizer")]
             Command::Estimate(args) => estimate::run(*args).await,
             Command::Launch(args) => {
                 let own = matches

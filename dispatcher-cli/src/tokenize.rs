@@ -9,16 +9,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use dispatcher_core::engine::Message;
+use dispatcher_core::task::TaskError;
 use serde_json::Value;
 
-/// What a line sends to the engine: chat messages, or a text to complete.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EnginePrompt {
-    /// `/v1/chat/completions`: the messages, the system message included.
-    Chat(Vec<Message>),
-    /// `/v1/completions`: the prompt.
-    Completion(String),
-}
+pub use crate::commands::infer::EnginePrompt;
 
 /// A model's tokenizer and chat template.
 pub struct PromptTokenizer {
@@ -198,6 +192,36 @@ impl PromptTokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(encoding.len())
+    }
+}
+
+/// The engine's context length, and the tokenizer that counts prompts
+/// against it.
+#[derive(Debug)]
+pub struct LengthLimit {
+    /// The model's tokenizer and chat template.
+    pub tokenizer: PromptTokenizer,
+    /// Tokens of context per request (`--max-model-len`, or the model's).
+    pub max_model_len: u32,
+}
+
+impl LengthLimit {
+    /// Fails a prompt that leaves no room for one generated token: the
+    /// engine would answer it with a 400.
+    pub fn check(&self, prompt: &EnginePrompt) -> Result<(), TaskError> {
+        let tokens = self.tokenizer.count(prompt).map_err(|e| {
+            TaskError::failed("prompt_not_tokenized", format!("--skip-over-length: {e:#}"))
+        })?;
+        if tokens >= self.max_model_len as usize {
+            return Err(TaskError::failed(
+                "prompt_too_long",
+                format!(
+                    "the prompt is {tokens} tokens and the model's context is {} (--max-model-len): skipped without a request (--skip-over-length)",
+                    self.max_model_len
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! they share is [`crate::worker`].
 
 pub mod batch;
+#[cfg(feature = "tokenizer")]
 pub mod estimate;
 pub mod export;
 pub mod infer;

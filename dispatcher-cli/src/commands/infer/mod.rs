@@ -4,10 +4,9 @@
 
 mod task;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-pub use task::{Infer, InferConfig, InputFormat, Mode};
+pub use task::{EnginePrompt, Infer, InferConfig, InputFormat, Mode, PromptCheck};
 
 use crate::worker::{self, EngineArgs, WorkArgs};
 
@@ -159,15 +158,17 @@ impl InferArgs {
             ..self.prompt.config()?
         })
         .map_err(anyhow::Error::msg)
-        .and_then(|task| match self.length_limit()? {
-            Some(limit) => Ok(task.with_length_limit(limit)),
+        .and_then(|task| match self.prompt_check()? {
+            Some(check) => Ok(task.with_prompt_check(check)),
             None => Ok(task),
         })
     }
 
-    /// With --skip-over-length: the tokenizer and context length prompts
-    /// are checked against.
-    fn length_limit(&self) -> anyhow::Result<Option<task::LengthLimit>> {
+    /// With --skip-over-length: the check of each prompt against the
+    /// model's context, counted with its tokenizer.
+    #[cfg(feature = "tokenizer")]
+    fn prompt_check(&self) -> anyhow::Result<Option<std::sync::Arc<PromptCheck>>> {
+        use anyhow::Context;
         if !self.skip_over_length {
             return Ok(None);
         }
@@ -194,10 +195,23 @@ impl InferArgs {
         tokenizer
             .check_mode(self.prompt.mode == ModeArg::Chat)
             .context("--skip-over-length")?;
-        Ok(Some(task::LengthLimit {
+        let limit = crate::tokenize::LengthLimit {
             tokenizer,
             max_model_len,
-        }))
+        };
+        Ok(Some(std::sync::Arc::new(move |prompt: &EnginePrompt| {
+            limit.check(prompt)
+        })))
+    }
+
+    /// A build without the tokenizer (a task crate's, which runs no
+    /// `infer`) cannot count prompts.
+    #[cfg(not(feature = "tokenizer"))]
+    fn prompt_check(&self) -> anyhow::Result<Option<std::sync::Arc<PromptCheck>>> {
+        if self.skip_over_length {
+            anyhow::bail!("--skip-over-length needs the `tokenizer` feature of dispatcher-cli, which this build lacks (the `dispatcher` binary has it)");
+        }
+        Ok(None)
     }
 }
 

@@ -9,8 +9,6 @@ use jaq_core::{data, unwrap_valr, Ctx, Vars};
 use jaq_json::Val;
 use serde_json::{Map, Value};
 
-pub use crate::tokenize::EnginePrompt;
-use crate::tokenize::PromptTokenizer;
 use dispatcher_core::engine::{BoxFuture, Message, Request, Response, Usage};
 use dispatcher_core::task::{line_outcome_of, DynTask, LineOutcome, TaskContext, TaskError};
 
@@ -93,39 +91,21 @@ use crate::jq::{compile, Filter};
 pub struct Infer {
     config: Arc<InferConfig>,
     filter: Arc<Filter>,
-    /// `--skip-over-length`: prompts the engine would refuse are failed
-    /// here, without a request.
-    length_limit: Option<Arc<LengthLimit>>,
+    /// `--skip-over-length`: fails prompts the engine would refuse here,
+    /// without a request.
+    prompt_check: Option<Arc<PromptCheck>>,
 }
 
-/// The engine's context length, and the tokenizer that counts prompts
-/// against it.
-#[derive(Debug)]
-pub struct LengthLimit {
-    /// The model's tokenizer and chat template.
-    pub tokenizer: PromptTokenizer,
-    /// Tokens of context per request (`--max-model-len`, or the model's).
-    pub max_model_len: u32,
-}
+/// A check of each prompt before it is sent: `Err` fails the line.
+pub type PromptCheck = dyn Fn(&EnginePrompt) -> Result<(), TaskError> + Send + Sync;
 
-impl LengthLimit {
-    /// Fails a prompt that leaves no room for one generated token: the
-    /// engine would answer it with a 400.
-    fn check(&self, prompt: &EnginePrompt) -> Result<(), TaskError> {
-        let tokens = self.tokenizer.count(prompt).map_err(|e| {
-            TaskError::failed("prompt_not_tokenized", format!("--skip-over-length: {e:#}"))
-        })?;
-        if tokens >= self.max_model_len as usize {
-            return Err(TaskError::failed(
-                "prompt_too_long",
-                format!(
-                    "the prompt is {tokens} tokens and the model's context is {} (--max-model-len): skipped without a request (--skip-over-length)",
-                    self.max_model_len
-                ),
-            ));
-        }
-        Ok(())
-    }
+/// What a line sends to the engine: chat messages, or a text to complete.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnginePrompt {
+    /// `/v1/chat/completions`: the messages, the system message included.
+    Chat(Vec<Message>),
+    /// `/v1/completions`: the prompt.
+    Completion(String),
 }
 
 impl std::fmt::Debug for Infer {
@@ -157,14 +137,15 @@ impl Infer {
         Ok(Infer {
             config: Arc::new(config),
             filter: Arc::new(filter),
-            length_limit: None,
+            prompt_check: None,
         })
     }
 
-    /// The same task, failing prompts over `limit` without a request.
-    pub fn with_length_limit(self, limit: LengthLimit) -> Infer {
+    /// The same task, failing the lines whose prompt `check` refuses
+    /// without a request.
+    pub fn with_prompt_check(self, check: Arc<PromptCheck>) -> Infer {
         Infer {
-            length_limit: Some(Arc::new(limit)),
+            prompt_check: Some(check),
             ..self
         }
     }
@@ -282,8 +263,8 @@ impl Infer {
             ),
         };
         let prompt = self.engine_prompt(&prompt);
-        if let Some(limit) = &self.length_limit {
-            limit.check(&prompt)?;
+        if let Some(check) = &self.prompt_check {
+            check(&prompt)?;
         }
         let wanted = c.num_generations;
         let mut responses: Vec<String> = Vec::with_capacity(wanted as usize);
