@@ -11,7 +11,7 @@ use dispatcher::protocol::TokenCounts;
 use serde_json::Value;
 
 use crate::support::{
-    dispatcher_bin, jsonl, question_lines, serve_process, wait_exit, ServerProcess,
+    dispatcher_bin, jsonl, question_lines, serve_process, succeed, wait_exit, ServerProcess,
 };
 
 /// Prompt and completion tokens the output's lines say they used.
@@ -113,12 +113,11 @@ async fn reported_tokens_add_up_to_the_lines_usage_across_a_restart() {
     );
 
     // `report` says what the lines used, and what the workers reported.
-    let report = Command::new(dispatcher_bin())
-        .args(["report", "--json"])
-        .arg(dir.path().join("out.jsonl"))
-        .output()
-        .unwrap();
-    assert!(report.status.success());
+    let report = succeed(
+        Command::new(dispatcher_bin())
+            .args(["report", "--json"])
+            .arg(dir.path().join("out.jsonl")),
+    );
     let r: Value = serde_json::from_slice(&report.stdout).unwrap();
     assert_eq!(
         (r["prompt_tokens"].as_u64(), r["completion_tokens"].as_u64()),
@@ -130,11 +129,11 @@ async fn reported_tokens_add_up_to_the_lines_usage_across_a_restart() {
     assert_eq!(latency["lines"], n);
     // Each line's request takes the engine's 20 ms at the least.
     assert!(latency["p50"].as_f64().unwrap() >= 0.019, "{latency}");
-    let text = Command::new(dispatcher_bin())
-        .arg("report")
-        .arg(dir.path().join("out.jsonl"))
-        .output()
-        .unwrap();
+    let text = succeed(
+        Command::new(dispatcher_bin())
+            .arg("report")
+            .arg(dir.path().join("out.jsonl")),
+    );
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("as the workers reported them over"), "{text}");
     assert!(text.contains("latency          300 lines: mean"), "{text}");
@@ -164,11 +163,13 @@ async fn status_shows_tokens_cost_workers_and_failure_examples() {
     while !client.status().await.unwrap().complete {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = Command::new(dispatcher_bin())
-        .args(["status", "--interval", "0.2", "--server", &server.addr])
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    let status = succeed(Command::new(dispatcher_bin()).args([
+        "status",
+        "--interval",
+        "0.2",
+        "--server",
+        &server.addr,
+    ]));
     let text = String::from_utf8(status.stdout).unwrap();
     let s = client.status().await.unwrap();
     assert_eq!(

@@ -729,22 +729,17 @@ async fn estimate_counts_prompt_tokens_as_vllm_does_and_skip_over_length_skips_w
 
     // What vLLM counts, line by line.
     let run_infer = |output: &str, extra: &[&str]| {
-        let out = Command::new(dispatcher_bin())
-            .arg("infer")
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(dir.path().join(output))
-            .args(&common)
-            .args(&engine)
-            .args(["--include-usage", "-q"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        crate::support::succeed(
+            Command::new(dispatcher_bin())
+                .arg("infer")
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(dir.path().join(output))
+                .args(&common)
+                .args(&engine)
+                .args(["--include-usage", "-q"])
+                .args(extra),
         );
         crate::support::jsonl(dir.path().join(output))
     };
@@ -776,19 +771,14 @@ async fn estimate_counts_prompt_tokens_as_vllm_does_and_skip_over_length_skips_w
     )
     .unwrap();
     let estimate = |file: &std::path::Path, extra: &[&str]| -> Value {
-        let out = Command::new(dispatcher_bin())
-            .arg("estimate")
-            .arg("--input")
-            .arg(file)
-            .args(["--tokenizer", &model, "--json"])
-            .args(&common)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = crate::support::succeed(
+            Command::new(dispatcher_bin())
+                .arg("estimate")
+                .arg("--input")
+                .arg(file)
+                .args(["--tokenizer", &model, "--json"])
+                .args(&common)
+                .args(extra),
         );
         serde_json::from_slice(&out.stdout).unwrap()
     };

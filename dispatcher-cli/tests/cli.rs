@@ -523,20 +523,15 @@ fn estimate_counts_a_gzipped_input_through_the_chat_template() {
     std::fs::write(&plain, &input).unwrap();
     assert!(Command::new("gzip").arg(&plain).status().unwrap().success());
     let run = |extra: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("estimate")
-            .arg("--input")
-            .arg(job.path("in.jsonl.gz"))
-            .arg("--tokenizer")
-            .arg(word_model())
-            .args(["--max-tokens", "100", "--price-per-mtok-in", "1000000"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = dispatcher_testkit::succeed(
+            Command::new(BIN)
+                .arg("estimate")
+                .arg("--input")
+                .arg(job.path("in.jsonl.gz"))
+                .arg("--tokenizer")
+                .arg(word_model())
+                .args(["--max-tokens", "100", "--price-per-mtok-in", "1000000"])
+                .args(extra),
         );
         String::from_utf8(out.stdout).unwrap()
     };

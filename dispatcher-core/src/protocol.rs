@@ -874,13 +874,9 @@ impl FailureExample {
     /// An example of line `work_id`, cut to [`Self::MAX_BYTES`] at a
     /// character boundary.
     pub fn of(work_id: u64, line: &str) -> FailureExample {
-        let mut end = line.len().min(Self::MAX_BYTES);
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
         FailureExample {
             work_id,
-            line: line[..end].to_string(),
+            line: crate::record::head(line, Self::MAX_BYTES).to_string(),
         }
     }
 }
@@ -952,8 +948,9 @@ pub struct WorkerStatus {
     /// Engine tokens it reported to this run of the server.
     #[serde(default)]
     pub tokens: TokenCounts,
-    /// Its prompt and generated tokens per second lately (absent until two
-    /// reports are far enough apart).
+    /// Its prompt and generated tokens per second over its last 30 to 60 s
+    /// of reports (over less in its first 30 s; absent before a second
+    /// report; 0 once it has reported none for a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_sec: Option<f64>,
     /// `active` (holds lines), `idle` (holds none), `silent` (not heard

@@ -429,10 +429,6 @@ pub fn tombstone(
 /// The record of a submitted result that is not one JSON value: retrying
 /// cannot fix a worker's encoding bug, so the line records it at once.
 pub fn invalid_result(work_id: u64, reason: &str, result: &str) -> String {
-    let mut head_len = result.len().min(200);
-    while !result.is_char_boundary(head_len) {
-        head_len -= 1;
-    }
     let mut f = Map::new();
     f.insert("error".into(), "invalid_result".into());
     f.insert("work_id".into(), work_id.into());
@@ -440,8 +436,18 @@ pub fn invalid_result(work_id: u64, reason: &str, result: &str) -> String {
         "message".into(),
         format!("work_id {work_id}: the worker's result was not written: {reason}").into(),
     );
-    f.insert("result_head".into(), result[..head_len].into());
+    f.insert("result_head".into(), head(result, 200).into());
     error_record(f)
+}
+
+/// The first `max_bytes` of `text` at most, cut at a character boundary:
+/// what records and `/status` keep of a long line.
+pub fn head(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The record of an input line that is not UTF-8.
@@ -484,6 +490,15 @@ pub fn batch_line(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_head_is_cut_at_a_character_boundary() {
+        assert_eq!(head("abc", 10), "abc");
+        assert_eq!(head("abc", 2), "ab");
+        // "é" is two bytes: a cut inside it keeps what comes before.
+        assert_eq!(head("aé", 2), "a");
+        assert_eq!(head("aé", 3), "aé");
+    }
 
     /// Every kind of line an output can hold, with what it is.
     pub(crate) fn every_kind_of_line() -> Vec<(String, &'static str)> {

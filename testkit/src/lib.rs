@@ -78,6 +78,19 @@ pub fn jsonl(path: impl AsRef<Path>) -> Vec<Value> {
         .collect()
 }
 
+/// Runs `command` to its end and returns what it printed; a command that
+/// does not exit 0 fails the test with its stderr.
+pub fn succeed(command: &mut Command) -> std::process::Output {
+    let out = command.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{command:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Sends `sig` to process `pid`; kill(2)'s result.
 #[allow(unsafe_code)]
 pub fn send_signal(pid: i32, sig: i32) -> i32 {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dispatcher_core::protocol::TokenCounts;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -178,9 +179,8 @@ pub async fn run(args: EstimateArgs) -> anyhow::Result<()> {
     estimate.max_model_len = max_model_len;
     set_percentiles(&mut estimate, per_line);
     if let Some(p) = prices {
-        estimate.prompt_cost = Some(p.per_mtok_in * estimate.prompt_tokens as f64 / 1e6);
-        estimate.completion_cost_worst =
-            Some(p.per_mtok_out * estimate.completion_tokens_worst as f64 / 1e6);
+        estimate.prompt_cost = Some(p.of(&tokens(estimate.prompt_tokens, 0)));
+        estimate.completion_cost_worst = Some(p.of(&tokens(0, estimate.completion_tokens_worst)));
     }
     if let Some(url) = &args.engine_url {
         let sample = measure(&args, url, &infer, sampled).await?;
@@ -249,6 +249,8 @@ impl Counter<'_> {
         let mut estimate = Estimate::default();
         let mut per_line = Vec::new();
         let mut reservoir: Vec<(EnginePrompt, u32)> = Vec::new();
+        // Lines that fit the context so far: the ones the sample is drawn from.
+        let mut fitting = 0_u64;
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
         // `None`: a line that is not UTF-8.
         let mut chunk: Vec<Option<String>> = Vec::with_capacity(CHUNK);
@@ -299,6 +301,7 @@ impl Counter<'_> {
                 };
                 estimate.completion_tokens_worst +=
                     u64::from(room) * u64::from(self.num_generations);
+                fitting += 1;
                 if let Some(size) = sample {
                     // Algorithm R, with a xorshift generator.
                     if reservoir.len() < size {
@@ -307,7 +310,7 @@ impl Counter<'_> {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
-                        let slot = rng % estimate.counted;
+                        let slot = rng % fitting;
                         if let Some(kept) = reservoir.get_mut(slot as usize) {
                             *kept = (prompt, tokens);
                         }
@@ -320,6 +323,15 @@ impl Counter<'_> {
             per_line,
             sample: reservoir,
         })
+    }
+}
+
+/// Prompt and generated tokens, to price.
+fn tokens(prompt_tokens: u64, completion_tokens: u64) -> TokenCounts {
+    TokenCounts {
+        requests: 0,
+        prompt_tokens,
+        completion_tokens,
     }
 }
 
@@ -410,9 +422,10 @@ fn project(
     let per_line = sample.completion_tokens as f64 / sample.lines as f64;
     sample.projected_completion_tokens = (per_line * runnable as f64).round() as u64;
     sample.projected_cost = prices.map(|p| {
-        (p.per_mtok_in * estimate.prompt_tokens as f64
-            + p.per_mtok_out * sample.projected_completion_tokens as f64)
-            / 1e6
+        p.of(&tokens(
+            estimate.prompt_tokens,
+            sample.projected_completion_tokens,
+        ))
     });
     sample
 }

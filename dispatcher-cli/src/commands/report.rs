@@ -290,11 +290,11 @@ impl Report {
         for (kind, n) in by_count {
             out.push_str(&format!("  {kind:<30} {n}\n"));
             if let Some(e) = self.examples.get(kind) {
-                let mut head: String = e.head.chars().take(110).collect();
-                if head.len() < e.head.len() {
-                    head.push_str("...");
-                }
-                out.push_str(&format!("    e.g. line {}: {head}\n", e.line));
+                out.push_str(&format!(
+                    "    e.g. line {}: {}\n",
+                    e.line,
+                    super::status::one_line(&e.head, 110)
+                ));
             }
         }
         if !self.tombstone_reissues.is_empty() {

@@ -293,7 +293,7 @@ fn render_workers(now: &StatusResponse) -> String {
 }
 
 /// The first `max` characters of `text`, `...` when there were more.
-fn one_line(text: &str, max: usize) -> String {
+pub(crate) fn one_line(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text.to_string(),

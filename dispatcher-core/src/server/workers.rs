@@ -11,7 +11,8 @@ use crate::protocol::{Hello, PrefixCache, TokenCounts, WorkerStatus};
 /// A worker not heard from for this long is not counted as active.
 pub const ACTIVE_WITHIN: Duration = Duration::from_secs(60);
 
-/// A worker's tokens per second are measured over at least this long.
+/// A worker's tokens per second are measured over at least this long (once
+/// it has reported for that long), and at most twice it.
 const RATE_OVER: Duration = Duration::from_secs(30);
 
 /// The workers seen, by the key of their `worker` id (see `worker_key`).
@@ -29,9 +30,49 @@ struct Seen {
     last_contact: Instant,
     prefix_cache: Option<PrefixCache>,
     tokens: TokenCounts,
-    /// Tokens (prompt and generated) at two reports at least [`RATE_OVER`]
-    /// apart, when it reported twice: the older one and the last.
-    rate: Option<[(Instant, u64); 2]>,
+    /// Its tokens (prompt and generated) at some of its reports, for its
+    /// tokens per second; `None` before its first report.
+    rate: Option<RateWindow>,
+}
+
+/// A report's time and the worker's tokens (prompt and generated) then.
+type Mark = (Instant, u64);
+
+/// Tokens per second from `base` to `last`: once it has reported for
+/// [`RATE_OVER`], over the last [`RATE_OVER`] to twice that. `next` is the
+/// first report [`RATE_OVER`] after `base`, which becomes the base once it
+/// is [`RATE_OVER`] old itself.
+#[derive(Debug, Clone, Copy)]
+struct RateWindow {
+    base: Mark,
+    next: Option<Mark>,
+    last: Mark,
+}
+
+impl RateWindow {
+    /// A window at a first report: what it counts was used over an unknown
+    /// time, so the rate starts from it.
+    fn new(at: Mark) -> RateWindow {
+        RateWindow {
+            base: at,
+            next: None,
+            last: at,
+        }
+    }
+
+    fn report(&mut self, at: Mark) {
+        match self.next {
+            Some(next) if at.0.saturating_duration_since(next.0) >= RATE_OVER => {
+                self.base = next;
+                self.next = Some(at);
+            }
+            None if at.0.saturating_duration_since(self.base.0) >= RATE_OVER => {
+                self.next = Some(at);
+            }
+            _ => {}
+        }
+        self.last = at;
+    }
 }
 
 impl Seen {
@@ -49,7 +90,11 @@ impl Seen {
     /// Tokens per second between its rate's two reports; 0 once it has
     /// reported none for [`ACTIVE_WITHIN`].
     fn tokens_per_sec(&self, now: Instant) -> Option<f64> {
-        let [(t0, n0), (t1, n1)] = self.rate?;
+        let RateWindow {
+            base: (t0, n0),
+            last: (t1, n1),
+            ..
+        } = self.rate?;
         if now.saturating_duration_since(t1) >= ACTIVE_WITHIN {
             return Some(0.0);
         }
@@ -93,14 +138,10 @@ impl Workers {
             .tokens
             .prompt_tokens
             .saturating_add(seen.tokens.completion_tokens);
-        seen.rate = Some(match seen.rate {
-            // What the first report counts was used over an unknown time.
-            None => [(now, total), (now, total)],
-            Some([base, last]) if now.saturating_duration_since(base.0) >= 2 * RATE_OVER => {
-                [last, (now, total)]
-            }
-            Some([base, _]) => [base, (now, total)],
-        });
+        match &mut seen.rate {
+            Some(window) => window.report((now, total)),
+            None => seen.rate = Some(RateWindow::new((now, total))),
+        }
     }
 
     /// Tokens reported to this run of the server.
@@ -192,6 +233,32 @@ mod tests {
             prompt_tokens: prompt,
             completion_tokens: completion,
         }
+    }
+
+    /// Once a worker has reported for [`RATE_OVER`], its rate is over at
+    /// least that long: a burst in one report moves it by little.
+    #[test]
+    fn a_workers_rate_is_over_at_least_the_rate_window() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        w.contact(1, "a", t0);
+        // 10 tokens a second, reported every 5 s for 200 s.
+        for i in 0..=40 {
+            w.tokens(Some(1), tokens(50, 0), t0 + Duration::from_secs(5 * i));
+        }
+        let at = t0 + Duration::from_secs(200);
+        let rate = |w: &Workers, now| {
+            w.status(now, &Default::default(), Duration::from_secs(1200))[0]
+                .tokens_per_sec
+                .unwrap()
+        };
+        assert_eq!(rate(&w, at), 10.0);
+        // 100 more tokens a second later: over a window of 30 s or more that
+        // is at most 100 / 30 more per second.
+        let burst = at + Duration::from_secs(1);
+        w.tokens(Some(1), tokens(100, 0), burst);
+        let r = rate(&w, burst);
+        assert!(r > 10.0 && r <= 10.0 + 100.0 / 30.0 + 1e-9, "{r}");
     }
 
     #[test]

@@ -10,7 +10,8 @@ const HISTORY_EVERY = 15; // polls between fetches of the whole history
 let token = null; // kept in this tab's memory only
 let history = []; // [{secs, lines_done, tokens}]
 let polls = 0;
-let timer = null;
+// Bumped by each start and stop: a polling loop runs while it is its own.
+let generation = 0;
 
 const $ = (id) => document.getElementById(id);
 const text = (id, value) => { $(id).textContent = value; };
@@ -250,19 +251,30 @@ function renderChart() {
   text("chart-note", `over the last ${fmtDuration(t1 - t0)}; peak ${fmtNum(top)} lines/s`);
 }
 
-function start() {
-  if (timer === null) {
-    polls = 0;
-    poll();
-    timer = setInterval(poll, POLL_MS);
+// One poll at a time, a second apart from start to start: a slow or
+// unreachable server never gets a second request from this page before it
+// answered the first.
+async function pollLoop(mine) {
+  while (mine === generation) {
+    const next = Date.now() + POLL_MS;
+    try {
+      await poll();
+    } catch (e) {
+      // An answer the page could not show: the next one may do.
+      text("headline", `could not show the status (${e.message}); trying again`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, next - Date.now())));
   }
 }
 
+function start() {
+  generation += 1;
+  polls = 0;
+  pollLoop(generation);
+}
+
 function stop() {
-  if (timer !== null) {
-    clearInterval(timer);
-    timer = null;
-  }
+  generation += 1;
 }
 
 $("login-form").addEventListener("submit", (event) => {
