@@ -326,8 +326,9 @@ impl ServerMetrics {
     }
 
     /// The workers seen and active, for the next render.
-    pub fn workers(&self, seen: usize, active: usize) {
-        self.workers_seen.set(seen as i64);
+    pub fn workers(&self, seen: u64, active: usize) {
+        self.workers_seen
+            .set(i64::try_from(seen).unwrap_or(i64::MAX));
         self.workers_active.set(active as i64);
     }
 

@@ -752,9 +752,14 @@ pub struct StatusResponse {
     /// Seconds since the server started.
     pub uptime_secs: f64,
     /// Extension: the workers seen by this run of the server, those that said
-    /// hello (`POST /hello`) with who they are.
+    /// hello (`POST /hello`) with who they are, most recently heard from
+    /// first: every one not gone, and the 100 gone ones heard from last.
     #[serde(default)]
     pub workers: Vec<WorkerStatus>,
+    /// Extension: gone workers left out of `workers` (a long job on
+    /// preemptible nodes meets a new worker at every restart).
+    #[serde(default)]
+    pub workers_unlisted: u64,
     /// Extension: prefix affinity (`--group-by`), absent without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<GroupStatus>,

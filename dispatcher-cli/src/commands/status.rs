@@ -254,12 +254,16 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
 }
 
 /// The workers seen, one per line: who (task, host, engine, model, version
-/// from its hello; `unknown` without one), last contact, lines done, in flight.
+/// from its hello; `unknown` without one), last contact, lines done, in
+/// flight; then how many gone ones the server left out.
 fn render_workers(now: &StatusResponse) -> String {
-    if now.workers.is_empty() {
+    if now.workers.is_empty() && now.workers_unlisted == 0 {
         return "workers      none seen yet\n".to_string();
     }
-    let mut out = format!("workers      {} seen\n", now.workers.len());
+    let mut out = format!(
+        "workers      {} seen\n",
+        now.workers.len() as u64 + now.workers_unlisted
+    );
     for w in &now.workers {
         let who = w.hello.as_ref().map_or_else(
             || "unknown (said no hello)".to_string(),
@@ -287,6 +291,12 @@ fn render_workers(now: &StatusResponse) -> String {
             human_secs(w.last_contact_secs),
             w.lines_done,
             w.in_flight
+        ));
+    }
+    if now.workers_unlisted > 0 {
+        out.push_str(&format!(
+            "  and {} more gone, not listed\n",
+            now.workers_unlisted
         ));
     }
     out

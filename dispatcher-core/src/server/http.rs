@@ -580,7 +580,8 @@ fn status_now(state: &AppState, history: bool) -> Result<StatusResponse, ApiErro
     }
     {
         let workers = state.workers();
-        status.workers = workers.status(Instant::now(), &load, stats.work_timeout);
+        (status.workers, status.workers_unlisted) =
+            workers.status(Instant::now(), &load, stats.work_timeout);
         status.prefix_cache = workers.prefix_cache_total();
     }
     use std::sync::atomic::Ordering::Relaxed;
@@ -733,6 +734,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         complete: s.complete,
         uptime_secs: s.uptime.as_secs_f64(),
         workers: Vec::new(),
+        workers_unlisted: 0,
         prefix_cache: None,
         groups: s.groups,
         tokens: crate::protocol::TokenCounts::default(),

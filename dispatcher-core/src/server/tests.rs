@@ -642,6 +642,44 @@ async fn heartbeats_carry_the_engines_prefix_cache_counters_into_status() {
     assert_eq!(w1["prefix_cache"]["hits"], 900, "{s}");
 }
 
+/// A long job on preemptible nodes meets a new worker at every restart:
+/// `/status` (which every open page reads each second) lists the live
+/// workers and the last gone ones, and counts the others.
+#[tokio::test(start_paused = true)]
+async fn status_lists_live_workers_and_only_the_last_gone_ones() {
+    let f = fixture("a\nb\n", ServeOptions::default());
+    let heartbeat = |worker: String| {
+        let router = f.router.clone();
+        async move {
+            let body = format!(r#"{{"work_ids": [], "worker": "{worker}"}}"#);
+            let (code, r) = call(&router, "POST", "/heartbeat", &body).await;
+            assert_eq!(code, StatusCode::OK, "{r}");
+        }
+    };
+    for i in 0..130 {
+        heartbeat(format!("preempted-{i:03}")).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    // Past the work timeout (60 s here) they are gone; two are alive.
+    tokio::time::advance(Duration::from_secs(120)).await;
+    heartbeat("live-a".into()).await;
+    heartbeat("live-b".into()).await;
+    let (_, s) = call(&f.router, "GET", "/status", "").await;
+    let rows = s["workers"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 + 100, "{s}");
+    assert_eq!(s["workers_unlisted"], 30);
+    let names: Vec<&str> = rows.iter().map(|w| w["worker"].as_str().unwrap()).collect();
+    assert_eq!(&names[..3], ["live-a", "live-b", "preempted-129"]);
+    assert_eq!(names.last(), Some(&"preempted-030"));
+    assert!(rows[2..].iter().all(|w| w["state"] == "gone"), "{s}");
+    let (_, metrics) = call(&f.router, "GET", "/metrics", "").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "dispatcher_workers_seen 132"),
+        "{metrics}"
+    );
+}
+
 /// Workers report the tokens they used since their last report with
 /// results and heartbeats; `/status` adds each report once, per worker and
 /// over all, prices them, and a malformed report costs none of the results

@@ -1,5 +1,10 @@
 //! The workers a server has seen: who said hello, when each was last heard
 //! from. What each has done and holds comes from the ledger.
+//!
+//! A long job on preemptible nodes meets a new worker id at every restart of
+//! a worker, so the ids seen grow with the job's age, not its size. Memory
+//! is bounded ([`REMEMBERED`]) and `/status`, which every open page reads
+//! each second, lists the live workers and only the last [`GONE_LISTED`] gone.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,12 +20,24 @@ pub const ACTIVE_WITHIN: Duration = Duration::from_secs(60);
 /// it has reported for that long), and at most twice it.
 const RATE_OVER: Duration = Duration::from_secs(30);
 
+/// Workers remembered at most. A new one past this forgets the tenth
+/// heard from longest ago (gone, unless a job has thousands of live
+/// workers); the totals keep what they reported.
+pub const REMEMBERED: usize = 10_000;
+
+/// Gone workers listed by [`Workers::status`] at most: those heard from last.
+pub const GONE_LISTED: usize = 100;
+
 /// The workers seen, by the key of their `worker` id (see `worker_key`).
 #[derive(Debug, Default)]
 pub struct Workers {
     seen: HashMap<u64, Seen>,
     /// Tokens reported to this run, by every worker.
     tokens: TokenCounts,
+    /// Workers no longer remembered (past [`REMEMBERED`]).
+    forgotten: u64,
+    /// Their engines' last prefix cache counters, summed.
+    forgotten_cache: Option<PrefixCache>,
 }
 
 #[derive(Debug)]
@@ -117,13 +134,51 @@ impl Seen {
     }
 }
 
+/// Two workers' (or sums of) prefix cache counters added.
+fn add_cache(a: Option<PrefixCache>, b: PrefixCache) -> PrefixCache {
+    let a = a.unwrap_or_default();
+    PrefixCache {
+        queries: a.queries.saturating_add(b.queries),
+        hits: a.hits.saturating_add(b.hits),
+    }
+}
+
 impl Workers {
     /// The worker `id` (with key `key`) made a request at `now`.
     pub fn contact(&mut self, key: u64, id: &str, now: Instant) {
-        self.seen
-            .entry(key)
-            .and_modify(|s| s.last_contact = now)
-            .or_insert_with(|| Seen::new(id, now));
+        self.entry(key, id, now).last_contact = now;
+    }
+
+    /// The worker with key `key`, remembered anew (as `id`, first heard
+    /// from at `now`) if it was not.
+    fn entry(&mut self, key: u64, id: &str, now: Instant) -> &mut Seen {
+        if self.seen.len() >= REMEMBERED && !self.seen.contains_key(&key) {
+            self.forget_longest_silent();
+        }
+        self.seen.entry(key).or_insert_with(|| Seen::new(id, now))
+    }
+
+    /// Forgets the tenth of [`REMEMBERED`] heard from longest ago: one
+    /// pass over all of them for every `REMEMBERED / 10` new workers.
+    fn forget_longest_silent(&mut self) {
+        let mut by_contact: Vec<(Instant, u64)> = self
+            .seen
+            .iter()
+            .map(|(&key, s)| (s.last_contact, key))
+            .collect();
+        let n = (REMEMBERED / 10).min(by_contact.len());
+        if n < by_contact.len() {
+            // The n heard from longest ago before index n.
+            by_contact.select_nth_unstable(n);
+        }
+        for (_, key) in by_contact.into_iter().take(n) {
+            if let Some(seen) = self.seen.remove(&key) {
+                self.forgotten += 1;
+                if let Some(cache) = seen.prefix_cache {
+                    self.forgotten_cache = Some(add_cache(self.forgotten_cache, cache));
+                }
+            }
+        }
     }
 
     /// A worker (`key`, when it named itself) reported `tokens` used since
@@ -156,46 +211,44 @@ impl Workers {
         }
     }
 
-    /// The prefix cache counters of every worker that reports them, summed.
+    /// The prefix cache counters of every worker that reports them (the
+    /// forgotten ones too), summed.
     pub fn prefix_cache_total(&self) -> Option<PrefixCache> {
         self.seen
             .values()
             .filter_map(|s| s.prefix_cache)
-            .reduce(|a, b| PrefixCache {
-                queries: a.queries + b.queries,
-                hits: a.hits + b.hits,
-            })
+            .fold(self.forgotten_cache, |sum, c| Some(add_cache(sum, c)))
     }
 
     /// The worker said hello.
     pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) {
-        let seen = self
-            .seen
-            .entry(key)
-            .or_insert_with(|| Seen::new(&hello.worker, now));
+        let seen = self.entry(key, &hello.worker, now);
         seen.last_contact = now;
         seen.hello = Some(hello);
     }
 
-    /// Workers seen, and those heard from within [`ACTIVE_WITHIN`].
-    pub fn counts(&self, now: Instant) -> (usize, usize) {
+    /// Workers seen (the forgotten ones too), and those heard from within
+    /// [`ACTIVE_WITHIN`].
+    pub fn counts(&self, now: Instant) -> (u64, usize) {
         let active = self
             .seen
             .values()
             .filter(|s| now.saturating_duration_since(s.last_contact) < ACTIVE_WITHIN)
             .count();
-        (self.seen.len(), active)
+        (self.seen.len() as u64 + self.forgotten, active)
     }
 
-    /// Every worker seen, with its load from `load` (key -> (lines done,
-    /// in flight)), most recently heard from first; gone after
-    /// `work_timeout` without a word.
+    /// The workers seen, with their load from `load` (key -> (lines done,
+    /// in flight)), most recently heard from first: every one not gone (not
+    /// heard from for `work_timeout`) and the [`GONE_LISTED`] gone ones heard
+    /// from last; and how many gone ones that leaves out (the forgotten ones
+    /// too).
     pub fn status(
         &self,
         now: Instant,
         load: &rustc_hash::FxHashMap<u64, (u64, u64)>,
         work_timeout: Duration,
-    ) -> Vec<WorkerStatus> {
+    ) -> (Vec<WorkerStatus>, u64) {
         let mut out: Vec<WorkerStatus> = self
             .seen
             .iter()
@@ -219,7 +272,13 @@ impl Workers {
                 .total_cmp(&b.last_contact_secs)
                 .then_with(|| a.worker.cmp(&b.worker))
         });
-        out
+        let mut gone = 0;
+        out.retain(|w| {
+            gone += usize::from(w.state == "gone");
+            w.state != "gone" || gone <= GONE_LISTED
+        });
+        let unlisted = gone.saturating_sub(GONE_LISTED) as u64 + self.forgotten;
+        (out, unlisted)
     }
 }
 
@@ -248,7 +307,8 @@ mod tests {
         }
         let at = t0 + Duration::from_secs(200);
         let rate = |w: &Workers, now| {
-            w.status(now, &Default::default(), Duration::from_secs(1200))[0]
+            w.status(now, &Default::default(), Duration::from_secs(1200))
+                .0[0]
                 .tokens_per_sec
                 .unwrap()
         };
@@ -281,7 +341,9 @@ mod tests {
                 completion_tokens: 36
             }
         );
-        let status = w.status(t1, &Default::default(), Duration::from_secs(1200));
+        let status = w
+            .status(t1, &Default::default(), Duration::from_secs(1200))
+            .0;
         let a = status.iter().find(|s| s.worker == "a").unwrap();
         assert_eq!(
             (a.tokens.prompt_tokens, a.tokens.completion_tokens),
@@ -292,7 +354,9 @@ mod tests {
         assert_eq!(a.state, "idle");
         // Quiet for a minute: its rate is 0, and it is silent.
         let quiet = t1 + ACTIVE_WITHIN;
-        let status = w.status(quiet, &Default::default(), Duration::from_secs(1200));
+        let status = w
+            .status(quiet, &Default::default(), Duration::from_secs(1200))
+            .0;
         let a = status.iter().find(|s| s.worker == "a").unwrap();
         assert_eq!((a.tokens_per_sec, a.state.as_str()), (Some(0.0), "silent"));
     }
@@ -318,7 +382,7 @@ mod tests {
         assert_eq!(w.counts(later), (4, 1));
         let mut load = rustc_hash::FxHashMap::default();
         load.insert(4, (7, 2));
-        let status = w.status(later, &load, Duration::from_secs(1200));
+        let status = w.status(later, &load, Duration::from_secs(1200)).0;
         assert_eq!(status[0].worker, "c");
         assert_eq!(status[0].state, "active");
         let state_of = |name: &str| {
@@ -329,12 +393,75 @@ mod tests {
         };
         assert_eq!(state_of("a").as_deref(), Some("silent"));
         let much_later = t0 + Duration::from_secs(1300);
-        let status = w.status(much_later, &load, Duration::from_secs(1200));
+        let status = w.status(much_later, &load, Duration::from_secs(1200)).0;
         assert!(status.iter().all(|s| s.state == "gone"), "{status:?}");
         assert_eq!((status[0].lines_done, status[0].in_flight), (7, 2));
         assert!(status
             .iter()
             .any(|s| s.worker == "old-python-worker" && s.hello.is_none()));
         assert_eq!(status.iter().filter(|s| s.hello.is_some()).count(), 3);
+    }
+
+    /// A long job meets a new worker id at every restart: `/status` lists
+    /// the live ones and only the gone ones heard from last.
+    #[test]
+    fn gone_workers_past_the_listed_are_counted_not_listed() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        let timeout = Duration::from_secs(300);
+        for i in 0..GONE_LISTED as u64 + 50 {
+            w.contact(i, &format!("old-{i:03}"), t0 + Duration::from_millis(i));
+        }
+        let later = t0 + Duration::from_secs(1000);
+        for i in 0..3 {
+            w.contact(1000 + i, &format!("live-{i}"), later);
+        }
+        let (rows, unlisted) = w.status(later, &Default::default(), timeout);
+        assert_eq!((rows.len(), unlisted), (3 + GONE_LISTED, 50));
+        assert!(rows[..3].iter().all(|r| r.state == "idle"), "{rows:?}");
+        // The gone ones listed are those heard from last.
+        assert_eq!(rows[3].worker, "old-149");
+        assert_eq!(rows.last().unwrap().worker, "old-050");
+        assert_eq!(w.counts(later), (153, 3));
+    }
+
+    /// Memory is bounded: past [`REMEMBERED`], those heard from longest ago
+    /// are forgotten; the counts and sums keep them.
+    #[test]
+    fn past_remembered_the_longest_silent_are_forgotten_and_still_counted() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        let cache = PrefixCache {
+            queries: 10,
+            hits: 4,
+        };
+        for i in 0..REMEMBERED as u64 {
+            let at = t0 + Duration::from_millis(i);
+            w.hello(i, hello(&format!("w{i}"), "infer"), at);
+            w.prefix_cache(i, cache);
+            w.tokens(Some(i), tokens(3, 2), at);
+        }
+        let now = t0 + Duration::from_millis(REMEMBERED as u64);
+        // The newest is heard from again, the one more comes.
+        w.contact(REMEMBERED as u64 - 1, "w9999", now);
+        w.contact(u64::MAX, "newcomer", now);
+        assert_eq!(w.seen.len(), REMEMBERED - REMEMBERED / 10 + 1);
+        assert_eq!(w.counts(now).0, REMEMBERED as u64 + 1);
+        assert!(!w.seen.contains_key(&0), "the longest silent is forgotten");
+        assert!(w.seen.contains_key(&(REMEMBERED as u64 / 10)));
+        assert!(w.seen[&(REMEMBERED as u64 - 1)].hello.is_some());
+        let n = REMEMBERED as u64;
+        assert_eq!(
+            w.prefix_cache_total(),
+            Some(PrefixCache {
+                queries: 10 * n,
+                hits: 4 * n
+            })
+        );
+        assert_eq!(w.tokens_total().completion_tokens, 2 * n);
+        // None remembered is gone (all were heard from in the last 10 s):
+        // the forgotten are the ones left out.
+        let (rows, unlisted) = w.status(now, &Default::default(), Duration::from_secs(60));
+        assert_eq!((rows.len(), unlisted), (w.seen.len(), n / 10));
     }
 }

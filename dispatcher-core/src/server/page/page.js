@@ -119,7 +119,7 @@ function render(s) {
 
   renderChart();
   renderShards(s.shards || []);
-  renderWorkers(s.workers || []);
+  renderWorkers(s.workers || [], s.workers_unlisted || 0);
   renderFailures(s.failed_by_kind || {}, s.failure_examples || {});
 
   const re = s.reissues || {};
@@ -140,7 +140,9 @@ function cell(row, value, className) {
   row.appendChild(td);
 }
 
-function renderWorkers(workers) {
+// Every live worker and the last 100 gone (the server leaves out the
+// others, counted in `unlisted`).
+function renderWorkers(workers, unlisted) {
   const body = document.createElement("tbody");
   body.id = "workers";
   const counts = {};
@@ -161,8 +163,9 @@ function renderWorkers(workers) {
     body.appendChild(row);
   }
   $("workers").replaceWith(body);
-  const summary = Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ");
-  text("worker-count", workers.length ? `(${summary})` : "(none yet)");
+  const summary = Object.entries(counts).map(([k, v]) => `${fmtInt(v)} ${k}`).join(", ");
+  const more = unlisted ? `; ${fmtInt(unlisted)} more gone, not listed` : "";
+  text("worker-count", workers.length || unlisted ? `(${summary}${more})` : "(none yet)");
 }
 
 // Shards being written first, then those not started, then finished ones;
