@@ -925,8 +925,10 @@ pub struct Hello {
     /// The model the engine serves.
     #[serde(default)]
     pub model: Option<String>,
-    /// What else decides its output: `infer`'s sampling settings, named engines.
-    #[serde(default)]
+    /// What else decides its output: `infer`'s sampling settings, named
+    /// engines. The manifest keeps them (`worker_configurations`); `/status`
+    /// leaves them out of its rows.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub settings: serde_json::Map<String, serde_json::Value>,
     /// The batch job it runs in: the id `dispatcher launch` gave it
     /// (`DISPATCHER_LAUNCH_JOB`), else Slurm's `SLURM_JOB_ID`.
@@ -939,7 +941,8 @@ pub struct Hello {
 pub struct WorkerStatus {
     /// The `worker` its requests name.
     pub worker: String,
-    /// What it said in its hello; `None` for a worker that said none.
+    /// What it said in its hello, but its settings (those are in the
+    /// manifest); `None` for a worker that said none.
     pub hello: Option<Hello>,
     /// Seconds since its last request.
     pub last_contact_secs: f64,

@@ -475,12 +475,24 @@ async fn post_journal(
     }))
 }
 
+/// The longest hello taken: the server keeps one of each worker.
+const MAX_HELLO_BYTES: usize = 64 << 10;
+
 /// `POST /hello` (extension): a worker says who it is.
 async fn post_hello(
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Hello);
+    if let Body(Ok(bytes)) = &body {
+        if bytes.len() > MAX_HELLO_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "a hello is at most {} KiB, this one is {} bytes: a task's settings() are a few sampling parameters, not data",
+                MAX_HELLO_BYTES >> 10,
+                bytes.len()
+            )));
+        }
+    }
     let hello: Hello = parse_body(body, r#"{"worker": "id", "task": "...", ...}"#)?;
     if hello.worker.is_empty() {
         return Err(ApiError::BadRequest(

@@ -28,6 +28,9 @@ pub const REMEMBERED: usize = 10_000;
 /// Gone workers listed by [`Workers::status`] at most: those heard from last.
 pub const GONE_LISTED: usize = 100;
 
+/// The bytes of a worker's id kept to show (its key hashes all of it).
+const ID_SHOWN: usize = 256;
+
 /// The workers seen, by the key of their `worker` id (see `worker_key`).
 #[derive(Debug, Default)]
 pub struct Workers {
@@ -95,7 +98,7 @@ impl RateWindow {
 impl Seen {
     fn new(id: &str, now: Instant) -> Seen {
         Seen {
-            id: id.to_string(),
+            id: crate::record::head(id, ID_SHOWN).to_string(),
             hello: None,
             last_contact: now,
             prefix_cache: None,
@@ -220,10 +223,13 @@ impl Workers {
             .fold(self.forgotten_cache, |sum, c| Some(add_cache(sum, c)))
     }
 
-    /// The worker said hello.
-    pub fn hello(&mut self, key: u64, hello: Hello, now: Instant) {
+    /// The worker said hello. Its settings are left to the manifest, which
+    /// keeps each configuration once: `/status` lists who it is.
+    pub fn hello(&mut self, key: u64, mut hello: Hello, now: Instant) {
         let seen = self.entry(key, &hello.worker, now);
         seen.last_contact = now;
+        hello.settings = serde_json::Map::new();
+        hello.worker.clone_from(&seen.id);
         seen.hello = Some(hello);
     }
 
