@@ -28,8 +28,22 @@ pub struct ManifestDoc {
     pub output: String,
     /// Each run of the server on this job, oldest first.
     pub runs: Vec<Run>,
-    /// The distinct worker configurations that said hello, in the order first seen.
+    /// The distinct worker configurations that said hello, in the order
+    /// first seen: the first [`MAX_CONFIGURATIONS`].
     pub worker_configurations: Vec<WorkerConfiguration>,
+    /// Hellos of a configuration not among those, when there were more (a
+    /// task whose settings differ from worker to worker).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub worker_configurations_unrecorded: u64,
+}
+
+/// Worker configurations a manifest records at most: each new one rewrites
+/// the file, and a task whose settings name the worker would add one per
+/// worker.
+pub const MAX_CONFIGURATIONS: usize = 1000;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The input file.
@@ -183,6 +197,11 @@ impl Manifest {
         if known {
             return;
         }
+        if self.doc.worker_configurations.len() >= MAX_CONFIGURATIONS {
+            // Saved with the manifest's next write (a checkpoint's).
+            self.doc.worker_configurations_unrecorded += 1;
+            return;
+        }
         self.doc.worker_configurations.push(WorkerConfiguration {
             task: hello.task.clone(),
             version: hello.version.clone(),
@@ -288,5 +307,31 @@ mod tests {
         let fresh = Manifest::start(&input, &output, 0, None, true);
         assert_eq!(fresh.doc().runs.len(), 1);
         assert!(fresh.doc().worker_configurations.is_empty());
+    }
+
+    /// A task whose settings differ from worker to worker does not make the
+    /// manifest grow with the workers: past [`MAX_CONFIGURATIONS`] they are
+    /// counted, and the file says so.
+    #[test]
+    fn configurations_past_the_limit_are_counted_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+        std::fs::write(&input, "a\n").unwrap();
+        let mut m = Manifest::start(&input, &output, 0, None, true);
+        for pid in 0..MAX_CONFIGURATIONS + 5 {
+            let mut settings = serde_json::Map::new();
+            settings.insert("pid".into(), pid.into());
+            m.configuration(&Hello {
+                task: "mine".into(),
+                settings,
+                ..Hello::default()
+            });
+        }
+        assert_eq!(m.doc().worker_configurations.len(), MAX_CONFIGURATIONS);
+        assert_eq!(m.doc().worker_configurations_unrecorded, 5);
+        m.stop("complete", 1);
+        let on_disk: ManifestDoc =
+            serde_json::from_slice(&std::fs::read(manifest_path(&output)).unwrap()).unwrap();
+        assert_eq!(on_disk.worker_configurations_unrecorded, 5);
     }
 }
