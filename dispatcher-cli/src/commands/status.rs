@@ -253,18 +253,47 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
     out
 }
 
-/// The workers seen, one per line: who (task, host, engine, model, version
-/// from its hello; `unknown` without one), last contact, lines done, in
-/// flight; then how many gone ones the server left out.
+/// Worker rows `dispatcher status` prints at most: a job of 1,000 workers
+/// would scroll the rest of the status away at every `--watch` refresh.
+const WORKER_ROWS: usize = 30;
+
+/// The workers seen: how many in each state, then one per line, those that
+/// need a look first (silent, gone), at most [`WORKER_ROWS`]: who (task,
+/// host, engine, model, version from its hello; `unknown` without one),
+/// state, last contact, lines done, in flight, tokens/s, prefix cache.
 fn render_workers(now: &StatusResponse) -> String {
     if now.workers.is_empty() && now.workers_unlisted == 0 {
         return "workers      none seen yet\n".to_string();
     }
-    let mut out = format!(
-        "workers      {} seen\n",
-        now.workers.len() as u64 + now.workers_unlisted
-    );
+    const STATES: [&str; 4] = ["active", "idle", "silent", "gone"];
+    let mut counts = [0u64; STATES.len()];
     for w in &now.workers {
+        if let Some(i) = STATES.iter().position(|s| *s == w.state) {
+            counts[i] += 1;
+        }
+    }
+    counts[3] += now.workers_unlisted;
+    let by_state: Vec<String> = STATES
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let mut out = format!(
+        "workers      {} seen: {}\n",
+        now.workers.len() as u64 + now.workers_unlisted,
+        by_state.join(", ")
+    );
+    // Silent ones first (alive a minute ago, maybe not now), then gone, then
+    // the rest; each group as the server lists it (last heard from first).
+    let rank = |state: &str| match state {
+        "silent" => 0,
+        "gone" => 1,
+        _ => 2,
+    };
+    let mut rows: Vec<_> = now.workers.iter().collect();
+    rows.sort_by_key(|w| rank(&w.state));
+    for w in rows.iter().take(WORKER_ROWS) {
         let who = w.hello.as_ref().map_or_else(
             || "unknown (said no hello)".to_string(),
             |h| {
@@ -293,10 +322,10 @@ fn render_workers(now: &StatusResponse) -> String {
             w.in_flight
         ));
     }
-    if now.workers_unlisted > 0 {
+    let more = rows.len().saturating_sub(WORKER_ROWS) as u64 + now.workers_unlisted;
+    if more > 0 {
         out.push_str(&format!(
-            "  and {} more gone, not listed\n",
-            now.workers_unlisted
+            "  and {more} more (every live one: --json, or the server's page)\n"
         ));
     }
     out
@@ -317,5 +346,65 @@ pub(crate) fn human_secs(s: f64) -> String {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
         _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `/status` answer with `workers` (name, state) and `unlisted` gone
+    /// ones left out by the server.
+    fn status(workers: &[(&str, &str)], unlisted: u64) -> StatusResponse {
+        let rows: Vec<serde_json::Value> = workers
+            .iter()
+            .map(|(name, state)| {
+                serde_json::json!({"worker": name, "hello": null, "last_contact_secs": 1.0,
+                    "lines_done": 0, "in_flight": 0, "state": state})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "last_processed_work_id": -1, "next_work_id": 0, "issued": 0, "pending": 0,
+            "heap_size": 0, "expired_reissues": 0, "lines_done": 0,
+            "input_bytes_consumed": 0, "input_bytes_total": 0, "in_flight": 0,
+            "queued_for_reissue": 0, "reorder_buffer": 0, "reorder_buffer_bytes": 0,
+            "reissues": {"timeout": 0, "release": 0}, "tombstones": 0, "invalid_lines": 0,
+            "ignored_results": 0, "work_timeout_secs": 600.0, "max_retries": 3,
+            "complete": false, "uptime_secs": 1.0,
+            "workers": rows, "workers_unlisted": unlisted,
+        }))
+        .unwrap()
+    }
+
+    /// A job of many workers: the counts by state, then the ones that need a
+    /// look first, and no more than a screen of rows.
+    #[test]
+    fn many_workers_show_as_counts_and_the_silent_first() {
+        let names: Vec<String> = (0..100).map(|i| format!("w{i:03}")).collect();
+        let mut workers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "active")).collect();
+        workers[40].1 = "idle";
+        workers[70].1 = "silent";
+        workers[99].1 = "gone";
+        let text = render_workers(&status(&workers, 12));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "workers      112 seen: 97 active, 1 idle, 1 silent, 13 gone"
+        );
+        assert!(lines[1].trim_start().starts_with("w070 "), "{text}");
+        assert!(lines[2].trim_start().starts_with("w099 "), "{text}");
+        assert!(lines[3].trim_start().starts_with("w000 "), "{text}");
+        assert_eq!(lines.len(), 1 + WORKER_ROWS + 1, "{text}");
+        assert_eq!(
+            lines.last().unwrap(),
+            &"  and 82 more (every live one: --json, or the server's page)"
+        );
+        // A few workers: every one, and nothing more.
+        let text = render_workers(&status(&[("a", "active"), ("b", "idle")], 0));
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.starts_with("workers      2 seen: 1 active, 1 idle\n"),
+            "{text}"
+        );
     }
 }
