@@ -261,12 +261,19 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    /// A fresh job in `dir` with `lines` as its input: its manifest, input
+    /// and output paths.
+    fn fresh_job(dir: &Path, lines: &str) -> (Manifest, PathBuf, PathBuf) {
+        let (input, output) = (dir.join("in.jsonl"), dir.join("out.jsonl"));
+        std::fs::write(&input, lines).unwrap();
+        let m = Manifest::start(&input, &output, 0, None, true);
+        (m, input, output)
+    }
+
     #[test]
     fn a_resume_adds_a_run_and_keeps_what_was_known() {
         let dir = tempfile::tempdir().unwrap();
-        let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-        std::fs::write(&input, "1\n2\n").unwrap();
-        let mut m = Manifest::start(&input, &output, 0, None, true);
+        let (mut m, input, output) = fresh_job(dir.path(), "1\n2\n");
         m.input_read(2, 0xdead_beef);
         let infer = Hello {
             task: "infer".into(),
@@ -315,9 +322,7 @@ mod tests {
     #[test]
     fn configurations_past_the_limit_are_counted_not_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-        std::fs::write(&input, "a\n").unwrap();
-        let mut m = Manifest::start(&input, &output, 0, None, true);
+        let (mut m, _, output) = fresh_job(dir.path(), "a\n");
         for pid in 0..MAX_CONFIGURATIONS + 5 {
             let mut settings = serde_json::Map::new();
             settings.insert("pid".into(), pid.into());
