@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::client::{ClientError, DispatcherClient};
 use dispatcher_core::engine::cache::PrefixCacheMeter;
 use dispatcher_core::engine::echo::script::EchoScript;
 use dispatcher_core::engine::echo::EchoOptions;
 use dispatcher_core::engine::launch::{EngineKind, EngineLog, LaunchConfig, RunningEngine};
 use dispatcher_core::engine::RetryPolicy;
 use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
-use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
+use dispatcher_core::task::source::{FileSource, ServerSource, SourceError, WorkSource};
 use dispatcher_core::task::{DynTask, Engines};
 
 use engines::{EngineSpec, EngineSpecs, EngineUrlArgs, Place};
@@ -481,6 +481,15 @@ async fn say_hello(
     };
     match tokio::time::timeout(Duration::from_secs(10), source.hello(hello)).await {
         Ok(Ok(())) => {}
+        // A server that knows hellos and refused this one: say why (the
+        // Python server knows none, and answers 404).
+        Ok(Err(SourceError::Client(ClientError::Status { status, body, .. })))
+            if status.as_u16() != 404 =>
+        {
+            tracing::warn!(
+                "the server did not take this worker's hello ({status}: {body}); the job page and the manifest will not name its task and settings; going on"
+            );
+        }
         Ok(Err(e)) => tracing::debug!("the server did not take the hello ({e}); going on"),
         Err(_) => tracing::debug!("the server did not answer the hello in 10 s; going on"),
     }

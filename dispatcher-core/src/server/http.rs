@@ -475,8 +475,10 @@ async fn post_journal(
     }))
 }
 
-/// The longest hello taken: the server keeps one of each worker.
-const MAX_HELLO_BYTES: usize = 64 << 10;
+/// The longest hello taken. Its settings (a few-shot system prompt may be
+/// long) go to the manifest, once per configuration; what the server keeps
+/// of each worker is cut short (see `Workers::hello`).
+const MAX_HELLO_BYTES: usize = 1 << 20;
 
 /// `POST /hello` (extension): a worker says who it is.
 async fn post_hello(
@@ -487,8 +489,8 @@ async fn post_hello(
     if let Body(Ok(bytes)) = &body {
         if bytes.len() > MAX_HELLO_BYTES {
             return Err(ApiError::TooLarge(format!(
-                "a hello is at most {} KiB, this one is {} bytes: a task's settings() are a few sampling parameters, not data",
-                MAX_HELLO_BYTES >> 10,
+                "a hello is at most {} MiB, this one is {} bytes: a task's settings() say how lines are made (sampling, prompts), they are not data",
+                MAX_HELLO_BYTES >> 20,
                 bytes.len()
             )));
         }

@@ -680,26 +680,26 @@ async fn status_lists_live_workers_and_only_the_last_gone_ones() {
     );
 }
 
-/// What the server keeps of each worker is small: a hello of at most
-/// 64 KiB, its settings left to the manifest (not repeated in every
-/// `/status` row), a worker id shown cut to 256 bytes.
+/// What the server keeps of each worker is small: a hello of at most 1 MiB,
+/// its settings (a long few-shot prompt) left to the manifest and not
+/// repeated in every `/status` row, its strings and id shown cut to 256 bytes.
 #[tokio::test]
 async fn a_hello_is_bounded_and_status_rows_leave_its_settings_to_the_manifest() {
     let f = fixture("a\n", ServeOptions::default());
-    let system = "You are a careful translator. ".repeat(100);
+    let system = "You are a careful translator. ".repeat(4000);
     let hello = serde_json::json!({
-        "worker": "w1", "host": "gpu-7", "task": "infer", "version": "0.1.0",
+        "worker": "w1", "host": "gpu-7", "task": "infer", "version": "v".repeat(1000),
         "engine": "vllm", "model": "m", "settings": {"system": system, "temperature": 0.3},
     });
     let (code, r) = call(&f.router, "POST", "/hello", &hello.to_string()).await;
     assert_eq!(code, StatusCode::OK, "{r}");
     let huge = serde_json::json!({
-        "worker": "w2", "task": "infer", "settings": {"data": "x".repeat(70 << 10)},
+        "worker": "w2", "task": "infer", "settings": {"data": "x".repeat(1 << 20)},
     });
     let (code, r) = call(&f.router, "POST", "/hello", &huge.to_string()).await;
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("at most 64 KiB"),
+        r["error"].as_str().unwrap().contains("at most 1 MiB"),
         "{r}"
     );
     let long_id = "n".repeat(10_000);
@@ -714,6 +714,7 @@ async fn a_hello_is_bounded_and_status_rows_leave_its_settings_to_the_manifest()
     assert_eq!(rows.len(), 2, "the refused hello registered nothing: {s}");
     let w1 = rows.iter().find(|w| w["worker"] == "w1").unwrap();
     assert_eq!(w1["hello"]["host"], "gpu-7");
+    assert_eq!(w1["hello"]["version"], "v".repeat(256));
     assert!(w1["hello"].get("settings").is_none(), "{w1}");
     assert!(rows.iter().any(|w| w["worker"] == "n".repeat(256)), "{s}");
     let manifest: serde_json::Value = serde_json::from_slice(

@@ -28,8 +28,15 @@ pub const REMEMBERED: usize = 10_000;
 /// Gone workers listed by [`Workers::status`] at most: those heard from last.
 pub const GONE_LISTED: usize = 100;
 
-/// The bytes of a worker's id kept to show (its key hashes all of it).
-const ID_SHOWN: usize = 256;
+/// The bytes kept to show of a worker's id (its key hashes all of it) and
+/// of each string of its hello.
+const SHOWN: usize = 256;
+
+/// `text` cut to [`SHOWN`] bytes, at a character boundary.
+fn shown(text: &mut String) {
+    let end = crate::record::head(text, SHOWN).len();
+    text.truncate(end);
+}
 
 /// The workers seen, by the key of their `worker` id (see `worker_key`).
 #[derive(Debug, Default)]
@@ -98,7 +105,7 @@ impl RateWindow {
 impl Seen {
     fn new(id: &str, now: Instant) -> Seen {
         Seen {
-            id: crate::record::head(id, ID_SHOWN).to_string(),
+            id: crate::record::head(id, SHOWN).to_string(),
             hello: None,
             last_contact: now,
             prefix_cache: None,
@@ -224,12 +231,29 @@ impl Workers {
     }
 
     /// The worker said hello. Its settings are left to the manifest, which
-    /// keeps each configuration once: `/status` lists who it is.
+    /// keeps each configuration once: `/status` lists who it is, each
+    /// string cut to [`SHOWN`] bytes.
     pub fn hello(&mut self, key: u64, mut hello: Hello, now: Instant) {
         let seen = self.entry(key, &hello.worker, now);
         seen.last_contact = now;
         hello.settings = serde_json::Map::new();
         hello.worker.clone_from(&seen.id);
+        let Hello {
+            host,
+            task,
+            version,
+            engine,
+            model,
+            job,
+            ..
+        } = &mut hello;
+        for text in [host, task, version, engine]
+            .into_iter()
+            .chain(model.as_mut())
+            .chain(job.as_mut())
+        {
+            shown(text);
+        }
         seen.hello = Some(hello);
     }
 
