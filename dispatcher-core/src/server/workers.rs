@@ -232,7 +232,7 @@ impl Workers {
 
     /// The worker said hello. Its settings are left to the manifest, which
     /// keeps each configuration once: `/status` lists who it is, each
-    /// string cut to [`SHOWN`] bytes.
+    /// string cut to 256 bytes.
     pub fn hello(&mut self, key: u64, mut hello: Hello, now: Instant) {
         let seen = self.entry(key, &hello.worker, now);
         seen.last_contact = now;
