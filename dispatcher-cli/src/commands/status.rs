@@ -265,17 +265,19 @@ fn render_workers(now: &StatusResponse) -> String {
     if now.workers.is_empty() && now.workers_unlisted == 0 {
         return "workers      none seen yet\n".to_string();
     }
-    const STATES: [&str; 4] = ["active", "idle", "silent", "gone"];
-    let mut counts = [0u64; STATES.len()];
-    for w in &now.workers {
-        if let Some(i) = STATES.iter().position(|s| *s == w.state) {
-            counts[i] += 1;
-        }
-    }
-    counts[3] += now.workers_unlisted;
-    let by_state: Vec<String> = STATES
-        .iter()
-        .zip(counts)
+    // The gone ones the server left out count as gone.
+    let count = |state: &str| {
+        let listed = now.workers.iter().filter(|w| w.state == state).count() as u64;
+        listed
+            + if state == "gone" {
+                now.workers_unlisted
+            } else {
+                0
+            }
+    };
+    let by_state: Vec<String> = ["active", "idle", "silent", "gone"]
+        .into_iter()
+        .map(|state| (state, count(state)))
         .filter(|(_, n)| *n > 0)
         .map(|(state, n)| format!("{n} {state}"))
         .collect();

@@ -279,34 +279,37 @@ impl Workers {
         load: &rustc_hash::FxHashMap<u64, (u64, u64)>,
         work_timeout: Duration,
     ) -> (Vec<WorkerStatus>, u64) {
-        let mut out: Vec<WorkerStatus> = self
-            .seen
-            .iter()
-            .map(|(key, s)| {
-                let (lines_done, in_flight) = load.get(key).copied().unwrap_or_default();
-                WorkerStatus {
-                    worker: s.id.clone(),
-                    hello: s.hello.clone(),
-                    last_contact_secs: now.saturating_duration_since(s.last_contact).as_secs_f64(),
-                    lines_done,
-                    in_flight,
-                    prefix_cache: s.prefix_cache,
-                    tokens: s.tokens,
-                    tokens_per_sec: s.tokens_per_sec(now),
-                    state: s.state(now, in_flight, work_timeout).into(),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| {
-            a.last_contact_secs
-                .total_cmp(&b.last_contact_secs)
-                .then_with(|| a.worker.cmp(&b.worker))
+        // Most recently heard from first; only the rows listed are made (of
+        // up to REMEMBERED, most may be gone).
+        let mut by_contact: Vec<(&u64, &Seen)> = self.seen.iter().collect();
+        by_contact.sort_by(|(_, a), (_, b)| {
+            b.last_contact
+                .cmp(&a.last_contact)
+                .then_with(|| a.id.cmp(&b.id))
         });
+        let mut out = Vec::new();
         let mut gone = 0;
-        out.retain(|w| {
-            gone += usize::from(w.state == "gone");
-            w.state != "gone" || gone <= GONE_LISTED
-        });
+        for (key, s) in by_contact {
+            let (lines_done, in_flight) = load.get(key).copied().unwrap_or_default();
+            let state = s.state(now, in_flight, work_timeout);
+            if state == "gone" {
+                gone += 1;
+                if gone > GONE_LISTED {
+                    continue;
+                }
+            }
+            out.push(WorkerStatus {
+                worker: s.id.clone(),
+                hello: s.hello.clone(),
+                last_contact_secs: now.saturating_duration_since(s.last_contact).as_secs_f64(),
+                lines_done,
+                in_flight,
+                prefix_cache: s.prefix_cache,
+                tokens: s.tokens,
+                tokens_per_sec: s.tokens_per_sec(now),
+                state: state.into(),
+            });
+        }
         let unlisted = gone.saturating_sub(GONE_LISTED) as u64 + self.forgotten;
         (out, unlisted)
     }
