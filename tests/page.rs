@@ -277,3 +277,166 @@ async fn with_a_token_the_page_asks_for_it_and_shows_nothing_before() {
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// Serves `html` to every request on a port of its own: a page of another
+/// origin, as a site the operator has open would be. Answers at most
+/// `requests` requests.
+fn other_origin(html: String, requests: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = [0_u8; 4096];
+            let _ = stream.read(&mut head);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                html.len()
+            );
+        }
+    });
+    addr
+}
+
+/// A page on another origin, opened in the operator's browser while the
+/// job's port is reachable, tries what a page can do without asking the
+/// server first: take work, hand in results, change the work timeout. The
+/// server (without a token, the default) refuses all of it; the job's own
+/// page still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_origin_cannot_drive_the_job() {
+    let Some(browser) = Browser::for_test(1000, 800).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path(), 20);
+    let server = serve_process(dir.path(), &["--exit-grace", "60"]);
+    let target = format!("http://{}", server.addr);
+    let attack = format!(
+        r#"<!doctype html><title>loading</title><script>
+const t = "{target}";
+const tries = [
+  fetch(t + "/work?batch_size=20", {{mode: "no-cors"}}),
+  fetch(t + "/work_timeout", {{method: "POST", mode: "no-cors", body: '{{"timeout": 1}}'}}),
+  fetch(t + "/results", {{method: "POST", mode: "no-cors",
+    body: new Blob(['{{"items": [{{"work_id": 0, "result": "{{\\"pwned\\": 1}}"}}]}}'])}}),
+  fetch(t + "/release", {{method: "POST", mode: "no-cors",
+    headers: {{"Content-Type": "text/plain"}}, body: '{{"work_ids": [0]}}'}}),
+];
+Promise.allSettled(tries).then(() => {{ document.title = "sent"; }});
+</script>"#
+    );
+    let site = other_origin(attack, 8);
+    browser.goto(&format!("http://{site}/")).await;
+    browser
+        .wait_for(
+            "the cross-site requests sent",
+            "return document.title == 'sent';",
+            Duration::from_secs(20),
+        )
+        .await;
+    let urls = browser.requested_urls().await;
+    assert!(
+        urls.iter()
+            .any(|u| u.starts_with(&format!("{target}/work"))),
+        "the browser did send the requests: {urls:?}"
+    );
+
+    let status: Value = reqwest::get(format!("{target}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["next_work_id"], 0, "no work was taken: {status}");
+    assert_eq!(status["issued_total"], 0, "{status}");
+    assert_eq!(status["work_timeout_secs"], 1200.0, "{status}");
+    assert_eq!(status["lines_done"], 0, "{status}");
+
+    // The job's own page reads the job.
+    browser.goto(&format!("{target}/")).await;
+    browser
+        .wait_for(
+            "the job's own page",
+            "return !document.getElementById('job').hidden && \
+                    document.getElementById('total').textContent == '20';",
+            Duration::from_secs(20),
+        )
+        .await;
+}
+
+/// Text from workers and input lines (a long host name, a long failure
+/// kind, 150 kinds) neither widens the page past its window nor pushes a
+/// worker's state out of view; kinds past the server's 100 are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_and_many_failure_kinds_keep_the_page_in_its_window() {
+    let Some(browser) = Browser::for_test(1400, 1000).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path(), 150);
+    let server = serve_process(dir.path(), &["--exit-grace", "60"]);
+    let target = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let host = format!("node-{}.cluster.example", "x".repeat(180));
+    let hello = serde_json::json!({"worker": "w1", "host": host, "task": "infer",
+        "version": "1", "engine": "echo", "model": "m"});
+    let r = http
+        .post(format!("{target}/hello"))
+        .json(&hello)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let work: Value = http
+        .get(format!("{target}/work?batch_size=150&worker=w1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items: Vec<Value> = work["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            let id = item["work_id"].as_u64().unwrap();
+            let kind = format!("kind_{id}_{}", "long".repeat(if id == 0 { 30 } else { 1 }));
+            let result = serde_json::json!({"__ERROR__": {"error": kind}}).to_string();
+            serde_json::json!({"work_id": id, "result": result})
+        })
+        .collect();
+    let r = http
+        .post(format!("{target}/results"))
+        .json(&serde_json::json!({"items": items, "worker": "w1"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+
+    browser.goto(&format!("{target}/")).await;
+    browser
+        .wait_for(
+            "the kinds not listed",
+            "return document.getElementById('failure-count').textContent.includes('50 lines');",
+            Duration::from_secs(20),
+        )
+        .await;
+    let rows = browser
+        .eval("return document.querySelectorAll('#failures tr').length;")
+        .await;
+    assert_eq!(rows, 100);
+    let fits = browser
+        .eval(
+            "const state = document.querySelector('#workers tr td:last-child').getBoundingClientRect(); \
+             return [document.documentElement.scrollWidth <= window.innerWidth, \
+                     state.right <= window.innerWidth, state.width > 0];",
+        )
+        .await;
+    browser.screenshot(&artifact("page-long-names.png")).await;
+    assert_eq!(fits, serde_json::json!([true, true, true]));
+}

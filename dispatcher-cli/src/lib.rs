@@ -20,10 +20,12 @@
 //! - [`outdir`]: `--outdir`, the output as shards cut while the job runs.
 //! - [`grouping`]: `--group-by`, prefix affinity; [`jq`]: the jq filters
 //!   it and `infer`'s `--prompt-path` run on input lines.
+//! - [`access`]: the job's access token flags (`--token-file`).
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - here: the command line's types and [`run_tasks`], the whole CLI of a
 //!   task binary in one call.
 
+pub mod access;
 mod commands;
 pub mod grouping;
 pub mod jq;

@@ -25,6 +25,10 @@ mod redo;
 #[path = "cli/job_files.rs"]
 mod job_files;
 
+// The token out of sight; text from workers escaped on terminals and logs.
+#[path = "cli/access.rs"]
+mod access;
+
 /// A job's directory (see [`JobDir`]), with what these tests do with it.
 struct Job(JobDir);
 
@@ -356,6 +360,7 @@ fn bad_flags_fail_before_any_work_with_the_flag_named() {
         (vec!["--max-connections", "0"], "--max-connections"),
         (vec!["--token", "two words"], "--token"),
         (vec!["--token", "tökén"], "--token"),
+        (vec!["--token", ""], "empty"),
     ] {
         let out = job.serve_command().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -21,6 +21,7 @@
 //! - [`client`]: the work protocol as workers call it.
 //! - [`engine`]: requests, responses, the OpenAI-compatible backend, the echo engine, the launcher.
 //! - [`task`]: the `Task` trait, task context and errors, the task manager, work sources.
+//! - [`text`]: text from outside made safe for a terminal or a log.
 
 pub mod client;
 pub mod dataset;
@@ -36,3 +37,4 @@ pub mod protocol;
 pub mod record;
 pub mod server;
 pub mod task;
+pub mod text;

@@ -29,6 +29,11 @@ struct KindLabel {
     kind: String,
 }
 
+/// The `kind` label of failed lines whose kind `/status` does not list
+/// (past the first [`crate::ledger::MAX_FAILURE_KINDS`]): one series for
+/// them all, however many kinds the input brings.
+pub const UNLISTED_KIND: &str = "_unlisted";
+
 /// 100 µs to ~3 s (server requests) or 6.5 min (engine requests), doubling.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -321,8 +326,12 @@ impl ServerMetrics {
 
     /// Workers answered `replayed` requests from journals, worth `tokens` engine tokens.
     pub fn journal_replayed(&self, replayed: u64, tokens: u64) {
-        self.journal_replayed.inc_by(replayed);
-        self.journal_tokens_saved.inc_by(tokens);
+        // Saturating: the counts come from workers.
+        let add = |c: &Counter, n: u64| {
+            c.inc_by(n.min(u64::MAX - c.get()));
+        };
+        add(&self.journal_replayed, replayed);
+        add(&self.journal_tokens_saved, tokens);
     }
 
     /// The workers seen and active, for the next render.
@@ -360,6 +369,14 @@ impl ServerMetrics {
             self.failed
                 .get_or_create(&KindLabel { kind: kind.clone() })
                 .inc_by(n.saturating_sub(then.unwrap_or(0)));
+        }
+        // Kinds past those listed, as one series.
+        if stats.failed_unlisted > 0 {
+            self.failed
+                .get_or_create(&KindLabel {
+                    kind: UNLISTED_KIND.into(),
+                })
+                .inc_by(delta(stats.failed_unlisted, |s| s.failed_unlisted));
         }
         self.lines_done.set(stats.lines_written as i64);
         self.in_flight.set(stats.in_flight as i64);

@@ -248,10 +248,27 @@ fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
     })
 }
 
-/// Reads an optional [`TokenCounts`], taking anything else as none.
+/// Reads an optional [`TokenCounts`], taking anything else (an array, a
+/// negative or fractional count) as none.
 fn lenient_usage<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TokenCounts>, D::Error> {
-    let value = serde_json::Value::deserialize(d)?;
-    Ok(serde_json::from_value(value).ok())
+    Ok(match serde_json::Value::deserialize(d)? {
+        value @ serde_json::Value::Object(_) => serde_json::from_value(value).ok(),
+        _ => None,
+    })
+}
+
+/// Reads an optional [`PrefixCache`], taking anything else (not an object
+/// of two counts, or more hits than queries) as none: a heartbeat renews
+/// its leases whatever its optional fields hold.
+fn lenient_prefix_cache<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PrefixCache>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        value @ serde_json::Value::Object(_) => serde_json::from_value::<PrefixCache>(value)
+            .ok()
+            .filter(|c| c.hits <= c.queries),
+        _ => None,
+    })
 }
 
 /// One item of [`SubmittedResults`], as sent.
@@ -504,10 +521,16 @@ pub struct HeartbeatRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
     /// Extension: the prefix cache counters of the worker's engine, where
-    /// the engine reports them (vLLM), as read lately.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// the engine reports them (vLLM), as read lately. A malformed one is
+    /// ignored.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_prefix_cache"
+    )]
     pub prefix_cache: Option<PrefixCache>,
-    /// Extension: engine tokens the worker used since its last report.
+    /// Extension: engine tokens the worker used since its last report. A
+    /// malformed one is ignored.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -576,7 +599,7 @@ impl PrefixCache {
         if self.queries == 0 {
             0.0
         } else {
-            self.hits as f64 / self.queries as f64
+            (self.hits as f64 / self.queries as f64).min(1.0)
         }
     }
 }
@@ -708,8 +731,13 @@ pub struct StatusResponse {
     /// Extension: failed lines this run of the server wrote (results,
     /// tombstones, invalid input lines), by kind, as `dispatcher report`
     /// names them.
+    /// At most the first 100 kinds of the run are listed (a kind may come
+    /// from the input); `failed_unlisted` counts the lines of the others.
     #[serde(default)]
     pub failed_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Extension: failed lines of kinds past those listed in `failed_by_kind`.
+    #[serde(default)]
+    pub failed_unlisted: u64,
     /// Extension: journal entries held for unfinished lines.
     #[serde(default)]
     pub journal_entries: u64,
@@ -962,8 +990,9 @@ pub struct WorkerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_sec: Option<f64>,
     /// `active` (holds lines), `idle` (holds none), `silent` (not heard
-    /// from for a minute) or `gone` (not heard from for a work timeout: its
-    /// lines were or will be reissued).
+    /// from for a minute, or for a work timeout shorter than that) or `gone`
+    /// (not heard from for a work timeout and at least a minute: its lines
+    /// were or will be reissued).
     #[serde(default)]
     pub state: String,
 }

@@ -74,10 +74,11 @@ pub struct ServeArgs {
     /// Largest request body accepted, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub max_request_mib: usize,
-    /// Require this shared token (`Authorization: Bearer TOKEN`) on every endpoint
-    /// but /health. Off by default, so existing workers keep working.
-    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// An access token (`--token-file`, `DISPATCHER_TOKEN`) required on every
+    /// endpoint but /health and the page. Off by default, so existing
+    /// workers keep working.
+    #[command(flatten)]
+    pub access: crate::access::TokenArgs,
     /// Log the peer and the first bytes of every request answered with a 4xx.
     #[arg(long)]
     pub log_invalid_http: bool,
@@ -265,12 +266,7 @@ impl ServeArgs {
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
         }
-        let token = self.token.clone().filter(|t| !t.is_empty());
-        if let Some(t) = &token {
-            if !t.bytes().all(|b| b.is_ascii_graphic()) {
-                bail!("--token (or DISPATCHER_TOKEN) must be printable ASCII without spaces: it travels in an HTTP header, where whitespace is trimmed and other bytes are refused");
-            }
-        }
+        let token = self.access.resolve()?;
         let options = ServeOptions {
             checkpoint_interval: secs("checkpoint-interval", self.checkpoint_interval)?,
             exit_grace: Duration::from_secs_f64(self.exit_grace.clamp(0.0, 3600.0)),

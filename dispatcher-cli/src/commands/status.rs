@@ -14,13 +14,16 @@ pub struct ServerArgs {
     #[arg(long, value_name = "HOST:PORT", env = "DISPATCHER_SERVER", value_parser = check_addr)]
     pub server: String,
     /// Its access token, if it requires one.
-    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub access: crate::access::TokenArgs,
 }
 
 impl ServerArgs {
-    fn client(&self) -> DispatcherClient {
-        DispatcherClient::with_token(&self.server, self.token.as_deref())
+    fn client(&self) -> anyhow::Result<DispatcherClient> {
+        Ok(DispatcherClient::with_token(
+            &self.server,
+            self.access.resolve()?.as_deref(),
+        ))
     }
 }
 
@@ -33,8 +36,9 @@ pub struct StatusArgs {
     /// Print again every --interval seconds until the server exits.
     #[arg(long)]
     pub watch: bool,
-    /// Seconds between samples (the rate is measured over one interval).
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds between samples (the rate is measured over one interval),
+    /// from 0.1 to 3600.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = interval_secs)]
     pub interval: f64,
     /// Print the server's JSON instead.
     #[arg(long)]
@@ -55,7 +59,7 @@ pub struct WorkTimeoutArgs {
 pub async fn work_timeout(args: WorkTimeoutArgs) -> anyhow::Result<()> {
     let reply = args
         .server
-        .client()
+        .client()?
         .set_work_timeout(args.secs)
         .await
         .context("could not change the work timeout")?;
@@ -65,8 +69,8 @@ pub async fn work_timeout(args: WorkTimeoutArgs) -> anyhow::Result<()> {
 
 /// Runs `dispatcher status`.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = args.server.client();
-    let interval = Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
+    let client = args.server.client()?;
+    let interval = Duration::from_secs_f64(args.interval);
     // The client's errors name the server, and say whether it was out of
     // reach or refused the token.
     let fetch = || async { client.status().await.map_err(anyhow::Error::from) };
@@ -81,9 +85,20 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         tokio::time::sleep(interval).await;
         let current = match fetch().await {
             Ok(s) => s,
-            Err(e) if args.watch => {
-                println!("the server is gone ({e:#}); it exits by itself once the job is complete");
+            // A server exits by itself a few seconds after the job is
+            // complete; gone before that, it was stopped or died.
+            Err(_) if args.watch && previous.complete => {
+                println!("the job is complete and the server has exited");
                 return Ok(());
+            }
+            Err(e) if args.watch => {
+                let total = previous
+                    .lines_total
+                    .map_or_else(|| "?".to_string(), |t| t.to_string());
+                return Err(e.context(format!(
+                    "the server no longer answers, and the job was not complete when it last did ({} of {total} lines): it was stopped or died; rerun its serve (or launch) command to resume, and see `dispatcher report` on the output for what was written",
+                    previous.lines_done
+                )));
             }
             Err(e) => return Err(e),
         };
@@ -96,6 +111,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         previous = current;
+    }
+}
+
+/// `--interval`: seconds, a number from 0.1 to 3600.
+fn interval_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
     }
 }
 
@@ -199,12 +222,23 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
     if !now.failed_by_kind.is_empty() {
         let mut by_count: Vec<(&String, &u64)> = now.failed_by_kind.iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        let kinds: Vec<String> = by_count.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        out.push_str(&format!("failed       {}\n", kinds.join(", ")));
-        for (kind, _) in by_count {
+        let kinds: Vec<String> = by_count
+            .iter()
+            .map(|(k, n)| format!("{} {n}", shown(k)))
+            .collect();
+        out.push_str(&format!("failed       {}", kinds.join(", ")));
+        if now.failed_unlisted > 0 {
+            out.push_str(&format!(
+                ", and {} lines of other kinds (not listed: the server lists 100 kinds)",
+                now.failed_unlisted
+            ));
+        }
+        out.push('\n');
+        for (kind, _) in by_count.into_iter().take(FAILURE_ROWS) {
             if let Some(e) = now.failure_examples.get(kind) {
                 out.push_str(&format!(
-                    "  {kind:<26} e.g. work_id {}: {}\n",
+                    "  {:<26} e.g. work_id {}: {}\n",
+                    shown(kind),
                     e.work_id,
                     one_line(&e.line, 100)
                 ));
@@ -218,7 +252,12 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
             .iter()
             .find(|s| s.done < s.lines)
             .map_or_else(String::new, |s| {
-                format!("; writing {} ({} / {})", s.path, s.done, s.lines)
+                format!(
+                    "; writing {} ({} / {})",
+                    dispatcher_core::text::escaped(&s.path, 500),
+                    s.done,
+                    s.lines
+                )
             });
         out.push_str(&format!(
             "shards       {complete} of {} complete{writing}\n",
@@ -251,6 +290,16 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
     }
     out.push_str(&render_workers(now));
     out
+}
+
+/// Failure kinds `dispatcher status` shows an example line of, at most (the
+/// most frequent).
+const FAILURE_ROWS: usize = 10;
+
+/// Text from a worker or an input line, as the terminal is to show it: at
+/// most 64 bytes, no control character (see `dispatcher_core::text`).
+fn shown(text: &str) -> String {
+    dispatcher_core::text::escaped(text, 64)
 }
 
 /// Worker rows `dispatcher status` prints at most: a job of 1,000 workers
@@ -301,11 +350,15 @@ fn render_workers(now: &StatusResponse) -> String {
             |h| {
                 format!(
                     "{} on {} ({} {}, {})",
-                    h.task,
-                    if h.host.is_empty() { "?" } else { &h.host },
-                    h.engine,
-                    h.model.as_deref().unwrap_or("?"),
-                    h.version
+                    shown(&h.task),
+                    if h.host.is_empty() {
+                        "?".into()
+                    } else {
+                        shown(&h.host)
+                    },
+                    shown(&h.engine),
+                    shown(h.model.as_deref().unwrap_or("?")),
+                    shown(&h.version)
                 )
             },
         );
@@ -317,8 +370,12 @@ fn render_workers(now: &StatusResponse) -> String {
             .map_or_else(String::new, |r| format!(", {r:.0} tokens/s"));
         out.push_str(&format!(
             "  {:<28} {who}: {}, last contact {} ago, {} lines done, {} in flight{rate}{cache}\n",
-            w.worker,
-            if w.state.is_empty() { "?" } else { &w.state },
+            shown(&w.worker),
+            if w.state.is_empty() {
+                "?".into()
+            } else {
+                shown(&w.state)
+            },
             human_secs(w.last_contact_secs),
             w.lines_done,
             w.in_flight
@@ -333,12 +390,18 @@ fn render_workers(now: &StatusResponse) -> String {
     out
 }
 
-/// The first `max` characters of `text`, `...` when there were more.
+/// The first `max` characters of `text`, `...` when there were more, with
+/// control characters escaped: one line of a terminal, whatever it holds.
 pub(crate) fn one_line(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((end, _)) => format!("{}...", &text[..end]),
-        None => text.to_string(),
+    let head = match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    };
+    let mut out = dispatcher_core::text::Escaped(head).to_string();
+    if head.len() < text.len() {
+        out.push_str("...");
     }
+    out
 }
 
 /// Seconds as people read them: `42s`, `3m 05s`, `2h 10m`.

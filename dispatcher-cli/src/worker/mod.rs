@@ -264,8 +264,8 @@ pub struct WorkArgs {
     )]
     pub dispatcher: Option<String>,
     /// The dispatcher's access token, if it requires one.
-    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub access: crate::access::TokenArgs,
     /// Local mode: read this input (no server): a JSONL file, plain or
     /// `.gz`/`.zst`, a Parquet or Arrow file, or a folder or quoted glob of
     /// them (a Hugging Face snapshot, a `save_to_disk` folder); see the
@@ -355,7 +355,7 @@ impl WorkArgs {
         match (&self.dispatcher, &self.input, self.outdir.output(self.output.as_deref())) {
             (Some(addr), None, None) => Ok(Some((
                 Arc::new(ServerSource::new(
-                    DispatcherClient::with_token(addr, self.token.as_deref())
+                    DispatcherClient::with_token(addr, self.access.resolve()?.as_deref())
                         .with_prefix_cache(prefix_cache)
                         .with_usage(usage),
                 )),

@@ -157,7 +157,7 @@ impl Manifest {
         }
         doc.output = outfile.display().to_string();
         doc.runs.push(Run {
-            command_line: std::env::args().collect(),
+            command_line: redacted(std::env::args()),
             version,
             started_at: now(),
             lines_done_at_start: lines_done,
@@ -257,8 +257,63 @@ impl Manifest {
     }
 }
 
+/// Flags whose value is a secret: never written into a job's files.
+pub const SECRET_FLAGS: &[&str] = &["--token"];
+
+/// A command line as a job's files record it: the value of every secret
+/// flag ([`SECRET_FLAGS`], as `--token T` or `--token=T`, a worker command's
+/// after `--` too) replaced by `<redacted>`. The manifest travels with the
+/// dataset; the token is the job's only protection.
+pub fn redacted(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut secret_next = false;
+    for arg in args {
+        if std::mem::take(&mut secret_next) {
+            out.push("<redacted>".into());
+            continue;
+        }
+        if SECRET_FLAGS.contains(&arg.as_str()) {
+            secret_next = true;
+            out.push(arg);
+        } else if let Some(flag) = SECRET_FLAGS.iter().find(|f| {
+            arg.strip_prefix(**f)
+                .is_some_and(|rest| rest.starts_with('='))
+        }) {
+            out.push(format!("{flag}=<redacted>"));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn secrets_on_the_command_line_are_not_recorded() {
+        let argv = [
+            "dispatcher",
+            "serve",
+            "--token",
+            "s3cret",
+            "--port=8000",
+            "--token=an0ther",
+            "--",
+            "w",
+            "--token",
+            "x",
+        ];
+        let kept = redacted(argv.iter().map(|s| s.to_string()));
+        assert_eq!(
+            kept.join(" "),
+            "dispatcher serve --token <redacted> --port=8000 --token=<redacted> -- w --token <redacted>"
+        );
+        // `--tokenizer` is not `--token`.
+        let kept = redacted(["infer", "--tokenizer=m", "--tokenizer", "m"].map(String::from));
+        assert_eq!(kept.join(" "), "infer --tokenizer=m --tokenizer m");
+    }
+
     use super::*;
 
     /// A fresh job in `dir` with `lines` as its input: its manifest, input

@@ -50,7 +50,7 @@ pub use journal::JournalStats;
 pub use open::PendingCheckpoint;
 use redo::{Decision, Previous};
 use stats::Counters;
-pub use stats::LedgerStats;
+pub use stats::{LedgerStats, MAX_FAILURE_KINDS, MAX_KIND_BYTES};
 
 /// Kept lines (`--redo-errors`) a work request reads past at most before it
 /// answers: the ledger's lock is not held for long.

@@ -52,6 +52,9 @@ pub struct LedgerStats {
     pub failed_by_kind: BTreeMap<String, u64>,
     /// The first failed line of each kind this run finished.
     pub failure_examples: BTreeMap<String, FailureExample>,
+    /// Failed lines of kinds past the first [`MAX_FAILURE_KINDS`], counted
+    /// but not listed by kind.
+    pub failed_unlisted: u64,
     /// What the journal holds (zeros with `--no-journal`).
     pub journal: JournalStats,
     /// Results ignored (duplicates, unknown ids).
@@ -100,7 +103,18 @@ pub(super) struct Counters {
     pub(super) failed_by_kind: BTreeMap<String, u64>,
     /// The first of them of each kind.
     pub(super) failure_examples: BTreeMap<String, FailureExample>,
+    /// Failed lines of kinds not listed (past [`MAX_FAILURE_KINDS`]).
+    pub(super) failed_unlisted: u64,
 }
+
+/// Failure kinds listed by kind, at most: a kind can come from the input (a
+/// line with an `__ERROR__` key, a batch line's error code), and every kind
+/// listed is a row of every `/status` answer, a metrics series and a row of
+/// the page. Lines of further kinds are counted together.
+pub const MAX_FAILURE_KINDS: usize = 100;
+
+/// The longest failure kind kept, in bytes (cut at a character).
+pub const MAX_KIND_BYTES: usize = 128;
 
 impl Counters {
     /// Nothing counted yet, for a ledger opened at `started` that found
@@ -120,18 +134,25 @@ impl Counters {
             kept: 0,
             failed_by_kind: BTreeMap::new(),
             failure_examples: BTreeMap::new(),
+            failed_unlisted: 0,
         }
     }
 
     /// Counts line `id`'s output `line` (one JSON value) when it is a
     /// failure; the first of its kind is kept as an example.
     pub(super) fn finished(&mut self, id: u64, line: &str) {
-        if let Some(kind) = crate::record::failure_of_json(line) {
-            if !self.failure_examples.contains_key(&kind) {
-                self.failure_examples
-                    .insert(kind.clone(), FailureExample::of(id, line));
-            }
-            *self.failed_by_kind.entry(kind).or_default() += 1;
+        let Some(mut kind) = crate::record::failure_of_json(line) else {
+            return;
+        };
+        kind.truncate(crate::record::head(&kind, MAX_KIND_BYTES).len());
+        if let Some(n) = self.failed_by_kind.get_mut(&kind) {
+            *n += 1;
+        } else if self.failed_by_kind.len() < MAX_FAILURE_KINDS {
+            self.failure_examples
+                .insert(kind.clone(), FailureExample::of(id, line));
+            self.failed_by_kind.insert(kind, 1);
+        } else {
+            self.failed_unlisted += 1;
         }
     }
 }
@@ -170,6 +191,7 @@ impl Ledger {
             kept_lines: c.kept,
             failed_by_kind: c.failed_by_kind.clone(),
             failure_examples: c.failure_examples.clone(),
+            failed_unlisted: c.failed_unlisted,
             journal: self.journal_stats().unwrap_or_default(),
             ignored_results: c.ignored_results,
             issued_total: c.issued_total,

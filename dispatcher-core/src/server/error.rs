@@ -23,6 +23,12 @@ pub(super) enum ApiError {
     TooLarge(String),
     /// The request took longer than `--request-timeout` to arrive.
     Timeout(String),
+    /// A browser page of another origin asked (see `access.rs`).
+    Forbidden(String),
+    /// A POST body not declared JSON.
+    UnsupportedMediaType(String),
+    /// No such endpoint, or not with this method.
+    NotFound(StatusCode, String),
     /// The server stopped after a failure; nothing was changed.
     Stopped,
 }
@@ -43,6 +49,11 @@ impl IntoResponse for ApiError {
             ),
             ApiError::TooLarge(error) => (StatusCode::PAYLOAD_TOO_LARGE, error, Vec::new(), None),
             ApiError::Timeout(error) => (StatusCode::REQUEST_TIMEOUT, error, Vec::new(), None),
+            ApiError::Forbidden(error) => (StatusCode::FORBIDDEN, error, Vec::new(), None),
+            ApiError::UnsupportedMediaType(error) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, error, Vec::new(), None)
+            }
+            ApiError::NotFound(code, error) => (code, error, Vec::new(), None),
             // The cause is in the server's log; it names paths a client has
             // no business seeing.
             ApiError::Stopped => (

@@ -14,15 +14,15 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::access::NotCrossSite;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::ledger::{Ask, Cause, LedgerStats, WorkReply};
 use crate::metrics::Endpoint;
 use crate::protocol::{
-    check_result_line, ErrorResponse, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult,
-    JournalRequest, JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine,
-    ResultsResponse, StatusResponse, SubmittedResults, SubmittedValue, WorkItem, WorkResponse,
-    WorkTimeoutRequest,
+    check_result_line, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult, JournalRequest,
+    JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
+    StatusResponse, SubmittedResults, SubmittedValue, WorkItem, WorkResponse, WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -44,7 +44,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     if state.token.is_some() {
         router = router.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
+            super::access::require_token,
         ));
     }
     // The page holds nothing of the job (it asks /status, with the token
@@ -59,10 +59,35 @@ pub fn app(state: Arc<AppState>) -> Router {
             Json(serde_json::json!({"status": "OK"}))
         }),
     );
+    // Every error is JSON, an unknown path's and a wrong method's too.
+    router = router
+        .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method);
     if state.log_invalid_http {
         router = router.layer(axum::middleware::from_fn(log_invalid));
     }
     router.with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {}: see the README's endpoint table (/work, /results, /release, /status, ...)",
+            crate::text::escaped(uri.path(), 200)
+        ),
+    )
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not take {}: see the README's endpoint table",
+            crate::text::escaped(uri.path(), 200),
+            crate::text::escaped(method.as_str(), 20)
+        ),
+    )
 }
 
 /// The job page: one HTML file and its script, embedded in the binary.
@@ -121,7 +146,7 @@ async fn log_invalid(request: axum::extract::Request, next: axum::middleware::Ne
         .run(axum::extract::Request::from_parts(parts, body))
         .await;
     if response.status().is_client_error() {
-        tracing::warn!(%peer, %method, %uri, status = response.status().as_u16(), first_bytes = %head, "invalid request");
+        tracing::warn!(%peer, %method, %uri, status = response.status().as_u16(), first_bytes = %crate::text::Escaped(&head), "invalid request");
     }
     response
 }
@@ -152,55 +177,12 @@ async fn body_prefix(mut body: axum::body::Body, want: usize) -> (Bytes, Option<
     (prefix.into(), Some(body))
 }
 
-/// Refuses requests without the access token (when one is set) with a 401 that
-/// changes nothing.
-async fn require_token(
-    State(state): State<Arc<AppState>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if let Some(token) = &state.token {
-        // The scheme is case-insensitive (RFC 7235); the token is not.
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim_start());
-        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                Json(ErrorResponse {
-                    status: "error".into(),
-                    error: "this server requires its access token: pass --token or set DISPATCHER_TOKEN".into(),
-                    work_ids: Vec::new(),
-                    count: None,
-                }),
-            )
-                .into_response();
-        }
-    }
-    next.run(request).await
-}
-
-/// Compares a given token with the secret in a time that depends only on the
-/// secret's length: neither where they differ nor the given token's length
-/// shows in it.
-fn same_secret(given: &[u8], secret: &[u8]) -> bool {
-    let mut differ = u8::from(given.len() != secret.len());
-    for (i, s) in secret.iter().enumerate() {
-        differ |= given.get(i).copied().unwrap_or(!s) ^ s;
-    }
-    std::hint::black_box(differ) == 0
-}
-
 /// The body as JSON of type `T` (described as `shape` in the 400 when it is
 /// not), or a JSON 413 that names `--max-request-mib` when it is too large.
 fn parse_body<T: serde::de::DeserializeOwned>(body: Body, shape: &str) -> Result<T, ApiError> {
     let body = body.0?;
-    // The content type is not checked: scripts that post JSON without it worked
-    // with the Python server.
+    // A body without a content type is read as JSON, as the Python server
+    // did; one of another type was refused already (`NotCrossSite`).
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
 }
@@ -293,6 +275,7 @@ struct WorkQuery {
 }
 
 async fn get_work(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     query: Result<Query<WorkQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -343,6 +326,7 @@ async fn get_work(
 }
 
 async fn post_results(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<ResultsResponse>, ApiError> {
@@ -378,7 +362,7 @@ async fn post_results(
         match checked {
             Ok(line) => lines.push(ResultLine { work_id, line }),
             Err(e) => {
-                tracing::warn!(work_id, reason = %e.reason, "invalid result; recording it as the line's output");
+                tracing::warn!(work_id, reason = %crate::text::Escaped(&e.reason), "invalid result; recording it as the line's output");
                 invalid.push(work_id);
                 lines.push(ResultLine {
                     work_id,
@@ -411,6 +395,7 @@ async fn post_results(
 }
 
 async fn post_release(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
@@ -426,6 +411,7 @@ async fn post_release(
 }
 
 async fn post_heartbeat(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
@@ -451,6 +437,7 @@ async fn post_heartbeat(
 /// `POST /journal` (extension): entries of lines a worker works on, and
 /// what its journals saved.
 async fn post_journal(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<JournalResponse>, ApiError> {
@@ -460,11 +447,13 @@ async fn post_journal(
         r#"{"entries": [{"work_id", "seq", "fingerprint", "response"}], "replayed", "tokens_saved"}"#,
     )?;
     contact(&state, req.worker.as_deref());
-    use std::sync::atomic::Ordering::Relaxed;
-    state.journal_replayed.fetch_add(req.replayed, Relaxed);
-    state
-        .journal_tokens_saved
-        .fetch_add(req.tokens_saved, Relaxed);
+    // Saturating: a broken worker may send anything.
+    let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = counter.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
+    };
+    add(&state.journal_replayed, req.replayed);
+    add(&state.journal_tokens_saved, req.tokens_saved);
     state
         .metrics
         .journal_replayed(req.replayed, req.tokens_saved);
@@ -482,6 +471,7 @@ const MAX_HELLO_BYTES: usize = 1 << 20;
 
 /// `POST /hello` (extension): a worker says who it is.
 async fn post_hello(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<MessageResponse>, ApiError> {
@@ -502,13 +492,16 @@ async fn post_hello(
         ));
     }
     let key = worker_key(Some(&hello.worker)).expect("a worker is named");
+    // Each field as the worker wrote it, but escaped: a hello is not to
+    // write lines of its own into the log, or drive the terminal showing it.
+    use crate::text::Escaped;
     tracing::info!(
-        worker = %hello.worker,
-        host = %hello.host,
-        task = %hello.task,
-        version = %hello.version,
-        engine = %hello.engine,
-        model = hello.model.as_deref().unwrap_or("-"),
+        worker = %Escaped(crate::record::head(&hello.worker, 256)),
+        host = %Escaped(crate::record::head(&hello.host, 256)),
+        task = %Escaped(crate::record::head(&hello.task, 256)),
+        version = %Escaped(crate::record::head(&hello.version, 256)),
+        engine = %Escaped(crate::record::head(&hello.engine, 256)),
+        model = %Escaped(crate::record::head(hello.model.as_deref().unwrap_or("-"), 256)),
         "worker said hello"
     );
     // The manifest keeps each configuration once, across runs too.
@@ -520,7 +513,10 @@ async fn post_hello(
     }))
 }
 
-async fn get_metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+async fn get_metrics(
+    _: NotCrossSite,
+    State(state): State<Arc<AppState>>,
+) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Metrics);
     let stats = state.with_ledger(|l| Ok(l.stats(Instant::now())))?;
     let (seen, active) = state.workers().counts(Instant::now());
@@ -547,10 +543,12 @@ struct StatusQuery {
 }
 
 async fn get_status(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
-    Query(query): Query<StatusQuery>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let _t = state.metrics.time(Endpoint::Status);
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let history = matches!(query.history.as_deref(), Some("1" | "true"));
     let max_age = query
         .max_age
@@ -635,6 +633,7 @@ fn status_now(state: &AppState, history: bool) -> Result<StatusResponse, ApiErro
 }
 
 async fn post_work_timeout(
+    _: NotCrossSite,
     State(state): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Json<MessageResponse>, ApiError> {
@@ -731,6 +730,7 @@ pub fn status_response(s: &LedgerStats) -> StatusResponse {
         ignored_results: s.ignored_results,
         kept_lines: s.kept_lines,
         failed_by_kind: s.failed_by_kind.clone(),
+        failed_unlisted: s.failed_unlisted,
         failure_examples: s.failure_examples.clone(),
         journal_entries: s.journal.entries,
         journal_bytes: s.journal.bytes,

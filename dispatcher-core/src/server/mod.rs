@@ -5,15 +5,19 @@
 //! - `state.rs`: [`AppState`], the state the handlers share, and its lock rule;
 //! - `http.rs`: the router, the handlers and middleware; the wire format of
 //!   the ledger's answers is built there;
+//! - `access.rs`: who may ask: the token, and no page of another origin;
 //! - `error.rs`: the HTTP layer's one error type and its JSON answer;
 //! - `connections.rs`: the accept loop, per-connection timeouts and the cap;
 //! - `workers.rs`: the workers seen;
 //! - here: the lifecycle: [`serve`], the ticker, the checkpointer, the
 //!   completion watcher and the shutdown.
 
+mod access;
 mod connections;
 mod error;
 mod history;
+#[cfg(test)]
+mod hostile_tests;
 mod http;
 mod state;
 #[cfg(test)]

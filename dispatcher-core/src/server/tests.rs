@@ -14,14 +14,14 @@ use axum::http::Request;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
     outfile: std::path::PathBuf,
     state: Arc<AppState>,
-    router: Router,
+    pub(super) router: Router,
 }
 
-fn fixture(input: &str, options: ServeOptions) -> Fixture {
+pub(super) fn fixture(input: &str, options: ServeOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let infile = dir.path().join("in.jsonl");
     std::fs::write(&infile, input).unwrap();
@@ -41,7 +41,7 @@ fn fixture(input: &str, options: ServeOptions) -> Fixture {
     }
 }
 
-async fn call(
+pub(super) async fn call(
     router: &Router,
     method: &str,
     uri: &str,

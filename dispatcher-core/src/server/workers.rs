@@ -134,7 +134,9 @@ impl Seen {
         let quiet = now.saturating_duration_since(self.last_contact);
         if quiet >= work_timeout.max(ACTIVE_WITHIN) {
             "gone"
-        } else if quiet >= ACTIVE_WITHIN {
+        } else if quiet >= work_timeout.min(ACTIVE_WITHIN) {
+            // Quiet past a short work timeout, its lines were taken back:
+            // not idle, whatever it holds now.
             "silent"
         } else if in_flight > 0 {
             "active"
@@ -433,6 +435,26 @@ mod tests {
             .iter()
             .any(|s| s.worker == "old-python-worker" && s.hello.is_none()));
         assert_eq!(status.iter().filter(|s| s.hello.is_some()).count(), 3);
+    }
+
+    /// With a work timeout under a minute, a worker quiet for longer than it
+    /// had its lines taken back: it shows as silent, not idle, until the
+    /// minute after which it is gone.
+    #[test]
+    fn a_worker_quiet_past_a_short_work_timeout_is_silent_not_idle() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        w.hello(1, hello("killed", "infer"), t0);
+        let timeout = Duration::from_secs(10);
+        let state = |at: Duration| {
+            w.status(t0 + at, &Default::default(), timeout).0[0]
+                .state
+                .clone()
+        };
+        assert_eq!(state(Duration::from_secs(5)), "idle");
+        assert_eq!(state(Duration::from_secs(11)), "silent");
+        assert_eq!(state(Duration::from_secs(59)), "silent");
+        assert_eq!(state(ACTIVE_WITHIN), "gone");
     }
 
     /// A long job meets a new worker id at every restart: `/status` lists

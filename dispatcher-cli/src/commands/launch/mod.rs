@@ -129,7 +129,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| with_suffix(files.output(), ".launch")),
     )?;
-    let token = args.serve.token.clone().filter(|t| !t.is_empty());
+    let token = args.serve.access.resolve()?;
     let mut ui = Ui::new();
     let signal = crate::termination_signal();
     tokio::pin!(signal);
@@ -428,7 +428,8 @@ async fn start_or_attach(
     ui: &mut Ui,
     signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<Started> {
-    let token = args.serve.token.as_deref().filter(|t| !t.is_empty());
+    let token = args.serve.access.resolve()?;
+    let token = token.as_deref();
     if let Some(addr) = &args.launch.server {
         let client = DispatcherClient::with_token(addr, token);
         client
@@ -468,7 +469,10 @@ async fn start_or_attach(
     // workers': not in a command line any user of the node can list.
     let mut argv: Vec<OsString> = serve_argv(matches)
         .into_iter()
-        .filter(|a| !a.to_str().is_some_and(|a| a.starts_with("--token=")))
+        .filter(|a| {
+            !a.to_str()
+                .is_some_and(|a| a.starts_with("--token=") || a.starts_with("--token-file="))
+        })
         .collect();
     let given = |argv: &[OsString], flag: &str| {
         argv.iter().any(|a| {
@@ -502,6 +506,7 @@ async fn start_or_attach(
     if let Some(token) = token {
         cmd.env("DISPATCHER_TOKEN", token);
     }
+    cmd.env_remove("DISPATCHER_TOKEN_FILE");
     cmd.arg("serve")
         .args(&argv)
         .stdin(std::process::Stdio::null())

@@ -120,7 +120,7 @@ function render(s) {
   renderChart();
   renderShards(s.shards || []);
   renderWorkers(s.workers || [], s.workers_unlisted || 0);
-  renderFailures(s.failed_by_kind || {}, s.failure_examples || {});
+  renderFailures(s.failed_by_kind || {}, s.failure_examples || {}, s.failed_unlisted || 0);
 
   const re = s.reissues || {};
   text("re-timeout", fmtInt(re.timeout));
@@ -138,6 +138,7 @@ function cell(row, value, className) {
   td.textContent = value;
   if (className) td.className = className;
   row.appendChild(td);
+  return td;
 }
 
 // Every live worker and the last 100 gone (the server leaves out the
@@ -151,10 +152,10 @@ function renderWorkers(workers, unlisted) {
     const hello = w.hello || {};
     const row = document.createElement("tr");
     row.dataset.worker = w.worker;
-    cell(row, hello.host || w.worker);
-    cell(row, hello.task || "–");
-    cell(row, hello.model || "–");
-    cell(row, hello.engine || "–");
+    // Long names are cut (in full on hover), so that `state` stays in view.
+    for (const value of [hello.host || w.worker, hello.task, hello.model, hello.engine]) {
+      cell(row, value || "–", "cut").title = value || "";
+    }
     cell(row, fmtInt(w.lines_done), "num");
     cell(row, fmtInt(w.in_flight), "num");
     cell(row, w.tokens_per_sec == null ? "–" : fmtNum(w.tokens_per_sec), "num");
@@ -203,7 +204,7 @@ function renderShards(shards) {
   text("shard-count", `(${complete} of ${shards.length} complete${more})`);
 }
 
-function renderFailures(byKind, examples) {
+function renderFailures(byKind, examples, unlisted) {
   const body = document.createElement("tbody");
   body.id = "failures";
   const kinds = Object.keys(byKind).sort((a, b) => byKind[b] - byKind[a]);
@@ -225,6 +226,7 @@ function renderFailures(byKind, examples) {
   }
   $("failures").replaceWith(body);
   $("no-failures").hidden = kinds.length > 0;
+  text("failure-count", unlisted ? `(and ${fmtInt(unlisted)} lines of other kinds, not listed)` : "");
 }
 
 function renderChart() {
