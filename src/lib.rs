@@ -152,6 +152,15 @@ pub mod prelude {
 /// reached only from somewhere it cannot work.
 #[macro_export]
 macro_rules! yield_request {
+    // One argument: the error, and in its place a value of the type the
+    // request's answer has (`TaskContext::stand_in`, never called), so that
+    // the code using it draws no "unreachable" warning beside the error.
+    ($requests:expr) => {{
+        ::core::compile_error!(
+            "`yield_request!` can only be used in the body of a `#[task]` async fn; in a helper, take `ctx: &TaskContext` and call `ctx.send(request).await`"
+        );
+        $crate::TaskContext::stand_in($requests)
+    }};
     ($($tokens:tt)*) => {{
         ::core::compile_error!(
             "`yield_request!` can only be used in the body of a `#[task]` async fn; in a helper, take `ctx: &TaskContext` and call `ctx.send(request).await`"

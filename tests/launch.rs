@@ -179,9 +179,15 @@ fn local_workers_finish_the_job_and_idle_ones_leave_at_the_tail() {
         "{said}"
     );
     assert!(said.contains("tail "), "{said}");
+    // A plain JSONL input is not staged, and launch does not say it is.
+    assert!(!said.contains("staged"), "{said}");
     let state = job.state();
     let jobs = state["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 3, "{state}");
+    // A local worker runs from the moment it is started.
+    for j in jobs {
+        assert!(j["started"].as_f64() >= j["submitted"].as_f64(), "{j}");
+    }
     let log = |j: &Value| {
         std::fs::read_to_string(job.dir.path().join(j["log"].as_str().unwrap())).unwrap()
     };

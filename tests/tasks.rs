@@ -698,3 +698,52 @@ async fn an_echo_script_drives_a_judge_task_to_a_known_score() {
     assert!(format!("{error:#}").contains(&expected), "{error:#}");
     assert!(!output.exists());
 }
+
+/// A two-step task, for reading every field of what `TaskTest::run` gives.
+#[task]
+async fn draft_and_rate(input: String) -> Result<String, TaskError> {
+    let draft = yield_request!(Request::chat().user(format!("Write about {input}")))?;
+    let rating = yield_request!(Request::chat().user(format!("Rate this: {}", draft.text())))?;
+    Ok(format!("{} ({})", draft.text(), rating.text()))
+}
+
+/// Every field of `TaskRun`, as the README's table names them: the output,
+/// the outcome, the requests in order, the journal, and what a rerun with
+/// that journal replays.
+#[tokio::test]
+async fn a_task_runs_fields_are_what_the_readme_says() {
+    use dispatcher::LineOutcome;
+    let run = TaskTest::new(draft_and_rate)
+        .replies(["A draft.", "Score: 7"])
+        .run(json!("tea"))
+        .await;
+    assert_eq!(run.output, json!("A draft. (Score: 7)"));
+    assert_eq!(run.error_type(), None);
+    match &run.outcome {
+        LineOutcome::Line { line, .. } => assert_eq!(line, "\"A draft. (Score: 7)\""),
+        other => panic!("{other:?}"),
+    }
+    let sent: Vec<String> = run
+        .requests
+        .iter()
+        .map(|r| {
+            r.to_json()["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(sent, ["Write about tea", "Rate this: A draft."]);
+    assert_eq!(run.journal.len(), 2);
+    assert_eq!(run.replayed, 0);
+
+    // A reissued line with that journal asks the engine nothing again.
+    let again = TaskTest::new(draft_and_rate)
+        .replies(Vec::<String>::new())
+        .journal(run.journal.clone())
+        .run(json!("tea"))
+        .await;
+    assert_eq!(again.replayed, 2);
+    assert!(again.requests.is_empty());
+    assert_eq!(again.output, run.output);
+}

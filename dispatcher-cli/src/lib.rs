@@ -21,12 +21,14 @@
 //! - [`grouping`]: `--group-by`, prefix affinity; [`jq`]: the jq filters
 //!   it and `infer`'s `--prompt-path` run on input lines.
 //! - [`access`]: the job's access token flags (`--token-file`).
+//! - [`exit`]: exit statuses, one rule for every command that runs or reads a job.
 //! - [`logging`]: tracing set-up shared by every subcommand.
 //! - here: the command line's types and [`run_tasks`], the whole CLI of a
 //!   task binary in one call.
 
 pub mod access;
 mod commands;
+pub mod exit;
 pub mod grouping;
 pub mod jq;
 pub mod logging;
@@ -191,9 +193,9 @@ pub fn run_async(
     };
     match runtime.block_on(f) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<launch::Exit>() {
+        Err(e) => match e.downcast_ref::<exit::Exit>() {
             // Said already: only the status is left to set.
-            Some(launch::Exit(code)) => std::process::ExitCode::from(*code),
+            Some(exit::Exit(code)) => std::process::ExitCode::from(*code),
             None => {
                 print_error(format_args!("{e:#}"));
                 std::process::ExitCode::FAILURE

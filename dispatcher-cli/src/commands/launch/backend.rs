@@ -73,6 +73,9 @@ pub struct Submitted {
     pub pid: Option<u32>,
     /// Its log file.
     pub log: PathBuf,
+    /// Whether it runs already: a local worker does from its start, a
+    /// Slurm job once the scheduler starts it.
+    pub running: bool,
 }
 
 /// The Slurm options and script of `--backend slurm`.
@@ -215,7 +218,12 @@ impl Slurm {
             .with_context(|| format!("sbatch --parsable printed {text:?}, not a job id"))?
             .to_string();
         let log = spec.log_dir.join(format!("worker-{id}.log"));
-        Ok(Submitted { id, pid: None, log })
+        Ok(Submitted {
+            id,
+            pid: None,
+            log,
+            running: false,
+        })
     }
 }
 
@@ -361,7 +369,12 @@ impl Local {
             .with_context(|| format!("could not start the worker command {program:?}"))?;
         let pid = child.id();
         self.children.insert(id.clone(), child);
-        Ok(Submitted { id, pid, log })
+        Ok(Submitted {
+            id,
+            pid,
+            log,
+            running: true,
+        })
     }
 
     fn state(&mut self, id: &str) -> JobState {

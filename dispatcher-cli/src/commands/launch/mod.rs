@@ -112,10 +112,7 @@ pub struct LaunchArgs {
     pub worker: Vec<String>,
 }
 
-/// Exit status of a job that completed with error records in its output.
-pub const EXIT_ERRORS: u8 = 3;
-/// Exit status after Ctrl-C or SIGTERM.
-pub const EXIT_INTERRUPTED: u8 = 130;
+pub use crate::exit::{Exit, EXIT_ERRORS, EXIT_INTERRUPTED};
 
 /// Runs `dispatcher launch`; `matches` are its own (for the job's flags,
 /// passed on to `serve` as given).
@@ -246,7 +243,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         last_failure: None,
         submit_after: None,
         owed: 0,
-        capacity: plan::DEFAULT_CAPACITY,
+        capacity: plan::stated_capacity(&args.worker),
         lines_done: None,
         reported_pending: HashSet::new(),
         reached: HashSet::new(),
@@ -278,18 +275,6 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         }
     }
 }
-
-/// An error that only sets the exit status: what it means was printed.
-#[derive(Debug)]
-pub struct Exit(pub u8);
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit status {}", self.0)
-    }
-}
-
-impl std::error::Error for Exit {}
 
 fn check_options(args: &LaunchArgs) -> anyhow::Result<()> {
     let o = &args.launch;
@@ -517,9 +502,16 @@ async fn start_or_attach(
         .spawn()
         .with_context(|| format!("could not start {} serve", exe.display()))?;
     let pid = child.id();
+    let staged = dispatcher_core::dataset::Format::of(&args.serve.infile, false)
+        .map_or(true, |f| f != Some(dispatcher_core::dataset::Format::Jsonl));
     ui.event(&format!(
-        "starting the server (its log: {}); a dataset input is staged first",
-        log_path.display()
+        "starting the server (its log: {}){}",
+        log_path.display(),
+        if staged {
+            "; a dataset input is staged first"
+        } else {
+            ""
+        }
     ));
     let bound = loop {
         if let Some(addr) = listening_addr(&log_path, start) {
@@ -854,13 +846,14 @@ impl Loop<'_> {
                 self.owed -= 1;
                 state.replaced += 1;
             }
+            let now = unix_now();
             state.jobs.push(JobRecord {
                 id: submitted.id.clone(),
                 ordinal,
                 pid: submitted.pid,
                 log: submitted.log,
-                submitted: unix_now(),
-                started: None,
+                submitted: now,
+                started: submitted.running.then_some(now),
                 ended: None,
                 end: None,
                 end_detail: None,

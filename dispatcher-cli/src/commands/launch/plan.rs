@@ -8,6 +8,26 @@ use dispatcher_core::protocol::StatusResponse;
 /// the workers' default `--max-in-flight`.
 pub const DEFAULT_CAPACITY: u64 = 64;
 
+/// Lines one worker started by `command` holds at once, as its command
+/// says: its `--max-in-flight N` (or its alias `--workers`), else the
+/// workers' default, [`DEFAULT_CAPACITY`]. What workers are then seen to
+/// hold can only raise it (a task's requests per line, a batch prefetched).
+pub fn stated_capacity(command: &[String]) -> u64 {
+    let mut capacity = None;
+    let mut words = command.iter();
+    while let Some(word) = words.next() {
+        let value = match word.split_once('=') {
+            Some(("--max-in-flight" | "--workers", value)) => Some(value.to_string()),
+            None if word == "--max-in-flight" || word == "--workers" => words.next().cloned(),
+            _ => None,
+        };
+        if let Some(n) = value.and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0) {
+            capacity = Some(n);
+        }
+    }
+    capacity.unwrap_or(DEFAULT_CAPACITY)
+}
+
 /// What is left of the job, as the server sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
@@ -81,6 +101,33 @@ pub fn to_submit(backlog: Backlog, fleet: Fleet) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_holds_what_its_command_says() {
+        let words = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            stated_capacity(&words("dispatcher infer --engine echo")),
+            64
+        );
+        assert_eq!(stated_capacity(&words("infer --max-in-flight 2")), 2);
+        assert_eq!(stated_capacity(&words("infer --max-in-flight=8 -q")), 8);
+        assert_eq!(stated_capacity(&words("./my-task --workers 16")), 16);
+        assert_eq!(stated_capacity(&words("infer --max-in-flight")), 64);
+        // 20 lines, workers of 2: --max-workers 2 runs both.
+        let fleet = Fleet {
+            alive: 0,
+            max: 2,
+            capacity: 2,
+        };
+        assert_eq!(to_submit(backlog(Some(20), 0), fleet), 2);
+        // 500 lines, workers of 8, up to 16: all 16.
+        let fleet = Fleet {
+            alive: 0,
+            max: 16,
+            capacity: 8,
+        };
+        assert_eq!(to_submit(backlog(Some(500), 0), fleet), 16);
+    }
 
     fn backlog(unissued: Option<u64>, in_flight: u64) -> Backlog {
         Backlog {
