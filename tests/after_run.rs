@@ -202,8 +202,10 @@ async fn report_counts_an_outputs_lines_failures_tokens_and_cut_off_responses() 
         .arg(&output)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    // Complete, with two error records: exit status 3.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -217,8 +219,9 @@ async fn report_counts_an_outputs_lines_failures_tokens_and_cut_off_responses() 
         .arg("--json")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

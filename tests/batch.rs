@@ -76,7 +76,8 @@ async fn a_batch_killed_halfway_resumes_to_the_output_of_an_uninterrupted_run() 
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(code, 0, "{stderr}");
+    // Complete, with error lines (`invalid_json`, `unsupported_url`): 3.
+    assert_eq!(code, 3, "{stderr}");
     assert!(
         stderr.contains("custom_id \"req-0\" of input line 10 was seen before"),
         "{stderr}"
@@ -138,7 +139,7 @@ async fn a_batch_killed_halfway_resumes_to_the_output_of_an_uninterrupted_run() 
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
     assert_eq!(stable(dir.path().join("resumed.jsonl").as_path()), whole);
 }
 
@@ -158,7 +159,7 @@ async fn a_batch_through_a_server_gives_the_local_output() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
     let served = Served::start(&batch(40), Duration::from_secs(2)).await;
     let workers: Vec<_> = (0..2)
         .map(|_| run_batch(&["--dispatcher", &served.addr, "--workers", "3"]))
@@ -221,7 +222,7 @@ async fn an_error_file_that_is_the_input_or_the_output_is_refused() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
     let output_before = std::fs::read(&output).unwrap();
     for clash in [&output, &input, &link] {
         let (code, stderr) = wait_exit(

@@ -114,7 +114,8 @@ pub async fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
 }
 
 pub use dispatcher_testkit::{
-    jsonl, last_message, lines, send_signal, succeed, HttpEngine, JobDir, ServerProcess,
+    complete_with_errors, jsonl, last_message, lines, send_signal, succeed, HttpEngine, JobDir,
+    ServerProcess,
 };
 
 /// The `dispatcher` binary.

@@ -42,10 +42,96 @@ pub fn compile(code: &str) -> Result<Filter, String> {
         })
 }
 
+/// Arrays and objects nested deeper than this in an input line are not
+/// read: jaq's reader recurses once per level, so one line nested some
+/// thousands deep would overflow a worker's stack (and the server's, with
+/// `--group-by`), and serde_json, which every reader of the output uses,
+/// stops at 128 too.
+pub const MAX_DEPTH: usize = 128;
+
+/// Why a line is not read as JSON.
+#[derive(Debug)]
+pub enum ParseError {
+    /// Nested deeper than [`MAX_DEPTH`] (the depth reached, in levels).
+    TooDeep(usize),
+    /// Not one JSON value.
+    NotJson(String),
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseError::TooDeep(depth) => write!(
+                f,
+                "its arrays and objects are nested more than {MAX_DEPTH} levels deep ({depth} at least)"
+            ),
+            ParseError::NotJson(why) => f.write_str(why),
+        }
+    }
+}
+
+/// `line` read as JSON (jq's reader: `NaN` and `Infinity` included), unless
+/// it nests deeper than [`MAX_DEPTH`], which is checked first without
+/// recursion.
+pub fn parse_line(line: &str) -> Result<Val, ParseError> {
+    if let Some(depth) = deeper_than(line.as_bytes(), MAX_DEPTH) {
+        return Err(ParseError::TooDeep(depth));
+    }
+    jaq_json::read::parse_single(line.as_bytes()).map_err(|e| ParseError::NotJson(e.to_string()))
+}
+
+/// The depth `text` reaches past `max` levels of `[`/`{` (outside strings),
+/// or `None` when it stays within them. One pass, no recursion.
+fn deeper_than(text: &[u8], max: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0_usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Some(depth);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The first value `filter` gives on the JSON `line`: `None` when the line
-/// is not JSON, the filter gives nothing, or it fails on the line.
+/// is not JSON (or nested too deep), the filter gives nothing, or it fails
+/// on the line.
 pub fn first_value(filter: &Filter, line: &str) -> Option<Val> {
-    let input = jaq_json::read::parse_single(line.as_bytes()).ok()?;
+    let input = parse_line(line).ok()?;
     let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
     filter.id.run((ctx, input)).map(unwrap_valr).next()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_nested_too_deep_are_refused_before_the_reader_recurses() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(parse_line(&deep), Err(ParseError::TooDeep(129))));
+        let ok = format!("{}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse_line(&ok).is_ok());
+        // Brackets in strings are text, also after an escaped quote.
+        let text = format!(r#"{{"a": "\"{}"}}"#, "[".repeat(1000));
+        assert!(parse_line(&text).is_ok(), "{text}");
+        let filter = compile(".a").unwrap();
+        assert!(first_value(&filter, &deep).is_none());
+    }
 }

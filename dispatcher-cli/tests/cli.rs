@@ -25,6 +25,10 @@ mod redo;
 #[path = "cli/job_files.rs"]
 mod job_files;
 
+// Nothing lost on the data path: infer keeps lines exactly.
+#[path = "cli/data_path.rs"]
+mod data_path;
+
 // The token out of sight; text from workers escaped on terminals and logs.
 #[path = "cli/access.rs"]
 mod access;
@@ -413,17 +417,35 @@ fn infer_adds_responses_to_every_line_in_order() {
         .chain(["not json".to_string(), "{\"no\": \"prompt\"}".to_string()])
         .collect();
     std::fs::write(job.path("in.jsonl"), lines.join("\n") + "\n").unwrap();
-    let (ok, stderr) = infer_local(
-        &job,
-        &[
-            "--num-generations",
-            "2",
-            "--include-usage",
-            "--workers",
-            "8",
-        ],
-    );
-    assert!(ok, "{stderr}");
+    let run = || {
+        Command::new(BIN)
+            .arg("infer")
+            .arg("--input")
+            .arg(job.path("in.jsonl"))
+            .arg("--output")
+            .arg(job.path("out.jsonl"))
+            .args(["-q", "--engine", "echo", "--num-generations", "2"])
+            .args(["--include-usage", "--workers", "8"])
+            .output()
+            .unwrap()
+    };
+    // Complete, with two error records: exit status 3 (the one rule of
+    // `dispatcher_cli::exit`), saying which; a rerun says the same.
+    for _ in 0..2 {
+        let out = run();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("2 of 32 lines") && stderr.contains("invalid_json 1"),
+            "{stderr}"
+        );
+    }
+    let report = Command::new(BIN)
+        .arg("report")
+        .arg(job.path("out.jsonl"))
+        .output()
+        .unwrap();
+    assert_eq!(report.status.code(), Some(3));
     let out = job.output_values();
     assert_eq!(out.len(), 32);
     for (i, line) in out.iter().take(30).enumerate() {

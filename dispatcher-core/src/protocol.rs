@@ -1095,7 +1095,7 @@ pub fn check_json_value(text: &str) -> Result<(), serde_json::Error> {
 /// `text` with the constants Python's `json` writes outside strings (`NaN`,
 /// `Infinity`, `-Infinity`) replaced by numbers, to check the rest is JSON;
 /// `None` when it has none.
-fn without_python_constants(text: &str) -> Option<String> {
+pub(crate) fn without_python_constants(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let (mut i, mut copied, mut in_string, mut changed) = (0, 0, false, false);

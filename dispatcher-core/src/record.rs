@@ -178,8 +178,12 @@ impl LineKind<'_> {
 /// nor a batch line's keys, and are only checked to be JSON.
 pub fn classify(line: &[u8]) -> LineKind<'static> {
     if !may_fail(line) {
+        let python_json = || {
+            std::str::from_utf8(line).is_ok_and(|t| crate::protocol::check_json_value(t).is_ok())
+        };
         return match serde_json::from_slice::<IgnoredAny>(line) {
             Ok(_) => LineKind::Ok,
+            Err(_) if python_json() => LineKind::Ok,
             Err(_) => LineKind::NotJson,
         };
     }
@@ -271,7 +275,14 @@ impl OutputLine {
             Ok(parsed) => Some(parsed),
             Err(_) => serde_json::from_slice::<IgnoredAny>(line)
                 .ok()
-                .map(|_| OutputLine::default()),
+                .map(|_| OutputLine::default())
+                // JSON as Python writes it (`NaN`, `Infinity`), which the
+                // server takes as a result: the line it is, not "not JSON".
+                .or_else(|| {
+                    let text = std::str::from_utf8(line).ok()?;
+                    let t = crate::protocol::without_python_constants(text)?;
+                    serde_json::from_str::<OutputLine>(&t).ok()
+                }),
         }
     }
 
@@ -520,6 +531,9 @@ mod tests {
             (batch_line("batch_req_7", &json!("c"), json!({"status_code": 500, "request_id": "r", "body": "upstream died"}), None), "http_500"),
             (batch_line("batch_req_8", &json!(null), Value::Null, Some(("invalid_json", "..."))), "invalid_json"),
             ("{cut off".to_string(), NOT_JSON),
+            // JSON as Python writes it, which the server takes as a result.
+            (r#"{"score": NaN, "responses": ["a"]}"#.to_string(), "ok"),
+            (r#"{"__ERROR__": {"error": "request_rejected", "x": -Infinity}}"#.to_string(), "request_rejected"),
         ]
     }
 

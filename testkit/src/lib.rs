@@ -91,6 +91,21 @@ pub fn succeed(command: &mut Command) -> std::process::Output {
     out
 }
 
+/// Runs `command`, which must end with exit status 3: the job is complete
+/// and some of its output lines are error records (the one rule of
+/// `dispatcher_cli::exit`, for local runs, `launch` and `report`).
+pub fn complete_with_errors(command: &mut Command) -> std::process::Output {
+    let out = command.output().expect("the command starts");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{command:?} did not end with error records ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Sends `sig` to process `pid`; kill(2)'s result.
 #[allow(unsafe_code)]
 pub fn send_signal(pid: i32, sig: i32) -> i32 {

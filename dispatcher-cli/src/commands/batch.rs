@@ -272,7 +272,17 @@ pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
     let task: &'static RunBatch = Box::leak(Box::new(RunBatch {
         keep_model: args.keep_model,
     }));
-    worker::run_task(task, &args.engine, &args.work).await?;
+    // A job complete with error lines ends with exit status 3
+    // (`crate::exit`), after its error file is written.
+    let ran = worker::run_task(task, &args.engine, &args.work).await;
+    let with_errors = ran
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<crate::exit::Exit>())
+        .is_some_and(|e| e.0 == crate::exit::EXIT_ERRORS);
+    if !with_errors {
+        ran?;
+    }
     if let (Some(input), Some(output)) = (&args.work.input, &output) {
         // A dataset's lines are counted in its staging record.
         let lines = dispatcher_core::dataset::input_lines(
@@ -290,6 +300,9 @@ pub async fn run(args: RunBatchArgs) -> anyhow::Result<()> {
                 "batch complete"
             );
         }
+    }
+    if with_errors {
+        return Err(crate::exit::Exit(crate::exit::EXIT_ERRORS).into());
     }
     Ok(())
 }

@@ -397,6 +397,11 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", report.render());
     }
+    // One rule with the commands that run a job (`crate::exit`): error
+    // records in the output are exit status 3.
+    if report.errors.values().any(|n| *n > 0) {
+        return Err(crate::exit::Exit(crate::exit::EXIT_ERRORS).into());
+    }
     Ok(())
 }
 

@@ -516,11 +516,19 @@ pub async fn run_task(
     let engine_specs = engine_args.specs()?;
     let prefix_cache = Arc::new(PrefixCacheMeter::default());
     let progress = Arc::new(Progress::default());
+    // A local job's output, whose error records set the exit status once
+    // the job is complete (`crate::exit`).
+    let local_output = work
+        .dispatcher
+        .is_none()
+        .then(|| work.outdir.output(work.output.as_deref()))
+        .flatten();
     let Some((source, mut follower)) = work
         .source(prefix_cache.clone(), progress.metrics.usage())
         .await?
     else {
-        return Ok(());
+        // Complete already: the same status as when it completed.
+        return local_output.map_or(Ok(()), |o| crate::exit::of_complete_output(&o));
     };
     if let Some(f) = &mut follower {
         f.start();
@@ -591,7 +599,8 @@ pub async fn run_task(
         "worker finished: {exit:?}"
     );
     match exit {
-        Exit::Complete | Exit::ServerGone | Exit::Interrupted => Ok(()),
+        Exit::Complete => local_output.map_or(Ok(()), |o| crate::exit::of_complete_output(&o)),
+        Exit::ServerGone | Exit::Interrupted => Ok(()),
         Exit::EngineFailed(why) => bail!(
             "the engine failed ({why}); {} in-flight items were handed back",
             summary.released

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::handback::{hand_back, Handback};
 use super::journal::{JournalEvent, JournalSink, TaskJournal};
 use super::source::{Heartbeat, SourceError, WorkSource};
 use super::{DynTask, Engines, LineOutcome, OutcomeKind, TaskContext};
@@ -121,14 +122,6 @@ const FETCH_GRACE: Duration = Duration::from_secs(5);
 /// [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// What goes back to the source: handed to the submitter task, which batches.
-#[derive(Debug)]
-enum Handback {
-    Result(WorkItem),
-    Release(u64, ReleaseReason),
-    Journal(JournalEvent),
-}
 
 /// Runs `task` over the items of `source`, sending to `engines`, until the
 /// work is done, `shutdown` resolves, or `engine_died` does.
@@ -618,82 +611,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Hands results and releases back, batching whatever piled up while the last
-/// call was in flight. Retries unreachable servers for a while; what cannot be
-/// delivered is reissued by the server after its work timeout.
-async fn hand_back(
-    source: Arc<dyn WorkSource>,
-    mut rx: mpsc::UnboundedReceiver<Handback>,
-    max: usize,
-    delivered: Arc<Notify>,
-) {
-    let mut results = Vec::new();
-    let mut preempted = Vec::new();
-    let mut retried = Vec::new();
-    let mut entries = Vec::new();
-    let (mut replayed, mut tokens_saved) = (0, 0);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Handback::Result(item) => results.push(item),
-                Handback::Release(id, ReleaseReason::Preempted) => preempted.push(id),
-                Handback::Release(id, ReleaseReason::Retry) => retried.push(id),
-                Handback::Journal(JournalEvent::Entry(entry)) => entries.push(entry),
-                Handback::Journal(JournalEvent::Replayed { tokens }) => {
-                    replayed += 1;
-                    tokens_saved += tokens;
-                }
-            }
-            if results.len() < max && entries.len() < max {
-                next = rx.try_recv().ok();
-            }
-        }
-        // Journal entries first: a line released next must find them on the
-        // server when it is issued again.
-        if !entries.is_empty() || replayed > 0 {
-            let batch = std::mem::take(&mut entries);
-            let (r, t) = (
-                std::mem::take(&mut replayed),
-                std::mem::take(&mut tokens_saved),
-            );
-            deliver("journal entries", || source.journal(batch.clone(), r, t)).await;
-        }
-        for (ids, reason) in [
-            (std::mem::take(&mut retried), ReleaseReason::Retry),
-            (std::mem::take(&mut preempted), ReleaseReason::Preempted),
-        ] {
-            if !ids.is_empty() {
-                deliver("release", || source.release(ids.clone(), reason)).await;
-            }
-        }
-        if !results.is_empty() {
-            let items = std::mem::take(&mut results);
-            deliver("results", || source.submit(items.clone())).await;
-        }
-        delivered.notify_one();
-    }
-}
-
-async fn deliver<'a>(what: &str, call: impl Fn() -> BoxFuture<'a, Result<(), SourceError>>) {
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 0..8 {
-        match call().await {
-            Ok(()) => return,
-            Err(e) if e.is_transient() && attempt < 7 => {
-                tracing::warn!("could not hand in {what} ({e}); retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                tracing::error!(
-                    "could not hand in {what}: {e}; the server will reissue those items"
-                );
-                return;
-            }
-        }
     }
 }

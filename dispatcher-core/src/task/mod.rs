@@ -6,13 +6,16 @@
 //! outcome; `context.rs` the [`TaskContext`] (sending, replaying from the
 //! journal); `error.rs` [`TaskError`]; [`engines`] the engines a worker sends
 //! to, with their request slots; [`limiter`] those slots; [`journal`] a
-//! task's journal on the worker; [`manager`] the task manager; [`source`]
+//! task's journal on the worker; [`manager`] the task manager;
+//! `handback.rs` what it hands back (batched, retried, split to the
+//! server's request limit); [`source`]
 //! where items come from (a server, or a local file pair); [`testing`]
 //! running a task with scripted replies.
 
 mod context;
 pub mod engines;
 mod error;
+mod handback;
 pub mod journal;
 pub mod limiter;
 pub mod manager;
@@ -211,22 +214,32 @@ pub fn line_outcome_of<O: Serialize + Send + 'static>(
     last_attempt: bool,
     fut: impl Future<Output = Result<O, TaskError>> + Send + 'static,
 ) -> BoxFuture<'static, LineOutcome> {
+    line_outcome_of_line(content, last_attempt, async move {
+        let output = fut.await?;
+        serde_json::to_string(&output).map_err(|e| {
+            TaskError::failed(
+                "output_not_serializable",
+                format!("the task's output could not be written as JSON: {e}"),
+            )
+        })
+    })
+}
+
+/// [`line_outcome_of`] for a future that makes its output line itself: one
+/// JSON value on one line (as a result must be; the server checks it), for
+/// a task that writes parts of its input line back exactly as they were
+/// read (`infer`), which a value parsed and serialized again need not be.
+pub fn line_outcome_of_line(
+    content: String,
+    last_attempt: bool,
+    fut: impl Future<Output = Result<String, TaskError>> + Send + 'static,
+) -> BoxFuture<'static, LineOutcome> {
     let fut = AssertUnwindSafe(fut);
     Box::pin(async move {
         match fut.catch_unwind().await {
-            Ok(Ok(output)) => match serde_json::to_string(&output) {
-                Ok(line) => LineOutcome::Line {
-                    line,
-                    kind: OutcomeKind::Ok,
-                },
-                Err(e) => LineOutcome::Line {
-                    line: crate::record::task_failure(
-                        "output_not_serializable",
-                        &format!("the task's output could not be written as JSON: {e}"),
-                        &content,
-                    ),
-                    kind: OutcomeKind::Failed,
-                },
+            Ok(Ok(line)) => LineOutcome::Line {
+                line,
+                kind: OutcomeKind::Ok,
             },
             Ok(Err(e)) => match e.into_kind() {
                 TaskErrorKind::Failed {

@@ -34,6 +34,16 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Client(e) if e.is_unavailable())
     }
+
+    /// Whether the server refused the request as too large (413): the same
+    /// content sent in smaller requests may pass.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Client(ClientError::Status { status, .. })
+                if *status == reqwest::StatusCode::PAYLOAD_TOO_LARGE
+        )
+    }
 }
 
 /// The work protocol from a worker's side.

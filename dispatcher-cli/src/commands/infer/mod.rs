@@ -1,7 +1,9 @@
 //! `dispatcher infer`: prompt in, responses out, without writing a task.
 //!
-//! Its flags and command are here; the task itself is in `task.rs`.
+//! Its flags and command are here; the task itself is in `task.rs`, the
+//! output line it writes (the input line kept exactly) in `output.rs`.
 
+mod output;
 mod task;
 
 use clap::{Args, ValueEnum};

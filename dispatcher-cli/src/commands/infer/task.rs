@@ -10,7 +10,7 @@ use jaq_json::Val;
 use serde_json::{Map, Value};
 
 use dispatcher_core::engine::{BoxFuture, Message, Request, Response, Usage};
-use dispatcher_core::task::{line_outcome_of, DynTask, LineOutcome, TaskContext, TaskError};
+use dispatcher_core::task::{line_outcome_of_line, DynTask, LineOutcome, TaskContext, TaskError};
 
 /// How input lines are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,17 +150,26 @@ impl Infer {
         }
     }
 
-    /// Runs the prompt path on a line.
-    fn select(&self, line: &str) -> Result<Prompt, TaskError> {
+    /// Runs the prompt path on a line: the prompt, and the line as read.
+    fn select(&self, line: &str) -> Result<(Prompt, Val), TaskError> {
         let path = &self.config.prompt_path;
-        let input = jaq_json::read::parse_single(line.as_bytes()).map_err(|e| {
-            TaskError::failed(
+        let input = crate::jq::parse_line(line).map_err(|e| match e {
+            crate::jq::ParseError::TooDeep(_) => TaskError::failed(
+                "input_too_deep",
+                format!("the line is not read: {e}"),
+            ),
+            crate::jq::ParseError::NotJson(e) => TaskError::failed(
                 "invalid_json",
                 format!("the line is not JSON ({e}); --prompt-path {path} needs JSON lines (--input-format text takes plain text)"),
-            )
+            ),
         })?;
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let first = self.filter.id.run((ctx, input)).map(unwrap_valr).next();
+        let first = self
+            .filter
+            .id
+            .run((ctx, input.clone()))
+            .map(unwrap_valr)
+            .next();
         let value = match first {
             None => return Err(missing(path, "it selects nothing")),
             Some(Err(e)) => {
@@ -171,8 +180,10 @@ impl Infer {
             }
             Some(Ok(v)) => v,
         };
+        // What was selected, as serde reads it (a prompt is a string or
+        // messages; a value serde cannot hold is no prompt either).
         let json: Value = serde_json::from_str(&value.to_string()).unwrap_or(Value::Null);
-        match json {
+        let prompt = match json {
             Value::String(s) => Ok(Prompt::Text(s)),
             Value::Null => Err(missing(path, "it selects null (no such field?)")),
             Value::Array(_) if self.config.mode == Mode::Chat => serde_json::from_value(json)
@@ -192,7 +203,8 @@ impl Infer {
                     kind(&other)
                 ),
             )),
-        }
+        }?;
+        Ok((prompt, input))
     }
 
     /// What a selected prompt sends to the engine: the messages of a chat
@@ -218,7 +230,7 @@ impl Infer {
     pub fn engine_prompt_of(&self, line: &str) -> Result<EnginePrompt, TaskError> {
         let prompt = match self.config.input_format {
             InputFormat::Text => Prompt::Text(line.to_string()),
-            InputFormat::Jsonl => self.select(line)?,
+            InputFormat::Jsonl => self.select(line)?.0,
         };
         Ok(self.engine_prompt(&prompt))
     }
@@ -253,14 +265,14 @@ impl Infer {
         req
     }
 
-    async fn run(self, line: String, ctx: TaskContext) -> Result<Value, TaskError> {
+    async fn run(self, line: String, ctx: TaskContext) -> Result<String, TaskError> {
         let c = self.config.clone();
-        let (prompt, original) = match c.input_format {
+        let (prompt, read) = match c.input_format {
             InputFormat::Text => (Prompt::Text(line.clone()), None),
-            InputFormat::Jsonl => (
-                self.select(&line)?,
-                Some(serde_json::from_str::<Value>(&line).unwrap_or(Value::Null)),
-            ),
+            InputFormat::Jsonl => {
+                let (prompt, read) = self.select(&line)?;
+                (prompt, Some(read))
+            }
         };
         let prompt = self.engine_prompt(&prompt);
         if let Some(check) = &self.prompt_check {
@@ -288,32 +300,21 @@ impl Infer {
         }
         responses.truncate(wanted as usize);
         finish_reasons.truncate(wanted as usize);
-        let mut out = match original {
-            Some(Value::Object(map)) => map,
-            Some(Value::String(text)) => single("text", Value::String(text)),
-            Some(other) => single("input", other),
-            None => single("text", Value::String(line)),
-        };
-        out.insert("responses".into(), responses.into());
+        let mut added = Map::new();
+        added.insert("responses".into(), responses.into());
         if c.include_usage {
-            out.insert(
+            added.insert(
                 "usage".into(),
                 serde_json::to_value(usage).expect("usage serializes"),
             );
-            out.insert("finish_reasons".into(), finish_reasons.into());
+            added.insert("finish_reasons".into(), finish_reasons.into());
             // Milliseconds are enough: a line's requests take tens of them
             // at the least.
             let secs = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-            out.insert("latency_secs".into(), secs.into());
+            added.insert("latency_secs".into(), secs.into());
         }
-        Ok(Value::Object(out))
+        Ok(super::output::line(&line, read.as_ref(), &added))
     }
-}
-
-fn single(key: &str, value: Value) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert(key.into(), value);
-    m
 }
 
 fn add_usage(total: &mut Usage, r: &Response) {
@@ -373,7 +374,7 @@ impl DynTask for Infer {
 
     fn run_line(&self, content: String, ctx: TaskContext) -> BoxFuture<'static, LineOutcome> {
         let last_attempt = ctx.is_last_attempt();
-        line_outcome_of(
+        line_outcome_of_line(
             content.clone(),
             last_attempt,
             self.clone().run(content, ctx),
