@@ -929,6 +929,10 @@ pub struct GroupStatus {
     /// Of those, lines of a key other workers had, shared out to an idle
     /// worker (a large group spread over several workers).
     pub spread: u64,
+    /// Lines read ahead for which the group filter gave no key (it failed,
+    /// gave nothing, or the line is not JSON): handed out in input order.
+    #[serde(default)]
+    pub keyless: u64,
 }
 
 /// `POST /hello` (an extension): a worker says who it is when it starts, so

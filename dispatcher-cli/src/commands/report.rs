@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use dispatcher_core::dataset::Format;
 use dispatcher_core::record::{LineKind, OutputLine};
 use serde::{Deserialize, Serialize};
 
@@ -241,25 +242,29 @@ impl Report {
     }
 
     /// Reads the output at `path`, calling `progress` with the bytes read so far.
+    /// `path` is an output as jobs write it: a JSONL file, plain or `.gz`/
+    /// `.zst` (by its first bytes), or an `--outdir` folder (see
+    /// [`output_files`]).
     pub fn of_file(path: &Path, mut progress: impl FnMut(u64)) -> anyhow::Result<Report> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("{}: could not open it", path.display()))?;
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
         let mut report = Report::default();
         let mut line = Vec::new();
         let mut read = 0u64;
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("{}: could not read it", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            read += n as u64;
-            report.add(line.strip_suffix(b"\n").unwrap_or(&line));
-            if report.lines % 65_536 == 0 {
-                progress(read);
+        for (file, format) in output_files(path)? {
+            let mut reader = dispatcher_core::dataset::open_jsonl(&file, format)
+                .with_context(|| format!("{}: could not open it", file.display()))?;
+            loop {
+                line.clear();
+                let n = reader
+                    .read_until(b'\n', &mut line)
+                    .with_context(|| format!("{}: could not read it", file.display()))?;
+                if n == 0 {
+                    break;
+                }
+                read += n as u64;
+                report.add(line.strip_suffix(b"\n").unwrap_or(&line));
+                if report.lines % 65_536 == 0 {
+                    progress(read);
+                }
             }
         }
         progress(read);
@@ -361,11 +366,72 @@ impl Report {
     }
 }
 
+/// The files of the output at `path`, in order, with their format: the
+/// file itself (JSONL, `.gz` or `.zst`, told by its first bytes), or for an
+/// `--outdir` folder the job's whole output (`.job/output.jsonl`), else its
+/// JSONL shards in name order.
+pub fn output_files(path: &Path) -> anyhow::Result<Vec<(PathBuf, Format)>> {
+    let format_of = |p: &Path| -> anyhow::Result<Format> {
+        Ok(match Format::of(p, true)
+            .with_context(|| format!("{}: could not open it", p.display()))?
+        {
+            Some(f @ (Format::Jsonl | Format::JsonlGz | Format::JsonlZst)) => f,
+            Some(other) => anyhow::bail!(
+                "{}: this is {other:?}, not JSON lines; `dispatcher report` reads a job's output (JSONL, .gz, .zst, or an --outdir folder)",
+                p.display()
+            ),
+            None => Format::Jsonl,
+        })
+    };
+    if !path.is_dir() {
+        return Ok(vec![(path.to_owned(), format_of(path)?)]);
+    }
+    let whole = path.join(".job").join("output.jsonl");
+    if whole.is_file() {
+        return Ok(vec![(whole.clone(), format_of(&whole)?)]);
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}: could not list it", path.display()))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+            p.is_file()
+                && [".jsonl", ".jsonl.gz", ".jsonl.zst"]
+                    .iter()
+                    .any(|e| name.ends_with(e))
+        })
+        .collect();
+    if shards.is_empty() {
+        anyhow::bail!(
+            "{}: a folder without .job/output.jsonl or .jsonl shards; give a job's output file or its --outdir folder",
+            path.display()
+        );
+    }
+    shards.sort();
+    shards
+        .into_iter()
+        .map(|p| Ok((format_of(&p)?, p)).map(|(f, p)| (p, f)))
+        .collect()
+}
+
 /// Runs `dispatcher report`.
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
-    let size = std::fs::metadata(&args.output)
-        .with_context(|| format!("{}: no such output file", args.output.display()))?
-        .len();
+    if !args.output.exists() {
+        anyhow::bail!("{}: no such output file or folder", args.output.display());
+    }
+    let files = output_files(&args.output)?;
+    let size = files
+        .iter()
+        .map(|(f, _)| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    // The job's own output file, beside which its manifest and staging
+    // record are (an --outdir folder's is in its `.job`).
+    let job_output = match files.as_slice() {
+        [(whole, _)] => whole.clone(),
+        _ => args.output.clone(),
+    };
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(size),
@@ -385,9 +451,9 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    report.reported = Reported::of_job(&args.output);
+    report.reported = Reported::of_job(&job_output);
     if let Some(input) = &args.input {
-        let files = dispatcher_core::job::JobFiles::new(&args.output, None);
+        let files = dispatcher_core::job::JobFiles::new(&job_output, None);
         let lines = dispatcher_core::dataset::input_lines(input, args.split.as_deref(), &files)
             .context("--input")?;
         report.input_lines = Some(lines);

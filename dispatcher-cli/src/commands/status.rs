@@ -280,6 +280,12 @@ pub fn render(before: &StatusResponse, now: &StatusResponse, interval: Duration)
             share(g.to_owner),
             share(g.spread)
         ));
+        if g.keyless > 0 {
+            out.push_str(&format!(
+                "             {} lines read had no key (--group-by found nothing in them): they go out in input order\n",
+                g.keyless
+            ));
+        }
     }
     if let Some(c) = &now.prefix_cache {
         out.push_str(&format!(

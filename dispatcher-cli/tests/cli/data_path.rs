@@ -153,3 +153,191 @@ fn results_over_the_servers_request_limit_are_split_not_thrown_away() {
     // Each line was answered once: nothing timed out or was released.
     assert!(!stderr.contains("tombstoned"), "{stderr}");
 }
+
+/// `report` reads an output as jobs and users store it: compressed with
+/// gzip or zstd, or as an `--outdir` folder; all say the same.
+#[test]
+fn report_reads_compressed_outputs_and_outdir_folders() {
+    let job = Job::new(0);
+    let lines: Vec<String> = (0..50)
+        .map(|i| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")}]})
+                .to_string()
+        })
+        .chain(["{\"no\": \"prompt\"}".to_string()])
+        .collect();
+    std::fs::write(job.path("in.jsonl"), lines.join("\n") + "\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["infer", "-q", "--engine", "echo", "--input"])
+        .arg(job.path("in.jsonl"))
+        .arg("--outdir")
+        .arg(job.path("sharded"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = job.path("sharded/.job/output.jsonl");
+    std::fs::copy(&whole, job.path("out.jsonl")).unwrap();
+    for (tool, ext) in [("gzip", "gz"), ("zstd", "zst")] {
+        let status = Command::new(tool)
+            .args(["-k", "-q"])
+            .arg(job.path("out.jsonl"))
+            .status();
+        match status {
+            Ok(s) => assert!(s.success(), "{tool}"),
+            // zstd's command is installed by scripts/setup-datasets.sh.
+            Err(_)
+                if tool == "zstd" && std::env::var_os("DISPATCHER_REQUIRE_DATASETS").is_none() =>
+            {
+                continue
+            }
+            Err(e) => panic!("{tool}: {e}"),
+        }
+        assert!(job.path(&format!("out.jsonl.{ext}")).exists());
+    }
+    let report = |path: &str| {
+        let out = Command::new(BIN)
+            .args(["report", "--json"])
+            .arg(job.path(path))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (r["lines"].clone(), r["ok"].clone(), r["errors"].clone())
+    };
+    let plain = report("out.jsonl");
+    assert_eq!(
+        plain,
+        (
+            51.into(),
+            50.into(),
+            serde_json::json!({"prompt_missing": 1})
+        )
+    );
+    for other in ["out.jsonl.gz", "out.jsonl.zst", "sharded"] {
+        if job.path(other).exists() {
+            assert_eq!(report(other), plain, "{other}");
+        }
+    }
+}
+
+/// What a job passes over is said, not lost without a word: `.json` files
+/// in a dataset folder, and a `--group-by` filter that finds no key.
+#[test]
+fn what_a_job_passes_over_is_said() {
+    let job = Job::new(0);
+    let folder = job.path("ds");
+    std::fs::create_dir(&folder).unwrap();
+    let line = |i: usize| {
+        serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")}]}).to_string()
+            + "\n"
+    };
+    std::fs::write(folder.join("part-0.jsonl"), line(0)).unwrap();
+    std::fs::write(folder.join("part-1.json"), line(1)).unwrap();
+    std::fs::write(folder.join("dataset_info.json"), "{}").unwrap();
+    let out = Command::new(BIN)
+        .args(["infer", "--engine", "echo", "--input"])
+        .arg(&folder)
+        .arg("--output")
+        .arg(job.path("out.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("passed over .json files") && stderr.contains("part-1.json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("dataset_info.json"), "{stderr}");
+
+    let lines: String = (0..1_200).map(line).collect();
+    std::fs::write(job.path("in.jsonl"), lines).unwrap();
+    let server = job.serve(&[
+        "--exit-grace",
+        "0",
+        "--group-by",
+        ".no_such_field",
+        "--lookahead",
+        "2000",
+    ]);
+    let worker = Command::new(BIN)
+        .args([
+            "infer",
+            "-q",
+            "--engine",
+            "echo",
+            "--dispatcher",
+            &server.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        worker.status.success(),
+        "{}",
+        String::from_utf8_lossy(&worker.stderr)
+    );
+    let (code, stderr) = server.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("--group-by gave no key"), "{stderr}");
+}
+
+/// A start or an export that fails leaves nothing behind: no partial
+/// staged copy, lock file or empty output; no partial Parquet file.
+#[test]
+fn a_failed_staging_or_export_leaves_no_files_behind() {
+    let job = Job::new(0);
+    let ds = job.path("ds");
+    std::fs::create_dir(&ds).unwrap();
+    let text: String = (0..20_000)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"q{i}\"}}]}}\n"))
+        .collect();
+    std::fs::write(ds.join("a.jsonl"), text).unwrap();
+    let status = Command::new("gzip")
+        .arg(ds.join("a.jsonl"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let gz = std::fs::read(ds.join("a.jsonl.gz")).unwrap();
+    // Cut in the middle: it cannot be read to its end.
+    std::fs::write(ds.join("a.jsonl.gz"), &gz[..gz.len() / 2]).unwrap();
+    let out_dir = job.path("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = Command::new(BIN)
+        .args(["infer", "-q", "--engine", "echo", "--input"])
+        .arg(&ds)
+        .arg("--output")
+        .arg(out_dir.join("out.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a.jsonl.gz"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // An output Parquet cannot hold (a field an object in one line, a
+    // number in the next): refused, and no partial file.
+    std::fs::write(job.path("done.jsonl"), "{\"a\": {\"b\": 1}}\n{\"a\": 2}\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("export")
+        .arg(job.path("done.jsonl"))
+        .arg("--parquet")
+        .arg(job.path("done.parquet"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!job.path("done.parquet").exists());
+    assert!(!job.path("done.parquet.tmp").exists());
+}

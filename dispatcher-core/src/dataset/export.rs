@@ -250,63 +250,70 @@ pub fn export(
 
     // Pass 2: the rows.
     let tmp = with_suffix(parquet, ".tmp");
-    let file = File::create(&tmp).with_path("create the Parquet file", &tmp)?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
-        .build();
-    let arrow = |e: ArrowError| DatasetError::shard(parquet, e);
-    let parquet_error = |e: parquet::errors::ParquetError| DatasetError::shard(parquet, e);
-    let mut writer =
-        ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet_error)?;
-    let batch_rows = options.row_group_rows.clamp(1, 8192);
-    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(batch_rows)
-        .with_coerce_primitive(true)
-        .build_decoder()
-        .map_err(arrow)?;
-    let mut joiner = options
-        .join_input
-        .as_deref()
-        .map(Joiner::open)
-        .transpose()?;
-    let mut rows = 0u64;
-    let mut buffer = Vec::new();
-    let mut lines = OutputLines::new(&files);
-    while let Some((path, n)) = lines.next_into(&mut line)? {
-        rows += 1;
-        let bytes: &[u8] = match &mut joiner {
-            Some(j) => {
-                let value: Value =
-                    serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
-                buffer.clear();
-                serde_json::to_writer(&mut buffer, &j.join(rows, value)?)
-                    .expect("a JSON value serializes into a Vec");
-                &buffer
-            }
-            None => &line,
-        };
-        let at_line = |e: ArrowError| DatasetError::shard(path, format!("line {n}: {e}"));
-        let mut rest = bytes;
-        loop {
-            let used = decoder.decode(rest).map_err(at_line)?;
-            rest = &rest[used..];
-            if decoder.len() >= batch_rows || !rest.is_empty() {
-                if let Some(batch) = decoder.flush().map_err(at_line)? {
-                    writer.write(&batch).map_err(parquet_error)?;
+    // A failed export leaves no partial file behind.
+    let written = (|| -> Result<u64, DatasetError> {
+        let file = File::create(&tmp).with_path("create the Parquet file", &tmp)?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
+            .build();
+        let arrow = |e: ArrowError| DatasetError::shard(parquet, e);
+        let parquet_error = |e: parquet::errors::ParquetError| DatasetError::shard(parquet, e);
+        let mut writer =
+            ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet_error)?;
+        let batch_rows = options.row_group_rows.clamp(1, 8192);
+        let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(batch_rows)
+            .with_coerce_primitive(true)
+            .build_decoder()
+            .map_err(arrow)?;
+        let mut joiner = options
+            .join_input
+            .as_deref()
+            .map(Joiner::open)
+            .transpose()?;
+        let mut rows = 0u64;
+        let mut buffer = Vec::new();
+        let mut lines = OutputLines::new(&files);
+        while let Some((path, n)) = lines.next_into(&mut line)? {
+            rows += 1;
+            let bytes: &[u8] = match &mut joiner {
+                Some(j) => {
+                    let value: Value =
+                        serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
+                    buffer.clear();
+                    serde_json::to_writer(&mut buffer, &j.join(rows, value)?)
+                        .expect("a JSON value serializes into a Vec");
+                    &buffer
+                }
+                None => &line,
+            };
+            let at_line = |e: ArrowError| DatasetError::shard(path, format!("line {n}: {e}"));
+            let mut rest = bytes;
+            loop {
+                let used = decoder.decode(rest).map_err(at_line)?;
+                rest = &rest[used..];
+                if decoder.len() >= batch_rows || !rest.is_empty() {
+                    if let Some(batch) = decoder.flush().map_err(at_line)? {
+                        writer.write(&batch).map_err(parquet_error)?;
+                    }
+                }
+                if rest.is_empty() {
+                    break;
                 }
             }
-            if rest.is_empty() {
-                break;
-            }
         }
+        if let Some(batch) = decoder.flush().map_err(arrow)? {
+            writer.write(&batch).map_err(parquet_error)?;
+        }
+        let file = writer.into_inner().map_err(parquet_error)?;
+        file.sync_all().with_path("sync the Parquet file", &tmp)?;
+        Ok(rows)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    if let Some(batch) = decoder.flush().map_err(arrow)? {
-        writer.write(&batch).map_err(parquet_error)?;
-    }
-    let file = writer.into_inner().map_err(parquet_error)?;
-    file.sync_all().with_path("sync the Parquet file", &tmp)?;
-    drop(file);
+    let rows = written?;
     rename_durably(&tmp, parquet)?;
     Ok(Exported {
         rows,

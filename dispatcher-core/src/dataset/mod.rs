@@ -93,7 +93,7 @@ impl Format {
 
 /// A JSONL file's content, decompressed by its format (`Jsonl`, `JsonlGz`,
 /// `JsonlZst`), buffered: for staging a shard and for reading an output back.
-pub(crate) fn open_jsonl(
+pub fn open_jsonl(
     path: &Path,
     format: Format,
 ) -> Result<std::io::BufReader<Box<dyn Read>>, DatasetError> {
@@ -289,10 +289,23 @@ fn resolve_dir(dir: &Path, shown: &str, split: Option<&str>) -> Result<Vec<Shard
     walk(dir, &mut files).map_err(|e| DatasetError::shard(dir, e))?;
     files.sort();
     let mut shards = Vec::new();
+    let mut json_files = Vec::new();
     for path in files {
-        if let Some(format) = Format::of(&path, false).map_err(|e| DatasetError::shard(&path, e))? {
-            shards.push(Shard { path, format });
+        match Format::of(&path, false).map_err(|e| DatasetError::shard(&path, e))? {
+            Some(format) => shards.push(Shard { path, format }),
+            None if is_unread_json(&path) => json_files.push(path),
+            None => {}
         }
+    }
+    // A `.json` file may hold JSON lines (the Hub has datasets so named):
+    // passed over, it is said, not lost without a word.
+    if let Some(first) = json_files.first() {
+        tracing::warn!(
+            input = shown,
+            files = json_files.len(),
+            first = %first.display(),
+            "passed over .json files in the dataset folder: only .jsonl, .ndjson, .jsonl.gz/.zst, .parquet and .arrow files are read from a folder; if they hold JSON lines, give them by a glob (DIR/*.json) or rename them .jsonl"
+        );
     }
     if shards.is_empty() {
         return Err(DatasetError::NoDataFiles {
@@ -300,6 +313,20 @@ fn resolve_dir(dir: &Path, shown: &str, split: Option<&str>) -> Result<Vec<Shard
         });
     }
     filter_split(shards, dir, shown, split)
+}
+
+/// Whether `path` is a `.json` file a folder walk passes over that may be
+/// data, not one of the metadata files `datasets` writes.
+fn is_unread_json(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    name.ends_with(".json")
+        && !matches!(
+            name.as_str(),
+            "dataset_info.json" | "state.json" | "dataset_dict.json" | "dataset_infos.json"
+        )
 }
 
 /// The items of the list `key` of the JSON file at `path`, as `item` reads

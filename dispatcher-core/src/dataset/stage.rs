@@ -41,6 +41,9 @@ pub struct Sources {
     shards: Vec<StagedShard>,
     /// Where the next round-robin check starts.
     next: AtomicUsize,
+    /// Per shard, a modification time found since with the staged content
+    /// (a plain `cp` of the same file): not hashed again at every check.
+    same_content_at: std::sync::Mutex<Vec<Option<u128>>>,
 }
 
 /// One shard of a staged input, as the staging record keeps it.
@@ -54,6 +57,11 @@ pub struct StagedShard {
     pub bytes: u64,
     /// Its modification time when staged, in nanoseconds since the epoch.
     pub modified_ns: u128,
+    /// The CRC-32 of its bytes when staged: what tells a shard copied back
+    /// in place (a new modification time, the same content) from one
+    /// changed. Absent in the records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
     /// The input lines it gave.
     pub lines: u64,
 }
@@ -89,20 +97,37 @@ impl Sources {
             .next
             .fetch_add(CHECK_PER_CALL.min(n), Ordering::Relaxed);
         for k in 0..CHECK_PER_CALL.min(n) {
-            let shard = &self.shards[(start + k) % n];
-            if let Some(what) = changed(shard) {
-                return Err(io::Error::other(format!(
-                    "the input shard {} {what} while the job runs; its lines were staged when the job started, but the output would no longer be the dataset's. Restore the shard and restart to resume, or start the job over",
-                    shard.path.display()
-                )));
-            }
+            let i = (start + k) % n;
+            let shard = &self.shards[i];
+            let known = self
+                .same_content_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())[i];
+            let Some(what) = changed(shard, known) else {
+                // Unchanged; a new time with the staged bytes is kept, so
+                // that the file is not hashed again at the next check.
+                if let Ok((_, at)) = identity(&shard.path) {
+                    if at != shard.modified_ns {
+                        self.same_content_at
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())[i] = Some(at);
+                    }
+                }
+                continue;
+            };
+            return Err(io::Error::other(format!(
+                "the input shard {} {what} while the job runs; its lines were staged when the job started, but the output would no longer be the dataset's. Restore the shard and restart to resume, or start the job over",
+                shard.path.display()
+            )));
         }
         Ok(())
     }
 }
 
-/// What changed of `shard` since it was staged, if anything.
-fn changed(shard: &StagedShard) -> Option<String> {
+/// What changed of `shard` since it was staged, if anything. A new
+/// modification time with the same bytes (a plain `cp` back in place) is no
+/// change; `known` is such a time found before, not hashed again.
+fn changed(shard: &StagedShard, known: Option<u128>) -> Option<String> {
     let now = match identity(&shard.path) {
         Ok(now) => now,
         Err(e) => return Some(format!("is gone ({e})")),
@@ -113,7 +138,38 @@ fn changed(shard: &StagedShard) -> Option<String> {
             shard.bytes, now.0
         ));
     }
-    (now.1 != shard.modified_ns).then(|| "was modified".to_string())
+    if now.1 == shard.modified_ns || Some(now.1) == known {
+        return None;
+    }
+    match (shard.crc32, file_crc32(&shard.path)) {
+        (Some(then), Ok(crc)) if then == crc => None,
+        (Some(_), Ok(_)) => Some("was modified (same size, other content)".into()),
+        (None, _) => Some("was modified (its modification time changed)".into()),
+        (_, Err(e)) => Some(format!("could not be read ({e})")),
+    }
+}
+
+/// The CRC-32 of the file at `path`.
+fn file_crc32(path: &Path) -> io::Result<u32> {
+    let mut file = File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0_u8; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(hasher.finalize()),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// Whether two shard paths name the same file however they are spelled
+/// (`ds`, `./ds`, an absolute path, a link).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (a.canonicalize(), b.canonicalize()),
+            (Ok(a), Ok(b)) if a == b
+        )
 }
 
 fn identity(path: &Path) -> io::Result<(u64, u128)> {
@@ -166,6 +222,9 @@ pub fn prepare(
     }
     let staged = files.staged_input();
     let record_path = files.staged_record();
+    // The lock creates the output: a staging that fails removes it again
+    // when this call made it (and nothing was written to it).
+    let output_existed = files.output().exists();
     let lock = JobLock::acquire(&staged, files.output(), files.checkpoint())?;
     let resuming = files.checkpoint().exists();
     if let Some(record) = read_record(&record_path) {
@@ -198,7 +257,18 @@ pub fn prepare(
         }
     }
     crate::job::files::remove_if_present(&record_path)?;
-    let record = stage(input, split, &shards, &staged)?;
+    let record = match stage(input, split, &shards, &staged) {
+        Ok(record) => record,
+        Err(e) => {
+            // Nothing of the failed start is left behind: not the partial
+            // copy (removed by `stage`), the lock file, or an empty output.
+            if !output_existed && std::fs::metadata(files.output()).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(files.output());
+            }
+            lock.release();
+            return Err(e);
+        }
+    };
     let json = serde_json::to_vec_pretty(&record).expect("the staging record serializes");
     write_atomically(&record_path, &json, "the staging record")?;
     lock.release();
@@ -239,6 +309,7 @@ pub fn input_lines(
 impl Sources {
     fn new(shards: Vec<StagedShard>) -> Sources {
         Sources {
+            same_content_at: std::sync::Mutex::new(vec![None; shards.len()]),
             shards,
             next: AtomicUsize::new(0),
         }
@@ -269,13 +340,13 @@ fn compare(record: &Record, shards: &[Shard]) -> Option<(PathBuf, String)> {
         let Some(old) = record.shards.get(i) else {
             return Some((shard.path.clone(), "is new".into()));
         };
-        if old.path != shard.path {
+        if !same_path(&old.path, &shard.path) {
             return Some((
                 shard.path.clone(),
                 format!("is in the place of {}", old.path.display()),
             ));
         }
-        if let Some(what) = changed(old) {
+        if let Some(what) = changed(old, None) {
             return Some((old.path.clone(), what));
         }
     }
@@ -293,8 +364,25 @@ fn stage(
     shards: &[Shard],
     staged: &Path,
 ) -> Result<Record, DatasetError> {
-    let started = Instant::now();
     let tmp = crate::job::files::with_suffix(staged, ".tmp");
+    let staged_or_not = stage_into(input, split, shards, staged, &tmp);
+    if staged_or_not.is_err() {
+        // A partial copy (on a full disk, as large as what fit) is of no use.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    staged_or_not
+}
+
+/// [`stage`]'s work, through `tmp`.
+fn stage_into(
+    input: &Path,
+    split: Option<&str>,
+    shards: &[Shard],
+    staged: &Path,
+    tmp: &Path,
+) -> Result<Record, DatasetError> {
+    let started = Instant::now();
+    let tmp = tmp.to_owned();
     let file = File::create(&tmp).with_path("create the staged input", &tmp)?;
     let mut out = Counter {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -331,11 +419,13 @@ fn stage(
                 what: "changed while it was read".into(),
             });
         }
+        let crc32 = file_crc32(&shard.path).map_err(|e| DatasetError::shard(&shard.path, e))?;
         staged_shards.push(StagedShard {
             path: shard.path.clone(),
             format: shard.format,
             bytes,
             modified_ns,
+            crc32: Some(crc32),
             lines,
         });
     }

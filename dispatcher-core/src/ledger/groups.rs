@@ -46,6 +46,10 @@ impl fmt::Debug for Grouping {
     }
 }
 
+/// Lines read without a key, none with one, after which the server says
+/// that its `--group-by` filter finds nothing in this input.
+const KEYLESS_WARNING: u64 = 1_000;
+
 /// Who has a key, and where its waiting lines are.
 #[derive(Debug, Default)]
 struct Key {
@@ -119,6 +123,13 @@ impl Groups {
         self.waiting += 1;
         let Some(k) = key else {
             self.loose.push_back(id);
+            self.stats.keyless += 1;
+            if self.stats.keyless == KEYLESS_WARNING && self.keys.is_empty() {
+                tracing::warn!(
+                    lines = KEYLESS_WARNING,
+                    "--group-by gave no key for any of the first lines read: grouping does nothing for this job (lines go out in input order). Check the filter against a line of the input, e.g. with jq"
+                );
+            }
             return;
         };
         let entry = self.keys.entry(k).or_default();
