@@ -601,6 +601,9 @@ pub async fn run_task(
     match exit {
         Exit::Complete => local_output.map_or(Ok(()), |o| crate::exit::of_complete_output(&o)),
         Exit::ServerGone | Exit::Interrupted => Ok(()),
+        Exit::SourceFailed(why) => bail!(
+            "the job stopped: {why}. What was written is kept; fix what the message names and run the same command to resume"
+        ),
         Exit::EngineFailed(why) => bail!(
             "the engine failed ({why}); {} in-flight items were handed back",
             summary.released

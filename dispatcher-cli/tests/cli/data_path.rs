@@ -341,3 +341,61 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
     assert!(!job.path("done.parquet").exists());
     assert!(!job.path("done.parquet.tmp").exists());
 }
+
+/// A local run whose input shard is deleted or rewritten under it stops,
+/// saying which and why, as `serve` does, instead of asking for work again
+/// and again while its engine idles; what it wrote is kept for a resume.
+#[test]
+fn a_local_run_stops_when_its_input_changes_under_it() {
+    for change in ["delete", "rewrite"] {
+        let job = Job::new(0);
+        let ds = job.path("ds");
+        std::fs::create_dir(&ds).unwrap();
+        let shard = |first: usize| -> String {
+            (first..first + 200)
+                .map(|i| {
+                    serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")}]})
+                        .to_string()
+                        + "\n"
+                })
+                .collect()
+        };
+        std::fs::write(ds.join("a.jsonl"), shard(0)).unwrap();
+        std::fs::write(ds.join("b.jsonl"), shard(200)).unwrap();
+        let mut run = Command::new(BIN)
+            .args(["infer", "-q", "--engine", "echo", "--echo-latency-ms", "50"])
+            .args(["--max-in-flight", "4", "--batch-size", "4", "--input"])
+            .arg(&ds)
+            .arg("--output")
+            .arg(job.path("out.jsonl"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while dispatcher_testkit::lines(job.path("out.jsonl")).len() < 20 {
+            assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match change {
+            "delete" => std::fs::remove_file(ds.join("b.jsonl")).unwrap(),
+            _ => std::fs::write(ds.join("b.jsonl"), shard(1000)).unwrap(),
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = run.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{change}: the run did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(status.code(), Some(1), "{change}: {stderr}");
+        assert!(
+            stderr.contains("the job stopped") && stderr.contains("b.jsonl"),
+            "{change}: {stderr}"
+        );
+        let written = dispatcher_testkit::lines(job.path("out.jsonl")).len();
+        assert!((20..400).contains(&written), "{change}: {written} lines");
+    }
+}

@@ -29,6 +29,7 @@ pub(super) async fn hand_back(
     mut rx: mpsc::UnboundedReceiver<Handback>,
     max: usize,
     delivered: Arc<Notify>,
+    failed: tokio::sync::watch::Sender<Option<String>>,
 ) {
     let mut results = Vec::new();
     let mut preempted = Vec::new();
@@ -60,18 +61,21 @@ pub(super) async fn hand_back(
                 std::mem::take(&mut replayed),
                 std::mem::take(&mut tokens_saved),
             );
-            deliver("journal entries", || source.journal(batch.clone(), r, t)).await;
+            deliver("journal entries", &failed, || {
+                source.journal(batch.clone(), r, t)
+            })
+            .await;
         }
         for (ids, reason) in [
             (std::mem::take(&mut retried), ReleaseReason::Retry),
             (std::mem::take(&mut preempted), ReleaseReason::Preempted),
         ] {
             if !ids.is_empty() {
-                deliver("release", || source.release(ids.clone(), reason)).await;
+                deliver("release", &failed, || source.release(ids.clone(), reason)).await;
             }
         }
         if !results.is_empty() {
-            deliver_results(&*source, std::mem::take(&mut results)).await;
+            deliver_results(&*source, std::mem::take(&mut results), &failed).await;
         }
         delivered.notify_one();
     }
@@ -91,6 +95,7 @@ enum Delivery {
 
 async fn deliver<'a>(
     what: &str,
+    failed: &tokio::sync::watch::Sender<Option<String>>,
     call: impl Fn() -> BoxFuture<'a, Result<(), SourceError>>,
 ) -> Delivery {
     let mut backoff = Duration::from_millis(100);
@@ -98,6 +103,13 @@ async fn deliver<'a>(
         match call().await {
             Ok(()) => return Delivery::Done,
             Err(e) if e.is_too_large() => return Delivery::TooLarge,
+            Err(e) if e.is_fatal() => {
+                // The job cannot go on: the manager stops (once, with the
+                // first failure), rather than compute lines it cannot keep.
+                tracing::error!("could not hand in {what}: {e}");
+                failed.send_if_modified(|f| f.is_none() && f.replace(e.to_string()).is_none());
+                return Delivery::Lost;
+            }
             Err(e) if e.is_transient() && attempt < 7 => {
                 tracing::warn!("could not hand in {what} ({e}); retrying");
                 tokio::time::sleep(backoff).await;
@@ -121,10 +133,14 @@ async fn deliver<'a>(
 /// server does not need), and, refused again, replaced by a small
 /// `result_too_large` failure record: its line gets an output line rather
 /// than being computed again on every reissue.
-async fn deliver_results(source: &dyn WorkSource, items: Vec<WorkItem>) {
+async fn deliver_results(
+    source: &dyn WorkSource,
+    items: Vec<WorkItem>,
+    failed: &tokio::sync::watch::Sender<Option<String>>,
+) {
     let mut parts = vec![items];
     while let Some(part) = parts.pop() {
-        match deliver("results", || source.submit(part.clone())).await {
+        match deliver("results", failed, || source.submit(part.clone())).await {
             Delivery::Done | Delivery::Lost => {}
             Delivery::TooLarge if part.len() > 1 => {
                 let mut first = part;

@@ -75,6 +75,9 @@ pub enum Exit {
     Interrupted,
     /// The engine died or stopped answering: in-flight items were released.
     EngineFailed(String),
+    /// The source failed and the job cannot go on (a local run's files:
+    /// an input changed or gone, a full disk); the message says why.
+    SourceFailed(String),
 }
 
 /// What the manager did.
@@ -152,6 +155,8 @@ enum Event {
     MayFetch,
     HeartbeatDue,
     Heartbeat(Result<Option<Heartbeat>, SourceError>),
+    /// Handing something back failed for good (see [`SourceError::is_fatal`]).
+    SourceFailed(String),
 }
 
 /// Whether the server answers, and how long to wait before calling again.
@@ -243,6 +248,10 @@ struct Manager {
     /// Where tasks' journals report (to the submitter); `None` without journals.
     journal_sink: Option<JournalSink>,
     submitter: JoinHandle<()>,
+    /// Set by the submitter when a hand-back fails for good.
+    source_failed: tokio::sync::watch::Receiver<Option<String>>,
+    /// Set when a work request fails for good.
+    fetch_failed: Option<String>,
     /// Signalled after each delivery: our own results may have completed the
     /// job or made work issuable.
     delivered: Arc<Notify>,
@@ -271,11 +280,13 @@ impl Manager {
         let batch = config.batch_size.max(1);
         let (handback, rx) = mpsc::unbounded_channel();
         let delivered = Arc::new(Notify::new());
+        let (failed_tx, source_failed) = tokio::sync::watch::channel(None);
         let submitter = tokio::spawn(hand_back(
             source.clone(),
             rx,
             config.max_submit_batch,
             delivered.clone(),
+            failed_tx,
         ));
         let journal_sink = config.journal.then(|| {
             let (tx, progress) = (handback.clone(), progress.clone());
@@ -302,6 +313,8 @@ impl Manager {
             started: 0,
             handback,
             submitter,
+            source_failed,
+            fetch_failed: None,
             delivered,
             fetch_after: None,
             no_more_work: false,
@@ -323,6 +336,9 @@ impl Manager {
         let mut fetch: Option<Call<WorkResponse>> = None;
         let mut heartbeat: Option<Call<Option<Heartbeat>>> = None;
         let exit = loop {
+            if let Some(why) = self.fetch_failed.take() {
+                break Exit::SourceFailed(why);
+            }
             if self.no_more_work && self.tasks.is_empty() {
                 break if self.server.is_unreachable() {
                     Exit::ServerGone
@@ -345,6 +361,9 @@ impl Manager {
                 () = self.delivered.notified(), if waiting => Event::MayFetch,
                 () = tokio::time::sleep_until(self.next_heartbeat), if self.lease.is_some() && heartbeat.is_none() => Event::HeartbeatDue,
                 r = answer(&mut heartbeat), if heartbeat.is_some() => Event::Heartbeat(r),
+                Ok(()) = self.source_failed.changed() => Event::SourceFailed(
+                    self.source_failed.borrow().clone().unwrap_or_default()
+                ),
             };
             match event {
                 Event::Shutdown => break Exit::Interrupted,
@@ -366,6 +385,7 @@ impl Manager {
                     heartbeat = None;
                     self.on_heartbeat(r);
                 }
+                Event::SourceFailed(why) => break Exit::SourceFailed(why),
             }
         };
         drop(heartbeat);
@@ -434,6 +454,10 @@ impl Manager {
                     Some(wait) => self.fetch_after = Some(now + wait),
                     None => self.no_more_work = true,
                 }
+                return;
+            }
+            Err(e) if e.is_fatal() => {
+                self.fetch_failed = Some(e.to_string());
                 return;
             }
             Err(e) => {

@@ -35,6 +35,14 @@ impl SourceError {
         matches!(self, SourceError::Client(e) if e.is_unavailable())
     }
 
+    /// Whether the job cannot go on: the local files failed (an input line
+    /// changed, a shard deleted, a full disk) or cannot be resumed. A server
+    /// stops on such failures by itself; a local run stops on them too,
+    /// rather than ask again forever.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Io(_) | SourceError::Resume(_))
+    }
+
     /// Whether the server refused the request as too large (413): the same
     /// content sent in smaller requests may pass.
     pub fn is_too_large(&self) -> bool {
