@@ -399,3 +399,64 @@ fn a_local_run_stops_when_its_input_changes_under_it() {
         assert!((20..400).contains(&written), "{change}: {written} lines");
     }
 }
+
+/// The output of a job that was stopped is not exported as if it were
+/// the dataset: refused, saying how many lines it has of how many, unless
+/// `--partial` asks for the lines written so far.
+#[test]
+fn export_refuses_an_incomplete_output_unless_asked_for_part_of_it() {
+    let job = Job::new(0);
+    let lines: String = (0..400)
+        .map(|i| {
+            serde_json::json!({"id": i, "messages": [{"role": "user", "content": format!("q{i}")}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(job.path("in.jsonl"), lines).unwrap();
+    let mut run = Command::new(BIN)
+        .args(["infer", "-q", "--engine", "echo", "--echo-latency-ms", "50"])
+        .args(["--max-in-flight", "4", "--batch-size", "4", "--input"])
+        .arg(job.path("in.jsonl"))
+        .arg("--output")
+        .arg(job.path("out.jsonl"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while dispatcher_testkit::lines(job.path("out.jsonl")).len() < 40 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGTERM: the run stops and checkpoints, part of the job done.
+    dispatcher_testkit::send_signal(run.id() as i32, libc::SIGTERM);
+    run.wait().unwrap();
+    let written = dispatcher_testkit::lines(job.path("out.jsonl")).len();
+    assert!(written < 400, "stopped too late ({written} lines)");
+    let export = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("export")
+            .arg(job.path("out.jsonl"))
+            .arg("--parquet")
+            .arg(job.path("out.parquet"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = export(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("has {written} of its input's 400 lines"))
+            && stderr.contains("--partial"),
+        "{stderr}"
+    );
+    assert!(!job.path("out.parquet").exists());
+    let partial = export(&["--partial"]);
+    assert!(
+        partial.status.success(),
+        "{}",
+        String::from_utf8_lossy(&partial.stderr)
+    );
+    assert!(job.path("out.parquet").exists());
+}
