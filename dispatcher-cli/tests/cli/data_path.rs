@@ -327,8 +327,29 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 
+    // Failure records of every kind, whose task_data is an object or (the
+    // line was not JSON) a string: exported, task_data as its JSON text.
+    let records = [
+        r#"{"id": 1, "responses": ["a"]}"#,
+        r#"{"__ERROR__": {"error": "invalid_json", "message": "m", "task_data": "not json"}}"#,
+        r#"{"__ERROR__": {"error": "prompt_missing", "message": "m", "task_data": {"id": 3}}}"#,
+    ];
+    std::fs::write(job.path("records.jsonl"), records.join("\n") + "\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("export")
+        .arg(job.path("records.jsonl"))
+        .arg("--parquet")
+        .arg(job.path("records.parquet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // An output Parquet cannot hold (a field an object in one line, a
-    // number in the next): refused, and no partial file.
+    // number in the next): refused, naming the line, and no partial file.
     std::fs::write(job.path("done.jsonl"), "{\"a\": {\"b\": 1}}\n{\"a\": 2}\n").unwrap();
     let out = Command::new(BIN)
         .arg("export")
@@ -337,7 +358,9 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         .arg(job.path("done.parquet"))
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    assert!(stderr.contains("line 2"), "{stderr}");
     assert!(!job.path("done.parquet").exists());
     assert!(!job.path("done.parquet.tmp").exists());
 }

@@ -224,6 +224,7 @@ pub fn export(
             let Some((path, n)) = at else { return Ok(None) };
             count += 1;
             let value: Value = serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
+            let value = records_as_text(value);
             Ok(Some(match &mut joiner {
                 Some(j) => j.join(count, value)?,
                 None => value,
@@ -242,7 +243,8 @@ pub fn export(
     if let Some(e) = failed {
         return Err(e);
     }
-    let inferred = inferred.map_err(incompatible)?;
+    // Inference stops at the line whose value does not fit: the last read.
+    let inferred = inferred.map_err(|e| incompatible(e, count))?;
     if count == 0 {
         return Err(DatasetError::shard(output, "has no lines to export"));
     }
@@ -277,12 +279,21 @@ pub fn export(
         let mut lines = OutputLines::new(&files);
         while let Some((path, n)) = lines.next_into(&mut line)? {
             rows += 1;
+            let record = memchr::memmem::find(&line, crate::record::ERROR_KEY.as_bytes()).is_some();
             let bytes: &[u8] = match &mut joiner {
                 Some(j) => {
                     let value: Value =
                         serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
                     buffer.clear();
-                    serde_json::to_writer(&mut buffer, &j.join(rows, value)?)
+                    serde_json::to_writer(&mut buffer, &j.join(rows, records_as_text(value))?)
+                        .expect("a JSON value serializes into a Vec");
+                    &buffer
+                }
+                None if record => {
+                    let value: Value =
+                        serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
+                    buffer.clear();
+                    serde_json::to_writer(&mut buffer, &records_as_text(value))
                         .expect("a JSON value serializes into a Vec");
                     &buffer
                 }
@@ -321,11 +332,26 @@ pub fn export(
     })
 }
 
-fn incompatible(e: ArrowError) -> DatasetError {
+fn incompatible(e: ArrowError, line: u64) -> DatasetError {
     DatasetError::Shard {
         path: PathBuf::from("the output"),
         message: format!(
-            "has no single column type for a field ({e}); a field must be an object (or a list) in every line that has it, or a scalar in every one"
+            "has no single column type for a field at its line {line} (counting from 1; {e}); a field must be an object (or a list) in every line that has it, or a scalar in every one"
         ),
     }
+}
+
+/// A failure record's `task_data` (the input line as the task got it:
+/// an object, or a string when it was not JSON) as its JSON text, so that
+/// the records of one output share a column type: the column is a string
+/// of JSON in every row (`json.loads` gives the value back).
+fn records_as_text(mut value: Value) -> Value {
+    if let Some(Value::Object(record)) = value.get_mut(crate::record::ERROR_KEY) {
+        if let Some(data) = record.get_mut("task_data") {
+            if !data.is_null() {
+                *data = Value::String(data.to_string());
+            }
+        }
+    }
+    value
 }
