@@ -262,6 +262,34 @@ fn lines_handed_back_after_the_others_left_get_a_new_worker() {
     );
 }
 
+/// A `--sbatch-template` that cannot serve (missing, or without
+/// `{worker}`) stops launch before anything is started: no server left
+/// bound, no launch folder, no lock.
+#[test]
+fn a_bad_sbatch_template_stops_launch_before_anything_starts() {
+    let job = LaunchJob::new(5);
+    std::fs::write(job.path("no-worker.sh"), "#!/bin/bash\nsrun true\n").unwrap();
+    for (template, says) in [
+        ("missing.sh", "could not read it"),
+        ("no-worker.sh", "has no {worker}"),
+    ] {
+        let mut launch = job.start(
+            0,
+            &["--backend", "slurm", "--sbatch-template", template],
+            &args(&echo_worker(5)),
+        );
+        let code = wait(&mut launch, Duration::from_secs(30));
+        let said = job.said(0);
+        assert_eq!(code, 1, "{said}");
+        assert!(
+            said.contains("--sbatch-template") && said.contains(says),
+            "{said}"
+        );
+        assert!(!job.path("out.jsonl.launch").exists(), "{said}");
+        assert!(!job.path("out.jsonl").exists(), "{said}");
+    }
+}
+
 /// A worker command that fails at start is retried up to
 /// --max-worker-failures in a row, then launch stops everything it started
 /// and quotes the worker's error; the output is left to resume.

@@ -169,15 +169,22 @@ impl Backend {
 }
 
 impl Slurm {
+    /// Checks an `--sbatch-template`'s text: it must say where the worker
+    /// command goes.
+    pub fn check_template(template: &str) -> anyhow::Result<()> {
+        if !template.contains("{worker}") {
+            bail!("--sbatch-template: the template has no {{worker}}, the place where the worker command goes (e.g. `srun {{worker}}`)");
+        }
+        Ok(())
+    }
+
     /// The batch script every worker job runs: the worker as one task
     /// (`srun`, so that `scancel --signal=TERM` and preemption reach it).
     pub fn script_text(spec: &WorkerSpec, template: Option<&str>) -> anyhow::Result<String> {
         let worker = spec.shell_command();
         match template {
             Some(t) => {
-                if !t.contains("{worker}") {
-                    bail!("--sbatch-template: the template has no {{worker}}, the place where the worker command goes (e.g. `srun {{worker}}`)");
-                }
+                Self::check_template(t)?;
                 Ok(t.replace("{worker}", &worker))
             }
             None => Ok(format!(

@@ -322,6 +322,13 @@ fn check_options(args: &LaunchArgs) -> anyhow::Result<()> {
     {
         bail!("--sbatch-args and --sbatch-template are for --backend slurm");
     }
+    // Read now, before anything is started: a template that cannot serve
+    // stops launch with nothing to clean up.
+    if let Some(path) = &o.sbatch_template {
+        let template = std::fs::read_to_string(path)
+            .with_context(|| format!("--sbatch-template {}: could not read it", path.display()))?;
+        Slurm::check_template(&template)?;
+    }
     Ok(())
 }
 
