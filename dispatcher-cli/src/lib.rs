@@ -17,6 +17,8 @@
 //!   them; [`worker::engines`]: the engines as specs (launched, by URL,
 //!   named), their keys and limits.
 //! - [`progress`]: periodic progress lines of a worker.
+//! - [`prompt`]: what a line sends to an engine (`infer` makes it, the
+//!   tokenizer counts it).
 //! - [`outdir`]: `--outdir`, the output as shards cut while the job runs.
 //! - [`grouping`]: `--group-by`, prefix affinity; [`jq`]: the jq filters
 //!   it and `infer`'s `--prompt-path` run on input lines.
@@ -34,6 +36,7 @@ pub mod jq;
 pub mod logging;
 pub mod outdir;
 pub mod progress;
+pub mod prompt;
 #[cfg(feature = "tokenizer")]
 pub mod tokenize;
 pub mod worker;

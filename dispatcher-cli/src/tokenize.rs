@@ -12,7 +12,7 @@ use dispatcher_core::engine::Message;
 use dispatcher_core::task::TaskError;
 use serde_json::Value;
 
-pub use crate::commands::infer::EnginePrompt;
+pub use crate::prompt::EnginePrompt;
 
 /// A model's tokenizer and chat template.
 pub struct PromptTokenizer {

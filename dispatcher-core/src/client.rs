@@ -116,7 +116,7 @@ pub struct DispatcherClient {
     /// Its engine's prefix cache counters, sent with heartbeats.
     prefix_cache: Option<std::sync::Arc<crate::engine::cache::PrefixCacheMeter>>,
     /// Engine tokens to report with results and heartbeats.
-    usage: Option<std::sync::Arc<crate::engine::usage::UsageMeter>>,
+    usage: Option<std::sync::Arc<crate::metrics::usage::UsageMeter>>,
 }
 
 impl DispatcherClient {
@@ -177,7 +177,7 @@ impl DispatcherClient {
     /// results and heartbeats.
     pub fn with_usage(
         self,
-        meter: std::sync::Arc<crate::engine::usage::UsageMeter>,
+        meter: std::sync::Arc<crate::metrics::usage::UsageMeter>,
     ) -> DispatcherClient {
         DispatcherClient {
             usage: Some(meter),

@@ -46,7 +46,14 @@ pub struct InputReader {
     /// What the file was when opened, to notice it changing under us.
     identity: FileIdentity,
     /// The dataset shards the file was staged from, watched with it.
-    sources: Option<std::sync::Arc<crate::dataset::Sources>>,
+    sources: Option<std::sync::Arc<dyn Watched>>,
+}
+
+/// Files an input was made from (a dataset's shards, staged into it),
+/// watched with it: a change to one is a change to the input.
+pub trait Watched: Send + Sync + std::fmt::Debug {
+    /// Fails, naming the file and what changed, when one did.
+    fn check(&self) -> io::Result<()>;
 }
 
 /// What identifies a file's content without reading it: which file it is
@@ -96,7 +103,7 @@ impl InputReader {
 
     /// Watches the dataset shards the input was staged from: a change to
     /// one fails [`check_unchanged`](Self::check_unchanged) too.
-    pub fn watch(&mut self, sources: Option<std::sync::Arc<crate::dataset::Sources>>) {
+    pub fn watch(&mut self, sources: Option<std::sync::Arc<dyn Watched>>) {
         self.sources = sources;
     }
 

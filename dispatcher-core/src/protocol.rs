@@ -909,7 +909,7 @@ impl FailureExample {
     pub fn of(work_id: u64, line: &str) -> FailureExample {
         FailureExample {
             work_id,
-            line: crate::record::head(line, Self::MAX_BYTES).to_string(),
+            line: crate::text::head(line, Self::MAX_BYTES).to_string(),
         }
     }
 }

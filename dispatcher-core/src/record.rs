@@ -451,15 +451,8 @@ pub fn invalid_result(work_id: u64, reason: &str, result: &str) -> String {
     error_record(f)
 }
 
-/// The first `max_bytes` of `text` at most, cut at a character boundary:
-/// what records and `/status` keep of a long line.
-pub fn head(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
+/// Kept where readers of records found it: [`crate::text::head`].
+pub use crate::text::head;
 
 /// The record of an input line that is not UTF-8.
 pub fn invalid_utf8(work_id: u64, offset: u64, infile: &std::path::Path, bytes: &[u8]) -> String {

@@ -6,10 +6,20 @@
 
 use std::fmt;
 
+/// The first `max_bytes` of `text` at most, cut at a character boundary:
+/// what records and `/status` keep of a long line.
+pub fn head(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// `text`, cut to its first `max_bytes` bytes (at a character boundary,
 /// `...` marking the cut) with control characters escaped (see [`Escaped`]).
 pub fn escaped(text: &str, max_bytes: usize) -> String {
-    let head = crate::record::head(text, max_bytes);
+    let head = head(text, max_bytes);
     let mut out = Escaped(head).to_string();
     if head.len() < text.len() {
         out.push_str("...");

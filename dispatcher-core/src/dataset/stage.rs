@@ -88,10 +88,12 @@ impl Sources {
     pub fn shards(&self) -> &[StagedShard] {
         &self.shards
     }
+}
 
+impl crate::input::Watched for Sources {
     /// Fails, naming the shard, when one changed since it was staged; checks
     /// up to 64 shards a call, round robin.
-    pub fn check(&self) -> io::Result<()> {
+    fn check(&self) -> io::Result<()> {
         let n = self.shards.len();
         let start = self
             .next

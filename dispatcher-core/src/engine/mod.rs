@@ -16,7 +16,8 @@ mod openai;
 pub mod rate;
 mod request;
 mod response;
-pub mod usage;
+/// Where the token meter was first: it lives with the metrics now.
+pub use crate::metrics::usage;
 
 use std::fmt;
 use std::future::Future;

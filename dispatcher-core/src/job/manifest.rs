@@ -122,7 +122,7 @@ impl Manifest {
         infile: &Path,
         outfile: &Path,
         lines_done: u64,
-        redo: Option<&crate::ledger::RedoConfig>,
+        redo: Option<&crate::job::redo::RedoConfig>,
         fresh: bool,
     ) -> Manifest {
         let path = manifest_path(outfile);

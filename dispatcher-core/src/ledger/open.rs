@@ -113,7 +113,12 @@ impl Ledger {
             );
         }
         let mut input = InputReader::open(&config.infile, input_offset)?;
-        input.watch(config.sources.clone());
+        input.watch(
+            config
+                .sources
+                .clone()
+                .map(|s| s as std::sync::Arc<dyn crate::input::Watched>),
+        );
         let skipped = input.skip_lines(recovered.extra_lines)?;
         if skipped < recovered.extra_lines {
             return Err(ResumeError::OutputLongerThanInput {

@@ -144,7 +144,7 @@ impl Counters {
         let Some(mut kind) = crate::record::failure_of_json(line) else {
             return;
         };
-        kind.truncate(crate::record::head(&kind, MAX_KIND_BYTES).len());
+        kind.truncate(crate::text::head(&kind, MAX_KIND_BYTES).len());
         if let Some(n) = self.failed_by_kind.get_mut(&kind) {
             *n += 1;
         } else if self.failed_by_kind.len() < MAX_FAILURE_KINDS {

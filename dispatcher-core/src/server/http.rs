@@ -496,12 +496,12 @@ async fn post_hello(
     // write lines of its own into the log, or drive the terminal showing it.
     use crate::text::Escaped;
     tracing::info!(
-        worker = %Escaped(crate::record::head(&hello.worker, 256)),
-        host = %Escaped(crate::record::head(&hello.host, 256)),
-        task = %Escaped(crate::record::head(&hello.task, 256)),
-        version = %Escaped(crate::record::head(&hello.version, 256)),
-        engine = %Escaped(crate::record::head(&hello.engine, 256)),
-        model = %Escaped(crate::record::head(hello.model.as_deref().unwrap_or("-"), 256)),
+        worker = %Escaped(crate::text::head(&hello.worker, 256)),
+        host = %Escaped(crate::text::head(&hello.host, 256)),
+        task = %Escaped(crate::text::head(&hello.task, 256)),
+        version = %Escaped(crate::text::head(&hello.version, 256)),
+        engine = %Escaped(crate::text::head(&hello.engine, 256)),
+        model = %Escaped(crate::text::head(hello.model.as_deref().unwrap_or("-"), 256)),
         "worker said hello"
     );
     // The manifest keeps each configuration once, across runs too.

@@ -34,7 +34,7 @@ const SHOWN: usize = 256;
 
 /// `text` cut to [`SHOWN`] bytes, at a character boundary.
 fn shown(text: &mut String) {
-    let end = crate::record::head(text, SHOWN).len();
+    let end = crate::text::head(text, SHOWN).len();
     text.truncate(end);
 }
 
@@ -105,7 +105,7 @@ impl RateWindow {
 impl Seen {
     fn new(id: &str, now: Instant) -> Seen {
         Seen {
-            id: crate::record::head(id, SHOWN).to_string(),
+            id: crate::text::head(id, SHOWN).to_string(),
             hello: None,
             last_contact: now,
             prefix_cache: None,

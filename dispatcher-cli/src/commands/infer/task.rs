@@ -96,17 +96,7 @@ pub struct Infer {
     prompt_check: Option<Arc<PromptCheck>>,
 }
 
-/// A check of each prompt before it is sent: `Err` fails the line.
-pub type PromptCheck = dyn Fn(&EnginePrompt) -> Result<(), TaskError> + Send + Sync;
-
-/// What a line sends to the engine: chat messages, or a text to complete.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EnginePrompt {
-    /// `/v1/chat/completions`: the messages, the system message included.
-    Chat(Vec<Message>),
-    /// `/v1/completions`: the prompt.
-    Completion(String),
-}
+pub use crate::prompt::{EnginePrompt, PromptCheck};
 
 impl std::fmt::Debug for Infer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
