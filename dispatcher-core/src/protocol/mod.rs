@@ -1,0 +1,54 @@
+//! The wire protocol of the dispatcher server (see `shared/PROTOCOL.md`).
+//!
+//! Every type here serializes to exactly the JSON the Python `dispatcher-server`
+//! speaks, so workers written for it work unchanged. Fields this project adds are
+//! optional on input and additive on output.
+//!
+//! - `work.rs`: `GET /work`, work items, journal entries;
+//! - `results.rs`: `POST /results` and `/release`, read leniently, and the
+//!   check that a result is one JSON value;
+//! - `heartbeat.rs`: `POST /heartbeat`, token and prefix cache counts;
+//! - `status.rs`: `GET /status`, `POST /hello`, the error answer.
+
+mod heartbeat;
+mod results;
+mod status;
+mod work;
+
+pub use heartbeat::*;
+pub use results::*;
+pub use status::*;
+pub use work::*;
+
+pub(crate) use results::without_python_constants;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_item_round_trips_python_json() {
+        let py = r#"{"work_id": 7, "content": "{\"a\": 1}", "result": null, "retry_count": 0, "max_retries": 3}"#;
+        let item: WorkItem = serde_json::from_str(py).unwrap();
+        assert_eq!(item.work_id, 7);
+        assert_eq!(item.content, r#"{"a": 1}"#);
+        assert_eq!(item.max_retries, Some(3));
+        let back: serde_json::Value = serde_json::to_value(&item).unwrap();
+        assert_eq!(
+            back,
+            serde_json::json!({"work_id": 7, "content": "{\"a\": 1}", "result": null, "retry_count": 0, "max_retries": 3})
+        );
+    }
+
+    #[test]
+    fn status_strings_match_the_protocol() {
+        for (s, text) in [
+            (WorkStatus::Ok, "\"OK\""),
+            (WorkStatus::Retry, "\"retry\""),
+            (WorkStatus::AllWorkComplete, "\"all_work_complete\""),
+        ] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), text);
+            assert_eq!(format!("\"{}\"", s.as_str()), text);
+        }
+    }
+}
