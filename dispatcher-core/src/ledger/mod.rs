@@ -16,7 +16,10 @@
 //!
 //! Where what lives:
 //! - here: [`Ledger`] and the calls the server and the local source make
-//!   (take work, complete, release, heartbeat, tick), and its configuration;
+//!   (take work, complete, release, heartbeat, tick);
+//! - `config.rs`: [`LedgerConfig`] and the defaults of its bounds;
+//! - `reply.rs`: a work request ([`Ask`]) and the answers to the calls;
+//! - `issue.rs`: how lines go out (read ahead, new, reissued, backups);
 //! - `open.rs`: opening or resuming the job's files, checkpoints, finishing;
 //! - `items.rs`: the issued lines without a result, why they go back to the
 //!   queue, and the counts that follow from their states;
@@ -29,18 +32,24 @@
 //!   key, and the worker each key went to;
 //! - `stats.rs`: [`LedgerStats`] and the counters behind it.
 
+mod config;
 mod groups;
+mod issue;
 mod items;
 mod journal;
 mod leases;
 mod open;
 mod redo;
+mod reply;
 mod stats;
 #[cfg(test)]
 mod tests;
 mod window;
 
 pub use crate::job::redo::RedoConfig;
+pub use config::{
+    LedgerConfig, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES,
+};
 use groups::Groups;
 pub use groups::{Grouping, KeyFn};
 pub use items::Cause;
@@ -49,6 +58,7 @@ use journal::Journal;
 pub use journal::JournalStats;
 pub use open::PendingCheckpoint;
 use redo::{Decision, Previous};
+pub use reply::{Ask, CompleteReply, Issue, WorkReply};
 use stats::Counters;
 pub use stats::{LedgerStats, MAX_FAILURE_KINDS, MAX_KIND_BYTES};
 
@@ -59,197 +69,15 @@ const KEEP_PER_REQUEST: u64 = 65_536;
 const KEEP_PER_TICK: u64 = 262_144;
 
 use std::io;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::input::{InputReader, LineSpan};
 use crate::job::files::JobLock;
-use crate::job::JobFiles;
 use crate::protocol::{JournalEntry, JournalRecord, ResultLine};
 use leases::Leases;
 use window::Window;
-
-/// What the ledger needs to know about the job.
-#[derive(Debug, Clone)]
-pub struct LedgerConfig {
-    /// Input JSONL.
-    pub infile: PathBuf,
-    /// Output JSONL.
-    pub outfile: PathBuf,
-    /// Checkpoint file.
-    pub checkpoint: PathBuf,
-    /// How long an issued item may stay without a result before it is reissued.
-    pub work_timeout: Duration,
-    /// Reissues before an item is tombstoned; `None` never tombstones.
-    pub max_retries: Option<u32>,
-    /// `retry_in` told to workers when nothing is issuable (an upper bound: the
-    /// ledger answers sooner when an in-flight item expires sooner).
-    pub retry_secs: u64,
-    /// Releases (preemptions) before an item is tombstoned; `None` never. A
-    /// budget separate from `max_retries`, so heavy preemption does not
-    /// tombstone good items.
-    pub max_releases: Option<u32>,
-    /// Bytes of finished results kept in memory while they wait for an earlier
-    /// line; past it they are spilled to `<outfile>.pending`.
-    pub max_pending_bytes: u64,
-    /// Backup copies of straggling items handed out at most at once (0: none).
-    /// Only idle workers get them: a work request that finds no new line and
-    /// no reissue, from a worker that does not hold the item itself.
-    pub max_backups: u32,
-    /// How long an item must have been in flight before it gets a backup.
-    pub backup_after: Duration,
-    /// `--redo-errors`: the previous output, whose lines are kept unless they
-    /// are error records to redo. `outfile` is then the new output.
-    pub redo: Option<RedoConfig>,
-    /// Keep a journal of the engine responses of unfinished lines
-    /// (`<outfile>.journal`), handed back with a line issued again.
-    pub journal: bool,
-    /// Bytes of journal entries held at most (`--max-journal-mib`).
-    pub max_journal_bytes: u64,
-    /// The dataset shards `infile` was staged from
-    /// ([`crate::dataset::prepare`]): watched with the input, so that a shard
-    /// changed while the job runs stops it, naming the shard.
-    pub sources: Option<std::sync::Arc<crate::dataset::Sources>>,
-    /// Prefix affinity (`--group-by`): lines are read ahead and handed to
-    /// the worker that had their group key; `None` hands lines out in input
-    /// order to whoever asks.
-    pub grouping: Option<Grouping>,
-}
-
-impl LedgerConfig {
-    /// A configuration with the defaults of `dispatcher serve` for everything
-    /// but the three paths.
-    pub fn new(infile: PathBuf, outfile: PathBuf, checkpoint: PathBuf) -> LedgerConfig {
-        LedgerConfig {
-            infile,
-            outfile,
-            checkpoint,
-            work_timeout: Duration::from_secs(1200),
-            max_retries: Some(3),
-            retry_secs: 300,
-            max_releases: Some(DEFAULT_MAX_RELEASES),
-            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
-            max_backups: 0,
-            backup_after: Duration::from_secs(60),
-            redo: None,
-            journal: true,
-            max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
-            sources: None,
-            grouping: None,
-        }
-    }
-
-    /// The files of the job this ledger writes.
-    pub fn files(&self) -> JobFiles {
-        JobFiles::new(self.outfile.clone(), Some(self.checkpoint.clone()))
-    }
-
-    /// Where results past `max_pending_bytes` go.
-    pub fn spill_path(&self) -> PathBuf {
-        self.files().pending()
-    }
-}
-
-/// Default `--max-releases`: preemptions are not the item's fault; only an item
-/// released this often (a poison item that kills workers) is given up.
-pub const DEFAULT_MAX_RELEASES: u32 = 50;
-/// Default `--max-journal-mib`: 1 GiB of engine responses of unfinished lines.
-pub const DEFAULT_MAX_JOURNAL_BYTES: u64 = 1 << 30;
-/// Default `--max-pending-mib`: 256 MiB of results waiting for a stuck line.
-pub const DEFAULT_MAX_PENDING_BYTES: u64 = 256 << 20;
-
-/// Who asks for work, and how much: a work request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ask {
-    /// Items wanted at most.
-    pub batch: usize,
-    /// The worker asking, when it says who it is (a hash of its id): it is
-    /// never handed a backup of an item it holds itself, and a retry its own
-    /// task asked for goes to another worker when one asks.
-    pub worker: Option<u64>,
-}
-
-impl Ask {
-    /// A request for up to `batch` items from a worker that does not say who
-    /// it is.
-    pub fn batch(batch: usize) -> Ask {
-        Ask {
-            batch,
-            worker: None,
-        }
-    }
-
-    /// The same request, from `worker`.
-    pub fn by(self, worker: Option<u64>) -> Ask {
-        Ask { worker, ..self }
-    }
-}
-
-/// One line handed out, in the ledger's terms (the HTTP layer and the local
-/// source make a work item of it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Issue {
-    /// The line's work id: its 0-based index in the input.
-    pub work_id: u64,
-    /// The line, without its newline.
-    pub content: String,
-    /// Failures (lease expiries, task retries) before this issue.
-    pub retry_count: u32,
-    /// The engine responses earlier issues of the line completed.
-    pub journal: Option<Vec<JournalEntry>>,
-}
-
-/// The answer to a work request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum WorkReply {
-    /// Lines to work on.
-    Issued(Vec<Issue>),
-    /// Nothing to hand out now: ask again in this many seconds.
-    Retry {
-        /// Seconds to wait (at least 1).
-        after_secs: u64,
-        /// No unissued line remains: every line is done or in flight, none
-        /// is queued for reissue, and no backup copy may be handed out
-        /// (`--backups 0`). Only a line that comes back (a lease expiry, a
-        /// release) is left to hand out.
-        drained: bool,
-    },
-    /// Every line has its output line.
-    Complete,
-}
-
-impl WorkReply {
-    /// The lines issued (none unless [`WorkReply::Issued`]).
-    pub fn items(&self) -> &[Issue] {
-        match self {
-            WorkReply::Issued(items) => items,
-            _ => &[],
-        }
-    }
-
-    /// The lines issued, owned.
-    pub fn into_items(self) -> Vec<Issue> {
-        match self {
-            WorkReply::Issued(items) => items,
-            _ => Vec::new(),
-        }
-    }
-}
-
-/// The outcome of submitting results.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct CompleteReply {
-    /// Results accepted as the first of their item.
-    pub accepted: u64,
-    /// Results ignored: their item was done already or never issued.
-    pub ignored: u64,
-    /// Ids among the ignored whose item is done (the sender may drop them).
-    pub already_done: Vec<u64>,
-    /// Ids among the ignored that were never issued.
-    pub never_issued: Vec<u64>,
-}
 
 /// The state of one job: see the module docs for its invariants.
 #[derive(Debug)]
@@ -403,147 +231,6 @@ impl Ledger {
                     && self.config.max_backups == 0,
             }
         })
-    }
-
-    /// With grouping on: reads lines ahead until `lookahead` wait (or the
-    /// input ends), each keyed by the group filter; returns how many kept
-    /// lines (`--redo-errors`) it read past.
-    fn read_ahead(&mut self, now: Instant) -> io::Result<u64> {
-        let mut kept = 0;
-        while !self.input_exhausted
-            && kept < KEEP_PER_REQUEST
-            && self.groups.as_ref().is_some_and(Groups::has_room)
-        {
-            match self.read_next()? {
-                None => break,
-                Some(Read::Kept) => kept += 1,
-                Some(Read::Invalid) => {}
-                Some(Read::Line(id, span, content)) => {
-                    let key = self.items.insert(Item::waiting(id, span, now));
-                    self.window.push_issued(key);
-                    if let Some(groups) = &mut self.groups {
-                        groups.push_line(id, &content);
-                    }
-                }
-            }
-        }
-        Ok(kept)
-    }
-
-    /// Reads the next input line and takes its id: `None` at the end of the
-    /// input. A line whose previous output is kept (`--redo-errors`) is
-    /// kept, and one that is not UTF-8 gets its error record, here.
-    fn read_next(&mut self) -> io::Result<Option<Read>> {
-        let Some(line) = self.input.next_line()? else {
-            // A file cut short under us also ends here: make sure this is
-            // its real end before the job can complete on it.
-            self.input.check_unchanged()?;
-            self.input_exhausted = true;
-            return Ok(None);
-        };
-        let id = self.next_work_id;
-        self.next_work_id += 1;
-        if let Some(Decision::Keep(old)) = self.previous.as_mut().map(Previous::take).transpose()? {
-            self.keep(id, old, line.span.end)?;
-            return Ok(Some(Read::Kept));
-        }
-        match line.content {
-            Ok(content) => Ok(Some(Read::Line(id, line.span, content))),
-            Err(bytes) => {
-                self.invalid_line(id, line.span, &bytes)?;
-                Ok(Some(Read::Invalid))
-            }
-        }
-    }
-
-    /// Line `id` is not UTF-8: its error record, at once.
-    fn invalid_line(&mut self, id: u64, span: LineSpan, bytes: &[u8]) -> io::Result<()> {
-        self.counters.invalid_lines += 1;
-        self.window.push_open();
-        let record = crate::record::invalid_utf8(id, span.offset, &self.config.infile, bytes);
-        self.counters.finished(id, &record);
-        self.window.finish(id, record.into(), span.end)
-    }
-
-    /// Issues queued item `key` (line `id`) again, to `worker`.
-    fn reissue(
-        &mut self,
-        key: usize,
-        id: u64,
-        now: Instant,
-        worker: Option<u64>,
-    ) -> io::Result<Issue> {
-        let lease = self.leases.grant(id, now);
-        let item = self.items.reissue(key, worker, lease);
-        let (span, retry_count) = (item.span, item.retry_count);
-        self.work_item(id, span, retry_count)
-    }
-
-    /// An issue of line `id`, with the journal of its earlier issues.
-    fn issue(&self, id: u64, content: String, retry_count: u32) -> Issue {
-        Issue {
-            work_id: id,
-            content,
-            retry_count,
-            journal: self.journal.as_ref().and_then(|j| j.entries(id)),
-        }
-    }
-
-    /// Records journal entries of lines not written yet; returns how many.
-    pub fn record_journal(&mut self, records: Vec<JournalRecord>) -> io::Result<u64> {
-        let written = self.lines_written();
-        match &mut self.journal {
-            Some(journal) => {
-                journal.drop_written(written);
-                journal.record(records, written)
-            }
-            None => Ok(0),
-        }
-    }
-
-    /// [`issue`](Self::issue) of a line read again from the input.
-    fn work_item(&self, id: u64, span: LineSpan, retry_count: u32) -> io::Result<Issue> {
-        Ok(self.issue(id, self.input.read_span(span)?, retry_count))
-    }
-
-    /// Hands idle workers backup copies of the oldest in-flight items that have
-    /// none yet, up to `max_backups` out at once. The primary keeps its lease;
-    /// whichever result comes first wins.
-    fn issue_backups(
-        &mut self,
-        room: usize,
-        now: Instant,
-        worker: Option<u64>,
-        items: &mut Vec<Issue>,
-    ) -> io::Result<()> {
-        let allowed = (self
-            .config
-            .max_backups
-            .saturating_sub(self.items.backups_out()) as usize)
-            .min(room);
-        if allowed == 0 {
-            return Ok(());
-        }
-        let backup_after = self.config.backup_after;
-        let mut candidates: Vec<(Instant, u64, usize)> = self
-            .items
-            .iter()
-            .filter(|(_, item)| !item.backed_up() && (worker.is_none() || item.holder != worker))
-            .filter_map(|(key, item)| {
-                let issued_at = item.lease()?.issued_at;
-                (now.saturating_duration_since(issued_at) >= backup_after)
-                    .then_some((issued_at, item.id, key))
-            })
-            .collect();
-        candidates.sort_unstable();
-        for (_, id, key) in candidates.into_iter().take(allowed) {
-            self.items.back_up(key, worker);
-            let item = &self.items[key];
-            let (span, retry_count) = (item.span, item.retry_count);
-            self.counters.backups_issued += 1;
-            items.push(self.work_item(id, span, retry_count)?);
-        }
-        Ok(())
     }
 
     /// A worker is alive and still working on `ids`: their leases run for the
