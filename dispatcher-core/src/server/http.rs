@@ -1,11 +1,9 @@
 //! The HTTP layer: the router, one handler per endpoint, the error answers
 //! and the optional middleware (token check, logging of refused requests).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -15,14 +13,16 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::access::NotCrossSite;
+use super::body::{log_invalid, parse_body, Body};
 use super::error::ApiError;
 use super::state::AppState;
-use crate::ledger::{Ask, Cause, LedgerStats, WorkReply};
+use super::status::get_status;
+use crate::ledger::{Ask, Cause, WorkReply};
 use crate::metrics::Endpoint;
 use crate::protocol::{
     check_result_line, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult, JournalRequest,
     JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
-    StatusResponse, SubmittedResults, SubmittedValue, WorkItem, WorkResponse, WorkTimeoutRequest,
+    SubmittedResults, SubmittedValue, WorkItem, WorkResponse, WorkTimeoutRequest,
 };
 
 /// The router of all endpoints over `state`.
@@ -117,118 +117,6 @@ async fn page_html(State(state): State<Arc<AppState>>) -> Response {
 async fn page_js(State(state): State<Arc<AppState>>) -> Response {
     let _t = state.metrics.time(Endpoint::Page);
     (page_headers("text/javascript; charset=utf-8"), PAGE_JS).into_response()
-}
-
-/// With `--log-invalid-http`: logs the peer and first bytes of requests
-/// answered with a 4xx.
-async fn log_invalid(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "?".to_string(), |c| c.0.to_string());
-    let (parts, body) = request.into_parts();
-    let method = parts.method.clone();
-    let uri = parts.uri.clone();
-    // Read only as much of the body as is logged, then hand the handler that
-    // prefix followed by the rest, unread: a huge body from a stranger costs
-    // no memory here.
-    let (prefix, rest) = body_prefix(body, LOGGED_BYTES).await;
-    let head = String::from_utf8_lossy(&prefix[..prefix.len().min(LOGGED_BYTES)]).into_owned();
-    let body = match rest {
-        Some(rest) => {
-            use futures_util::StreamExt;
-            let first = futures_util::stream::once(std::future::ready(Ok(prefix.clone())));
-            axum::body::Body::from_stream(first.chain(rest.into_data_stream()))
-        }
-        None => axum::body::Body::from(prefix.clone()),
-    };
-    let response = next
-        .run(axum::extract::Request::from_parts(parts, body))
-        .await;
-    if response.status().is_client_error() {
-        tracing::warn!(%peer, %method, %uri, status = response.status().as_u16(), first_bytes = %crate::text::Escaped(&head), "invalid request");
-    }
-    response
-}
-
-/// How much of a refused request's body `--log-invalid-http` logs.
-const LOGGED_BYTES: usize = 200;
-
-/// Reads `body` until `want` bytes (or its end): the bytes read, and the rest
-/// of the body when there is more.
-async fn body_prefix(mut body: axum::body::Body, want: usize) -> (Bytes, Option<axum::body::Body>) {
-    use http_body_util::BodyExt;
-    let mut prefix = Vec::new();
-    while prefix.len() < want {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    prefix.extend_from_slice(&data);
-                }
-            }
-            // The handler gets the error where the body broke off.
-            Some(Err(e)) => {
-                let error = futures_util::stream::once(std::future::ready(Err::<Bytes, _>(e)));
-                return (prefix.into(), Some(axum::body::Body::from_stream(error)));
-            }
-            None => return (prefix.into(), None),
-        }
-    }
-    (prefix.into(), Some(body))
-}
-
-/// The body as JSON of type `T` (described as `shape` in the 400 when it is
-/// not), or a JSON 413 that names `--max-request-mib` when it is too large.
-fn parse_body<T: serde::de::DeserializeOwned>(body: Body, shape: &str) -> Result<T, ApiError> {
-    let body = body.0?;
-    // A body without a content type is read as JSON, as the Python server
-    // did; one of another type was refused already (`NotCrossSite`).
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
-}
-
-/// A request's body, read in full within `--request-timeout` and at most
-/// `--max-request-mib` long, or why it was not. The idle timeout closes a
-/// connection that stops making progress, but a body trickled one byte at a
-/// time makes progress forever: its own deadline ends it (one timer per
-/// request that has a body).
-pub(super) struct Body(Result<Bytes, ApiError>);
-
-impl axum::extract::FromRequest<Arc<AppState>> for Body {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &Arc<AppState>,
-    ) -> Result<Body, Self::Rejection> {
-        let read = axum::body::to_bytes(request.into_body(), state.max_body_bytes);
-        Ok(Body(match tokio::time::timeout(state.request_timeout, read).await {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Err(_) => Err(ApiError::Timeout(format!(
-                "the request body did not arrive in full within {} s (--request-timeout)",
-                state.request_timeout.as_secs_f64()
-            ))),
-            Ok(Err(e)) if is_over_limit(&e) => Err(ApiError::TooLarge(format!(
-                "the request body is over the server's limit of {} MiB (--max-request-mib); send fewer results per request, or raise the limit",
-                state.max_body_bytes >> 20
-            ))),
-            Ok(Err(e)) => Err(ApiError::BadRequest(format!(
-                "the body could not be read: {e}"
-            ))),
-        }))
-    }
-}
-
-/// Whether reading a body failed because it is longer than allowed.
-fn is_over_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// Notes that the worker a request names made contact; returns its key.
@@ -531,107 +419,6 @@ async fn get_metrics(
         .into_response())
 }
 
-/// `GET /status`'s options.
-#[derive(Debug, Default, Deserialize)]
-struct StatusQuery {
-    /// `1` (or `true`): include the progress history.
-    history: Option<String>,
-    /// An answer made up to this many seconds ago will do (the page asks
-    /// with 1, so that any number of open pages cost one answer a second).
-    /// Not a number: a fresh answer.
-    max_age: Option<String>,
-}
-
-async fn get_status(
-    _: NotCrossSite,
-    State(state): State<Arc<AppState>>,
-    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let _t = state.metrics.time(Endpoint::Status);
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let history = matches!(query.history.as_deref(), Some("1" | "true"));
-    let max_age = query
-        .max_age
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(60.0)));
-    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
-    let slot = usize::from(history);
-    if let Some(max_age) = max_age {
-        let cache = state.status_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((made, body)) = &cache[slot] {
-            if made.elapsed() <= max_age {
-                return Ok((json, body.clone()).into_response());
-            }
-        }
-    }
-    let body = Bytes::from(
-        serde_json::to_vec(&status_now(&state, history)?).expect("the status serializes"),
-    );
-    if max_age.is_some() {
-        state.status_cache.lock().unwrap_or_else(|e| e.into_inner())[slot] =
-            Some((Instant::now(), body.clone()));
-    }
-    Ok((json, body).into_response())
-}
-
-/// The status now; with the progress history when `history`.
-fn status_now(state: &AppState, history: bool) -> Result<StatusResponse, ApiError> {
-    let (mut stats, load, sources) = state.with_ledger(|l| {
-        Ok((
-            l.stats(Instant::now()),
-            l.load_by_worker(),
-            l.config().sources.clone(),
-        ))
-    })?;
-    // Until the ledger has read the input to its end, the count made at start.
-    stats.lines_total = stats.lines_total.or(state.input_lines.get().copied());
-    let mut status = status_response(&stats);
-    if let Some(sources) = sources.filter(|s| s.shards().len() > 1) {
-        status.shards = shard_progress(sources.shards(), stats.lines_written);
-    }
-    {
-        let workers = state.workers();
-        (status.workers, status.workers_unlisted) =
-            workers.status(Instant::now(), &load, stats.work_timeout);
-        status.prefix_cache = workers.prefix_cache_total();
-    }
-    use std::sync::atomic::Ordering::Relaxed;
-    status.journal_replayed = state.journal_replayed.load(Relaxed);
-    status.journal_tokens_saved = state.journal_tokens_saved.load(Relaxed);
-    let now = state.progress(stats.lines_written);
-    status.tokens = now.tokens;
-    {
-        let kept = state.history.lock().unwrap_or_else(|e| e.into_inner());
-        status.rates = kept.rates(&now);
-        if history {
-            let mut samples = kept.samples();
-            samples.push(now);
-            status.history = Some(samples);
-        }
-    }
-    status.cost = state.prices.map(|prices| {
-        let so_far = prices.of(&status.tokens);
-        // Tokens of every run (the manifest's) over lines of every run.
-        let projected = stats
-            .lines_total
-            .filter(|_| stats.lines_written > 0)
-            .map(|total| so_far * total as f64 / stats.lines_written as f64);
-        crate::protocol::Cost {
-            prices,
-            so_far,
-            projected,
-        }
-    });
-    status.eta_secs = stats
-        .lines_total
-        .filter(|_| !stats.complete)
-        .and_then(|total| {
-            super::history::eta_secs(total.saturating_sub(stats.lines_written), &status.rates)
-        });
-    Ok(status)
-}
-
 async fn post_work_timeout(
     _: NotCrossSite,
     State(state): State<Arc<AppState>>,
@@ -660,27 +447,6 @@ async fn post_work_timeout(
     }))
 }
 
-/// Each shard's lines written, when the first `lines_written` lines of the
-/// input (the shards' lines one after the other) are.
-fn shard_progress(
-    shards: &[crate::dataset::StagedShard],
-    lines_written: u64,
-) -> Vec<crate::protocol::ShardProgress> {
-    let mut start = 0_u64;
-    shards
-        .iter()
-        .map(|shard| {
-            let done = lines_written.saturating_sub(start).min(shard.lines);
-            start += shard.lines;
-            crate::protocol::ShardProgress {
-                path: shard.path.display().to_string(),
-                lines: shard.lines,
-                done,
-            }
-        })
-        .collect()
-}
-
 /// The wire form of the ledger's answer to a work request: each issue a work
 /// item carrying the server's `max_retries`, as the Python server's did.
 pub fn work_response(
@@ -703,59 +469,5 @@ pub fn work_response(
             drained,
         } => WorkResponse::retry(after_secs, lease_secs).with_drained(drained),
         WorkReply::Complete => WorkResponse::complete(lease_secs),
-    }
-}
-
-/// The `GET /status` answer: the protocol's fields (some of them the Python
-/// server's names for the same counts) and then this server's.
-pub fn status_response(s: &LedgerStats) -> StatusResponse {
-    StatusResponse {
-        last_processed_work_id: s.lines_written as i64 - 1,
-        next_work_id: s.next_work_id,
-        issued: s.in_flight,
-        pending: s.reorder_lines,
-        heap_size: s.lease_entries,
-        expired_reissues: s.reissues.timeout,
-        lines_done: s.lines_written,
-        lines_total: s.lines_total,
-        input_bytes_consumed: s.input_bytes_consumed,
-        input_bytes_total: s.input_bytes_total,
-        in_flight: s.in_flight,
-        queued_for_reissue: s.queued_for_reissue,
-        reorder_buffer: s.reorder_lines,
-        reorder_buffer_bytes: s.reorder_bytes,
-        reissues: s.reissues,
-        tombstones: s.tombstones,
-        invalid_lines: s.invalid_lines,
-        ignored_results: s.ignored_results,
-        kept_lines: s.kept_lines,
-        failed_by_kind: s.failed_by_kind.clone(),
-        failed_unlisted: s.failed_unlisted,
-        failure_examples: s.failure_examples.clone(),
-        journal_entries: s.journal.entries,
-        journal_bytes: s.journal.bytes,
-        journal_dropped: s.journal.dropped,
-        journal_replayed: 0,
-        journal_tokens_saved: 0,
-        issued_total: s.issued_total,
-        completed_total: s.completed_total,
-        oldest_in_flight: s.oldest_in_flight.clone(),
-        blocking: s.blocking.clone(),
-        reorder_buffer_spilled: s.reorder_spilled,
-        backups_issued: s.backups_issued,
-        work_timeout_secs: s.work_timeout.as_secs_f64(),
-        max_retries: s.max_retries.map_or(-1, i64::from),
-        complete: s.complete,
-        uptime_secs: s.uptime.as_secs_f64(),
-        workers: Vec::new(),
-        workers_unlisted: 0,
-        prefix_cache: None,
-        groups: s.groups,
-        tokens: crate::protocol::TokenCounts::default(),
-        rates: crate::protocol::Rates::default(),
-        eta_secs: None,
-        history: None,
-        cost: None,
-        shards: Vec::new(),
     }
 }

@@ -6,6 +6,9 @@
 //! - `http.rs`: the router, the handlers and middleware; the wire format of
 //!   the ledger's answers is built there;
 //! - `access.rs`: who may ask: the token, and no page of another origin;
+//! - `body.rs`: request bodies read within their limits, and logged when
+//!   refused;
+//! - `status.rs`: `GET /status`, built from the ledger, workers and history;
 //! - `error.rs`: the HTTP layer's one error type and its JSON answer;
 //! - `connections.rs`: the accept loop, per-connection timeouts and the cap;
 //! - `workers.rs`: the workers seen;
@@ -13,6 +16,7 @@
 //!   completion watcher and the shutdown.
 
 mod access;
+mod body;
 mod connections;
 mod error;
 mod history;
@@ -20,6 +24,7 @@ mod history;
 mod hostile_tests;
 mod http;
 mod state;
+mod status;
 #[cfg(test)]
 mod tests;
 pub mod workers;
@@ -38,8 +43,9 @@ use crate::ledger::{Ledger, LedgerConfig};
 use connections::{serve_connections, ConnectionLimits};
 
 pub use connections::{default_max_connections, raise_open_file_limit, RESERVED_FDS};
-pub use http::{app, status_response, work_response};
+pub use http::{app, work_response};
 pub use state::AppState;
+pub use status::status_response;
 
 /// How the server runs, beyond the job itself.
 #[derive(Debug, Clone)]
