@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::handback::{hand_back, Handback};
 use super::journal::{JournalEvent, JournalSink, TaskJournal};
+use super::reachability::Reachability;
 use super::source::{Heartbeat, SourceError, WorkSource};
 use super::{DynTask, Engines, LineOutcome, OutcomeKind, TaskContext};
 use crate::engine::BoxFuture;
@@ -121,10 +122,6 @@ pub struct Progress {
 
 /// How long a stopping worker waits for a work request already sent.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
-/// The first wait after a failed call to the server; it doubles up to
-/// [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Runs `task` over the items of `source`, sending to `engines`, until the
 /// work is done, `shutdown` resolves, or `engine_died` does.
@@ -157,71 +154,6 @@ enum Event {
     Heartbeat(Result<Option<Heartbeat>, SourceError>),
     /// Handing something back failed for good (see [`SourceError::is_fatal`]).
     SourceFailed(String),
-}
-
-/// Whether the server answers, and how long to wait before calling again.
-#[derive(Debug)]
-struct Reachability {
-    /// Whether it ever answered. A server that did and then stops answering
-    /// finished its job and exited (or died with it): it is given up on sooner
-    /// than one never reached, which may still be starting.
-    ever_reached: bool,
-    /// Since when every call failed to reach it.
-    unreachable_since: Option<Instant>,
-    /// The wait after the next failure.
-    backoff: Duration,
-}
-
-impl Reachability {
-    fn new() -> Reachability {
-        Reachability {
-            ever_reached: false,
-            unreachable_since: None,
-            backoff: FIRST_BACKOFF,
-        }
-    }
-
-    /// The server answered.
-    fn answered(&mut self) {
-        self.ever_reached = true;
-        self.unreachable_since = None;
-        self.backoff = FIRST_BACKOFF;
-    }
-
-    /// The server could not be reached at `now`: how long to wait before the
-    /// next try, or `None` when it has been unreachable too long to wait more.
-    fn unreachable(&mut self, now: Instant, config: &ManagerConfig) -> Option<Duration> {
-        let limit = if self.ever_reached {
-            config.vanish_wait
-        } else {
-            config.server_wait
-        };
-        let since = *self.unreachable_since.get_or_insert(now);
-        if now.duration_since(since) >= limit {
-            tracing::warn!(
-                secs = limit.as_secs(),
-                "the dispatcher server is gone; finishing"
-            );
-            return None;
-        }
-        let wait = self.next_backoff();
-        tracing::debug!(
-            backoff_ms = wait.as_millis() as u64,
-            "the dispatcher server is unreachable; retrying"
-        );
-        Some(wait)
-    }
-
-    /// The wait after a failed call, doubling with each one.
-    fn next_backoff(&mut self) -> Duration {
-        let wait = self.backoff;
-        self.backoff = (wait * 2).min(MAX_BACKOFF);
-        wait
-    }
-
-    fn is_unreachable(&self) -> bool {
-        self.unreachable_since.is_some()
-    }
 }
 
 /// The task manager of one worker: its tasks, the items they hold, and its

@@ -7,6 +7,7 @@
 //! journal); `error.rs` [`TaskError`]; [`engines`] the engines a worker sends
 //! to, with their request slots; [`limiter`] those slots; [`journal`] a
 //! task's journal on the worker; [`manager`] the task manager;
+//! `reachability.rs` its patience with an unreachable server;
 //! `handback.rs` what it hands back (batched, retried, split to the
 //! server's request limit); [`source`]
 //! where items come from (a server, or a local file pair); [`testing`]
@@ -19,6 +20,7 @@ mod handback;
 pub mod journal;
 pub mod limiter;
 pub mod manager;
+mod reachability;
 pub mod source;
 pub mod testing;
 
