@@ -1,0 +1,357 @@
+//! The fleet loop: look at the server and the worker jobs, submit as many
+//! as the backlog deserves, replace those that end early, stop a job
+//! whose workers fail at start.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use dispatcher_core::client::DispatcherClient;
+use dispatcher_core::protocol::StatusResponse;
+
+use super::*;
+
+pub(super) enum Ending {
+    Complete,
+    Interrupted,
+}
+
+/// The loop's memory between looks.
+pub(super) struct Loop<'a> {
+    pub(super) options: &'a LaunchOptions,
+    pub(super) client: DispatcherClient,
+    pub(super) backend: Backend,
+    pub(super) spec: WorkerSpec,
+    pub(super) failures_in_a_row: u32,
+    /// The last failed worker: its id and log.
+    pub(super) last_failure: Option<(String, PathBuf, String)>,
+    /// No submission before this (backoff after a failure).
+    pub(super) submit_after: Option<Instant>,
+    /// Workers that ended early while the job was unfinished, not yet
+    /// replaced.
+    pub(super) owed: u64,
+    pub(super) capacity: u64,
+    pub(super) lines_done: Option<u64>,
+    pub(super) reported_pending: HashSet<String>,
+    /// Jobs whose worker said hello to the server (it names its job).
+    pub(super) reached: HashSet<String>,
+    pub(super) unreachable_since: Option<Instant>,
+    /// (time, lines done) over the last minute, for the rate.
+    pub(super) samples: VecDeque<(Instant, u64)>,
+}
+
+impl Loop<'_> {
+    pub(super) async fn run(
+        &mut self,
+        state: &mut LaunchState,
+        dir: &LaunchDir,
+        server: &mut ServerHandle,
+        ui: &mut Ui,
+        signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> anyhow::Result<Ending> {
+        let poll = Duration::from_secs_f64(self.options.poll);
+        loop {
+            let status = self.client.status().await;
+            let changed = self.look_at_jobs(state, status.as_ref().ok(), ui).await;
+            if changed {
+                dir.save(state)?;
+            }
+            let status = match status {
+                Ok(s) => {
+                    self.unreachable_since = None;
+                    s
+                }
+                Err(e) => {
+                    match server.exited() {
+                        Some(true) => {
+                            // It exits 0 once the job is complete (or on
+                            // SIGTERM from outside: the report says which).
+                            ui.event("the server has exited");
+                            return Ok(Ending::Complete);
+                        }
+                        Some(false) => bail!(
+                            "the server exited with an error; its log ({}) ends with:\n{}\nlaunch stopped the workers; fix what the log says and run the same command to resume",
+                            dir.server_log().display(),
+                            backend::tail(&dir.server_log(), 15)
+                        ),
+                        None => {}
+                    }
+                    let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                    if !server.owned
+                        && self.lines_done.is_some()
+                        && since.elapsed() > Duration::from_secs(30)
+                    {
+                        ui.event(&format!("the server at {} is gone ({e}); it exits by itself once the job is complete", server.record.addr));
+                        return Ok(Ending::Complete);
+                    }
+                    ui.status(&format!("the server does not answer: {e}"));
+                    if wait_or_signal(poll, signal).await {
+                        return Ok(Ending::Interrupted);
+                    }
+                    continue;
+                }
+            };
+            if status.complete {
+                ui.event(&format!("all {} lines are written", status.lines_done));
+                return Ok(Ending::Complete);
+            }
+            let backlog = Backlog::of(&status);
+            if backlog.drained() && state.drained_at.is_none() {
+                state.drained_at = Some(unix_now());
+                dir.save(state)?;
+            }
+            if self.failures_in_a_row >= self.options.max_worker_failures {
+                let (id, log, how) = self.last_failure.clone().unwrap_or_default();
+                bail!(
+                    "{} worker jobs failed in a row (--max-worker-failures {}); the last, {id} ({how}), logged ({}):\n{}\nlaunch stops here rather than keep submitting: fix the worker command and run the same launch again (the output resumes where it is)",
+                    self.failures_in_a_row,
+                    self.options.max_worker_failures,
+                    log.display(),
+                    backend::tail(&log, 20)
+                );
+            }
+            self.submit(state, dir, backlog, ui).await?;
+            ui.status(&self.status_line(&status, state));
+            if wait_or_signal(poll, signal).await {
+                return Ok(Ending::Interrupted);
+            }
+        }
+    }
+
+    /// Updates the workers' records from the backend; true when one changed.
+    pub(super) async fn look_at_jobs(
+        &mut self,
+        state: &mut LaunchState,
+        status: Option<&StatusResponse>,
+        ui: &mut Ui,
+    ) -> bool {
+        if let Some(s) = status {
+            self.note_reached(s);
+            if self.lines_done.is_some_and(|before| s.lines_done > before) {
+                // The job moves: failures before were not the workers' own.
+                self.failures_in_a_row = 0;
+            }
+            self.lines_done = Some(s.lines_done);
+            self.capacity = s
+                .workers
+                .iter()
+                .map(|w| w.in_flight)
+                .fold(self.capacity, u64::max);
+            self.samples.push_back((Instant::now(), s.lines_done));
+            while self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| t.elapsed() > Duration::from_secs(60))
+            {
+                self.samples.pop_front();
+            }
+        }
+        let ids = state.alive_ids();
+        if ids.is_empty() {
+            return false;
+        }
+        let states = match self.backend.poll(&ids).await {
+            Ok(s) => s,
+            Err(e) => {
+                ui.event(&format!("could not read the workers' state: {e:#}"));
+                return false;
+            }
+        };
+        let complete = status.is_some_and(|s| s.complete);
+        if states
+            .values()
+            .any(|s| matches!(s, JobState::Ended(EndKind::Done, _)))
+        {
+            // A worker may have said hello since the status above.
+            if let Ok(s) = self.client.status().await {
+                self.note_reached(&s);
+            }
+        }
+        let now = unix_now();
+        let mut changed = false;
+        for job in state.jobs.iter_mut().filter(|j| j.alive()) {
+            let mut observed = states.get(&job.id).cloned();
+            if let Some(JobState::Ended(EndKind::Done, _)) = &observed {
+                if !complete && !self.reached.contains(&job.id) {
+                    // Exit 0 without ever reaching the server: it gave up
+                    // on an address it could not reach.
+                    observed = Some(JobState::Ended(
+                        EndKind::Failed,
+                        format!(
+                            "it exited 0 without ever reaching the server at {}: can the workers' nodes reach that address? (--advertise)",
+                            self.spec
+                                .env
+                                .iter()
+                                .find(|(k, _)| k == "DISPATCHER_SERVER")
+                                .map_or("?", |(_, v)| v.as_str())
+                        ),
+                    ));
+                }
+            }
+            match observed.as_ref() {
+                Some(JobState::Running) if job.started.is_none() => {
+                    job.started = Some(now);
+                    changed = true;
+                }
+                Some(JobState::Pending(reason)) => {
+                    let waited = now - job.submitted;
+                    if waited > self.options.pending_timeout
+                        && self.reported_pending.insert(job.id.clone())
+                    {
+                        ui.event(&format!(
+                            "worker job {} has been pending for {} (Slurm's reason: {}); it still counts toward --max-workers: `scancel {}` has launch submit another",
+                            job.id,
+                            human_secs(waited),
+                            if reason.is_empty() { "none given" } else { reason },
+                            job.id
+                        ));
+                    }
+                }
+                Some(JobState::Ended(kind, detail)) => {
+                    job.ended_as(now, *kind, detail);
+                    changed = true;
+                    match kind {
+                        EndKind::Done => {
+                            self.failures_in_a_row = 0;
+                        }
+                        EndKind::Failed => {
+                            self.failures_in_a_row += 1;
+                            self.last_failure =
+                                Some((job.id.clone(), job.log.clone(), detail.clone()));
+                            let backoff = self.options.failure_backoff
+                                * 2f64
+                                    .powi(self.failures_in_a_row.saturating_sub(1).min(10) as i32);
+                            self.submit_after =
+                                Some(Instant::now() + Duration::from_secs_f64(backoff.min(600.0)));
+                            ui.event(&format!(
+                                "worker {} failed ({detail}), {} in a row; its log: {}",
+                                job.id,
+                                self.failures_in_a_row,
+                                job.log.display()
+                            ));
+                        }
+                        EndKind::Lost => ui.event(&format!(
+                            "worker {} ended from outside ({detail}); its log: {}",
+                            job.id,
+                            job.log.display()
+                        )),
+                    }
+                    if !complete && *kind != EndKind::Done {
+                        self.owed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        changed
+    }
+
+    pub(super) fn note_reached(&mut self, status: &StatusResponse) {
+        self.reached.extend(
+            status
+                .workers
+                .iter()
+                .filter_map(|w| w.hello.as_ref()?.job.clone()),
+        );
+    }
+
+    /// Submits the workers the plan asks for.
+    pub(super) async fn submit(
+        &mut self,
+        state: &mut LaunchState,
+        dir: &LaunchDir,
+        backlog: Backlog,
+        ui: &mut Ui,
+    ) -> anyhow::Result<()> {
+        if self.submit_after.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        let fleet = Fleet {
+            alive: u32::try_from(state.alive().count()).unwrap_or(u32::MAX),
+            max: self.options.max_workers,
+            capacity: self.capacity,
+        };
+        let n = plan::to_submit(backlog, fleet);
+        for _ in 0..n {
+            let ordinal = state.next_ordinal;
+            let submitted = self.backend.submit(&self.spec, ordinal).await?;
+            state.next_ordinal += 1;
+            if self.owed > 0 {
+                self.owed -= 1;
+                state.replaced += 1;
+            }
+            let now = unix_now();
+            state.jobs.push(JobRecord {
+                id: submitted.id.clone(),
+                ordinal,
+                pid: submitted.pid,
+                log: submitted.log,
+                submitted: now,
+                started: submitted.running.then_some(now),
+                ended: None,
+                end: None,
+                end_detail: None,
+            });
+            dir.save(state)?;
+            ui.event(&format!(
+                "worker {} submitted ({} of --max-workers {}; lines left to hand out: {})",
+                submitted.id,
+                state.alive().count(),
+                self.options.max_workers,
+                backlog
+                    .unissued
+                    .map_or_else(|| "counting".to_string(), |n| n.to_string())
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn status_line(&self, s: &StatusResponse, state: &LaunchState) -> String {
+        let rate = match (self.samples.front(), self.samples.back()) {
+            (Some((t0, l0)), Some((t1, l1))) if t1 > t0 => {
+                l1.saturating_sub(*l0) as f64 / (*t1 - *t0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        let (done, total) = (s.lines_done, s.lines_total);
+        let progress = match total {
+            Some(t) if t > 0 => {
+                format!("{done}/{t} lines ({:.1}%)", 100.0 * done as f64 / t as f64)
+            }
+            _ => format!("{done} lines"),
+        };
+        let eta = match total {
+            Some(t) if rate > 0.0 => human_secs(t.saturating_sub(done) as f64 / rate),
+            _ => "?".into(),
+        };
+        let (mut running, mut pending) = (0, 0);
+        for job in state.alive() {
+            if job.started.is_some() {
+                running += 1;
+            } else {
+                pending += 1;
+            }
+        }
+        let failed = state
+            .jobs
+            .iter()
+            .filter(|j| j.end == Some(EndKind::Failed))
+            .count();
+        format!(
+            "{progress}, {rate:.1} lines/s, ETA {eta} | workers: {running} running, {pending} pending, {failed} failed, {} replaced",
+            state.replaced
+        )
+    }
+}
+
+/// Sleeps `d`; true when a termination signal came first.
+pub(super) async fn wait_or_signal(
+    d: Duration,
+    signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = signal.as_mut() => true,
+    }
+}
