@@ -99,14 +99,14 @@ impl axum::extract::FromRequest<Arc<AppState>> for Body {
         request: axum::extract::Request,
         state: &Arc<AppState>,
     ) -> Result<Body, Self::Rejection> {
-        let read = axum::body::to_bytes(request.into_body(), state.max_body_bytes);
+        let read = read_within(request.into_body(), state.max_body_bytes);
         Ok(Body(match tokio::time::timeout(state.request_timeout, read).await {
-            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Ok(Some(bytes))) => Ok(bytes),
             Err(_) => Err(ApiError::Timeout(format!(
                 "the request body did not arrive in full within {} s (--request-timeout)",
                 state.request_timeout.as_secs_f64()
             ))),
-            Ok(Err(e)) if is_over_limit(&e) => Err(ApiError::TooLarge(format!(
+            Ok(Ok(None)) => Err(ApiError::TooLarge(format!(
                 "the request body is over the server's limit of {} MiB (--max-request-mib); send fewer results per request, or raise the limit",
                 state.max_body_bytes >> 20
             ))),
@@ -117,14 +117,31 @@ impl axum::extract::FromRequest<Arc<AppState>> for Body {
     }
 }
 
-/// Whether reading a body failed because it is longer than allowed.
-fn is_over_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
+/// The body, or `None` when it is longer than `limit` bytes. A body over the
+/// limit is read to its end and dropped (within the caller's timeout) before
+/// the 413 goes out: a client still sending when the server closed the
+/// connection would see a reset, not the answer, and could not tell a body
+/// too large (to send in parts) from a server gone.
+async fn read_within(body: axum::body::Body, limit: usize) -> Result<Option<Bytes>, axum::Error> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let (mut len, mut over) = (0_usize, false);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            over = true;
+            parts = Vec::new();
+        } else {
+            parts.push(data);
         }
-        source = err.source();
     }
-    false
+    Ok((!over).then(|| match parts.len() {
+        // One frame, as most bodies arrive: no copy.
+        1 => parts.pop().expect("one part"),
+        _ => Bytes::from(parts.concat()),
+    }))
 }
