@@ -412,7 +412,7 @@ pub fn output_files(path: &Path) -> anyhow::Result<Vec<(PathBuf, Format)>> {
     shards.sort();
     shards
         .into_iter()
-        .map(|p| Ok((format_of(&p)?, p)).map(|(f, p)| (p, f)))
+        .map(|p| format_of(&p).map(|f| (p, f)))
         .collect()
 }
 

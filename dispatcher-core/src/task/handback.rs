@@ -29,7 +29,7 @@ pub(super) async fn hand_back(
     mut rx: mpsc::UnboundedReceiver<Handback>,
     max: usize,
     delivered: Arc<Notify>,
-    failed: tokio::sync::watch::Sender<Option<String>>,
+    failed: Failure,
 ) {
     let mut results = Vec::new();
     let mut preempted = Vec::new();
@@ -81,6 +81,21 @@ pub(super) async fn hand_back(
     }
 }
 
+/// Why the job cannot go on, set once (the first failure wins), and
+/// watched by the manager, which stops on it.
+pub(super) type Failure = tokio::sync::watch::Sender<Option<String>>;
+
+/// Records `why` as the job's failure unless one is recorded already.
+pub(super) fn first_failure(failure: &Failure, why: String) {
+    failure.send_if_modified(|f| {
+        if f.is_some() {
+            return false;
+        }
+        *f = Some(why);
+        true
+    });
+}
+
 /// What became of a hand-in.
 #[derive(Debug, PartialEq, Eq)]
 enum Delivery {
@@ -95,7 +110,7 @@ enum Delivery {
 
 async fn deliver<'a>(
     what: &str,
-    failed: &tokio::sync::watch::Sender<Option<String>>,
+    failed: &Failure,
     call: impl Fn() -> BoxFuture<'a, Result<(), SourceError>>,
 ) -> Delivery {
     let mut backoff = Duration::from_millis(100);
@@ -107,7 +122,7 @@ async fn deliver<'a>(
                 // The job cannot go on: the manager stops (once, with the
                 // first failure), rather than compute lines it cannot keep.
                 tracing::error!("could not hand in {what}: {e}");
-                failed.send_if_modified(|f| f.is_none() && f.replace(e.to_string()).is_none());
+                first_failure(failed, e.to_string());
                 return Delivery::Lost;
             }
             Err(e) if e.is_transient() && attempt < 7 => {
@@ -133,11 +148,7 @@ async fn deliver<'a>(
 /// server does not need), and, refused again, replaced by a small
 /// `result_too_large` failure record: its line gets an output line rather
 /// than being computed again on every reissue.
-async fn deliver_results(
-    source: &dyn WorkSource,
-    items: Vec<WorkItem>,
-    failed: &tokio::sync::watch::Sender<Option<String>>,
-) {
+async fn deliver_results(source: &dyn WorkSource, items: Vec<WorkItem>, failed: &Failure) {
     let mut parts = vec![items];
     while let Some(part) = parts.pop() {
         match deliver("results", failed, || source.submit(part.clone())).await {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::handback::{hand_back, Handback};
+use super::handback::{first_failure, hand_back, Failure, Handback};
 use super::journal::{JournalEvent, JournalSink, TaskJournal};
 use super::reachability::Reachability;
 use super::source::{Heartbeat, SourceError, WorkSource};
@@ -180,10 +180,10 @@ struct Manager {
     /// Where tasks' journals report (to the submitter); `None` without journals.
     journal_sink: Option<JournalSink>,
     submitter: JoinHandle<()>,
-    /// Set by the submitter when a hand-back fails for good.
-    source_failed: tokio::sync::watch::Receiver<Option<String>>,
-    /// Set when a work request fails for good.
-    fetch_failed: Option<String>,
+    /// Why the job cannot go on: set once, by a work request or by the
+    /// submitter (a hand-back), when the source fails for good.
+    failure: Failure,
+    failure_seen: tokio::sync::watch::Receiver<Option<String>>,
     /// Signalled after each delivery: our own results may have completed the
     /// job or made work issuable.
     delivered: Arc<Notify>,
@@ -212,13 +212,13 @@ impl Manager {
         let batch = config.batch_size.max(1);
         let (handback, rx) = mpsc::unbounded_channel();
         let delivered = Arc::new(Notify::new());
-        let (failed_tx, source_failed) = tokio::sync::watch::channel(None);
+        let (failure, failure_seen) = tokio::sync::watch::channel(None);
         let submitter = tokio::spawn(hand_back(
             source.clone(),
             rx,
             config.max_submit_batch,
             delivered.clone(),
-            failed_tx,
+            failure.clone(),
         ));
         let journal_sink = config.journal.then(|| {
             let (tx, progress) = (handback.clone(), progress.clone());
@@ -245,8 +245,8 @@ impl Manager {
             started: 0,
             handback,
             submitter,
-            source_failed,
-            fetch_failed: None,
+            failure,
+            failure_seen,
             delivered,
             fetch_after: None,
             no_more_work: false,
@@ -268,9 +268,6 @@ impl Manager {
         let mut fetch: Option<Call<WorkResponse>> = None;
         let mut heartbeat: Option<Call<Option<Heartbeat>>> = None;
         let exit = loop {
-            if let Some(why) = self.fetch_failed.take() {
-                break Exit::SourceFailed(why);
-            }
             if self.no_more_work && self.tasks.is_empty() {
                 break if self.server.is_unreachable() {
                     Exit::ServerGone
@@ -287,15 +284,16 @@ impl Manager {
                 biased;
                 () = &mut shutdown => Event::Shutdown,
                 why = &mut engine_died => Event::EngineDied(why),
+                // Before work and tasks: a failed source is asked nothing more.
+                Ok(()) = self.failure_seen.changed() => Event::SourceFailed(
+                    self.failure_seen.borrow().clone().unwrap_or_default()
+                ),
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => Event::TaskDone(joined),
                 r = answer(&mut fetch), if fetch.is_some() => Event::Work(r),
                 () = sleep_until(self.fetch_after), if waiting => Event::MayFetch,
                 () = self.delivered.notified(), if waiting => Event::MayFetch,
                 () = tokio::time::sleep_until(self.next_heartbeat), if self.lease.is_some() && heartbeat.is_none() => Event::HeartbeatDue,
                 r = answer(&mut heartbeat), if heartbeat.is_some() => Event::Heartbeat(r),
-                Ok(()) = self.source_failed.changed() => Event::SourceFailed(
-                    self.source_failed.borrow().clone().unwrap_or_default()
-                ),
             };
             match event {
                 Event::Shutdown => break Exit::Interrupted,
@@ -389,7 +387,7 @@ impl Manager {
                 return;
             }
             Err(e) if e.is_fatal() => {
-                self.fetch_failed = Some(e.to_string());
+                first_failure(&self.failure, e.to_string());
                 return;
             }
             Err(e) => {
