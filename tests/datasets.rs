@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::support::{dispatcher_bin, jsonl, ServerProcess};
 
 /// The python with pyarrow and `datasets`, if there is one here.
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DATASETS_PYTHON") {
         return Some(PathBuf::from(p));
     }
@@ -30,7 +30,7 @@ fn python() -> Option<PathBuf> {
 }
 
 /// Runs a python script with `args`; fails the test with its stderr.
-fn run_python(python: &Path, script: &str, args: &[&Path]) {
+pub(crate) fn run_python(python: &Path, script: &str, args: &[&Path]) {
     let out = Command::new(python)
         .arg("-c")
         .arg(script)
@@ -54,7 +54,7 @@ fn infer(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -536,7 +536,7 @@ fn a_server_serves_a_dataset_and_stops_when_a_shard_changes_under_it() {
 /// Checks with pyarrow and `datasets` that a Parquet file holds exactly the
 /// JSON lines of `jsonl` (a field a line lacks is null in its row).
 const SAME_ROWS: &str = r#"
-import json, os, sys
+import json, math, os, sys
 import pyarrow.parquet as pq
 parquet, jsonl = sys.argv[1], sys.argv[2]
 rows = pq.read_table(parquet).to_pylist()
@@ -552,21 +552,25 @@ def same(row, line, at):
         assert isinstance(line, list) and len(row) == len(line), (at, row, line)
         for i, (r, l) in enumerate(zip(row, line)):
             same(r, l, f"{at}[{i}]")
+    elif isinstance(row, float) and math.isnan(row):
+        assert isinstance(line, float) and math.isnan(line), (at, row, line)
     else:
         assert row == line, (at, row, line)
 assert len(rows) == len(lines), (len(rows), len(lines))
 for i, (row, line) in enumerate(zip(rows, lines)):
     same(row, line, f"line {i}")
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when `datasets` is imported
+# Each check its own Hugging Face home: tests run at once share no cache or lock.
+os.environ["HF_HOME"] = os.path.join(sys.argv[3], "hf-home")
 import datasets
 loaded = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=sys.argv[3])
 assert loaded.num_rows == len(lines)
 for i in range(loaded.num_rows):
-    assert loaded[i] == rows[i], (i, loaded[i], rows[i])
+    same(loaded[i], rows[i], f"datasets row {i}")
 print(len(rows))
 "#;
 
-fn assert_same_rows(python: &Path, parquet: &Path, jsonl: &Path, cache: &Path) {
+pub(crate) fn assert_same_rows(python: &Path, parquet: &Path, jsonl: &Path, cache: &Path) {
     run_python(python, SAME_ROWS, &[parquet, jsonl, cache]);
 }
 

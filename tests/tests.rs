@@ -2,8 +2,10 @@
 
 mod after_run;
 mod batch;
+mod dataset_columns;
 mod datasets;
 mod examples_e2e;
+mod export;
 mod grouping;
 mod hosted;
 mod infer;

@@ -44,14 +44,21 @@ impl OutdirArgs {
         }
     }
 
-    /// Makes the folder of the default output.
-    pub fn create_job_dir(&self, output: &Path) -> anyhow::Result<()> {
-        if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                anyhow::anyhow!("--outdir: cannot create {}: {e}", parent.display())
-            })?;
-        }
-        Ok(())
+    /// Makes the folder of the default output; the folders it made are
+    /// removed again unless [`NewDirs::keep`] says the job started.
+    pub fn create_job_dir(&self, output: &Path) -> anyhow::Result<NewDirs> {
+        let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return Ok(NewDirs(Vec::new()));
+        };
+        let mut made: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .map(Path::to_owned)
+            .collect();
+        made.reverse();
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("--outdir: cannot create {}: {e}", parent.display()))?;
+        Ok(NewDirs(made))
     }
 
     /// The shards of the job at `files` over `input`, when `--outdir` is given.
@@ -68,6 +75,28 @@ impl OutdirArgs {
             shards: Arc::new(Mutex::new(shards)),
             task: None,
         }))
+    }
+}
+
+/// Folders made for a job's output, outermost first: removed when dropped
+/// (those still empty), so that a start refused leaves no empty folder.
+#[must_use = "the folders are removed when this is dropped; keep() them once the job starts"]
+#[derive(Debug)]
+pub struct NewDirs(Vec<PathBuf>);
+
+impl NewDirs {
+    /// The job started: the folders stay.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for NewDirs {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            // Fails, as it should, on a folder something was written to.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -106,6 +106,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             join_input,
         },
     )?;
+    for note in &exported.notes {
+        tracing::warn!(parquet = %args.parquet.display(), "{note}");
+    }
     tracing::info!(
         output = %args.output.display(),
         parquet = %args.parquet.display(),

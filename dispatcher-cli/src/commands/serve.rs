@@ -331,9 +331,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // A dataset is staged (or its staged copy found) before anything else
     // reads the input: from here on the job's input is one JSONL file.
     let files = args.files();
-    args.outdir.create_job_dir(files.output())?;
+    let made = args.outdir.create_job_dir(files.output())?;
     let prepared = dispatcher_core::dataset::prepare(&args.infile, args.split.as_deref(), &files)?;
     let mut follower = args.outdir.plan(&files, &prepared)?;
+    made.keep();
     let args = ServeArgs {
         infile: prepared.path.clone(),
         ..args

@@ -367,7 +367,7 @@ impl WorkArgs {
             ))),
             (None, Some(input), Some(output)) => {
                 let output = &output;
-                self.outdir.create_job_dir(output)?;
+                let made = self.outdir.create_job_dir(output)?;
                 let files = dispatcher_core::job::JobFiles::new(output, None);
                 if self.overwrite {
                     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -392,6 +392,7 @@ impl WorkArgs {
                         .grouping(dispatcher_core::ledger::DEFAULT_MAX_PENDING_BYTES)?,
                 )?;
                 let follower = self.outdir.plan(&files, &prepared)?;
+                made.keep();
                 if let Some(lines) = source.complete_lines() {
                     tracing::warn!(
                         "the output {} is already complete ({lines} lines, one for each line of {}): nothing to do, and no engine was started. To run the job again from the start, pass --overwrite (or move {} and {} away)",

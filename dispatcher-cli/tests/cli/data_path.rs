@@ -327,6 +327,17 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 
+    // A refused start with --outdir leaves no folder it made.
+    let out = Command::new(BIN)
+        .args(["infer", "-q", "--engine", "echo", "--input"])
+        .arg(&ds)
+        .arg("--outdir")
+        .arg(job.path("shards/new"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!job.path("shards").exists(), "the --outdir folder was left");
+
     // Failure records of every kind, whose task_data is an object or (the
     // line was not JSON) a string: exported, task_data as its JSON text.
     let records = [
@@ -348,9 +359,12 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // An output Parquet cannot hold (a field an object in one line, a
-    // number in the next): refused, naming the line, and no partial file.
-    std::fs::write(job.path("done.jsonl"), "{\"a\": {\"b\": 1}}\n{\"a\": 2}\n").unwrap();
+    // An output Parquet cannot hold (a field of its own for each line,
+    // past any table's columns): refused, naming the line, no partial file.
+    let keyed: String = (1..=10_001)
+        .map(|i| format!("{{\"id_{i}\": 1}}\n"))
+        .collect();
+    std::fs::write(job.path("done.jsonl"), keyed).unwrap();
     let out = Command::new(BIN)
         .arg("export")
         .arg(job.path("done.jsonl"))
@@ -360,7 +374,7 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("line 10001"), "{stderr}");
     assert!(!job.path("done.parquet").exists());
     assert!(!job.path("done.parquet.tmp").exists());
 }

@@ -10,7 +10,9 @@
 //! has no time zone; times of day `HH:MM:SS[.fff]`; durations an integer in
 //! the column's unit; decimals a string (`"12.50"`: exact, where a JSON number
 //! would be read as a float); a float that is not finite `null`. Columns of
-//! other types (intervals, unions, run-end encoded) are refused by name.
+//! other types (intervals, unions, run-end encoded) are refused by name, as
+//! are two columns (or struct fields) of one name and a map with a key
+//! twice: a JSON object holds a key once, and one value would be lost.
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
@@ -41,6 +43,21 @@ pub fn write_lines(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<(), String>
     Ok(())
 }
 
+/// An error naming a name given twice: a JSON object holds each key once,
+/// so one of the two would be lost.
+/// `what` says what the names are (columns, fields).
+pub fn distinct_names<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            return Err(format!(
+                "has two {what} named {name:?}; a JSON object holds each key once, so one would be lost: rename one in the dataset"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a column of this type can be turned into JSON; the error says
 /// which type cannot.
 pub fn check_type(data_type: &DataType) -> Result<(), String> {
@@ -49,7 +66,12 @@ pub fn check_type(data_type: &DataType) -> Result<(), String> {
         | DataType::LargeList(f)
         | DataType::FixedSizeList(f, _)
         | DataType::Map(f, _) => check_type(f.data_type()),
-        DataType::Struct(fields) => fields.iter().try_for_each(|f| check_type(f.data_type())),
+        DataType::Struct(fields) => {
+            distinct_names("fields", fields.iter().map(|f| f.name().as_str()))?;
+            fields.iter().try_for_each(|f| {
+                check_type(f.data_type()).map_err(|e| format!("(its field {:?}) {e}", f.name()))
+            })
+        }
         DataType::Dictionary(_, values) => check_type(values),
         t if supported_leaf(t) => Ok(()),
         t => Err(format!(
@@ -208,11 +230,16 @@ fn column(array: &dyn Array) -> Result<Vec<Value>, String> {
                             let Value::String(key) = std::mem::take(&mut keys[j]) else {
                                 continue;
                             };
+                            if object.contains_key(&key) {
+                                return Err(format!(
+                                    "has a map with the key {key:?} twice; a JSON object holds each key once, so one value would be lost: make the keys distinct in the dataset, or cast the column to a list of key-value structs"
+                                ));
+                            }
                             object.insert(key, std::mem::take(&mut items[j]));
                         }
-                        Value::Object(object)
+                        Ok(Value::Object(object))
                     } else {
-                        Value::Array(
+                        Ok(Value::Array(
                             range
                                 .map(|j| {
                                     let mut entry = Map::new();
@@ -221,10 +248,10 @@ fn column(array: &dyn Array) -> Result<Vec<Value>, String> {
                                     Value::Object(entry)
                                 })
                                 .collect(),
-                        )
+                        ))
                     }
                 })
-                .collect()
+                .collect::<Result<_, String>>()?
         }
         T::Dictionary(_, _) => {
             let a = array.as_any_dictionary();

@@ -549,6 +549,8 @@ fn copy<R: BufRead, W: Write>(
 }
 
 fn check_schema(path: &Path, schema: &arrow_schema::Schema) -> Result<(), DatasetError> {
+    rows::distinct_names("columns", schema.fields().iter().map(|f| f.name().as_str()))
+        .map_err(|e| DatasetError::shard(path, e))?;
     for field in schema.fields() {
         rows::check_type(field.data_type())
             .map_err(|e| DatasetError::shard(path, format!("column {:?} {e}", field.name())))?;
@@ -568,7 +570,10 @@ fn write_batches<W: Write>(
             DatasetError::shard(path, format!("cannot be read past row {row}: {e}"))
         })?;
         buffer.clear();
-        rows::write_lines(&batch, &mut buffer).map_err(|e| DatasetError::shard(path, e))?;
+        rows::write_lines(&batch, &mut buffer).map_err(|e| {
+            let last = row + batch.num_rows() as u64;
+            DatasetError::shard(path, format!("rows {}..={last}: {e}", row + 1))
+        })?;
         out.write_all(&buffer)?;
         row += batch.num_rows() as u64;
     }

@@ -26,6 +26,32 @@ pub(crate) use results::without_python_constants;
 mod tests {
     use super::*;
 
+    /// Every path that reads a line into values and writes it again (a
+    /// task's typed input, run-batch's bodies, results) gives each float
+    /// back to its last digit: the workspace reads JSON with serde_json's
+    /// `float_roundtrip` (its default parser may be one unit off, as
+    /// `90.33333333333333` -> `...31` once showed).
+    #[test]
+    fn a_float_read_and_written_again_is_the_same_to_the_last_digit() {
+        let mut changed = Vec::new();
+        for i in 0..200_000u32 {
+            let x = f64::from(i) / 3.0 + 90.0 + f64::from(i % 7) * 1e-9;
+            let text = format!("[{x:?},{:?}]", x * 1e-300);
+            let back = serde_json::from_str::<serde_json::Value>(&text)
+                .unwrap()
+                .to_string();
+            if back != text {
+                changed.push((text, back));
+            }
+        }
+        assert!(
+            changed.is_empty(),
+            "{} changed, as {:?}",
+            changed.len(),
+            changed.first()
+        );
+    }
+
     #[test]
     fn work_item_round_trips_python_json() {
         let py = r#"{"work_id": 7, "content": "{\"a\": 1}", "result": null, "retry_count": 0, "max_retries": 3}"#;

@@ -1,25 +1,28 @@
 //! `dispatcher export`: a finished output (one JSONL file, or an `--outdir`
 //! folder of shards) as one Parquet file, streaming: two passes over the
-//! lines, one to infer the schema from every line, one to write row groups of
-//! a set size, so memory is one row group whatever the output's size.
+//! lines, one to learn the columns from every line ([`columns`] says which
+//! type a field gets), one to write row groups, so memory is one row group
+//! (at most `--row-group-rows` rows, and about [`ROW_GROUP_BYTES`])
+//! whatever the output's size.
 //!
-//! The schema is arrow-json's inference over all lines: a field missing from
-//! a line is null there; integers and floats in one field make a float
-//! column; a field whose lines mix other types (a number here, a string
-//! there) becomes a string column. A field that is an object in some lines
-//! and a scalar in others has no column type and is refused.
+//! Every value is read as its text ([`raw`]): numbers are exact whatever
+//! their size, and `--join-input` joins the two lines' texts, never
+//! reading a value into a float and writing it back.
+
+mod columns;
+mod raw;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_schema::ArrowError;
+use arrow_schema::{ArrowError, DataType};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use serde_json::Value;
 
+use self::columns::Columns;
 use super::outdir::Manifest;
 use super::{DatasetError, Format};
 use crate::error::IoContext;
@@ -52,18 +55,31 @@ pub struct Exported {
     pub rows: u64,
     /// Columns of the schema.
     pub columns: usize,
+    /// A note for each field written in a form its values may not suggest
+    /// (JSON text, digits as text), naming the field and why.
+    pub notes: Vec<String>,
+}
+
+/// A file of an output, and its lines where a manifest states them.
+#[derive(Debug, Clone)]
+struct OutputFile {
+    path: PathBuf,
+    lines: Option<u64>,
 }
 
 /// The files of an output, in order: the file itself, or the shards of an
 /// `--outdir` folder (all of them complete).
-pub fn output_files(output: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+fn output_files(output: &Path) -> Result<Vec<OutputFile>, DatasetError> {
     if !output.is_dir() {
         if !output.is_file() {
             return Err(DatasetError::NotFound {
                 input: output.display().to_string(),
             });
         }
-        return Ok(vec![output.to_owned()]);
+        return Ok(vec![OutputFile {
+            path: output.to_owned(),
+            lines: None,
+        }]);
     }
     let manifest_path = output.join("manifest.json");
     let text = std::fs::read(&manifest_path).map_err(|e| {
@@ -91,22 +107,26 @@ pub fn output_files(output: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     Ok(manifest
         .shards
         .iter()
-        .map(|s| output.join(&s.name))
+        .map(|s| OutputFile {
+            path: output.join(&s.name),
+            lines: Some(s.lines),
+        })
         .collect())
 }
 
-/// Every line of `files` in order, with its file and line number.
+/// Every line of `files` in order, with its file and line number; a file
+/// with another number of lines than stated is an error.
 struct OutputLines<'a> {
-    files: std::slice::Iter<'a, PathBuf>,
+    files: std::slice::Iter<'a, OutputFile>,
     /// The file being read, its reader and the lines read from it.
-    current: Option<(&'a Path, Decoded, u64)>,
+    current: Option<(&'a OutputFile, Decoded, u64)>,
 }
 
 /// A file's content, decompressed where it is compressed.
 type Decoded = BufReader<Box<dyn Read>>;
 
 impl<'a> OutputLines<'a> {
-    fn new(files: &'a [PathBuf]) -> OutputLines<'a> {
+    fn new(files: &'a [OutputFile]) -> OutputLines<'a> {
         OutputLines {
             files: files.iter(),
             current: None,
@@ -125,18 +145,24 @@ impl<'a> OutputLines<'a> {
     fn next_into(&mut self, line: &mut Vec<u8>) -> Result<Option<(&'a Path, u64)>, DatasetError> {
         loop {
             if self.current.is_none() {
-                let Some(path) = self.files.next() else {
+                let Some(file) = self.files.next() else {
                     return Ok(None);
                 };
-                self.current = Some((path, OutputLines::open(path)?, 0));
+                self.current = Some((file, OutputLines::open(&file.path)?, 0));
             }
-            let (path, reader, n) = self.current.as_mut().expect("opened above");
+            let (file, reader, n) = self.current.as_mut().expect("opened above");
             line.clear();
             if reader
                 .read_until(b'\n', line)
-                .with_path("read the output", path)?
+                .with_path("read the output", &file.path)?
                 == 0
             {
+                if let Some(lines) = file.lines.filter(|lines| lines != n) {
+                    return Err(DatasetError::shard(
+                        &file.path,
+                        format!("has {n} lines where the folder's manifest.json says {lines}: the shard changed after its job wrote it (cut short by a copy?); run the job again to write it anew"),
+                    ));
+                }
                 self.current = None;
                 continue;
             }
@@ -147,7 +173,7 @@ impl<'a> OutputLines<'a> {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            return Ok(Some((path, *n)));
+            return Ok(Some((&file.path, *n)));
         }
     }
 }
@@ -156,6 +182,8 @@ impl<'a> OutputLines<'a> {
 struct Joiner {
     path: PathBuf,
     lines: std::io::Lines<BufReader<File>>,
+    /// The input line being joined.
+    line: String,
 }
 
 impl Joiner {
@@ -164,13 +192,13 @@ impl Joiner {
         Ok(Joiner {
             path: path.to_owned(),
             lines: BufReader::with_capacity(1 << 20, file).lines(),
+            line: String::new(),
         })
     }
 
-    /// The output line `line` (the `n`th of the whole output) with its
-    /// input line's fields.
-    fn join(&mut self, n: u64, output: Value) -> Result<Value, DatasetError> {
-        let input = self
+    /// Reads the input line of the output's `n`th line.
+    fn next(&mut self, n: u64) -> Result<(), DatasetError> {
+        self.line = self
             .lines
             .next()
             .transpose()
@@ -178,17 +206,26 @@ impl Joiner {
             .ok_or_else(|| {
                 DatasetError::shard(&self.path, format!("has fewer lines than the output (none for its line {n}); is it the job's input?"))
             })?;
-        let Ok(Value::Object(mut joined)) = serde_json::from_str::<Value>(&input) else {
-            // An input line that is no object carries nothing to join.
-            return Ok(output);
-        };
-        match output {
-            Value::Object(fields) => {
-                joined.extend(fields);
-                Ok(Value::Object(joined))
-            }
-            other => Ok(other),
-        }
+        Ok(())
+    }
+}
+
+/// One output line read as its fields, joined with its input line's when
+/// there is a joiner; `quoted` and `input` hold the text they point into.
+fn read_line<'a>(line: &'a str, input: Option<&'a str>) -> Result<raw::Fields<'a>, String> {
+    let output = raw::object(line).map_err(|e| not_an_object(&e))?;
+    Ok(match input.map(raw::object) {
+        // An input line that is no object carries nothing to join.
+        Some(Ok(input)) => raw::joined(input, output),
+        _ => output,
+    })
+}
+
+fn not_an_object(e: &serde_json::Error) -> String {
+    if e.is_data() {
+        "is not a JSON object; export takes a finished output, whose every line is one".into()
+    } else {
+        format!("is not JSON ({e}); export takes a finished output")
     }
 }
 
@@ -200,14 +237,17 @@ pub fn export(
     options: &ExportOptions,
 ) -> Result<Exported, DatasetError> {
     let files = output_files(output)?;
-    let not_json = |path: &Path, n: u64, e: &dyn std::fmt::Display| {
-        DatasetError::shard(
-            path,
-            format!("line {n} is not JSON ({e}); export takes a finished output"),
-        )
+    let at_line = |path: &Path, n: u64, e: &dyn std::fmt::Display| {
+        DatasetError::shard(path, format!("line {n} {e}"))
+    };
+    let text = |path: &Path, n: u64, line: &[u8]| -> Result<String, DatasetError> {
+        let text = std::str::from_utf8(line)
+            .map_err(|e| at_line(path, n, &format!("is not UTF-8 ({e})")))?;
+        Ok(raw::quote_constants(text).into_owned())
     };
 
-    // Pass 1: the schema of every line.
+    // Pass 1: the columns, from every line.
+    let mut columns = Columns::default();
     let mut joiner = options
         .join_input
         .as_deref()
@@ -216,39 +256,24 @@ pub fn export(
     let mut lines = OutputLines::new(&files);
     let mut line = Vec::new();
     let mut count = 0u64;
-    // Inference pulls values; a failure to read one stops it, and is kept
-    // here to be reported as itself.
-    let mut failed = None;
-    let values = std::iter::from_fn(|| {
-        let read = lines.next_into(&mut line).and_then(|at| {
-            let Some((path, n)) = at else { return Ok(None) };
-            count += 1;
-            let value: Value = serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
-            let value = records_as_text(value);
-            Ok(Some(match &mut joiner {
-                Some(j) => j.join(count, value)?,
-                None => value,
-            }))
-        });
-        match read {
-            Ok(value) => value.map(Ok),
-            Err(e) => {
-                let message = e.to_string();
-                failed = Some(e);
-                Some(Err(ArrowError::JsonError(message)))
+    while let Some((path, n)) = lines.next_into(&mut line)? {
+        count += 1;
+        let quoted = text(path, n, &line)?;
+        let input = match &mut joiner {
+            Some(j) => {
+                j.next(count)?;
+                Some(raw::quote_constants(&j.line))
             }
-        }
-    });
-    let inferred = arrow_json::reader::infer_json_schema_from_iterator(values);
-    if let Some(e) = failed {
-        return Err(e);
+            None => None,
+        };
+        let fields = read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
+        columns.observe(&fields).map_err(|e| at_line(path, n, &e))?;
     }
-    // Inference stops at the line whose value does not fit: the last read.
-    let inferred = inferred.map_err(|e| incompatible(e, count))?;
     if count == 0 {
         return Err(DatasetError::shard(output, "has no lines to export"));
     }
-    let schema = Arc::new(inferred);
+    let (schema, notes) = columns.schema();
+    let schema = Arc::new(schema);
 
     // Pass 2: the rows.
     let tmp = with_suffix(parquet, ".tmp");
@@ -263,7 +288,14 @@ pub fn export(
         let parquet_error = |e: parquet::errors::ParquetError| DatasetError::shard(parquet, e);
         let mut writer =
             ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet_error)?;
-        let batch_rows = options.row_group_rows.clamp(1, 8192);
+        // A batch holds every column of its rows: fewer rows where there
+        // are many columns.
+        let leaves = leaf_columns(&schema).max(1);
+        let batch_rows = options
+            .row_group_rows
+            .clamp(1, 8192)
+            .min((1 << 22) / leaves)
+            .max(1);
         let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
             .with_batch_size(batch_rows)
             .with_coerce_primitive(true)
@@ -274,39 +306,46 @@ pub fn export(
             .as_deref()
             .map(Joiner::open)
             .transpose()?;
-        let mut rows = 0u64;
+        let (mut rows, mut pending) = (0u64, 0usize);
         let mut buffer = Vec::new();
         let mut lines = OutputLines::new(&files);
         while let Some((path, n)) = lines.next_into(&mut line)? {
             rows += 1;
-            let record = memchr::memmem::find(&line, crate::record::ERROR_KEY.as_bytes()).is_some();
-            let bytes: &[u8] = match &mut joiner {
-                Some(j) => {
-                    let value: Value =
-                        serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
-                    buffer.clear();
-                    serde_json::to_writer(&mut buffer, &j.join(rows, records_as_text(value))?)
-                        .expect("a JSON value serializes into a Vec");
-                    &buffer
-                }
-                None if record => {
-                    let value: Value =
-                        serde_json::from_slice(&line).map_err(|e| not_json(path, n, &e))?;
-                    buffer.clear();
-                    serde_json::to_writer(&mut buffer, &records_as_text(value))
-                        .expect("a JSON value serializes into a Vec");
-                    &buffer
-                }
-                None => &line,
+            let decode_error = |e: ArrowError| at_line(path, n, &format!(": {e}"));
+            let quoted = text(path, n, &line)?;
+            let bytes: &[u8] = if joiner.is_none()
+                && columns.reads_lines_as_they_are()
+                && quoted.len() == line.len()
+            {
+                &line
+            } else {
+                let input = match &mut joiner {
+                    Some(j) => {
+                        j.next(rows)?;
+                        Some(raw::quote_constants(&j.line))
+                    }
+                    None => None,
+                };
+                let fields =
+                    read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
+                buffer.clear();
+                columns.write_line(&fields, &mut buffer);
+                &buffer
             };
-            let at_line = |e: ArrowError| DatasetError::shard(path, format!("line {n}: {e}"));
+            pending += bytes.len();
             let mut rest = bytes;
             loop {
-                let used = decoder.decode(rest).map_err(at_line)?;
+                let used = decoder.decode(rest).map_err(decode_error)?;
                 rest = &rest[used..];
-                if decoder.len() >= batch_rows || !rest.is_empty() {
-                    if let Some(batch) = decoder.flush().map_err(at_line)? {
+                if decoder.len() >= batch_rows || !rest.is_empty() || pending >= BATCH_BYTES {
+                    if let Some(batch) = decoder.flush().map_err(decode_error)? {
                         writer.write(&batch).map_err(parquet_error)?;
+                    }
+                    pending = 0;
+                    // A row group is held in memory until written: ended
+                    // early when its rows are large.
+                    if writer.in_progress_size() >= ROW_GROUP_BYTES {
+                        writer.flush().map_err(parquet_error)?;
                     }
                 }
                 if rest.is_empty() {
@@ -329,29 +368,23 @@ pub fn export(
     Ok(Exported {
         rows,
         columns: schema.fields().len(),
+        notes,
     })
 }
 
-fn incompatible(e: ArrowError, line: u64) -> DatasetError {
-    DatasetError::Shard {
-        path: PathBuf::from("the output"),
-        message: format!(
-            "has no single column type for a field at its line {line} (counting from 1; {e}); a field must be an object (or a list) in every line that has it, or a scalar in every one"
-        ),
-    }
-}
+/// JSON text decoded before a batch is flushed, whatever its rows.
+const BATCH_BYTES: usize = 64 << 20;
+/// Encoded size at which a row group is written before its row count.
+const ROW_GROUP_BYTES: usize = 256 << 20;
 
-/// A failure record's `task_data` (the input line as the task got it:
-/// an object, or a string when it was not JSON) as its JSON text, so that
-/// the records of one output share a column type: the column is a string
-/// of JSON in every row (`json.loads` gives the value back).
-fn records_as_text(mut value: Value) -> Value {
-    if let Some(Value::Object(record)) = value.get_mut(crate::record::ERROR_KEY) {
-        if let Some(data) = record.get_mut("task_data") {
-            if !data.is_null() {
-                *data = Value::String(data.to_string());
-            }
+/// The leaf columns of a schema (a struct's fields each count).
+fn leaf_columns(schema: &arrow_schema::Schema) -> usize {
+    fn leaves(t: &DataType) -> usize {
+        match t {
+            DataType::Struct(fields) => fields.iter().map(|f| leaves(f.data_type())).sum(),
+            DataType::List(item) => leaves(item.data_type()),
+            _ => 1,
         }
     }
-    value
+    schema.fields().iter().map(|f| leaves(f.data_type())).sum()
 }
