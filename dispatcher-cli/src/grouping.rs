@@ -28,9 +28,10 @@ pub struct GroupArgs {
     /// template before distinct questions).
     #[arg(long, value_name = "N", requires = "group_by")]
     pub group_by_prefix: Option<usize>,
-    /// Lines read ahead of issue to group at most (default: 64 per MiB of
-    /// --max-pending-mib, 16,384 by default, so that the results they may
-    /// hold back fit in it).
+    /// Lines read ahead of issue to group at most, and results held behind
+    /// a line not yet written before reading ahead stops and that line goes
+    /// out first (default: 64 per MiB of --max-pending-mib, 16,384 by
+    /// default, so that the results they may hold back fit in it).
     #[arg(long, value_name = "LINES", requires = "group_by")]
     pub lookahead: Option<usize>,
 }

@@ -12,6 +12,12 @@
 //! once the rest of the job runs dry). A worker that asks for no work for
 //! a work timeout loses its keys.
 //!
+//! The lookahead also bounds what the job holds: lines stop being read
+//! ahead while `lookahead` results wait behind a line not written yet, and
+//! once half that many wait, the line they wait for goes out first to any
+//! worker that asks (its key's owner may be busy with other lines for
+//! long). What a crash would lose stays about the lookahead.
+//!
 //! Everything here is bookkeeping of ids and keys: the items themselves
 //! (their spans, states and leases) stay in [`super::items::Items`].
 
@@ -98,9 +104,58 @@ impl Groups {
         self.waiting
     }
 
-    /// Whether fewer than `lookahead` lines wait: another may be read ahead.
-    pub(super) fn has_room(&self) -> bool {
-        self.waiting < self.grouping.lookahead
+    /// Whether another line may be read ahead: fewer than `lookahead` lines
+    /// wait, and fewer than `lookahead` results are `held` behind a line
+    /// not written yet (a key whose owner is busy must not make the
+    /// reorder buffer grow while the rest of the job goes out).
+    pub(super) fn has_room(&self, held: u64) -> bool {
+        let lookahead = self.grouping.lookahead;
+        self.waiting < lookahead && held < lookahead as u64
+    }
+
+    /// Whether `held` results behind the line the output waits for are
+    /// enough for that line to go out first, to whoever asks (see
+    /// [`Groups::take_line`]): half the lookahead.
+    pub(super) fn head_is_overdue(&self, held: u64) -> bool {
+        held >= (self.grouping.lookahead as u64 / 2).max(1)
+    }
+
+    /// The group key of a line.
+    pub(super) fn key_of(&self, content: &str) -> Option<u64> {
+        (self.grouping.key)(content)
+    }
+
+    /// Takes waiting line `id` (group key `key`), the oldest that waits,
+    /// for `worker`, whoever has its key: the output waits for it. The key's
+    /// owners stay as they are. `false` when it is not the oldest waiting.
+    pub(super) fn take_line(&mut self, id: u64, key: Option<u64>, worker: Option<u64>) -> bool {
+        match key {
+            None => {
+                if self.loose.front() != Some(&id) {
+                    return false;
+                }
+                self.loose.pop_front();
+                self.waiting -= 1;
+                true
+            }
+            Some(k) => {
+                let Some(entry) = self.keys.get(&k) else {
+                    return false;
+                };
+                if entry.waiting.front() != Some(&id) {
+                    return false;
+                }
+                let owner = worker.is_some_and(|w| entry.owners.contains(&w));
+                let mut out = Vec::with_capacity(1);
+                let took = self.take_lines(k, 1, &mut out);
+                if owner {
+                    self.stats.to_owner += took;
+                } else {
+                    self.stats.spread += took;
+                }
+                true
+            }
+        }
     }
 
     /// What grouping did so far.

@@ -17,7 +17,10 @@ impl Ledger {
         let mut kept = 0;
         while !self.input_exhausted
             && kept < KEEP_PER_REQUEST
-            && self.groups.as_ref().is_some_and(Groups::has_room)
+            && self
+                .groups
+                .as_ref()
+                .is_some_and(|g| g.has_room(self.window.finished()))
         {
             match self.read_next()? {
                 None => break,
@@ -33,6 +36,39 @@ impl Ledger {
             }
         }
         Ok(kept)
+    }
+
+    /// With grouping on: the line the output waits for, when it waits
+    /// unissued (its key's owner busy elsewhere) while the results behind
+    /// it pile up (see [`Groups::head_is_overdue`]), issued to `worker`.
+    pub(super) fn take_overdue_head(
+        &mut self,
+        worker: Option<u64>,
+        now: Instant,
+    ) -> io::Result<Option<Issue>> {
+        let held = self.window.finished();
+        if !self
+            .groups
+            .as_ref()
+            .is_some_and(|g| g.head_is_overdue(held))
+        {
+            return Ok(None);
+        }
+        let id = self.window.next_write_id();
+        let Some(key) = self.key_of(id) else {
+            return Ok(None);
+        };
+        if !matches!(self.items[key].state(), ItemState::Waiting) {
+            return Ok(None);
+        }
+        let content = self.input.read_span(self.items[key].span)?;
+        let groups = self.groups.as_mut().expect("checked above");
+        if !groups.take_line(id, groups.key_of(&content), worker) {
+            return Ok(None);
+        }
+        let lease = self.leases.grant(id, now);
+        self.items.issue_waiting(key, worker, lease);
+        Ok(Some(self.issue(id, content, 0)))
     }
 
     /// Reads the next input line and takes its id: `None` at the end of the

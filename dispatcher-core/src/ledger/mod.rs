@@ -183,6 +183,7 @@ impl Ledger {
             }
         }
         if self.groups.is_some() && items.len() < batch {
+            items.extend(self.take_overdue_head(worker, now)?);
             kept += self.read_ahead(now)?;
             let ids = self
                 .groups

@@ -1520,3 +1520,40 @@ fn a_silent_workers_keys_move_and_the_lookahead_bounds_what_is_read() {
     );
     assert_eq!(job.output(), String::from_utf8(group_lines(&keys)).unwrap());
 }
+
+/// A key's owner that is busy for long (alive, asking for nothing) holds
+/// back its key's next line while another worker works through the rest:
+/// the results held behind that line stay within about the lookahead, and
+/// the line goes to the worker that asks once they pile up.
+#[test]
+fn a_busy_owner_does_not_hold_the_output_back_past_the_lookahead() {
+    // Key 0 on line 0 and line 20; every other line a key of its own.
+    let keys: Vec<u64> = (0..2_000)
+        .map(|i| if i == 0 || i == 20 { 0 } else { i + 1 })
+        .collect();
+    let mut job = Job::new(&group_lines(&keys), Some(3));
+    grouped(&mut job, 100);
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    let (busy, other) = (Some(1), Some(2));
+    let r = l.take_work(Ask::batch(1).by(busy), t).unwrap();
+    assert_eq!(ids(&r), vec![0], "the busy worker opens key 0");
+    answer_all(&mut l, &r);
+    let mut most_held = 0;
+    let mut rounds = 0;
+    while !l.is_complete() {
+        // The owner is alive (heartbeats) but asks for no work.
+        l.heartbeat(&[], busy, t);
+        let r = l.take_work(Ask::batch(8).by(other), t).unwrap();
+        answer_all(&mut l, &r);
+        let stats = l.stats(t);
+        most_held = most_held.max(stats.next_work_id - stats.lines_written);
+        rounds += 1;
+        assert!(rounds < 10_000, "no progress: {r:?}");
+    }
+    assert!(
+        most_held <= 2 * 100 + 8,
+        "{most_held} lines held behind line 20"
+    );
+    assert_eq!(job.output(), String::from_utf8(group_lines(&keys)).unwrap());
+}
