@@ -20,6 +20,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::IoContext;
 use crate::protocol::{JournalEntry, JournalRecord};
@@ -27,8 +28,47 @@ use crate::protocol::{JournalEntry, JournalRecord};
 /// Entries and their bytes, per line.
 #[derive(Debug, Default)]
 struct Line {
-    entries: Vec<JournalEntry>,
+    entries: Vec<Held>,
     bytes: u64,
+}
+
+/// An entry as held: its response kept as the JSON text it is in the file
+/// (read into values, a response takes several times the memory of its
+/// text, and the bound is on the text), read back when a line is issued
+/// again.
+#[derive(Debug)]
+struct Held {
+    seq: u32,
+    fingerprint: Box<str>,
+    response: Box<RawValue>,
+}
+
+impl Held {
+    fn new(entry: JournalEntry) -> io::Result<Held> {
+        Ok(Held {
+            seq: entry.seq,
+            fingerprint: entry.fingerprint.into_boxed_str(),
+            response: serde_json::value::to_raw_value(&entry.response).map_err(io::Error::other)?,
+        })
+    }
+
+    fn entry(&self) -> JournalEntry {
+        JournalEntry {
+            seq: self.seq,
+            fingerprint: self.fingerprint.to_string(),
+            response: serde_json::from_str(self.response.get())
+                .expect("held text is the JSON of a value"),
+        }
+    }
+}
+
+/// A [`JournalRecord`] as written from what is held (the same JSON).
+#[derive(Serialize)]
+struct RecordOut<'a> {
+    work_id: u64,
+    seq: u32,
+    fingerprint: &'a str,
+    response: &'a RawValue,
 }
 
 /// A line of the journal file that is not an entry.
@@ -107,7 +147,7 @@ impl Journal {
                     return Ok(());
                 }
                 if record.work_id >= written {
-                    self.admit(record, line.len() as u64 + 1);
+                    self.admit(record, line.len() as u64 + 1)?;
                 }
                 continue;
             }
@@ -147,24 +187,24 @@ impl Journal {
     }
 
     /// Holds `record` unless it repeats one or the entries are full.
-    fn admit(&mut self, record: JournalRecord, len: u64) -> bool {
+    fn admit(&mut self, record: JournalRecord, len: u64) -> io::Result<bool> {
         let at = self.lines.entry(record.work_id).or_default();
         if at.entries.iter().any(|e| e.seq == record.entry.seq) {
-            return false;
+            return Ok(false);
         }
         if self.stats.bytes + len > self.max_bytes / 2 {
             if at.entries.is_empty() {
                 self.lines.remove(&record.work_id);
             }
             self.stats.dropped += 1;
-            return false;
+            return Ok(false);
         }
-        at.entries.push(record.entry);
+        at.entries.push(Held::new(record.entry)?);
         at.entries.sort_by_key(|e| e.seq);
         at.bytes += len;
         self.stats.bytes += len;
         self.stats.entries += 1;
-        true
+        Ok(true)
     }
 
     /// Records `records` of lines not written yet (the first `written` are),
@@ -197,7 +237,7 @@ impl Journal {
         let mut buf = Vec::with_capacity(total as usize);
         let mut recorded = 0;
         for (record, bytes) in candidates {
-            if self.admit(record, bytes.len() as u64) {
+            if self.admit(record, bytes.len() as u64)? {
                 buf.extend_from_slice(&bytes);
                 recorded += 1;
             }
@@ -253,7 +293,14 @@ impl Journal {
 
     /// The entries of line `id`, in request order.
     pub fn entries(&self, id: u64) -> Option<Vec<JournalEntry>> {
-        Some(self.lines.get(&id)?.entries.clone())
+        Some(
+            self.lines
+                .get(&id)?
+                .entries
+                .iter()
+                .map(Held::entry)
+                .collect(),
+        )
     }
 
     /// Drops the entries of the lines written (the first `written`).
@@ -311,10 +358,12 @@ impl Journal {
             .with_path("write the journal", &tmp)?;
         let mut written = header.len() as u64;
         for (&work_id, line) in &self.lines {
-            for entry in &line.entries {
-                let record = JournalRecord {
+            for held in &line.entries {
+                let record = RecordOut {
                     work_id,
-                    entry: entry.clone(),
+                    seq: held.seq,
+                    fingerprint: &held.fingerprint,
+                    response: &held.response,
                 };
                 let mut bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
                 bytes.push(b'\n');
