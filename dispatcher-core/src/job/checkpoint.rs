@@ -213,22 +213,12 @@ impl Checkpoint {
         Ok(Some(cp))
     }
 
-    /// Checks that `infile` and `outfile` are still the files this checkpoint
-    /// describes. Returns what the one read of the input's checkpointed part
-    /// found (its lines and CRC-32), so that nothing reads it again.
-    pub fn verify(
-        &self,
-        checkpoint: &Path,
-        infile: &Path,
-        outfile: &Path,
-    ) -> Result<InputPrefix, ResumeError> {
+    /// Checks that `infile` is the input this checkpoint was taken over
+    /// (its first bytes and those before the checkpoint's offset), as
+    /// [`verify`](Self::verify) does before a resume; returns it open.
+    pub fn verify_input(&self, checkpoint: &Path, infile: &Path) -> Result<File, ResumeError> {
         let input_mismatch = |reason: String| ResumeError::InputMismatch {
             input: infile.to_owned(),
-            checkpoint: checkpoint.to_owned(),
-            reason,
-        };
-        let output_mismatch = |reason: String| ResumeError::OutputMismatch {
-            output: outfile.to_owned(),
             checkpoint: checkpoint.to_owned(),
             reason,
         };
@@ -248,6 +238,29 @@ impl Checkpoint {
         {
             return Err(input_mismatch("its content differs".into()));
         }
+        Ok(input)
+    }
+
+    /// Checks that `infile` and `outfile` are still the files this checkpoint
+    /// describes. Returns what the one read of the input's checkpointed part
+    /// found (its lines and CRC-32), so that nothing reads it again.
+    pub fn verify(
+        &self,
+        checkpoint: &Path,
+        infile: &Path,
+        outfile: &Path,
+    ) -> Result<InputPrefix, ResumeError> {
+        let input_mismatch = |reason: String| ResumeError::InputMismatch {
+            input: infile.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+            reason,
+        };
+        let output_mismatch = |reason: String| ResumeError::OutputMismatch {
+            output: outfile.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+            reason,
+        };
+        let input = self.verify_input(checkpoint, infile)?;
         let output_len = match std::fs::metadata(outfile) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,

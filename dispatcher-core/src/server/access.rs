@@ -130,6 +130,7 @@ pub(super) async fn require_token(
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim_start());
         if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+            state.refused.note(&request, given.is_some());
             return (
                 StatusCode::UNAUTHORIZED,
                 Json(ErrorResponse {
@@ -143,6 +144,48 @@ pub(super) async fn require_token(
         }
     }
     next.run(request).await
+}
+
+/// Requests refused for want of the token: the server says so in its log,
+/// at most every ten seconds (a worker of another job, left on this port,
+/// or one started without the token, asks every few seconds).
+/// Requests without a token and with a wrong one are told apart.
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    /// Refused without a token, and with another one.
+    count: [std::sync::atomic::AtomicU64; 2],
+    /// The count when last logged, and when, of each.
+    logged: std::sync::Mutex<[Option<(u64, std::time::Instant)>; 2]>,
+}
+
+impl Refusals {
+    fn note(&self, request: &axum::extract::Request, had_token: bool) {
+        use std::sync::atomic::Ordering;
+        let kind = usize::from(had_token);
+        let count = self.count[kind].fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let last = &mut logged[kind];
+        if last.is_some_and(|(_, at)| now.duration_since(at) < std::time::Duration::from_secs(10)) {
+            return;
+        }
+        let since = last.map_or(0, |(n, _)| n);
+        *last = Some((count, now));
+        drop(logged);
+        let worker = request
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("worker=")))
+            .unwrap_or("");
+        tracing::warn!(
+            refused = count - since,
+            method = %request.method(),
+            path = %crate::text::escaped(request.uri().path(), 200),
+            worker = %crate::text::escaped(worker, 200),
+            "refused request(s) {} this job's token: a worker left over from another job on this port, or one started without the token (give it the job's token: --token-file or DISPATCHER_TOKEN)",
+            if had_token { "with another token than" } else { "without" }
+        );
+    }
 }
 
 /// Compares a given token with the secret in a time that depends only on the

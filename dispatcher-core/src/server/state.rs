@@ -46,6 +46,8 @@ pub struct AppState {
     /// Requests workers answered from journals, and the tokens that saved.
     pub(super) journal_replayed: std::sync::atomic::AtomicU64,
     pub(super) journal_tokens_saved: std::sync::atomic::AtomicU64,
+    /// Requests refused for want of the token, and those of them logged.
+    pub(super) refused: super::access::Refusals,
     /// The workers seen. Its own lock, never held with the ledger's.
     pub(super) workers: std::sync::Mutex<super::workers::Workers>,
     /// `<outfile>.manifest.json`. Its own lock, taken after the ledger's
@@ -113,6 +115,7 @@ impl AppState {
             workers: std::sync::Mutex::default(),
             journal_replayed: std::sync::atomic::AtomicU64::new(0),
             journal_tokens_saved: std::sync::atomic::AtomicU64::new(0),
+            refused: super::access::Refusals::default(),
             manifest: std::sync::Mutex::new(manifest),
             checkpointing: std::sync::Mutex::new(()),
             earlier_tokens,

@@ -70,6 +70,13 @@ pub struct LaunchOptions {
     /// file (default `<output>.launch/`).
     #[arg(long, value_name = "DIR")]
     pub launch_dir: Option<PathBuf>,
+    /// Without --token, launch makes the job a token of its own (in
+    /// `<launch dir>/token`), so that only its own workers take its lines:
+    /// not one left over from another job on the same port, nor one
+    /// started by hand. This leaves the job open instead, for workers that
+    /// cannot send a token (the Python client).
+    #[arg(long)]
+    pub no_job_token: bool,
 }
 
 /// Flags of `dispatcher launch`.

@@ -18,6 +18,7 @@ mod args;
 pub mod backend;
 mod end;
 mod fleet;
+mod identity;
 pub mod plan;
 mod server;
 pub mod state;
@@ -58,13 +59,14 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| with_suffix(files.output(), ".launch")),
     )?;
-    let token = args.serve.access.resolve()?;
     let mut ui = Ui::new();
     let signal = crate::termination_signal();
     tokio::pin!(signal);
 
     let Some(_lock) = dir.lock()? else {
-        // Another launch runs this job: watch it.
+        // Another launch runs this job: watch it, if it is this job.
+        identity::check_same_input(&args)?;
+        let token = identity::job_token(&args, &dir, false)?;
         let saved = dir.load()?;
         let addr = options
             .server
@@ -81,6 +83,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         return watch(&client, &args, &mut ui, signal).await;
     };
 
+    let token = identity::job_token(&args, &dir, true)?;
     let mut backend = match options.backend {
         BackendChoice::Local => Backend::Local(Local::default()),
         BackendChoice::Slurm => Backend::Slurm(Slurm {
@@ -115,15 +118,24 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         None => LaunchState::new(backend.name()),
     };
 
-    let mut server =
-        match start_or_attach(&args, matches, &dir, &mut state, &mut ui, &mut signal).await? {
-            Started::Server(s) => *s,
-            Started::AlreadyComplete => {
-                ui.event("the job is complete already");
-                return finish(&args, &state, &mut ui);
-            }
-            Started::Interrupted => return Err(Exit(EXIT_INTERRUPTED).into()),
-        };
+    let mut server = match start_or_attach(
+        &args,
+        matches,
+        &dir,
+        &mut state,
+        token.as_deref(),
+        &mut ui,
+        &mut signal,
+    )
+    .await?
+    {
+        Started::Server(s) => *s,
+        Started::AlreadyComplete => {
+            ui.event("the job is complete already");
+            return finish(&args, &state, &mut ui);
+        }
+        Started::Interrupted => return Err(Exit(EXIT_INTERRUPTED).into()),
+    };
     state.server = Some(server.record.clone());
     dir.save(&state)?;
 

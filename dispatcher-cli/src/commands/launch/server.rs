@@ -63,11 +63,10 @@ pub(super) async fn start_or_attach(
     matches: &ArgMatches,
     dir: &LaunchDir,
     state: &mut LaunchState,
+    token: Option<&str>,
     ui: &mut Ui,
     signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<Started> {
-    let token = args.serve.access.resolve()?;
-    let token = token.as_deref();
     if let Some(addr) = &args.launch.server {
         let client = DispatcherClient::with_token(addr, token);
         client
@@ -89,6 +88,8 @@ pub(super) async fn start_or_attach(
             && saved.pid.is_some_and(dispatcher_core::process::alive);
         let client = DispatcherClient::with_token(&saved.addr, token);
         if ours || client.status().await.is_ok() {
+            // Taken over only when it runs this job's input.
+            identity::check_same_input(args)?;
             ui.event(&format!(
                 "attaching to the server an earlier launch started at {}",
                 saved.addr
