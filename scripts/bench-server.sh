@@ -6,6 +6,7 @@
 #
 #   scripts/bench-server.sh [REPEATS] [SECS]
 #   BASELINE=path/to/older/dispatcher scripts/bench-server.sh [REPEATS] [SECS]
+#   SERVE_FLAGS="--group-by .prompt" ...   # flags of both servers' `serve`
 #
 # With BASELINE, the runs that alternate with the server's are that binary's
 # `serve` on the same input instead of the stand-in, so each summary's share is
@@ -31,7 +32,7 @@ addr_of() { # wait for "listening on ADDR" in file $1
 start_server() { # fresh output; prints pid; address in $work/srv.out
   rm -f "$work"/out.jsonl* "$work/srv.out" # no stale address for addr_of
   $server serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
-    --work-timeout 3600 "$@" >"$work/srv.out" 2>"$work/srv.err" &
+    --work-timeout 3600 ${SERVE_FLAGS:-} "$@" >"$work/srv.out" 2>"$work/srv.err" &
   echo $!
 }
 
@@ -53,7 +54,7 @@ for cfg in "${configs[@]}"; do
     if [ -n "${BASELINE:-}" ]; then
       rm -f "$work"/out.jsonl*
       "$BASELINE" serve --infile "$input" --outfile "$work/out.jsonl" --host 127.0.0.1 --port 0 \
-        --work-timeout 3600 >"$work/standin.out" 2>"$work/standin.err" & sp=$!
+        --work-timeout 3600 ${SERVE_FLAGS:-} >"$work/standin.out" 2>"$work/standin.err" & sp=$!
     else
       $bench standin >"$work/standin.out" & sp=$!
     fi

@@ -3,10 +3,8 @@
 //! is sent, naming the shard, column and key; nothing is dropped silently.
 //! Needs the venv of `scripts/setup-datasets.sh` (see `datasets.rs`).
 
-use std::process::Command;
-
 use crate::datasets::{python, run_python};
-use crate::support::dispatcher_bin;
+use crate::export::infer_prompts;
 
 const WRITE: &str = r#"
 import sys, pyarrow as pa, pyarrow.parquet as pq
@@ -33,21 +31,7 @@ fn columns_a_json_line_cannot_hold_are_refused_by_name() {
     ];
     for (file, expected) in files.iter().zip(expected) {
         let output = dir.path().join("out.jsonl");
-        let run = Command::new(dispatcher_bin())
-            .args([
-                "infer",
-                "-q",
-                "--engine",
-                "echo",
-                "--prompt-path",
-                ".prompt",
-                "--input",
-            ])
-            .arg(file)
-            .arg("--output")
-            .arg(&output)
-            .output()
-            .unwrap();
+        let run = infer_prompts(file, "--output", &output);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{stderr}");
         let name = file.file_name().unwrap().to_str().unwrap();

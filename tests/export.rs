@@ -19,6 +19,26 @@ fn export(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `dispatcher infer` with the echo engine on the `prompt` field of each
+/// line of `input`, writing to `output` (`--output` or `--outdir`).
+pub(crate) fn infer_prompts(input: &Path, flag: &str, output: &Path) -> Output {
+    Command::new(dispatcher_bin())
+        .args([
+            "infer",
+            "-q",
+            "--engine",
+            "echo",
+            "--prompt-path",
+            ".prompt",
+        ])
+        .arg("--input")
+        .arg(input)
+        .arg(flag)
+        .arg(output)
+        .output()
+        .unwrap()
+}
+
 fn assert_ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
@@ -137,21 +157,7 @@ pq.write_table(pa.table({
         &[&dataset],
     );
     let output = dir.path().join("out.jsonl");
-    let infer = Command::new(dispatcher_bin())
-        .args([
-            "infer",
-            "-q",
-            "--engine",
-            "echo",
-            "--prompt-path",
-            ".prompt",
-        ])
-        .arg("--input")
-        .arg(&dataset)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
+    let infer = infer_prompts(&dataset, "--output", &output);
     assert_ok(&infer);
     let joined = dir.path().join("joined.parquet");
     assert_ok(&export(&[
@@ -189,21 +195,7 @@ fn a_folder_whose_shard_was_cut_short_is_refused() {
         std::fs::write(input.join(format!("part-{shard}.jsonl")), lines).unwrap();
     }
     let outdir = dir.path().join("out");
-    let infer = Command::new(dispatcher_bin())
-        .args([
-            "infer",
-            "-q",
-            "--engine",
-            "echo",
-            "--prompt-path",
-            ".prompt",
-        ])
-        .arg("--input")
-        .arg(&input)
-        .arg("--outdir")
-        .arg(&outdir)
-        .output()
-        .unwrap();
+    let infer = infer_prompts(&input, "--outdir", &outdir);
     assert_ok(&infer);
     let shard = outdir.join("part-1.jsonl");
     let text = std::fs::read_to_string(&shard).unwrap();

@@ -512,6 +512,50 @@ fn a_killed_launch_is_started_again_without_losing_its_workers() {
     assert!(!alive(server));
 }
 
+/// Workers that crash hard (SIGKILL) holding the first lines, one after
+/// another, while the others make progress, do not stop the job: the
+/// crashed ones' lines hold the written output back until their work
+/// timeout, but results still come in, and that is what counts as the job
+/// moving.
+#[test]
+fn hard_crashes_behind_which_results_still_come_in_do_not_stop_the_job() {
+    let job = LaunchJob::new(400);
+    let bin = dispatcher_bin().display().to_string();
+    let worker = vec![
+        "sh".to_string(),
+        "-c".into(),
+        format!(
+            "if [ \"$DISPATCHER_LAUNCH_WORKER\" -lt 3 ]; then \
+               '{bin}' infer --engine echo --echo-latency-ms 100000 --max-in-flight 8 & p=$!; \
+               sleep 1.5; kill -9 $p; exit 9; \
+             fi; \
+             exec '{bin}' infer --engine echo --echo-latency-ms 20 --max-in-flight 8"
+        ),
+    ];
+    let mut launch = job.start(
+        0,
+        &[
+            "--backend",
+            "local",
+            "--max-workers",
+            "2",
+            "--work-timeout",
+            "15",
+            "--failure-backoff",
+            "0.2",
+        ],
+        &args(&worker),
+    );
+    let code = wait(&mut launch, Duration::from_secs(120));
+    let said = job.said(0);
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.matches(" failed (").count() >= 3,
+        "three workers crashed: {said}"
+    );
+    job.check_output();
+}
+
 /// A free port on 127.0.0.1.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

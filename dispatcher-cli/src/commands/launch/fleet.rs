@@ -32,7 +32,9 @@ pub(super) struct Loop<'a> {
     /// replaced.
     pub(super) owed: u64,
     pub(super) capacity: u64,
-    pub(super) lines_done: Option<u64>,
+    /// Results handed in at the last look (lines written, and those waiting
+    /// in the reorder buffer for an earlier one).
+    pub(super) handed_in: Option<u64>,
     pub(super) reported_pending: HashSet<String>,
     /// Jobs whose worker said hello to the server (it names its job).
     pub(super) reached: HashSet<String>,
@@ -79,7 +81,7 @@ impl Loop<'_> {
                     }
                     let since = *self.unreachable_since.get_or_insert_with(Instant::now);
                     if !server.owned
-                        && self.lines_done.is_some()
+                        && self.handed_in.is_some()
                         && since.elapsed() > Duration::from_secs(30)
                     {
                         ui.event(&format!("the server at {} is gone ({e}); it exits by itself once the job is complete", server.record.addr));
@@ -128,11 +130,14 @@ impl Loop<'_> {
     ) -> bool {
         if let Some(s) = status {
             self.note_reached(s);
-            if self.lines_done.is_some_and(|before| s.lines_done > before) {
-                // The job moves: failures before were not the workers' own.
+            // The job moves when results come in, written or not (a crashed
+            // worker's lines hold the written ones back until they time
+            // out): failures before were not the workers' own.
+            let handed_in = s.lines_done + s.reorder_buffer;
+            if self.handed_in.is_some_and(|before| handed_in > before) {
                 self.failures_in_a_row = 0;
             }
-            self.lines_done = Some(s.lines_done);
+            self.handed_in = Some(handed_in);
             self.capacity = s
                 .workers
                 .iter()

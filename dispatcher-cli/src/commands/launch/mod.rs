@@ -188,7 +188,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         submit_after: None,
         owed: 0,
         capacity: plan::stated_capacity(&args.worker),
-        lines_done: None,
+        handed_in: None,
         reported_pending: HashSet::new(),
         reached: HashSet::new(),
         unreachable_since: None,
