@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::IoContext;
-use crate::protocol::{JournalEntry, JournalRecord};
+use crate::protocol::{JournalEntry, JournalRecordText};
 
 /// Entries and their bytes, per line.
 #[derive(Debug, Default)]
@@ -44,12 +44,12 @@ struct Held {
 }
 
 impl Held {
-    fn new(entry: JournalEntry) -> io::Result<Held> {
-        Ok(Held {
-            seq: entry.seq,
-            fingerprint: entry.fingerprint.into_boxed_str(),
-            response: serde_json::value::to_raw_value(&entry.response).map_err(io::Error::other)?,
-        })
+    fn new(record: JournalRecordText) -> Held {
+        Held {
+            seq: record.seq,
+            fingerprint: record.fingerprint.into_boxed_str(),
+            response: record.response,
+        }
     }
 
     fn entry(&self) -> JournalEntry {
@@ -139,7 +139,7 @@ impl Journal {
         let path = self.path.clone();
         for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
             let line = line.with_path("read the journal", &path)?;
-            if let Ok(record) = serde_json::from_slice::<JournalRecord>(&line) {
+            if let Ok(record) = serde_json::from_slice::<JournalRecordText>(&line) {
                 // A journal without a header predates job ids: it is read
                 // only by a job whose checkpoint predates them too.
                 if i == 0 && !self.job_id.is_empty() {
@@ -187,9 +187,9 @@ impl Journal {
     }
 
     /// Holds `record` unless it repeats one or the entries are full.
-    fn admit(&mut self, record: JournalRecord, len: u64) -> io::Result<bool> {
+    fn admit(&mut self, record: JournalRecordText, len: u64) -> io::Result<bool> {
         let at = self.lines.entry(record.work_id).or_default();
-        if at.entries.iter().any(|e| e.seq == record.entry.seq) {
+        if at.entries.iter().any(|e| e.seq == record.seq) {
             return Ok(false);
         }
         if self.stats.bytes + len > self.max_bytes / 2 {
@@ -199,7 +199,7 @@ impl Journal {
             self.stats.dropped += 1;
             return Ok(false);
         }
-        at.entries.push(Held::new(record.entry)?);
+        at.entries.push(Held::new(record));
         at.entries.sort_by_key(|e| e.seq);
         at.bytes += len;
         self.stats.bytes += len;
@@ -209,7 +209,7 @@ impl Journal {
 
     /// Records `records` of lines not written yet (the first `written` are),
     /// except repeats and what does not fit. Returns how many were recorded.
-    pub fn record(&mut self, records: Vec<JournalRecord>, written: u64) -> io::Result<u64> {
+    pub fn record(&mut self, records: Vec<JournalRecordText>, written: u64) -> io::Result<u64> {
         let mut candidates = Vec::with_capacity(records.len());
         for record in records {
             if record.work_id < written {
@@ -386,8 +386,8 @@ impl Journal {
 mod tests {
     use super::*;
 
-    fn record(work_id: u64, seq: u32) -> JournalRecord {
-        JournalRecord {
+    fn record(work_id: u64, seq: u32) -> JournalRecordText {
+        crate::protocol::JournalRecord {
             work_id,
             entry: JournalEntry {
                 seq,
@@ -395,6 +395,7 @@ mod tests {
                 response: serde_json::json!({"text": format!("answer {work_id}.{seq}")}),
             },
         }
+        .into()
     }
 
     fn seqs(j: &Journal, id: u64) -> Vec<u32> {

@@ -75,7 +75,7 @@ use tokio::time::Instant;
 
 use crate::input::{InputReader, LineSpan};
 use crate::job::files::JobLock;
-use crate::protocol::{JournalEntry, JournalRecord, ResultLine};
+use crate::protocol::{JournalEntry, JournalRecordText, ResultLine};
 use leases::Leases;
 use window::Window;
 

@@ -72,6 +72,34 @@ pub struct JournalRecord {
     pub entry: JournalEntry,
 }
 
+/// A [`JournalRecord`] with its response kept as the JSON text it came in:
+/// how the server reads and holds journal entries (the same JSON on the
+/// wire and in the journal file). Read into values, a response takes
+/// several times the memory of its text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalRecordText {
+    /// The line it belongs to.
+    pub work_id: u64,
+    /// Its position among the task's requests, from 0.
+    pub seq: u32,
+    /// A hash of the request's canonical JSON, 16 hex digits.
+    pub fingerprint: String,
+    /// The response, as JSON text.
+    pub response: Box<serde_json::value::RawValue>,
+}
+
+impl From<JournalRecord> for JournalRecordText {
+    fn from(record: JournalRecord) -> JournalRecordText {
+        JournalRecordText {
+            work_id: record.work_id,
+            seq: record.entry.seq,
+            fingerprint: record.entry.fingerprint,
+            response: serde_json::value::to_raw_value(&record.entry.response)
+                .expect("a JSON value serializes"),
+        }
+    }
+}
+
 /// `POST /journal` (extension): entries of lines a worker is working on, and
 /// what its journals saved since the last call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
