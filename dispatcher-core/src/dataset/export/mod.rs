@@ -1,11 +1,11 @@
 //! `dispatcher export`: a finished output (one JSONL file, or an `--outdir`
 //! folder of shards) as one Parquet file, streaming: two passes over the
-//! lines, one to learn the columns from every line ([`columns`] says which
-//! type a field gets), one to write row groups, so memory is one row group
-//! (at most `--row-group-rows` rows, and about [`ROW_GROUP_BYTES`])
-//! whatever the output's size.
+//! lines, one to learn the columns from every line (the README's "Export"
+//! says which type a field gets), one to write row groups, so memory is one
+//! row group (at most `--row-group-rows` rows, and about 256 MiB) whatever
+//! the output's size.
 //!
-//! Every value is read as its text ([`raw`]): numbers are exact whatever
+//! Every value is read as its text: numbers are exact whatever
 //! their size, and `--join-input` joins the two lines' texts, never
 //! reading a value into a float and writing it back.
 
