@@ -31,7 +31,7 @@ fn columns_a_json_line_cannot_hold_are_refused_by_name() {
     ];
     for (file, expected) in files.iter().zip(expected) {
         let output = dir.path().join("out.jsonl");
-        let run = infer_prompts(file, "--output", &output);
+        let run = infer_prompts(file, "--output", &output).output().unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{stderr}");
         let name = file.file_name().unwrap().to_str().unwrap();

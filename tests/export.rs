@@ -6,23 +6,25 @@
 //! `datasets.rs`).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+use dispatcher_testkit::succeed;
 
 use crate::datasets::{assert_same_rows, path, python, run_python};
 use crate::support::dispatcher_bin;
 
-fn export(args: &[&str]) -> Output {
-    Command::new(dispatcher_bin())
-        .arg("export")
-        .args(args)
-        .output()
-        .unwrap()
+/// `dispatcher export` with `args`.
+fn export(args: &[&str]) -> Command {
+    let mut command = Command::new(dispatcher_bin());
+    command.arg("export").args(args);
+    command
 }
 
 /// `dispatcher infer` with the echo engine on the `prompt` field of each
 /// line of `input`, writing to `output` (`--output` or `--outdir`).
-pub(crate) fn infer_prompts(input: &Path, flag: &str, output: &Path) -> Output {
-    Command::new(dispatcher_bin())
+pub(crate) fn infer_prompts(input: &Path, flag: &str, output: &Path) -> Command {
+    let mut command = Command::new(dispatcher_bin());
+    command
         .args([
             "infer",
             "-q",
@@ -34,15 +36,8 @@ pub(crate) fn infer_prompts(input: &Path, flag: &str, output: &Path) -> Output {
         .arg("--input")
         .arg(input)
         .arg(flag)
-        .arg(output)
-        .output()
-        .unwrap()
-}
-
-fn assert_ok(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stderr}");
-    stderr
+        .arg(output);
+    command
 }
 
 /// Writes `values.jsonl` (an output as jobs write it, with Python's `json`)
@@ -103,13 +98,14 @@ fn export_keeps_every_value_exactly() {
     );
     run_python(&python, VALUES, &[&values, &expected]);
     let parquet = dir.path().join("values.parquet");
-    let stderr = assert_ok(&export(&[
+    let exported = succeed(&mut export(&[
         path(&values),
         "--parquet",
         path(&parquet),
         "--row-group-rows",
         "7",
     ]));
+    let stderr = String::from_utf8_lossy(&exported.stderr);
     assert_same_rows(&python, &parquet, &expected, dir.path());
     // Fields written in a form their values do not suggest are named.
     for field in [
@@ -157,10 +153,9 @@ pq.write_table(pa.table({
         &[&dataset],
     );
     let output = dir.path().join("out.jsonl");
-    let infer = infer_prompts(&dataset, "--output", &output);
-    assert_ok(&infer);
+    succeed(&mut infer_prompts(&dataset, "--output", &output));
     let joined = dir.path().join("joined.parquet");
-    assert_ok(&export(&[
+    succeed(&mut export(&[
         path(&output),
         "--parquet",
         path(&joined),
@@ -195,14 +190,15 @@ fn a_folder_whose_shard_was_cut_short_is_refused() {
         std::fs::write(input.join(format!("part-{shard}.jsonl")), lines).unwrap();
     }
     let outdir = dir.path().join("out");
-    let infer = infer_prompts(&input, "--outdir", &outdir);
-    assert_ok(&infer);
+    succeed(&mut infer_prompts(&input, "--outdir", &outdir));
     let shard = outdir.join("part-1.jsonl");
     let text = std::fs::read_to_string(&shard).unwrap();
     let cut = &text[..text.trim_end().rfind('\n').unwrap() + 1];
     std::fs::write(&shard, cut).unwrap();
     let parquet = dir.path().join("out.parquet");
-    let refused = export(&[path(&outdir), "--parquet", path(&parquet)]);
+    let refused = export(&[path(&outdir), "--parquet", path(&parquet)])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(

@@ -13,25 +13,20 @@ fn a_token_given_on_the_command_line_is_in_no_file_of_the_job() {
     let server = job.serve(&["--token", secret, "--exit-grace", "1"]);
     let token_file = job.path("token");
     std::fs::write(&token_file, format!("{secret}\n")).unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "infer",
-            "--dispatcher",
-            &server.addr,
-            "--engine",
-            "echo",
-            "-q",
-        ])
-        .args(["--prompt-path", ".n | tostring"])
-        .arg("--token-file")
-        .arg(&token_file)
-        .env_remove("DISPATCHER_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    dispatcher_testkit::succeed(
+        Command::new(BIN)
+            .args([
+                "infer",
+                "--dispatcher",
+                &server.addr,
+                "--engine",
+                "echo",
+                "-q",
+            ])
+            .args(["--prompt-path", ".n | tostring"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .env_remove("DISPATCHER_TOKEN"),
     );
     let (code, stderr) = server.wait(Duration::from_secs(20));
     assert_eq!(code, 0, "{stderr}");

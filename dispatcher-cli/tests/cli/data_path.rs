@@ -81,22 +81,14 @@ fn infer_keeps_every_field_exactly_and_fails_only_lines_it_cannot_read() {
     let served = Job::new(0);
     std::fs::write(served.path("in.jsonl"), input.join("\n") + "\n").unwrap();
     let server = served.serve(&["--exit-grace", "1", "--group-by", ".ok"]);
-    let worker = Command::new(BIN)
-        .args([
-            "infer",
-            "-q",
-            "--engine",
-            "echo",
-            "--dispatcher",
-            &server.addr,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        worker.status.success(),
-        "{}",
-        String::from_utf8_lossy(&worker.stderr)
-    );
+    dispatcher_testkit::succeed(Command::new(BIN).args([
+        "infer",
+        "-q",
+        "--engine",
+        "echo",
+        "--dispatcher",
+        &server.addr,
+    ]));
     let (code, stderr) = server.wait(Duration::from_secs(20));
     assert_eq!(code, 0, "{stderr}");
     check(&input, &served.output_lines());
@@ -269,22 +261,14 @@ fn what_a_job_passes_over_is_said() {
         "--lookahead",
         "2000",
     ]);
-    let worker = Command::new(BIN)
-        .args([
-            "infer",
-            "-q",
-            "--engine",
-            "echo",
-            "--dispatcher",
-            &server.addr,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        worker.status.success(),
-        "{}",
-        String::from_utf8_lossy(&worker.stderr)
-    );
+    dispatcher_testkit::succeed(Command::new(BIN).args([
+        "infer",
+        "-q",
+        "--engine",
+        "echo",
+        "--dispatcher",
+        &server.addr,
+    ]));
     let (code, stderr) = server.wait(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("--group-by gave no key"), "{stderr}");
@@ -346,17 +330,12 @@ fn a_failed_staging_or_export_leaves_no_files_behind() {
         r#"{"__ERROR__": {"error": "prompt_missing", "message": "m", "task_data": {"id": 3}}}"#,
     ];
     std::fs::write(job.path("records.jsonl"), records.join("\n") + "\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("export")
-        .arg(job.path("records.jsonl"))
-        .arg("--parquet")
-        .arg(job.path("records.parquet"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    dispatcher_testkit::succeed(
+        Command::new(BIN)
+            .arg("export")
+            .arg(job.path("records.jsonl"))
+            .arg("--parquet")
+            .arg(job.path("records.parquet")),
     );
 
     // An output Parquet cannot hold (a field of its own for each line,

@@ -20,55 +20,18 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::error::IoContext;
 use crate::protocol::{JournalEntry, JournalRecordText};
 
-/// Entries and their bytes, per line.
+/// Entries and their bytes, per line: each response kept as the JSON text
+/// it came in (read into values, a response takes several times the memory
+/// of its text, and the bound is on the text), read into a value only when
+/// its line is issued again.
 #[derive(Debug, Default)]
 struct Line {
-    entries: Vec<Held>,
+    entries: Vec<JournalRecordText>,
     bytes: u64,
-}
-
-/// An entry as held: its response kept as the JSON text it is in the file
-/// (read into values, a response takes several times the memory of its
-/// text, and the bound is on the text), read back when a line is issued
-/// again.
-#[derive(Debug)]
-struct Held {
-    seq: u32,
-    fingerprint: Box<str>,
-    response: Box<RawValue>,
-}
-
-impl Held {
-    fn new(record: JournalRecordText) -> Held {
-        Held {
-            seq: record.seq,
-            fingerprint: record.fingerprint.into_boxed_str(),
-            response: record.response,
-        }
-    }
-
-    fn entry(&self) -> JournalEntry {
-        JournalEntry {
-            seq: self.seq,
-            fingerprint: self.fingerprint.to_string(),
-            response: serde_json::from_str(self.response.get())
-                .expect("held text is the JSON of a value"),
-        }
-    }
-}
-
-/// A [`JournalRecord`] as written from what is held (the same JSON).
-#[derive(Serialize)]
-struct RecordOut<'a> {
-    work_id: u64,
-    seq: u32,
-    fingerprint: &'a str,
-    response: &'a RawValue,
 }
 
 /// A line of the journal file that is not an entry.
@@ -147,7 +110,7 @@ impl Journal {
                     return Ok(());
                 }
                 if record.work_id >= written {
-                    self.admit(record, line.len() as u64 + 1)?;
+                    self.admit(record, line.len() as u64 + 1);
                 }
                 continue;
             }
@@ -187,24 +150,24 @@ impl Journal {
     }
 
     /// Holds `record` unless it repeats one or the entries are full.
-    fn admit(&mut self, record: JournalRecordText, len: u64) -> io::Result<bool> {
+    fn admit(&mut self, record: JournalRecordText, len: u64) -> bool {
         let at = self.lines.entry(record.work_id).or_default();
         if at.entries.iter().any(|e| e.seq == record.seq) {
-            return Ok(false);
+            return false;
         }
         if self.stats.bytes + len > self.max_bytes / 2 {
             if at.entries.is_empty() {
                 self.lines.remove(&record.work_id);
             }
             self.stats.dropped += 1;
-            return Ok(false);
+            return false;
         }
-        at.entries.push(Held::new(record));
+        at.entries.push(record);
         at.entries.sort_by_key(|e| e.seq);
         at.bytes += len;
         self.stats.bytes += len;
         self.stats.entries += 1;
-        Ok(true)
+        true
     }
 
     /// Records `records` of lines not written yet (the first `written` are),
@@ -237,7 +200,7 @@ impl Journal {
         let mut buf = Vec::with_capacity(total as usize);
         let mut recorded = 0;
         for (record, bytes) in candidates {
-            if self.admit(record, bytes.len() as u64)? {
+            if self.admit(record, bytes.len() as u64) {
                 buf.extend_from_slice(&bytes);
                 recorded += 1;
             }
@@ -298,7 +261,12 @@ impl Journal {
                 .get(&id)?
                 .entries
                 .iter()
-                .map(Held::entry)
+                .map(|e| JournalEntry {
+                    seq: e.seq,
+                    fingerprint: e.fingerprint.clone(),
+                    response: serde_json::from_str(e.response.get())
+                        .expect("held text is the JSON of a value"),
+                })
                 .collect(),
         )
     }
@@ -357,15 +325,9 @@ impl Journal {
         out.write_all(&header)
             .with_path("write the journal", &tmp)?;
         let mut written = header.len() as u64;
-        for (&work_id, line) in &self.lines {
-            for held in &line.entries {
-                let record = RecordOut {
-                    work_id,
-                    seq: held.seq,
-                    fingerprint: &held.fingerprint,
-                    response: &held.response,
-                };
-                let mut bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        for line in self.lines.values() {
+            for record in &line.entries {
+                let mut bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
                 bytes.push(b'\n');
                 out.write_all(&bytes).with_path("write the journal", &tmp)?;
                 written += bytes.len() as u64;

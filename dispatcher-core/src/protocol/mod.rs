@@ -20,7 +20,7 @@ pub use results::*;
 pub use status::*;
 pub use work::*;
 
-pub(crate) use results::without_python_constants;
+pub(crate) use results::{replace_python_constants, without_python_constants, PYTHON_CONSTANTS};
 
 #[cfg(test)]
 mod tests {

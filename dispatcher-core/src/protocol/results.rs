@@ -394,23 +394,37 @@ pub fn check_json_value(text: &str) -> Result<(), serde_json::Error> {
 /// `Infinity`, `-Infinity`) replaced by numbers, to check the rest is JSON;
 /// `None` when it has none.
 pub(crate) fn without_python_constants(text: &str) -> Option<String> {
+    match replace_python_constants(text, |_| "0") {
+        std::borrow::Cow::Owned(out) => Some(out),
+        std::borrow::Cow::Borrowed(_) => None,
+    }
+}
+
+/// Python's constants, as its `json` module writes them.
+pub(crate) const PYTHON_CONSTANTS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
+
+/// `text` with each of Python's constants outside strings replaced by
+/// `with(constant)`; borrowed when it has none.
+pub(crate) fn replace_python_constants<'a>(
+    text: &'a str,
+    with: impl Fn(&'static str) -> &'static str,
+) -> std::borrow::Cow<'a, str> {
     let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let (mut i, mut copied, mut in_string, mut changed) = (0, 0, false, false);
+    let mut out = String::new();
+    let (mut i, mut copied, mut in_string) = (0, 0, false);
     while i < bytes.len() {
         match bytes[i] {
             b'\\' if in_string => i += 1,
             b'"' => in_string = !in_string,
-            b'N' | b'I' if !in_string => {
-                let constant = ["NaN", "Infinity"]
+            b'-' | b'I' | b'N' if !in_string => {
+                if let Some(constant) = PYTHON_CONSTANTS
                     .into_iter()
-                    .find(|c| text[i..].starts_with(c));
-                if let Some(constant) = constant {
+                    .find(|c| text[i..].starts_with(c))
+                {
                     out.push_str(&text[copied..i]);
-                    out.push('0');
+                    out.push_str(with(constant));
                     i += constant.len();
                     copied = i;
-                    changed = true;
                     continue;
                 }
             }
@@ -418,6 +432,9 @@ pub(crate) fn without_python_constants(text: &str) -> Option<String> {
         }
         i += 1;
     }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
     out.push_str(&text[copied..]);
-    changed.then_some(out)
+    std::borrow::Cow::Owned(out)
 }

@@ -217,11 +217,9 @@ impl Kind {
         depth: usize,
         place: Place,
     ) -> Result<(), serde_json::Error> {
-        if let Kind::Json(_) = self {
-            return Ok(());
-        }
-        let read = raw::read(value)?;
-        if let Value::Null = read {
+        // Nothing to learn: the field is JSON text already, or the value null.
+        // (Checked before the value is read a level down.)
+        if matches!(self, Kind::Json(_)) || value.get() == "null" {
             return Ok(());
         }
         if place == Place::TaskData {
@@ -232,7 +230,7 @@ impl Kind {
             *self = Kind::Json(Why::Deep);
             return Ok(());
         }
-        match read {
+        match raw::read(value)? {
             Value::Null => {}
             Value::Bool => self.scalar(Kind::Bool),
             Value::String => self.scalar(Kind::String),

@@ -12,6 +12,7 @@
 mod columns;
 mod raw;
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -196,8 +197,9 @@ impl Joiner {
         })
     }
 
-    /// Reads the input line of the output's `n`th line.
-    fn next(&mut self, n: u64) -> Result<(), DatasetError> {
+    /// Reads the input line of the output's `n`th line; its text with
+    /// Python's constants quoted (see [`raw`]).
+    fn next(&mut self, n: u64) -> Result<Cow<'_, str>, DatasetError> {
         self.line = self
             .lines
             .next()
@@ -206,16 +208,23 @@ impl Joiner {
             .ok_or_else(|| {
                 DatasetError::shard(&self.path, format!("has fewer lines than the output (none for its line {n}); is it the job's input?"))
             })?;
-        Ok(())
+        Ok(raw::quote_constants(&self.line))
     }
 }
 
+/// Output line `n` of `path` as text, with Python's constants quoted (see
+/// [`raw`]); borrowed from `line` when it has none.
+fn line_text<'a>(path: &Path, n: u64, line: &'a [u8]) -> Result<Cow<'a, str>, DatasetError> {
+    let text = std::str::from_utf8(line)
+        .map_err(|e| DatasetError::shard(path, format!("line {n} is not UTF-8 ({e})")))?;
+    Ok(raw::quote_constants(text))
+}
+
 /// One output line read as its fields, joined with its input line's when
-/// there is a joiner; `quoted` and `input` hold the text they point into.
+/// there is one (an input line that is no object carries nothing to join).
 fn read_line<'a>(line: &'a str, input: Option<&'a str>) -> Result<raw::Fields<'a>, String> {
     let output = raw::object(line).map_err(|e| not_an_object(&e))?;
     Ok(match input.map(raw::object) {
-        // An input line that is no object carries nothing to join.
         Some(Ok(input)) => raw::joined(input, output),
         _ => output,
     })
@@ -240,11 +249,6 @@ pub fn export(
     let at_line = |path: &Path, n: u64, e: &dyn std::fmt::Display| {
         DatasetError::shard(path, format!("line {n} {e}"))
     };
-    let text = |path: &Path, n: u64, line: &[u8]| -> Result<String, DatasetError> {
-        let text = std::str::from_utf8(line)
-            .map_err(|e| at_line(path, n, &format!("is not UTF-8 ({e})")))?;
-        Ok(raw::quote_constants(text).into_owned())
-    };
 
     // Pass 1: the columns, from every line.
     let mut columns = Columns::default();
@@ -258,14 +262,8 @@ pub fn export(
     let mut count = 0u64;
     while let Some((path, n)) = lines.next_into(&mut line)? {
         count += 1;
-        let quoted = text(path, n, &line)?;
-        let input = match &mut joiner {
-            Some(j) => {
-                j.next(count)?;
-                Some(raw::quote_constants(&j.line))
-            }
-            None => None,
-        };
+        let quoted = line_text(path, n, &line)?;
+        let input = joiner.as_mut().map(|j| j.next(count)).transpose()?;
         let fields = read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
         columns.observe(&fields).map_err(|e| at_line(path, n, &e))?;
     }
@@ -311,21 +309,15 @@ pub fn export(
         let mut lines = OutputLines::new(&files);
         while let Some((path, n)) = lines.next_into(&mut line)? {
             rows += 1;
-            let decode_error = |e: ArrowError| at_line(path, n, &format!(": {e}"));
-            let quoted = text(path, n, &line)?;
+            let decode_error = |e: ArrowError| at_line(path, n, &format!("cannot be decoded: {e}"));
+            let quoted = line_text(path, n, &line)?;
             let bytes: &[u8] = if joiner.is_none()
                 && columns.reads_lines_as_they_are()
-                && quoted.len() == line.len()
+                && matches!(quoted, Cow::Borrowed(_))
             {
                 &line
             } else {
-                let input = match &mut joiner {
-                    Some(j) => {
-                        j.next(rows)?;
-                        Some(raw::quote_constants(&j.line))
-                    }
-                    None => None,
-                };
+                let input = joiner.as_mut().map(|j| j.next(rows)).transpose()?;
                 let fields =
                     read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
                 buffer.clear();

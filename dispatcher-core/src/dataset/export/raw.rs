@@ -11,57 +11,33 @@ use std::borrow::Cow;
 use std::fmt;
 
 use rustc_hash::FxHashMap;
+
+use crate::protocol::{replace_python_constants, PYTHON_CONSTANTS};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// Python's constants and the quoted strings they are read as.
-const CONSTANTS: [(&str, &str); 3] = [
-    ("-Infinity", r#""-\u0049nfinity""#),
-    ("Infinity", r#""\u0049nfinity""#),
-    ("NaN", r#""\u004eaN""#),
-];
+/// The quoted string each of Python's constants is read as, in the order
+/// of [`PYTHON_CONSTANTS`].
+const QUOTED: [&str; 3] = [r#""-\u0049nfinity""#, r#""\u0049nfinity""#, r#""\u004eaN""#];
 
 /// `text` with Python's constants outside strings quoted (see the module's
 /// documentation); borrowed when it has none.
 pub(super) fn quote_constants(text: &str) -> Cow<'_, str> {
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    let (mut i, mut copied, mut in_string) = (0, 0, false);
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' if in_string => i += 1,
-            b'"' => in_string = !in_string,
-            b'-' | b'I' | b'N' if !in_string => {
-                if let Some((constant, quoted)) =
-                    CONSTANTS.iter().find(|(c, _)| text[i..].starts_with(c))
-                {
-                    out.push_str(&text[copied..i]);
-                    out.push_str(quoted);
-                    i += constant.len();
-                    copied = i;
-                    continue;
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    if copied == 0 {
-        return Cow::Borrowed(text);
-    }
-    out.push_str(&text[copied..]);
-    Cow::Owned(out)
+    replace_python_constants(text, |constant| {
+        let at = PYTHON_CONSTANTS.iter().position(|c| *c == constant);
+        QUOTED[at.expect("one of the constants")]
+    })
 }
 
 /// Whether a value's text is one of Python's constants, as quoted here.
 pub(super) fn is_constant(raw: &str) -> bool {
-    CONSTANTS.iter().any(|(_, quoted)| raw == *quoted)
+    QUOTED.contains(&raw)
 }
 
 /// `raw` with Python's constants written back as Python writes them.
 pub(super) fn unquote_constants(raw: &str) -> Cow<'_, str> {
     let mut text = Cow::Borrowed(raw);
-    for (constant, quoted) in CONSTANTS {
+    for (constant, quoted) in PYTHON_CONSTANTS.into_iter().zip(QUOTED) {
         if text.contains(quoted) {
             text = Cow::Owned(text.replace(quoted, constant));
         }
