@@ -72,11 +72,28 @@ impl JobLock {
 }
 
 /// Locks `file`; `Err(None)` when another holds the lock.
+///
+/// A lock found held is tried again for a moment (about 150 ms) before it
+/// counts as held: a process forked by this one (an engine, a task) holds
+/// every open file, our locks included, from its fork until its exec closes
+/// them, so the lock of a job just stopped can look held for that long. A
+/// job run by another process is still refused, just as surely.
 fn try_lock(file: &File, path: &Path) -> Result<(), Option<ResumeError>> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(Some(path_error(e, "lock", path).into())),
+    let mut wait = std::time::Duration::from_millis(10);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock)
+                if wait <= std::time::Duration::from_millis(80) =>
+            {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Some(path_error(e, "lock", path).into()))
+            }
+        }
     }
 }
 
