@@ -4,7 +4,9 @@
 # entries for every other line: 200,000 small responses (a chat completion
 # of ~300 bytes each), then, on a fresh server, 150 responses of 2 MB. For
 # each, the server's VmRSS after the entries against `journal.bytes` of
-# /status. With BASELINE=path/to/older/dispatcher the same for that binary,
+# /status; for the 2 MB ones also the server's peak RSS (VmHWM) after one
+# `GET /work?batch_size=151` hands those lines out with their journals, and
+# how many lines and bytes that reply carried. With BASELINE=path/to/older/dispatcher the same for that binary,
 # alternating, RUNS times (default 3).
 #
 #   scripts/bench-journal-memory.sh
@@ -58,8 +60,13 @@ assert recorded == entries, (recorded, entries)
 PY
   local rss; rss=$(awk '/VmRSS/ {print $2}' /proc/$sp/status)
   local held; held=$(curl -s "http://$a/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["journal_bytes"])')
+  local reply=""
+  if [ "$entries" -le 1000 ]; then
+    local got; got=$(curl -s "http://$a/work?batch_size=$((entries + 1))" | python3 -c 'import json,sys; b=sys.stdin.buffer.read(); print(len(json.loads(b)["items"]), len(b))')
+    reply=" reply_lines=${got% *} reply_kb=$((${got#* } / 1024)) peak_rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$sp/status)"
+  fi
   kill -TERM "$sp"; while kill -0 "$sp" 2>/dev/null; do sleep 0.01; done
-  echo "$label rss_kb=$rss journal_kb=$((held / 1024)) rss_per_journal_byte=$(python3 -c "print(round($rss * 1024 / $held, 2))")"
+  echo "$label rss_kb=$rss journal_kb=$((held / 1024)) rss_per_journal_byte=$(python3 -c "print(round($rss * 1024 / $held, 2))")$reply"
 }
 
 for run in $(seq "${RUNS:-3}"); do

@@ -304,14 +304,14 @@ async fn a_worker_that_knows_no_journal_works_unchanged_against_a_server_with_on
     // Entries for line 0, as one of our workers would have handed in.
     client
         .journal(
-            vec![dispatcher::protocol::JournalRecord {
-                work_id: 0,
-                entry: dispatcher::protocol::JournalEntry {
-                    seq: 0,
-                    fingerprint: "00000000000000aa".into(),
-                    response: json!({"model": "m", "choices": [{"index": 0, "text": "x"}], "usage": null}),
-                },
-            }],
+            vec![dispatcher::protocol::JournalRecord::new(
+                0,
+                dispatcher::protocol::JournalEntry::new(
+                    0,
+                    "00000000000000aa",
+                    &json!({"model": "m", "choices": [{"index": 0, "text": "x"}], "usage": null}),
+                ),
+            )],
             0,
             0,
         )

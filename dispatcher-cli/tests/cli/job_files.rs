@@ -10,13 +10,15 @@ fn hand_in_journal(addr: &str, rt: &tokio::runtime::Runtime, ids: &[u64]) {
     let client = DispatcherClient::new(addr);
     let entries = ids
         .iter()
-        .map(|&work_id| JournalRecord {
-            work_id,
-            entry: JournalEntry {
-                seq: 0,
-                fingerprint: "00000000000000aa".into(),
-                response: serde_json::json!({"text": "an answer of the old job"}),
-            },
+        .map(|&work_id| {
+            JournalRecord::new(
+                work_id,
+                JournalEntry::new(
+                    0,
+                    "00000000000000aa",
+                    &serde_json::json!({"text": "an answer of the old job"}),
+                ),
+            )
         })
         .collect();
     rt.block_on(client.journal(entries, 0, 0)).unwrap();

@@ -131,7 +131,7 @@ impl Ledger {
     }
 
     /// Records journal entries of lines not written yet; returns how many.
-    pub fn record_journal(&mut self, records: Vec<JournalRecordText>) -> io::Result<u64> {
+    pub fn record_journal(&mut self, records: Vec<JournalRecord>) -> io::Result<u64> {
         let written = self.lines_written();
         match &mut self.journal {
             Some(journal) => {

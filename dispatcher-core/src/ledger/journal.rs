@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
-use crate::protocol::{JournalEntry, JournalRecordText};
+use crate::protocol::{JournalEntry, JournalRecord};
 
 /// Entries and their bytes, per line: each response kept as the JSON text
 /// it came in (read into values, a response takes several times the memory
@@ -30,7 +30,7 @@ use crate::protocol::{JournalEntry, JournalRecordText};
 /// its line is issued again.
 #[derive(Debug, Default)]
 struct Line {
-    entries: Vec<JournalRecordText>,
+    entries: Vec<JournalRecord>,
     bytes: u64,
 }
 
@@ -102,7 +102,7 @@ impl Journal {
         let path = self.path.clone();
         for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
             let line = line.with_path("read the journal", &path)?;
-            if let Ok(record) = serde_json::from_slice::<JournalRecordText>(&line) {
+            if let Ok(record) = serde_json::from_slice::<JournalRecord>(&line) {
                 // A journal without a header predates job ids: it is read
                 // only by a job whose checkpoint predates them too.
                 if i == 0 && !self.job_id.is_empty() {
@@ -150,7 +150,7 @@ impl Journal {
     }
 
     /// Holds `record` unless it repeats one or the entries are full.
-    fn admit(&mut self, record: JournalRecordText, len: u64) -> bool {
+    fn admit(&mut self, record: JournalRecord, len: u64) -> bool {
         let at = self.lines.entry(record.work_id).or_default();
         if at.entries.iter().any(|e| e.seq == record.seq) {
             return false;
@@ -172,7 +172,7 @@ impl Journal {
 
     /// Records `records` of lines not written yet (the first `written` are),
     /// except repeats and what does not fit. Returns how many were recorded.
-    pub fn record(&mut self, records: Vec<JournalRecordText>, written: u64) -> io::Result<u64> {
+    pub fn record(&mut self, records: Vec<JournalRecord>, written: u64) -> io::Result<u64> {
         let mut candidates = Vec::with_capacity(records.len());
         for record in records {
             if record.work_id < written {
@@ -261,12 +261,7 @@ impl Journal {
                 .get(&id)?
                 .entries
                 .iter()
-                .map(|e| JournalEntry {
-                    seq: e.seq,
-                    fingerprint: e.fingerprint.clone(),
-                    response: serde_json::from_str(e.response.get())
-                        .expect("held text is the JSON of a value"),
-                })
+                .map(JournalRecord::entry)
                 .collect(),
         )
     }
@@ -348,16 +343,15 @@ impl Journal {
 mod tests {
     use super::*;
 
-    fn record(work_id: u64, seq: u32) -> JournalRecordText {
-        crate::protocol::JournalRecord {
+    fn record(work_id: u64, seq: u32) -> JournalRecord {
+        JournalRecord::new(
             work_id,
-            entry: JournalEntry {
+            JournalEntry::new(
                 seq,
-                fingerprint: format!("{seq:016x}"),
-                response: serde_json::json!({"text": format!("answer {work_id}.{seq}")}),
-            },
-        }
-        .into()
+                format!("{seq:016x}"),
+                &serde_json::json!({"text": format!("answer {work_id}.{seq}")}),
+            ),
+        )
     }
 
     fn seqs(j: &Journal, id: u64) -> Vec<u32> {
@@ -446,7 +440,7 @@ mod tests {
         let j = Journal::open(path, 1 << 20, 0, "job").unwrap();
         assert_eq!(seqs(&j, 0), vec![0]);
         assert_eq!(seqs(&j, 1), vec![0]);
-        assert_eq!(j.entries(1).unwrap()[0].response["text"], "answer 1.0");
+        assert_eq!(j.entries(1).unwrap()[0].response()["text"], "answer 1.0");
     }
 
     /// `--max-journal-mib` bounds the file, however many entries come and go.

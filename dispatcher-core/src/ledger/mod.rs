@@ -65,6 +65,12 @@ pub use stats::{LedgerStats, MAX_FAILURE_KINDS, MAX_KIND_BYTES};
 /// Kept lines (`--redo-errors`) a work request reads past at most before it
 /// answers: the ledger's lock is not held for long.
 const KEEP_PER_REQUEST: u64 = 65_536;
+
+/// The bytes of lines and journal entries one work reply carries at most
+/// (past its first item): a batch of reissued lines whose journals hold
+/// large responses is handed out over several requests, not built in memory
+/// at once.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
 /// Kept lines the ticker reads past at most each second, when no worker asks.
 const KEEP_PER_TICK: u64 = 262_144;
 
@@ -75,7 +81,7 @@ use tokio::time::Instant;
 
 use crate::input::{InputReader, LineSpan};
 use crate::job::files::JobLock;
-use crate::protocol::{JournalEntry, JournalRecordText, ResultLine};
+use crate::protocol::{JournalEntry, JournalRecord, ResultLine};
 use leases::Leases;
 use window::Window;
 
@@ -147,22 +153,27 @@ impl Ledger {
         self.input_exhausted && self.window.next_write_id() == self.next_work_id
     }
 
-    /// Hands out up to `ask.batch` items: queued reissues first, then new
-    /// lines, then (to an idle worker, when configured) backup copies.
+    /// Hands out up to `ask.batch` items (and about [`MAX_REPLY_BYTES`]):
+    /// queued reissues first, then new lines, then (to an idle worker, when
+    /// configured) backup copies.
     pub fn take_work(&mut self, ask: Ask, now: Instant) -> io::Result<WorkReply> {
         let Ask { batch, worker } = ask;
         self.expire(now)?;
         let mut items = Vec::with_capacity(batch.min(1024));
+        // Fewer items once the reply's bytes reach the bound.
+        let mut bytes = 0;
         // Retries this worker asked for, left for another worker.
         let mut avoided = Vec::new();
         let mut kept = 0;
-        while items.len() < batch && kept < KEEP_PER_REQUEST {
+        while items.len() < batch && kept < KEEP_PER_REQUEST && bytes < MAX_REPLY_BYTES {
             if let Some(id) = self.items.pop_queued() {
                 if let Some(key) = self.key_of(id) {
                     if worker.is_some() && self.items[key].avoid == worker {
                         avoided.push(id);
                     } else {
-                        items.push(self.reissue(key, id, now, worker)?);
+                        let item = self.reissue(key, id, now, worker)?;
+                        bytes += item.wire_bytes();
+                        items.push(item);
                     }
                 }
                 continue;
@@ -178,11 +189,13 @@ impl Ledger {
                     let lease = self.leases.grant(id, now);
                     let key = self.items.insert(Item::issued(id, span, worker, lease));
                     self.window.push_issued(key);
-                    items.push(self.issue(id, content, 0));
+                    let item = self.issue(id, content, 0);
+                    bytes += item.wire_bytes();
+                    items.push(item);
                 }
             }
         }
-        if self.groups.is_some() && items.len() < batch {
+        if self.groups.is_some() && items.len() < batch && bytes < MAX_REPLY_BYTES {
             items.extend(self.take_overdue_head(worker, now)?);
             kept += self.read_ahead(now)?;
             let ids = self

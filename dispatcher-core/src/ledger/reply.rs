@@ -43,6 +43,19 @@ pub struct Issue {
     pub journal: Option<Vec<JournalEntry>>,
 }
 
+impl Issue {
+    /// About the bytes it takes in a work reply.
+    pub fn wire_bytes(&self) -> usize {
+        self.content.len()
+            + self
+                .journal
+                .iter()
+                .flatten()
+                .map(JournalEntry::wire_bytes)
+                .sum::<usize>()
+    }
+}
+
 /// The answer to a work request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WorkReply {

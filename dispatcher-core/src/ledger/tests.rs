@@ -243,6 +243,43 @@ fn unlimited_retries_never_tombstone() {
     assert_eq!(l.stats(t).tombstones, 0);
 }
 
+/// Reissued lines whose journals hold large responses go out over several
+/// replies, each about `MAX_REPLY_BYTES`, not all in one built in memory.
+#[test]
+fn a_reply_of_lines_with_large_journals_is_bounded_in_bytes() {
+    let job = Job::new(&lines(10), Some(3));
+    let t = Instant::now();
+    let mut l = job.open(t).unwrap();
+    assert_eq!(l.take_work(Ask::batch(10), t).unwrap().items().len(), 10);
+    let big = serde_json::json!({"text": "x".repeat(6 << 20)});
+    let records = (0..10)
+        .map(|id| JournalRecord::new(id, JournalEntry::new(0, "00000000000000aa", &big)))
+        .collect();
+    assert_eq!(l.record_journal(records).unwrap(), 10);
+    l.release(&(0..10).collect::<Vec<_>>(), Cause::Release, None)
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let reply = l.take_work(Ask::batch(10), t).unwrap();
+        let items = reply.into_items();
+        let bytes: usize = items.iter().map(Issue::wire_bytes).sum();
+        assert!(!items.is_empty());
+        assert!(
+            // MAX_REPLY_BYTES (32 MiB) and the line that reached it.
+            bytes <= 39 << 20,
+            "{} items of {bytes} bytes in one reply",
+            items.len()
+        );
+        for item in items {
+            let journal = item.journal.expect("each line has its journal");
+            assert_eq!(journal[0].response(), big);
+            got.push(item.work_id);
+        }
+    }
+    got.sort();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
 #[test]
 fn released_items_go_first_in_the_order_given() {
     let job = Job::new(&lines(6), Some(3));

@@ -2,6 +2,8 @@
 //! entries an item may carry.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 /// A work item: one input line handed to a worker, and later its result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,32 +54,66 @@ impl WorkItem {
 
 /// One engine request a task completed: its place in the task's sequence of
 /// requests, a fingerprint of the request, and the response the task got.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The response is kept as the JSON text it came in, on the worker, on the
+/// wire and on the server (in memory and in the journal file): read into
+/// values, a response takes several times the memory of its text. It is read
+/// into a value only when a task replays it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
     /// Its position among the task's requests, from 0.
     pub seq: u32,
     /// A hash of the request's canonical JSON, 16 hex digits.
     pub fingerprint: String,
-    /// The response, as the task saw it.
-    pub response: serde_json::Value,
+    /// The response, as the task saw it, as JSON text.
+    pub response: Box<RawValue>,
 }
 
-/// A [`JournalEntry`] of one line, as a worker sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JournalRecord {
-    /// The line it belongs to.
-    pub work_id: u64,
-    /// The entry.
-    #[serde(flatten)]
-    pub entry: JournalEntry,
+impl JournalEntry {
+    /// The entry of request `seq` whose response was `response`.
+    pub fn new(seq: u32, fingerprint: impl Into<String>, response: &Value) -> JournalEntry {
+        JournalEntry {
+            seq,
+            fingerprint: fingerprint.into(),
+            response: to_raw(response),
+        }
+    }
+
+    /// The response, read into a value.
+    pub fn response(&self) -> Value {
+        serde_json::from_str(self.response.get()).expect("held text is the JSON of a value")
+    }
+
+    /// About the bytes it takes on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        ENTRY_OVERHEAD + self.fingerprint.len() + self.response.get().len()
+    }
 }
 
-/// A [`JournalRecord`] with its response kept as the JSON text it came in:
-/// how the server reads and holds journal entries (the same JSON on the
-/// wire and in the journal file). Read into values, a response takes
-/// several times the memory of its text.
+/// The bytes of an entry's keys and punctuation on the wire, and a work id.
+const ENTRY_OVERHEAD: usize = 64;
+
+fn to_raw(value: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+}
+
+// Compared by the response's text: the same value written with other
+// whitespace is another entry (which costs at most a repeat).
+impl PartialEq for JournalEntry {
+    fn eq(&self, other: &JournalEntry) -> bool {
+        self.seq == other.seq
+            && self.fingerprint == other.fingerprint
+            && self.response.get() == other.response.get()
+    }
+}
+
+impl Eq for JournalEntry {}
+
+/// A [`JournalEntry`] of one line, as a worker hands it in and the server's
+/// journal file holds it (flat: the entry's fields beside `work_id`).
+/// Entries compare by their responses' texts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JournalRecordText {
+pub struct JournalRecord {
     /// The line it belongs to.
     pub work_id: u64,
     /// Its position among the task's requests, from 0.
@@ -85,20 +121,45 @@ pub struct JournalRecordText {
     /// A hash of the request's canonical JSON, 16 hex digits.
     pub fingerprint: String,
     /// The response, as JSON text.
-    pub response: Box<serde_json::value::RawValue>,
+    pub response: Box<RawValue>,
 }
 
-impl From<JournalRecord> for JournalRecordText {
-    fn from(record: JournalRecord) -> JournalRecordText {
-        JournalRecordText {
-            work_id: record.work_id,
-            seq: record.entry.seq,
-            fingerprint: record.entry.fingerprint,
-            response: serde_json::value::to_raw_value(&record.entry.response)
-                .expect("a JSON value serializes"),
+impl JournalRecord {
+    /// `entry`, of line `work_id`.
+    pub fn new(work_id: u64, entry: JournalEntry) -> JournalRecord {
+        JournalRecord {
+            work_id,
+            seq: entry.seq,
+            fingerprint: entry.fingerprint,
+            response: entry.response,
         }
     }
+
+    /// Its entry, without the line.
+    pub fn entry(&self) -> JournalEntry {
+        JournalEntry {
+            seq: self.seq,
+            fingerprint: self.fingerprint.clone(),
+            response: self.response.clone(),
+        }
+    }
+
+    /// About the bytes it takes on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        ENTRY_OVERHEAD + self.fingerprint.len() + self.response.get().len()
+    }
 }
+
+impl PartialEq for JournalRecord {
+    fn eq(&self, other: &JournalRecord) -> bool {
+        self.work_id == other.work_id
+            && self.seq == other.seq
+            && self.fingerprint == other.fingerprint
+            && self.response.get() == other.response.get()
+    }
+}
+
+impl Eq for JournalRecord {}
 
 /// `POST /journal` (extension): entries of lines a worker is working on, and
 /// what its journals saved since the last call.

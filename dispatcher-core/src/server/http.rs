@@ -20,8 +20,8 @@ use super::status::get_status;
 use crate::ledger::{Ask, Cause, WorkReply};
 use crate::metrics::Endpoint;
 use crate::protocol::{
-    check_result_line, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult, JournalResponse,
-    MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
+    check_result_line, HeartbeatRequest, HeartbeatResponse, Hello, InvalidResult, JournalRequest,
+    JournalResponse, MessageResponse, ReleaseRequest, ReleaseResponse, ResultLine, ResultsResponse,
     SubmittedResults, SubmittedValue, WorkItem, WorkResponse, WorkTimeoutRequest,
 };
 
@@ -322,20 +322,6 @@ async fn post_heartbeat(
     }))
 }
 
-/// A [`JournalRequest`](crate::protocol::JournalRequest) as the server reads it: each response as its JSON
-/// text, never as values (see [`JournalRecordText`](crate::protocol::JournalRecordText)).
-#[derive(serde::Deserialize)]
-struct JournalPost {
-    #[serde(default)]
-    worker: Option<String>,
-    #[serde(default)]
-    entries: Vec<crate::protocol::JournalRecordText>,
-    #[serde(default)]
-    replayed: u64,
-    #[serde(default)]
-    tokens_saved: u64,
-}
-
 /// `POST /journal` (extension): entries of lines a worker works on, and
 /// what its journals saved.
 async fn post_journal(
@@ -344,7 +330,7 @@ async fn post_journal(
     body: Body,
 ) -> Result<Json<JournalResponse>, ApiError> {
     let _t = state.metrics.time(Endpoint::Journal);
-    let req: JournalPost = parse_body(
+    let req: JournalRequest = parse_body(
         body,
         r#"{"entries": [{"work_id", "seq", "fingerprint", "response"}], "replayed", "tokens_saved"}"#,
     )?;

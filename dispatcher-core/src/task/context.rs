@@ -93,8 +93,8 @@ impl TaskContext {
     /// Records a live `response` at its step, when there is a journal.
     fn record<T: Serialize>(&self, step: Step, response: &T) {
         if let (Step::Live(Some((seq, fp))), Some(j)) = (step, &self.inner.journal) {
-            if let Ok(v) = serde_json::to_value(response) {
-                j.record(seq, fp, v);
+            if let Ok(text) = serde_json::value::to_raw_value(response) {
+                j.record(seq, fp, text);
             }
         }
     }
@@ -107,7 +107,7 @@ impl TaskContext {
         live: impl std::future::Future<Output = Result<T, RequestError>>,
     ) -> Result<T, RequestError> {
         if let Step::Replay(recorded) = &step {
-            if let Ok(response) = serde_json::from_value::<T>(recorded.clone()) {
+            if let Ok(response) = serde_json::from_str::<T>(recorded.get()) {
                 return Ok(response);
             }
         }

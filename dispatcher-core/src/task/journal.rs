@@ -12,6 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::protocol::{JournalEntry, JournalRecord};
@@ -35,8 +36,8 @@ pub type JournalSink = Arc<dyn Fn(JournalEvent) + Send + Sync>;
 /// How one request of a task is answered.
 #[derive(Debug)]
 pub(crate) enum Step {
-    /// From the journal: the recorded response.
-    Replay(Value),
+    /// From the journal: the recorded response, as JSON text.
+    Replay(Box<RawValue>),
     /// Live; recorded at `seq` with `fingerprint` once it succeeds (when
     /// there is a journal).
     Live(Option<(u32, String)>),
@@ -137,20 +138,21 @@ impl TaskJournal {
     }
 
     /// Request `seq` with `fingerprint` completed live with `response`.
-    pub(crate) fn record(&self, seq: u32, fingerprint: String, response: Value) {
+    pub(crate) fn record(&self, seq: u32, fingerprint: String, response: Box<RawValue>) {
         (self.sink)(JournalEvent::Entry(JournalRecord {
             work_id: self.work_id,
-            entry: JournalEntry {
-                seq,
-                fingerprint,
-                response,
-            },
+            seq,
+            fingerprint,
+            response,
         }));
     }
 }
 
 /// Prompt and completion tokens of a recorded response (typed or raw).
-fn tokens_of(response: &Value) -> u64 {
+fn tokens_of(response: &RawValue) -> u64 {
+    let Ok(response) = serde_json::from_str::<Value>(response.get()) else {
+        return 0;
+    };
     let usage = match response.get("body") {
         Some(body) => &body["usage"],
         None => &response["usage"],
@@ -215,10 +217,12 @@ mod tests {
         };
         let recorded = entries
             .iter()
-            .map(|&(seq, fp)| JournalEntry {
-                seq,
-                fingerprint: fp.into(),
-                response: json!({"text": format!("recorded {seq}"), "usage": {"prompt_tokens": 2, "completion_tokens": 3}}),
+            .map(|&(seq, fp)| {
+                JournalEntry::new(
+                    seq,
+                    fp,
+                    &json!({"text": format!("recorded {seq}"), "usage": {"prompt_tokens": 2, "completion_tokens": 3}}),
+                )
             })
             .collect();
         (TaskJournal::new(7, recorded, sink), events)

@@ -363,7 +363,6 @@ impl WorkSource for FileSource {
         _replayed: u64,
         _tokens_saved: u64,
     ) -> BoxFuture<'_, Result<(), SourceError>> {
-        let entries = entries.into_iter().map(Into::into).collect();
         let r = self.with_ledger(|l| l.record_journal(entries)).map(|_| ());
         Box::pin(std::future::ready(r))
     }

@@ -250,7 +250,7 @@ impl<T: DynTask> TaskTest<T> {
             .expect("not poisoned")
             .iter()
             .filter_map(|e| match e {
-                JournalEvent::Entry(record) => Some(record.entry.clone()),
+                JournalEvent::Entry(record) => Some(record.entry()),
                 JournalEvent::Replayed { .. } => None,
             })
             .collect();
