@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use dispatcher::client::DispatcherClient;
 use serde_json::Value;
 
+mod identity;
+mod on_slurm;
+mod takeover;
+mod unreachable;
+
 use crate::support::{
     check_echo_answers, dispatcher_bin, example, jsonl, question_lines, send_signal,
 };
@@ -34,8 +39,13 @@ impl LaunchJob {
     /// `flags`, and `worker` after `--`; its stdout and stderr go to
     /// `launch-<n>.out`/`.err`.
     fn start(&self, n: u32, flags: &[&str], worker: &[&str]) -> Child {
-        Command::new(dispatcher_bin())
-            .arg("launch")
+        self.command(n, flags, worker).spawn().unwrap()
+    }
+
+    /// The command [`start`](Self::start) runs, to change before it does.
+    fn command(&self, n: u32, flags: &[&str], worker: &[&str]) -> Command {
+        let mut cmd = Command::new(dispatcher_bin());
+        cmd.arg("launch")
             .args([
                 "--input",
                 "in.jsonl",
@@ -51,9 +61,8 @@ impl LaunchJob {
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(self.path(&format!("launch-{n}.out"))).unwrap())
-            .stderr(std::fs::File::create(self.path(&format!("launch-{n}.err"))).unwrap())
-            .spawn()
-            .unwrap()
+            .stderr(std::fs::File::create(self.path(&format!("launch-{n}.err"))).unwrap());
+        cmd
     }
 
     fn said(&self, n: u32) -> String {
@@ -211,6 +220,25 @@ fn local_workers_finish_the_job_and_idle_ones_leave_at_the_tail() {
         assert!(!alive(j["pid"].as_u64().unwrap()), "{j}");
     }
     assert!(!alive(state["server"]["pid"].as_u64().unwrap()));
+    // The same command again: complete already, said so; no worker, and
+    // no tail figures of the run before.
+    let mut again = job.start(
+        1,
+        &["--backend", "local", "--max-workers", "3"],
+        &args(&worker),
+    );
+    assert_eq!(
+        wait(&mut again, Duration::from_secs(60)),
+        0,
+        "{}",
+        job.said(1)
+    );
+    let said = job.said(1);
+    assert!(said.contains("the job is complete already"), "{said}");
+    assert!(
+        !said.contains("submitted") && !said.contains("tail "),
+        "{said}"
+    );
 }
 
 /// At the tail the idle workers have left; when the last worker is then
@@ -344,38 +372,6 @@ fn workers_that_fail_at_start_stop_the_job_with_their_error() {
         job.path("out.jsonl.checkpoint").exists(),
         "the server checkpointed on its way out"
     );
-}
-
-/// Workers that exit 0 without ever reaching the server (an address their
-/// nodes cannot reach) are failures too: launch stops instead of
-/// submitting forever, and says which address they were given.
-#[test]
-fn workers_that_never_reach_the_server_stop_the_job() {
-    let job = LaunchJob::new(20);
-    let bin = dispatcher_bin().display().to_string();
-    // Port 1 of this machine: nobody listens there.
-    let script =
-        format!("DISPATCHER_SERVER=127.0.0.1:1 exec '{bin}' infer --engine echo --server-wait 1");
-    let mut launch = job.start(
-        0,
-        &[
-            "--backend",
-            "local",
-            "--max-workers",
-            "1",
-            "--failure-backoff",
-            "0.1",
-        ],
-        &["sh", "-c", &script],
-    );
-    let code = wait(&mut launch, Duration::from_secs(60));
-    let said = job.said(0);
-    assert_eq!(code, 1, "{said}");
-    assert!(
-        said.contains("without ever reaching the server at 127.0.0.1:"),
-        "{said}"
-    );
-    assert!(said.contains("3 worker jobs failed in a row"), "{said}");
 }
 
 /// A job with an access token: launch's server requires it, and its
@@ -519,7 +515,11 @@ fn a_killed_launch_is_started_again_without_losing_its_workers() {
 /// moving.
 #[test]
 fn hard_crashes_behind_which_results_still_come_in_do_not_stop_the_job() {
-    let job = LaunchJob::new(400);
+    // Enough lines that the fast worker is not done with them (and takes
+    // no backup of the crashed ones' lines) before the third crash: line 0
+    // stays unwritten until its work timeout, and only results handed in
+    // show the job moving.
+    let job = LaunchJob::new(2000);
     let bin = dispatcher_bin().display().to_string();
     let worker = vec![
         "sh".to_string(),
@@ -527,7 +527,8 @@ fn hard_crashes_behind_which_results_still_come_in_do_not_stop_the_job() {
         format!(
             "if [ \"$DISPATCHER_LAUNCH_WORKER\" -lt 3 ]; then \
                '{bin}' infer --engine echo --echo-latency-ms 100000 --max-in-flight 8 & p=$!; \
-               sleep 1.5; kill -9 $p; exit 9; \
+               if [ \"$DISPATCHER_LAUNCH_WORKER\" -lt 2 ]; then sleep 0.8; else sleep 2.5; fi; \
+               kill -9 $p; exit 9; \
              fi; \
              exec '{bin}' infer --engine echo --echo-latency-ms 20 --max-in-flight 8"
         ),
@@ -554,357 +555,4 @@ fn hard_crashes_behind_which_results_still_come_in_do_not_stop_the_job() {
         "three workers crashed: {said}"
     );
     job.check_output();
-}
-
-/// A free port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A launched job takes lines only from its own workers: on a fixed port
-/// where another job ran, workers of that job (holding its token) and a
-/// worker started by hand (no token) are refused, and the server says so
-/// in its log; every line is answered by the job's own worker command.
-#[test]
-fn a_launched_job_takes_no_lines_from_workers_not_its_own() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let job = LaunchJob::new(300);
-    let port = free_port().to_string();
-    let mut launch = job.start(
-        0,
-        &["--backend", "local", "--max-workers", "1", "--port", &port],
-        &args(&echo_worker(400)),
-    );
-    job.wait_lines(&rt, 10);
-    let token = std::fs::read_to_string(job.path("out.jsonl.launch/token")).unwrap();
-    assert_eq!(token.trim().len(), 32, "a token of 128 bits: {token}");
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(job.path("out.jsonl.launch/token"))
-            .unwrap()
-            .permissions(),
-    );
-    assert_eq!(mode & 0o077, 0, "only its owner reads the token");
-    // Workers that would answer every line "intruder": one with another
-    // job's token, one with none.
-    let intruders: Vec<Child> = [Some("the-token-of-another-job"), None]
-        .into_iter()
-        .map(|token| {
-            let mut cmd = Command::new(dispatcher_bin());
-            cmd.args(["infer", "--engine", "echo", "--echo-reply", "intruder"])
-                .args(["--dispatcher", &format!("127.0.0.1:{port}")])
-                .env_remove("DISPATCHER_TOKEN")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some(token) = token {
-                cmd.env("DISPATCHER_TOKEN", token);
-            }
-            cmd.spawn().unwrap()
-        })
-        .collect();
-    // The server says it refused both.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = std::fs::read_to_string(job.path("out.jsonl.launch/server.log")).unwrap();
-        if log.contains("refused request(s) without this job's token")
-            && log.contains("refused request(s) with another token than this job's token")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(
-        wait(&mut launch, Duration::from_secs(120)),
-        0,
-        "{}",
-        job.said(0)
-    );
-    for mut intruder in intruders {
-        let _ = intruder.kill();
-        let _ = intruder.wait();
-    }
-    job.check_output();
-}
-
-/// A launch whose output already has a running job of another input (a
-/// launch of it running, or its server left after launch was killed) is
-/// refused, naming the input, instead of watching or taking over a job
-/// that answers another input.
-#[test]
-fn a_launch_of_another_input_neither_watches_nor_takes_over_the_job() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let job = LaunchJob::new(300);
-    std::fs::write(
-        job.path("other.jsonl"),
-        question_lines(300).replace("question", "other question"),
-    )
-    .unwrap();
-    let flags = ["--backend", "local", "--max-workers", "1"];
-    let mut first = job.start(0, &flags, &args(&echo_worker(200)));
-    job.wait_lines(&rt, 20);
-    let other = |n: u32| {
-        let mut child = Command::new(dispatcher_bin())
-            .args([
-                "launch",
-                "--input",
-                "other.jsonl",
-                "--output",
-                "out.jsonl",
-                "--poll",
-                "0.3",
-            ])
-            .args(flags)
-            .arg("--")
-            .args(echo_worker(5))
-            .current_dir(job.dir.path())
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(job.path(&format!("launch-{n}.out"))).unwrap())
-            .stderr(std::fs::File::create(job.path(&format!("launch-{n}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        let code = wait(&mut child, Duration::from_secs(30));
-        let said = job.said(n);
-        assert_eq!(code, 1, "{said}");
-        assert!(
-            said.contains("--input other.jsonl") && said.contains("runs on another input"),
-            "{said}"
-        );
-    };
-    // While the first launch runs: no watching.
-    other(1);
-    // Launch killed, its server and workers left: no taking over.
-    first.kill().unwrap();
-    first.wait().unwrap();
-    other(2);
-    // The job's own input takes it over and completes it.
-    let mut again = job.start(3, &flags, &args(&echo_worker(5)));
-    assert_eq!(
-        wait(&mut again, Duration::from_secs(120)),
-        0,
-        "{}",
-        job.said(3)
-    );
-    job.check_output();
-}
-
-mod on_slurm {
-    //! The same on the real cluster: sbatch, squeue, scancel.
-    use super::*;
-    use crate::slurm::{slurm_up, CLUSTER};
-
-    fn our_jobs(dir: &Path) -> Vec<String> {
-        let state: Value = serde_json::from_slice(
-            &std::fs::read(dir.join("out.jsonl.launch/state.json")).unwrap(),
-        )
-        .unwrap();
-        let ids: Vec<String> = state["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|j| j["id"].as_str().unwrap().to_string())
-            .collect();
-        let out = Command::new("squeue")
-            .args(["-h", "-o", "%i"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|id| ids.contains(id))
-            .collect()
-    }
-
-    fn slurm_flags() -> Vec<&'static str> {
-        vec![
-            "--max-workers",
-            "3",
-            "--advertise",
-            "127.0.0.1",
-            "--failure-backoff",
-            "1",
-        ]
-    }
-
-    fn scancel(args: &[&str]) {
-        let out = Command::new("scancel").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// 600 lines, three worker jobs: one is cancelled outright and replaced,
-    /// another is preempted (SIGTERM) and releases its lines; the output is
-    /// exact and nothing is left in squeue.
-    #[test]
-    fn workers_cancelled_or_preempted_are_replaced_and_the_output_is_exact() {
-        let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-        if !slurm_up() {
-            return;
-        }
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let job = LaunchJob::new(600);
-        let mut launch = job.start(0, &slurm_flags(), &args(&echo_worker(400)));
-        job.wait_lines(&rt, 60);
-        let running = |state: &Value| -> Vec<String> {
-            state["jobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|j| j["ended"].is_null() && !j["started"].is_null())
-                .map(|j| j["id"].as_str().unwrap().to_string())
-                .collect()
-        };
-        let ids = running(&job.state());
-        assert!(ids.len() >= 2, "{}", job.state());
-        scancel(&[&ids[0]]);
-        scancel(&["--signal=TERM", &ids[1]]);
-        let client = job.client();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let s = rt.block_on(client.status()).unwrap();
-            if s.reissues.release > 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the preempted worker released nothing: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let code = wait(&mut launch, Duration::from_secs(240));
-        let said = job.said(0);
-        assert_eq!(code, 0, "{said}");
-        job.check_output();
-        let state = job.state();
-        assert!(state["replaced"].as_u64().unwrap() >= 1, "{state}");
-        assert!(
-            said.contains(&format!("worker {} ended from outside (CANCELLED", ids[0])),
-            "{said}"
-        );
-        assert!(our_jobs(job.dir.path()).is_empty(), "jobs left in squeue");
-    }
-
-    /// A task binary that exits 1 at start (its engine cannot start): launch
-    /// stops within a bounded time with that binary's error, and no job of
-    /// it is left in squeue.
-    #[test]
-    fn a_task_binary_that_fails_at_start_stops_launch_and_leaves_no_job() {
-        let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-        if !slurm_up() {
-            return;
-        }
-        let job = LaunchJob::new(50);
-        let task = example("five_steps").display().to_string();
-        let worker = [
-            task.as_str(),
-            "--engine",
-            "llamacpp",
-            "--engine-bin",
-            "/nonexistent/llama-server",
-            "--model",
-            "/nonexistent/tiny.gguf",
-        ];
-        let started = Instant::now();
-        let mut launch = job.start(0, &slurm_flags(), &worker);
-        let code = wait(&mut launch, Duration::from_secs(120));
-        let said = job.said(0);
-        assert_eq!(code, 1, "{said}");
-        assert!(started.elapsed() < Duration::from_secs(90), "{said}");
-        assert!(
-            said.contains("failed in a row (--max-worker-failures 3)"),
-            "{said}"
-        );
-        assert!(
-            said.contains("/nonexistent/llama-server"),
-            "the binary's own error is quoted: {said}"
-        );
-        assert!(our_jobs(job.dir.path()).is_empty(), "jobs left in squeue");
-    }
-
-    /// A worker job that cannot start (here: not before an hour from now)
-    /// is reported once it has been pending past --pending-timeout, with
-    /// Slurm's reason; Ctrl-C then cancels it.
-    #[test]
-    fn a_job_pending_too_long_is_reported_with_slurms_reason() {
-        let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-        if !slurm_up() {
-            return;
-        }
-        let job = LaunchJob::new(10);
-        let mut launch = job.start(
-            0,
-            &[
-                "--max-workers",
-                "1",
-                "--advertise",
-                "127.0.0.1",
-                "--pending-timeout",
-                "1",
-                "--sbatch-args",
-                "--begin=now+1hour",
-            ],
-            &args(&echo_worker(5)),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !job.said(0).contains("has been pending for") {
-            assert!(Instant::now() < deadline, "{}", job.said(0));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let said = job.said(0);
-        assert!(said.contains("Slurm's reason: BeginTime"), "{said}");
-        assert_eq!(our_jobs(job.dir.path()).len(), 1, "only --max-workers jobs");
-        send_signal(i32::try_from(launch.id()).unwrap(), libc::SIGINT);
-        assert_eq!(
-            wait(&mut launch, Duration::from_secs(60)),
-            130,
-            "{}",
-            job.said(0)
-        );
-        assert!(our_jobs(job.dir.path()).is_empty(), "jobs left in squeue");
-    }
-
-    /// A second launch on a running job watches it; Ctrl-C of the first:
-    /// every worker job is cancelled, the server stops after a checkpoint,
-    /// and the same command resumes to the end.
-    #[test]
-    fn ctrl_c_cancels_every_worker_job_and_the_job_resumes() {
-        let _cluster = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-        if !slurm_up() {
-            return;
-        }
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let job = LaunchJob::new(400);
-        let mut launch = job.start(0, &slurm_flags(), &args(&echo_worker(400)));
-        job.wait_lines(&rt, 30);
-        // A second launch on the same output watches; it submits nothing.
-        let mut second = job.start(2, &slurm_flags(), &args(&echo_worker(400)));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !job.said(2).contains("another launch runs this job") {
-            assert!(Instant::now() < deadline, "{}", job.said(2));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(job.state()["jobs"].as_array().unwrap().len() <= 3);
-        send_signal(i32::try_from(second.id()).unwrap(), libc::SIGINT);
-        assert_eq!(wait(&mut second, Duration::from_secs(10)), 130);
-        send_signal(i32::try_from(launch.id()).unwrap(), libc::SIGINT);
-        let code = wait(&mut launch, Duration::from_secs(120));
-        assert_eq!(code, 130, "{}", job.said(0));
-        assert!(our_jobs(job.dir.path()).is_empty(), "jobs left in squeue");
-        assert!(job.path("out.jsonl.checkpoint").exists());
-        let mut again = job.start(1, &slurm_flags(), &args(&echo_worker(5)));
-        assert_eq!(
-            wait(&mut again, Duration::from_secs(180)),
-            0,
-            "{}",
-            job.said(1)
-        );
-        job.check_output();
-        assert!(our_jobs(job.dir.path()).is_empty());
-    }
 }

@@ -27,14 +27,37 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name: state, ppid,
+/// pgrp, ... (the name may hold spaces and parentheses).
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// The state letter and process group of `/proc/<pid>/stat`.
 fn stat(pid: &str) -> Option<(String, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
-    let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 1)..].split_whitespace();
-    let state = fields.next()?.to_string();
-    let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok())?;
-    Some((state, group))
+    let fields = stat_fields(pid)?;
+    let group = fields.get(2)?.parse::<u32>().ok()?;
+    Some((fields.first()?.clone(), group))
+}
+
+/// When process `pid` started, in clock ticks since boot (`starttime` of
+/// `/proc/<pid>/stat`). With its id, this names one process: a later one
+/// given the same id (after the first ended) started later.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(&pid.to_string())?.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is the process that started at `started` (a
+/// [`start_time`]), and has not ended. Without a start time to compare (a
+/// record older than start times), any live process of that id counts.
+pub fn running(pid: u32, started: Option<u64>) -> bool {
+    alive(pid) && started.is_none_or(|s| start_time(pid) == Some(s))
 }
 
 /// Whether `pid` is a process that has not ended. A zombie has ended (it
@@ -60,6 +83,25 @@ pub fn group_running(pgid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_is_told_from_another_of_the_same_id_by_its_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let started = start_time(pid).expect("a running process has a start time");
+        assert!(running(pid, Some(started)));
+        assert!(running(pid, None));
+        // The same id, another start: a process that reused the id.
+        assert!(!running(pid, Some(started + 1)));
+        // This process started before its child.
+        assert!(start_time(std::process::id()).unwrap() <= started);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!running(pid, Some(started)));
+    }
 
     #[test]
     fn a_reaped_child_is_gone_and_a_zombie_is_not_alive() {

@@ -63,6 +63,14 @@ pub struct LaunchOptions {
     /// doubles with each failure in a row (up to ten minutes).
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub failure_backoff: f64,
+    /// Seconds a running worker may go without reaching the server before
+    /// it is cancelled and counted as failed: a worker that cannot reach
+    /// the advertised address, lacks the job's token, or hangs. A worker
+    /// says hello once its engine is up, so this must cover loading the
+    /// model. A warning comes at a quarter of it. Not applied while
+    /// workers that send no hello (the Python client) are at work.
+    #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
+    pub hello_timeout: f64,
     /// Seconds between looks at the server and at the workers.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub poll: f64,
@@ -105,6 +113,7 @@ pub(super) fn check_options(args: &LaunchArgs) -> anyhow::Result<()> {
         ("poll", o.poll),
         ("pending-timeout", o.pending_timeout),
         ("failure-backoff", o.failure_backoff),
+        ("hello-timeout", o.hello_timeout),
     ] {
         crate::commands::serve::secs(flag, v)?;
     }

@@ -95,8 +95,8 @@ pub struct Local {
     /// Workers started by this process, by id.
     children: HashMap<String, tokio::process::Child>,
     /// Workers of an earlier `launch` (from the state file): only their
-    /// process ids are known.
-    adopted: HashMap<String, u32>,
+    /// process ids (and when those processes started) are known.
+    adopted: HashMap<String, (u32, Option<u64>)>,
 }
 
 /// Where the workers run.
@@ -117,10 +117,11 @@ impl Backend {
         }
     }
 
-    /// Takes over a worker an earlier `launch` started.
-    pub fn adopt(&mut self, id: &str, pid: Option<u32>) {
+    /// Takes over a worker an earlier `launch` started: process `pid`
+    /// that started at `pid_start`, for a local one.
+    pub fn adopt(&mut self, id: &str, pid: Option<u32>, pid_start: Option<u64>) {
         if let (Backend::Local(local), Some(pid)) = (self, pid) {
-            local.adopted.insert(id.to_string(), pid);
+            local.adopted.insert(id.to_string(), (pid, pid_start));
         }
     }
 
@@ -244,12 +245,15 @@ async fn run_slurm<'a>(
     run_slurm_command(program, cmd).await
 }
 
-/// Runs `cmd` (Slurm's `program`) with [`SLURM_TIMEOUT`], without input.
+/// Runs `cmd` (Slurm's `program`) with [`SLURM_TIMEOUT`], without input,
+/// in a process group of its own: a Ctrl-C at the terminal reaches
+/// `launch` alone, which lets an `sbatch` finish (and records its job)
+/// and an `scancel` end, instead of killing either mid-way.
 async fn run_slurm_command(
     program: &str,
     mut cmd: tokio::process::Command,
 ) -> anyhow::Result<std::process::Output> {
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdin(Stdio::null()).kill_on_drop(true).process_group(0);
     tokio::time::timeout(SLURM_TIMEOUT, cmd.output())
         .await
         .with_context(|| format!("{program} did not answer within 60 s: is slurmctld up?"))?
@@ -396,7 +400,9 @@ impl Local {
             };
         }
         match self.adopted.get(id) {
-            Some(&pid) if dispatcher_core::process::alive(pid) => JobState::Running,
+            Some(&(pid, started)) if dispatcher_core::process::running(pid, started) => {
+                JobState::Running
+            }
             Some(_) => JobState::Ended(
                 EndKind::Lost,
                 "ended while no launch watched it; its exit status is unknown".into(),
@@ -412,7 +418,11 @@ impl Local {
                 self.children
                     .get(id)
                     .and_then(tokio::process::Child::id)
-                    .or_else(|| self.adopted.get(id).copied())
+                    .or_else(|| {
+                        // Never a process that reused an ended worker's id.
+                        let &(pid, started) = self.adopted.get(id)?;
+                        dispatcher_core::process::running(pid, started).then_some(pid)
+                    })
             })
             .collect();
         signal_groups(&pids, libc::SIGTERM);

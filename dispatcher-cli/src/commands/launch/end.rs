@@ -54,10 +54,14 @@ pub(super) async fn wind_down(
             break;
         }
         if !cancelled && Instant::now() >= deadline {
-            if let Err(e) = backend.cancel(&alive, grace).await {
-                ui.event(&format!("could not cancel the workers: {e:#}"));
+            // Tried again on the next round until it goes through (scancel
+            // may time out, or be killed).
+            match backend.cancel(&alive, grace).await {
+                Ok(()) => cancelled = true,
+                Err(e) => ui.event(&format!(
+                    "could not cancel the workers ({e:#}); trying again"
+                )),
             }
-            cancelled = true;
         } else if !pending.is_empty() {
             let _ = backend.cancel(&pending, grace).await;
         }
@@ -75,6 +79,36 @@ pub(super) async fn wind_down(
         server.stop().await;
     }
     let _ = dir.save(state);
+}
+
+/// Cancels the workers an earlier launch left running when the server
+/// they were started against (at `gone`) is gone and another serves the
+/// job now: they would never reach it. They end as lost (replaced, not
+/// counted as failures).
+pub(super) async fn cancel_orphans(
+    backend: &mut Backend,
+    state: &mut LaunchState,
+    gone: &str,
+    ui: &mut Ui,
+) {
+    let ids = state.alive_ids();
+    if ids.is_empty() {
+        return;
+    }
+    ui.event(&format!(
+        "cancelling {} worker(s) of the earlier launch: they were started against its server at {gone}, which is gone",
+        ids.len()
+    ));
+    if let Err(e) = backend.cancel(&ids, Duration::from_secs(10)).await {
+        ui.event(&format!(
+            "could not cancel them ({e:#}): they end by themselves once they give up on {gone}"
+        ));
+    }
+    let now = unix_now();
+    let detail = format!("cancelled: started against the server at {gone}, which is gone");
+    for job in state.jobs.iter_mut().filter(|j| j.alive()) {
+        job.ended_as(now, EndKind::Lost, &detail);
+    }
 }
 
 /// Prints the job's report and the tail's cost; the exit status says

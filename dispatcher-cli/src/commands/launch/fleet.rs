@@ -14,6 +14,8 @@ use super::*;
 
 pub(super) enum Ending {
     Complete,
+    /// Complete at the first look: an earlier run did the job.
+    AlreadyComplete,
     Interrupted,
 }
 
@@ -24,6 +26,9 @@ pub(super) struct Loop<'a> {
     pub(super) backend: Backend,
     pub(super) spec: WorkerSpec,
     pub(super) failures_in_a_row: u32,
+    /// Submissions refused in a row (sbatch failed: a drained partition, a
+    /// submit limit, slurmctld busy).
+    pub(super) refused_in_a_row: u32,
     /// The last failed worker: its id and log.
     pub(super) last_failure: Option<(String, PathBuf, String)>,
     /// No submission before this (backoff after a failure).
@@ -38,6 +43,11 @@ pub(super) struct Loop<'a> {
     pub(super) reported_pending: HashSet<String>,
     /// Jobs whose worker said hello to the server (it names its job).
     pub(super) reached: HashSet<String>,
+    /// Jobs warned about for running without reaching the server.
+    pub(super) warned_silent: HashSet<String>,
+    /// Whether the server saw workers that send no hello (the Python
+    /// client), which can therefore not be told from silent ones.
+    pub(super) anonymous_workers: bool,
     pub(super) unreachable_since: Option<Instant>,
     /// (time, lines done) over the last minute, for the rate.
     pub(super) samples: VecDeque<(Instant, u64)>,
@@ -53,6 +63,7 @@ impl Loop<'_> {
         signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> anyhow::Result<Ending> {
         let poll = Duration::from_secs_f64(self.options.poll);
+        let mut first_look = true;
         loop {
             let status = self.client.status().await;
             let changed = self.look_at_jobs(state, status.as_ref().ok(), ui).await;
@@ -66,14 +77,14 @@ impl Loop<'_> {
                 }
                 Err(e) => {
                     match server.exited() {
-                        Some(true) => {
+                        Some(Ok(())) => {
                             // It exits 0 once the job is complete (or on
                             // SIGTERM from outside: the report says which).
                             ui.event("the server has exited");
                             return Ok(Ending::Complete);
                         }
-                        Some(false) => bail!(
-                            "the server exited with an error; its log ({}) ends with:\n{}\nlaunch stopped the workers; fix what the log says and run the same command to resume",
+                        Some(Err(how)) => bail!(
+                            "the server {how}; its log ({}) ends with:\n{}\nlaunch stopped the workers; run the same command to resume",
                             dir.server_log().display(),
                             backend::tail(&dir.server_log(), 15)
                         ),
@@ -94,6 +105,14 @@ impl Loop<'_> {
                     continue;
                 }
             };
+            if status.complete && first_look {
+                ui.event(&format!(
+                    "the job is complete already: all {} lines have their output line; nothing to do",
+                    status.lines_done
+                ));
+                return Ok(Ending::AlreadyComplete);
+            }
+            first_look = false;
             if status.complete {
                 ui.event(&format!("all {} lines are written", status.lines_done));
                 return Ok(Ending::Complete);
@@ -164,6 +183,8 @@ impl Loop<'_> {
             }
         };
         let complete = status.is_some_and(|s| s.complete);
+        // Workers exit 0 by themselves once nothing is left to hand out.
+        let drained = status.is_none_or(|s| Backlog::of(s).drained());
         if states
             .values()
             .any(|s| matches!(s, JobState::Ended(EndKind::Done, _)))
@@ -175,8 +196,12 @@ impl Loop<'_> {
         }
         let now = unix_now();
         let mut changed = false;
+        let silent = self.silent_too_long(state, &states, now, ui).await;
         for job in state.jobs.iter_mut().filter(|j| j.alive()) {
-            let mut observed = states.get(&job.id).cloned();
+            let mut observed = match silent.get(&job.id) {
+                Some(ended) => Some(ended.clone()),
+                None => states.get(&job.id).cloned(),
+            };
             if let Some(JobState::Ended(EndKind::Done, _)) = &observed {
                 if !complete && !self.reached.contains(&job.id) {
                     // Exit 0 without ever reaching the server: it gave up
@@ -184,12 +209,9 @@ impl Loop<'_> {
                     observed = Some(JobState::Ended(
                         EndKind::Failed,
                         format!(
-                            "it exited 0 without ever reaching the server at {}: can the workers' nodes reach that address? (--advertise)",
-                            self.spec
-                                .env
-                                .iter()
-                                .find(|(k, _)| k == "DISPATCHER_SERVER")
-                                .map_or("?", |(_, v)| v.as_str())
+                            "it exited 0 after {} without ever reaching the server at {}: is the worker command a dispatcher worker (a task binary, `dispatcher infer`)? If it is, can its node reach that address (--advertise)?",
+                            human_secs(now - job.started.unwrap_or(job.submitted)),
+                            self.server_addr()
                         ),
                     ));
                 }
@@ -217,6 +239,17 @@ impl Loop<'_> {
                     job.ended_as(now, *kind, detail);
                     changed = true;
                     match kind {
+                        EndKind::Done if !complete && !drained => {
+                            // Exit 0 with lines left to hand out: it was told
+                            // to stop (scancel --signal=TERM, a preemption
+                            // signal) and released its lines.
+                            self.failures_in_a_row = 0;
+                            ui.event(&format!(
+                                "worker {} stopped while lines were left ({detail}: told to stop from outside?); it released its lines and is replaced; its log: {}",
+                                job.id,
+                                job.log.display()
+                            ));
+                        }
                         EndKind::Done => {
                             self.failures_in_a_row = 0;
                         }
@@ -242,7 +275,7 @@ impl Loop<'_> {
                             job.log.display()
                         )),
                     }
-                    if !complete && *kind != EndKind::Done {
+                    if !complete && (*kind != EndKind::Done || !drained) {
                         self.owed += 1;
                     }
                 }
@@ -252,7 +285,69 @@ impl Loop<'_> {
         changed
     }
 
+    /// Running workers that have not reached the server: warned about at a
+    /// quarter of `--hello-timeout`, cancelled past it (returned as
+    /// failed, by id).
+    async fn silent_too_long(
+        &mut self,
+        state: &LaunchState,
+        states: &std::collections::HashMap<String, JobState>,
+        now: f64,
+        ui: &mut Ui,
+    ) -> std::collections::HashMap<String, JobState> {
+        let limit = self.options.hello_timeout;
+        let mut over = std::collections::HashMap::new();
+        if self.anonymous_workers {
+            return over;
+        }
+        for job in state.alive() {
+            let (Some(started), Some(JobState::Running)) = (job.started, states.get(&job.id))
+            else {
+                continue;
+            };
+            let silent = now - started;
+            if self.reached.contains(&job.id) || silent < limit / 4.0 {
+                continue;
+            }
+            let why = format!(
+                "it ran {} without reaching the server at {} (a worker does once its engine is up): is its engine still loading? can its node reach that address (--advertise)? does its command pass the job's token (DISPATCHER_TOKEN) on?",
+                human_secs(silent),
+                self.server_addr()
+            );
+            if silent >= limit {
+                over.insert(
+                    job.id.clone(),
+                    JobState::Ended(EndKind::Failed, format!("{why} (--hello-timeout {limit})")),
+                );
+            } else if self.warned_silent.insert(job.id.clone()) {
+                ui.event(&format!(
+                    "worker {}: {why}; it is cancelled at --hello-timeout {} (its log: {})",
+                    job.id,
+                    human_secs(limit),
+                    job.log.display()
+                ));
+            }
+        }
+        if !over.is_empty() {
+            let ids: Vec<String> = over.keys().cloned().collect();
+            if let Err(e) = self.backend.cancel(&ids, Duration::from_secs(10)).await {
+                ui.event(&format!("could not cancel {}: {e:#}", ids.join(" ")));
+            }
+        }
+        over
+    }
+
+    /// The server's address as the workers are given it.
+    fn server_addr(&self) -> &str {
+        self.spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "DISPATCHER_SERVER")
+            .map_or("?", |(_, v)| v.as_str())
+    }
+
     pub(super) fn note_reached(&mut self, status: &StatusResponse) {
+        self.anonymous_workers |= status.workers.iter().any(|w| w.hello.is_none());
         self.reached.extend(
             status
                 .workers
@@ -280,7 +375,11 @@ impl Loop<'_> {
         let n = plan::to_submit(backlog, fleet);
         for _ in 0..n {
             let ordinal = state.next_ordinal;
-            let submitted = self.backend.submit(&self.spec, ordinal).await?;
+            let submitted = match self.backend.submit(&self.spec, ordinal).await {
+                Ok(submitted) => submitted,
+                Err(e) => return self.refused(e, state, ui),
+            };
+            self.refused_in_a_row = 0;
             state.next_ordinal += 1;
             if self.owed > 0 {
                 self.owed -= 1;
@@ -291,6 +390,7 @@ impl Loop<'_> {
                 id: submitted.id.clone(),
                 ordinal,
                 pid: submitted.pid,
+                pid_start: submitted.pid.and_then(dispatcher_core::process::start_time),
                 log: submitted.log,
                 submitted: now,
                 started: submitted.running.then_some(now),
@@ -309,6 +409,36 @@ impl Loop<'_> {
                     .map_or_else(|| "counting".to_string(), |n| n.to_string())
             ));
         }
+        Ok(())
+    }
+
+    /// A submission was refused: the workers there keep working, and
+    /// launch tries again after a backoff (doubling, up to ten minutes);
+    /// it stops only once no worker is left and `--max-worker-failures`
+    /// submissions in a row were refused.
+    fn refused(
+        &mut self,
+        e: anyhow::Error,
+        state: &LaunchState,
+        ui: &mut Ui,
+    ) -> anyhow::Result<()> {
+        self.refused_in_a_row += 1;
+        let alive = state.alive().count();
+        let max = self.options.max_worker_failures;
+        if alive == 0 && self.refused_in_a_row >= max {
+            bail!(
+                "{e:#}\n{} submissions in a row were refused and no worker is left (--max-worker-failures {max}); launch stops here: fix what the refusal says and run the same launch again (the output resumes where it is)",
+                self.refused_in_a_row
+            );
+        }
+        let backoff = (self.options.failure_backoff
+            * 2f64.powi(self.refused_in_a_row.saturating_sub(1).min(10) as i32))
+        .min(600.0);
+        self.submit_after = Some(Instant::now() + Duration::from_secs_f64(backoff));
+        ui.event(&format!(
+            "could not submit a worker ({e:#}); {alive} worker(s) keep working; trying again in {}",
+            human_secs(backoff)
+        ));
         Ok(())
     }
 

@@ -102,7 +102,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                 );
             }
             for job in saved.alive() {
-                backend.adopt(&job.id, job.pid);
+                backend.adopt(&job.id, job.pid, job.pid_start);
             }
             let alive = saved.alive().count();
             if alive > 0 {
@@ -118,6 +118,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         None => LaunchState::new(backend.name()),
     };
 
+    let earlier_server = state.server.as_ref().map(|s| s.addr.clone());
     let mut server = match start_or_attach(
         &args,
         matches,
@@ -132,12 +133,19 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         Started::Server(s) => *s,
         Started::AlreadyComplete => {
             ui.event("the job is complete already");
-            return finish(&args, &state, &mut ui);
+            // No tail figures: they were an earlier run's.
+            return finish(&args, &LaunchState::new(""), &mut ui);
         }
         Started::Interrupted => return Err(Exit(EXIT_INTERRUPTED).into()),
     };
     state.server = Some(server.record.clone());
     dir.save(&state)?;
+    if let Some(gone) =
+        earlier_server.filter(|a| server.child.is_some() && *a != server.record.addr)
+    {
+        cancel_orphans(&mut backend, &mut state, &gone, &mut ui).await;
+        dir.save(&state)?;
+    }
 
     let spec = WorkerSpec {
         command: args.worker.clone(),
@@ -149,7 +157,10 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             .iter()
             .map(|t| ("DISPATCHER_TOKEN".to_string(), t.clone()))
             .collect(),
-        log_dir: dir.path().to_path_buf(),
+        // Absolute: Slurm resolves a relative --output in the job's working
+        // directory, which `--chdir` in --sbatch-args moves.
+        log_dir: std::path::absolute(dir.path())
+            .with_context(|| format!("{}: could not make it absolute", dir.path().display()))?,
     };
     if let Backend::Slurm(_) = backend {
         let template = options
@@ -184,6 +195,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         backend,
         spec,
         failures_in_a_row: 0,
+        refused_in_a_row: 0,
         last_failure: None,
         submit_after: None,
         owed: 0,
@@ -191,6 +203,8 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         handed_in: None,
         reported_pending: HashSet::new(),
         reached: HashSet::new(),
+        warned_silent: HashSet::new(),
+        anonymous_workers: false,
         unreachable_since: None,
         samples: VecDeque::new(),
     };
@@ -202,6 +216,10 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         Ok(Ending::Complete) => {
             wind_down(&mut backend, &mut state, &dir, &mut server, &mut ui, true).await;
             finish(&args, &state, &mut ui)
+        }
+        Ok(Ending::AlreadyComplete) => {
+            wind_down(&mut backend, &mut state, &dir, &mut server, &mut ui, true).await;
+            finish(&args, &LaunchState::new(""), &mut ui)
         }
         Ok(Ending::Interrupted) => {
             ui.event("stopping: cancelling the workers launch submitted, then the server");
@@ -334,6 +352,7 @@ mod tests {
                 id: format!("local-{started}"),
                 ordinal: 0,
                 pid: None,
+                pid_start: None,
                 log: PathBuf::new(),
                 submitted: started,
                 started: Some(started),

@@ -22,16 +22,24 @@ pub(super) struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Whether the server process is gone, and how it ended (`Some(true)`
-    /// for exit status 0); `None` while it runs or when it is not ours.
-    pub(super) fn exited(&mut self) -> Option<bool> {
+    /// Whether the server process is gone, and how it ended (`Ok` for exit
+    /// status 0, else in words); `None` while it runs or when it is not
+    /// ours. A server an earlier launch started is taken to have ended well
+    /// (its status is not ours to read): the output says whether it did.
+    pub(super) fn exited(&mut self) -> Option<Result<(), String>> {
         if let Some(child) = &mut self.child {
-            return child.try_wait().ok().flatten().map(|s| s.success());
+            return child.try_wait().ok().flatten().map(ended);
         }
         match self.record.pid {
-            Some(pid) if self.owned && !dispatcher_core::process::alive(pid) => Some(true),
+            Some(pid) if self.owned && !self.is_running(pid) => Some(Ok(())),
             _ => None,
         }
+    }
+
+    /// Whether `pid` is still the server's process (not one that reused
+    /// its id).
+    fn is_running(&self, pid: u32) -> bool {
+        dispatcher_core::process::running(pid, self.record.pid_start)
     }
 
     /// SIGTERM (the server checkpoints and exits), then waits up to a minute.
@@ -39,7 +47,7 @@ impl ServerHandle {
         if !self.owned {
             return;
         }
-        let Some(pid) = self.record.pid else {
+        let Some(pid) = self.record.pid.filter(|&pid| self.is_running(pid)) else {
             return;
         };
         dispatcher_core::process::signal(pid, libc::SIGTERM);
@@ -47,6 +55,23 @@ impl ServerHandle {
         while Instant::now() < deadline && self.exited().is_none() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// How the server ended, when not with status 0: in words that say what to
+/// do.
+fn ended(status: std::process::ExitStatus) -> Result<(), String> {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(()),
+        (_, Some(sig @ libc::SIGKILL)) => Err(format!(
+            "was killed by signal {sig} (SIGKILL: by hand, or by the kernel's out-of-memory killer, which `dmesg` names); its log may not say why"
+        )),
+        (_, Some(sig)) => Err(format!("was killed by signal {sig}; its log may say why")),
+        (code, None) => Err(format!(
+            "exited with status {}: fix what its log says",
+            code.map_or("?".into(), |c| c.to_string())
+        )),
     }
 }
 
@@ -77,6 +102,7 @@ pub(super) async fn start_or_attach(
             record: ServerRecord {
                 addr: addr.clone(),
                 pid: None,
+                pid_start: None,
                 host: String::new(),
             },
             owned: false,
@@ -84,8 +110,11 @@ pub(super) async fn start_or_attach(
         })));
     }
     if let Some(saved) = state.server.clone() {
+        // Its process, not another that took its id since.
         let ours = saved.host == crate::worker::hostname()
-            && saved.pid.is_some_and(dispatcher_core::process::alive);
+            && saved
+                .pid
+                .is_some_and(|pid| dispatcher_core::process::running(pid, saved.pid_start));
         let client = DispatcherClient::with_token(&saved.addr, token);
         if ours || client.status().await.is_ok() {
             // Taken over only when it runs this job's input.
@@ -214,6 +243,7 @@ pub(super) async fn start_or_attach(
         record: ServerRecord {
             addr,
             pid,
+            pid_start: pid.and_then(dispatcher_core::process::start_time),
             host: crate::worker::hostname(),
         },
         owned: true,

@@ -21,6 +21,10 @@ pub struct ServerRecord {
     pub addr: String,
     /// Its process id, when `launch` started it.
     pub pid: Option<u32>,
+    /// When that process started (clock ticks since boot): a process that
+    /// reuses the id later is not taken for it. Absent from older records.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     /// The host `launch` started it on.
     pub host: String,
 }
@@ -34,6 +38,9 @@ pub struct JobRecord {
     pub ordinal: u64,
     /// Process id of a local worker.
     pub pid: Option<u32>,
+    /// When that process started (clock ticks since boot), as for the server.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     /// Its log.
     pub log: PathBuf,
     /// Unix time it was submitted.
@@ -219,12 +226,14 @@ mod tests {
         state.server = Some(ServerRecord {
             addr: "head:8000".into(),
             pid: Some(42),
+            pid_start: Some(7),
             host: "head".into(),
         });
         state.jobs.push(JobRecord {
             id: "17".into(),
             ordinal: 0,
             pid: None,
+            pid_start: None,
             log: dir.path().join("worker-17.log"),
             submitted: 1.0,
             started: None,

@@ -1,0 +1,110 @@
+//! A launch that comes back after its host lost everything (#38 items 3, 7):
+//! the server it finds recorded is gone, and its process id may belong to
+//! another process by now.
+
+use super::*;
+
+/// Launch and its server die together (a login node crash); by the rerun
+/// the server's process id belongs to an unrelated process. The rerun takes
+/// that process for no server (nor signals it): it starts a new server,
+/// cancels the workers still pointed at the dead one without counting them
+/// as failures, and the job completes exactly.
+#[test]
+fn a_rerun_after_launch_and_its_server_died_starts_afresh_without_false_failures() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = LaunchJob::new(300);
+    let worker = echo_worker(300);
+    let flags = [
+        "--backend",
+        "local",
+        "--max-workers",
+        "2",
+        "--max-worker-failures",
+        "1",
+    ];
+    let mut first = job.start(0, &flags, &args(&worker));
+    job.wait_lines(&rt, 20);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let state = job.state();
+    let server = state["server"]["pid"].as_u64().unwrap();
+    send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(server) {
+        assert!(Instant::now() < deadline, "the server outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers: Vec<u64> = state["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["pid"].as_u64())
+        .collect();
+    assert!(workers.iter().all(|&w| alive(w)), "{state}");
+    // The server's id now names another process (its id reused).
+    let mut stranger = Command::new("sleep").arg("600").spawn().unwrap();
+    let mut reused = state.clone();
+    reused["server"]["pid"] = stranger.id().into();
+    std::fs::write(
+        job.path("out.jsonl.launch/state.json"),
+        serde_json::to_vec_pretty(&reused).unwrap(),
+    )
+    .unwrap();
+
+    let mut again = job.start(1, &flags, &args(&worker));
+    let code = wait(&mut again, Duration::from_secs(180));
+    let said = job.said(1);
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "the process that took the server's id was signalled"
+    );
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+    assert!(!said.contains("attaching"), "{said}");
+    assert!(
+        said.contains("cancelling 2 worker(s) of the earlier launch"),
+        "{said}"
+    );
+    assert!(!said.contains(" failed ("), "{said}");
+    job.check_output();
+    let after = job.state();
+    assert_ne!(after["server"]["pid"].as_u64(), Some(server));
+    for j in after["jobs"].as_array().unwrap() {
+        assert_ne!(j["end"], "failed", "{j}");
+    }
+    assert!(
+        workers.iter().all(|&w| !alive(w)),
+        "old workers left running"
+    );
+}
+
+/// A server killed under a running launch (SIGKILL: by hand, or the
+/// out-of-memory killer) is reported as killed, by which signal, not as a
+/// server error to look for in its log; the same command resumes the job.
+#[test]
+fn a_server_killed_under_launch_is_said_to_be_killed_and_the_job_resumes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = LaunchJob::new(200);
+    let worker = echo_worker(200);
+    let flags = ["--backend", "local", "--max-workers", "2"];
+    let mut first = job.start(0, &flags, &args(&worker));
+    job.wait_lines(&rt, 20);
+    let server = job.state()["server"]["pid"].as_u64().unwrap();
+    send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
+    assert_eq!(wait(&mut first, Duration::from_secs(120)), 1);
+    let said = job.said(0);
+    assert!(
+        said.contains("the server was killed by signal 9 (SIGKILL"),
+        "{said}"
+    );
+    assert!(!said.contains("fix what"), "{said}");
+    let mut again = job.start(1, &flags, &args(&worker));
+    assert_eq!(
+        wait(&mut again, Duration::from_secs(120)),
+        0,
+        "{}",
+        job.said(1)
+    );
+    job.check_output();
+}
