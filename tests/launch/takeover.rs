@@ -108,3 +108,47 @@ fn a_server_killed_under_launch_is_said_to_be_killed_and_the_job_resumes() {
     );
     job.check_output();
 }
+
+/// A second Ctrl-C while launch waits for its workers to end (here: workers
+/// that ignore SIGTERM, so the first only starts a 30 s grace) stops the
+/// waiting: the workers are killed at once and launch exits 130.
+#[test]
+fn a_second_ctrl_c_stops_waiting_for_the_workers() {
+    let job = LaunchJob::new(200);
+    let mut launch = job.start(
+        0,
+        &["--backend", "local", "--max-workers", "2"],
+        &["sh", "-c", "trap '' TERM; exec sleep 600"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job.state()["jobs"].as_array().map_or(0, Vec::len) < 2 {
+        assert!(Instant::now() < deadline, "{}", job.said(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pids: Vec<u64> = job.state()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["pid"].as_u64().unwrap())
+        .collect();
+    let launch_pid = i32::try_from(launch.id()).unwrap();
+    send_signal(launch_pid, libc::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !job.said(0).contains("stopping") {
+        assert!(Instant::now() < deadline, "{}", job.said(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(pids.iter().all(|&p| alive(p)), "the workers ignore SIGTERM");
+    send_signal(launch_pid, libc::SIGINT);
+    // Well within the 30 s grace the first Ctrl-C gave them.
+    assert_eq!(
+        wait(&mut launch, Duration::from_secs(15)),
+        130,
+        "{}",
+        job.said(0)
+    );
+    let said = job.said(0);
+    assert!(said.contains("signalled again"), "{said}");
+    assert!(pids.iter().all(|&p| !alive(p)), "workers left running");
+}

@@ -13,12 +13,58 @@ use super::*;
 /// Ends the workers and the server: at the end of a complete job the
 /// workers exit by themselves (pending ones are cancelled at once, running
 /// ones after a minute); when stopping early every worker is cancelled
-/// (they release their lines), then the server checkpoints and exits.
+/// (they release their lines), then the server checkpoints and exits. A
+/// Ctrl-C (or SIGTERM) meanwhile stops the waiting: the workers are killed
+/// outright (their lines come back after the work timeout).
 pub(super) async fn wind_down(
     backend: &mut Backend,
     state: &mut LaunchState,
     dir: &LaunchDir,
     server: &mut ServerHandle,
+    ui: &mut Ui,
+    complete: bool,
+) {
+    let again = crate::termination_signal();
+    let hurried = {
+        let workers = end_workers(backend, state, dir, ui, complete);
+        tokio::pin!(workers);
+        tokio::select! {
+            () = &mut workers => false,
+            () = again => true,
+        }
+    };
+    if hurried {
+        let alive = state.alive_ids();
+        ui.event(&format!(
+            "signalled again: not waiting for the workers; killing {} of them",
+            alive.len()
+        ));
+        if let Err(e) = backend.cancel(&alive, Duration::ZERO).await {
+            ui.event(&format!(
+                "could not cancel {} ({e:#}): cancel them by hand",
+                alive.join(" ")
+            ));
+        }
+    }
+    if server.owned && server.exited().is_none() {
+        if complete && !hurried {
+            // It exits by itself after its grace period.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && server.exited().is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        server.stop().await;
+    }
+    let _ = dir.save(state);
+}
+
+/// The workers' part of [`wind_down`]: waits for them to end, cancelling
+/// them (at once when stopping early) and retrying a cancel that failed.
+async fn end_workers(
+    backend: &mut Backend,
+    state: &mut LaunchState,
+    dir: &LaunchDir,
     ui: &mut Ui,
     complete: bool,
 ) {
@@ -65,20 +111,12 @@ pub(super) async fn wind_down(
         } else if !pending.is_empty() {
             let _ = backend.cancel(&pending, grace).await;
         }
-        ui.status(&format!("waiting for {} worker(s) to end", alive.len()));
+        ui.status(&format!(
+            "waiting for {} worker(s) to end (Ctrl-C again: kill them)",
+            alive.len()
+        ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    if server.owned && server.exited().is_none() {
-        if complete {
-            // It exits by itself after its grace period.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline && server.exited().is_none() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        server.stop().await;
-    }
-    let _ = dir.save(state);
 }
 
 /// Cancels the workers an earlier launch left running when the server
