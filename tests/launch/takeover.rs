@@ -152,3 +152,39 @@ fn a_second_ctrl_c_stops_waiting_for_the_workers() {
     assert!(said.contains("signalled again"), "{said}");
     assert!(pids.iter().all(|&p| !alive(p)), "workers left running");
 }
+
+/// A server taken over from a killed launch and then killed itself is said
+/// to be gone (its exit status is not the new launch's to read), at once:
+/// not "the server has exited" after waiting a minute for the workers.
+#[test]
+fn a_taken_over_server_that_dies_is_said_to_be_gone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = LaunchJob::new(400);
+    let worker = echo_worker(300);
+    let flags = ["--backend", "local", "--max-workers", "2"];
+    let mut first = job.start(0, &flags, &args(&worker));
+    job.wait_lines(&rt, 20);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut again = job.start(1, &flags, &args(&worker));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !job.said(1).contains("attaching to the server") {
+        assert!(Instant::now() < deadline, "{}", job.said(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let server = job.state()["server"]["pid"].as_u64().unwrap();
+    send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
+    assert_eq!(
+        wait(&mut again, Duration::from_secs(50)),
+        1,
+        "{}",
+        job.said(1)
+    );
+    let said = job.said(1);
+    assert!(
+        said.contains("started by an earlier launch) is gone"),
+        "{said}"
+    );
+    assert!(!said.contains("the server has exited"), "{said}");
+}

@@ -24,14 +24,17 @@ pub(super) struct ServerHandle {
 impl ServerHandle {
     /// Whether the server process is gone, and how it ended (`Ok` for exit
     /// status 0, else in words); `None` while it runs or when it is not
-    /// ours. A server an earlier launch started is taken to have ended well
-    /// (its status is not ours to read): the output says whether it did.
+    /// ours. The exit status of a server an earlier launch started is not
+    /// ours to read: gone, it is said to be gone (a server that completed
+    /// the job was seen complete before it exited).
     pub(super) fn exited(&mut self) -> Option<Result<(), String>> {
         if let Some(child) = &mut self.child {
             return child.try_wait().ok().flatten().map(ended);
         }
         match self.record.pid {
-            Some(pid) if self.owned && !self.is_running(pid) => Some(Ok(())),
+            Some(pid) if self.owned && !self.is_running(pid) => Some(Err(format!(
+                "(process {pid}, started by an earlier launch) is gone, how is unknown here (killed? its log may say)"
+            ))),
             _ => None,
         }
     }
