@@ -26,6 +26,7 @@ fn honour_n(req: &dispatcher::Request) -> Result<Response, dispatcher::RequestEr
                 index: i,
                 text: format!("{prompt} #{i}"),
                 finish_reason: Some("stop".into()),
+                ..Default::default()
             })
             .collect(),
         usage: Some(Usage {
@@ -33,6 +34,7 @@ fn honour_n(req: &dispatcher::Request) -> Result<Response, dispatcher::RequestEr
             completion_tokens: 5,
             total_tokens: 8,
         }),
+        ..Default::default()
     })
 }
 

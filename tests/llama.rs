@@ -454,3 +454,62 @@ async fn the_vllm_launcher_passes_the_exact_command_line() {
         ]
     );
 }
+
+/// `--logprobs` on the real engine: every generated token of every response
+/// comes with its log-probability and the two most likely tokens at its
+/// place, and the tokens spell the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_keeps_llama_cpps_log_probabilities_of_every_token() {
+    let Some((server, model)) = llama() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), chat_lines(3).0).unwrap();
+    let mut args = strings(&[
+        "infer",
+        "-i",
+        "in.jsonl",
+        "-o",
+        "out.jsonl",
+        "--logprobs",
+        "2",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    args.extend(engine_flags(&server, &model, 256, 2));
+    let child = Command::new(dispatcher_bin())
+        .args(&args)
+        .arg("-q")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = crate::support::jsonl(dir.path().join("out.jsonl"));
+    assert_eq!(out.len(), 3);
+    for line in &out {
+        let text = line["responses"][0].as_str().unwrap();
+        let tokens = line["logprobs"][0]
+            .as_array()
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(!tokens.is_empty(), "{line}");
+        let spelled: String = tokens
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(spelled, text, "{line}");
+        for t in tokens {
+            assert!(t["logprob"].as_f64().unwrap() <= 0.0, "{t}");
+            let top = t["top"].as_array().unwrap();
+            assert_eq!(top.len(), 2, "{t}");
+            assert!(
+                top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(),
+                "{t}"
+            );
+        }
+    }
+}

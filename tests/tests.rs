@@ -1,6 +1,7 @@
 //! End-to-end tests of the facade crate: one test binary, one module per area.
 
 mod after_run;
+mod answers;
 mod batch;
 mod dataset_columns;
 mod datasets;

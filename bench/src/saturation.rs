@@ -96,8 +96,10 @@ impl Engine for Sleepy {
                     index: 0,
                     text,
                     finish_reason: Some("stop".into()),
+                    ..Default::default()
                 }],
                 usage: None,
+                ..Default::default()
             })
         })
     }

@@ -256,11 +256,28 @@ pub struct HttpEngine {
 /// How an [`HttpEngine`] answers: the text of its reply to a chat request.
 pub type Answer = dyn Fn(&Value) -> String + Send + Sync;
 
+/// How an [`HttpEngine`] started with [`HttpEngine::start_raw`] answers:
+/// the whole answer's JSON.
+pub type RawAnswer = dyn Fn(&Value) -> Value + Send + Sync;
+
 impl HttpEngine {
     /// Starts the engine on the current tokio runtime; it serves
     /// `/v1/models` (one model, `test-model`) and answers chat requests with
     /// `answer(body)`.
     pub async fn start(answer: impl Fn(&Value) -> String + Send + Sync + 'static) -> HttpEngine {
+        HttpEngine::start_raw(move |body| {
+            serde_json::json!({
+                "model": "test-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer(body)}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+            })
+        })
+        .await
+    }
+
+    /// Like [`start`](HttpEngine::start), with `answer(body)` the whole
+    /// answer's JSON: for answers of every shape an engine gives.
+    pub async fn start_raw(answer: impl Fn(&Value) -> Value + Send + Sync + 'static) -> HttpEngine {
         use http_body_util::{BodyExt, Full};
         use hyper::body::Bytes;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -268,7 +285,7 @@ impl HttpEngine {
             .expect("binds 127.0.0.1");
         let url = format!("http://{}", listener.local_addr().expect("has an address"));
         let answered = Arc::new(Mutex::new(Vec::new()));
-        let answer: Arc<Answer> = Arc::new(answer);
+        let answer: Arc<RawAnswer> = Arc::new(answer);
         let seen = answered.clone();
         tokio::spawn(async move {
             loop {
@@ -292,13 +309,9 @@ impl HttpEngine {
                                 let reply = if path.ends_with("/models") {
                                     serde_json::json!({"data": [{"id": "test-model"}]})
                                 } else {
-                                    let text = answer(&body);
+                                    let reply = answer(&body);
                                     seen.lock().expect("not poisoned").push(body);
-                                    serde_json::json!({
-                                        "model": "test-model",
-                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
-                                    })
+                                    reply
                                 };
                                 Ok::<_, std::convert::Infallible>(
                                     hyper::Response::builder()

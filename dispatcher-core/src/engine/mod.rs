@@ -30,7 +30,7 @@ pub use openai::{
 };
 pub use rate::RateLimit;
 pub use request::{Body, Message, Request};
-pub use response::{Choice, JsonError, RequestError, Response, Usage};
+pub use response::{Choice, JsonError, RequestError, Response, TokenLogprob, TopLogprob, Usage};
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

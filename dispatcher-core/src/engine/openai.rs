@@ -479,7 +479,7 @@ impl Engine for OpenAiEngine {
             }
             let response = serde_json::from_str::<serde_json::Value>(&answer.text)
                 .map_err(|e| e.to_string())
-                .and_then(|v| Response::from_openai(&v))
+                .and_then(Response::from_openai)
                 .map_err(|e| RequestError::Malformed(format!("{url}: {e}")))?;
             self.settle(cost, response.usage);
             Ok(response)

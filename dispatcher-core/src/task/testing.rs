@@ -51,8 +51,10 @@ pub fn reply(text: impl Into<String>) -> Response {
             index: 0,
             text: text.into(),
             finish_reason: Some("stop".into()),
+            ..Default::default()
         }],
         usage: None,
+        ..Default::default()
     }
 }
 

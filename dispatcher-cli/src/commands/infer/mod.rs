@@ -101,6 +101,11 @@ pub struct InferArgs {
     /// Add each line's token usage as `usage`, and each response's finish reason as `finish_reasons`.
     #[arg(long)]
     pub include_usage: bool,
+    /// Keep each generated token's log-probability, and the N most likely
+    /// tokens at its place (0: none), as `logprobs`: one list per response
+    /// of `{"token", "logprob", "bytes", "top": [{"token", "logprob"}]}`.
+    #[arg(long, value_name = "N")]
+    pub logprobs: Option<u32>,
     /// More fields for every request, as a JSON object merged into its body
     /// (engine-specific ones the flags above do not set):
     /// --extra-body '{"ignore_eos": true, "repetition_penalty": 1.1}'.
@@ -137,6 +142,7 @@ impl InferArgs {
             stop: self.stop.clone(),
             seed: self.seed,
             include_usage: self.include_usage,
+            logprobs: self.logprobs,
             extra_body: match &self.extra_body {
                 None => serde_json::Map::new(),
                 Some(text) => match serde_json::from_str(text) {
@@ -149,6 +155,11 @@ impl InferArgs {
                             anyhow::bail!(
                                 "--extra-body sets {key:?}, which infer sets itself: use its own flag (--max-tokens, --temperature, ...) instead"
                             );
+                        }
+                        if let Some(key) = fields.keys().find(|k| {
+                            self.logprobs.is_some() && (*k == "logprobs" || *k == "top_logprobs")
+                        }) {
+                            anyhow::bail!("--extra-body sets {key:?}, which --logprobs sets: give one of them");
                         }
                         fields
                     }

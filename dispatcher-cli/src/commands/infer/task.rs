@@ -58,6 +58,9 @@ pub struct InferConfig {
     pub seed: Option<u64>,
     /// Add the line's token usage as `usage`.
     pub include_usage: bool,
+    /// Keep each generated token's log-probability, with this many of the
+    /// most likely alternatives at its place, as `logprobs`.
+    pub logprobs: Option<u32>,
     /// Fields merged into every request's body: engine-specific sampling
     /// parameters such as `ignore_eos`, not the fields above.
     pub extra_body: Map<String, Value>,
@@ -79,6 +82,7 @@ impl Default for InferConfig {
             stop: Vec::new(),
             seed: None,
             include_usage: false,
+            logprobs: None,
             extra_body: Map::new(),
         }
     }
@@ -249,6 +253,16 @@ impl Infer {
         if let Some(seed) = c.seed {
             req = req.seed(seed);
         }
+        match (c.logprobs, prompt) {
+            (None, _) => {}
+            (Some(top), EnginePrompt::Chat(_)) => {
+                req = req.extra("logprobs", true);
+                if top > 0 {
+                    req = req.extra("top_logprobs", top);
+                }
+            }
+            (Some(top), EnginePrompt::Completion(_)) => req = req.extra("logprobs", top),
+        }
         for (key, value) in &c.extra_body {
             req = req.extra(key.clone(), value.clone());
         }
@@ -268,30 +282,51 @@ impl Infer {
         if let Some(check) = &self.prompt_check {
             check(&prompt)?;
         }
-        let wanted = c.num_generations;
-        let mut responses: Vec<String> = Vec::with_capacity(wanted as usize);
+        let wanted = c.num_generations as usize;
         let mut usage = Usage::default();
-        let mut finish_reasons: Vec<Value> = Vec::with_capacity(wanted as usize);
         let started = std::time::Instant::now();
-        let first: Response = ctx.send(self.request(&prompt, wanted)).await?;
+        let first: Response = ctx.send(self.request(&prompt, c.num_generations)).await?;
         add_usage(&mut usage, &first);
-        responses.extend(first.texts().into_iter().map(String::from));
-        finish_reasons.extend(first.choices.iter().map(|c| c.finish_reason.clone().into()));
+        let mut choices = first.choices;
         // Engines that ignore `n` answer once: ask for the rest one by one, in parallel.
-        if (responses.len() as u32) < wanted {
-            let rest: Vec<Request> = (responses.len() as u32..wanted)
+        if choices.len() < wanted {
+            let rest: Vec<Request> = (choices.len()..wanted)
                 .map(|_| self.request(&prompt, 1))
                 .collect();
             for r in ctx.send(rest).await? {
                 add_usage(&mut usage, &r);
-                responses.push(r.text().to_string());
-                finish_reasons.push(r.finish_reason().map(String::from).into());
+                choices.extend(r.choices.into_iter().take(1));
             }
         }
-        responses.truncate(wanted as usize);
-        finish_reasons.truncate(wanted as usize);
+        choices.truncate(wanted);
         let mut added = Map::new();
+        // A response the engine gave no text for is null, not "" (a
+        // reasoning model cut at max_tokens while thinking): its reasoning,
+        // the job's product then, is beside it.
+        let responses: Vec<Value> = choices
+            .iter()
+            .map(|c| match c.text_missing {
+                true => Value::Null,
+                false => c.text.clone().into(),
+            })
+            .collect();
         added.insert("responses".into(), responses.into());
+        if choices.iter().any(|c| c.reasoning.is_some()) {
+            let reasoning: Vec<Value> =
+                choices.iter().map(|c| c.reasoning.clone().into()).collect();
+            added.insert("reasoning".into(), reasoning.into());
+        }
+        if c.logprobs.is_some() {
+            let logprobs: Vec<Value> = choices
+                .iter()
+                .map(|c| serde_json::to_value(&c.logprobs).expect("log-probabilities serialize"))
+                .collect();
+            added.insert("logprobs".into(), logprobs.into());
+        }
+        let finish_reasons: Vec<Value> = choices
+            .iter()
+            .map(|c| c.finish_reason.clone().into())
+            .collect();
         if c.include_usage {
             added.insert(
                 "usage".into(),

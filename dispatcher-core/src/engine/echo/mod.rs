@@ -293,7 +293,7 @@ mod tests {
             .unwrap();
         let bytes = answer.into_body().collect().await.unwrap().to_bytes();
         let response =
-            crate::engine::Response::from_openai(&serde_json::from_slice(&bytes).unwrap()).unwrap();
+            crate::engine::Response::from_openai(serde_json::from_slice(&bytes).unwrap()).unwrap();
         #[derive(serde::Deserialize, Debug, PartialEq)]
         struct Rating {
             score: i64,

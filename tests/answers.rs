@@ -1,0 +1,110 @@
+//! Everything the engine says reaches the output (#39): a reasoning model's
+//! trace beside each response, an answer with no text told from an empty
+//! one, and the tokens' log-probabilities asked for with `--logprobs`.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::support::{dispatcher_bin, jsonl, last_message, succeed, HttpEngine};
+
+/// A reasoning model behind a reasoning parser: the prompt "cut" runs out of
+/// tokens while thinking (`content: null`), "plain" has no trace, the
+/// others answer with their trace beside; with `logprobs` asked, each answer
+/// carries its tokens'.
+async fn reasoning_engine() -> HttpEngine {
+    HttpEngine::start_raw(|body| {
+        let prompt = last_message(body);
+        let message = match prompt.as_str() {
+            "cut" => json!({"role": "assistant", "content": null,
+                "reasoning_content": "Let me think. First, cut"}),
+            "plain" => json!({"role": "assistant", "content": "plain answer"}),
+            _ => json!({"role": "assistant", "content": format!("{prompt}!"),
+                "reasoning_content": format!("because {prompt}")}),
+        };
+        let mut choice = json!({"index": 0, "message": message,
+            "finish_reason": if prompt == "cut" { "length" } else { "stop" }});
+        if body["logprobs"] == true {
+            let top = body["top_logprobs"].as_u64().unwrap_or(0) as usize;
+            let alternatives: Vec<Value> = (0..top)
+                .map(|i| json!({"token": format!("t{i}"), "logprob": -(i as f64) - 0.5, "bytes": [116]}))
+                .collect();
+            choice["logprobs"] = json!({"content": [{"token": "Yes", "logprob": -0.25,
+                "bytes": [89, 101, 115], "top_logprobs": alternatives}]});
+        }
+        json!({"id": "x", "model": "test-model", "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}})
+    })
+    .await
+}
+
+fn infer(dir: &std::path::Path, engine: &HttpEngine, extra: &[&str]) -> Vec<Value> {
+    let lines: String = ["why", "cut", "plain"]
+        .iter()
+        .map(|p| json!({"messages": [{"role": "user", "content": p}]}).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), lines).unwrap();
+    succeed(
+        Command::new(dispatcher_bin())
+            .args(["infer", "--engine-url", &engine.url, "-q"])
+            .args(["-i", "in.jsonl", "-o", "out.jsonl", "--overwrite"])
+            .args(extra)
+            .current_dir(dir),
+    );
+    jsonl(dir.join("out.jsonl"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_keeps_the_reasoning_beside_each_response_and_no_text_is_null() {
+    let engine = reasoning_engine().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = infer(dir.path(), &engine, &["--include-usage"]);
+    assert_eq!(out[0]["responses"], json!(["why!"]));
+    assert_eq!(out[0]["reasoning"], json!(["because why"]));
+    // Cut while thinking: no text (not ""), and the trace, the job's
+    // product here, is kept.
+    assert_eq!(out[1]["responses"], json!([null]), "{}", out[1]);
+    assert_eq!(out[1]["reasoning"], json!(["Let me think. First, cut"]));
+    assert_eq!(out[1]["finish_reasons"], json!(["length"]));
+    // No trace from the engine: no field.
+    assert_eq!(out[2]["responses"], json!(["plain answer"]));
+    assert!(out[2].get("reasoning").is_none(), "{}", out[2]);
+    assert!(out.iter().all(|l| l.get("logprobs").is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_asks_for_log_probabilities_and_keeps_them_per_response() {
+    let engine = reasoning_engine().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = infer(dir.path(), &engine, &["--logprobs", "2"]);
+    for body in engine.answered() {
+        assert_eq!(
+            (&body["logprobs"], &body["top_logprobs"]),
+            (&json!(true), &json!(2))
+        );
+    }
+    let lp = &out[0]["logprobs"][0][0];
+    assert_eq!(lp["token"], "Yes");
+    assert_eq!(lp["logprob"], -0.25);
+    assert_eq!(lp["bytes"], json!([89, 101, 115]));
+    assert_eq!(
+        lp["top"],
+        json!([{"token": "t0", "logprob": -0.5, "bytes": [116]}, {"token": "t1", "logprob": -1.5, "bytes": [116]}])
+    );
+    assert_eq!(out[1]["logprobs"].as_array().unwrap().len(), 1);
+    // --logprobs and the same fields in --extra-body: refused, naming both.
+    let refused = Command::new(dispatcher_bin())
+        .args([
+            "infer", "--engine", "echo", "-i", "in.jsonl", "-o", "o2.jsonl",
+        ])
+        .args(["--logprobs", "1", "--extra-body", r#"{"top_logprobs": 3}"#])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("top_logprobs") && said.contains("--logprobs"),
+        "{said}"
+    );
+}
