@@ -108,3 +108,48 @@ async fn infer_asks_for_log_probabilities_and_keeps_them_per_response() {
         "{said}"
     );
 }
+
+/// A line whose messages hold content parts (an image by data URL, a part
+/// no type names), a speaker's name and a tool's answer reaches the engine
+/// as the line has them: `--prompt-path .messages` sends them untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_sends_messages_with_content_parts_and_tool_turns_as_they_are() {
+    let engine = HttpEngine::start(|_| "a cat".to_string()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let messages = json!([
+        {"role": "system", "content": "Describe images."},
+        {"role": "user", "name": "ann", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+            {"type": "video_url", "video_url": {"url": "file:///v.mp4"}, "fps": 1.5}
+        ]},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "zoom", "arguments": "{\"x\": 0.25}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "zoomed"}
+    ]);
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        json!({"id": 1, "messages": messages}).to_string() + "\n",
+    )
+    .unwrap();
+    succeed(
+        Command::new(dispatcher_bin())
+            .args(["infer", "--engine-url", &engine.url, "-q"])
+            .args([
+                "-i",
+                "in.jsonl",
+                "-o",
+                "out.jsonl",
+                "--prompt-path",
+                ".messages",
+            ])
+            .current_dir(dir.path()),
+    );
+    let sent = engine.answered();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["messages"], messages, "sent as the line has them");
+    assert_eq!(
+        jsonl(dir.path().join("out.jsonl"))[0]["responses"],
+        json!(["a cat"])
+    );
+}

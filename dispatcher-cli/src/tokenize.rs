@@ -182,8 +182,23 @@ impl PromptTokenizer {
     /// The prompt's tokens, as the engine counts them: a chat request's
     /// rendered messages without added special tokens (the template has
     /// them), a completion prompt with them (vLLM's defaults).
+    /// Of messages with content parts, their text parts alone are counted
+    /// (an image's tokens depend on the model's vision encoder: see
+    /// [`Content::other_parts`](dispatcher_core::engine::Content::other_parts)).
     pub fn count(&self, prompt: &EnginePrompt) -> anyhow::Result<usize> {
         let (text, add_special_tokens) = match prompt {
+            EnginePrompt::Chat(messages)
+                if messages.iter().any(|m| m.content.other_parts() > 0) =>
+            {
+                let text_only: Vec<Message> = messages
+                    .iter()
+                    .map(|m| Message {
+                        content: m.content.text().into_owned().into(),
+                        ..m.clone()
+                    })
+                    .collect();
+                (self.render(&text_only)?, false)
+            }
             EnginePrompt::Chat(messages) => (self.render(messages)?, false),
             EnginePrompt::Completion(text) => (text.clone(), true),
         };

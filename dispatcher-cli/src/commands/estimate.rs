@@ -97,6 +97,10 @@ pub struct Estimate {
     pub max_model_len: Option<u32>,
     /// Lines whose prompt leaves no room for one generated token.
     pub over_length: u64,
+    /// Content parts that are not text (images, audio): not counted, their
+    /// tokens depend on the model's encoder.
+    #[serde(default)]
+    pub parts_not_counted: u64,
     /// Generated tokens at worst: every response to `--max-tokens` (or to
     /// the end of the context, when that comes first).
     pub completion_tokens_worst: u64,
@@ -290,6 +294,12 @@ impl Counter<'_> {
                 };
                 estimate.counted += 1;
                 estimate.prompt_tokens += u64::from(tokens);
+                if let EnginePrompt::Chat(messages) = &prompt {
+                    estimate.parts_not_counted += messages
+                        .iter()
+                        .map(|m| m.content.other_parts() as u64)
+                        .sum::<u64>();
+                }
                 per_line.push(tokens);
                 let room = match self.max_model_len {
                     Some(len) if tokens >= len => {
@@ -467,6 +477,12 @@ fn render(e: &Estimate, args: &EstimateArgs) -> String {
         n(e.prompt_tokens_p99),
         n(e.prompt_tokens_max)
     ));
+    if e.parts_not_counted > 0 {
+        out.push_str(&format!(
+            "not counted      {} content parts that are not text (images, audio): their tokens depend on the model's encoder, so the figures above are short of them\n",
+            n(e.parts_not_counted)
+        ));
+    }
     match e.max_model_len {
         Some(len) => out.push_str(&format!(
             "context          {} lines leave no room in {} tokens (the engine refuses them; `infer --skip-over-length` fails them without a request)\n",

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod echo;
 pub mod launch;
 mod log_tail;
+mod message;
 mod openai;
 pub mod rate;
 mod request;
@@ -25,11 +26,12 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use message::{Content, ImageError, Message, Part, DEFAULT_MAX_IMAGE_BYTES};
 pub use openai::{
     api_base, ApiKey, EngineSetupError, OpenAiEngine, OpenAiEngineBuilder, RetryPolicy,
 };
 pub use rate::RateLimit;
-pub use request::{Body, Message, Request};
+pub use request::{Body, Request};
 pub use response::{Choice, JsonError, RequestError, Response, TokenLogprob, TopLogprob, Usage};
 
 /// A boxed, sendable future.

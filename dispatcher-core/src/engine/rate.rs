@@ -144,7 +144,10 @@ impl RateLimiter {
 /// tokenizers), plus `max_tokens` for each choice.
 pub fn estimated_tokens(request: &Request) -> u64 {
     let chars: usize = match &request.body {
-        Body::Chat { messages } => messages.iter().map(|m| m.content.chars().count() + 4).sum(),
+        Body::Chat { messages } => messages
+            .iter()
+            .map(|m| m.content.text().chars().count() + 4)
+            .sum(),
         Body::Completion { prompt } => prompt.chars().count(),
     };
     let completion = u64::from(request.max_tokens.unwrap_or(0)) * u64::from(request.n.unwrap_or(1));

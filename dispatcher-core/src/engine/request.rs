@@ -3,47 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, ...
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
-
-impl Message {
-    /// A message with `role` and `content`.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    /// A `user` message.
-    pub fn user(content: impl Into<String>) -> Message {
-        Message::new("user", content)
-    }
-
-    /// An `assistant` message.
-    pub fn assistant(content: impl Into<String>) -> Message {
-        Message::new("assistant", content)
-    }
-
-    /// A `system` message.
-    pub fn system(content: impl Into<String>) -> Message {
-        Message::new("system", content)
-    }
-}
-
-/// A response as the next turn of the conversation: an `assistant` message
-/// with its (first choice's) text.
-impl From<&crate::engine::Response> for Message {
-    fn from(response: &crate::engine::Response) -> Message {
-        Message::assistant(response.text())
-    }
-}
+use super::message::{Content, Message};
 
 /// Which endpoint a request goes to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,7 +119,7 @@ impl Request {
     }
 
     /// Appends a message (chat requests; ignored for completions).
-    pub fn message(mut self, role: &str, content: impl Into<String>) -> Request {
+    pub fn message(mut self, role: &str, content: impl Into<Content>) -> Request {
         if let Body::Chat { messages } = &mut self.body {
             messages.push(Message::new(role, content));
         }
@@ -167,17 +127,17 @@ impl Request {
     }
 
     /// Appends a system message.
-    pub fn system(self, content: impl Into<String>) -> Request {
+    pub fn system(self, content: impl Into<Content>) -> Request {
         self.message("system", content)
     }
 
     /// Appends a user message.
-    pub fn user(self, content: impl Into<String>) -> Request {
+    pub fn user(self, content: impl Into<Content>) -> Request {
         self.message("user", content)
     }
 
     /// Appends an assistant message.
-    pub fn assistant(self, content: impl Into<String>) -> Request {
+    pub fn assistant(self, content: impl Into<Content>) -> Request {
         self.message("assistant", content)
     }
 
@@ -307,7 +267,7 @@ impl Request {
         let message = message.into();
         match &mut self.body {
             Body::Chat { messages } => messages.push(message),
-            Body::Completion { prompt } => prompt.push_str(&message.content),
+            Body::Completion { prompt } => prompt.push_str(&message.content.text()),
         }
         self
     }
