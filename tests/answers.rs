@@ -153,3 +153,55 @@ async fn infer_sends_messages_with_content_parts_and_tool_turns_as_they_are() {
         json!(["a cat"])
     );
 }
+
+/// `--request-path`: each line's own settings (a LoRA adapter as `model`, a
+/// temperature, a stop) are sent over the flags' for that line alone; a
+/// line with a bad value fails alone, with a kind of its own naming the
+/// field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_line_sends_its_own_request_fields_and_a_bad_one_fails_alone() {
+    let engine = HttpEngine::start(|body| format!("from {}", body["model"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        json!({"q": "a", "params": {"temperature": 0.1, "model": "sql-lora", "stop": ["END"], "top_k": 5}}),
+        json!({"q": "b"}),
+        json!({"q": "c", "params": {"max_tokens": 0}}),
+    ];
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(dir.path().join("in.jsonl"), text).unwrap();
+    let out = Command::new(dispatcher_bin())
+        .args(["infer", "--engine-url", &engine.url, "-q"])
+        .args(["-i", "in.jsonl", "-o", "out.jsonl", "--prompt-path", ".q"])
+        .args(["--request-path", ".params", "--temperature", "0.7"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a line failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = engine.answered();
+    assert_eq!(sent.len(), 2, "the bad line sends nothing");
+    let a = sent.iter().find(|b| last_message(b) == "a").unwrap();
+    assert_eq!(
+        (&a["temperature"], &a["model"], &a["stop"], &a["top_k"]),
+        (&json!(0.1), &json!("sql-lora"), &json!(["END"]), &json!(5))
+    );
+    let b = sent.iter().find(|b| last_message(b) == "b").unwrap();
+    assert_eq!(
+        b["temperature"], 0.7,
+        "the flags' settings where a line has none"
+    );
+    assert_eq!(b["model"], "test-model");
+    let output = jsonl(dir.path().join("out.jsonl"));
+    assert_eq!(output[0]["responses"], json!(["from \"sql-lora\""]));
+    let error = &output[2]["__ERROR__"];
+    assert_eq!(error["error"], "request_field_invalid", "{}", output[2]);
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"max_tokens\"") && message.contains(".params"),
+        "{message}"
+    );
+}

@@ -4,6 +4,7 @@
 //! output line it writes (the input line kept exactly) in `output.rs`.
 
 mod output;
+mod settings;
 mod task;
 
 use clap::{Args, ValueEnum};
@@ -47,6 +48,13 @@ pub struct PromptArgs {
     /// A system message (chat mode).
     #[arg(long)]
     pub system: Option<String>,
+    /// jq filter selecting an object of request fields in each line, set
+    /// over the flags for that line: its own `temperature`, `max_tokens`,
+    /// `seed`, `stop`, `response_format`, or `model` (a LoRA adapter the
+    /// engine serves). A bad value fails that line as
+    /// `request_field_invalid`, naming the field.
+    #[arg(long, value_name = "JQ")]
+    pub request_path: Option<String>,
 }
 
 impl PromptArgs {
@@ -66,6 +74,7 @@ impl PromptArgs {
                 ModeArg::Completion => Mode::Completion,
             },
             system: self.system.clone(),
+            request_path: self.request_path.clone(),
             ..InferConfig::default()
         })
     }

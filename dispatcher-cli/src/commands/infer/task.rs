@@ -61,6 +61,8 @@ pub struct InferConfig {
     /// Keep each generated token's log-probability, with this many of the
     /// most likely alternatives at its place, as `logprobs`.
     pub logprobs: Option<u32>,
+    /// A jq filter selecting each line's own request fields (`--request-path`).
+    pub request_path: Option<String>,
     /// Fields merged into every request's body: engine-specific sampling
     /// parameters such as `ignore_eos`, not the fields above.
     pub extra_body: Map<String, Value>,
@@ -83,6 +85,7 @@ impl Default for InferConfig {
             seed: None,
             include_usage: false,
             logprobs: None,
+            request_path: None,
             extra_body: Map::new(),
         }
     }
@@ -95,6 +98,8 @@ use crate::jq::{compile, Filter};
 pub struct Infer {
     config: Arc<InferConfig>,
     filter: Arc<Filter>,
+    /// `--request-path`, compiled.
+    request_filter: Option<Arc<Filter>>,
     /// `--skip-over-length`: fails prompts the engine would refuse here,
     /// without a request.
     prompt_check: Option<Arc<PromptCheck>>,
@@ -128,9 +133,19 @@ impl Infer {
                 config.prompt_path
             )
         })?;
+        let request_filter = match &config.request_path {
+            Some(path) if config.input_format == InputFormat::Text => return Err(format!(
+                "--request-path {path:?} reads JSON lines: it cannot go with --input-format text"
+            )),
+            Some(path) => Some(Arc::new(compile(path).map_err(|why| {
+                format!("--request-path {path:?} is not a valid jq filter: {why}")
+            })?)),
+            None => None,
+        };
         Ok(Infer {
             config: Arc::new(config),
             filter: Arc::new(filter),
+            request_filter,
             prompt_check: None,
         })
     }
@@ -142,6 +157,26 @@ impl Infer {
             prompt_check: Some(check),
             ..self
         }
+    }
+
+    /// The request fields line `input` sets for itself (`--request-path`),
+    /// checked; `None` without the flag or where the line sets none.
+    fn line_settings(&self, input: &Val) -> Result<Option<Map<String, Value>>, TaskError> {
+        let (Some(filter), Some(path)) = (&self.request_filter, &self.config.request_path) else {
+            return Ok(None);
+        };
+        let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
+        let selected = match filter.id.run((ctx, input.clone())).map(unwrap_valr).next() {
+            None => return Ok(None),
+            Some(Err(e)) => {
+                return Err(TaskError::failed(
+                    super::settings::INVALID,
+                    format!("--request-path {path} failed on this line: {e}"),
+                ))
+            }
+            Some(Ok(v)) => serde_json::from_str(&v.to_string()).unwrap_or(Value::Null),
+        };
+        super::settings::check(selected, path)
     }
 
     /// Runs the prompt path on a line: the prompt, and the line as read.
@@ -231,10 +266,17 @@ impl Infer {
 
     /// The request `infer` sends for `prompt` (all its generations at once).
     pub fn sample_request(&self, prompt: &EnginePrompt) -> Request {
-        self.request(prompt, self.config.num_generations)
+        self.request(prompt, self.config.num_generations, None)
     }
 
-    fn request(&self, prompt: &EnginePrompt, n: u32) -> Request {
+    /// The request for `prompt` with `n` generations: the flags' settings,
+    /// and over them the line's own `fields`.
+    fn request(
+        &self,
+        prompt: &EnginePrompt,
+        n: u32,
+        fields: Option<&Map<String, Value>>,
+    ) -> Request {
         let c = &self.config;
         let mut req = match prompt {
             EnginePrompt::Chat(messages) => Request::chat_messages(messages.clone()),
@@ -266,7 +308,10 @@ impl Infer {
         for (key, value) in &c.extra_body {
             req = req.extra(key.clone(), value.clone());
         }
-        req
+        match fields {
+            Some(fields) => super::settings::apply(req, fields),
+            None => req,
+        }
     }
 
     async fn run(self, line: String, ctx: TaskContext) -> Result<String, TaskError> {
@@ -285,13 +330,19 @@ impl Infer {
         let wanted = c.num_generations as usize;
         let mut usage = Usage::default();
         let started = std::time::Instant::now();
-        let first: Response = ctx.send(self.request(&prompt, c.num_generations)).await?;
+        let fields = match &read {
+            Some(input) => self.line_settings(input)?,
+            None => None,
+        };
+        let first: Response = ctx
+            .send(self.request(&prompt, c.num_generations, fields.as_ref()))
+            .await?;
         add_usage(&mut usage, &first);
         let mut choices = first.choices;
         // Engines that ignore `n` answer once: ask for the rest one by one, in parallel.
         if choices.len() < wanted {
             let rest: Vec<Request> = (choices.len()..wanted)
-                .map(|_| self.request(&prompt, 1))
+                .map(|_| self.request(&prompt, 1, fields.as_ref()))
                 .collect();
             for r in ctx.send(rest).await? {
                 add_usage(&mut usage, &r);
