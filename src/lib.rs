@@ -121,7 +121,7 @@
 
 pub use dispatcher_cli as cli;
 pub use dispatcher_cli::{infer, run_tasks};
-pub use dispatcher_core::engine::{Message, Request, RequestError, Response};
+pub use dispatcher_core::engine::{Message, Part, Request, RequestError, Response};
 pub use dispatcher_core::task::{
     engines, manager, source, testing, DynTask, Engines, LineOutcome, OrFail, OutcomeKind, Task,
     TaskContext, TaskError,
@@ -141,7 +141,7 @@ pub use dispatcher_macros::task;
 /// own message rather than rustc's "cannot find macro".
 pub mod prelude {
     pub use crate::{
-        task, yield_request, Message, OrFail, Request, RequestError, Response, TaskContext,
+        task, yield_request, Message, OrFail, Part, Request, RequestError, Response, TaskContext,
         TaskError,
     };
 }

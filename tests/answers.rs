@@ -205,3 +205,129 @@ async fn each_line_sends_its_own_request_fields_and_a_bad_one_fails_alone() {
         "{message}"
     );
 }
+
+/// Runs an example task in local mode against `engine`; its output.
+fn run_example(
+    name: &str,
+    dir: &std::path::Path,
+    engine: &HttpEngine,
+    input: &[Value],
+) -> Vec<Value> {
+    let text: String = input.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(dir.join("in.jsonl"), text).unwrap();
+    let _ = Command::new(crate::support::example(name))
+        .args(["--engine-url", &engine.url, "-q"])
+        .args(["--input", "in.jsonl", "--output", "out.jsonl"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    jsonl(dir.join("out.jsonl"))
+}
+
+/// `judge_by_logprob` scores by the probability of "Yes" against "No" among
+/// the first token's alternatives, asked for with `logprobs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logprob_judge_scores_by_the_verdict_tokens_probabilities() {
+    let engine = HttpEngine::start_raw(|body| {
+        assert_eq!((&body["logprobs"], &body["top_logprobs"]), (&json!(true), &json!(5)));
+        let (yes, no) = if last_message(body).contains("Berlin") { (-3.0, -0.05) } else { (-0.1, -2.5) };
+        let top = if last_message(body).contains("spider") {
+            json!([{"token": "Maybe", "logprob": -0.01}])
+        } else {
+            json!([{"token": "Yes", "logprob": yes}, {"token": " no", "logprob": no}, {"token": "I", "logprob": -6.0}])
+        };
+        json!({"model": "judge", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes"},
+            "logprobs": {"content": [{"token": "Yes", "logprob": yes, "top_logprobs": top}]}, "finish_reason": "length"}]})
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input: Vec<Value> = std::fs::read_to_string("examples/data/judged.jsonl")
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let out = run_example("judge_by_logprob", dir.path(), &engine, &input);
+    let share = |yes: f64, no: f64| yes.exp() / (yes.exp() + no.exp());
+    assert!(
+        (out[0]["score"].as_f64().unwrap() - share(-0.1, -2.5)).abs() < 1e-12,
+        "{}",
+        out[0]
+    );
+    assert!(
+        (out[1]["score"].as_f64().unwrap() - share(-3.0, -0.05)).abs() < 1e-12,
+        "{}",
+        out[1]
+    );
+    assert_eq!(
+        out[2]["__ERROR__"]["error"], "no_verdict_tokens",
+        "{}",
+        out[2]
+    );
+}
+
+/// `reasoning_traces` keeps the trace and the answer, and a trace cut
+/// while thinking as a trace without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_keeper_keeps_a_trace_cut_while_thinking() {
+    let engine = reasoning_engine().await;
+    let dir = tempfile::tempdir().unwrap();
+    let input: Vec<Value> = ["why", "cut"]
+        .iter()
+        .map(|p| json!({"messages": [{"role": "user", "content": p}]}))
+        .collect();
+    let out = run_example("reasoning_traces", dir.path(), &engine, &input);
+    assert_eq!(
+        (&out[0]["reasoning"], &out[0]["answer"], &out[0]["complete"]),
+        (&json!("because why"), &json!("why!"), &json!(true))
+    );
+    assert_eq!(
+        (&out[1]["reasoning"], &out[1]["answer"], &out[1]["complete"]),
+        (
+            &json!("Let me think. First, cut"),
+            &Value::Null,
+            &json!(false)
+        )
+    );
+}
+
+/// `describe_image` sends the image file inline as a data URL beside the
+/// question (byte for byte what the file holds); an unreadable image fails
+/// its line alone, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_task_sends_the_file_inline_and_fails_a_missing_one_alone() {
+    use base64::Engine as _;
+    let engine = HttpEngine::start(|_| "a red square".to_string()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A 1x1 PNG.
+    let png = base64::engine::general_purpose::STANDARD
+        .decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+        .unwrap();
+    std::fs::write(dir.path().join("red.png"), &png).unwrap();
+    let input = [
+        json!({"image": dir.path().join("red.png"), "question": "What colour?"}),
+        json!({"image": dir.path().join("gone.png"), "question": "And this?"}),
+    ];
+    let out = run_example("describe_image", dir.path(), &engine, &input);
+    assert_eq!(out[0]["answer"], "a red square");
+    let sent = engine.answered();
+    assert_eq!(sent.len(), 1);
+    let content = &sent[0]["messages"][0]["content"];
+    assert_eq!(content[0], json!({"type": "text", "text": "What colour?"}));
+    let url = content[1]["image_url"]["url"].as_str().unwrap();
+    let data = url.strip_prefix("data:image/png;base64,").unwrap();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+        png
+    );
+    assert_eq!(out[1]["__ERROR__"]["error"], "image_unreadable");
+    assert!(
+        out[1]["__ERROR__"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gone.png"),
+        "{}",
+        out[1]
+    );
+}

@@ -134,9 +134,11 @@ impl Infer {
             )
         })?;
         let request_filter = match &config.request_path {
-            Some(path) if config.input_format == InputFormat::Text => return Err(format!(
+            Some(path) if config.input_format == InputFormat::Text => {
+                return Err(format!(
                 "--request-path {path:?} reads JSON lines: it cannot go with --input-format text"
-            )),
+            ))
+            }
             Some(path) => Some(Arc::new(compile(path).map_err(|why| {
                 format!("--request-path {path:?} is not a valid jq filter: {why}")
             })?)),
