@@ -19,6 +19,8 @@ use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, Engines, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
 
+mod answers;
+
 use crate::support::{
     chat_lines, dispatcher_bin, engine_of, example, send_signal, strings, wait_exit,
     wait_for_progress, Served,

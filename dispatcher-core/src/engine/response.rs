@@ -257,11 +257,8 @@ fn logprobs(v: &serde_json::Value) -> Option<Vec<TokenLogprob>> {
         return Some(
             content
                 .iter()
-                .map(|t| TokenLogprob {
-                    token: t["token"].as_str().unwrap_or_default().to_string(),
-                    logprob: t["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY),
-                    bytes: bytes(&t["bytes"]),
-                    top: t["top_logprobs"]
+                .map(|t| {
+                    let mut top: Vec<TopLogprob> = t["top_logprobs"]
                         .as_array()
                         .into_iter()
                         .flatten()
@@ -270,7 +267,15 @@ fn logprobs(v: &serde_json::Value) -> Option<Vec<TokenLogprob>> {
                             logprob: a["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY),
                             bytes: bytes(&a["bytes"]),
                         })
-                        .collect(),
+                        .collect();
+                    // vLLM lists the sampled token first, likeliest or not.
+                    top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+                    TokenLogprob {
+                        token: t["token"].as_str().unwrap_or_default().to_string(),
+                        logprob: t["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY),
+                        bytes: bytes(&t["bytes"]),
+                        top,
+                    }
                 })
                 .collect(),
         );

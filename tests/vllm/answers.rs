@@ -1,0 +1,75 @@
+//! The full answer on real vLLM (#39): log-probabilities and their top
+//! alternatives in the chat and the completion form, through `infer`.
+
+use super::*;
+
+/// One vLLM; `infer --logprobs 2` in chat mode and in completion mode: every
+/// response carries a log-probability for each generated token (with the
+/// two likeliest at its place, the likeliest first, and the sampled one
+/// where vLLM adds it), and the tokens spell the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_keeps_vllms_log_probabilities_in_both_modes() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let (engine, port) = launch_vllm(&bin, &model).await;
+    let url = format!("http://127.0.0.1:{port}");
+    for mode in ["chat", "completion"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), chat_lines(3).0).unwrap();
+        let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
+        args.extend(strings(&[
+            "--engine-url",
+            &url,
+            "--mode",
+            mode,
+            "--logprobs",
+            "2",
+            "--max-tokens",
+            "8",
+            "--include-usage",
+        ]));
+        let child = Command::new(dispatcher_bin())
+            .args(&args)
+            .arg("-q")
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
+        assert_eq!(code, 0, "{mode}: {stderr}");
+        for line in crate::support::jsonl(dir.path().join("out.jsonl")) {
+            let text = line["responses"][0].as_str().unwrap();
+            let tokens = line["logprobs"][0]
+                .as_array()
+                .unwrap_or_else(|| panic!("{mode}: {line}"));
+            assert_eq!(
+                tokens.len() as u64,
+                line["usage"]["completion_tokens"].as_u64().unwrap(),
+                "{mode}: one per generated token: {line}"
+            );
+            let spelled: String = tokens
+                .iter()
+                .map(|t| t["token"].as_str().unwrap())
+                .collect();
+            assert!(
+                spelled.starts_with(text),
+                "{mode}: {spelled:?} spells {text:?}"
+            );
+            for t in tokens {
+                assert!(t["logprob"].as_f64().unwrap() <= 0.0, "{mode}: {t}");
+                // The two likeliest; vLLM adds the sampled token where it
+                // is not one of them.
+                let top = t["top"].as_array().unwrap();
+                assert!((2..=3).contains(&top.len()), "{mode}: {t}");
+                assert!(
+                    top.windows(2)
+                        .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()),
+                    "{mode}: the likeliest first: {t}"
+                );
+            }
+        }
+    }
+    drop(engine);
+}
