@@ -10,6 +10,7 @@
 # request.
 #
 #   scripts/bench-vllm.sh [REPEATS] [PROMPTS] [CONCURRENCY] [MAX_TOKENS]
+#   BASELINE=path/to/older/dispatcher scripts/bench-vllm.sh ...   # also that build's infer, alternating
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-3}
@@ -97,4 +98,10 @@ for r in $(seq "$repeats"); do
     --no-launch --port "$port" --model "$TINY_HF_MODEL" --workers "$concurrency" \
     --max-tokens "$max_tokens" --extra-body '{"ignore_eos": true}' -q
   [ "$(wc -l <"$work/out.jsonl")" -eq "$prompts" ] || { echo "infer wrote $(wc -l <"$work/out.jsonl") lines" >&2; exit 1; }
+  if [ -n "${BASELINE:-}" ]; then
+    rm -f "$work"/out.jsonl*
+    run "base   run=$r" "$BASELINE" infer --input "$work/prompts.jsonl" --output "$work/out.jsonl" \
+      --no-launch --port "$port" --model "$TINY_HF_MODEL" --workers "$concurrency" \
+      --max-tokens "$max_tokens" --extra-body '{"ignore_eos": true}' -q
+  fi
 done

@@ -331,3 +331,31 @@ async fn the_image_task_sends_the_file_inline_and_fails_a_missing_one_alone() {
         out[1]
     );
 }
+
+/// `--lora` takes NAME=PATH; anything else is refused before any engine
+/// starts, naming the flag and the form.
+#[test]
+fn a_lora_flag_without_a_name_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), "{\"prompt\": \"x\"}\n").unwrap();
+    let out = Command::new(dispatcher_bin())
+        .args([
+            "infer",
+            "--engine",
+            "vllm",
+            "--model",
+            "m",
+            "--lora",
+            "/loras/sql",
+        ])
+        .args(["-i", "in.jsonl", "-o", "out.jsonl"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("--lora \"/loras/sql\": give NAME=PATH"),
+        "{said}"
+    );
+}

@@ -57,6 +57,10 @@ tokenizer.train_from_iterator(
     ),
 )
 
+# A reasoning model's markers, as plain added tokens (kept in the text), so
+# that vLLM's reasoning parsers (`--reasoning-parser deepseek_r1`) find them.
+tokenizer.add_tokens(["<think>", "</think>"])
+
 hf_tokenizer = PreTrainedTokenizerFast(
     tokenizer_object=tokenizer,
     bos_token="<|endoftext|>",

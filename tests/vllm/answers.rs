@@ -73,3 +73,54 @@ async fn infer_keeps_vllms_log_probabilities_in_both_modes() {
     }
     drop(engine);
 }
+
+/// A reasoning model behind vLLM's reasoning parser (`deepseek_r1`; the tiny
+/// model's tokenizer has the think markers), cut at `--max-tokens` while it
+/// still thinks: vLLM answers `content: null` with the trace as
+/// `reasoning_content`, and infer writes the response as null with the
+/// trace beside it, not an empty string that throws the trace away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_answer_cut_while_thinking_keeps_its_trace_on_vllm() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), chat_lines(3).0).unwrap();
+    let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
+    args.extend(strings(&[
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--include-usage",
+    ]));
+    let mut engine = engine_flags(&bin, &model, 512);
+    let extra = engine
+        .iter()
+        .position(|a| a == "--vllm-extra-args")
+        .unwrap()
+        + 1;
+    engine[extra].push_str(" --reasoning-parser deepseek_r1");
+    args.extend(engine);
+    let child = Command::new(dispatcher_bin())
+        .args(&args)
+        .arg("-q")
+        .envs(VLLM_ENV)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(child, Duration::from_secs(300)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = crate::support::jsonl(dir.path().join("out.jsonl"));
+    assert_eq!(out.len(), 3);
+    for line in out {
+        assert_eq!(line["responses"], json!([null]), "{line}");
+        let trace = line["reasoning"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(!trace.is_empty(), "{line}");
+        assert_eq!(line["finish_reasons"], json!(["length"]), "{line}");
+    }
+}

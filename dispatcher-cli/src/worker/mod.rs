@@ -91,6 +91,12 @@ pub struct EngineArgs {
     /// A chat template file for the engine.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// A LoRA adapter to serve beside the model (repeatable): requests (or
+    /// `infer --request-path` lines) name it as their `model`. vLLM and
+    /// SGLang serve each under its NAME; llama.cpp applies every one to
+    /// every request.
+    #[arg(long, value_name = "NAME=PATH")]
+    pub lora: Vec<String>,
     /// Extra engine arguments, shell-quoted: --vllm-extra-args "--seed 1 --dtype half".
     #[arg(long, visible_alias = "engine-extra-args", allow_hyphen_values = true)]
     pub vllm_extra_args: Option<String>,
@@ -186,6 +192,16 @@ impl EngineArgs {
             gpu_memory_utilization: self.gpu_memory_utilization,
             enforce_eager: self.enforce_eager,
             chat_template: self.chat_template.clone(),
+            loras: self
+                .lora
+                .iter()
+                .map(|l| match l.split_once('=') {
+                    Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                        Ok((name.to_string(), path.to_string()))
+                    }
+                    _ => bail!("--lora {l:?}: give NAME=PATH, the name requests use and the adapter's path"),
+                })
+                .collect::<anyhow::Result<_>>()?,
             extra_args: split("vllm-extra-args", &self.vllm_extra_args)?,
             engine_cmd: split("engine-cmd", &self.engine_cmd)?,
             engine_bin: self.engine_bin.clone(),

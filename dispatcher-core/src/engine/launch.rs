@@ -77,6 +77,11 @@ pub struct LaunchConfig {
     pub enforce_eager: bool,
     /// A chat template file.
     pub chat_template: Option<String>,
+    /// LoRA adapters to serve beside the model, as (name, path): requests
+    /// name one as their `model` (vLLM `--lora-modules`, SGLang
+    /// `--lora-paths`); llama.cpp loads each (`--lora`) and applies them to
+    /// every request.
+    pub loras: Vec<(String, String)>,
     /// Extra arguments for the engine, already split.
     pub extra_args: Vec<String>,
     /// A command prefix (a container, an environment), already split.
@@ -108,6 +113,7 @@ impl Default for LaunchConfig {
             gpu_memory_utilization: None,
             enforce_eager: false,
             chat_template: None,
+            loras: Vec::new(),
             extra_args: Vec::new(),
             engine_cmd: Vec::new(),
             engine_bin: None,
@@ -205,6 +211,10 @@ impl LaunchConfig {
                 if let Some(name) = &self.served_model_name {
                     cmd.extend(["--served-model-name".into(), name.clone()]);
                 }
+                if !self.loras.is_empty() {
+                    cmd.extend(["--enable-lora".into(), "--lora-modules".into()]);
+                    cmd.extend(self.loras.iter().map(|(n, p)| format!("{n}={p}")));
+                }
             }
             EngineKind::Sglang => {
                 let python = bin("python3");
@@ -226,6 +236,10 @@ impl LaunchConfig {
                 }
                 if let Some(name) = &self.served_model_name {
                     cmd.extend(["--served-model-name".into(), name.clone()]);
+                }
+                if !self.loras.is_empty() {
+                    cmd.push("--lora-paths".into());
+                    cmd.extend(self.loras.iter().map(|(n, p)| format!("{n}={p}")));
                 }
             }
             EngineKind::Llamacpp => {
@@ -251,6 +265,9 @@ impl LaunchConfig {
                 cmd.extend(["--alias".into(), alias]);
                 if let Some(t) = &self.chat_template {
                     cmd.extend(["--chat-template-file".into(), t.clone()]);
+                }
+                for (_, path) in &self.loras {
+                    cmd.extend(["--lora".into(), path.clone()]);
                 }
             }
             EngineKind::Echo => {
@@ -551,14 +568,38 @@ mod tests {
             extra_args: vec!["--seed".into(), "1".into()],
             engine_cmd: vec!["apptainer".into(), "exec".into(), "img.sif".into()],
             served_model_name: Some("llama-3".into()),
+            loras: vec![
+                ("sql".into(), "/loras/sql".into()),
+                ("chat".into(), "/loras/chat".into()),
+            ],
             ..LaunchConfig::default()
         };
         assert_eq!(
             c.command_line(9000).unwrap().join(" "),
             "apptainer exec img.sif vllm serve /models/llama --host 127.0.0.1 --port 9000 \
              --tensor-parallel-size 2 --max-model-len 8192 --gpu-memory-utilization 0.9 \
-             --enforce-eager --chat-template t.jinja --served-model-name llama-3 --seed 1"
+             --enforce-eager --chat-template t.jinja --served-model-name llama-3 \
+             --enable-lora --lora-modules sql=/loras/sql chat=/loras/chat --seed 1"
         );
+        let sglang = LaunchConfig {
+            kind: EngineKind::Sglang,
+            ..c.clone()
+        };
+        assert!(sglang
+            .command_line(1)
+            .unwrap()
+            .join(" ")
+            .contains(" --lora-paths sql=/loras/sql chat=/loras/chat"));
+        let llama = LaunchConfig {
+            kind: EngineKind::Llamacpp,
+            model: Some("/m/tiny.gguf".into()),
+            ..c
+        };
+        assert!(llama
+            .command_line(1)
+            .unwrap()
+            .join(" ")
+            .contains(" --lora /loras/sql --lora /loras/chat"));
     }
 
     #[test]
