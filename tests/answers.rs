@@ -359,3 +359,49 @@ fn a_lora_flag_without_a_name_is_refused_at_start() {
         "{said}"
     );
 }
+
+/// A task's journal keeps the whole answer: a line issued again replays
+/// the trace, the log-probabilities and a field no type names, exactly, and
+/// asks the engine nothing.
+#[tokio::test]
+async fn a_replayed_answer_is_the_answer_field_for_field() {
+    use dispatcher::testing::TaskTest;
+    use dispatcher::{task, Request, TaskError};
+
+    #[task]
+    async fn keep_all(prompt: String) -> Result<Value, TaskError> {
+        let r = yield_request!(Request::chat()
+            .user(prompt)
+            .extra("logprobs", true)
+            .extra("top_logprobs", 1))?;
+        Ok(json!({
+            "answer": r.content(),
+            "reasoning": r.reasoning(),
+            "logprobs": r.logprobs().map(|l| l.iter().map(|t| (t.token.clone(), t.logprob)).collect::<Vec<_>>()),
+            "raw_extra": r.raw()["choices"][0]["stop_reason"],
+        }))
+    }
+
+    let body = json!({"id": "c", "model": "m", "choices": [{"index": 0,
+        "message": {"role": "assistant", "content": null, "reasoning_content": "Thinking 0.1+0.2"},
+        "logprobs": {"content": [{"token": "Thinking", "logprob": -0.30000000000000004, "top_logprobs": []}]},
+        "finish_reason": "length", "stop_reason": 42}]});
+    let live = {
+        let body = body.clone();
+        TaskTest::new(keep_all)
+            .respond_with(move |_| Ok(dispatcher::Response::from_openai(body.clone()).unwrap()))
+            .run(json!("why?"))
+            .await
+    };
+    assert_eq!(live.output["raw_extra"], 42, "{}", live.output);
+    assert_eq!(live.output["logprobs"][0][1], -0.30000000000000004);
+    let replayed = TaskTest::new(keep_all)
+        .respond_with(|_| panic!("a replayed line asks the engine nothing"))
+        .journal(live.journal.clone())
+        .run(json!("why?"))
+        .await;
+    assert_eq!(replayed.replayed, 1);
+    assert_eq!(replayed.output, live.output);
+    assert_eq!(replayed.output["answer"], Value::Null);
+    assert_eq!(replayed.output["reasoning"], "Thinking 0.1+0.2");
+}
