@@ -3,6 +3,10 @@ and a ChatML chat template, for tests against real vLLM on CPU. Nothing comes
 from a model hub.
 
     python make_tiny_hf_model.py OUT_DIR
+
+OUT_DIR/lora-sql is a LoRA adapter for it (rank 8 on q_proj and v_proj, random
+weights large enough to change its greedy answers), in the PEFT layout vLLM
+loads with `--lora-modules sql=OUT_DIR/lora-sql`.
 """
 import json
 import os
@@ -98,3 +102,35 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(config).to(torch.bfloat16)  # what vLLM on CPU picks for "auto"
 model.save_pretrained(out, safe_serialization=True)
 print(f"vocab={len(hf_tokenizer)} params={sum(p.numel() for p in model.parameters())}", file=sys.stderr)
+
+# A LoRA adapter in PEFT's layout, written by hand (no peft here).
+from safetensors.torch import save_file
+
+lora_dir = os.path.join(out, "lora-sql")
+os.makedirs(lora_dir, exist_ok=True)
+rank = 8
+torch.manual_seed(1)
+lora = {}
+for i in range(config.num_hidden_layers):
+    for proj in ["q_proj", "v_proj"]:
+        base = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+        lora[f"{base}.lora_A.weight"] = torch.randn(rank, config.hidden_size).to(torch.bfloat16)
+        lora[f"{base}.lora_B.weight"] = torch.randn(config.hidden_size, rank).to(torch.bfloat16)
+save_file(lora, os.path.join(lora_dir, "adapter_model.safetensors"))
+with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
+    json.dump(
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "v_proj"],
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "base_model_name_or_path": "tiny-llama",
+        },
+        f,
+        indent=2,
+    )

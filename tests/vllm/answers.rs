@@ -124,3 +124,61 @@ async fn a_reasoning_answer_cut_while_thinking_keeps_its_trace_on_vllm() {
         assert_eq!(line["finish_reasons"], json!(["length"]), "{line}");
     }
 }
+
+/// A LoRA adapter served beside the model (`--lora sql=PATH`, the worker
+/// launching vLLM) answers the lines that name it as their `model`
+/// (`--request-path .params`); the others get the base model. Greedy, the
+/// same prompt: the adapter's answers differ from the base model's, and
+/// every line gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lines_model_picks_the_lora_adapter_the_worker_serves() {
+    let Some((bin, model)) = vllm() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..4)
+        .map(|i| {
+            let mut line =
+                json!({"messages": [{"role": "user", "content": "say hello to the world"}]});
+            if i % 2 == 1 {
+                line["params"] = json!({"model": "sql"});
+            }
+            line.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(dir.path().join("in.jsonl"), lines).unwrap();
+    let lora = format!("sql={model}/lora-sql");
+    let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
+    args.extend(strings(&[
+        "--request-path",
+        ".params",
+        "--lora",
+        &lora,
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        // One request at a time: vLLM 0.32's CPU backend applies an adapter
+        // to every request of a batch that mixes it with the base model
+        // (seen here; GPU builds batch them apart).
+        "--max-in-flight",
+        "1",
+    ]));
+    args.extend(engine_flags(&bin, &model, 512));
+    let child = Command::new(dispatcher_bin())
+        .args(&args)
+        .arg("-q")
+        .envs(VLLM_ENV)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(child, Duration::from_secs(300)).await;
+    assert_eq!(code, 0, "{stderr}");
+    let out = crate::support::jsonl(dir.path().join("out.jsonl"));
+    let text = |i: usize| out[i]["responses"][0].as_str().unwrap().to_string();
+    assert_eq!(text(0), text(2), "the base model, greedy: {out:?}");
+    assert_eq!(text(1), text(3), "the adapter, greedy: {out:?}");
+    assert_ne!(text(0), text(1), "the adapter answered its lines: {out:?}");
+}
