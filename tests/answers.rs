@@ -405,3 +405,58 @@ async fn a_replayed_answer_is_the_answer_field_for_field() {
     assert_eq!(replayed.output["answer"], Value::Null);
     assert_eq!(replayed.output["reasoning"], "Thinking 0.1+0.2");
 }
+
+/// Tool calls make the round trip in a task: the model's calls are read,
+/// the answer pushed onto the chat carries them (content null), and the
+/// tool's result goes back as a `tool` message naming its call.
+#[tokio::test]
+async fn a_task_reads_tool_calls_and_answers_them() {
+    use dispatcher::testing::TaskTest;
+    use dispatcher::{task, Message, Request, TaskError};
+
+    #[task]
+    async fn use_tools(question: String) -> Result<Value, TaskError> {
+        let mut chat = Request::chat()
+            .user(question)
+            .extra("tools", json!([{"type": "function", "function": {"name": "add",
+                "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]));
+        let first = yield_request!(chat.clone())?;
+        let calls = first.choices[0].tool_calls.clone().unwrap_or_default();
+        chat.push(&first);
+        for call in calls.as_array().into_iter().flatten() {
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or("{}"))
+                    .unwrap_or_default();
+            let sum = args["a"].as_f64().unwrap_or(0.0) + args["b"].as_f64().unwrap_or(0.0);
+            chat.push(Message::tool(
+                call["id"].as_str().unwrap_or(""),
+                sum.to_string(),
+            ));
+        }
+        let last = yield_request!(chat)?;
+        Ok(json!({"answer": last.text()}))
+    }
+
+    let run = TaskTest::new(use_tools)
+        .respond_with(|req| {
+            let body = req.to_json();
+            let messages = body["messages"].as_array().unwrap();
+            let answer = if messages.len() == 1 {
+                json!({"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                    "tool_calls": [{"id": "call_7", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 40}"}}]},
+                    "finish_reason": "tool_calls"}]})
+            } else {
+                assert_eq!(messages[1]["role"], "assistant");
+                assert_eq!(messages[1]["content"], Value::Null);
+                assert_eq!(messages[1]["tool_calls"][0]["id"], "call_7");
+                assert_eq!(messages[2], json!({"role": "tool", "content": "42", "tool_call_id": "call_7"}));
+                json!({"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "2 + 40 = 42"},
+                    "finish_reason": "stop"}]})
+            };
+            Ok(dispatcher::Response::from_openai(answer).unwrap())
+        })
+        .run(json!("What is 2 + 40?"))
+        .await;
+    assert_eq!(run.requests.len(), 2);
+    assert_eq!(run.output, json!({"answer": "2 + 40 = 42"}));
+}

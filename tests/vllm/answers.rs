@@ -1,5 +1,6 @@
-//! The full answer on real vLLM (#39): log-probabilities and their top
-//! alternatives in the chat and the completion form, through `infer`.
+//! The full answer on real vLLM (#39): log-probabilities (of the answer and
+//! of the prompt) in the chat and the completion form, a reasoning parser's
+//! trace, and a LoRA adapter picked per line, through `infer`.
 
 use super::*;
 
@@ -25,6 +26,8 @@ async fn infer_keeps_vllms_log_probabilities_in_both_modes() {
             mode,
             "--logprobs",
             "2",
+            "--prompt-logprobs",
+            "1",
             "--max-tokens",
             "8",
             "--include-usage",
@@ -40,6 +43,19 @@ async fn infer_keeps_vllms_log_probabilities_in_both_modes() {
         let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
         assert_eq!(code, 0, "{mode}: {stderr}");
         for line in crate::support::jsonl(dir.path().join("out.jsonl")) {
+            // The prompt's: one entry per prompt token, none for the first.
+            let prompt = line["prompt_logprobs"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{mode}: {line}"));
+            assert_eq!(
+                prompt.len() as u64,
+                line["usage"]["prompt_tokens"].as_u64().unwrap(),
+                "{mode}: {line}"
+            );
+            assert!(
+                prompt[0].is_null() && prompt[1..].iter().all(Value::is_object),
+                "{mode}: {line}"
+            );
             let text = line["responses"][0].as_str().unwrap();
             let tokens = line["logprobs"][0]
                 .as_array()

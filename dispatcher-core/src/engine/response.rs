@@ -47,6 +47,10 @@ pub struct Choice {
     /// Why generation stopped (`stop`, `length`, ...).
     #[serde(default)]
     pub finish_reason: Option<String>,
+    /// What stopped it, where the engine says (vLLM's `stop_reason`: the
+    /// stop string, or the id of the stop token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
 }
 
 /// A generated token and how likely it was.
@@ -246,6 +250,7 @@ fn choice(i: usize, c: &serde_json::Value) -> Choice {
         logprobs: logprobs(&c["logprobs"]),
         tool_calls: Some(message["tool_calls"].clone()).filter(|t| !t.is_null()),
         finish_reason: c["finish_reason"].as_str().map(String::from),
+        stop_reason: Some(c["stop_reason"].clone()).filter(|r| !r.is_null()),
     }
 }
 
@@ -439,6 +444,7 @@ mod tests {
             "kv_transfer_params": null});
         let r = Response::from_openai(body.clone()).unwrap();
         assert_eq!(r.raw(), body, "a field no type names is there");
+        assert_eq!(r.choices[0].stop_reason, Some(json!(128)));
         assert_eq!(
             r.choices[0].tool_calls.as_ref().unwrap()[0]["function"]["name"],
             "f"

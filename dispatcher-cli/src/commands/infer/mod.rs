@@ -115,6 +115,11 @@ pub struct InferArgs {
     /// of `{"token", "logprob", "bytes", "top": [{"token", "logprob"}]}`.
     #[arg(long, value_name = "N")]
     pub logprobs: Option<u32>,
+    /// Keep the prompt's tokens' log-probabilities, with N alternatives
+    /// each, as `prompt_logprobs`, in the engine's own form (vLLM's
+    /// `prompt_logprobs`: a list per prompt token, `null` for the first).
+    #[arg(long, value_name = "N")]
+    pub prompt_logprobs: Option<u32>,
     /// More fields for every request, as a JSON object merged into its body
     /// (engine-specific ones the flags above do not set):
     /// --extra-body '{"ignore_eos": true, "repetition_penalty": 1.1}'.
@@ -152,6 +157,7 @@ impl InferArgs {
             seed: self.seed,
             include_usage: self.include_usage,
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
             extra_body: match &self.extra_body {
                 None => serde_json::Map::new(),
                 Some(text) => match serde_json::from_str(text) {
@@ -169,6 +175,9 @@ impl InferArgs {
                             self.logprobs.is_some() && (*k == "logprobs" || *k == "top_logprobs")
                         }) {
                             anyhow::bail!("--extra-body sets {key:?}, which --logprobs sets: give one of them");
+                        }
+                        if self.prompt_logprobs.is_some() && fields.contains_key("prompt_logprobs") {
+                            anyhow::bail!("--extra-body sets \"prompt_logprobs\", which --prompt-logprobs sets: give one of them");
                         }
                         fields
                     }

@@ -61,6 +61,9 @@ pub struct InferConfig {
     /// Keep each generated token's log-probability, with this many of the
     /// most likely alternatives at its place, as `logprobs`.
     pub logprobs: Option<u32>,
+    /// Keep the prompt's tokens' log-probabilities, with this many
+    /// alternatives each, as `prompt_logprobs` (vLLM).
+    pub prompt_logprobs: Option<u32>,
     /// A jq filter selecting each line's own request fields (`--request-path`).
     pub request_path: Option<String>,
     /// Fields merged into every request's body: engine-specific sampling
@@ -85,6 +88,7 @@ impl Default for InferConfig {
             seed: None,
             include_usage: false,
             logprobs: None,
+            prompt_logprobs: None,
             request_path: None,
             extra_body: Map::new(),
         }
@@ -307,6 +311,9 @@ impl Infer {
             }
             (Some(top), EnginePrompt::Completion(_)) => req = req.extra("logprobs", top),
         }
+        if let Some(top) = c.prompt_logprobs {
+            req = req.extra("prompt_logprobs", top);
+        }
         for (key, value) in &c.extra_body {
             req = req.extra(key.clone(), value.clone());
         }
@@ -340,6 +347,15 @@ impl Infer {
             .send(self.request(&prompt, c.num_generations, fields.as_ref()))
             .await?;
         add_usage(&mut usage, &first);
+        // vLLM puts them beside the choices of a chat answer, in each choice
+        // of a completion's: the engine's own form, kept as it is.
+        let prompt_logprobs = c.prompt_logprobs.map(|_| {
+            let raw = first.raw();
+            match &raw["prompt_logprobs"] {
+                Value::Null => raw["choices"][0]["prompt_logprobs"].clone(),
+                found => found.clone(),
+            }
+        });
         let mut choices = first.choices;
         // Engines that ignore `n` answer once: ask for the rest one by one, in parallel.
         if choices.len() < wanted {
@@ -375,6 +391,9 @@ impl Infer {
                 .map(|c| serde_json::to_value(&c.logprobs).expect("log-probabilities serialize"))
                 .collect();
             added.insert("logprobs".into(), logprobs.into());
+        }
+        if let Some(prompt_logprobs) = prompt_logprobs {
+            added.insert("prompt_logprobs".into(), prompt_logprobs);
         }
         let finish_reasons: Vec<Value> = choices
             .iter()
