@@ -118,6 +118,19 @@ pub fn first_value(filter: &Filter, line: &str) -> Option<Val> {
     filter.id.run((ctx, input)).map(unwrap_valr).next()?.ok()
 }
 
+/// What kind of JSON value `v` is, in words (`a string`), for messages.
+pub fn kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,23 @@
 
 use super::*;
 
+/// Runs `dispatcher infer -i in.jsonl -o out.jsonl ARGS` in `dir` with
+/// vLLM's environment to its end; its output lines.
+async fn infer(dir: &std::path::Path, args: &[String]) -> Vec<Value> {
+    let child = Command::new(dispatcher_bin())
+        .args(["infer", "-i", "in.jsonl", "-o", "out.jsonl", "-q"])
+        .args(args)
+        .envs(VLLM_ENV)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, stderr) = wait_exit(child, Duration::from_secs(300)).await;
+    assert_eq!(code, 0, "{stderr}");
+    crate::support::jsonl(dir.join("out.jsonl"))
+}
+
 /// One vLLM; `infer --logprobs 2` in chat mode and in completion mode: every
 /// response carries a log-probability for each generated token (with the
 /// two likeliest at its place, the likeliest first, and the sampled one
@@ -18,31 +35,24 @@ async fn infer_keeps_vllms_log_probabilities_in_both_modes() {
     for mode in ["chat", "completion"] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("in.jsonl"), chat_lines(3).0).unwrap();
-        let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
-        args.extend(strings(&[
-            "--engine-url",
-            &url,
-            "--mode",
-            mode,
-            "--logprobs",
-            "2",
-            "--prompt-logprobs",
-            "1",
-            "--max-tokens",
-            "8",
-            "--include-usage",
-        ]));
-        let child = Command::new(dispatcher_bin())
-            .args(&args)
-            .arg("-q")
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (code, stderr) = wait_exit(child, Duration::from_secs(120)).await;
-        assert_eq!(code, 0, "{mode}: {stderr}");
-        for line in crate::support::jsonl(dir.path().join("out.jsonl")) {
+        let out = infer(
+            dir.path(),
+            &strings(&[
+                "--engine-url",
+                &url,
+                "--mode",
+                mode,
+                "--logprobs",
+                "2",
+                "--prompt-logprobs",
+                "1",
+                "--max-tokens",
+                "8",
+                "--include-usage",
+            ]),
+        )
+        .await;
+        for line in out {
             // The prompt's: one entry per prompt token, none for the first.
             let prompt = line["prompt_logprobs"]
                 .as_array()
@@ -102,14 +112,7 @@ async fn a_reasoning_answer_cut_while_thinking_keeps_its_trace_on_vllm() {
     };
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.jsonl"), chat_lines(3).0).unwrap();
-    let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
-    args.extend(strings(&[
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--include-usage",
-    ]));
+    let mut args = strings(&["--max-tokens", "6", "--temperature", "0", "--include-usage"]);
     let mut engine = engine_flags(&bin, &model, 512);
     let extra = engine
         .iter()
@@ -118,18 +121,7 @@ async fn a_reasoning_answer_cut_while_thinking_keeps_its_trace_on_vllm() {
         + 1;
     engine[extra].push_str(" --reasoning-parser deepseek_r1");
     args.extend(engine);
-    let child = Command::new(dispatcher_bin())
-        .args(&args)
-        .arg("-q")
-        .envs(VLLM_ENV)
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (code, stderr) = wait_exit(child, Duration::from_secs(300)).await;
-    assert_eq!(code, 0, "{stderr}");
-    let out = crate::support::jsonl(dir.path().join("out.jsonl"));
+    let out = infer(dir.path(), &args).await;
     assert_eq!(out.len(), 3);
     for line in out {
         assert_eq!(line["responses"], json!([null]), "{line}");
@@ -164,8 +156,7 @@ async fn a_lines_model_picks_the_lora_adapter_the_worker_serves() {
         .collect();
     std::fs::write(dir.path().join("in.jsonl"), lines).unwrap();
     let lora = format!("sql={model}/lora-sql");
-    let mut args = strings(&["infer", "-i", "in.jsonl", "-o", "out.jsonl"]);
-    args.extend(strings(&[
+    let mut args = strings(&[
         "--request-path",
         ".params",
         "--lora",
@@ -179,20 +170,9 @@ async fn a_lines_model_picks_the_lora_adapter_the_worker_serves() {
         // (seen here; GPU builds batch them apart).
         "--max-in-flight",
         "1",
-    ]));
+    ]);
     args.extend(engine_flags(&bin, &model, 512));
-    let child = Command::new(dispatcher_bin())
-        .args(&args)
-        .arg("-q")
-        .envs(VLLM_ENV)
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (code, stderr) = wait_exit(child, Duration::from_secs(300)).await;
-    assert_eq!(code, 0, "{stderr}");
-    let out = crate::support::jsonl(dir.path().join("out.jsonl"));
+    let out = infer(dir.path(), &args).await;
     let text = |i: usize| out[i]["responses"][0].as_str().unwrap().to_string();
     assert_eq!(text(0), text(2), "the base model, greedy: {out:?}");
     assert_eq!(text(1), text(3), "the adapter, greedy: {out:?}");

@@ -28,7 +28,10 @@ pub fn check(selected: Value, path: &str) -> Result<Option<Map<String, Value>>, 
         other => {
             return Err(invalid(
                 path,
-                &format!("selects {}, not an object of request fields", kind(&other)),
+                &format!(
+                    "selects {}, not an object of request fields",
+                    crate::jq::kind(&other)
+                ),
             ))
         }
     };
@@ -115,17 +118,6 @@ fn expected(key: &str) -> &'static str {
 
 fn invalid(path: &str, why: &str) -> TaskError {
     TaskError::failed(INVALID, format!("--request-path {path} {why}"))
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

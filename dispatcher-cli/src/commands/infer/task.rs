@@ -235,7 +235,7 @@ impl Infer {
                 "prompt_not_string",
                 format!(
                     "--prompt-path {path} selects {}, not a string",
-                    kind(&other)
+                    crate::jq::kind(&other)
                 ),
             )),
         }?;
@@ -427,17 +427,6 @@ fn missing(path: &str, why: &str) -> TaskError {
         "prompt_missing",
         format!("--prompt-path {path}: {why} in this line"),
     )
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 impl DynTask for Infer {
