@@ -181,7 +181,12 @@ async fn answer(
         &[],
         json!({
             "model": "judge-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Score: 7. You said: {last}")}, "finish_reason": "stop"}],
+            // As hosted APIs answer: the trace as `reasoning`, and fields of
+            // their own.
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Score: 7. You said: {last}"),
+                "reasoning": format!("thought about {last}")}, "finish_reason": "stop",
+                "logprobs": {"content": [{"token": "Score", "logprob": -0.5, "top_logprobs": []}]}}],
+            "provider": "test-cloud",
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
         }),
     )
@@ -212,6 +217,11 @@ async fn a_429_is_retried_after_its_retry_after_over_tls_with_the_key_and_counte
         .with_metrics(metrics.clone(), "hosted");
     let response = backend.send(Request::chat().user("hello")).await.unwrap();
     assert_eq!(response.text(), "Score: 7. You said: hello");
+    // The hosted answer is kept whole: its trace, its log-probabilities and a
+    // field no type names.
+    assert_eq!(response.reasoning(), Some("thought about hello"));
+    assert_eq!(response.logprobs().unwrap()[0].logprob, -0.5);
+    assert_eq!(response.raw()["provider"], "test-cloud");
     let arrivals = engine.arrivals();
     assert_eq!(
         arrivals.iter().map(|a| a.status).collect::<Vec<_>>(),
