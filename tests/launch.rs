@@ -112,6 +112,22 @@ impl LaunchJob {
         }
     }
 
+    /// A login node's crash: `launch` and its server SIGKILLed together
+    /// (its workers left running); the state file as they left it.
+    fn crash_with_server(&self, mut launch: Child) -> Value {
+        launch.kill().unwrap();
+        launch.wait().unwrap();
+        let state = self.state();
+        let server = state["server"]["pid"].as_u64().unwrap();
+        send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(server) {
+            assert!(Instant::now() < deadline, "the server outlived SIGKILL");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        state
+    }
+
     /// Every line answered by the echo engine, in order, none failed.
     fn check_output(&self) {
         check_echo_answers(&self.path("out.jsonl"), self.lines);

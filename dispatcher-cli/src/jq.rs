@@ -113,9 +113,20 @@ fn deeper_than(text: &[u8], max: usize) -> Option<usize> {
 /// is not JSON (or nested too deep), the filter gives nothing, or it fails
 /// on the line.
 pub fn first_value(filter: &Filter, line: &str) -> Option<Val> {
-    let input = parse_line(line).ok()?;
+    first_output(filter, parse_line(line).ok()?)?.ok()
+}
+
+/// The first output of `filter` on `input`: `None` when it gives nothing,
+/// why when it fails.
+pub fn first_output(filter: &Filter, input: Val) -> Option<Result<Val, String>> {
     let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
-    filter.id.run((ctx, input)).map(unwrap_valr).next()?.ok()
+    let first = filter.id.run((ctx, input)).map(unwrap_valr).next()?;
+    Some(first.map_err(|e| e.to_string()))
+}
+
+/// `v` as serde reads it; a value serde cannot hold (`NaN`) is `null`.
+pub fn to_json(v: &Val) -> serde_json::Value {
+    serde_json::from_str(&v.to_string()).unwrap_or(serde_json::Value::Null)
 }
 
 /// What kind of JSON value `v` is, in words (`a string`), for messages.

@@ -27,37 +27,50 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name: state, ppid,
-/// pgrp, ... (the name may hold spaces and parentheses).
-fn stat_fields(pid: &str) -> Option<Vec<String>> {
+/// `/proc/<pid>/stat` after the command name: `state ppid pgrp ...` (the
+/// name may hold spaces and parentheses).
+fn stat_fields(pid: &str) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(
-        stat[stat.rfind(')').map_or(0, |i| i + 1)..]
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
-    )
+    Some(stat[stat.rfind(')').map_or(0, |i| i + 1)..].to_string())
 }
 
 /// The state letter and process group of `/proc/<pid>/stat`.
 fn stat(pid: &str) -> Option<(String, u32)> {
     let fields = stat_fields(pid)?;
-    let group = fields.get(2)?.parse::<u32>().ok()?;
-    Some((fields.first()?.clone(), group))
+    let mut fields = fields.split_whitespace();
+    let state = fields.next()?.to_string();
+    let group = fields.nth(1)?.parse::<u32>().ok()?;
+    Some((state, group))
 }
+
+/// The place of `starttime` among the fields after the command name.
+const STARTTIME: usize = 19;
 
 /// When process `pid` started, in clock ticks since boot (`starttime` of
 /// `/proc/<pid>/stat`). With its id, this names one process: a later one
 /// given the same id (after the first ended) started later.
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat_fields(&pid.to_string())?.get(19)?.parse().ok()
+    stat_fields(&pid.to_string())?
+        .split_whitespace()
+        .nth(STARTTIME)?
+        .parse()
+        .ok()
 }
 
 /// Whether `pid` is the process that started at `started` (a
-/// [`start_time`]), and has not ended. Without a start time to compare (a
-/// record older than start times), any live process of that id counts.
+/// [`start_time`]), and has not ended (a zombie has, as for [`alive`]), from
+/// one read of its stat. Without a start time to compare (a record older
+/// than start times), any live process of that id counts.
 pub fn running(pid: u32, started: Option<u64>) -> bool {
-    alive(pid) && started.is_none_or(|s| start_time(pid) == Some(s))
+    let Some(fields) = stat_fields(&pid.to_string()) else {
+        return false;
+    };
+    let mut fields = fields.split_whitespace();
+    let live = fields
+        .next()
+        .is_some_and(|state| state != "Z" && state != "X");
+    live && started
+        .is_none_or(|s| fields.nth(STARTTIME - 1).and_then(|t| t.parse().ok()) == Some(s))
 }
 
 /// Whether `pid` is a process that has not ended. A zombie has ended (it

@@ -400,18 +400,9 @@ fn a_rerun_after_launch_and_its_server_died_cancels_the_orphaned_jobs() {
     let job = LaunchJob::new(400);
     let mut flags = slurm_flags();
     flags.extend(["--max-worker-failures", "1"]);
-    let mut first = job.start(0, &flags, &args(&echo_worker(300)));
+    let first = job.start(0, &flags, &args(&echo_worker(300)));
     job.wait_lines(&rt, 30);
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let state = job.state();
-    let server = state["server"]["pid"].as_u64().unwrap();
-    send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(server) {
-        assert!(Instant::now() < deadline, "the server outlived SIGKILL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let state = job.crash_with_server(first);
     let orphans = our_jobs(job.dir.path());
     assert!(!orphans.is_empty(), "{state}");
 

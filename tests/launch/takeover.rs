@@ -22,18 +22,9 @@ fn a_rerun_after_launch_and_its_server_died_starts_afresh_without_false_failures
         "--max-worker-failures",
         "1",
     ];
-    let mut first = job.start(0, &flags, &args(&worker));
+    let first = job.start(0, &flags, &args(&worker));
     job.wait_lines(&rt, 20);
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let state = job.state();
-    let server = state["server"]["pid"].as_u64().unwrap();
-    send_signal(i32::try_from(server).unwrap(), libc::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(server) {
-        assert!(Instant::now() < deadline, "the server outlived SIGKILL");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let state = job.crash_with_server(first);
     let workers: Vec<u64> = state["jobs"]
         .as_array()
         .unwrap()
@@ -69,7 +60,7 @@ fn a_rerun_after_launch_and_its_server_died_starts_afresh_without_false_failures
     assert!(!said.contains(" failed ("), "{said}");
     job.check_output();
     let after = job.state();
-    assert_ne!(after["server"]["pid"].as_u64(), Some(server));
+    assert_ne!(after["server"]["pid"], state["server"]["pid"]);
     for j in after["jobs"].as_array().unwrap() {
         assert_ne!(j["end"], "failed", "{j}");
     }

@@ -225,13 +225,10 @@ impl Response {
     }
 }
 
-/// The start of a JSON value, for an error message.
+/// The start of a JSON value, for an error message: cut short, control
+/// characters escaped (it is the engine's text).
 fn snippet(v: &serde_json::Value) -> String {
-    let text = v.to_string();
-    match text.char_indices().nth(300) {
-        Some((at, _)) => format!("{}...", &text[..at]),
-        None => text,
-    }
+    crate::text::escaped(&v.to_string(), 300)
 }
 
 /// Choice `i` of a chat (`message`) or completion (`text`) answer.

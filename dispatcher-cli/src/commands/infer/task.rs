@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use jaq_core::{data, unwrap_valr, Ctx, Vars};
 use jaq_json::Val;
 use serde_json::{Map, Value};
 
@@ -171,8 +170,7 @@ impl Infer {
         let (Some(filter), Some(path)) = (&self.request_filter, &self.config.request_path) else {
             return Ok(None);
         };
-        let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
-        let selected = match filter.id.run((ctx, input.clone())).map(unwrap_valr).next() {
+        let selected = match crate::jq::first_output(filter, input.clone()) {
             None => return Ok(None),
             Some(Err(e)) => {
                 return Err(TaskError::failed(
@@ -180,7 +178,7 @@ impl Infer {
                     format!("--request-path {path} failed on this line: {e}"),
                 ))
             }
-            Some(Ok(v)) => serde_json::from_str(&v.to_string()).unwrap_or(Value::Null),
+            Some(Ok(v)) => crate::jq::to_json(&v),
         };
         super::settings::check(selected, path)
     }
@@ -198,14 +196,7 @@ impl Infer {
                 format!("the line is not JSON ({e}); --prompt-path {path} needs JSON lines (--input-format text takes plain text)"),
             ),
         })?;
-        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let first = self
-            .filter
-            .id
-            .run((ctx, input.clone()))
-            .map(unwrap_valr)
-            .next();
-        let value = match first {
+        let value = match crate::jq::first_output(&self.filter, input.clone()) {
             None => return Err(missing(path, "it selects nothing")),
             Some(Err(e)) => {
                 return Err(TaskError::failed(
@@ -217,7 +208,7 @@ impl Infer {
         };
         // What was selected, as serde reads it (a prompt is a string or
         // messages; a value serde cannot hold is no prompt either).
-        let json: Value = serde_json::from_str(&value.to_string()).unwrap_or(Value::Null);
+        let json = crate::jq::to_json(&value);
         let prompt = match json {
             Value::String(s) => Ok(Prompt::Text(s)),
             Value::Null => Err(missing(path, "it selects null (no such field?)")),
@@ -350,9 +341,9 @@ impl Infer {
         // vLLM puts them beside the choices of a chat answer, in each choice
         // of a completion's: the engine's own form, kept as it is.
         let prompt_logprobs = c.prompt_logprobs.map(|_| {
-            let raw = first.raw();
-            match &raw["prompt_logprobs"] {
-                Value::Null => raw["choices"][0]["prompt_logprobs"].clone(),
+            let body = first.body.as_ref().unwrap_or(&Value::Null);
+            match &body["prompt_logprobs"] {
+                Value::Null => body["choices"][0]["prompt_logprobs"].clone(),
                 found => found.clone(),
             }
         });

@@ -257,11 +257,7 @@ impl Loop<'_> {
                             self.failures_in_a_row += 1;
                             self.last_failure =
                                 Some((job.id.clone(), job.log.clone(), detail.clone()));
-                            let backoff = self.options.failure_backoff
-                                * 2f64
-                                    .powi(self.failures_in_a_row.saturating_sub(1).min(10) as i32);
-                            self.submit_after =
-                                Some(Instant::now() + Duration::from_secs_f64(backoff.min(600.0)));
+                            self.back_off(self.failures_in_a_row);
                             ui.event(&format!(
                                 "worker {} failed ({detail}), {} in a row; its log: {}",
                                 job.id,
@@ -431,15 +427,23 @@ impl Loop<'_> {
                 self.refused_in_a_row
             );
         }
-        let backoff = (self.options.failure_backoff
-            * 2f64.powi(self.refused_in_a_row.saturating_sub(1).min(10) as i32))
-        .min(600.0);
-        self.submit_after = Some(Instant::now() + Duration::from_secs_f64(backoff));
+        let backoff = self.back_off(self.refused_in_a_row);
         ui.event(&format!(
             "could not submit a worker ({e:#}); {alive} worker(s) keep working; trying again in {}",
             human_secs(backoff)
         ));
         Ok(())
+    }
+
+    /// Holds submissions back after the `in_a_row`-th failure in a row:
+    /// `--failure-backoff` seconds, doubling with each, up to ten minutes.
+    /// Returns the seconds.
+    fn back_off(&mut self, in_a_row: u32) -> f64 {
+        let secs = (self.options.failure_backoff
+            * 2f64.powi(in_a_row.saturating_sub(1).min(10) as i32))
+        .min(600.0);
+        self.submit_after = Some(Instant::now() + Duration::from_secs_f64(secs));
+        secs
     }
 
     pub(super) fn status_line(&self, s: &StatusResponse, state: &LaunchState) -> String {
