@@ -42,30 +42,8 @@ pub fn check(selected: Value, path: &str) -> Result<Option<Map<String, Value>>, 
                 &format!("sets {key:?}, which a line cannot: {why}"),
             ));
         }
-        let ok = match key.as_str() {
-            "temperature" | "presence_penalty" | "frequency_penalty" | "repetition_penalty" => {
-                value.as_f64().is_some_and(f64::is_finite)
-            }
-            "top_p" | "min_p" => value.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)),
-            "max_tokens" | "max_completion_tokens" => value.as_u64().is_some_and(|n| n >= 1),
-            "seed" | "top_k" => value.is_u64() || value.is_i64(),
-            "top_logprobs" => value.as_u64().is_some_and(|n| n <= 20),
-            "logprobs" => value.is_boolean() || value.is_u64(),
-            "stop" => {
-                value.is_string()
-                    || value
-                        .as_array()
-                        .is_some_and(|a| a.iter().all(Value::is_string))
-            }
-            "model" => value.as_str().is_some_and(|m| !m.is_empty()),
-            "response_format" => value.is_object(),
-            _ => true,
-        };
-        if !ok {
-            return Err(invalid(
-                path,
-                &format!("sets {key:?} to {value}, {}", expected(key)),
-            ));
+        if let Some(wanted) = wanted(key, value) {
+            return Err(invalid(path, &format!("sets {key:?} to {value}, {wanted}")));
         }
     }
     Ok(Some(fields))
@@ -102,18 +80,51 @@ pub fn apply(mut req: Request, fields: &Map<String, Value>) -> Request {
     req
 }
 
-fn expected(key: &str) -> &'static str {
-    match key {
-        "top_p" | "min_p" => "not a number from 0 to 1",
-        "max_tokens" | "max_completion_tokens" => "not a whole number of at least 1",
-        "seed" | "top_k" => "not a whole number",
-        "top_logprobs" => "not a whole number from 0 to 20",
-        "logprobs" => "not true, false or a count",
-        "stop" => "not a string or a list of strings",
-        "model" => "not a model name",
-        "response_format" => "not an object",
-        _ => "not a finite number",
-    }
+/// What field `key` must hold, where `value` is not that; `None` where it
+/// is, or for a field infer passes on as it is. One rule per field: its
+/// check and its message side by side, and no value taken that `apply`
+/// cannot set exactly.
+fn wanted(key: &str, value: &Value) -> Option<&'static str> {
+    let (ok, wanted) = match key {
+        "temperature" | "presence_penalty" | "frequency_penalty" | "repetition_penalty" => (
+            value.as_f64().is_some_and(f64::is_finite),
+            "not a finite number",
+        ),
+        "top_p" | "min_p" => (
+            value.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)),
+            "not a number from 0 to 1",
+        ),
+        "max_tokens" | "max_completion_tokens" => (
+            value
+                .as_u64()
+                .is_some_and(|n| n >= 1 && u32::try_from(n).is_ok()),
+            "not a whole number of at least 1 and at most 4294967295",
+        ),
+        "seed" => (value.is_u64(), "not a whole number of at least 0"),
+        "top_k" => (value.is_u64() || value.is_i64(), "not a whole number"),
+        "top_logprobs" => (
+            value.as_u64().is_some_and(|n| n <= 20),
+            "not a whole number from 0 to 20",
+        ),
+        "logprobs" => (
+            value.is_boolean() || value.is_u64(),
+            "not true, false or a count",
+        ),
+        "stop" => (
+            value.is_string()
+                || value
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(Value::is_string)),
+            "not a string or a list of strings",
+        ),
+        "model" => (
+            value.as_str().is_some_and(|m| !m.is_empty()),
+            "not a model name",
+        ),
+        "response_format" => (value.is_object(), "not an object"),
+        _ => return None,
+    };
+    (!ok).then_some(wanted)
 }
 
 fn invalid(path: &str, why: &str) -> TaskError {
@@ -170,6 +181,11 @@ mod tests {
             e.contains("\"max_tokens\"") && e.contains("at least 1"),
             "{e}"
         );
+        // Values the request cannot hold exactly are refused, not dropped.
+        let e = why(json!({"max_tokens": 5_000_000_000_u64}));
+        assert!(e.contains("\"max_tokens\""), "{e}");
+        let e = why(json!({"seed": -1}));
+        assert!(e.contains("\"seed\"") && e.contains("at least 0"), "{e}");
         let e = why(json!({"top_p": 1.5}));
         assert!(e.contains("\"top_p\"") && e.contains("from 0 to 1"), "{e}");
         let e = why(json!({"temperature": "hot"}));
