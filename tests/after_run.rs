@@ -136,8 +136,10 @@ async fn the_manifest_after_a_resume_has_both_runs_and_the_inputs_checksum() {
         .to_string();
     let config = dispatcher::ledger::LedgerConfig::new(
         dir.path().join("in.jsonl"),
-        dir.path().join("out.jsonl"),
-        dir.path().join("out.jsonl.checkpoint"),
+        dispatcher::job::JobFiles::new(
+            dir.path().join("out.jsonl"),
+            Some(dir.path().join("out.jsonl.checkpoint")),
+        ),
     );
     let server = tokio::spawn(dispatcher::server::serve(
         listener,

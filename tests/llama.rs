@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher::engine::launch::{self, EngineKind, LaunchConfig};
+use dispatcher::engine::spawn::{self, EngineKind, SpawnConfig};
 use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, Engines, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
@@ -196,7 +196,7 @@ async fn two_llama_cpp_engines_in_one_task_the_launched_one_answers_a_named_one_
         return;
     };
     // The judge: another llama-server, serving the model as `judge-llama`.
-    let judge = launch::launch(&LaunchConfig {
+    let judge = spawn::spawn(&SpawnConfig {
         kind: EngineKind::Llamacpp,
         model: Some(model.clone()),
         served_model_name: Some("judge-llama".into()),
@@ -204,7 +204,7 @@ async fn two_llama_cpp_engines_in_one_task_the_launched_one_answers_a_named_one_
         threads: Some(1),
         max_model_len: Some(1024),
         startup_timeout: Duration::from_secs(60),
-        ..LaunchConfig::default()
+        ..SpawnConfig::default()
     })
     .await
     .unwrap();
@@ -292,16 +292,16 @@ async fn a_json_schema_response_format_gives_output_that_json_parses() {
     let Some((server, model)) = llama() else {
         return;
     };
-    let config = LaunchConfig {
+    let config = SpawnConfig {
         kind: EngineKind::Llamacpp,
         model: Some(model),
         engine_bin: Some(server),
         threads: Some(1),
         max_model_len: Some(256),
         startup_timeout: Duration::from_secs(60),
-        ..LaunchConfig::default()
+        ..SpawnConfig::default()
     };
-    let running = launch::launch(&config).await.unwrap();
+    let running = spawn::spawn(&config).await.unwrap();
     let engine = Arc::new(OpenAiEngine::new(
         running.base_url(),
         Duration::from_secs(120),

@@ -89,8 +89,10 @@ async fn concurrent_misbehaving_workers_produce_exactly_one_line_per_input_in_or
         retry_secs: 1,
         ..LedgerConfig::new(
             infile,
-            outfile.clone(),
-            dir.path().join("out.jsonl.checkpoint"),
+            dispatcher::job::JobFiles::new(
+                outfile.clone(),
+                Some(dir.path().join("out.jsonl.checkpoint")),
+            ),
         )
     };
     let options = ServeOptions {

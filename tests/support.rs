@@ -23,8 +23,10 @@ pub async fn serve(
         retry_secs: 1,
         ..LedgerConfig::new(
             dir.join("in.jsonl"),
-            dir.join("out.jsonl"),
-            dir.join("out.jsonl.checkpoint"),
+            dispatcher::job::JobFiles::new(
+                dir.join("out.jsonl"),
+                Some(dir.join("out.jsonl.checkpoint")),
+            ),
         )
     };
     adjust(&mut config);

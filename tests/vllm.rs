@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatcher::client::DispatcherClient;
-use dispatcher::engine::launch::{self, EngineKind, EngineLog, LaunchConfig};
+use dispatcher::engine::spawn::{self, EngineKind, EngineLog, SpawnConfig};
 use dispatcher::engine::{OpenAiEngine, RetryPolicy};
 use dispatcher::{task, DynTask, Engines, LineOutcome, Request, TaskContext, TaskError};
 use serde_json::{json, Value};
@@ -93,13 +93,13 @@ fn engine_flags(bin: &str, model: &str, ctx: u32) -> Vec<String> {
 /// `vllm serve` of the tiny model on a free port, context 512, started by
 /// the test itself (as a running engine workers are pointed at): the engine
 /// and its port.
-async fn launch_vllm(bin: &str, model: &str) -> (launch::RunningEngine, u16) {
+async fn launch_vllm(bin: &str, model: &str) -> (spawn::RunningEngine, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let config = LaunchConfig {
+    let config = SpawnConfig {
         kind: EngineKind::Vllm,
         model: Some(model.to_string()),
         engine_bin: Some(bin.to_string()),
@@ -112,9 +112,9 @@ async fn launch_vllm(bin: &str, model: &str) -> (launch::RunningEngine, u16) {
             .collect(),
         startup_timeout: Duration::from_secs(300),
         log: EngineLog::Silent,
-        ..LaunchConfig::default()
+        ..SpawnConfig::default()
     };
-    (launch::launch(&config).await.unwrap(), port)
+    (spawn::spawn(&config).await.unwrap(), port)
 }
 
 /// A worker process (a task binary or `dispatcher`) with vLLM's environment.
@@ -202,7 +202,7 @@ async fn a_json_schema_task_parses_vllms_constrained_output() {
     let Some((bin, model)) = vllm() else {
         return;
     };
-    let config = LaunchConfig {
+    let config = SpawnConfig {
         kind: EngineKind::Vllm,
         model: Some(model.clone()),
         engine_bin: Some(bin),
@@ -220,9 +220,9 @@ async fn a_json_schema_task_parses_vllms_constrained_output() {
             .chain(VLLM_ENV.iter().map(|(k, v)| format!("{k}={v}")))
             .collect(),
         startup_timeout: Duration::from_secs(300),
-        ..LaunchConfig::default()
+        ..SpawnConfig::default()
     };
-    let running = launch::launch(&config).await.unwrap();
+    let running = spawn::spawn(&config).await.unwrap();
     let engine = Arc::new(
         OpenAiEngine::new(
             running.base_url(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatcher_core::engine::echo::EchoOptions;
-use dispatcher_core::engine::launch::{self, EngineKind, LaunchConfig};
+use dispatcher_core::engine::spawn::{self, EngineKind, SpawnConfig};
 use dispatcher_core::engine::{
     BoxFuture, Choice, Engine, OpenAiEngine, Request, RequestError, Response, RetryPolicy,
 };
@@ -160,16 +160,16 @@ fn rss_kb(field: &str) -> u64 {
 
 pub async fn run(args: SaturationArgs) -> anyhow::Result<()> {
     let latency = Duration::from_millis(args.latency_ms);
-    let (engine, _running): (Arc<dyn Engine>, Option<launch::RunningEngine>) = if args.http {
-        let config = LaunchConfig {
+    let (engine, _running): (Arc<dyn Engine>, Option<spawn::RunningEngine>) = if args.http {
+        let config = SpawnConfig {
             kind: EngineKind::Echo,
             echo: EchoOptions {
                 latency,
                 ..EchoOptions::default()
             },
-            ..LaunchConfig::default()
+            ..SpawnConfig::default()
         };
-        let running = launch::launch(&config).await?;
+        let running = spawn::spawn(&config).await?;
         let backend = OpenAiEngine::new(
             running.base_url(),
             Duration::from_secs(60),

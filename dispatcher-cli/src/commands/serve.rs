@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dispatcher_core::job::redo::{RedoConfig, RedoDecision};
 use dispatcher_core::job::JobFiles;
 use dispatcher_core::ledger::{
-    LedgerConfig, RedoConfig, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES,
-    DEFAULT_MAX_RELEASES,
+    LedgerConfig, DEFAULT_BACKUP_AFTER, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_RELEASES, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_SECS, DEFAULT_WORK_TIMEOUT,
 };
 use dispatcher_core::server::{self, ServeOptions, StopReason};
 
@@ -18,7 +19,7 @@ pub struct ServeArgs {
     /// Input JSONL: line i is work item i (0-based). `--input` is an alias,
     /// as on every other subcommand. Also a dataset: `.jsonl.gz`/`.zst`,
     /// Parquet, Arrow, or a folder or quoted glob of them, staged once as
-    /// `<outfile>.input.jsonl` (README: "Datasets").
+    /// `<outfile>.input.jsonl` (the book: "Datasets").
     #[arg(long, visible_alias = "input", value_name = "PATH")]
     pub infile: PathBuf,
     /// The split of a dataset input that has several (`train`).
@@ -46,20 +47,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Seconds before an issued item without a result is reissued.
-    #[arg(long, value_name = "SECS", default_value_t = 1200.0)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WORK_TIMEOUT.as_secs_f64())]
     pub work_timeout: f64,
     /// Reissues after failures (lease expiries, task retries, releases by workers
     /// that give no reason) before an item is tombstoned; -1 never tombstones.
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 3,
+        default_value_t = DEFAULT_MAX_RETRIES.into(),
         allow_negative_numbers = true
     )]
     pub max_retries: i64,
     /// Seconds told to workers to wait when nothing is issuable yet (an upper
     /// bound: less when an in-flight item expires sooner).
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RETRY_SECS)]
     pub retry: u64,
     /// Seconds between checkpoints (one is also written at start, on completion
     /// and on SIGTERM/SIGINT).
@@ -96,7 +97,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub backups: u32,
     /// Seconds an item must have been in flight before it gets a backup copy.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_BACKUP_AFTER.as_secs_f64())]
     pub backup_after: f64,
     /// Seconds a connection may go without progress (idle between requests, or
     /// a request or answer stalled halfway) before it is closed; also the
@@ -257,11 +258,7 @@ impl ServeArgs {
             grouping: self
                 .group
                 .grouping(self.max_pending_mib.saturating_mul(1 << 20))?,
-            ..LedgerConfig::new(
-                self.infile.clone(),
-                files.output().to_owned(),
-                files.checkpoint().to_owned(),
-            )
+            ..LedgerConfig::new(self.infile.clone(), files)
         };
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
@@ -284,46 +281,37 @@ impl ServeArgs {
     }
 }
 
-/// Before a `--redo-errors` run: finishes a redo that died between its two
-/// renames, checks the input and the kinds asked for, and says what will be
-/// redone. `Ok(false)` when there is nothing to run.
+/// Before a `--redo-errors` run: the core's decision ([`RedoConfig::decide`]),
+/// said. `Ok(false)` when there is nothing to run.
 fn prepare_redo(args: &ServeArgs, redo: &RedoConfig) -> anyhow::Result<bool> {
-    let output = redo.previous.output();
-    if !redo.previous.redo().checkpoint().exists()
-        && std::fs::metadata(output).map_or(true, |m| m.len() == 0)
-    {
-        bail!(
-            "--redo-errors: {} does not exist or is empty, so there is nothing to redo; run the job without --redo-errors",
-            output.display()
-        );
-    }
-    if redo.finish_interrupted(&args.infile)? {
-        tracing::info!(
-            output = %output.display(),
-            "a finished --redo-errors run had not moved its checkpoint into place; it is now, and the output is complete"
-        );
-        return Ok(false);
-    }
-    // The error names the file; the flag is what the user gave.
-    let input_lines = dispatcher_core::input::count_lines(&args.infile).context("--infile")?;
-    let survey = redo.prepare(&args.infile, input_lines)?;
-    let missing = input_lines - survey.lines;
-    if survey.to_redo + missing == 0 {
-        tracing::info!(
-            output = %output.display(),
-            failures = %survey.describe(),
-            "nothing to redo: no line of the output is a failure of the kinds asked for, and none is missing; the output is left as it is"
-        );
-        return Ok(false);
-    }
-    tracing::info!(
-        output = %output.display(),
-        redo = survey.to_redo,
-        missing,
-        failures = %survey.describe(),
-        "redoing lines of a previous output"
-    );
-    Ok(true)
+    let output = redo.previous.output().display();
+    Ok(match redo.decide(&args.infile)? {
+        RedoDecision::FinishedInterrupted => {
+            tracing::info!(
+                %output,
+                "a finished --redo-errors run had not moved its checkpoint into place; it is now, and the output is complete"
+            );
+            false
+        }
+        RedoDecision::Nothing(survey) => {
+            tracing::info!(
+                %output,
+                failures = %survey.describe(),
+                "nothing to redo: no line of the output is a failure of the kinds asked for, and none is missing; the output is left as it is"
+            );
+            false
+        }
+        RedoDecision::Run { survey, missing } => {
+            tracing::info!(
+                %output,
+                redo = survey.to_redo,
+                missing,
+                failures = %survey.describe(),
+                "redoing lines of a previous output"
+            );
+            true
+        }
+    })
 }
 
 /// Runs the server until the job is complete or a signal stops it.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use dispatcher_core::engine::launch::{self, LaunchConfig, RunningEngine};
+use dispatcher_core::engine::spawn::{self, RunningEngine, SpawnConfig};
 use dispatcher_core::engine::{
     api_base, ApiKey, OpenAiEngine, OpenAiEngineBuilder, RateLimit, RetryPolicy,
 };
@@ -161,7 +161,7 @@ fn positive<T: FromStr + PartialOrd + Default>(v: &str) -> Result<T, String> {
 #[derive(Debug, Clone)]
 pub enum Place {
     /// Launched by this worker.
-    Launch(Box<LaunchConfig>),
+    Launch(Box<SpawnConfig>),
     /// Already running at this address (`--no-launch`).
     Running {
         /// Its host.
@@ -249,9 +249,9 @@ impl EngineSpecs {
         metrics: &Arc<WorkerMetrics>,
     ) -> anyhow::Result<(RunningEngine, Engines)> {
         let engine = match &self.default.place {
-            Place::Url(url) => launch::connect_url(url),
-            Place::Running { host, port } => launch::connect(host, *port),
-            Place::Launch(config) => launch::launch(config).await?,
+            Place::Url(url) => spawn::connect_url(url),
+            Place::Running { host, port } => spawn::connect(host, *port),
+            Place::Launch(config) => spawn::spawn(config).await?,
         };
         let backend = self
             .backend(&self.default, engine.base_url())

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispatcher_core::client::ClientError;
-use dispatcher_core::engine::launch::RunningEngine;
+use dispatcher_core::engine::spawn::RunningEngine;
 use dispatcher_core::task::source::{SourceError, WorkSource};
 use dispatcher_core::task::{DynTask, Engines};
 

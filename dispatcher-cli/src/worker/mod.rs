@@ -19,7 +19,7 @@ use dispatcher_core::client::DispatcherClient;
 use dispatcher_core::engine::cache::PrefixCacheMeter;
 use dispatcher_core::engine::echo::script::EchoScript;
 use dispatcher_core::engine::echo::EchoOptions;
-use dispatcher_core::engine::launch::{EngineKind, EngineLog, LaunchConfig};
+use dispatcher_core::engine::spawn::{EngineKind, EngineLog, SpawnConfig};
 use dispatcher_core::engine::RetryPolicy;
 use dispatcher_core::task::manager::{self, Exit, ManagerConfig, Progress};
 use dispatcher_core::task::source::{FileSource, ServerSource, WorkSource};
@@ -134,7 +134,7 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 0.0)]
     pub echo_error_rate: f64,
     /// Echo engine: answer every request with TEXT, a template ({prompt},
-    /// {seed}, {index}, {variant}, {request}, {pick:a|b|c}; see the README).
+    /// {seed}, {index}, {variant}, {request}, {pick:a|b|c}; see the book, "Writing a task").
     #[arg(long, value_name = "TEXT", conflicts_with = "echo_script")]
     pub echo_reply: Option<String>,
     /// Echo engine: scripted replies, rules of `match: REGEX` (on the last
@@ -148,7 +148,7 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     /// Validates the flags into a launch configuration.
-    fn launch_config(&self) -> anyhow::Result<LaunchConfig> {
+    fn launch_config(&self) -> anyhow::Result<SpawnConfig> {
         let split = |flag: &str, v: &Option<String>| -> anyhow::Result<Vec<String>> {
             v.as_deref()
                 .map(shell_words::split)
@@ -181,7 +181,7 @@ impl EngineArgs {
             "-" => EngineLog::Inherit,
             path => EngineLog::File(PathBuf::from(path)),
         };
-        Ok(LaunchConfig {
+        Ok(SpawnConfig {
             kind: self.engine.into(),
             model: self.model.clone(),
             served_model_name: self.served_model_name.clone(),
@@ -289,7 +289,7 @@ pub struct WorkArgs {
     /// Local mode: read this input (no server): a JSONL file, plain or
     /// `.gz`/`.zst`, a Parquet or Arrow file, or a folder or quoted glob of
     /// them (a Hugging Face snapshot, a `save_to_disk` folder); see the
-    /// README's "Datasets".
+    /// the book's "Datasets".
     #[arg(short = 'i', long, visible_alias = "input-file", value_name = "PATH")]
     pub input: Option<PathBuf>,
     /// Local mode: the split of a dataset input that has several (`train`).

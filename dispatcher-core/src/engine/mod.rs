@@ -5,20 +5,20 @@
 //! Where what lives: here the [`Engine`] trait and raw requests; `request.rs`
 //! and `response.rs` the typed request and response; `openai.rs` the HTTP
 //! backend (retries, keys, TLS); [`rate`] client-side rate limits; [`echo`]
-//! the echo engine; [`launch`] starting and stopping a local engine
+//! the echo engine; [`spawn`] starting and stopping a local engine
 //! (`log_tail.rs` the last lines it wrote, to quote when it fails);
 //! [`cache`] the engine's own prefix cache counters; [`usage`] the tokens a
 //! worker reports to its server.
 
 pub mod cache;
 pub mod echo;
-pub mod launch;
 mod log_tail;
 mod message;
 mod openai;
 pub mod rate;
 mod request;
 mod response;
+pub mod spawn;
 /// Where the token meter was first: it lives with the metrics now.
 pub use crate::metrics::usage;
 

@@ -125,6 +125,12 @@ pub enum ResumeError {
         /// The failures the output holds, by kind.
         found: String,
     },
+    /// `--redo-errors` over an output that is missing or empty.
+    #[error("--redo-errors: {output} does not exist or is empty, so there is nothing to redo; run the job without --redo-errors")]
+    NothingToRedo {
+        /// The job's output.
+        output: PathBuf,
+    },
     /// A plain run over a job whose `--redo-errors` run is unfinished.
     #[error("{leftover} is left from an unfinished --redo-errors run of {output}: finish it by running again with --redo-errors (and the same kinds), or remove {redo_output} and {redo_checkpoint} to drop it")]
     UnfinishedRedo {

@@ -56,7 +56,54 @@ impl Survey {
     }
 }
 
+/// What a `--redo-errors` run is to do, decided before it starts
+/// ([`RedoConfig::decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedoDecision {
+    /// A redo had moved its new output into place but not its checkpoint
+    /// (it died between the two renames); that is now done, and the output
+    /// is complete.
+    FinishedInterrupted,
+    /// No line of the old output is a failure of the kinds asked for and
+    /// none is missing: the output is left as it is.
+    Nothing(Survey),
+    /// Run the redo: `survey.to_redo` lines to hand out again, and `missing`
+    /// lines the old output does not have yet.
+    Run {
+        /// What the old output holds.
+        survey: Survey,
+        /// Input lines past the old output's end.
+        missing: u64,
+    },
+}
+
 impl RedoConfig {
+    /// Every decision a redo makes before it starts: refuses an old output
+    /// that is missing or empty (nothing to redo), finishes a redo that died
+    /// between its two renames, makes the checks of [`prepare`](Self::prepare),
+    /// and says whether there is anything to run.
+    pub fn decide(&self, input: &Path) -> Result<RedoDecision, ResumeError> {
+        let output = self.previous.output();
+        if !self.previous.redo().checkpoint().exists()
+            && std::fs::metadata(output).map_or(true, |m| m.len() == 0)
+        {
+            return Err(ResumeError::NothingToRedo {
+                output: output.to_owned(),
+            });
+        }
+        if self.finish_interrupted(input)? {
+            return Ok(RedoDecision::FinishedInterrupted);
+        }
+        let input_lines = crate::input::count_lines(input)?;
+        let survey = self.prepare(input, input_lines)?;
+        let missing = input_lines - survey.lines;
+        Ok(if survey.to_redo + missing == 0 {
+            RedoDecision::Nothing(survey)
+        } else {
+            RedoDecision::Run { survey, missing }
+        })
+    }
+
     /// Whether a line of the old output is redone.
     pub fn redoes(&self, kind: &LineKind<'_>) -> bool {
         match kind {

@@ -1,7 +1,7 @@
 //! [`LedgerConfig`]: what the ledger needs to know about the job, and the
 //! defaults of its bounds.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::job::JobFiles;
@@ -13,10 +13,9 @@ use super::*;
 pub struct LedgerConfig {
     /// Input JSONL.
     pub infile: PathBuf,
-    /// Output JSONL.
-    pub outfile: PathBuf,
-    /// Checkpoint file.
-    pub checkpoint: PathBuf,
+    /// The job's files: the output JSONL, its checkpoint, and the files named
+    /// after the output (journal, spill file, manifest).
+    pub files: JobFiles,
     /// How long an issued item may stay without a result before it is reissued.
     pub work_timeout: Duration,
     /// Reissues before an item is tombstoned; `None` never tombstones.
@@ -57,19 +56,18 @@ pub struct LedgerConfig {
 
 impl LedgerConfig {
     /// A configuration with the defaults of `dispatcher serve` for everything
-    /// but the three paths.
-    pub fn new(infile: PathBuf, outfile: PathBuf, checkpoint: PathBuf) -> LedgerConfig {
+    /// but the input and the job's files.
+    pub fn new(infile: PathBuf, files: JobFiles) -> LedgerConfig {
         LedgerConfig {
             infile,
-            outfile,
-            checkpoint,
-            work_timeout: Duration::from_secs(1200),
-            max_retries: Some(3),
-            retry_secs: 300,
+            files,
+            work_timeout: DEFAULT_WORK_TIMEOUT,
+            max_retries: Some(DEFAULT_MAX_RETRIES),
+            retry_secs: DEFAULT_RETRY_SECS,
             max_releases: Some(DEFAULT_MAX_RELEASES),
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_backups: 0,
-            backup_after: Duration::from_secs(60),
+            backup_after: DEFAULT_BACKUP_AFTER,
             redo: None,
             journal: true,
             max_journal_bytes: DEFAULT_MAX_JOURNAL_BYTES,
@@ -78,17 +76,25 @@ impl LedgerConfig {
         }
     }
 
-    /// The files of the job this ledger writes.
-    pub fn files(&self) -> JobFiles {
-        JobFiles::new(self.outfile.clone(), Some(self.checkpoint.clone()))
+    /// The output JSONL.
+    pub fn outfile(&self) -> &Path {
+        self.files.output()
     }
 
     /// Where results past `max_pending_bytes` go.
     pub fn spill_path(&self) -> PathBuf {
-        self.files().pending()
+        self.files.pending()
     }
 }
 
+/// Default `--work-timeout`, as the Python server's.
+pub const DEFAULT_WORK_TIMEOUT: Duration = Duration::from_secs(1200);
+/// Default `--max-retries`, as the Python server's.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// Default `--retry`, as the Python server's.
+pub const DEFAULT_RETRY_SECS: u64 = 300;
+/// Default `--backup-after`.
+pub const DEFAULT_BACKUP_AFTER: Duration = Duration::from_secs(60);
 /// Default `--max-releases`: preemptions are not the item's fault; only an item
 /// released this often (a poison item that kills workers) is given up.
 pub const DEFAULT_MAX_RELEASES: u32 = 50;

@@ -48,7 +48,8 @@ mod window;
 
 pub use crate::job::redo::RedoConfig;
 pub use config::{
-    LedgerConfig, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES, DEFAULT_MAX_RELEASES,
+    LedgerConfig, DEFAULT_BACKUP_AFTER, DEFAULT_MAX_JOURNAL_BYTES, DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_RELEASES, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_SECS, DEFAULT_WORK_TIMEOUT,
 };
 use groups::Groups;
 pub use groups::{Grouping, KeyFn};

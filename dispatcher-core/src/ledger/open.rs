@@ -70,7 +70,7 @@ impl Ledger {
     /// Opens the job's files, resuming from the checkpoint and the output file
     /// when there is one. See [`ResumeError`] for what is refused.
     pub fn open(config: LedgerConfig, now: Instant) -> Result<Ledger, ResumeError> {
-        let files = config.files();
+        let files = &config.files;
         // A redo holds the old job's lock too, and checks that the input is
         // the one its output was made from; a plain run refuses to start over
         // a half-done redo.
@@ -85,7 +85,7 @@ impl Ledger {
                 Some(lock)
             }
             None => {
-                crate::job::redo::refuse_unfinished(&files)?;
+                crate::job::redo::refuse_unfinished(files)?;
                 None
             }
         };
@@ -95,17 +95,17 @@ impl Ledger {
             (cp.lines_written, cp.input_offset, cp.output_offset)
         });
         let input_offset = resume_offset(&config, input_offset)?;
-        let (recovered, output) = OutputWriter::recover(&config.outfile, output_offset)?;
+        let (recovered, output) = OutputWriter::recover(config.files.output(), output_offset)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(
-                output = %config.outfile.display(),
+                output = %config.files.output().display(),
                 bytes = recovered.torn_bytes,
                 "cut off a torn last output line; its input line will be redone"
             );
         }
         if let Some(bad) = &recovered.invalid {
             tracing::warn!(
-                output = %config.outfile.display(),
+                output = %config.files.output().display(),
                 line = lines + recovered.extra_lines,
                 bytes_cut = bad.bytes_cut,
                 reason = %bad.reason,
@@ -123,7 +123,7 @@ impl Ledger {
         if skipped < recovered.extra_lines {
             return Err(ResumeError::OutputLongerThanInput {
                 input: config.infile.clone(),
-                output: config.outfile.clone(),
+                output: config.files.output().to_owned(),
                 output_lines: lines + recovered.extra_lines,
                 input_lines: lines + skipped,
             });
@@ -216,8 +216,8 @@ impl Ledger {
             output: output.flush_for_sync()?,
             output_offset: output.len(),
             infile: self.config.infile.clone(),
-            outfile: self.config.outfile.clone(),
-            checkpoint: self.config.checkpoint.clone(),
+            outfile: self.config.files.output().to_owned(),
+            checkpoint: self.config.files.checkpoint().to_owned(),
             lines_written,
             input_offset,
         })
@@ -249,7 +249,7 @@ impl Ledger {
         if let Some(redo) = &self.config.redo {
             redo.replace()?;
         }
-        self.config.files().finish(lock)?;
+        self.config.files.finish(lock)?;
         if let Some(previous) = self.previous_lock.take() {
             previous.release();
         }
@@ -283,7 +283,7 @@ fn resume_offset(config: &LedgerConfig, offset: u64) -> Result<u64, ResumeError>
         [_, b'\r', b'\n'] => Ok(offset + 2),
         _ => Err(ResumeError::InputMismatch {
             input: config.infile.clone(),
-            checkpoint: config.checkpoint.clone(),
+            checkpoint: config.files.checkpoint().to_owned(),
             reason: format!(
                 "its line ending at byte {offset} had no newline (it was the last line) and has since been extended; lines appended to an input must start on a new line. Restore that line (cut what was appended to it, then add a newline before the new lines)"
             ),

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::job::checkpoint::{Checkpoint, ResumeError};
+use crate::job::JobFiles;
 use crate::protocol::{ReissueCounts, WorkItem};
 use std::path::Path;
 
@@ -23,8 +24,10 @@ impl Job {
             max_retries,
             ..LedgerConfig::new(
                 infile,
-                dir.path().join("out.jsonl"),
-                dir.path().join("out.jsonl.checkpoint"),
+                crate::job::JobFiles::new(
+                    dir.path().join("out.jsonl"),
+                    Some(dir.path().join("out.jsonl.checkpoint")),
+                ),
             )
         };
         Job { dir, config }
@@ -35,7 +38,7 @@ impl Job {
     }
 
     fn output(&self) -> String {
-        std::fs::read_to_string(&self.config.outfile).unwrap_or_default()
+        std::fs::read_to_string(self.config.files.output()).unwrap_or_default()
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {
@@ -397,7 +400,9 @@ fn a_checkpoint_names_the_state_when_begun_while_lines_are_written_before_commit
     l.submit(vec![result(2, "2"), result(3, "3")]).unwrap();
     pending.commit().unwrap();
     drop(l);
-    let cp = Checkpoint::load(&job.config.checkpoint).unwrap().unwrap();
+    let cp = Checkpoint::load(job.config.files.checkpoint())
+        .unwrap()
+        .unwrap();
     assert_eq!((cp.lines_written, cp.output_offset), (2, 4));
     let l = job.open(t).unwrap();
     assert_eq!(l.lines_written(), 4);
@@ -418,7 +423,7 @@ fn resume_skips_lines_written_after_the_checkpoint_and_redoes_a_torn_one() {
     // A crash in the middle of writing line 3.
     let mut out = job.output();
     out.push_str("{\"tor");
-    std::fs::write(&job.config.outfile, out).unwrap();
+    std::fs::write(job.config.files.output(), out).unwrap();
 
     let l = job.open(t).unwrap();
     assert_eq!(l.lines_written(), 3);
@@ -445,12 +450,12 @@ fn resume_refuses_a_truncated_output_a_foreign_output_and_a_different_input() {
     l.checkpoint().unwrap();
     drop(l);
 
-    std::fs::write(&job.config.outfile, "0\n").unwrap();
+    std::fs::write(job.config.files.output(), "0\n").unwrap();
     let e = job.open(t).unwrap_err();
     assert!(matches!(e, ResumeError::OutputMismatch { .. }), "{e}");
     assert!(e.to_string().contains("out.jsonl"), "{e}");
 
-    std::fs::write(&job.config.outfile, "0\n1\n").unwrap();
+    std::fs::write(job.config.files.output(), "0\n1\n").unwrap();
     std::fs::write(
         &job.config.infile,
         lines(3).into_iter().rev().collect::<Vec<u8>>(),
@@ -460,7 +465,7 @@ fn resume_refuses_a_truncated_output_a_foreign_output_and_a_different_input() {
     assert!(matches!(e, ResumeError::InputMismatch { .. }), "{e}");
 
     let mut other = job.config.clone();
-    other.checkpoint = job.path("other.checkpoint");
+    other.files = JobFiles::new(other.files.output(), Some(job.path("other.checkpoint")));
     let e = Ledger::open(other, t).unwrap_err();
     assert!(
         matches!(e, ResumeError::OutputWithoutCheckpoint { .. }),
@@ -485,7 +490,7 @@ fn resume_refuses_an_output_with_more_lines_than_the_input() {
     let job = Job::new(&lines(2), Some(3));
     let t = Instant::now();
     drop(job.open(t).unwrap());
-    std::fs::write(&job.config.outfile, "0\n1\n2\n").unwrap();
+    std::fs::write(job.config.files.output(), "0\n1\n2\n").unwrap();
     let e = job.open(t).unwrap_err();
     assert!(
         matches!(
@@ -798,7 +803,7 @@ fn lines_recovered_past_the_checkpoint_are_cut_at_the_first_that_is_not_json() {
         answer(&mut l, 4, t);
     }
     // A power loss: line 4's page was never written (NULs), so were the rest.
-    let mut out = std::fs::read(&job.config.outfile).unwrap();
+    let mut out = std::fs::read(job.config.files.output()).unwrap();
     let breaks: Vec<usize> = out
         .iter()
         .enumerate()
@@ -811,7 +816,7 @@ fn lines_recovered_past_the_checkpoint_are_cut_at_the_first_that_is_not_json() {
             *b = 0
         }
     });
-    std::fs::write(&job.config.outfile, &out).unwrap();
+    std::fs::write(job.config.files.output(), &out).unwrap();
     let mut l = job.open(t).unwrap();
     assert_eq!(
         l.lines_written(),
@@ -897,12 +902,15 @@ fn two_of_the_jobs_files_that_are_one_file_are_refused_and_the_output_itself_is_
     let t = Instant::now();
     // --checkpoint equal to --outfile, and to --infile.
     let mut same = job.config.clone();
-    same.checkpoint = same.outfile.clone();
+    same.files = JobFiles::new(same.files.output(), Some(same.files.output().to_owned()));
     let e = Ledger::open(same, t).unwrap_err();
     assert!(matches!(e, ResumeError::SameFile { .. }), "{e}");
     assert!(e.to_string().contains("--outfile and --checkpoint"), "{e}");
     let mut same = job.config.clone();
-    same.outfile = same.infile.clone();
+    same.files = JobFiles::new(
+        same.infile.clone(),
+        Some(same.files.checkpoint().to_owned()),
+    );
     assert!(matches!(
         Ledger::open(same, t).unwrap_err(),
         ResumeError::SameFile { .. }
@@ -911,7 +919,7 @@ fn two_of_the_jobs_files_that_are_one_file_are_refused_and_the_output_itself_is_
     let link = job.path("link.jsonl");
     std::fs::hard_link(&job.config.infile, &link).unwrap();
     let mut same = job.config.clone();
-    same.outfile = link;
+    same.files = JobFiles::new(link, Some(same.files.checkpoint().to_owned()));
     assert!(matches!(
         Ledger::open(same, t).unwrap_err(),
         ResumeError::SameFile { .. }
@@ -921,10 +929,9 @@ fn two_of_the_jobs_files_that_are_one_file_are_refused_and_the_output_itself_is_
     // checkpoint, while the first runs.
     let _first = job.open(t).unwrap();
     let symlink = job.path("alias.jsonl");
-    std::os::unix::fs::symlink(&job.config.outfile, &symlink).unwrap();
+    std::os::unix::fs::symlink(job.config.files.output(), &symlink).unwrap();
     let mut second = job.config.clone();
-    second.outfile = symlink;
-    second.checkpoint = job.path("other.checkpoint");
+    second.files = JobFiles::new(symlink, Some(job.path("other.checkpoint")));
     let e = Ledger::open(second, t).unwrap_err();
     assert!(matches!(e, ResumeError::Locked { .. }), "{e}");
 }
@@ -938,14 +945,14 @@ fn checkpoint_counts_that_disagree_with_the_files_are_refused() {
         answer(&mut l, 10, t);
         l.checkpoint().unwrap();
     }
-    let good = std::fs::read_to_string(&job.config.checkpoint).unwrap();
+    let good = std::fs::read_to_string(job.config.files.checkpoint()).unwrap();
     for bad in ["3", "17", "18446744073709551615"] {
         let edited = good.replace(
             "\"lines_written\": 10",
             &format!("\"lines_written\": {bad}"),
         );
         assert_ne!(edited, good);
-        std::fs::write(&job.config.checkpoint, edited).unwrap();
+        std::fs::write(job.config.files.checkpoint(), edited).unwrap();
         let e = job.open(t).unwrap_err();
         assert!(
             matches!(e, ResumeError::OutputMismatch { .. }),
@@ -953,7 +960,7 @@ fn checkpoint_counts_that_disagree_with_the_files_are_refused() {
         );
         assert!(e.to_string().contains("lines"), "{e}");
     }
-    std::fs::write(&job.config.checkpoint, good).unwrap();
+    std::fs::write(job.config.files.checkpoint(), good).unwrap();
     assert_eq!(job.open(t).unwrap().lines_written(), 10);
 }
 
@@ -1319,7 +1326,7 @@ mod interleavings {
                     if torn {
                         let mut f = std::fs::OpenOptions::new()
                             .append(true)
-                            .open(&job.config.outfile)
+                            .open(job.config.files.output())
                             .unwrap();
                         std::io::Write::write_all(&mut f, b"\"{\\\"i\\\":").unwrap();
                     }

@@ -42,7 +42,7 @@ enum Slot {
 }
 
 // Every line between the last written and the last read costs one slot: keep
-// it at the 32 bytes that README.md and BENCHMARKS.md state.
+// it at the 32 bytes that the book (server.md) and BENCHMARKS.md state.
 const _: () = assert!(std::mem::size_of::<Slot>() == 32);
 
 /// Lines read and not written, and the output behind them.

@@ -77,7 +77,7 @@ impl AppState {
         tracing::info!(
             %addr,
             input = %ledger.config().infile.display(),
-            output = %ledger.config().outfile.display(),
+            output = %ledger.config().files.output().display(),
             resumed_at_line = ledger.lines_written(),
             recovered_past_checkpoint = ledger.recovered_past_checkpoint(),
             "serving"
@@ -94,7 +94,7 @@ impl AppState {
             config
                 .redo
                 .as_ref()
-                .map_or(config.outfile.as_path(), |r| r.previous.output()),
+                .map_or(config.files.output(), |r| r.previous.output()),
             ledger.lines_written(),
             config.redo.as_ref(),
             ledger.is_fresh() && config.redo.is_none(),

@@ -28,7 +28,10 @@ pub(super) fn fixture(input: &str, options: ServeOptions) -> Fixture {
     let outfile = dir.path().join("out.jsonl");
     let config = LedgerConfig {
         work_timeout: Duration::from_secs(60),
-        ..LedgerConfig::new(infile, outfile.clone(), dir.path().join("cp"))
+        ..LedgerConfig::new(
+            infile,
+            crate::job::JobFiles::new(outfile.clone(), Some(dir.path().join("cp"))),
+        )
     };
     let ledger = Ledger::open(config, Instant::now()).unwrap();
     let state = AppState::new(ledger, &options);
@@ -427,7 +430,10 @@ async fn drop_in_details_of_the_python_server() {
     std::fs::write(&infile, "a\nb\nc\n").unwrap();
     let config = LedgerConfig {
         max_retries: None,
-        ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
+        ..LedgerConfig::new(
+            infile,
+            crate::job::JobFiles::new(dir.path().join("out"), Some(dir.path().join("cp"))),
+        )
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
     let router = app(state);
@@ -502,7 +508,10 @@ async fn a_release_from_a_worker_that_no_longer_holds_the_item_is_ignored() {
     let config = LedgerConfig {
         work_timeout: Duration::from_secs(1),
         max_retries: Some(1),
-        ..LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"))
+        ..LedgerConfig::new(
+            infile,
+            crate::job::JobFiles::new(dir.path().join("out"), Some(dir.path().join("cp"))),
+        )
     };
     let state = AppState::new(Ledger::open(config, Instant::now()).unwrap(), &options);
     let router = app(state);
@@ -549,7 +558,10 @@ async fn the_total_is_known_before_the_input_is_read_to_its_end() {
     let input: String = (0..1000).map(|i| format!("{i}\n")).collect();
     std::fs::write(&infile, input.trim_end()).unwrap();
     let options = ServeOptions::default();
-    let config = LedgerConfig::new(infile, dir.path().join("out"), dir.path().join("cp"));
+    let config = LedgerConfig::new(
+        infile,
+        crate::job::JobFiles::new(dir.path().join("out"), Some(dir.path().join("cp"))),
+    );
     let state = open(config, &options).unwrap();
     let router = app(state);
     call(&router, "GET", "/work?batch_size=3", "").await;

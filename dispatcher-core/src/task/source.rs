@@ -260,13 +260,7 @@ impl FileSource {
             journal,
             sources: input.sources.clone(),
             grouping,
-            ..LedgerConfig::new(
-                input.path.clone(),
-                output.to_owned(),
-                crate::job::JobFiles::new(output, None)
-                    .checkpoint()
-                    .to_owned(),
-            )
+            ..LedgerConfig::new(input.path.clone(), crate::job::JobFiles::new(output, None))
         };
         let ledger = Ledger::open(config, Instant::now())?;
         Ok(FileSource {

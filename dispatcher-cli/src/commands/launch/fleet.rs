@@ -382,7 +382,7 @@ impl Loop<'_> {
                 state.replaced += 1;
             }
             let now = unix_now();
-            state.jobs.push(JobRecord {
+            state.jobs.push(WorkerRecord {
                 id: submitted.id.clone(),
                 ordinal,
                 pid: submitted.pid,

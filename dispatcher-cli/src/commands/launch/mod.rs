@@ -36,7 +36,7 @@ use super::serve::ServeArgs;
 use super::status::human_secs;
 use backend::{Backend, EndKind, JobState, Local, Slurm, WorkerSpec};
 use plan::{Backlog, Fleet};
-use state::{unix_now, JobRecord, LaunchDir, LaunchState, ServerRecord};
+use state::{unix_now, LaunchDir, LaunchState, ServerRecord, WorkerRecord};
 
 use args::*;
 pub use args::{serve_argv, BackendChoice, LaunchArgs, LaunchOptions};
@@ -177,8 +177,7 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             .with_context(|| format!("{}: could not write it", dir.script().display()))?;
     }
     ui.event(&format!(
-        "server at {} ({}); workers: up to {} on {} (logs in {})",
-        server.record.addr,
+        "server at {addr} ({}); the job page: http://{addr}/; workers: up to {} on {} (logs in {})",
         if server.owned {
             "started by launch"
         } else {
@@ -186,7 +185,8 @@ pub async fn run(args: LaunchArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         },
         options.max_workers,
         backend.name(),
-        dir.path().display()
+        dir.path().display(),
+        addr = server.record.addr,
     ));
 
     let mut looper = Loop {
@@ -348,7 +348,7 @@ mod tests {
         let mut state = LaunchState::new("local");
         state.drained_at = Some(100.0);
         for (started, ended) in [(10.0, 101.0), (10.0, 102.0), (50.0, 120.0)] {
-            state.jobs.push(JobRecord {
+            state.jobs.push(WorkerRecord {
                 id: format!("local-{started}"),
                 ordinal: 0,
                 pid: None,

@@ -31,7 +31,7 @@ pub struct ServerRecord {
 
 /// One worker job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobRecord {
+pub struct WorkerRecord {
     /// Slurm job id, or `local-N`.
     pub id: String,
     /// Its number among the workers of this job (`DISPATCHER_LAUNCH_WORKER`).
@@ -55,7 +55,7 @@ pub struct JobRecord {
     pub end_detail: Option<String>,
 }
 
-impl JobRecord {
+impl WorkerRecord {
     /// Not ended.
     pub fn alive(&self) -> bool {
         self.ended.is_none()
@@ -79,7 +79,7 @@ pub struct LaunchState {
     /// The server: `None` until it listens.
     pub server: Option<ServerRecord>,
     /// Worker jobs, in the order they were submitted.
-    pub jobs: Vec<JobRecord>,
+    pub jobs: Vec<WorkerRecord>,
     /// The next worker's ordinal.
     pub next_ordinal: u64,
     /// Unix time the server first said no line was left to hand out.
@@ -104,7 +104,7 @@ impl LaunchState {
     }
 
     /// Workers not ended.
-    pub fn alive(&self) -> impl Iterator<Item = &JobRecord> {
+    pub fn alive(&self) -> impl Iterator<Item = &WorkerRecord> {
         self.jobs.iter().filter(|j| j.alive())
     }
 
@@ -229,7 +229,7 @@ mod tests {
             pid_start: Some(7),
             host: "head".into(),
         });
-        state.jobs.push(JobRecord {
+        state.jobs.push(WorkerRecord {
             id: "17".into(),
             ordinal: 0,
             pid: None,

@@ -55,7 +55,7 @@ pub enum EngineLog {
 
 /// How to launch an engine.
 #[derive(Debug, Clone)]
-pub struct LaunchConfig {
+pub struct SpawnConfig {
     /// Which engine.
     pub kind: EngineKind,
     /// Model path or name (required for all but echo).
@@ -100,9 +100,9 @@ pub struct LaunchConfig {
     pub echo: EchoOptions,
 }
 
-impl Default for LaunchConfig {
+impl Default for SpawnConfig {
     fn default() -> Self {
-        LaunchConfig {
+        SpawnConfig {
             kind: EngineKind::Vllm,
             model: None,
             served_model_name: None,
@@ -129,7 +129,7 @@ impl Default for LaunchConfig {
 /// Why an engine could not be started.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LaunchError {
+pub enum SpawnError {
     /// A required option is missing.
     #[error("{0}")]
     Config(String),
@@ -170,12 +170,12 @@ pub enum LaunchError {
     Io(#[from] std::io::Error),
 }
 
-impl LaunchConfig {
+impl SpawnConfig {
     /// The full command line that launches the engine on `port` (not for echo).
-    pub fn command_line(&self, port: u16) -> Result<Vec<String>, LaunchError> {
+    pub fn command_line(&self, port: u16) -> Result<Vec<String>, SpawnError> {
         let model = || {
             self.model.clone().ok_or_else(|| {
-                LaunchError::Config(format!(
+                SpawnError::Config(format!(
                     "--model is required to launch {} (or pass --no-launch with --host/--port of a running engine)",
                     self.kind.name()
                 ))
@@ -271,7 +271,7 @@ impl LaunchConfig {
                 }
             }
             EngineKind::Echo => {
-                return Err(LaunchError::Config(
+                return Err(SpawnError::Config(
                     "the echo engine runs in-process and has no command line".into(),
                 ))
             }
@@ -394,7 +394,7 @@ fn free_port(host: &str) -> std::io::Result<u16> {
 }
 
 /// Starts the engine and waits until `/health` answers 200.
-pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError> {
+pub async fn spawn(config: &SpawnConfig) -> Result<RunningEngine, SpawnError> {
     if config.kind == EngineKind::Echo {
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
         let addr = listener.local_addr()?;
@@ -448,7 +448,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
     let tmp = tempfile::Builder::new()
         .prefix("dispatcher-engine-")
         .tempdir()
-        .map_err(|source| LaunchError::Spawn {
+        .map_err(|source| SpawnError::Spawn {
             kind: config.kind.name(),
             program: format!(
                 "{} (its temporary directory in {})",
@@ -466,7 +466,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| LaunchError::Spawn {
+        .map_err(|source| SpawnError::Spawn {
             kind: config.kind.name(),
             program: argv[0].clone(),
             source,
@@ -504,7 +504,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         if let Some(Ok(Some(status))) = engine.child.as_mut().map(Child::try_wait) {
             engine.child = None;
             tokio::time::sleep(LAST_WORDS).await;
-            return Err(LaunchError::Exited {
+            return Err(SpawnError::Exited {
                 kind: config.kind.name(),
                 status: status.to_string(),
                 log_hint: engine.log.describe(),
@@ -513,7 +513,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<RunningEngine, LaunchError>
         if tokio::time::Instant::now() >= deadline {
             let log_hint = engine.log.describe();
             engine.stop(Duration::from_secs(5)).await;
-            return Err(LaunchError::Timeout {
+            return Err(SpawnError::Timeout {
                 kind: config.kind.name(),
                 url: health,
                 secs: config.startup_timeout.as_secs(),
@@ -558,7 +558,7 @@ mod tests {
 
     #[test]
     fn vllm_command_line_has_every_flag_asked_for() {
-        let c = LaunchConfig {
+        let c = SpawnConfig {
             model: Some("/models/llama".into()),
             tensor_parallel: 2,
             max_model_len: Some(8192),
@@ -572,7 +572,7 @@ mod tests {
                 ("sql".into(), "/loras/sql".into()),
                 ("chat".into(), "/loras/chat".into()),
             ],
-            ..LaunchConfig::default()
+            ..SpawnConfig::default()
         };
         assert_eq!(
             c.command_line(9000).unwrap().join(" "),
@@ -581,7 +581,7 @@ mod tests {
              --enforce-eager --chat-template t.jinja --served-model-name llama-3 \
              --enable-lora --lora-modules sql=/loras/sql chat=/loras/chat --seed 1"
         );
-        let sglang = LaunchConfig {
+        let sglang = SpawnConfig {
             kind: EngineKind::Sglang,
             ..c.clone()
         };
@@ -590,7 +590,7 @@ mod tests {
             .unwrap()
             .join(" ")
             .contains(" --lora-paths sql=/loras/sql chat=/loras/chat"));
-        let llama = LaunchConfig {
+        let llama = SpawnConfig {
             kind: EngineKind::Llamacpp,
             model: Some("/m/tiny.gguf".into()),
             ..c
@@ -604,13 +604,13 @@ mod tests {
 
     #[test]
     fn llamacpp_gives_each_slot_the_requested_context() {
-        let c = LaunchConfig {
+        let c = SpawnConfig {
             kind: EngineKind::Llamacpp,
             model: Some("/m/tiny.gguf".into()),
             max_model_len: Some(512),
             parallel_slots: 4,
             threads: Some(1),
-            ..LaunchConfig::default()
+            ..SpawnConfig::default()
         };
         assert_eq!(
             c.command_line(1).unwrap().join(" "),
@@ -620,14 +620,14 @@ mod tests {
 
     #[test]
     fn sglang_command_line_maps_the_common_flags() {
-        let c = LaunchConfig {
+        let c = SpawnConfig {
             kind: EngineKind::Sglang,
             model: Some("org/m".into()),
             tensor_parallel: 4,
             max_model_len: Some(4096),
             gpu_memory_utilization: Some(0.8),
             enforce_eager: true,
-            ..LaunchConfig::default()
+            ..SpawnConfig::default()
         };
         assert_eq!(
             c.command_line(7).unwrap().join(" "),
@@ -638,7 +638,7 @@ mod tests {
 
     #[test]
     fn a_missing_model_is_a_clear_error() {
-        let e = LaunchConfig::default().command_line(1).unwrap_err();
+        let e = SpawnConfig::default().command_line(1).unwrap_err();
         assert!(e.to_string().contains("--model"), "{e}");
     }
 }
