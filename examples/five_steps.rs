@@ -1,7 +1,7 @@
 //! Five requests in a row, each building on the last: outline, draft,
 //! critique, revision, title. A long chain like this is where a preempted
 //! worker costs most, and where the journal saves most: a line issued again
-//! replays the steps its earlier issue completed (see README, "Durable
+//! replays the steps its earlier issue completed (see the book, "Durable
 //! tasks"). `scripts/bench-journal.sh` measures it.
 //!
 //! ```sh

@@ -6,6 +6,9 @@
 #   - pyarrow and Hugging Face `datasets` in a venv, and zstd, to write the
 #     dataset tests' files as users' tools do (installed once, cached);
 #   - Debian's chromium and chromedriver, for the job page's tests;
+#   - mdBook (installed once), to build the book with its links checked;
+#   - the release archives (scripts/release.sh: zig, cargo-zigbuild and
+#     qemu-user-static installed once, archives cached by the sources' hash);
 #   - then every test of the workspace, with all of those required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,13 @@ while IFS='=' read -r key value; do
   case "$key" in DATASETS_PYTHON) export "$key=$value" ;; esac
 done < <(scripts/setup-datasets.sh)
 scripts/setup-browser.sh
+# The book (docs/): built with warnings as errors, every link checked.
+scripts/book.sh >/dev/null
+# The release archives (static binaries for x86_64 and aarch64, man pages,
+# completions), built once per source tree and cached in ~/.cache/dispatcher;
+# tests/release.rs runs them in an empty root and under qemu.
+DISPATCHER_RELEASE_DIR=$(scripts/release.sh)
+export DISPATCHER_RELEASE_DIR DISPATCHER_REQUIRE_RELEASE=1
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1
 export DISPATCHER_REQUIRE_DATASETS=1 DISPATCHER_REQUIRE_BROWSER=1
 
@@ -32,6 +42,7 @@ export DISPATCHER_REQUIRE_DATASETS=1 DISPATCHER_REQUIRE_BROWSER=1
 # worker processes; `cargo test` alone builds examples only as test targets.
 cargo build --workspace --bins --examples
 cargo test --workspace --all-targets
-# The optional schemars support, on its own (it adds a derive to the build).
-cargo test -p dispatcher-core --features schemars --lib schemars
+# The core on its own, as a task crate gets it: without Parquet (a Parquet
+# input refused, saying what to do), with the optional schemars derive.
+cargo test -p dispatcher-core --features schemars --lib -- schemars without_parquet
 cargo test --workspace --doc

@@ -172,3 +172,10 @@ macro_rules! yield_request {
         ::core::unreachable!()
     }};
 }
+
+/// The book's chapter on writing tasks (`docs/src/tasks.md`): its Rust blocks
+/// compile, and those not marked `no_run` run, as this crate's doc tests, so
+/// the guide's code cannot fall behind the API.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/src/tasks.md")]
+pub struct TasksChapter;

@@ -1,33 +1,37 @@
-//! README's "Your own task crate", taken from README.md as it stands: its
+//! The book's "Your own task crate", taken from docs/src/tasks.md as it stands: its
 //! `Cargo.toml` and `src/main.rs` make a crate outside this workspace, which
 //! builds and runs a job on local files with the echo engine.
 
 use std::path::Path;
 use std::process::Command;
 
-/// The code blocks of `lang` in the README section under `heading`.
-fn blocks(readme: &str, heading: &str, lang: &str) -> Vec<String> {
-    let section = readme
+/// The code blocks of `lang` (with any attributes: `rust,no_run`) in the
+/// chapter's section under `heading`.
+fn blocks(chapter: &str, heading: &str, lang: &str) -> Vec<String> {
+    let section = chapter
         .split_once(heading)
-        .unwrap_or_else(|| panic!("README has no {heading:?}"))
+        .unwrap_or_else(|| panic!("the chapter has no {heading:?}"))
         .1;
-    let section = section.split("\n### ").next().unwrap_or(section);
-    let fence = format!("```{lang}\n");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let fence = format!("```{lang}");
     section
         .split(fence.as_str())
         .skip(1)
-        .map(|b| b.split("```").next().unwrap().to_string())
+        .map(|b| {
+            let body = b.split_once('\n').map_or("", |(_attributes, body)| body);
+            body.split("```").next().unwrap().to_string()
+        })
         .collect()
 }
 
 #[test]
-fn the_readmes_own_task_crate_builds_outside_the_workspace_and_runs() {
+fn the_books_own_task_crate_builds_outside_the_workspace_and_runs() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
-    let heading = "### Your own task crate";
+    let chapter = std::fs::read_to_string(repo.join("docs/src/tasks.md")).unwrap();
+    let heading = "## Your own task crate";
     let (manifest, main) = (
-        blocks(&readme, heading, "toml"),
-        blocks(&readme, heading, "rust"),
+        blocks(&chapter, heading, "toml"),
+        blocks(&chapter, heading, "rust"),
     );
     assert_eq!(
         (manifest.len(), main.len()),

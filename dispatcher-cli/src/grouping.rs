@@ -21,7 +21,7 @@ pub struct GroupArgs {
     /// Hand lines whose jq filter selects the same value to the same
     /// worker, together, so its engine computes their shared prompt prefix
     /// once: `.messages[0].content` (a system prompt), `.doc_id` (questions
-    /// on one document). Off by default; see the README for when it helps.
+    /// on one document). Off by default; see the book, "Prefix affinity", for when it helps.
     #[arg(long, value_name = "JQ")]
     pub group_by: Option<String>,
     /// Group by the first N bytes of what --group-by selects (a few-shot

@@ -14,7 +14,7 @@
 //! `dispatcher report`, `serve --redo-errors`, `run-batch --error-file` and
 //! the server's counts all ask [`classify`] (or [`OutputLine::kind`]), so
 //! they agree line by line. [`KINDS`] lists the kinds dispatcher itself
-//! writes; the README's table is checked against it.
+//! writes; the book's table (`docs/src/reference/records.md`) is checked against it.
 
 use std::borrow::Cow;
 
@@ -598,19 +598,20 @@ mod tests {
         assert!(!is_builtin_kind("no_score"));
     }
 
-    /// The README's table of kinds (between its `kinds:begin`/`kinds:end`
-    /// markers) lists exactly [`KINDS`].
+    /// The book's table of kinds (`docs/src/reference/records.md`, between
+    /// its `kinds:begin`/`kinds:end` markers) lists exactly [`KINDS`].
     #[test]
-    fn the_readme_lists_exactly_the_kinds_dispatcher_writes() {
-        let readme = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    fn the_book_lists_exactly_the_kinds_dispatcher_writes() {
+        let page = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../docs/src/reference/records.md"),
         )
         .unwrap();
-        let table = readme
+        let table = page
             .split("<!-- kinds:begin -->")
             .nth(1)
             .and_then(|rest| rest.split("<!-- kinds:end -->").next())
-            .expect("README has a table of kinds between its markers");
+            .expect("the records page has a table of kinds between its markers");
         let listed: Vec<&str> = table
             .lines()
             .filter_map(|l| l.strip_prefix("| `")?.split('`').next())

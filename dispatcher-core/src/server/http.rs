@@ -73,7 +73,7 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(
         StatusCode::NOT_FOUND,
         format!(
-            "no endpoint {}: see the README's endpoint table (/work, /results, /release, /status, ...)",
+            "no endpoint {}: see the wire protocol in the book, docs/src/reference/protocol.md (/work, /results, /release, /status, ...)",
             crate::text::escaped(uri.path(), 200)
         ),
     )
@@ -83,7 +83,7 @@ async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiEr
     ApiError::NotFound(
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
-            "{} does not take {}: see the README's endpoint table",
+            "{} does not take {}: see the wire protocol in the book, docs/src/reference/protocol.md",
             crate::text::escaped(uri.path(), 200),
             crate::text::escaped(method.as_str(), 20)
         ),

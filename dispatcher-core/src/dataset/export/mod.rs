@@ -1,6 +1,6 @@
 //! `dispatcher export`: a finished output (one JSONL file, or an `--outdir`
 //! folder of shards) as one Parquet file, streaming: two passes over the
-//! lines, one to learn the columns from every line (the README's "Export"
+//! lines, one to learn the columns from every line (the book's "Datasets", "Export"
 //! says which type a field gets), one to write row groups, so memory is one
 //! row group (at most `--row-group-rows` rows, and about 256 MiB) whatever
 //! the output's size.
