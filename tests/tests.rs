@@ -15,6 +15,7 @@ mod launch;
 mod llama;
 mod own_crate;
 mod page;
+mod release;
 mod server_e2e;
 mod slurm;
 mod support;

@@ -11,7 +11,10 @@
 //!   - [`slurm`]: `dispatcher slurm-script`, a self-contained sbatch script;
 //!   - [`export`]: `dispatcher export`, a finished output as Parquet;
 //!   - [`launch`]: `dispatcher launch`, the server and its workers as Slurm
-//!     jobs (or local processes), sized by the backlog.
+//!     jobs (or local processes), sized by the backlog;
+//!   - [`estimate`]: `dispatcher estimate`, a job's tokens and cost before it runs;
+//!   - [`docs`]: `dispatcher completions`, and the man and reference pages
+//!     generated from these definitions.
 //! - [`worker`]: the worker runtime that task binaries, `infer` and
 //!   `run-batch` share: engine, work and manager flags, running a task with
 //!   them; [`worker::engines`]: the engines as specs (launched, by URL,
@@ -19,6 +22,7 @@
 //! - [`progress`]: periodic progress lines of a worker.
 //! - [`prompt`]: what a line sends to an engine (`infer` makes it, the
 //!   tokenizer counts it).
+//! - [`tokenize`]: a model's tokenizer and chat template, for `estimate`.
 //! - [`outdir`]: `--outdir`, the output as shards cut while the job runs.
 //! - [`grouping`]: `--group-by`, prefix affinity; [`jq`]: the jq filters
 //!   it and `infer`'s `--prompt-path` run on input lines.
@@ -43,7 +47,9 @@ pub mod worker;
 
 #[cfg(feature = "tokenizer")]
 pub use commands::estimate;
-pub use commands::{batch, export, infer, launch, report, serve, slurm, status};
+#[cfg(feature = "parquet")]
+pub use commands::export;
+pub use commands::{batch, docs, infer, launch, report, serve, slurm, status};
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use dispatcher_core::task::DynTask;
@@ -78,12 +84,21 @@ pub enum Command {
     /// Print a self-contained sbatch script (`infer` or `task`) to submit from any directory.
     SlurmScript(slurm::SlurmScriptArgs),
     /// Write a finished output (a JSONL file or an --outdir folder) as one Parquet file.
+    #[cfg(feature = "parquet")]
     Export(export::ExportArgs),
     /// Run a job on Slurm: the server, and worker jobs as many as its backlog deserves, to the report.
     Launch(Box<launch::LaunchArgs>),
     #[cfg(feature = "tokenizer")]
     /// Before a job: its prompt tokens (with the model's tokenizer), lines over the context, worst-case tokens and cost, and with --engine-url its wall time.
     Estimate(Box<estimate::EstimateArgs>),
+    /// Print a shell's completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write a man page per command to a folder (for packagers; in every release archive).
+    #[command(hide = true)]
+    Man(docs::OutArgs),
+    /// Write the book's reference page per command to a folder (docs/src/reference/commands).
+    #[command(hide = true)]
+    Reference(docs::OutArgs),
 }
 
 /// Entry point of the `dispatcher` binary: parses flags, runs, and returns the
@@ -101,7 +116,11 @@ pub fn main() -> std::process::ExitCode {
             Command::Report(args) => report::run(args),
             Command::WorkTimeout(args) => status::work_timeout(args).await,
             Command::SlurmScript(args) => slurm::run(args),
+            #[cfg(feature = "parquet")]
             Command::Export(args) => export::run(args),
+            Command::Completions(args) => docs::completions(args, Cli::command()),
+            Command::Man(args) => docs::man(args, Cli::command()),
+            Command::Reference(args) => docs::reference(args, Cli::command(), TaskCli::command()),
             #[cfg(feature = "tokenizer")]
             Command::Estimate(args) => estimate::run(*args).await,
             Command::Launch(args) => {

@@ -3,12 +3,15 @@
 //! (`run-batch`, OpenAI batch files), [`report`] (a job's output, counted),
 //! [`status`] (`status` and `work-timeout` of a running server), [`slurm`]
 //! (`slurm-script`), [`export`] (an output as Parquet), [`launch`] (a job
-//! that runs itself on Slurm), [`estimate`] (a job's tokens and cost before it runs). Each holds its flags and its `run`; the worker runtime
+//! that runs itself on Slurm), [`estimate`] (a job's tokens and cost before it runs),
+//! [`docs`] (completions, man and reference pages). Each holds its flags and its `run`; the worker runtime
 //! they share is [`crate::worker`].
 
 pub mod batch;
+pub mod docs;
 #[cfg(feature = "tokenizer")]
 pub mod estimate;
+#[cfg(feature = "parquet")]
 pub mod export;
 pub mod infer;
 pub mod launch;

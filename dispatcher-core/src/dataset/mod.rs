@@ -11,8 +11,10 @@
 //! resume, the input checks) holds unchanged, and a resume reads nothing
 //! again. [`rows`] says how a row becomes a line.
 
+#[cfg(feature = "parquet")]
 pub mod export;
 pub mod outdir;
+#[cfg(feature = "parquet")]
 pub mod rows;
 mod stage;
 
@@ -551,5 +553,29 @@ mod tests {
         );
         let test = resolve(root, Some("test")).unwrap();
         assert_eq!(names(&test, root), ["test/data-00000-of-00001.arrow"]);
+    }
+}
+
+/// A build without the `parquet` feature (a task crate's, by default).
+#[cfg(all(test, not(feature = "parquet")))]
+mod without_parquet_tests {
+    use super::*;
+
+    /// A Parquet input is refused with what to do, naming the shard; the job
+    /// writes nothing.
+    #[test]
+    fn a_parquet_input_is_refused_naming_the_feature_and_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("train.parquet");
+        std::fs::write(&input, b"PAR1 not read").unwrap();
+        let files = crate::job::JobFiles::new(dir.path().join("out.jsonl"), None);
+        let e = prepare(&input, None, &files).unwrap_err().to_string();
+        assert!(
+            e.contains("train.parquet")
+                && e.contains("`parquet` feature")
+                && e.contains("dispatcher serve"),
+            "{e}"
+        );
+        assert!(!dir.path().join("out.jsonl").exists());
     }
 }

@@ -12,7 +12,9 @@
 //! time whatever the dataset's size.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, BufRead, BufWriter, Read, Write};
+#[cfg(feature = "parquet")]
+use std::io::{BufReader, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +22,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve, rows, DatasetError, Format, Shard};
+#[cfg(feature = "parquet")]
+use super::rows;
+use super::{resolve, DatasetError, Format, Shard};
 use crate::error::IoContext;
 use crate::job::files::{check_distinct, rename_durably, write_atomically, JobLock};
 use crate::job::JobFiles;
@@ -497,6 +501,11 @@ fn copy_shard<W: Write>(shard: &Shard, out: &mut Counter<W>) -> Result<(), Datas
         Format::Jsonl | Format::JsonlGz | Format::JsonlZst => {
             copy(super::open_jsonl(path, shard.format)?, out, path)
         }
+        #[cfg(not(feature = "parquet"))]
+        Format::Parquet | Format::Arrow => Err(fail(
+            &"is Parquet or Arrow, which this build does not read (it was built without the `parquet` feature, as a task crate is by default): serve the dataset with `dispatcher serve` (its workers need no feature), or build with `dispatcher = { ..., features = [\"parquet\"] }`",
+        )),
+        #[cfg(feature = "parquet")]
         Format::Parquet => {
             let file = File::open(path).map_err(|e| fail(&e))?;
             let builder =
@@ -509,6 +518,7 @@ fn copy_shard<W: Write>(shard: &Shard, out: &mut Counter<W>) -> Result<(), Datas
                 .map_err(|e| fail(&e))?;
             write_batches(reader.map(|b| b.map_err(|e| e.to_string())), out, path)
         }
+        #[cfg(feature = "parquet")]
         Format::Arrow => {
             let mut file = File::open(path).map_err(|e| fail(&e))?;
             let mut magic = [0u8; 6];
@@ -548,6 +558,7 @@ fn copy<R: BufRead, W: Write>(
     }
 }
 
+#[cfg(feature = "parquet")]
 fn check_schema(path: &Path, schema: &arrow_schema::Schema) -> Result<(), DatasetError> {
     rows::distinct_names("columns", schema.fields().iter().map(|f| f.name().as_str()))
         .map_err(|e| DatasetError::shard(path, e))?;
@@ -558,6 +569,7 @@ fn check_schema(path: &Path, schema: &arrow_schema::Schema) -> Result<(), Datase
     Ok(())
 }
 
+#[cfg(feature = "parquet")]
 fn write_batches<W: Write>(
     batches: impl Iterator<Item = Result<arrow_array::RecordBatch, String>>,
     out: &mut Counter<W>,

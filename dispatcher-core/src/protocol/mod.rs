@@ -20,7 +20,9 @@ pub use results::*;
 pub use status::*;
 pub use work::*;
 
-pub(crate) use results::{replace_python_constants, without_python_constants, PYTHON_CONSTANTS};
+pub(crate) use results::without_python_constants;
+#[cfg(feature = "parquet")]
+pub(crate) use results::{replace_python_constants, PYTHON_CONSTANTS};
 
 #[cfg(test)]
 mod tests {
