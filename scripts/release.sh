@@ -9,9 +9,10 @@
 # with `cargo zigbuild` (zig is the C compiler and linker for both, so zstd's
 # and ring's C code cross-compiles without a cross toolchain); zig (PyPI's
 # `ziglang`), cargo-zigbuild and the musl standard libraries are installed
-# once under ~/.cache/dispatcher. The archives of a given source tree are kept
-# in ~/.cache/dispatcher/release/<hash of the sources>/, so a second run (CI's
-# release tests) reuses them instead of building again.
+# once under ~/.cache/dispatcher. The binaries of a given source tree are kept
+# in ~/.cache/dispatcher/release/bin-<hash of the sources>/ and its archives in
+# release/<hash>/, so a second run (CI's release tests) reuses them instead of
+# building again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${DISPATCHER_CACHE:-$HOME/.cache/dispatcher}
@@ -19,13 +20,16 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-# The sources that make the binary, committed or not.
-hash=$({
-  git ls-files -s -- Cargo.toml Cargo.lock dispatcher-core dispatcher-cli README.md LICENSE-MIT LICENSE-APACHE scripts/release.sh
-  git diff HEAD -- Cargo.toml Cargo.lock dispatcher-core dispatcher-cli README.md scripts/release.sh
-  printf '%s\n' "${targets[@]}"
-} | sha256sum | cut -c1-16)
+# The sources that make the binaries, committed or not, and those that make
+# the archives around them: a change to the README re-packs, it does not rebuild.
+sources() { # $@: paths
+  git ls-files -s -- "$@"
+  git diff HEAD -- "$@"
+}
+bin_hash=$({ sources Cargo.toml Cargo.lock dispatcher-core dispatcher-cli scripts/release.sh; printf '%s\n' "${targets[@]}"; } | sha256sum | cut -c1-16)
+hash=$({ echo "$bin_hash"; sources README.md LICENSE-MIT LICENSE-APACHE; } | sha256sum | cut -c1-16)
 dist="$cache/release/$hash"
+bins="$cache/release/bin-$bin_hash"
 if [ -s "$dist/SHA256SUMS" ]; then
   echo "$dist"
   exit 0
@@ -45,31 +49,28 @@ if ! command -v cargo-zigbuild >/dev/null; then
   CARGO_TARGET_DIR="$cache/tools/build" cargo install -q --locked --root "$cache/tools" cargo-zigbuild >&2
   rm -rf "$cache/tools/build"
 fi
-# Debian's qemu-user-static runs the aarch64 binary here (the release tests do).
-if ! command -v qemu-aarch64-static >/dev/null; then
-  log "installing Debian's qemu-user-static"
-  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -q qemu-user-static >&2 || {
-    $sudo apt-get update -q >&2 && $sudo apt-get install -y -q qemu-user-static >&2
-  }
-fi
 for target in "${targets[@]}"; do
   rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
 done
 
+# Releases of older source trees, untouched for two weeks, go.
+find "$cache/release" -mindepth 1 -maxdepth 1 -mtime +14 -exec rm -rf {} + 2>/dev/null || true
+if [ ! -x "$bins/${targets[-1]}/dispatcher" ]; then
+  for target in "${targets[@]}"; do
+    log "building $target"
+    cargo zigbuild --release --locked -q -p dispatcher-cli --bin dispatcher --target "$target" >&2
+    mkdir -p "$bins/$target"
+    cp "target/$target/release/dispatcher" "$bins/$target/dispatcher"
+  done
+fi
 tmp="$dist.tmp"
 rm -rf "$tmp"
 mkdir -p "$tmp"
-for target in "${targets[@]}"; do
-  log "building $target"
-  cargo zigbuild --release --locked -q -p dispatcher-cli --bin dispatcher --target "$target" >&2
-done
 
 # Man pages and completions come from the command line's definitions: any
 # build of this source tree prints the same ones, so the x86_64 one (or the
 # host's) makes them for every archive.
-host=target/x86_64-unknown-linux-musl/release/dispatcher
+host="$bins/x86_64-unknown-linux-musl/dispatcher"
 [ -x "$host" ] && "$host" --version >/dev/null 2>&1 || {
   cargo build --release --locked -q -p dispatcher-cli --bin dispatcher >&2
   host=target/release/dispatcher
@@ -85,7 +86,7 @@ for target in "${targets[@]}"; do
   name="dispatcher-$version-$target"
   dir="$tmp/$name"
   mkdir -p "$dir"
-  cp "target/$target/release/dispatcher" "$dir/dispatcher"
+  cp "$bins/$target/dispatcher" "$dir/dispatcher"
   cp -r "$pages/man" "$pages/completions" "$dir/"
   cp README.md LICENSE-MIT LICENSE-APACHE "$dir/"
   # Reproducible archives: sorted names, one owner, the commit's time.

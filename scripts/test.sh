@@ -7,8 +7,9 @@
 #     dataset tests' files as users' tools do (installed once, cached);
 #   - Debian's chromium and chromedriver, for the job page's tests;
 #   - mdBook (installed once), to build the book with its links checked;
-#   - the release archives (scripts/release.sh: zig, cargo-zigbuild and
-#     qemu-user-static installed once, archives cached by the sources' hash);
+#   - the release archives (scripts/release.sh: zig and cargo-zigbuild
+#     installed once, archives cached by the sources' hash) and Debian's
+#     qemu-user-static to run the aarch64 one;
 #   - then every test of the workspace, with all of those required, not skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,13 @@ scripts/book.sh >/dev/null
 # The release archives (static binaries for x86_64 and aarch64, man pages,
 # completions), built once per source tree and cached in ~/.cache/dispatcher;
 # tests/release.rs runs them in an empty root and under qemu.
+if ! command -v qemu-aarch64-static >/dev/null; then
+  echo "installing Debian's qemu-user-static (runs the aarch64 binary)" >&2
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q qemu-user-static >&2 || {
+    $sudo apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q qemu-user-static >&2
+  }
+fi
 DISPATCHER_RELEASE_DIR=$(scripts/release.sh)
 export DISPATCHER_RELEASE_DIR DISPATCHER_REQUIRE_RELEASE=1
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1

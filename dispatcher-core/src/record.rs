@@ -409,7 +409,7 @@ pub fn error_record(fields: Map<String, Value>) -> String {
     Value::Object(outer).to_string()
 }
 
-/// A task's failure record (PROTOCOL.md): `{"__ERROR__": {"error", "message",
+/// A task's failure record (the wire protocol): `{"__ERROR__": {"error", "message",
 /// "task_data"}}`, where `task_data` is the input line as JSON (or as a
 /// string when it is not JSON).
 pub fn task_failure(kind: &str, message: &str, content: &str) -> String {

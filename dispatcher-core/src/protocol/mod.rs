@@ -1,4 +1,5 @@
-//! The wire protocol of the dispatcher server (see `shared/PROTOCOL.md`).
+//! The wire protocol of the dispatcher server (the book's "The wire protocol",
+//! `docs/src/reference/protocol.md`).
 //!
 //! Every type here serializes to exactly the JSON the Python `dispatcher-server`
 //! speaks, so workers written for it work unchanged. Fields this project adds are

@@ -40,7 +40,7 @@ pub struct OldestInFlight {
     pub retry_count: u32,
 }
 
-/// The answer to `GET /status`: the fields of PROTOCOL.md first, then extensions.
+/// The answer to `GET /status`: the fields of the wire protocol (the book's reference) first, then extensions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusResponse {
     /// The last work id written to the output, `-1` before the first.

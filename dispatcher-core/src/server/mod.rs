@@ -12,6 +12,9 @@
 //! - `error.rs`: the HTTP layer's one error type and its JSON answer;
 //! - `connections.rs`: the accept loop, per-connection timeouts and the cap;
 //! - `workers.rs`: the workers seen;
+//! - `history.rs`: progress sampled every few seconds, for rates and the
+//!   page's chart;
+//! - `page/`: the job page (`index.html`, `page.js`), embedded in the binary;
 //! - here: the lifecycle: [`serve`], the ticker, the checkpointer, the
 //!   completion watcher and the shutdown.
 
