@@ -7,9 +7,11 @@
 //! `DISPATCHER_RELEASE_DIR`; without it these tests say they skipped, unless
 //! `DISPATCHER_REQUIRE_RELEASE` is set.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
+
+use dispatcher_testkit::{succeed, ServerProcess};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -127,27 +129,20 @@ fn the_x86_64_archives_binary_runs_whole_jobs_in_an_empty_root() {
     assert_eq!(entries.len(), 2, "only the binary and the input");
 
     // A local job.
-    let out = chroot(&root)
-        .args([
-            "infer",
-            "--input",
-            "/in.jsonl",
-            "--output",
-            "/out.jsonl",
-            "--engine",
-            "echo",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(chroot(&root).args([
+        "infer",
+        "--input",
+        "/in.jsonl",
+        "--output",
+        "/out.jsonl",
+        "--engine",
+        "echo",
+    ]));
     assert_answered_in_order(&root.join("out.jsonl"), 200);
 
     // A server and a worker, both in the empty root, over loopback.
-    let mut server = chroot(&root)
+    let mut serve = chroot(&root);
+    serve
         .args([
             "serve",
             "--infile",
@@ -155,31 +150,11 @@ fn the_x86_64_archives_binary_runs_whole_jobs_in_an_empty_root() {
             "--outfile",
             "/served.jsonl",
         ])
-        .args(["--host", "127.0.0.1", "--port", "0", "--exit-grace", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("the server said {first:?}"))
-        .to_owned();
-    let worker = chroot(&root)
-        .args(["infer", "--dispatcher", &addr, "--engine", "echo"])
-        .output()
-        .unwrap();
-    assert!(
-        worker.status.success(),
-        "{}",
-        String::from_utf8_lossy(&worker.stderr)
-    );
-    let status = server.wait().unwrap();
-    assert!(status.success(), "the server exited with {status}");
+        .args(["--host", "127.0.0.1", "--port", "0", "--exit-grace", "1"]);
+    let server = ServerProcess::start(serve);
+    succeed(chroot(&root).args(["infer", "--dispatcher", &server.addr, "--engine", "echo"]));
+    let (code, stderr) = server.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
     assert_answered_in_order(&root.join("served.jsonl"), 200);
 }
 

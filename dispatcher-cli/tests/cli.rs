@@ -749,3 +749,43 @@ fn a_rerun_starts_no_engine_and_overwrite_moves_the_old_job_aside_first() {
     );
     assert_eq!(job.output_lines().len(), 3, "the job ran again");
 }
+
+/// `dispatcher completions SHELL` prints a script each shell takes, and a
+/// reader that stops early (`| head`) ends it quietly, with status 0.
+#[test]
+fn completions_print_for_each_shell_and_stop_quietly_when_the_reader_goes() {
+    for (shell, marker) in [
+        ("bash", "complete -F _dispatcher"),
+        ("zsh", "#compdef dispatcher"),
+        ("fish", "complete -c dispatcher"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success() && script.contains(marker),
+            "{shell}: {script:.300}"
+        );
+        assert!(
+            script.contains("work-timeout") && script.contains("run-batch"),
+            "{shell}"
+        );
+    }
+    let mut child = Command::new(BIN)
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Gone before the script is written (it is made after the process starts).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "{}: {stderr}",
+        out.status
+    );
+}

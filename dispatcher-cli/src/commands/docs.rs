@@ -28,11 +28,20 @@ pub struct OutArgs {
     pub out: PathBuf,
 }
 
-/// `dispatcher completions SHELL`: the script on stdout.
+/// `dispatcher completions SHELL`: the script on stdout. A reader that goes
+/// away early (`| head`) ends it quietly, as it does `cat`.
 pub fn completions(args: CompletionsArgs, mut command: Command) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let name = command.get_name().to_owned();
-    clap_complete::generate(args.shell, &mut command, name, &mut std::io::stdout());
-    Ok(())
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, name, &mut script);
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the completion script to stdout")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `dispatcher man --out DIR`: `dispatcher.1`, and `dispatcher-<command>.1`
