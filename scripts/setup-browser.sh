@@ -7,10 +7,6 @@ set -euo pipefail
 
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   echo "installing Debian's chromium and chromium-driver" >&2
-  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -q chromium chromium-driver >&2 || {
-    $sudo apt-get update -q >&2 && $sudo apt-get install -y -q chromium chromium-driver >&2
-  }
+  "$(dirname "$0")/apt-install.sh" chromium chromium-driver
 fi
 chromedriver --version

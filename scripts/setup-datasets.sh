@@ -16,10 +16,7 @@ mkdir -p "$cache"
 
 if ! command -v zstd >/dev/null; then
   echo "installing Debian's zstd" >&2
-  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  $sudo apt-get install -y -q zstd >&2 || {
-    $sudo apt-get update -q >&2 && $sudo apt-get install -y -q zstd >&2
-  }
+  "$(dirname "$0")/apt-install.sh" zstd
 fi
 
 installed() {

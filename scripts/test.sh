@@ -34,13 +34,7 @@ scripts/book.sh >/dev/null
 # The release archives (static binaries for x86_64 and aarch64, man pages,
 # completions), built once per source tree and cached in ~/.cache/dispatcher;
 # tests/release.rs runs them in an empty root and under qemu.
-if ! command -v qemu-aarch64-static >/dev/null; then
-  echo "installing Debian's qemu-user-static (runs the aarch64 binary)" >&2
-  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q qemu-user-static >&2 || {
-    $sudo apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q qemu-user-static >&2
-  }
-fi
+command -v qemu-aarch64-static >/dev/null || scripts/apt-install.sh qemu-user-static
 DISPATCHER_RELEASE_DIR=$(scripts/release.sh)
 export DISPATCHER_RELEASE_DIR DISPATCHER_REQUIRE_RELEASE=1
 export DISPATCHER_REQUIRE_LLAMA=1 DISPATCHER_REQUIRE_VLLM=1 DISPATCHER_REQUIRE_SLURM=1

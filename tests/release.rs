@@ -15,17 +15,22 @@ use dispatcher_testkit::{succeed, ServerProcess};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Says why a test skips, or fails it when `DISPATCHER_REQUIRE_RELEASE` is set
+/// (as `scripts/test.sh` sets it): CI must not pass by skipping.
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("DISPATCHER_REQUIRE_RELEASE").is_none(),
+        "DISPATCHER_REQUIRE_RELEASE is set and {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
 fn release_dir() -> Option<PathBuf> {
-    match std::env::var_os("DISPATCHER_RELEASE_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None if std::env::var_os("DISPATCHER_REQUIRE_RELEASE").is_some() => {
-            panic!("DISPATCHER_REQUIRE_RELEASE is set and DISPATCHER_RELEASE_DIR is not: run scripts/release.sh")
-        }
-        None => {
-            eprintln!("skipped: no DISPATCHER_RELEASE_DIR (scripts/release.sh makes the archives)");
-            None
-        }
+    let dir = std::env::var_os("DISPATCHER_RELEASE_DIR").map(PathBuf::from);
+    if dir.is_none() {
+        skip("DISPATCHER_RELEASE_DIR is not set (scripts/release.sh makes the archives)");
     }
+    dir
 }
 
 /// The archive of `target` unpacked into `into`: the path of its folder.
@@ -107,13 +112,8 @@ fn chroot(root: &Path) -> Command {
 #[test]
 fn the_x86_64_archives_binary_runs_whole_jobs_in_an_empty_root() {
     let Some(dist) = release_dir() else { return };
-    if !nix_is_root() {
-        assert!(
-            std::env::var_os("DISPATCHER_REQUIRE_RELEASE").is_none(),
-            "DISPATCHER_REQUIRE_RELEASE is set and chroot needs root"
-        );
-        eprintln!("skipped: chroot needs root");
-        return;
+    if !is_root() {
+        return skip("chroot needs root");
     }
     let dir = tempfile::tempdir().unwrap();
     let unpacked = unpack(&dist, "x86_64-unknown-linux-musl", dir.path());
@@ -158,7 +158,7 @@ fn the_x86_64_archives_binary_runs_whole_jobs_in_an_empty_root() {
     assert_answered_in_order(&root.join("served.jsonl"), 200);
 }
 
-fn nix_is_root() -> bool {
+fn is_root() -> bool {
     // The owner of a file this process creates is its effective user.
     let probe = tempfile::NamedTempFile::new().unwrap();
     std::os::unix::fs::MetadataExt::uid(&probe.as_file().metadata().unwrap()) == 0
@@ -181,32 +181,15 @@ fn the_aarch64_archives_binary_is_static_for_aarch64_and_runs_under_qemu() {
                 .is_ok_and(|o| o.status.success())
         });
     let Some(qemu) = qemu else {
-        assert!(
-            std::env::var_os("DISPATCHER_REQUIRE_RELEASE").is_none(),
-            "DISPATCHER_REQUIRE_RELEASE is set and there is no qemu-aarch64 (Debian's qemu-user-static)"
-        );
-        eprintln!("skipped running it: no qemu-aarch64");
-        return;
+        return skip("there is no qemu-aarch64 to run it (Debian's qemu-user-static)");
     };
     std::fs::write(dir.path().join("in.jsonl"), prompts(50)).unwrap();
-    let out = Command::new(qemu)
-        .arg(&binary)
-        .args([
-            "infer",
-            "--input",
-            "in.jsonl",
-            "--output",
-            "out.jsonl",
-            "--engine",
-            "echo",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(qemu)
+            .arg(&binary)
+            .args(["infer", "--input", "in.jsonl", "--output", "out.jsonl"])
+            .args(["--engine", "echo"])
+            .current_dir(dir.path()),
     );
     assert_answered_in_order(&dir.path().join("out.jsonl"), 50);
 }

@@ -46,9 +46,8 @@ pub fn completions(args: CompletionsArgs, mut command: Command) -> anyhow::Resul
 
 /// `dispatcher man --out DIR`: `dispatcher.1`, and `dispatcher-<command>.1`
 /// for each visible subcommand.
-pub fn man(args: OutArgs, command: Command) -> anyhow::Result<()> {
+pub fn man(args: OutArgs, mut command: Command) -> anyhow::Result<()> {
     create(&args.out)?;
-    let mut command = command;
     command.build();
     let root = command.get_name().to_owned();
     write_man(&args.out, &command, &format!("{root}.1"))?;
@@ -65,8 +64,7 @@ pub fn man(args: OutArgs, command: Command) -> anyhow::Result<()> {
 pub fn reference(args: OutArgs, command: Command, task: Command) -> anyhow::Result<()> {
     create(&args.out)?;
     for (file, page) in reference_pages(command, task) {
-        let path = args.out.join(&file);
-        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        write_page(&args.out, &file, page.as_bytes())?;
     }
     Ok(())
 }
@@ -105,6 +103,10 @@ fn write_man(dir: &Path, command: &Command, file: &str) -> anyhow::Result<()> {
     clap_mangen::Man::new(command.clone())
         .render(&mut page)
         .with_context(|| format!("cannot render the man page {file}"))?;
+    write_page(dir, file, &page)
+}
+
+fn write_page(dir: &Path, file: &str, page: &[u8]) -> anyhow::Result<()> {
     let path = dir.join(file);
     std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,7 +1,7 @@
 //! [`LedgerConfig`]: what the ledger needs to know about the job, and the
 //! defaults of its bounds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::job::JobFiles;
@@ -74,16 +74,6 @@ impl LedgerConfig {
             sources: None,
             grouping: None,
         }
-    }
-
-    /// The output JSONL.
-    pub fn outfile(&self) -> &Path {
-        self.files.output()
-    }
-
-    /// Where results past `max_pending_bytes` go.
-    pub fn spill_path(&self) -> PathBuf {
-        self.files.pending()
     }
 }
 

@@ -95,17 +95,17 @@ impl Ledger {
             (cp.lines_written, cp.input_offset, cp.output_offset)
         });
         let input_offset = resume_offset(&config, input_offset)?;
-        let (recovered, output) = OutputWriter::recover(config.files.output(), output_offset)?;
+        let (recovered, output) = OutputWriter::recover(files.output(), output_offset)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(
-                output = %config.files.output().display(),
+                output = %files.output().display(),
                 bytes = recovered.torn_bytes,
                 "cut off a torn last output line; its input line will be redone"
             );
         }
         if let Some(bad) = &recovered.invalid {
             tracing::warn!(
-                output = %config.files.output().display(),
+                output = %files.output().display(),
                 line = lines + recovered.extra_lines,
                 bytes_cut = bad.bytes_cut,
                 reason = %bad.reason,
@@ -123,7 +123,7 @@ impl Ledger {
         if skipped < recovered.extra_lines {
             return Err(ResumeError::OutputLongerThanInput {
                 input: config.infile.clone(),
-                output: config.files.output().to_owned(),
+                output: files.output().to_owned(),
                 output_lines: lines + recovered.extra_lines,
                 input_lines: lines + skipped,
             });
@@ -133,7 +133,7 @@ impl Ledger {
             output,
             lines,
             input.next_offset(),
-            config.spill_path(),
+            files.pending(),
             config.max_pending_bytes,
         );
         let mut ledger = Ledger {

@@ -1060,7 +1060,7 @@ fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
         (0, "in_flight", LATER)
     );
     assert!(peak > CAP / 2, "the memory was used up to the cap first");
-    assert!(job.config.spill_path().metadata().unwrap().len() > 0);
+    assert!(job.config.files.pending().metadata().unwrap().len() > 0);
     // The stuck line finally comes back: everything is written, in order.
     l.submit(vec![result(0, "\"result 0\"")]).unwrap();
     assert!(l.is_complete());
@@ -1072,7 +1072,7 @@ fn a_stuck_line_spills_later_results_and_memory_stays_under_the_cap() {
     }
     assert_eq!(n, LATER + 1);
     assert_eq!(
-        job.config.spill_path().metadata().unwrap().len(),
+        job.config.files.pending().metadata().unwrap().len(),
         0,
         "the spill file is emptied"
     );
