@@ -9,13 +9,14 @@
 #   scripts/bench-binaries.sh BIN_A BIN_B [BIN_C ...]
 #   REPEATS=3 SECS=5 CONFIGS="64 1|64 16|256 64" ESTIMATE_LINES=300000 ...
 #   SERVE_FLAGS="--group-by .g" ...       # flags of every build's `serve`
+#   LOAD_FLAGS="--named" ...              # flags of `dispatcher-bench load`
 #
 # Used for the static binary against the glibc one (scripts/release.sh's
 # output) and, through scripts/ab.sh, for this build against an older commit.
 # CONFIGS="" or ESTIMATE_LINES=0 skip a part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
 bins=("$@")
 repeats=${REPEATS:-3}
 secs=${SECS:-5}
@@ -48,7 +49,7 @@ for cfg in "${configs[@]}"; do
         --work-timeout 3600 ${SERVE_FLAGS:-} >"$work/ab-srv.out" 2>"$work/ab-srv.err" &
       sp=$!
       $bench load --addr "$(addr_of "$work/ab-srv.out")" --workers "$1" --batch "$2" --secs "$secs" \
-        --label "serve build=$i run=$r" | tee -a "$runs"
+        ${LOAD_FLAGS:-} --label "serve build=$i run=$r" | tee -a "$runs"
       kill -TERM "$sp"; wait "$sp" || true
     done
   done

@@ -6,6 +6,7 @@
 # from is in $BENCH_DIR/profile-WxB.data for `perf report`.
 #
 #   scripts/profile-server.sh [WORKERS] [BATCH] [SECS] [ENTRIES]
+#   SERVE_FLAGS="--group-by .g" LOAD_FLAGS="--named" ...   # flags of serve, of load
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers=${1:-256}
@@ -28,10 +29,10 @@ for _ in $(seq 3000); do
   addr=$(sed -n 's/^listening on //p' "$work/prof-srv.out"); [ -n "$addr" ] && break; sleep 0.01
 done
 data="$work/profile-${workers}x${batch}.data"
-perf record -F 999 -g -p "$sp" -o "$data" -- sleep "$((secs + 1))" 2>/dev/null &
+perf record -F 999 -g -a -o "$data" -- sleep "$((secs + 1))" 2>"$work/perf-record.err" &
 pp=$!
-$bench load --addr "$addr" --workers "$workers" --batch "$batch" --secs "$secs" --label "profiled"
-wait "$pp"
+$bench load --addr "$addr" --workers "$workers" --batch "$batch" --secs "$secs" ${LOAD_FLAGS:-} --label "profiled"
+wait "$pp" || echo "perf record ended with status $? (see $work/perf-record.err)" >&2
 echo "# top $entries symbols by self time, serve at ${workers}x${batch}${SERVE_FLAGS:+ ($SERVE_FLAGS)}"
-perf report -i "$data" --no-children --sort symbol --stdio 2>/dev/null \
+perf report -i "$data" --pid "$sp" --no-children --sort symbol --stdio 2>/dev/null \
   | grep -E '^ +[0-9.]+%' | sed -E 's/ +- +- *$//; s/ +$//' | head -n "$entries"

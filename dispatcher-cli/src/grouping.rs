@@ -54,28 +54,64 @@ impl GroupArgs {
             None => usize::try_from(((max_pending_bytes >> 20) * LOOKAHEAD_PER_MIB).max(64))
                 .unwrap_or(usize::MAX),
         };
-        let prefix = self.group_by_prefix;
-        let filter = Arc::new(filter);
-        let key = move |line: &str| -> Option<u64> {
-            let value = crate::jq::first_value(&filter, line)?;
-            // A string is hashed where it lies; other values by their JSON.
-            let text: std::borrow::Cow<'_, [u8]> = match &value {
-                jaq_json::Val::TStr(s) | jaq_json::Val::BStr(s) => std::borrow::Cow::Borrowed(s),
-                jaq_json::Val::Null => return None,
-                other => std::borrow::Cow::Owned(other.to_string().into_bytes()),
-            };
-            let bytes = match prefix {
-                Some(n) => &text[..n.min(text.len())],
-                None => &text[..],
-            };
-            let mut hasher = std::hash::DefaultHasher::new();
-            bytes.hash(&mut hasher);
-            Some(hasher.finish())
+        let key = Key {
+            path: crate::jq::path::Path::parse(code),
+            filter,
+            prefix: self.group_by_prefix,
         };
+        let key = move |line: &str| key.of(line);
         Ok(Some(Grouping {
             key: Arc::new(key),
             lookahead,
         }))
+    }
+}
+
+/// How a line's group key is found.
+struct Key {
+    /// The filter, when it is a plain path: followed through the line's
+    /// text, the filter run only where the path cannot tell.
+    path: Option<crate::jq::path::Path>,
+    filter: crate::jq::Filter,
+    /// `--group-by-prefix`.
+    prefix: Option<usize>,
+}
+
+impl Key {
+    /// The key of `line`: a hash of the string the filter selects (or of
+    /// the JSON text of another value), `None` for `null`, nothing, a
+    /// failure or a line that is not JSON.
+    fn of(&self, line: &str) -> Option<u64> {
+        use crate::jq::path::Selected;
+        match self.path.as_ref().map(|path| path.select(line)) {
+            Some(Selected::Str(s)) => Some(self.hash(s.as_bytes())),
+            Some(Selected::Null) => None,
+            Some(Selected::AskJq) | None => self.by_filter(line),
+        }
+    }
+
+    /// The key of `line` as the filter itself gives it.
+    fn by_filter(&self, line: &str) -> Option<u64> {
+        let value = crate::jq::first_value(&self.filter, line)?;
+        // A string is hashed where it lies; other values by their JSON.
+        let text: std::borrow::Cow<'_, [u8]> = match &value {
+            jaq_json::Val::TStr(s) | jaq_json::Val::BStr(s) => std::borrow::Cow::Borrowed(s),
+            jaq_json::Val::Null => return None,
+            other => std::borrow::Cow::Owned(other.to_string().into_bytes()),
+        };
+        Some(self.hash(&text))
+    }
+
+    /// The hash of a selected value's bytes, or of their first
+    /// `--group-by-prefix` bytes.
+    fn hash(&self, bytes: &[u8]) -> u64 {
+        let bytes = match self.prefix {
+            Some(n) => &bytes[..n.min(bytes.len())],
+            None => bytes,
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        hasher.finish()
     }
 }
 
@@ -120,6 +156,71 @@ mod tests {
             key(&prefix, r#"{"prompt": "Examples: 1"}"#),
             key(&prefix, r#"{"prompt": "Samples: 1"}"#)
         );
+    }
+
+    #[test]
+    fn a_plain_path_gives_every_line_the_key_the_filter_gives() {
+        let deep = format!("{}\"x\"{}", "[".repeat(200), "]".repeat(200));
+        let deep_object = format!("{}{}", r#"{"a": "#.repeat(130), "}".repeat(130));
+        let lines = [
+            r#"{"a": "x", "b": {"c": ["p", "q"]}, "n": 7, "f": 1.50, "z": null}"#,
+            r#"{"a": "x\u00e9\n\"", "a b": "sp", "b": {"c": [null, "q"]}}"#,
+            r#"{"a": "é ✓", "b": [], "n": -0, "f": 1e400}"#,
+            r#"{"a": "1", "a": "2", "b": {"c": "not an array"}}"#,
+            r#"{"a": "1", "a": 2}"#,
+            r#"{"a": {"b": true}, "messages": [{"content": "sys"}, {"content": "u"}]}"#,
+            r#"{"\u0061": "escaped key"}"#,
+            r#"["x", {"a": "in an array"}]"#,
+            r#""a string line""#,
+            "null",
+            "7",
+            r#"{"a": NaN}"#,
+            r#"{"a": "x"} {"a": "y"}"#,
+            r#"{"a": "x\ud800"}"#,
+            "{\"a\": \"tab\there\"}",
+            "{\"a\": \"raw\ttab\"}",
+            r#"{"a": "unterminated"#,
+            "not json",
+            "",
+            "  {\"a\" : \"spaced\"}  ",
+            &deep,
+            &deep_object,
+        ];
+        let filters = [
+            ".",
+            ".a",
+            ".a.b",
+            ".b.c[1]",
+            ".b.c[0]",
+            ".b.c[9]",
+            ".[0]",
+            ".[1].a",
+            ".n",
+            ".f",
+            ".z",
+            ".z.y[2]",
+            r#"."a b""#,
+            r#".["a"]"#,
+            ".messages[0].content",
+            ".messages[1]",
+        ];
+        for code in filters {
+            for prefix in [None, Some(1), Some(3)] {
+                let key = Key {
+                    path: crate::jq::path::Path::parse(code),
+                    filter: crate::jq::compile(code).unwrap(),
+                    prefix,
+                };
+                assert!(key.path.is_some(), "{code} is a plain path");
+                for line in lines {
+                    assert_eq!(
+                        key.of(line),
+                        key.by_filter(line),
+                        "{code} (prefix {prefix:?}) on {line}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

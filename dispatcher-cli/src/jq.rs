@@ -1,6 +1,8 @@
 //! jq filters on input lines (jaq, with jq's standard library): `infer`'s
 //! `--prompt-path` and the group key of `--group-by`.
 
+pub mod path;
+
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
 use jaq_json::Val;

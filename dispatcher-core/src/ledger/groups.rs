@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::protocol::GroupStatus;
@@ -61,8 +62,8 @@ const KEYLESS_WARNING: u64 = 1_000;
 struct Key {
     /// Waiting lines, in input order.
     waiting: VecDeque<u64>,
-    /// Workers that were handed lines of it (usually one).
-    owners: Vec<u64>,
+    /// Workers that were handed lines of it (usually one: kept inline).
+    owners: SmallVec<[u64; 1]>,
     /// The last line of it read: keys not seen for long are forgotten.
     last_seen: u64,
 }
@@ -76,6 +77,9 @@ pub(super) struct Groups {
     unowned: BTreeSet<(u64, u64)>,
     /// Per worker, its keys with waiting lines, by their oldest waiting line.
     ready: FxHashMap<u64, BTreeSet<(u64, u64)>>,
+    /// Keys with waiting lines (a few hundred where `keys` remembers tens
+    /// of thousands): where [`Groups::largest_share`] looks.
+    pending: FxHashSet<u64>,
     /// Waiting lines without a key.
     loose: VecDeque<u64>,
     /// When each worker last asked for work.
@@ -92,6 +96,7 @@ impl Groups {
             keys: FxHashMap::default(),
             unowned: BTreeSet::new(),
             ready: FxHashMap::default(),
+            pending: FxHashSet::default(),
             loose: VecDeque::new(),
             last_ask: FxHashMap::default(),
             waiting: 0,
@@ -167,14 +172,8 @@ impl Groups {
         }
     }
 
-    /// Line `id`, `content`, was read ahead: it waits under its key.
-    pub(super) fn push_line(&mut self, id: u64, content: &str) {
-        let key = (self.grouping.key)(content);
-        self.push(id, key);
-    }
-
-    /// Line `id` was read ahead, with its key.
-    fn push(&mut self, id: u64, key: Option<u64>) {
+    /// Line `id` was read ahead, with its key: it waits under it.
+    pub(super) fn push(&mut self, id: u64, key: Option<u64>) {
         self.waiting += 1;
         let Some(k) = key else {
             self.loose.push_back(id);
@@ -192,6 +191,7 @@ impl Groups {
         entry.waiting.push_back(id);
         if entry.waiting.len() == 1 {
             // It has a waiting line now: ready for its owners, or unowned.
+            self.pending.insert(k);
             if entry.owners.is_empty() {
                 self.unowned.insert((id, k));
             } else {
@@ -226,10 +226,7 @@ impl Groups {
                 _ => None,
             };
             match (key, worker) {
-                (Some(k), Some(w)) => {
-                    self.claim(k, w);
-                    self.take_from(k, n - out.len(), &mut out, Took::New);
-                }
+                (Some(k), Some(w)) => self.open(k, w, n - out.len(), &mut out),
                 // A worker that does not say who it is owns nothing.
                 (Some(k), None) => self.take_anonymous(k, n - out.len(), &mut out),
                 (None, _) => match self.loose.pop_front() {
@@ -260,12 +257,41 @@ impl Groups {
     /// and the share of them it may take: an equal share among its owners
     /// and this worker.
     fn largest_share(&self, worker: Option<u64>) -> Option<(u64, usize)> {
-        self.keys
+        self.pending
             .iter()
-            .filter(|(_, key)| !key.waiting.is_empty())
+            .map(|k| (k, &self.keys[k]))
             .filter(|(_, key)| worker.is_none_or(|w| !key.owners.contains(&w)))
             .max_by_key(|(k, key)| (key.waiting.len(), std::cmp::Reverse(**k)))
             .map(|(k, key)| (*k, key.waiting.len().div_ceil(key.owners.len() + 1)))
+    }
+
+    /// `worker` opens key `k`, which nobody has: it takes up to `n` of its
+    /// waiting lines, and has the key from now on. (What [`Groups::claim`]
+    /// and [`Groups::take_from`] would do, with one lookup of the key and
+    /// the key put in the worker's ready set only if lines of it still
+    /// wait: most keys open with all their lines taken.)
+    fn open(&mut self, k: u64, worker: u64, n: usize, out: &mut Vec<u64>) {
+        let key = self.keys.get_mut(&k).expect("a key with waiting lines");
+        debug_assert!(key.owners.is_empty());
+        let Some(&first) = key.waiting.front() else {
+            return;
+        };
+        self.unowned.remove(&(first, k));
+        let take = n.min(key.waiting.len());
+        out.extend(key.waiting.drain(..take));
+        self.waiting -= take;
+        self.stats.issued += take as u64;
+        // The first line opens the key; the rest go to its owner.
+        self.stats.to_owner += take as u64 - 1;
+        match key.waiting.front() {
+            Some(&next) => {
+                self.ready.entry(worker).or_default().insert((next, k));
+            }
+            None => {
+                self.pending.remove(&k);
+            }
+        }
+        key.owners.push(worker);
     }
 
     /// `worker` has key `k` from now on (besides its other owners).
@@ -288,8 +314,6 @@ impl Groups {
         let took = self.take_lines(k, n, out);
         match how {
             Took::Own => self.stats.to_owner += took,
-            // The first line opens the key; the rest go to its owner.
-            Took::New => self.stats.to_owner += took.saturating_sub(1),
             Took::Spread => self.stats.spread += took,
         }
     }
@@ -313,6 +337,9 @@ impl Groups {
         self.waiting -= take;
         self.stats.issued += take as u64;
         let after = key.waiting.front().copied();
+        if after.is_none() {
+            self.pending.remove(&k);
+        }
         let moved = |set: &mut BTreeSet<(u64, u64)>| {
             set.remove(&(before, k));
             if let Some(a) = after {
@@ -381,8 +408,6 @@ impl Groups {
 enum Took {
     /// A key the worker had.
     Own,
-    /// A key nobody had, now the worker's.
-    New,
     /// A share of a key others have.
     Spread,
 }
@@ -390,6 +415,31 @@ enum Took {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Groups {
+        /// The sets that index keys agree with the keys.
+        pub(in crate::ledger) fn check(&self) {
+            let pending: FxHashSet<u64> = self
+                .keys
+                .iter()
+                .filter(|(_, key)| !key.waiting.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
+            assert_eq!(self.pending, pending, "keys with waiting lines");
+            let waiting: usize = self.keys.values().map(|key| key.waiting.len()).sum();
+            assert_eq!(self.waiting, waiting + self.loose.len());
+            for (k, key) in &self.keys {
+                let Some(&first) = key.waiting.front() else {
+                    continue;
+                };
+                assert_eq!(self.unowned.contains(&(first, *k)), key.owners.is_empty());
+                for w in &key.owners {
+                    let ready = self.ready.get(w);
+                    assert!(ready.is_some_and(|r| r.contains(&(first, *k))));
+                }
+            }
+        }
+    }
 
     /// Groups with a lookahead of one line (so keys are forgotten four
     /// lines after they were last seen); the tests push keys themselves.
@@ -427,6 +477,7 @@ mod tests {
         assert_eq!(g.take(Some(1), 8, t), vec![2, 5]);
         let s = g.stats();
         assert_eq!((s.issued, s.to_owner, s.spread, s.waiting), (6, 4, 0, 0));
+        g.check();
     }
 
     #[test]
@@ -458,10 +509,12 @@ mod tests {
         // A third worker gets a third of the rest.
         assert_eq!(g.take(Some(12), 64, t).len(), 16);
         assert_eq!(g.stats().spread, 64);
+        g.check();
         // Both A and B keep key 1: new lines of it go to whichever asks.
         g.push(101, Some(1));
         let left = g.waiting();
         assert_eq!(g.take(Some(10), 1000, t).len(), left);
+        g.check();
     }
 
     #[test]
@@ -499,6 +552,7 @@ mod tests {
             &FxHashMap::default(),
         );
         assert_eq!(g.take(Some(3), 8, t + Duration::from_secs(200)), vec![4]);
+        g.check();
         // Keys without waiting lines, last seen over four lookaheads (of
         // one line here) ago, are forgotten; not before.
         g.tidy(

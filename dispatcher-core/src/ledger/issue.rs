@@ -27,11 +27,11 @@ impl Ledger {
                 Some(Read::Kept) => kept += 1,
                 Some(Read::Invalid) => {}
                 Some(Read::Line(id, span, content)) => {
-                    let key = self.items.insert(Item::waiting(id, span, now));
+                    let groups = self.groups.as_mut().expect("checked above");
+                    let group = groups.key_of(&content);
+                    groups.push(id, group);
+                    let key = self.items.insert_waiting(id, span, group, content, now);
                     self.window.push_issued(key);
-                    if let Some(groups) = &mut self.groups {
-                        groups.push_line(id, &content);
-                    }
                 }
             }
         }
@@ -58,17 +58,34 @@ impl Ledger {
         let Some(key) = self.key_of(id) else {
             return Ok(None);
         };
-        if !matches!(self.items[key].state(), ItemState::Waiting) {
+        let ItemState::Waiting(read) = self.items[key].state() else {
             return Ok(None);
-        }
-        let content = self.input.read_span(self.items[key].span)?;
+        };
         let groups = self.groups.as_mut().expect("checked above");
-        if !groups.take_line(id, groups.key_of(&content), worker) {
+        if !groups.take_line(id, read.key, worker) {
             return Ok(None);
         }
+        self.issue_read_ahead(key, id, worker, now).map(Some)
+    }
+
+    /// Issues waiting item `key` (line `id`, read ahead) to `worker`, with
+    /// the text it kept or, past the bound on those, read again.
+    pub(super) fn issue_read_ahead(
+        &mut self,
+        key: usize,
+        id: u64,
+        worker: Option<u64>,
+        now: Instant,
+    ) -> io::Result<Issue> {
         let lease = self.leases.grant(id, now);
-        self.items.issue_waiting(key, worker, lease);
-        Ok(Some(self.issue(id, content, 0)))
+        let (item, text) = self.items.issue_waiting(key, worker, lease);
+        match text {
+            Some(text) => Ok(self.issue(id, text, 0)),
+            None => {
+                let span = item.span;
+                self.work_item(id, span, 0)
+            }
+        }
     }
 
     /// Reads the next input line and takes its id: `None` at the end of the

@@ -92,8 +92,24 @@ pub(super) enum ItemState {
     Queued,
     /// Read ahead with grouping on (`--group-by`), not issued yet: its
     /// key's lines wait in [`super::groups`] for the worker that has it.
-    Waiting,
+    Waiting(ReadAhead),
 }
+
+/// What a line read ahead keeps until it is issued, so that issuing it
+/// neither reads the input again nor evaluates the group filter again.
+#[derive(Debug)]
+pub(super) struct ReadAhead {
+    /// Its group key.
+    pub(super) key: Option<u64>,
+    /// Its text, while the texts kept stay under [`READ_AHEAD_TEXT_BYTES`]
+    /// (a line past that is read again from the input when issued).
+    text: Option<String>,
+}
+
+/// Bytes of read-ahead line texts kept in memory at most: with lines of a
+/// few KiB, the whole lookahead; with huge lines, this much, and the rest
+/// are read again from the input when they go out.
+pub(super) const READ_AHEAD_TEXT_BYTES: usize = 64 << 20;
 
 impl Item {
     /// A line issued for the first time, to `holder`, under `lease`.
@@ -113,7 +129,7 @@ impl Item {
     }
 
     /// A line read ahead at `now`, not issued yet (grouping).
-    pub(super) fn waiting(id: u64, span: LineSpan, now: Instant) -> Item {
+    fn waiting(id: u64, span: LineSpan, read: ReadAhead, now: Instant) -> Item {
         Item {
             id,
             span,
@@ -124,7 +140,7 @@ impl Item {
             holder: None,
             avoid: None,
             backup: None,
-            state: ItemState::Waiting,
+            state: ItemState::Waiting(read),
         }
     }
 
@@ -137,7 +153,7 @@ impl Item {
     pub(super) fn lease(&self) -> Option<&Lease> {
         match &self.state {
             ItemState::InFlight(lease) => Some(lease),
-            ItemState::Queued | ItemState::Waiting => None,
+            ItemState::Queued | ItemState::Waiting(_) => None,
         }
     }
 
@@ -145,7 +161,7 @@ impl Item {
     pub(super) fn lease_mut(&mut self) -> Option<&mut Lease> {
         match &mut self.state {
             ItemState::InFlight(lease) => Some(lease),
-            ItemState::Queued | ItemState::Waiting => None,
+            ItemState::Queued | ItemState::Waiting(_) => None,
         }
     }
 
@@ -173,30 +189,60 @@ pub(super) struct Items {
     queued: u64,
     /// Items in [`ItemState::Waiting`].
     waiting: u64,
+    /// Bytes of the texts those keep.
+    waiting_text_bytes: usize,
     /// Items with a backup copy out.
     backups_out: u32,
 }
 
 impl Items {
-    /// Adds an item, issued or waiting; returns its key.
+    /// Adds an item issued for the first time; returns its key.
     pub(super) fn insert(&mut self, item: Item) -> usize {
-        debug_assert!(!matches!(item.state, ItemState::Queued) && item.backup.is_none());
-        if matches!(item.state, ItemState::Waiting) {
-            self.waiting += 1;
-        }
+        debug_assert!(matches!(item.state, ItemState::InFlight(_)) && item.backup.is_none());
         self.slab.insert(item)
     }
 
+    /// Adds line `id`, read ahead at `now` with group key `group`, as a
+    /// waiting item that keeps `text` while the kept texts stay under
+    /// [`READ_AHEAD_TEXT_BYTES`]; returns its key.
+    pub(super) fn insert_waiting(
+        &mut self,
+        id: u64,
+        span: LineSpan,
+        group: Option<u64>,
+        text: String,
+        now: Instant,
+    ) -> usize {
+        let text = (self.waiting_text_bytes + text.len() <= READ_AHEAD_TEXT_BYTES).then(|| {
+            self.waiting_text_bytes += text.len();
+            text
+        });
+        self.waiting += 1;
+        let read = ReadAhead { key: group, text };
+        self.slab.insert(Item::waiting(id, span, read, now))
+    }
+
     /// Waiting item `key` is issued for the first time, to `holder`, under
-    /// `lease`.
-    pub(super) fn issue_waiting(&mut self, key: usize, holder: Option<u64>, lease: Lease) -> &Item {
+    /// `lease`; returns it and the text it kept, if it kept it.
+    pub(super) fn issue_waiting(
+        &mut self,
+        key: usize,
+        holder: Option<u64>,
+        lease: Lease,
+    ) -> (&Item, Option<String>) {
         let item = &mut self.slab[key];
-        debug_assert!(matches!(item.state, ItemState::Waiting));
         item.holder = holder;
         item.first_issued = lease.issued_at;
-        item.state = ItemState::InFlight(lease);
+        let ItemState::Waiting(read) =
+            std::mem::replace(&mut item.state, ItemState::InFlight(lease))
+        else {
+            unreachable!("issue_waiting of an item that is not waiting");
+        };
         self.waiting -= 1;
-        item
+        if let Some(text) = &read.text {
+            self.waiting_text_bytes -= text.len();
+        }
+        (item, read.text)
     }
 
     /// Takes item `key` out, for good.
@@ -204,7 +250,12 @@ impl Items {
         let item = self.slab.remove(key);
         match item.state {
             ItemState::Queued => self.queued -= 1,
-            ItemState::Waiting => self.waiting -= 1,
+            ItemState::Waiting(ref read) => {
+                self.waiting -= 1;
+                if let Some(text) = &read.text {
+                    self.waiting_text_bytes -= text.len();
+                }
+            }
             ItemState::InFlight(_) => {}
         }
         if item.backup.is_some() {
@@ -373,5 +424,52 @@ impl Ledger {
         self.items.unissue(key);
         cause.tally(&mut self.counters.reissues);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::leases::Leases;
+    use super::*;
+
+    fn span(len: usize) -> LineSpan {
+        LineSpan {
+            offset: 0,
+            len: len as u32,
+            end: len as u64 + 1,
+        }
+    }
+
+    #[test]
+    fn read_ahead_texts_are_kept_up_to_their_bound_and_the_rest_is_read_again() {
+        let t = Instant::now();
+        let mut leases = Leases::new(std::time::Duration::from_secs(60));
+        let mut items = Items::default();
+        let big = "x".repeat(READ_AHEAD_TEXT_BYTES - 1);
+        let a = items.insert_waiting(0, span(big.len()), Some(7), big, t);
+        // Two more bytes do not fit; one does.
+        let b = items.insert_waiting(1, span(2), None, "ab".into(), t);
+        let c = items.insert_waiting(2, span(1), None, "c".into(), t);
+        let ItemState::Waiting(read) = items[a].state() else {
+            panic!("waiting")
+        };
+        assert_eq!(read.key, Some(7), "the key stays with the line");
+        let (_, text) = items.issue_waiting(b, Some(1), leases.grant(1, t));
+        assert_eq!(text, None, "past the bound: read again when issued");
+        let (item, text) = items.issue_waiting(c, Some(1), leases.grant(2, t));
+        assert_eq!((text.as_deref(), item.holder), (Some("c"), Some(1)));
+        // Issuing the big one frees its bytes for the next lines.
+        let (_, text) = items.issue_waiting(a, None, leases.grant(0, t));
+        assert_eq!(text.map(|t| t.len()), Some(READ_AHEAD_TEXT_BYTES - 1));
+        let d = items.insert_waiting(3, span(2), None, "de".into(), t);
+        assert_eq!(items.remove(d).id, 3);
+        assert_eq!(
+            items.waiting_text_bytes, 0,
+            "a removed line frees its bytes"
+        );
+        let e = items.insert_waiting(4, span(2), None, "ef".into(), t);
+        let (_, text) = items.issue_waiting(e, None, leases.grant(4, t));
+        assert_eq!(text.as_deref(), Some("ef"));
+        assert_eq!((items.waiting, items.in_flight()), (0, 4));
     }
 }

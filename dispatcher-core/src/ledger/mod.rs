@@ -206,9 +206,7 @@ impl Ledger {
                 .unwrap_or_default();
             for id in ids {
                 let key = self.key_of(id).expect("a waiting line has its item");
-                let lease = self.leases.grant(id, now);
-                let span = self.items.issue_waiting(key, worker, lease).span;
-                items.push(self.work_item(id, span, 0)?);
+                items.push(self.issue_read_ahead(key, id, worker, now)?);
             }
         }
         self.items.queue_front(&avoided);
@@ -289,7 +287,7 @@ impl Ledger {
             // A line read ahead but not issued takes no result.
             let waiting = self
                 .item(id)
-                .is_some_and(|item| matches!(item.state(), ItemState::Waiting));
+                .is_some_and(|item| matches!(item.state(), ItemState::Waiting(_)));
             let taken = if waiting { None } else { self.take_item(id) };
             match taken {
                 Some(item) => {

@@ -206,7 +206,7 @@ impl Ledger {
                 state: match item.state() {
                     ItemState::InFlight(_) => "in_flight".into(),
                     ItemState::Queued => "queued".into(),
-                    ItemState::Waiting => "lookahead".into(),
+                    ItemState::Waiting(_) => "lookahead".into(),
                 },
                 waiting_lines: self.window.finished(),
             }),

@@ -1334,6 +1334,9 @@ mod interleavings {
                 }
                 _ => {}
             }
+            if let Some(groups) = &l.groups {
+                groups.check();
+            }
         }
         // Drain: stale holders finish first, then fresh workers take the rest.
         let stale: Vec<WorkItem> = held.iter().map(answer).collect();
