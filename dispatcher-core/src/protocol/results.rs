@@ -400,6 +400,18 @@ pub(crate) fn without_python_constants(text: &str) -> Option<String> {
     }
 }
 
+/// Just past the closing quote of the string whose content starts at
+/// `i` in `bytes` (escapes skipped), or the end of `bytes` when it has none.
+fn string_end(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(at) = memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+        if bytes[i + at] == b'"' {
+            return i + at + 1;
+        }
+        i = (i + at + 2).min(bytes.len());
+    }
+    bytes.len()
+}
+
 /// Python's constants, as its `json` module writes them.
 pub(crate) const PYTHON_CONSTANTS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
 
@@ -411,12 +423,15 @@ pub(crate) fn replace_python_constants<'a>(
 ) -> std::borrow::Cow<'a, str> {
     let bytes = text.as_bytes();
     let mut out = String::new();
-    let (mut i, mut copied, mut in_string) = (0, 0, false);
+    let (mut i, mut copied) = (0, 0);
     while i < bytes.len() {
         match bytes[i] {
-            b'\\' if in_string => i += 1,
-            b'"' => in_string = !in_string,
-            b'-' | b'I' | b'N' if !in_string => {
+            b'"' => {
+                // Past the string at once (most of a line is strings).
+                i = string_end(bytes, i + 1);
+                continue;
+            }
+            b'-' | b'I' | b'N' => {
                 if let Some(constant) = PYTHON_CONSTANTS
                     .into_iter()
                     .find(|c| text[i..].starts_with(c))
@@ -437,4 +452,79 @@ pub(crate) fn replace_python_constants<'a>(
     }
     out.push_str(&text[copied..]);
     std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The constants replaced byte by byte, tracking strings one byte at a
+    /// time: what the fast scan must agree with.
+    fn reference(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = String::new();
+        let (mut i, mut copied, mut in_string) = (0, 0, false);
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' if in_string => i += 1,
+                b'"' => in_string = !in_string,
+                b'-' | b'I' | b'N' if !in_string => {
+                    if let Some(c) = PYTHON_CONSTANTS.iter().find(|c| text[i..].starts_with(*c)) {
+                        out.push_str(&text[copied..i]);
+                        out.push_str(&c.to_lowercase());
+                        i += c.len();
+                        copied = i;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        out.push_str(&text[copied.min(text.len())..]);
+        out
+    }
+
+    fn replaced(text: &str) -> String {
+        replace_python_constants(text, |c| match c {
+            "-Infinity" => "-infinity",
+            "Infinity" => "infinity",
+            _ => "nan",
+        })
+        .into_owned()
+    }
+
+    #[test]
+    fn constants_are_replaced_outside_strings_only() {
+        let text = r#"{"a": NaN, "b": "NaN \" Infinity", "c": [-Infinity, Infinity], "d\\": NaN}"#;
+        assert_eq!(
+            replaced(text),
+            r#"{"a": nan, "b": "NaN \" Infinity", "c": [-infinity, infinity], "d\\": nan}"#
+        );
+        assert!(matches!(
+            replace_python_constants(r#"{"a": "NaN"}"#, |_| "0"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        for cut in [r#"{"a": "NaN"#, r#"{"a": "x\"#, "NaN", r#""\"#, ""] {
+            assert_eq!(replaced(cut), reference(cut), "{cut:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_scan_agrees_with_the_byte_by_byte_one(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("\""), Just("\\"), Just("NaN"), Just("-Infinity"), Just("Infinity"),
+                    Just("-"), Just("N"), Just("I"), Just("é"), Just("{\"k\": "), Just(", "), Just("1"),
+                ],
+                0..24,
+            )
+        ) {
+            let text: String = parts.concat();
+            prop_assert_eq!(replaced(&text), reference(&text));
+        }
+    }
 }

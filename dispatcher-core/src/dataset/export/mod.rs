@@ -16,7 +16,10 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+
+use arrow_array::RecordBatch;
 
 use arrow_schema::{ArrowError, DataType};
 use parquet::arrow::ArrowWriter;
@@ -213,11 +216,21 @@ impl Joiner {
 }
 
 /// Output line `n` of `path` as text, with Python's constants quoted (see
-/// [`raw`]); borrowed from `line` when it has none.
-fn line_text<'a>(path: &Path, n: u64, line: &'a [u8]) -> Result<Cow<'a, str>, DatasetError> {
+/// [`raw`]) when `constants` says to look for them; borrowed from `line`
+/// when it has none.
+fn line_text<'a>(
+    path: &Path,
+    n: u64,
+    line: &'a [u8],
+    constants: bool,
+) -> Result<Cow<'a, str>, DatasetError> {
     let text = std::str::from_utf8(line)
         .map_err(|e| DatasetError::shard(path, format!("line {n} is not UTF-8 ({e})")))?;
-    Ok(raw::quote_constants(text))
+    Ok(if constants {
+        raw::quote_constants(text)
+    } else {
+        Cow::Borrowed(text)
+    })
 }
 
 /// One output line read as its fields, joined with its input line's when
@@ -260,9 +273,13 @@ pub fn export(
     let mut lines = OutputLines::new(&files);
     let mut line = Vec::new();
     let mut count = 0u64;
+    // Whether any line has Python's constants: when none has, pass 2 does
+    // not look for them again.
+    let mut constants = false;
     while let Some((path, n)) = lines.next_into(&mut line)? {
         count += 1;
-        let quoted = line_text(path, n, &line)?;
+        let quoted = line_text(path, n, &line, true)?;
+        constants |= matches!(quoted, Cow::Owned(_));
         let input = joiner.as_mut().map(|j| j.next(count)).transpose()?;
         let fields = read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
         columns.observe(&fields).map_err(|e| at_line(path, n, &e))?;
@@ -276,82 +293,42 @@ pub fn export(
     // Pass 2: the rows.
     let tmp = with_suffix(parquet, ".tmp");
     // A failed export leaves no partial file behind.
-    let written = (|| -> Result<u64, DatasetError> {
+    let written = std::thread::scope(|scope| -> Result<u64, DatasetError> {
         let file = File::create(&tmp).with_path("create the Parquet file", &tmp)?;
         let properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
             .build();
-        let arrow = |e: ArrowError| DatasetError::shard(parquet, e);
         let parquet_error = |e: parquet::errors::ParquetError| DatasetError::shard(parquet, e);
         let mut writer =
             ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet_error)?;
-        // A batch holds every column of its rows: fewer rows where there
-        // are many columns.
-        let leaves = leaf_columns(&schema).max(1);
-        let batch_rows = options
-            .row_group_rows
-            .clamp(1, 8192)
-            .min((1 << 22) / leaves)
-            .max(1);
-        let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
-            .with_batch_size(batch_rows)
-            .with_coerce_primitive(true)
-            .build_decoder()
-            .map_err(arrow)?;
-        let mut joiner = options
-            .join_input
-            .as_deref()
-            .map(Joiner::open)
-            .transpose()?;
-        let (mut rows, mut pending) = (0u64, 0usize);
-        let mut buffer = Vec::new();
-        let mut lines = OutputLines::new(&files);
-        while let Some((path, n)) = lines.next_into(&mut line)? {
-            rows += 1;
-            let decode_error = |e: ArrowError| at_line(path, n, &format!("cannot be decoded: {e}"));
-            let quoted = line_text(path, n, &line)?;
-            let bytes: &[u8] = if joiner.is_none()
-                && columns.reads_lines_as_they_are()
-                && matches!(quoted, Cow::Borrowed(_))
-            {
-                &line
-            } else {
-                let input = joiner.as_mut().map(|j| j.next(rows)).transpose()?;
-                let fields =
-                    read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
-                buffer.clear();
-                columns.write_line(&fields, &mut buffer);
-                &buffer
-            };
-            pending += bytes.len();
-            let mut rest = bytes;
-            loop {
-                let used = decoder.decode(rest).map_err(decode_error)?;
-                rest = &rest[used..];
-                if decoder.len() >= batch_rows || !rest.is_empty() || pending >= BATCH_BYTES {
-                    if let Some(batch) = decoder.flush().map_err(decode_error)? {
-                        writer.write(&batch).map_err(parquet_error)?;
-                    }
-                    pending = 0;
-                    // A row group is held in memory until written: ended
-                    // early when its rows are large.
-                    if writer.in_progress_size() >= ROW_GROUP_BYTES {
-                        writer.flush().map_err(parquet_error)?;
-                    }
-                }
-                if rest.is_empty() {
-                    break;
+        // Encoding and compressing batches (half the pass's work) runs on
+        // a thread of its own, beside the decoding of the next ones.
+        let (batches, received) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+        let encoder = scope.spawn(move || {
+            for batch in received {
+                writer.write(&batch)?;
+                // A row group is held in memory until written: ended
+                // early when its rows are large.
+                if writer.in_progress_size() >= ROW_GROUP_BYTES {
+                    writer.flush()?;
                 }
             }
-        }
-        if let Some(batch) = decoder.flush().map_err(arrow)? {
-            writer.write(&batch).map_err(parquet_error)?;
-        }
-        let file = writer.into_inner().map_err(parquet_error)?;
+            writer.into_inner()
+        });
+        let decoded = decode_rows(
+            &files, &columns, constants, &schema, options, parquet, &batches,
+        );
+        drop(batches);
+        let encoded = encoder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A batch the encoder refused ended the decoding: its error first.
+        let file = encoded.map_err(parquet_error)?;
+        let rows = decoded?;
         file.sync_all().with_path("sync the Parquet file", &tmp)?;
         Ok(rows)
-    })();
+    });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -362,6 +339,85 @@ pub fn export(
         columns: schema.fields().len(),
         notes,
     })
+}
+
+/// Pass 2's reading half: every line of `files` decoded into record
+/// batches of `schema`, sent to `batches`; the rows read. Stops early,
+/// without an error, when the encoder is gone (its error is the one to
+/// tell).
+fn decode_rows(
+    files: &[OutputFile],
+    columns: &Columns,
+    constants: bool,
+    schema: &Arc<arrow_schema::Schema>,
+    options: &ExportOptions,
+    parquet: &Path,
+    batches: &SyncSender<RecordBatch>,
+) -> Result<u64, DatasetError> {
+    let at_line = |path: &Path, n: u64, e: &dyn std::fmt::Display| {
+        DatasetError::shard(path, format!("line {n} {e}"))
+    };
+    let arrow = |e: ArrowError| DatasetError::shard(parquet, e);
+    // A batch holds every column of its rows: fewer rows where there
+    // are many columns.
+    let leaves = leaf_columns(schema).max(1);
+    let batch_rows = options
+        .row_group_rows
+        .clamp(1, 8192)
+        .min((1 << 22) / leaves)
+        .max(1);
+    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(batch_rows)
+        .with_coerce_primitive(true)
+        .build_decoder()
+        .map_err(arrow)?;
+    let mut joiner = options
+        .join_input
+        .as_deref()
+        .map(Joiner::open)
+        .transpose()?;
+    let (mut rows, mut pending) = (0u64, 0usize);
+    let (mut line, mut buffer) = (Vec::new(), Vec::new());
+    let mut lines = OutputLines::new(files);
+    while let Some((path, n)) = lines.next_into(&mut line)? {
+        rows += 1;
+        let decode_error = |e: ArrowError| at_line(path, n, &format!("cannot be decoded: {e}"));
+        let quoted = line_text(path, n, &line, constants)?;
+        let bytes: &[u8] = if joiner.is_none()
+            && columns.reads_lines_as_they_are()
+            && matches!(quoted, Cow::Borrowed(_))
+        {
+            &line
+        } else {
+            let input = joiner.as_mut().map(|j| j.next(rows)).transpose()?;
+            let fields = read_line(&quoted, input.as_deref()).map_err(|e| at_line(path, n, &e))?;
+            buffer.clear();
+            columns.write_line(&fields, &mut buffer);
+            &buffer
+        };
+        pending += bytes.len();
+        let mut rest = bytes;
+        loop {
+            let used = decoder.decode(rest).map_err(decode_error)?;
+            rest = &rest[used..];
+            if decoder.len() >= batch_rows || !rest.is_empty() || pending >= BATCH_BYTES {
+                if let Some(batch) = decoder.flush().map_err(decode_error)? {
+                    if batches.send(batch).is_err() {
+                        return Ok(rows);
+                    }
+                }
+                pending = 0;
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+    if let Some(batch) = decoder.flush().map_err(arrow)? {
+        // An encoder gone has its own error to tell.
+        let _ = batches.send(batch);
+    }
+    Ok(rows)
 }
 
 /// JSON text decoded before a batch is flushed, whatever its rows.
