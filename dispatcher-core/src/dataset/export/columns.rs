@@ -147,6 +147,15 @@ impl Columns {
         (schema, notes)
     }
 
+    /// Learns what `later` learnt from the lines after these (two parts
+    /// of a file, learnt apart): the columns are then those of every line
+    /// in order. `false` when that cannot be told from the two alone (a
+    /// field the later part made JSON text, a table or object pushed past
+    /// its most fields): learn the lines in order then.
+    pub fn merge(&mut self, later: Columns) -> bool {
+        self.root.merge(later.root, Place::Root)
+    }
+
     /// Whether a line may go to the decoder as it is: no value of it must
     /// become text (call after [`Columns::schema`]).
     pub fn reads_lines_as_they_are(&self) -> bool {
@@ -191,6 +200,33 @@ impl Fields {
             self.kinds[i].observe(value, depth + 1, place.of_field(key))?;
         }
         Ok(true)
+    }
+
+    /// See [`Columns::merge`].
+    fn merge(&mut self, later: Fields, place: Place) -> bool {
+        for (name, kind) in later.names.into_iter().zip(later.kinds) {
+            let i = match self.at.get(&name) {
+                Some(&i) => i,
+                None => {
+                    let most = if place == Place::Root {
+                        MAX_COLUMNS
+                    } else {
+                        MAX_FIELDS
+                    };
+                    if self.names.len() == most {
+                        return false;
+                    }
+                    self.at.insert(name.clone(), self.names.len());
+                    self.names.push(name);
+                    self.kinds.push(Kind::Null);
+                    self.names.len() - 1
+                }
+            };
+            if !self.kinds[i].merge(kind) {
+                return false;
+            }
+        }
+        true
     }
 
     fn write(&self, fields: &raw::Fields<'_>, out: &mut Vec<u8>) {
@@ -273,6 +309,42 @@ impl Kind {
             }
         }
         Ok(())
+    }
+
+    /// Meets the kind the later part of the lines gave the same field
+    /// (see [`Columns::merge`]): what meeting its values would make of it.
+    fn merge(&mut self, later: Kind) -> bool {
+        *self = match (std::mem::take(self), later) {
+            (kind, Kind::Null) | (Kind::Null, kind) => kind,
+            (Kind::Json(why), _) => Kind::Json(why),
+            // Which of its values made it text, and why, depends on what
+            // came before them.
+            (_, Kind::Json(_)) => return false,
+            (Kind::List(mut item), Kind::List(later)) => {
+                if !item.merge(*later) {
+                    return false;
+                }
+                Kind::List(item)
+            }
+            (Kind::Object(mut fields), Kind::Object(later)) => {
+                if !fields.merge(later, Place::Other) {
+                    return false;
+                }
+                Kind::Object(fields)
+            }
+            (Kind::Number(numbers), Kind::Number(later)) => Kind::Number(numbers.with(later)),
+            (mut kind @ (Kind::Bool | Kind::String | Kind::Scalars | Kind::Number(_)), later) => {
+                match later {
+                    Kind::Number(numbers) => kind.number(numbers),
+                    later @ (Kind::Bool | Kind::String | Kind::Scalars) => kind.scalar(later),
+                    _ => kind = Kind::Json(Why::Mixed),
+                }
+                kind
+            }
+            // A list or an object, and another type.
+            _ => Kind::Json(Why::Mixed),
+        };
+        true
     }
 
     /// Meets a scalar of kind `kind` (not a number).
@@ -560,5 +632,89 @@ mod tests {
         let refused = columns(&lines).unwrap_err();
         assert!(refused.contains("one field"), "{refused}");
         assert!(columns(&lines[..MAX_COLUMNS]).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod merged {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn learn(lines: &[String]) -> Columns {
+        let mut columns = Columns::default();
+        for line in lines {
+            let quoted = raw::quote_constants(line);
+            columns.observe(&raw::object(&quoted).unwrap()).unwrap();
+        }
+        columns
+    }
+
+    /// A JSON value of the kinds export tells apart, nested a little.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("\"s\"".to_owned()),
+            Just("NaN".to_owned()),
+            Just("1.5".to_owned()),
+            (-3i64..3).prop_map(|n| n.to_string()),
+            Just("18446744073709551615".to_owned()),
+            Just("-9223372036854775809".to_owned()),
+        ];
+        leaf.prop_recursive(3, 12, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                proptest::collection::vec((0..4usize, inner), 0..3).prop_map(|fields| {
+                    let fields: Vec<String> = fields
+                        .into_iter()
+                        .map(|(k, v)| format!("\"k{k}\":{v}"))
+                        .collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        proptest::collection::vec((0..4usize, value()), 0..4).prop_map(|fields| {
+            let fields: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| format!("\"f{k}\":{v}"))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Two parts learnt apart and merged give the columns (types,
+        /// order, notes) of every line learnt in order, or say they cannot.
+        #[test]
+        fn two_parts_merged_are_the_lines_in_order(
+            lines in proptest::collection::vec(line(), 0..12),
+            cut in 0usize..12,
+        ) {
+            let cut = cut.min(lines.len());
+            let mut whole = learn(&lines);
+            let mut first = learn(&lines[..cut]);
+            if first.merge(learn(&lines[cut..])) {
+                prop_assert_eq!(first.schema(), whole.schema());
+                prop_assert_eq!(first.reads_lines_as_they_are(), whole.reads_lines_as_they_are());
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_the_later_part_made_text_is_not_merged() {
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut first = learn(&lines(&[r#"{"a": {"b": 1}}"#]));
+        assert!(!first.merge(learn(&lines(&[r#"{"a": [1]}"#, r#"{"a": {"c": 1}}"#]))));
+        let mut first = learn(&lines(&[r#"{"a": {"b": 1}}"#]));
+        assert!(first.merge(learn(&lines(&[r#"{"a": [1]}"#]))));
+        let (schema, notes) = first.schema();
+        assert_eq!(schema.field(0).data_type(), &DataType::Utf8);
+        assert_eq!(notes.len(), 1, "{notes:?}");
     }
 }
