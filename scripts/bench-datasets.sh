@@ -10,12 +10,15 @@
 #      on the same file: time and peak RSS.
 #
 #   scripts/bench-datasets.sh [REPEATS] [SECS]      (ROWS=3000000 BIG=10000000)
+#   PARTS=5 scripts/bench-datasets.sh 3             # only the parts named (default 12345)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-3}
 secs=${2:-5}
 rows=${ROWS:-3000000}
 big=${BIG:-10000000}
+parts=${PARTS:-12345}
+part() { [[ $parts == *$1* ]]; } # whether part $1 runs
 work=${BENCH_DIR:-target/bench-datasets}
 mkdir -p "$work"
 python=$(scripts/setup-datasets.sh | sed -n 's/^DATASETS_PYTHON=//p')
@@ -66,6 +69,7 @@ if [ ! -s "$jsonl" ]; then
 fi
 echo "# inputs: $rows rows; parquet $(du -h "$parquet" | cut -f1), jsonl $(du -h "$jsonl" | cut -f1)"
 
+if part 1; then
 echo "# 1. seconds from start to listening (staging included), fresh job each run"
 for r in $(seq "$repeats"); do
   for kind in jsonl parquet; do
@@ -77,6 +81,8 @@ for r in $(seq "$repeats"); do
   done
 done
 
+fi
+if part 2; then
 echo "# 2. items/s at 256x64 for ${secs}s (input already staged)"
 for r in $(seq "$repeats"); do
   for kind in jsonl parquet; do
@@ -87,8 +93,10 @@ for r in $(seq "$repeats"); do
   done
 done
 
+fi
 bigparquet="$work/rows$big.parquet"
-gen "$big" "$bigparquet"
+if part 3 || part 4; then gen "$big" "$bigparquet"; fi
+if part 3; then
 echo "# 3. peak RSS staging and serving $big Parquet rows, 1,000 in flight"
 rm -f "$work/rss.out.jsonl.input.json" "$work/rss.out.jsonl.input.jsonl"
 rm -f "$work/rss.out.jsonl" "$work/rss.out.jsonl.checkpoint" "$work/srv.out"
@@ -102,6 +110,8 @@ $bench load --addr "$addr" --workers 1000 --batch 1 --secs "$secs" --label "parq
 sp=$(pgrep -P "$tp" dispatcher || echo "$tp"); stop TERM; wait "$tp" || true
 cat "$work/rss.time"
 
+fi
+if part 4; then
 echo "# 4. resume after SIGKILL: $big lines as .jsonl.zst (staged) and as .jsonl"
 bigjsonl="$work/rss.out.jsonl.input.jsonl"
 [ -s "$work/big.jsonl.zst" ] || zstd -q -T2 -c "$bigjsonl" >"$work/big.jsonl.zst"
@@ -119,6 +129,8 @@ for kind in jsonl zst; do
   stop TERM
 done
 
+fi
+if part 5; then
 echo "# 5. export of $rows lines: dispatcher export against pyarrow read_json + write_table"
 for r in $(seq "$repeats"); do
   /usr/bin/time -f "dispatcher run=$r %e s %M KB" $server -q export "$jsonl" --parquet "$work/export.parquet" 2>&1 | tail -1
@@ -127,3 +139,4 @@ import sys, pyarrow.json as pj, pyarrow.parquet as pq
 pq.write_table(pj.read_json(sys.argv[1]), sys.argv[2], compression="snappy")
 ' "$jsonl" "$work/pyarrow.parquet" 2>&1 | tail -1
 done
+fi

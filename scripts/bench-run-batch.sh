@@ -2,7 +2,8 @@
 # dispatcher run-batch vs vLLM's own `vllm run-batch` on the same OpenAI batch
 # file, on vLLM's CPU backend with the tiny test model: wall time and peak
 # memory (the whole process tree: runner and engine) of each, at each file
-# size, so that how memory grows with the file shows.
+# size, so that how memory grows with the file shows. Ours runs twice: with the
+# default --max-in-flight (64) and sized to vLLM's batch (256).
 #
 #   RUNS=3 scripts/bench-run-batch.sh [LINES...]      # default: 2000 8000
 #
@@ -79,6 +80,13 @@ PY
         --engine vllm --engine-bin "$VLLM_BIN" --model "$TINY_HF_MODEL" --max-model-len 512 --enforce-eager \
         --vllm-extra-args "--kv-cache-memory-bytes 64M")
       printf '%-7s %-4s %-16s %9s %10s %14s %10.0f\n' "$n" "$run" "dispatcher" "$t" "$m" "$o" "$(echo "$n / $t" | bc -l)"
+      [ "$(wc -l < "$work/ours.jsonl")" -eq "$n" ] || { echo "ours: wrong line count" >&2; exit 1; }
+      # Sized to vLLM's batch (its --max-num-seqs, 256 by default), as the flag's help says.
+      rm -f "$work/ours.jsonl" "$work/ours.jsonl.checkpoint"
+      read -r t m o < <(measure "$DISPATCHER" run-batch -q -i "$work/in.jsonl" -o "$work/ours.jsonl" --max-in-flight 256 \
+        --engine vllm --engine-bin "$VLLM_BIN" --model "$TINY_HF_MODEL" --max-model-len 512 --enforce-eager \
+        --vllm-extra-args "--kv-cache-memory-bytes 64M")
+      printf '%-7s %-4s %-16s %9s %10s %14s %10.0f\n' "$n" "$run" "dispatcher 256" "$t" "$m" "$o" "$(echo "$n / $t" | bc -l)"
       [ "$(wc -l < "$work/ours.jsonl")" -eq "$n" ] || { echo "ours: wrong line count" >&2; exit 1; }
     done
   done

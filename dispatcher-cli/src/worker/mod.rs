@@ -310,9 +310,11 @@ pub struct WorkArgs {
     /// Items asked for per work request.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Requests in flight to the default engine at most (size it to the
-    /// engine's batch); named engines have --engine-max-in-flight. `--workers`
-    /// is its older name, kept as an alias: it never meant worker processes.
+    /// Requests in flight to the default engine at most: size it to the
+    /// engine's batch (vLLM batches up to its --max-num-seqs, 256 by
+    /// default: give 256 to keep it full); named engines have
+    /// --engine-max-in-flight. `--workers` is its older name, kept as an
+    /// alias: it never meant worker processes.
     #[arg(long, visible_alias = "workers", default_value_t = 64)]
     pub max_in_flight: usize,
     /// Seconds to keep trying a dispatcher that has not answered yet (it may be starting).
