@@ -92,7 +92,8 @@ pub(super) enum ItemState {
     Queued,
     /// Read ahead with grouping on (`--group-by`), not issued yet: its
     /// key's lines wait in [`super::groups`] for the worker that has it.
-    Waiting(ReadAhead),
+    /// (Boxed: every item, in flight or not, stays the size of a lease.)
+    Waiting(Box<ReadAhead>),
 }
 
 /// What a line read ahead keeps until it is issued, so that issuing it
@@ -129,7 +130,7 @@ impl Item {
     }
 
     /// A line read ahead at `now`, not issued yet (grouping).
-    fn waiting(id: u64, span: LineSpan, read: ReadAhead, now: Instant) -> Item {
+    fn waiting(id: u64, span: LineSpan, read: Box<ReadAhead>, now: Instant) -> Item {
         Item {
             id,
             span,
@@ -218,7 +219,7 @@ impl Items {
             text
         });
         self.waiting += 1;
-        let read = ReadAhead { key: group, text };
+        let read = Box::new(ReadAhead { key: group, text });
         self.slab.insert(Item::waiting(id, span, read, now))
     }
 
@@ -438,6 +439,18 @@ mod tests {
             len: len as u32,
             end: len as u64 + 1,
         }
+    }
+
+    #[test]
+    fn an_item_read_ahead_costs_the_items_in_flight_nothing() {
+        // The state of every item is no larger than a lease: the other
+        // states live in its niche (a lease's nanoseconds), the read-ahead
+        // line's key and text behind a box.
+        assert!(
+            std::mem::size_of::<ItemState>() <= std::mem::size_of::<Lease>(),
+            "{} bytes",
+            std::mem::size_of::<ItemState>()
+        );
     }
 
     #[test]

@@ -422,6 +422,10 @@ pub(crate) fn replace_python_constants<'a>(
     with: impl Fn(&'static str) -> &'static str,
 ) -> std::borrow::Cow<'a, str> {
     let bytes = text.as_bytes();
+    // Every constant has an `N` or an `I`: a line without either has none.
+    if memchr::memchr2(b'N', b'I', bytes).is_none() {
+        return std::borrow::Cow::Borrowed(text);
+    }
     let mut out = String::new();
     let (mut i, mut copied) = (0, 0);
     while i < bytes.len() {

@@ -179,48 +179,46 @@ impl Fields {
         depth: usize,
         place: Place,
     ) -> Result<bool, serde_json::Error> {
-        for (key, value) in fields {
-            let i = match self.at.get(key) {
-                Some(&i) => i,
-                None => {
-                    let most = if place == Place::Root {
-                        MAX_COLUMNS
-                    } else {
-                        MAX_FIELDS
-                    };
-                    if self.names.len() == most {
-                        return Ok(false);
-                    }
-                    self.at.insert(key.clone(), self.names.len());
-                    self.names.push(key.clone());
-                    self.kinds.push(Kind::Null);
-                    self.names.len() - 1
-                }
+        for (at, (key, value)) in fields.iter().enumerate() {
+            let Some(i) = self.slot(key, place, at) else {
+                return Ok(false);
             };
             self.kinds[i].observe(value, depth + 1, place.of_field(key))?;
         }
         Ok(true)
     }
 
+    /// Where field `name` is, added (null so far) when it is new; `None`
+    /// when it is new and the object has its most fields already
+    /// ([`MAX_FIELDS`], or [`MAX_COLUMNS`] at the root). `guess` is where
+    /// it is likely (its place in its line: lines mostly list their fields
+    /// in one order), tried before the names' map.
+    fn slot(&mut self, name: &str, place: Place, guess: usize) -> Option<usize> {
+        if self.names.get(guess).is_some_and(|known| known == name) {
+            return Some(guess);
+        }
+        if let Some(&i) = self.at.get(name) {
+            return Some(i);
+        }
+        let most = if place == Place::Root {
+            MAX_COLUMNS
+        } else {
+            MAX_FIELDS
+        };
+        if self.names.len() == most {
+            return None;
+        }
+        self.at.insert(name.to_owned(), self.names.len());
+        self.names.push(name.to_owned());
+        self.kinds.push(Kind::Null);
+        Some(self.names.len() - 1)
+    }
+
     /// See [`Columns::merge`].
     fn merge(&mut self, later: Fields, place: Place) -> bool {
-        for (name, kind) in later.names.into_iter().zip(later.kinds) {
-            let i = match self.at.get(&name) {
-                Some(&i) => i,
-                None => {
-                    let most = if place == Place::Root {
-                        MAX_COLUMNS
-                    } else {
-                        MAX_FIELDS
-                    };
-                    if self.names.len() == most {
-                        return false;
-                    }
-                    self.at.insert(name.clone(), self.names.len());
-                    self.names.push(name);
-                    self.kinds.push(Kind::Null);
-                    self.names.len() - 1
-                }
+        for (at, (name, kind)) in later.names.into_iter().zip(later.kinds).enumerate() {
+            let Some(i) = self.slot(&name, place, at) else {
+                return false;
             };
             if !self.kinds[i].merge(kind) {
                 return false;
@@ -237,7 +235,7 @@ impl Fields {
             }
             serde_json::to_writer(&mut *out, key).expect("a string serializes into a Vec");
             out.push(b':');
-            match self.at.get(key) {
+            match self.at.get(&**key) {
                 Some(&i) => self.kinds[i].write(value, out),
                 None => out.extend_from_slice(value.get().as_bytes()),
             }

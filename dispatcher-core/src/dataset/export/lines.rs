@@ -24,6 +24,25 @@ pub(super) struct OutputFile {
     part: Option<Range<u64>>,
 }
 
+impl OutputFile {
+    /// Its content (its part), decompressed where it is compressed.
+    pub(super) fn open(&self) -> Result<Decoded, DatasetError> {
+        let path = &self.path;
+        if let Some(part) = &self.part {
+            let mut plain = File::open(path).with_path("open the output", path)?;
+            plain
+                .seek(SeekFrom::Start(part.start))
+                .with_path("read the output", path)?;
+            let part: Box<dyn Read> = Box::new(plain.take(part.end - part.start));
+            return Ok(BufReader::with_capacity(1 << 20, part));
+        }
+        let format = Format::of(path, true)
+            .map_err(|e| DatasetError::shard(path, e))?
+            .unwrap_or(Format::Jsonl);
+        crate::dataset::open_jsonl(path, format)
+    }
+}
+
 /// The files of an output, in order: the file itself, or the shards of an
 /// `--outdir` folder (all of them complete).
 pub(super) fn output_files(output: &Path) -> Result<Vec<OutputFile>, DatasetError> {
@@ -82,7 +101,7 @@ pub(super) struct OutputLines<'a> {
 }
 
 /// A file's content, decompressed where it is compressed.
-type Decoded = BufReader<Box<dyn Read>>;
+pub(super) type Decoded = BufReader<Box<dyn Read>>;
 
 impl<'a> OutputLines<'a> {
     pub(super) fn new(files: &'a [OutputFile]) -> OutputLines<'a> {
@@ -90,22 +109,6 @@ impl<'a> OutputLines<'a> {
             files: files.iter(),
             current: None,
         }
-    }
-
-    fn open(file: &OutputFile) -> Result<Decoded, DatasetError> {
-        let path = &file.path;
-        if let Some(part) = &file.part {
-            let mut plain = File::open(path).with_path("open the output", path)?;
-            plain
-                .seek(SeekFrom::Start(part.start))
-                .with_path("read the output", path)?;
-            let part: Box<dyn Read> = Box::new(plain.take(part.end - part.start));
-            return Ok(BufReader::with_capacity(1 << 20, part));
-        }
-        let format = Format::of(path, true)
-            .map_err(|e| DatasetError::shard(path, e))?
-            .unwrap_or(Format::Jsonl);
-        crate::dataset::open_jsonl(path, format)
     }
 
     /// The next line into `line` (without its terminator): its file and
@@ -119,7 +122,7 @@ impl<'a> OutputLines<'a> {
                 let Some(file) = self.files.next() else {
                     return Ok(None);
                 };
-                self.current = Some((file, OutputLines::open(file)?, 0));
+                self.current = Some((file, file.open()?, 0));
             }
             let (file, reader, n) = self.current.as_mut().expect("opened above");
             line.clear();

@@ -16,8 +16,9 @@ mod raw;
 
 use std::borrow::Cow;
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
@@ -121,6 +122,12 @@ pub fn export(
         // A batch the encoder refused ended the decoding: its error first.
         let file = encoded.map_err(parquet_error)?;
         let rows = decoded?;
+        if rows != lines {
+            return Err(DatasetError::shard(
+                output,
+                format!("had {lines} lines when export read it first and {rows} when it wrote them: it changed during the export; export it again once it is finished"),
+            ));
+        }
         file.sync_all().with_path("sync the Parquet file", &tmp)?;
         Ok(rows)
     });
@@ -161,16 +168,21 @@ fn decode_rows(
         .clamp(1, 8192)
         .min((1 << 22) / leaves)
         .max(1);
-    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(batch_rows)
-        .with_coerce_primitive(true)
-        .build_decoder()
-        .map_err(arrow)?;
+    let new_decoder = || {
+        arrow_json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(batch_rows)
+            .with_coerce_primitive(true)
+            .build_decoder()
+    };
     let mut joiner = options
         .join_input
         .as_deref()
         .map(Joiner::open)
         .transpose()?;
+    if joiner.is_none() && columns.reads_lines_as_they_are() && !constants {
+        return decode_files(files, new_decoder, batches);
+    }
+    let mut decoder = new_decoder().map_err(arrow)?;
     let (mut rows, mut pending) = (0u64, 0usize);
     let (mut line, mut buffer) = (Vec::new(), Vec::new());
     let mut lines = OutputLines::new(files);
@@ -215,6 +227,156 @@ fn decode_rows(
     Ok(rows)
 }
 
+/// [`decode_rows`] where every line goes to the decoder as it is (no
+/// join, no value rewritten, no Python constant): the files are read in
+/// chunks of whole lines (about a MiB) by this thread, decoded by
+/// [`decoders`] decoders in turn (chunk *k* by decoder *k* mod their
+/// number, each on a thread of its own), and their batches sent on in the
+/// chunks' order. The first pass read every line
+/// already, so an error here means a file changed since; the caller checks
+/// the rows against that pass's.
+fn decode_files<F>(
+    files: &[OutputFile],
+    new_decoder: F,
+    batches: &SyncSender<RecordBatch>,
+) -> Result<u64, DatasetError>
+where
+    F: Fn() -> Result<arrow_json::reader::Decoder, ArrowError> + Sync,
+{
+    let changed = |e: ArrowError| {
+        DatasetError::shard(
+            &files[0].path,
+            format!("cannot be decoded ({e}): did it change since export began? Export it again"),
+        )
+    };
+    let decoders = decoders();
+    std::thread::scope(|scope| {
+        let (mut chunks, mut decoded) = (Vec::new(), Vec::new());
+        for _ in 0..decoders {
+            let (chunk_to, chunk_from) = sync_channel::<Vec<u8>>(1);
+            let (decoded_to, decoded_from) = sync_channel(1);
+            let new_decoder = &new_decoder;
+            scope.spawn(move || {
+                let mut decoder = match new_decoder() {
+                    Ok(decoder) => decoder,
+                    Err(e) => return drop(decoded_to.send(Err(e))),
+                };
+                for chunk in chunk_from {
+                    if decoded_to.send(decode_chunk(&mut decoder, &chunk)).is_err() {
+                        return;
+                    }
+                }
+            });
+            chunks.push(chunk_to);
+            decoded.push(decoded_from);
+        }
+        // The chunks' batches, in the chunks' order; the rows.
+        let forwarder = scope.spawn(move || -> Result<u64, ArrowError> {
+            let mut rows = 0;
+            for turn in (0..decoders).cycle() {
+                let Ok(chunk) = decoded[turn].recv() else {
+                    // Every chunk decoded: the reader is done.
+                    return Ok(rows);
+                };
+                let (chunk, n) = chunk?;
+                rows += n;
+                for batch in chunk {
+                    if batches.send(batch).is_err() {
+                        return Ok(rows);
+                    }
+                }
+            }
+            unreachable!("the turns cycle")
+        });
+        let read = read_chunks(files, |k, chunk| chunks[k % decoders].send(chunk).is_ok());
+        drop(chunks);
+        let forwarded = forwarder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A decoder's error ended the reading early: it is the one to tell.
+        let rows = forwarded.map_err(changed)?;
+        read?;
+        Ok(rows)
+    })
+}
+
+/// Decoders of [`decode_files`]: half the cores (the encoder and the
+/// reader need the rest), up to four. One on this project's two-core VM,
+/// where two were measured no faster (BENCHMARKS.md); two in this crate's
+/// tests, which then check the chunks' order.
+fn decoders() -> usize {
+    if cfg!(test) {
+        return 2;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / 2).clamp(1, 4)
+}
+
+/// Bytes of a chunk of [`read_chunks`], before it is cut after its last
+/// whole line (a few lines in this crate's tests).
+const CHUNK_BYTES: usize = if cfg!(test) { 64 } else { 1 << 20 };
+
+/// Reads `files` in chunks of whole lines (a last line without its break
+/// gets one), handing chunk *k* to `send(k, chunk)`; stops early when
+/// `send` says no one takes them any more.
+fn read_chunks(
+    files: &[OutputFile],
+    mut send: impl FnMut(usize, Vec<u8>) -> bool,
+) -> Result<(), DatasetError> {
+    let mut k = 0;
+    for file in files {
+        let mut reader = file.open()?;
+        let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
+        loop {
+            let start = chunk.len();
+            chunk.resize(start + CHUNK_BYTES, 0);
+            let n = reader
+                .read(&mut chunk[start..])
+                .with_path("read the output", &file.path)?;
+            chunk.truncate(start + n);
+            if n == 0 {
+                if !chunk.is_empty() {
+                    chunk.push(b'\n');
+                    if !send(k, std::mem::take(&mut chunk)) {
+                        return Ok(());
+                    }
+                    k += 1;
+                }
+                break;
+            }
+            // A line longer than the chunk: read on until it ends.
+            let Some(last) = memchr::memrchr(b'\n', &chunk[start..]) else {
+                continue;
+            };
+            let rest = chunk.split_off(start + last + 1);
+            if !send(k, std::mem::replace(&mut chunk, rest)) {
+                return Ok(());
+            }
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A chunk of whole lines decoded into batches (a batch at most the
+/// decoder's batch size), and its rows.
+fn decode_chunk(
+    decoder: &mut arrow_json::reader::Decoder,
+    chunk: &[u8],
+) -> Result<(Vec<RecordBatch>, u64), ArrowError> {
+    let (mut batches, mut rows) = (Vec::new(), 0);
+    let mut rest = chunk;
+    loop {
+        let used = decoder.decode(rest)?;
+        rest = &rest[used..];
+        rows += decoder.len() as u64;
+        batches.extend(decoder.flush()?);
+        if rest.is_empty() {
+            return Ok((batches, rows));
+        }
+    }
+}
+
 /// JSON text decoded before a batch is flushed, whatever its rows.
 const BATCH_BYTES: usize = 64 << 20;
 /// Encoded size at which a row group is written before its row count.
@@ -230,4 +392,52 @@ fn leaf_columns(schema: &arrow_schema::Schema) -> usize {
         }
     }
     schema.fields().iter().map(|f| leaves(f.data_type())).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{Array, Int64Array, StringArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use super::*;
+
+    /// The `id` and `text` columns of a Parquet file, in order.
+    fn read_back(path: &Path) -> Vec<(i64, String)> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let ids = batch.column_by_name("id").unwrap();
+            let ids = ids.as_any().downcast_ref::<Int64Array>().unwrap();
+            let texts = batch.column_by_name("text").unwrap();
+            let texts = texts.as_any().downcast_ref::<StringArray>().unwrap();
+            rows.extend((0..batch.num_rows()).map(|i| (ids.value(i), texts.value(i).to_owned())));
+        }
+        rows
+    }
+
+    #[test]
+    fn rows_come_out_in_input_order_through_chunks_and_decoders() {
+        // In this crate's tests chunks are a few lines and two decoders
+        // take them in turn; the first pass reads the file in two halves.
+        let dir = tempfile::tempdir().unwrap();
+        let lines: Vec<(i64, String)> = (0..500)
+            .map(|i| (i, format!("line {i} {}", "é".repeat(i as usize % 7))))
+            .collect();
+        let text: String = lines
+            .iter()
+            .map(|(id, text)| format!("{{\"id\": {id}, \"text\": \"{text}\"}}\n"))
+            .collect();
+        for (name, text) in [("ended", &text[..]), ("unended", text.trim_end())] {
+            let output = dir.path().join(format!("{name}.jsonl"));
+            std::fs::write(&output, text).unwrap();
+            let parquet = dir.path().join(format!("{name}.parquet"));
+            let exported = export(&output, &parquet, &ExportOptions::default()).unwrap();
+            assert_eq!(exported.rows, 500, "{name}");
+            assert_eq!(read_back(&parquet), lines, "{name}: every row, in order");
+        }
+    }
 }

@@ -46,8 +46,35 @@ pub(super) fn unquote_constants(raw: &str) -> Cow<'_, str> {
 }
 
 /// An object's fields in the order written; a key written twice keeps its
-/// first place and its last value, as JSON parsers read it.
-pub(super) type Fields<'a> = Vec<(String, &'a RawValue)>;
+/// first place and its last value, as JSON parsers read it. Keys are
+/// borrowed from the line where they have no escapes.
+pub(super) type Fields<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+/// An object's key, borrowed where it can be (serde's own `Cow<str>`
+/// always copies).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Key<'de>, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        de.deserialize_str(KeyVisitor)
+    }
+}
 
 /// What a value is.
 pub(super) enum Value<'a> {
@@ -91,13 +118,13 @@ pub(super) fn joined<'a>(input: Fields<'a>, output: Fields<'a>) -> Fields<'a> {
     let mut at: FxHashMap<String, usize> = fields
         .iter()
         .enumerate()
-        .map(|(i, (k, _))| (k.clone(), i))
+        .map(|(i, (k, _))| (k.to_string(), i))
         .collect();
     for (key, value) in output {
-        match at.get(&key) {
+        match at.get(&*key) {
             Some(&i) => fields[i].1 = value,
             None => {
-                at.insert(key.clone(), fields.len());
+                at.insert(key.to_string(), fields.len());
                 fields.push((key, value));
             }
         }
@@ -118,25 +145,25 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         let mut fields: Fields<'de> = Vec::new();
         // Keys are looked up by a map only when an object has many.
         let mut at: Option<FxHashMap<String, usize>> = None;
-        while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
+        while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
             if fields.len() == 16 && at.is_none() {
                 at = Some(
                     fields
                         .iter()
                         .enumerate()
-                        .map(|(i, (k, _))| (k.clone(), i))
+                        .map(|(i, (k, _))| (k.to_string(), i))
                         .collect(),
                 );
             }
             let seen = match &at {
-                Some(at) => at.get(&key).copied(),
+                Some(at) => at.get(&*key).copied(),
                 None => fields.iter().position(|(k, _)| *k == key),
             };
             match seen {
                 Some(i) => fields[i].1 = value,
                 None => {
                     if let Some(at) = &mut at {
-                        at.insert(key.clone(), fields.len());
+                        at.insert(key.to_string(), fields.len());
                     }
                     fields.push((key, value));
                 }
