@@ -20,8 +20,9 @@ work=${BENCH_DIR:-target/bench}
 mkdir -p "$work/grouping"
 # One wrapper per grouping: bench-binaries.sh runs `BUILD serve ...`.
 wrapper() { # $1 name, rest: the grouping flags
-  local path="$work/grouping/$1"
-  printf '#!/bin/sh\nexec %q "$@"%s\n' "$bin" "$(printf ' %q' "${@:2}")" >"$path"
+  local path="$work/grouping/$1" flags=""
+  [ $# -gt 1 ] && flags=$(printf ' %q' "${@:2}")
+  printf '#!/bin/sh\nexec %q "$@"%s\n' "$bin" "$flags" >"$path"
   chmod +x "$path"
   echo "$path"
 }
