@@ -208,3 +208,63 @@ fn a_folder_whose_shard_was_cut_short_is_refused() {
     );
     assert!(!parquet.exists() && !Path::new(&format!("{}.tmp", parquet.display())).exists());
 }
+
+/// Lines of a large plain output: ids in order, texts with escapes and
+/// non-ASCII, a list, nulls, and fields first seen past the middle (the
+/// second half of the file learns them).
+const LARGE: &str = r#"
+import json, sys
+n = 180_000
+with open(sys.argv[1], "w") as f:
+    for i in range(n):
+        row = {"id": i, "text": f"line {i}: \"quoted\" é ✓ \\ {'x' * (i % 50)}", "tags": [i % 3, i % 5]}
+        if i % 7 == 0:
+            row["maybe"] = None
+        if i >= n * 3 // 4:
+            row["late"] = {"n": i, "s": str(i)}
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+"#;
+
+/// A plain output of 16 MiB and more is learnt in two halves side by side
+/// and written from chunks of whole lines: every row comes back as it was,
+/// in order, with a field first seen in the second half last among the
+/// columns; a bad line in the second half is named by its line in the file.
+#[test]
+fn a_large_output_learnt_in_two_halves_comes_back_row_for_row() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("large.jsonl");
+    run_python(&python, LARGE, &[&output]);
+    assert!(
+        std::fs::metadata(&output).unwrap().len() > 16 << 20,
+        "past the split size"
+    );
+    let parquet = dir.path().join("large.parquet");
+    let exported = succeed(&mut export(&[path(&output), "--parquet", path(&parquet)]));
+    assert!(exported.status.success());
+    assert_same_rows(&python, &parquet, &output, dir.path());
+    run_python(
+        &python,
+        r#"
+import sys, pyarrow.parquet as pq
+names = pq.read_schema(sys.argv[1]).names
+assert names == ["id", "text", "tags", "maybe", "late"], names
+"#,
+        &[&parquet],
+    );
+    // Line 170,001 (in the second half) is not an object.
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[170_000] = "[1, 2]";
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, lines.join("\n") + "\n").unwrap();
+    let refused = export(&[path(&broken), "--parquet", path(&parquet)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 170001 is not a JSON object"),
+        "{stderr}"
+    );
+}
