@@ -20,6 +20,14 @@ fn export(args: &[&str]) -> Command {
     command
 }
 
+/// `dispatcher export` with `args`, which must fail: its stderr.
+fn refused(args: &[&str]) -> String {
+    let refused = export(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "{stderr}");
+    stderr
+}
+
 /// `dispatcher infer` with the echo engine on the `prompt` field of each
 /// line of `input`, writing to `output` (`--output` or `--outdir`).
 pub(crate) fn infer_prompts(input: &Path, flag: &str, output: &Path) -> Command {
@@ -196,11 +204,7 @@ fn a_folder_whose_shard_was_cut_short_is_refused() {
     let cut = &text[..text.trim_end().rfind('\n').unwrap() + 1];
     std::fs::write(&shard, cut).unwrap();
     let parquet = dir.path().join("out.parquet");
-    let refused = export(&[path(&outdir), "--parquet", path(&parquet)])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = refused(&[path(&outdir), "--parquet", path(&parquet)]);
     assert!(
         stderr.contains("part-1.jsonl")
             && stderr.contains("has 49 lines where the folder's manifest.json says 50"),
@@ -240,8 +244,7 @@ fn a_large_output_learnt_in_two_halves_comes_back_row_for_row() {
         "past the split size"
     );
     let parquet = dir.path().join("large.parquet");
-    let exported = succeed(&mut export(&[path(&output), "--parquet", path(&parquet)]));
-    assert!(exported.status.success());
+    succeed(&mut export(&[path(&output), "--parquet", path(&parquet)]));
     assert_same_rows(&python, &parquet, &output, dir.path());
     run_python(
         &python,
@@ -258,11 +261,7 @@ assert names == ["id", "text", "tags", "maybe", "late"], names
     lines[170_000] = "[1, 2]";
     let broken = dir.path().join("broken.jsonl");
     std::fs::write(&broken, lines.join("\n") + "\n").unwrap();
-    let refused = export(&[path(&broken), "--parquet", path(&parquet)])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    let stderr = refused(&[path(&broken), "--parquet", path(&parquet)]);
     assert!(
         stderr.contains("line 170001 is not a JSON object"),
         "{stderr}"

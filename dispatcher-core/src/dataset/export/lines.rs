@@ -218,9 +218,6 @@ fn not_an_object(e: &serde_json::Error) -> String {
     }
 }
 
-/// Parts of a file read apart at most: the machine's two cores.
-const PARTS: u64 = 2;
-
 /// Files smaller than this are read in one part (in this crate's tests,
 /// files of a few lines are read in two).
 const SPLIT_FROM_BYTES: u64 = if cfg!(test) { 64 } else { 16 << 20 };
@@ -240,11 +237,11 @@ pub(super) fn halves(files: &[OutputFile]) -> Option<[Vec<OutputFile>; 2]> {
     // The first line break at or after the middle: the second half starts
     // just past it.
     let mut reader = File::open(&file.path).ok()?;
-    reader.seek(SeekFrom::Start(size / PARTS)).ok()?;
+    reader.seek(SeekFrom::Start(size / 2)).ok()?;
     let mut rest = BufReader::new(reader);
     let mut skipped = Vec::new();
     rest.read_until(b'\n', &mut skipped).ok()?;
-    let cut = size / PARTS + skipped.len() as u64;
+    let cut = size / 2 + skipped.len() as u64;
     if skipped.last() != Some(&b'\n') || cut >= size {
         return None;
     }

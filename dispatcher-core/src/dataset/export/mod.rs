@@ -100,7 +100,7 @@ pub fn export(
             ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(parquet_error)?;
         // Encoding and compressing batches (half the pass's work) runs on
         // a thread of its own, beside the decoding of the next ones.
-        let (batches, received) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+        let (batches, received) = sync_channel::<RecordBatch>(2);
         let encoder = scope.spawn(move || {
             for batch in received {
                 writer.write(&batch)?;
@@ -232,9 +232,9 @@ fn decode_rows(
 /// chunks of whole lines (about a MiB) by this thread, decoded by
 /// [`decoders`] decoders in turn (chunk *k* by decoder *k* mod their
 /// number, each on a thread of its own), and their batches sent on in the
-/// chunks' order. The first pass read every line
-/// already, so an error here means a file changed since; the caller checks
-/// the rows against that pass's.
+/// chunks' order. The first pass read every line already, so an error here
+/// means a file changed since; the caller checks the rows against that
+/// pass's.
 fn decode_files<F>(
     files: &[OutputFile],
     new_decoder: F,
@@ -329,11 +329,10 @@ fn read_chunks(
         let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
         loop {
             let start = chunk.len();
-            chunk.resize(start + CHUNK_BYTES, 0);
-            let n = reader
-                .read(&mut chunk[start..])
+            let n = (&mut reader)
+                .take(CHUNK_BYTES as u64)
+                .read_to_end(&mut chunk)
                 .with_path("read the output", &file.path)?;
-            chunk.truncate(start + n);
             if n == 0 {
                 if !chunk.is_empty() {
                     chunk.push(b'\n');

@@ -115,16 +115,16 @@ pub(super) fn object(text: &str) -> Result<Fields<'_>, serde_json::Error> {
 /// place and takes the output's value.
 pub(super) fn joined<'a>(input: Fields<'a>, output: Fields<'a>) -> Fields<'a> {
     let mut fields = input;
-    let mut at: FxHashMap<String, usize> = fields
+    let mut at: FxHashMap<Cow<'a, str>, usize> = fields
         .iter()
         .enumerate()
-        .map(|(i, (k, _))| (k.to_string(), i))
+        .map(|(i, (k, _))| (k.clone(), i))
         .collect();
     for (key, value) in output {
-        match at.get(&*key) {
+        match at.get(&key) {
             Some(&i) => fields[i].1 = value,
             None => {
-                at.insert(key.to_string(), fields.len());
+                at.insert(key.clone(), fields.len());
                 fields.push((key, value));
             }
         }
@@ -144,26 +144,26 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
         let mut fields: Fields<'de> = Vec::new();
         // Keys are looked up by a map only when an object has many.
-        let mut at: Option<FxHashMap<String, usize>> = None;
+        let mut at: Option<FxHashMap<Cow<'de, str>, usize>> = None;
         while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
             if fields.len() == 16 && at.is_none() {
                 at = Some(
                     fields
                         .iter()
                         .enumerate()
-                        .map(|(i, (k, _))| (k.to_string(), i))
+                        .map(|(i, (k, _))| (k.clone(), i))
                         .collect(),
                 );
             }
             let seen = match &at {
-                Some(at) => at.get(&*key).copied(),
+                Some(at) => at.get(&key).copied(),
                 None => fields.iter().position(|(k, _)| *k == key),
             };
             match seen {
                 Some(i) => fields[i].1 = value,
                 None => {
                     if let Some(at) = &mut at {
-                        at.insert(key.to_string(), fields.len());
+                        at.insert(key.clone(), fields.len());
                     }
                     fields.push((key, value));
                 }
